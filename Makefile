@@ -1,0 +1,79 @@
+# agentlog: `make serve` and `make test` are all a newcomer needs.
+# Both create .venv and install what is missing on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+BUF := node_modules/.bin/buf
+PROTO := agentlog/v1/session.proto
+ADDR ?= 127.0.0.1:50051
+DATA_DIR ?= ./data
+
+.PHONY: serve test install proto proto-check lint typecheck buf-lint pytest bench clean
+
+serve: $(INSTALLED)
+	$(BIN)/agentlog serve --addr $(ADDR) --data-dir $(DATA_DIR)
+
+test: $(INSTALLED) $(BUF) lint typecheck buf-lint proto-check pytest
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "agentlog needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Regenerate the committed stubs (protobuf, type stubs, gRPC) and the Python
+# event types from the proto. OUT lets proto-check generate elsewhere.
+OUT ?= client
+proto: $(INSTALLED)
+	rm -rf build/proto && mkdir -p build/proto $(OUT)/v1
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=build/proto \
+		--pyi_out=build/proto --grpc_python_out=build/proto protos/$(PROTO)
+	cp build/proto/agentlog/v1/session_pb2.py build/proto/agentlog/v1/session_pb2.pyi \
+		build/proto/agentlog/v1/session_pb2_grpc.py $(OUT)/v1/
+	touch $(OUT)/v1/__init__.py
+	$(BIN)/python tools/generate_types.py protos $(PROTO) $(OUT)/_events.py
+	$(BIN)/ruff format --quiet --no-respect-gitignore $(OUT)/_events.py
+
+# Fails when the committed generated code differs from what the proto gives.
+proto-check: $(INSTALLED)
+	rm -rf build/proto-check && mkdir -p build/proto-check
+	$(MAKE) --no-print-directory proto OUT=build/proto-check
+	for f in v1/__init__.py v1/session_pb2.py v1/session_pb2.pyi v1/session_pb2_grpc.py _events.py; do \
+		cmp -s build/proto-check/$$f client/$$f || { echo "client/$$f is stale: run 'make proto' and commit"; exit 1; }; \
+	done
+	@echo "generated code is up to date"
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# mypy sees the installed layout (agentlog = client/, agentlog.server = server/)
+# through a tree of links, since it cannot follow setuptools' editable finder.
+typecheck: $(INSTALLED)
+	rm -rf build/mypy && mkdir -p build/mypy/agentlog
+	for f in client/*; do ln -s ../../../$$f build/mypy/agentlog/; done
+	ln -s ../../../server build/mypy/agentlog/server
+	ln -s ../../tests build/mypy/tests
+	cd build/mypy && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p agentlog -p tests
+
+buf-lint: $(BUF)
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+pytest: $(INSTALLED)
+	$(BIN)/python -m pytest
+
+bench: $(INSTALLED)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build .mypy_cache .pytest_cache .ruff_cache

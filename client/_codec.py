@@ -1,0 +1,459 @@
+"""Conversions between the Python event types, the protobuf messages and arcan's JSON.
+
+Nothing here names a field: every conversion is planned once, at import, from
+the proto descriptors paired with the generated classes of `_events`. The JSON
+rules are arcan's (serde's), stated once:
+
+- a message is an object whose keys are the proto field names;
+- an event is its variant's object with `"part_type": <oneof member name>` first;
+- an enum is its value name without the enum's prefix, lower-cased;
+- `JsonValue` is the JSON value itself; unset means null;
+- an absent optional scalar is written as null, an absent optional message is
+  omitted (serde's skip_serializing_if), and both read back as None;
+- on reading, unknown keys are ignored and a missing scalar takes its zero
+  value, as serde's `#[serde(default)]` does for TokenUsage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from agentlog import _events, _json
+from agentlog._events import EVENT_TYPES, AgentEvent
+from agentlog._records import (
+    AppendEvent,
+    EventRecord,
+    check_timestamp,
+    format_timestamp,
+    parse_timestamp,
+)
+from agentlog._validation import check_record_id, check_session_id
+from agentlog.errors import InvalidArgumentError
+from agentlog.v1 import session_pb2 as pb
+
+_SCALAR, _ENUM, _MESSAGE, _JSON = range(4)
+_JSON_MESSAGE = pb.JsonValue.DESCRIPTOR.full_name
+_NS = 1_000_000_000
+
+# Closed vocabularies the format page gives for fields the proto keeps as strings.
+_ALLOWED_STRINGS: dict[tuple[str, str], frozenset[str]] = {
+    ("ApprovalRequested", "risk"): frozenset({"low", "medium", "high", "critical"}),
+    ("ApprovalResolved", "decision"): frozenset({"approved", "denied", "timeout"}),
+}
+
+_PY_SCALARS: dict[int, type] = {
+    FieldDescriptor.TYPE_STRING: str,
+    FieldDescriptor.TYPE_UINT32: int,
+    FieldDescriptor.TYPE_UINT64: int,
+    FieldDescriptor.TYPE_INT32: int,
+    FieldDescriptor.TYPE_INT64: int,
+    FieldDescriptor.TYPE_BOOL: bool,
+    FieldDescriptor.TYPE_DOUBLE: float,
+}
+_INT_RANGES: dict[int, tuple[int, int]] = {
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+}
+
+
+class DecodeError(ValueError):
+    """Stored JSON that does not describe a record; the caller adds where it was found."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    kind: int
+    optional: bool
+    py_type: type
+    int_range: tuple[int, int] | None = None
+    allowed: frozenset[str] | None = None
+    enum_numbers: dict[str, int] | None = None
+    enum_members: dict[int, StrEnum] | None = None
+    message: _Plan | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Plan:
+    py_cls: type
+    proto_cls: Callable[..., Message]
+    fields: list[_Field]
+
+
+def _enum_prefix(descriptor: EnumDescriptor) -> str:
+    name = descriptor.name
+    return "".join("_" + c if c.isupper() else c for c in name).lstrip("_").upper() + "_"
+
+
+def _build_plans() -> dict[type, _Plan]:
+    plans: dict[type, _Plan] = {}
+    for full_name, py_cls in _events.MESSAGE_TYPES.items():
+        descriptor: Descriptor = pb.DESCRIPTOR.message_types_by_name[full_name.rsplit(".", 1)[1]]
+        plans[py_cls] = _Plan(py_cls, getattr(pb, descriptor.name), [])
+    for py_cls, plan in plans.items():
+        descriptor = getattr(pb, py_cls.__name__).DESCRIPTOR
+        defaults = {f.name: f.default for f in dataclasses.fields(py_cls)}
+        for fd in descriptor.fields:
+            optional = defaults[fd.name] is None
+            if fd.message_type is not None and fd.message_type.full_name == _JSON_MESSAGE:
+                plan.fields.append(_Field(fd.name, _JSON, True, object))
+            elif fd.message_type is not None:
+                sub = plans[_events.MESSAGE_TYPES[fd.message_type.full_name]]
+                plan.fields.append(_Field(fd.name, _MESSAGE, optional, sub.py_cls, message=sub))
+            elif fd.enum_type is not None:
+                enum_cls = _events.ENUM_TYPES[fd.enum_type.full_name]
+                prefix = _enum_prefix(fd.enum_type)
+                members = {
+                    v.number: enum_cls(v.name.removeprefix(prefix).lower())
+                    for v in fd.enum_type.values
+                    if v.number != 0
+                }
+                plan.fields.append(
+                    _Field(
+                        fd.name,
+                        _ENUM,
+                        optional,
+                        enum_cls,
+                        enum_numbers={m.value: n for n, m in members.items()},
+                        enum_members=members,
+                    )
+                )
+            else:
+                plan.fields.append(
+                    _Field(
+                        fd.name,
+                        _SCALAR,
+                        optional,
+                        _PY_SCALARS[fd.type],
+                        int_range=_INT_RANGES.get(fd.type),
+                        allowed=_ALLOWED_STRINGS.get((py_cls.__name__, fd.name)),
+                    )
+                )
+    return plans
+
+
+_PLANS = _build_plans()
+
+
+# --- Python objects -> arcan JSON (validating: this is the check every append passes) ---
+
+
+def _invalid(path: str, problem: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{path}: {problem}", field=path, reason="INVALID_EVENT")
+
+
+def _scalar_to_json(value: object, field: _Field, path: str) -> object:
+    expected = field.py_type
+    if expected is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _invalid(path, f"must be an integer, not {type(value).__name__}")
+        low, high = field.int_range or (-(2**63), 2**64 - 1)
+        if not low <= value <= high:
+            raise _invalid(path, f"{value} is outside the range {low} to {high}")
+        return value
+    if not isinstance(value, expected) or (expected is float and isinstance(value, bool)):
+        raise _invalid(path, f"must be a {expected.__name__}, not {type(value).__name__}")
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise _invalid(path, "is not valid Unicode (lone surrogate)") from None
+        if field.allowed is not None and value not in field.allowed:
+            raise _invalid(path, f"{value!r} is not one of {', '.join(sorted(field.allowed))}")
+    return value
+
+
+def _to_json(obj: object, plan: _Plan, path: str) -> dict[str, Any]:
+    if type(obj) is not plan.py_cls:
+        raise _invalid(path, f"must be a {plan.py_cls.__name__}, not {type(obj).__name__}")
+    out: dict[str, Any] = {}
+    for field in plan.fields:
+        value = getattr(obj, field.name)
+        where = f"{path}.{field.name}"
+        if value is None:
+            if field.kind == _JSON or (field.optional and field.kind != _MESSAGE):
+                out[field.name] = None
+            elif not field.optional:
+                raise _invalid(where, "is required")
+            continue
+        kind = field.kind
+        if kind == _SCALAR:
+            out[field.name] = _scalar_to_json(value, field, where)
+        elif kind == _ENUM:
+            assert field.enum_numbers is not None
+            if not isinstance(value, str) or value not in field.enum_numbers:
+                choices = ", ".join(field.enum_numbers)
+                raise _invalid(where, f"{value!r} is not a {field.py_type.__name__} ({choices})")
+            out[field.name] = str(value)
+        elif kind == _MESSAGE:
+            assert field.message is not None
+            out[field.name] = _to_json(value, field.message, where)
+        else:
+            _json.check_json(value, where)
+            out[field.name] = value
+    return out
+
+
+def event_to_json(event: AgentEvent, path: str = "event") -> dict[str, Any]:
+    """arcan's JSON object for an event, checking every field on the way."""
+    plan = _PLANS.get(type(event))
+    part_type = getattr(event, "part_type", None)
+    if plan is None or EVENT_TYPES.get(str(part_type)) is not type(event):
+        raise InvalidArgumentError(
+            f"{path}: must be one of the AgentEvent classes "
+            f"({', '.join(c.__name__ for c in EVENT_TYPES.values())}), "
+            f"not {type(event).__name__}",
+            field=path,
+            reason="INVALID_EVENT",
+        )
+    body = _to_json(event, plan, f"{path}.{part_type}")
+    return {"part_type": part_type, **body}
+
+
+def validate_append(append: AppendEvent) -> dict[str, Any]:
+    """Check an append request the same way on every backend; returns the event's JSON."""
+    if not isinstance(append, AppendEvent):
+        raise InvalidArgumentError(
+            f"append takes an AppendEvent, not {type(append).__name__}", reason="INVALID_EVENT"
+        )
+    check_session_id(append.session_id)
+    if append.parent_id is not None:
+        check_record_id(append.parent_id, "parent_id")
+    return event_to_json(append.event)
+
+
+def record_to_json(record: EventRecord) -> dict[str, Any]:
+    """arcan's EventRecord object: keys in arcan's order."""
+    return {
+        "id": record.id,
+        "session_id": record.session_id,
+        "parent_id": record.parent_id,
+        "timestamp": format_timestamp(record.timestamp_ns),
+        "event": event_to_json(record.event),
+    }
+
+
+def record_line(record_json: dict[str, Any]) -> bytes:
+    """One line of a session file, newline included."""
+    return orjson.dumps(record_json, option=orjson.OPT_APPEND_NEWLINE)
+
+
+# --- arcan JSON -> Python objects ---
+
+
+def _from_json(obj: object, plan: _Plan, path: str) -> Any:
+    if not isinstance(obj, dict):
+        raise DecodeError(f"{path}: expected an object, found {type(obj).__name__}")
+    kwargs: dict[str, Any] = {}
+    for field in plan.fields:
+        value = obj.get(field.name)
+        where = f"{path}.{field.name}"
+        kind = field.kind
+        if value is None:
+            if kind == _JSON or field.optional:
+                kwargs[field.name] = None
+            elif kind == _MESSAGE:
+                raise DecodeError(f"{where}: missing")
+            elif field.name in obj:
+                raise DecodeError(f"{where}: null where a {field.py_type.__name__} belongs")
+            else:
+                kwargs[field.name] = field.py_type()
+            continue
+        if kind == _SCALAR:
+            try:
+                kwargs[field.name] = _scalar_to_json(value, field, where)
+            except InvalidArgumentError as exc:
+                raise DecodeError(str(exc)) from None
+        elif kind == _ENUM:
+            try:
+                kwargs[field.name] = field.py_type(value)
+            except ValueError:
+                raise DecodeError(f"{where}: unknown value {value!r}") from None
+        elif kind == _MESSAGE:
+            assert field.message is not None
+            kwargs[field.name] = _from_json(value, field.message, where)
+        else:
+            kwargs[field.name] = value
+    return plan.py_cls(**kwargs)
+
+
+def event_from_json(obj: object, path: str = "event") -> AgentEvent:
+    """The event an arcan JSON object describes; DecodeError if it describes none."""
+    if not isinstance(obj, dict):
+        raise DecodeError(f"{path}: expected an object, found {type(obj).__name__}")
+    part_type = obj.get("part_type")
+    event_cls = EVENT_TYPES.get(part_type) if isinstance(part_type, str) else None
+    if event_cls is None:
+        raise DecodeError(f"{path}.part_type: unknown event kind {part_type!r}")
+    event: AgentEvent = _from_json(obj, _PLANS[event_cls], f"{path}.{part_type}")
+    return event
+
+
+def record_from_json(obj: object) -> EventRecord:
+    """The record one parsed line of a session file holds; DecodeError if none."""
+    if not isinstance(obj, dict):
+        raise DecodeError(f"expected a JSON object, found {type(obj).__name__}")
+    record_id, session_id, parent_id = obj.get("id"), obj.get("session_id"), obj.get("parent_id")
+    timestamp = obj.get("timestamp")
+    if not isinstance(record_id, str):
+        raise DecodeError("id: missing or not a string")
+    if not isinstance(session_id, str):
+        raise DecodeError("session_id: missing or not a string")
+    if parent_id is not None and not isinstance(parent_id, str):
+        raise DecodeError("parent_id: not a string or null")
+    if not isinstance(timestamp, str):
+        raise DecodeError("timestamp: missing or not a string")
+    try:
+        timestamp_ns = parse_timestamp(timestamp)
+    except ValueError as exc:
+        raise DecodeError(f"timestamp: {exc}") from None
+    return EventRecord(
+        id=record_id,
+        session_id=session_id,
+        parent_id=parent_id,
+        timestamp_ns=timestamp_ns,
+        event=event_from_json(obj.get("event")),
+    )
+
+
+def record_from_line(line: bytes) -> EventRecord:
+    """The record one line of a session file holds; DecodeError if none."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not valid JSON: {exc}") from None
+    return record_from_json(obj)
+
+
+# --- Python objects <-> protobuf ---
+
+
+def _to_proto(obj: object, plan: _Plan) -> Message:
+    kwargs: dict[str, Any] = {}
+    for field in plan.fields:
+        value = getattr(obj, field.name)
+        if value is None:
+            continue
+        kind = field.kind
+        if kind == _SCALAR:
+            kwargs[field.name] = value
+        elif kind == _ENUM:
+            assert field.enum_numbers is not None
+            kwargs[field.name] = field.enum_numbers[value]
+        elif kind == _MESSAGE:
+            assert field.message is not None
+            kwargs[field.name] = _to_proto(value, field.message)
+        else:
+            kwargs[field.name] = pb.JsonValue(json=_json.dumps(value))
+    return plan.proto_cls(**kwargs)
+
+
+def event_to_proto(event: AgentEvent) -> pb.AgentEvent:
+    """The AgentEvent message for a checked event."""
+    return pb.AgentEvent(**{event.part_type: _to_proto(event, _PLANS[type(event)])})
+
+
+def _from_proto(message: Any, plan: _Plan, path: str, strict: bool) -> Any:
+    kwargs: dict[str, Any] = {}
+    for field in plan.fields:
+        name = field.name
+        kind = field.kind
+        where = f"{path}.{name}"
+        if (kind >= _MESSAGE or field.optional) and not message.HasField(name):
+            if kind == _MESSAGE and not field.optional:
+                raise _invalid(where, "is required")
+            kwargs[name] = None
+            continue
+        value = getattr(message, name)
+        if kind == _SCALAR:
+            kwargs[name] = value
+        elif kind == _ENUM:
+            assert field.enum_members is not None
+            member = field.enum_members.get(value)
+            if member is None:
+                problem = "must be set" if value == 0 else f"unknown value {value}"
+                raise _invalid(where, f"{problem} (one of {', '.join(map(str, field.enum_members.values()))})")
+            kwargs[name] = member
+        elif kind == _MESSAGE:
+            assert field.message is not None
+            kwargs[name] = _from_proto(value, field.message, where, strict)
+        elif strict:
+            kwargs[name] = _json.parse_strict(value.json, where)
+        else:
+            kwargs[name] = _json.loads(value.json)
+    return plan.py_cls(**kwargs)
+
+
+def event_from_proto(message: pb.AgentEvent, path: str = "event", strict: bool = True) -> AgentEvent:
+    """The event an AgentEvent message holds; InvalidArgumentError if it holds none.
+
+    `strict` parses JsonValue text as untrusted input (what a server receives).
+    """
+    part_type = message.WhichOneof("kind")
+    if part_type is None:
+        raise InvalidArgumentError(
+            f"{path}: no event kind is set (set one of: {', '.join(EVENT_TYPES)})",
+            field=path,
+            reason="INVALID_EVENT",
+        )
+    event_cls = EVENT_TYPES[part_type]
+    event: AgentEvent = _from_proto(
+        getattr(message, part_type), _PLANS[event_cls], f"{path}.{part_type}", strict
+    )
+    return event
+
+
+def record_to_proto(record: EventRecord) -> pb.EventRecord:
+    """The EventRecord message for a record."""
+    seconds, nanos = divmod(record.timestamp_ns, _NS)
+    return pb.EventRecord(
+        id=record.id,
+        session_id=record.session_id,
+        parent_id=record.parent_id,
+        timestamp=Timestamp(seconds=seconds, nanos=nanos),
+        event=event_to_proto(record.event),
+    )
+
+
+def record_from_proto(message: pb.EventRecord) -> EventRecord:
+    """The record an EventRecord message from the server holds."""
+    return EventRecord(
+        id=message.id,
+        session_id=message.session_id,
+        parent_id=message.parent_id if message.HasField("parent_id") else None,
+        timestamp_ns=check_timestamp(
+            message.timestamp.seconds * _NS + message.timestamp.nanos, "record.timestamp"
+        ),
+        event=event_from_proto(message.event, "record.event", strict=False),
+    )
+
+
+def append_to_proto(append: AppendEvent) -> pb.AppendRequest:
+    """The AppendRequest for an append, checked as every backend checks it."""
+    validate_append(append)
+    return pb.AppendRequest(
+        session_id=append.session_id,
+        parent_id=append.parent_id,
+        event=event_to_proto(append.event),
+    )
+
+
+def append_from_proto(request: pb.AppendRequest) -> AppendEvent:
+    """The append an AppendRequest asks for; InvalidArgumentError if it is malformed."""
+    if not request.HasField("event"):
+        raise InvalidArgumentError("event: is required", field="event", reason="INVALID_EVENT")
+    return AppendEvent(
+        session_id=check_session_id(request.session_id),
+        parent_id=request.parent_id if request.HasField("parent_id") else None,
+        event=event_from_proto(request.event),
+    )

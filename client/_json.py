@@ -1,0 +1,144 @@
+"""Arbitrary JSON values: checking, canonical text, and strict parsing.
+
+arcan stores tool inputs, outputs, patches and approval arguments as
+serde_json::Value, which holds integers in the signed or unsigned 64-bit range
+and finite doubles. agentlog accepts exactly what arcan can read back
+unchanged and refuses the rest with a message naming where the fault is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import TypeAlias
+
+import orjson
+
+from agentlog.errors import InvalidArgumentError
+
+JsonValue: TypeAlias = (
+    None | bool | int | float | str | Sequence["JsonValue"] | Mapping[str, "JsonValue"]
+)
+"""Any JSON value: None, bool, int, float, str, a list of values, or a dict of them."""
+
+I64_MIN = -(2**63)
+U64_MAX = 2**64 - 1
+
+
+def check_json(value: object, field: str) -> None:
+    """Raise InvalidArgumentError unless `value` is JSON arcan can hold exactly."""
+    stack: list[tuple[object, str]] = [(value, field)]
+    while stack:
+        item, path = stack.pop()
+        if item is None or isinstance(item, bool | str):
+            if isinstance(item, str):
+                _check_text(item, path)
+            continue
+        if isinstance(item, int):
+            if not I64_MIN <= item <= U64_MAX:
+                raise InvalidArgumentError(
+                    f"{path}: the integer {item} is outside the 64-bit range "
+                    f"[{I64_MIN}, {U64_MAX}] that arcan can store exactly",
+                    field=field,
+                    reason="INVALID_JSON",
+                )
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise InvalidArgumentError(
+                    f"{path}: {item} is not a JSON number (NaN and infinities are not JSON)",
+                    field=field,
+                    reason="INVALID_JSON",
+                )
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise InvalidArgumentError(
+                        f"{path}: object keys must be strings, not {type(key).__name__}",
+                        field=field,
+                        reason="INVALID_JSON",
+                    )
+                _check_text(key, path)
+                stack.append((child, f"{path}.{key}"))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+        else:
+            raise InvalidArgumentError(
+                f"{path}: a {type(item).__name__} is not a JSON value",
+                field=field,
+                reason="INVALID_JSON",
+            )
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(
+            f"{path}: the string is not valid Unicode ({exc.reason})",
+            field=path.split(".", 1)[0].split("[", 1)[0],
+            reason="INVALID_JSON",
+        ) from None
+
+
+def dumps(value: JsonValue) -> str:
+    """Compact JSON text of an already checked value (keys in their given order)."""
+    return orjson.dumps(value).decode()
+
+
+def loads(text: str | bytes) -> JsonValue:
+    """Parse JSON text the store itself wrote (fast; trusts the writer)."""
+    result: JsonValue = orjson.loads(text)
+    return result
+
+
+def parse_strict(text: str, field: str) -> JsonValue:
+    """Parse JSON text from a client, refusing what arcan could not read back unchanged."""
+
+    def reject_constant(name: str) -> None:
+        raise InvalidArgumentError(
+            f"{field}: {name} is not a JSON number", field=field, reason="INVALID_JSON"
+        )
+
+    def checked_int(digits: str) -> int:
+        number = int(digits)
+        if not I64_MIN <= number <= U64_MAX:
+            raise InvalidArgumentError(
+                f"{field}: the integer {digits} is outside the 64-bit range that arcan "
+                "can store exactly",
+                field=field,
+                reason="INVALID_JSON",
+            )
+        return number
+
+    def unique_keys(pairs: list[tuple[str, JsonValue]]) -> dict[str, JsonValue]:
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            seen: set[str] = set()
+            dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            raise InvalidArgumentError(
+                f"{field}: the object key {dup!r} appears more than once",
+                field=field,
+                reason="INVALID_JSON",
+            )
+        return result
+
+    try:
+        value: JsonValue = json.loads(
+            text,
+            parse_constant=reject_constant,
+            parse_int=checked_int,
+            object_pairs_hook=unique_keys,
+        )
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(
+            f"{field}: not valid JSON text: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            field=field,
+            reason="INVALID_JSON",
+        ) from None
+    except RecursionError:
+        raise InvalidArgumentError(
+            f"{field}: the JSON value is nested too deeply", field=field, reason="INVALID_JSON"
+        ) from None
+    check_json(value, field)  # floats overflowing to inf, lone surrogates
+    return value

@@ -1,0 +1,107 @@
+"""The record envelope: what an append asks for and what the store keeps."""
+
+from __future__ import annotations
+
+import calendar
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from agentlog._events import AgentEvent
+from agentlog.errors import InvalidArgumentError
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NS = 1_000_000_000
+# 0001-01-01T00:00:00Z and 10000-01-01T00:00:00Z: the span RFC 3339 can write.
+_MIN_NS = -62_135_596_800 * _NS
+_MAX_NS = 253_402_300_800 * _NS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppendEvent:
+    """One event to append to a session."""
+
+    session_id: str
+    """The session to append to (see the README for the rules a session id follows)."""
+
+    event: AgentEvent
+    """The event."""
+
+    parent_id: str | None = None
+    """The record this one follows in the event tree, in any session; None for a root."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventRecord:
+    """One stored event, as arcan's JsonlSessionRepository keeps it."""
+
+    id: str
+    """The record's id, a UUID made by the store."""
+
+    session_id: str
+    """The session the record belongs to."""
+
+    parent_id: str | None
+    """The record this one follows; None for a root."""
+
+    timestamp_ns: int
+    """When the store accepted the event: nanoseconds since the Unix epoch, UTC."""
+
+    event: AgentEvent
+    """The event."""
+
+    @property
+    def timestamp(self) -> datetime:
+        """The timestamp as an aware UTC datetime (datetime keeps only microseconds)."""
+        return _EPOCH + timedelta(microseconds=self.timestamp_ns // 1000)
+
+    @property
+    def timestamp_rfc3339(self) -> str:
+        """The timestamp exactly as arcan writes it, e.g. `2026-11-25T01:33:38.853460046Z`."""
+        return format_timestamp(self.timestamp_ns)
+
+
+def format_timestamp(timestamp_ns: int) -> str:
+    """RFC 3339 in UTC as chrono prints it (SecondsFormat::AutoSi, with `Z`).
+
+    The fraction has 0, 3, 6 or 9 digits: the fewest that hold the value.
+    """
+    seconds, nanos = divmod(timestamp_ns, _NS)
+    text = (_EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
+    if nanos == 0:
+        return text + "Z"
+    if nanos % 1_000_000 == 0:
+        return f"{text}.{nanos // 1_000_000:03d}Z"
+    if nanos % 1000 == 0:
+        return f"{text}.{nanos // 1000:06d}Z"
+    return f"{text}.{nanos:09d}Z"
+
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+
+
+def parse_timestamp(text: str) -> int:
+    """Nanoseconds since the epoch from an RFC 3339 timestamp (any offset, 0-9 digit fraction)."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second <= 60):
+        raise ValueError(f"not a valid date and time: {text!r}")
+    seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    if match.group(9):
+        offset = int(match.group(10)) * 3600 + int(match.group(11)) * 60
+        seconds -= offset if match.group(9) == "+" else -offset
+    fraction = match.group(7) or ""
+    return seconds * _NS + int(fraction.ljust(9, "0") or 0)
+
+
+def check_timestamp(timestamp_ns: object, field: str = "timestamp") -> int:
+    """The timestamp if it is an int nanosecond count in years 1-9999, else InvalidArgumentError."""
+    if not isinstance(timestamp_ns, int) or isinstance(timestamp_ns, bool):
+        raise InvalidArgumentError(f"{field}: must be an int of nanoseconds", field=field)
+    if not _MIN_NS <= timestamp_ns < _MAX_NS:
+        raise InvalidArgumentError(f"{field}: outside the years 1 to 9999", field=field)
+    return timestamp_ns

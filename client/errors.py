@@ -1,0 +1,117 @@
+"""agentlog's exceptions: what every backend and both clients raise.
+
+Each error names the gRPC status it travels as, so the server and the clients
+translate with one table (`ERRORS_BY_STATUS`) and a caller sees the same
+exception whether it talks to a store in-process or through the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+
+class AgentlogError(Exception):
+    """Base of every error agentlog raises.
+
+    `reason` is a stable UPPER_SNAKE identifier of the failure (e.g.
+    `INVALID_SESSION_ID`), `metadata` holds machine-readable facts about it, and
+    `field` names the request field at fault where there is one.
+    """
+
+    status_name: ClassVar[str] = "UNKNOWN"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        field: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.status_name
+        self.field = field
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgumentError(AgentlogError, ValueError):
+    """The request is malformed: fix it before sending it again."""
+
+    status_name = "INVALID_ARGUMENT"
+
+
+class NotFoundError(AgentlogError, LookupError):
+    """Something the request names does not exist."""
+
+    status_name = "NOT_FOUND"
+
+
+class AlreadyExistsError(AgentlogError):
+    """Something the request would create exists already, with other content."""
+
+    status_name = "ALREADY_EXISTS"
+
+
+class FailedPreconditionError(AgentlogError):
+    """The store is not in the state the request needs."""
+
+    status_name = "FAILED_PRECONDITION"
+
+
+class DataLossError(AgentlogError):
+    """Stored data cannot be read back: a session file holds a line that does not parse."""
+
+    status_name = "DATA_LOSS"
+
+
+class ResourceExhaustedError(AgentlogError):
+    """A limit was hit: message size, disk space, or a server's capacity."""
+
+    status_name = "RESOURCE_EXHAUSTED"
+
+
+class UnavailableError(AgentlogError, ConnectionError):
+    """The server cannot be reached or is shutting down; retrying may succeed."""
+
+    status_name = "UNAVAILABLE"
+
+
+class DeadlineExceededError(AgentlogError, TimeoutError):
+    """The call did not finish within its deadline."""
+
+    status_name = "DEADLINE_EXCEEDED"
+
+
+class CancelledError(AgentlogError):
+    """The call was cancelled."""
+
+    status_name = "CANCELLED"
+
+
+class ServerError(AgentlogError):
+    """The server failed in a way the request did not cause (INTERNAL, UNKNOWN, ...)."""
+
+    status_name = "INTERNAL"
+
+
+ERRORS_BY_STATUS: dict[str, type[AgentlogError]] = {
+    cls.status_name: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        AlreadyExistsError,
+        FailedPreconditionError,
+        DataLossError,
+        ResourceExhaustedError,
+        UnavailableError,
+        DeadlineExceededError,
+        CancelledError,
+        ServerError,
+    )
+}
+"""The exception class for each gRPC status name; other statuses map to ServerError."""

@@ -1,0 +1,387 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelStopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STOP_REASON_UNSPECIFIED: _ClassVar[ModelStopReason]
+    MODEL_STOP_REASON_END_TURN: _ClassVar[ModelStopReason]
+    MODEL_STOP_REASON_TOOL_USE: _ClassVar[ModelStopReason]
+    MODEL_STOP_REASON_NEEDS_USER: _ClassVar[ModelStopReason]
+    MODEL_STOP_REASON_MAX_TOKENS: _ClassVar[ModelStopReason]
+    MODEL_STOP_REASON_SAFETY: _ClassVar[ModelStopReason]
+    MODEL_STOP_REASON_UNKNOWN: _ClassVar[ModelStopReason]
+
+class RunStopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_STOP_REASON_UNSPECIFIED: _ClassVar[RunStopReason]
+    RUN_STOP_REASON_COMPLETED: _ClassVar[RunStopReason]
+    RUN_STOP_REASON_NEEDS_USER: _ClassVar[RunStopReason]
+    RUN_STOP_REASON_BLOCKED_BY_POLICY: _ClassVar[RunStopReason]
+    RUN_STOP_REASON_BUDGET_EXCEEDED: _ClassVar[RunStopReason]
+    RUN_STOP_REASON_CANCELLED: _ClassVar[RunStopReason]
+    RUN_STOP_REASON_ERROR: _ClassVar[RunStopReason]
+
+class StatePatchFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STATE_PATCH_FORMAT_UNSPECIFIED: _ClassVar[StatePatchFormat]
+    STATE_PATCH_FORMAT_JSON_PATCH: _ClassVar[StatePatchFormat]
+    STATE_PATCH_FORMAT_MERGE_PATCH: _ClassVar[StatePatchFormat]
+
+class StatePatchSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STATE_PATCH_SOURCE_UNSPECIFIED: _ClassVar[StatePatchSource]
+    STATE_PATCH_SOURCE_MODEL: _ClassVar[StatePatchSource]
+    STATE_PATCH_SOURCE_TOOL: _ClassVar[StatePatchSource]
+    STATE_PATCH_SOURCE_SYSTEM: _ClassVar[StatePatchSource]
+MODEL_STOP_REASON_UNSPECIFIED: ModelStopReason
+MODEL_STOP_REASON_END_TURN: ModelStopReason
+MODEL_STOP_REASON_TOOL_USE: ModelStopReason
+MODEL_STOP_REASON_NEEDS_USER: ModelStopReason
+MODEL_STOP_REASON_MAX_TOKENS: ModelStopReason
+MODEL_STOP_REASON_SAFETY: ModelStopReason
+MODEL_STOP_REASON_UNKNOWN: ModelStopReason
+RUN_STOP_REASON_UNSPECIFIED: RunStopReason
+RUN_STOP_REASON_COMPLETED: RunStopReason
+RUN_STOP_REASON_NEEDS_USER: RunStopReason
+RUN_STOP_REASON_BLOCKED_BY_POLICY: RunStopReason
+RUN_STOP_REASON_BUDGET_EXCEEDED: RunStopReason
+RUN_STOP_REASON_CANCELLED: RunStopReason
+RUN_STOP_REASON_ERROR: RunStopReason
+STATE_PATCH_FORMAT_UNSPECIFIED: StatePatchFormat
+STATE_PATCH_FORMAT_JSON_PATCH: StatePatchFormat
+STATE_PATCH_FORMAT_MERGE_PATCH: StatePatchFormat
+STATE_PATCH_SOURCE_UNSPECIFIED: StatePatchSource
+STATE_PATCH_SOURCE_MODEL: StatePatchSource
+STATE_PATCH_SOURCE_TOOL: StatePatchSource
+STATE_PATCH_SOURCE_SYSTEM: StatePatchSource
+
+class AppendRequest(_message.Message):
+    __slots__ = ("session_id", "parent_id", "event")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    parent_id: str
+    event: AgentEvent
+    def __init__(self, session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ...) -> None: ...
+
+class AppendResponse(_message.Message):
+    __slots__ = ("record",)
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    record: EventRecord
+    def __init__(self, record: _Optional[_Union[EventRecord, _Mapping]] = ...) -> None: ...
+
+class LoadSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class LoadSessionResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[EventRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[EventRecord, _Mapping]]] = ...) -> None: ...
+
+class LoadChildrenRequest(_message.Message):
+    __slots__ = ("parent_id",)
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    parent_id: str
+    def __init__(self, parent_id: _Optional[str] = ...) -> None: ...
+
+class LoadChildrenResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[EventRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[EventRecord, _Mapping]]] = ...) -> None: ...
+
+class HeadRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class HeadResponse(_message.Message):
+    __slots__ = ("record",)
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    record: EventRecord
+    def __init__(self, record: _Optional[_Union[EventRecord, _Mapping]] = ...) -> None: ...
+
+class EventRecord(_message.Message):
+    __slots__ = ("id", "session_id", "parent_id", "timestamp", "event")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    session_id: str
+    parent_id: str
+    timestamp: _timestamp_pb2.Timestamp
+    event: AgentEvent
+    def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ...) -> None: ...
+
+class AgentEvent(_message.Message):
+    __slots__ = ("run_started", "iteration_started", "model_output", "text_delta", "tool_call_requested", "tool_call_completed", "tool_call_failed", "state_patched", "context_compacted", "approval_requested", "approval_resolved", "run_errored", "run_finished")
+    RUN_STARTED_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_STARTED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FAILED_FIELD_NUMBER: _ClassVar[int]
+    STATE_PATCHED_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_COMPACTED_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_RESOLVED_FIELD_NUMBER: _ClassVar[int]
+    RUN_ERRORED_FIELD_NUMBER: _ClassVar[int]
+    RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    run_started: RunStarted
+    iteration_started: IterationStarted
+    model_output: ModelOutput
+    text_delta: TextDelta
+    tool_call_requested: ToolCallRequested
+    tool_call_completed: ToolCallCompleted
+    tool_call_failed: ToolCallFailed
+    state_patched: StatePatched
+    context_compacted: ContextCompacted
+    approval_requested: ApprovalRequested
+    approval_resolved: ApprovalResolved
+    run_errored: RunErrored
+    run_finished: RunFinished
+    def __init__(self, run_started: _Optional[_Union[RunStarted, _Mapping]] = ..., iteration_started: _Optional[_Union[IterationStarted, _Mapping]] = ..., model_output: _Optional[_Union[ModelOutput, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call_requested: _Optional[_Union[ToolCallRequested, _Mapping]] = ..., tool_call_completed: _Optional[_Union[ToolCallCompleted, _Mapping]] = ..., tool_call_failed: _Optional[_Union[ToolCallFailed, _Mapping]] = ..., state_patched: _Optional[_Union[StatePatched, _Mapping]] = ..., context_compacted: _Optional[_Union[ContextCompacted, _Mapping]] = ..., approval_requested: _Optional[_Union[ApprovalRequested, _Mapping]] = ..., approval_resolved: _Optional[_Union[ApprovalResolved, _Mapping]] = ..., run_errored: _Optional[_Union[RunErrored, _Mapping]] = ..., run_finished: _Optional[_Union[RunFinished, _Mapping]] = ...) -> None: ...
+
+class JsonValue(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class RunStarted(_message.Message):
+    __slots__ = ("run_id", "session_id", "provider", "max_iterations")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    provider: str
+    max_iterations: int
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., provider: _Optional[str] = ..., max_iterations: _Optional[int] = ...) -> None: ...
+
+class IterationStarted(_message.Message):
+    __slots__ = ("run_id", "session_id", "iteration")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    iteration: int
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., iteration: _Optional[int] = ...) -> None: ...
+
+class ModelOutput(_message.Message):
+    __slots__ = ("run_id", "session_id", "iteration", "stop_reason", "directive_count", "usage")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    DIRECTIVE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    iteration: int
+    stop_reason: ModelStopReason
+    directive_count: int
+    usage: TokenUsage
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., iteration: _Optional[int] = ..., stop_reason: _Optional[_Union[ModelStopReason, str]] = ..., directive_count: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ...) -> None: ...
+
+class TextDelta(_message.Message):
+    __slots__ = ("run_id", "session_id", "iteration", "delta")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    iteration: int
+    delta: str
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., iteration: _Optional[int] = ..., delta: _Optional[str] = ...) -> None: ...
+
+class ToolCallRequested(_message.Message):
+    __slots__ = ("run_id", "session_id", "iteration", "call")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    iteration: int
+    call: ToolCall
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., iteration: _Optional[int] = ..., call: _Optional[_Union[ToolCall, _Mapping]] = ...) -> None: ...
+
+class ToolCallCompleted(_message.Message):
+    __slots__ = ("run_id", "session_id", "iteration", "result")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    iteration: int
+    result: ToolResultSummary
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., iteration: _Optional[int] = ..., result: _Optional[_Union[ToolResultSummary, _Mapping]] = ...) -> None: ...
+
+class ToolCallFailed(_message.Message):
+    __slots__ = ("run_id", "session_id", "iteration", "call_id", "tool_name", "error")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    iteration: int
+    call_id: str
+    tool_name: str
+    error: str
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., iteration: _Optional[int] = ..., call_id: _Optional[str] = ..., tool_name: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class StatePatched(_message.Message):
+    __slots__ = ("run_id", "session_id", "iteration", "patch", "revision")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    PATCH_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    iteration: int
+    patch: StatePatch
+    revision: int
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., iteration: _Optional[int] = ..., patch: _Optional[_Union[StatePatch, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class ContextCompacted(_message.Message):
+    __slots__ = ("run_id", "session_id", "iteration", "dropped_count", "tokens_before", "tokens_after")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    iteration: int
+    dropped_count: int
+    tokens_before: int
+    tokens_after: int
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., iteration: _Optional[int] = ..., dropped_count: _Optional[int] = ..., tokens_before: _Optional[int] = ..., tokens_after: _Optional[int] = ...) -> None: ...
+
+class ApprovalRequested(_message.Message):
+    __slots__ = ("run_id", "session_id", "approval_id", "call_id", "tool_name", "arguments", "risk")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    approval_id: str
+    call_id: str
+    tool_name: str
+    arguments: JsonValue
+    risk: str
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., approval_id: _Optional[str] = ..., call_id: _Optional[str] = ..., tool_name: _Optional[str] = ..., arguments: _Optional[_Union[JsonValue, _Mapping]] = ..., risk: _Optional[str] = ...) -> None: ...
+
+class ApprovalResolved(_message.Message):
+    __slots__ = ("run_id", "session_id", "approval_id", "decision", "reason")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    approval_id: str
+    decision: str
+    reason: str
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., approval_id: _Optional[str] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RunErrored(_message.Message):
+    __slots__ = ("run_id", "session_id", "error")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    error: str
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class RunFinished(_message.Message):
+    __slots__ = ("run_id", "session_id", "reason", "total_iterations", "final_answer", "usage")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session_id: str
+    reason: RunStopReason
+    total_iterations: int
+    final_answer: str
+    usage: TokenUsage
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., reason: _Optional[_Union[RunStopReason, str]] = ..., total_iterations: _Optional[int] = ..., final_answer: _Optional[str] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ...) -> None: ...
+
+class ToolCall(_message.Message):
+    __slots__ = ("call_id", "tool_name", "input")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    tool_name: str
+    input: JsonValue
+    def __init__(self, call_id: _Optional[str] = ..., tool_name: _Optional[str] = ..., input: _Optional[_Union[JsonValue, _Mapping]] = ...) -> None: ...
+
+class ToolResultSummary(_message.Message):
+    __slots__ = ("call_id", "tool_name", "output")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    tool_name: str
+    output: JsonValue
+    def __init__(self, call_id: _Optional[str] = ..., tool_name: _Optional[str] = ..., output: _Optional[_Union[JsonValue, _Mapping]] = ...) -> None: ...
+
+class StatePatch(_message.Message):
+    __slots__ = ("format", "patch", "source")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PATCH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    format: StatePatchFormat
+    patch: JsonValue
+    source: StatePatchSource
+    def __init__(self, format: _Optional[_Union[StatePatchFormat, str]] = ..., patch: _Optional[_Union[JsonValue, _Mapping]] = ..., source: _Optional[_Union[StatePatchSource, str]] = ...) -> None: ...
+
+class TokenUsage(_message.Message):
+    __slots__ = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_READ_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_CREATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_creation_tokens: int
+    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cache_read_tokens: _Optional[int] = ..., cache_creation_tokens: _Optional[int] = ...) -> None: ...

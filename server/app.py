@@ -1,0 +1,154 @@
+"""Building and running the agentlog gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agentlog._records import AppendEvent, EventRecord
+from agentlog.protocol import SessionRepository
+from agentlog.server.service import SessionRepositoryService
+from agentlog.v1 import session_pb2, session_pb2_grpc
+
+log = logging.getLogger("agentlog.server")
+
+SERVICE_NAME: str = session_pb2.DESCRIPTOR.services_by_name["SessionRepository"].full_name
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_GRACE_SECONDS = 10.0
+# Storage calls block (file I/O, fsync); they run on these threads so the
+# event loop keeps serving other calls meanwhile.
+DEFAULT_STORAGE_THREADS = 16
+
+class ThreadedRepository:
+    """An AsyncSessionRepository that runs a blocking SessionRepository on a thread pool."""
+
+    def __init__(self, repository: SessionRepository, executor: ThreadPoolExecutor) -> None:
+        self._repository = repository
+        self._executor = executor
+
+    async def _run(self, function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def append(self, event: AppendEvent) -> EventRecord:
+        record: EventRecord = await self._run(self._repository.append, event)
+        return record
+
+    async def load_session(self, session_id: str) -> list[EventRecord]:
+        records: list[EventRecord] = await self._run(self._repository.load_session, session_id)
+        return records
+
+    async def load_children(self, parent_id: str) -> list[EventRecord]:
+        records: list[EventRecord] = await self._run(self._repository.load_children, parent_id)
+        return records
+
+    async def head(self, session_id: str) -> EventRecord | None:
+        record: EventRecord | None = await self._run(self._repository.head, session_id)
+        return record
+
+
+class Server(NamedTuple):
+    """A built server: the grpc.aio server, its bound port and its health service."""
+
+    server: grpc.aio.Server
+    port: int
+    health: Any
+
+    async def start(self) -> None:
+        """Start serving and report SERVING to health checks."""
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None) -> None:
+        """Report NOT_SERVING, refuse new calls, and let calls in flight finish within `grace`."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def create_server(
+    address: str,
+    repository: SessionRepository,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    storage_threads: int = DEFAULT_STORAGE_THREADS,
+) -> Server:
+    """Build (not start: see `Server.start`) a server for `repository` on `address` ("host:port"; port 0 picks one).
+
+    Registers the SessionRepository service, grpc.health.v1 (SERVING once
+    started, since the repository is already open) and server reflection. Requests larger than
+    `max_message_bytes` are refused with RESOURCE_EXHAUSTED.
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+            # Keep idle connections (and, later, long streams) alive through
+            # proxies: accept client pings every 10 s even without calls.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+        ]
+    )
+    executor = ThreadPoolExecutor(storage_threads, thread_name_prefix="agentlog-storage")
+    service = SessionRepositoryService(ThreadedRepository(repository, executor))
+    session_pb2_grpc.add_SessionRepositoryServicer_to_server(service, server)
+
+    health_service = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: the address is in use or invalid")
+    return Server(server, port, health_service)
+
+
+async def serve(
+    address: str,
+    data_dir: Path,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    grace: float = DEFAULT_GRACE_SECONDS,
+    version: str = "",
+) -> None:
+    """Run the JSONL-backed server until SIGTERM or SIGINT, then stop gracefully."""
+    from agentlog.server.jsonl import JsonlSessionRepository
+
+    repository = JsonlSessionRepository(data_dir)
+    built = create_server(address, repository, max_message_bytes=max_message_bytes)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await built.start()
+    started = time.monotonic()
+    host = address.rsplit(":", 1)[0]
+    log.info(
+        "agentlog %s serving on %s:%d, data dir %s", version, host, built.port, repository.root
+    )
+    try:
+        await stop.wait()
+    finally:
+        await built.stop(grace)
+        repository.close()
+        log.info(
+            "agentlog stopped after %.1f s of service (grace for calls in flight: %.1f s)",
+            time.monotonic() - started,
+            grace,
+        )

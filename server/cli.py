@@ -1,0 +1,100 @@
+"""The `agentlog` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from agentlog.errors import AgentlogError
+from agentlog.server.app import DEFAULT_GRACE_SECONDS, DEFAULT_MAX_MESSAGE_BYTES, serve
+
+DEFAULT_ADDR = "127.0.0.1:50051"
+DEFAULT_DATA_DIR = "./data"
+
+
+def _version() -> str:
+    try:
+        return version("agentlog")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentlog",
+        description="agentlog stores the event logs of AI-agent sessions and serves them over gRPC.",
+    )
+    parser.add_argument("--version", action="version", version=f"agentlog {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="run the gRPC server on a JSONL data directory",
+        description=(
+            "Serve the SessionRepository gRPC service (plus grpc.health.v1 and server "
+            "reflection) from a directory of arcan-compatible JSONL session files. "
+            "Stops gracefully on SIGTERM or SIGINT."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve_cmd.add_argument(
+        "--addr",
+        default=os.environ.get("AGENTLOG_ADDR", DEFAULT_ADDR),
+        help="host:port to listen on; port 0 picks a free port (env AGENTLOG_ADDR)",
+    )
+    serve_cmd.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("AGENTLOG_DATA_DIR", DEFAULT_DATA_DIR)),
+        help="directory of <session_id>.jsonl files, created if missing (env AGENTLOG_DATA_DIR)",
+    )
+    serve_cmd.add_argument(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=int(os.environ.get("AGENTLOG_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
+        help="largest request accepted; larger ones get RESOURCE_EXHAUSTED "
+        "(env AGENTLOG_MAX_MESSAGE_BYTES)",
+    )
+    serve_cmd.add_argument(
+        "--grace",
+        type=float,
+        default=float(os.environ.get("AGENTLOG_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)),
+        help="seconds calls in flight may take to finish at shutdown (env AGENTLOG_GRACE_SECONDS)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(
+            serve(
+                args.addr,
+                args.data_dir,
+                max_message_bytes=args.max_message_bytes,
+                grace=args.grace,
+                version=_version(),
+            )
+        )
+    except (AgentlogError, OSError) as exc:
+        print(f"agentlog: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

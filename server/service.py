@@ -1,0 +1,130 @@
+"""The SessionRepository gRPC service: requests in, storage calls, records out.
+
+Each method only converts (client/_codec.py) and delegates to an
+AsyncSessionRepository; `_translate_errors` is the one place where storage
+errors become gRPC statuses, so no method formats an error of its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+
+from agentlog import _codec
+from agentlog._records import EventRecord
+from agentlog._status import to_grpc_status
+from agentlog._validation import check_record_id, check_session_id
+from agentlog.errors import AgentlogError, ServerError
+from agentlog.protocol import AsyncSessionRepository
+from agentlog.v1 import session_pb2 as pb
+from agentlog.v1 import session_pb2_grpc
+
+log = logging.getLogger("agentlog.server")
+
+# A stream message holds at most this many records, and stops growing once its
+# records pass CHUNK_BYTES, so messages stay far below any size limit.
+CHUNK_RECORDS = 256
+CHUNK_BYTES = 1 << 20
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: AgentlogError) -> None:
+    status = to_grpc_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _unexpected(method: str, exc: BaseException) -> AgentlogError:
+    log.exception("%s failed unexpectedly", method, exc_info=exc)
+    return ServerError(
+        f"{method} failed inside the server ({type(exc).__name__}); the server log has details",
+        reason="INTERNAL",
+    )
+
+
+def _translate_errors(method: F) -> F:
+    """Turn AgentlogError into its status, and anything else into INTERNAL (logged)."""
+    name = method.__name__
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except AgentlogError as exc:
+                await _abort(context, exc)
+            except Exception as exc:
+                await _abort(context, _unexpected(name, exc))
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except AgentlogError as exc:
+            await _abort(context, exc)
+        except Exception as exc:
+            await _abort(context, _unexpected(name, exc))
+
+    return unary  # type: ignore[return-value]
+
+
+def chunk_records(records: Iterable[EventRecord]) -> Iterable[list[pb.EventRecord]]:
+    """Group records into stream messages of bounded count and size."""
+    chunk: list[pb.EventRecord] = []
+    size = 0
+    for record in records:
+        message = _codec.record_to_proto(record)
+        chunk.append(message)
+        size += message.ByteSize()
+        if len(chunk) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):  # type: ignore[misc]
+    """Serves an AsyncSessionRepository over gRPC."""
+
+    def __init__(self, repository: AsyncSessionRepository) -> None:
+        self._repository = repository
+
+    @_translate_errors
+    async def Append(self, request: pb.AppendRequest, context: Any) -> pb.AppendResponse:
+        record = await self._repository.append(_codec.append_from_proto(request))
+        return pb.AppendResponse(record=_codec.record_to_proto(record))
+
+    @_translate_errors
+    async def LoadSession(
+        self, request: pb.LoadSessionRequest, context: Any
+    ) -> AsyncIterator[pb.LoadSessionResponse]:
+        records = await self._repository.load_session(check_session_id(request.session_id))
+        for chunk in chunk_records(records):
+            yield pb.LoadSessionResponse(records=chunk)
+
+    @_translate_errors
+    async def LoadChildren(
+        self, request: pb.LoadChildrenRequest, context: Any
+    ) -> AsyncIterator[pb.LoadChildrenResponse]:
+        records = await self._repository.load_children(
+            check_record_id(request.parent_id, "parent_id")
+        )
+        for chunk in chunk_records(records):
+            yield pb.LoadChildrenResponse(records=chunk)
+
+    @_translate_errors
+    async def Head(self, request: pb.HeadRequest, context: Any) -> pb.HeadResponse:
+        record = await self._repository.head(check_session_id(request.session_id))
+        if record is None:
+            return pb.HeadResponse()
+        return pb.HeadResponse(record=_codec.record_to_proto(record))
+
+
