@@ -35,6 +35,7 @@ from agentlog.client import AgentlogClient, AsyncAgentlogClient
 from agentlog.errors import (
     AgentlogError,
     AlreadyExistsError,
+    CancelledError,
     DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -56,6 +57,7 @@ __all__ = [
     "ApprovalResolved",
     "AsyncAgentlogClient",
     "AsyncSessionRepository",
+    "CancelledError",
     "ContextCompacted",
     "DataLossError",
     "DeadlineExceededError",

@@ -360,7 +360,8 @@ def _to_proto(obj: object, plan: _Plan) -> Message:
 
 def event_to_proto(event: AgentEvent) -> pb.AgentEvent:
     """The AgentEvent message for a checked event."""
-    return pb.AgentEvent(**{event.part_type: _to_proto(event, _PLANS[type(event)])})
+    kwargs: dict[str, Any] = {event.part_type: _to_proto(event, _PLANS[type(event)])}
+    return pb.AgentEvent(**kwargs)
 
 
 def _from_proto(message: Any, plan: _Plan, path: str, strict: bool) -> Any:
@@ -382,7 +383,9 @@ def _from_proto(message: Any, plan: _Plan, path: str, strict: bool) -> Any:
             member = field.enum_members.get(value)
             if member is None:
                 problem = "must be set" if value == 0 else f"unknown value {value}"
-                raise _invalid(where, f"{problem} (one of {', '.join(map(str, field.enum_members.values()))})")
+                raise _invalid(
+                    where, f"{problem} (one of {', '.join(map(str, field.enum_members.values()))})"
+                )
             kwargs[name] = member
         elif kind == _MESSAGE:
             assert field.message is not None
@@ -394,7 +397,9 @@ def _from_proto(message: Any, plan: _Plan, path: str, strict: bool) -> Any:
     return plan.py_cls(**kwargs)
 
 
-def event_from_proto(message: pb.AgentEvent, path: str = "event", strict: bool = True) -> AgentEvent:
+def event_from_proto(
+    message: pb.AgentEvent, path: str = "event", strict: bool = True
+) -> AgentEvent:
     """The event an AgentEvent message holds; InvalidArgumentError if it holds none.
 
     `strict` parses JsonValue text as untrusted input (what a server receives).

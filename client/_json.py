@@ -18,7 +18,7 @@ import orjson
 from agentlog.errors import InvalidArgumentError
 
 JsonValue: TypeAlias = (
-    None | bool | int | float | str | Sequence["JsonValue"] | Mapping[str, "JsonValue"]
+    bool | int | float | str | Sequence["JsonValue"] | Mapping[str, "JsonValue"] | None
 )
 """Any JSON value: None, bool, int, float, str, a list of values, or a dict of them."""
 

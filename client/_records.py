@@ -67,7 +67,9 @@ def format_timestamp(timestamp_ns: int) -> str:
     The fraction has 0, 3, 6 or 9 digits: the fewest that hold the value.
     """
     seconds, nanos = divmod(timestamp_ns, _NS)
-    text = (_EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
+    t = _EPOCH + timedelta(seconds=seconds)
+    # Not strftime: its %Y does not pad years before 1000 to four digits.
+    text = f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
     if nanos == 0:
         return text + "Z"
     if nanos % 1_000_000 == 0:
@@ -78,7 +80,8 @@ def format_timestamp(timestamp_ns: int) -> str:
 
 
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))"
 )
 
 

@@ -156,7 +156,7 @@ class AsyncAgentlogClient:
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def _unary(self, method: Any, request: Any) -> Any:
         try:

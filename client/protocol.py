@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from agentlog._events import AgentEvent as AgentEvent
 from agentlog._records import AppendEvent, EventRecord
 
 

@@ -28,6 +28,7 @@ DEFAULT_GRACE_SECONDS = 10.0
 # event loop keeps serving other calls meanwhile.
 DEFAULT_STORAGE_THREADS = 16
 
+
 class ThreadedRepository:
     """An AsyncSessionRepository that runs a blocking SessionRepository on a thread pool."""
 
@@ -81,7 +82,9 @@ def create_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     storage_threads: int = DEFAULT_STORAGE_THREADS,
 ) -> Server:
-    """Build (not start: see `Server.start`) a server for `repository` on `address` ("host:port"; port 0 picks one).
+    """Build (not start: see `Server.start`) a server for `repository`.
+
+    `address` is "host:port"; port 0 picks a free port, returned in `Server.port`.
 
     Registers the SessionRepository service, grpc.health.v1 (SERVING once
     started, since the repository is already open) and server reflection. Requests larger than
@@ -91,6 +94,8 @@ def create_server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
+            # grpc shares a busy port by default (SO_REUSEPORT): refuse instead.
+            ("grpc.so_reuseport", 0),
             # Keep idle connections (and, later, long streams) alive through
             # proxies: accept client pings every 10 s even without calls.
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -103,11 +108,14 @@ def create_server(
     service = SessionRepositoryService(ThreadedRepository(repository, executor))
     session_pb2_grpc.add_SessionRepositoryServicer_to_server(service, server)
 
-    health_service = health.aio.HealthServicer()
+    health_service = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack aio
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME],
+        [
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     try:

@@ -34,7 +34,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentlog",
-        description="agentlog stores the event logs of AI-agent sessions and serves them over gRPC.",
+        description="agentlog stores the event logs of AI-agent sessions, served over gRPC.",
     )
     parser.add_argument("--version", action="version", version=f"agentlog {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get("AGENTLOG_DATA_DIR", DEFAULT_DATA_DIR)),
+        default=os.environ.get("AGENTLOG_DATA_DIR", DEFAULT_DATA_DIR),
         help="directory of <session_id>.jsonl files, created if missing (env AGENTLOG_DATA_DIR)",
     )
     serve_cmd.add_argument(

@@ -10,6 +10,7 @@ back off, so a file never keeps half a line of ours.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -110,10 +111,8 @@ class JsonlSessionRepository:
                     os.fsync(fd)
             except OSError as exc:
                 # Never leave part of our line behind: cut the file back.
-                try:
+                with contextlib.suppress(OSError):
                     os.ftruncate(fd, size)
-                except OSError:
-                    pass
                 raise _storage_error(exc, path) from None
         finally:
             os.close(fd)
@@ -157,9 +156,14 @@ class JsonlSessionRepository:
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
         check_record_id(parent_id, "parent_id")
-        # Lines are only parsed when they could hold the id; the id's JSON
-        # spelling is unambiguous when it needs no escaping.
+        # A line is only parsed when it could hold the id: when the id needs no
+        # escaping in JSON, its JSON spelling is a substring of every line naming it.
         needle = orjson.dumps(parent_id)
+        escaped = b"\\" in needle
+
+        def may_match(line: bytes) -> bool:
+            return escaped or needle in line
+
         children: list[EventRecord] = []
         for session_id in self.session_ids():
             path = self._path(session_id)
@@ -170,11 +174,13 @@ class JsonlSessionRepository:
                     continue
                 except OSError as exc:
                     raise _storage_error(exc, path) from None
-            if needle not in data and "\\" not in needle.decode():
+            if not may_match(data):
                 continue
-            children.extend(
-                record for _, record in _parse_lines(path, data) if record.parent_id == parent_id
-            )
+            for number, line in enumerate(data.split(b"\n"), 1):
+                if line.strip() and may_match(line):
+                    record = _decode(path, line, f"line {number}", {"line": str(number)})
+                    if record.parent_id == parent_id:
+                        children.append(record)
         return children
 
     def session_ids(self) -> list[str]:

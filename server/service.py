@@ -91,7 +91,7 @@ def chunk_records(records: Iterable[EventRecord]) -> Iterable[list[pb.EventRecor
         yield chunk
 
 
-class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):  # type: ignore[misc]
+class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     """Serves an AsyncSessionRepository over gRPC."""
 
     def __init__(self, repository: AsyncSessionRepository) -> None:
@@ -126,5 +126,3 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):  # t
         if record is None:
             return pb.HeadResponse()
         return pb.HeadResponse(record=_codec.record_to_proto(record))
-
-

@@ -1,0 +1,88 @@
+"""The contract suite, run against every SessionRepository implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentlog import AgentlogClient, AppendEvent, AsyncAgentlogClient, EventRecord
+from agentlog.protocol import AsyncSessionRepository
+from agentlog.server import JsonlSessionRepository, MemorySessionRepository
+from tests.contract import SessionRepositoryContract
+from tests.servers import LoopThread, running_server
+
+
+class TestMemory(SessionRepositoryContract):
+    @pytest.fixture
+    def repo(self) -> MemorySessionRepository:
+        return MemorySessionRepository()
+
+
+class TestJsonl(SessionRepositoryContract):
+    @pytest.fixture
+    def repo(self, tmp_path: Path) -> JsonlSessionRepository:
+        return JsonlSessionRepository(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def jsonl_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_server(JsonlSessionRepository(tmp_path_factory.mktemp("data"))) as target:
+        yield target
+
+
+@pytest.fixture(scope="module")
+def memory_target() -> Iterator[str]:
+    with running_server(MemorySessionRepository()) as target:
+        yield target
+
+
+class TestClientOverJsonl(SessionRepositoryContract):
+    @pytest.fixture
+    def repo(self, jsonl_target: str) -> Iterator[AgentlogClient]:
+        with AgentlogClient(jsonl_target) as client:
+            yield client
+
+
+class TestClientOverMemory(SessionRepositoryContract):
+    @pytest.fixture
+    def repo(self, memory_target: str) -> Iterator[AgentlogClient]:
+        with AgentlogClient(memory_target) as client:
+            yield client
+
+
+class BlockingAsyncClient:
+    """Drives the real AsyncAgentlogClient from sync tests: each call runs on its loop."""
+
+    def __init__(self, loop: LoopThread, client: AsyncAgentlogClient) -> None:
+        self._loop = loop
+        self.client = client
+
+    def append(self, event: AppendEvent) -> EventRecord:
+        return self._loop.run(self.client.append(event))
+
+    def load_session(self, session_id: str) -> list[EventRecord]:
+        return self._loop.run(self.client.load_session(session_id))
+
+    def load_children(self, parent_id: str) -> list[EventRecord]:
+        return self._loop.run(self.client.load_children(parent_id))
+
+    def head(self, session_id: str) -> EventRecord | None:
+        return self._loop.run(self.client.head(session_id))
+
+
+class TestAsyncClientOverJsonl(SessionRepositoryContract):
+    @pytest.fixture
+    def repo(self, jsonl_target: str) -> Iterator[Any]:
+        loop = LoopThread()
+
+        async def connect() -> AsyncAgentlogClient:
+            return AsyncAgentlogClient(jsonl_target)
+
+        client = loop.run(connect())
+        assert isinstance(client, AsyncSessionRepository)
+        yield BlockingAsyncClient(loop, client)
+        loop.run(client.close())
+        loop.close()

@@ -1,0 +1,162 @@
+"""The JSONL store's promises about files: corruption is reported, never spread, never written."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agentlog import AgentlogClient, AppendEvent, DataLossError, TextDelta
+from agentlog.server import JsonlSessionRepository
+from tests.contract import delta, started
+from tests.servers import running_server
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def client(data: Path) -> Iterator[AgentlogClient]:
+    with running_server(JsonlSessionRepository(data)) as target, AgentlogClient(target) as client:
+        yield client
+
+
+def write_session(client: AgentlogClient, session: str, count: int) -> None:
+    for i in range(count):
+        client.append(AppendEvent(session_id=session, event=delta(session, f"t{i}")))
+
+
+def test_a_line_that_does_not_parse_fails_only_its_session(
+    client: AgentlogClient, data: Path
+) -> None:
+    write_session(client, "good", 2)
+    write_session(client, "bad", 3)
+    path = data / "bad.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = b'{"id": "broken", this is not json'
+    path.write_bytes(b"\n".join(lines))
+    before = path.read_bytes()
+
+    with pytest.raises(DataLossError) as caught:
+        client.load_session("bad")
+    assert str(path) in caught.value.message
+    assert "line 2" in caught.value.message
+    assert caught.value.reason == "CORRUPT_LINE"
+    assert caught.value.metadata == {"file": str(path), "line": "2"}
+    assert len(client.load_session("good")) == 2  # other sessions keep working
+    assert path.read_bytes() == before  # a read never modifies the file
+
+
+def test_a_line_of_the_wrong_shape_is_data_loss(client: AgentlogClient, data: Path) -> None:
+    write_session(client, "shape", 1)
+    path = data / "shape.jsonl"
+    record = json.loads(path.read_text())
+    record["event"]["part_type"] = "telepathy"
+    path.write_text(path.read_text() + json.dumps(record) + "\n")
+    with pytest.raises(DataLossError, match=r"line 2.*unknown event kind 'telepathy'"):
+        client.load_session("shape")
+
+
+def test_a_torn_last_line_refuses_appends_and_keeps_the_bytes(
+    client: AgentlogClient, data: Path
+) -> None:
+    write_session(client, "torn", 2)
+    path = data / "torn.jsonl"
+    with path.open("ab") as file:
+        file.write(b'{"id":"half-written","session_id":"to')
+    before = path.read_bytes()
+    with pytest.raises(DataLossError, match="line 3"):
+        client.load_session("torn")
+    with pytest.raises(DataLossError, match="byte offset"):
+        client.head("torn")
+    with pytest.raises(DataLossError, match="incomplete line") as caught:
+        client.append(AppendEvent(session_id="torn", event=started("torn")))
+    assert caught.value.reason == "TORN_LAST_LINE"
+    assert path.read_bytes() == before
+
+
+def test_blank_lines_are_skipped(client: AgentlogClient, data: Path) -> None:
+    write_session(client, "blank", 1)
+    path = data / "blank.jsonl"
+    path.write_bytes(b"\n" + path.read_bytes() + b"\n  \n")
+    write_session(client, "blank", 1)
+    assert [r.event for r in client.load_session("blank")] == [
+        delta("blank", "t0"),
+        delta("blank", "t0"),
+    ]
+    head = client.head("blank")
+    assert head is not None
+
+
+def test_many_writers_on_one_session_lose_nothing_and_never_interleave(
+    client: AgentlogClient, data: Path
+) -> None:
+    writers, per_writer = 32, 25
+    acknowledged: list[list[str]] = [[] for _ in range(writers)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(writers)
+
+    def write(n: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(per_writer):
+                event = TextDelta(run_id=f"w{n}", session_id="busy", iteration=i, delta="x" * 500)
+                acknowledged[n].append(
+                    client.append(AppendEvent(session_id="busy", event=event)).id
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+    raw = (data / "busy.jsonl").read_bytes()
+    assert raw.endswith(b"\n")
+    lines = raw.split(b"\n")[:-1]
+    assert len(lines) == writers * per_writer
+    parsed = [json.loads(line) for line in lines]  # every line whole
+    assert sorted(p["id"] for p in parsed) == sorted(i for ids in acknowledged for i in ids)
+    records = client.load_session("busy")
+    for n in range(writers):
+        mine = [r for r in records if r.event.run_id == f"w{n}"]
+        assert [r.id for r in mine] == acknowledged[n]  # each writer's order kept
+
+
+def test_no_session_id_writes_outside_the_root(tmp_path: Path) -> None:
+    data = tmp_path / "inner" / "data"
+    repo = JsonlSessionRepository(data)
+    for bad in ["../escape", "../../escape", "/tmp/abs", "a/../../b", "..", "."]:
+        with pytest.raises(ValueError, match="not a valid session id"):
+            repo.append(AppendEvent(session_id=bad, event=started("s")))
+    repo.append(AppendEvent(session_id="ok", event=started("ok")))
+    everything = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert everything == ["inner", "inner/data", "inner/data/ok.jsonl"]
+
+
+def test_files_that_are_not_sessions_are_ignored(data: Path) -> None:
+    repo = JsonlSessionRepository(data)
+    record = repo.append(AppendEvent(session_id="real", event=started("real")))
+    (data / "notes.txt").write_text("not a session")
+    (data / ".hidden.jsonl").write_text("garbage\n")
+    (data / "dir.jsonl").mkdir()
+    assert repo.session_ids() == ["real"]
+    assert repo.load_children(str(uuid.uuid4())) == []
+    child = repo.append(AppendEvent(session_id="real", parent_id=record.id, event=started("real")))
+    assert repo.load_children(record.id) == [child]
+
+
+def test_an_unusable_data_directory_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(Exception, match=r"cannot use .* as the data directory"):
+        JsonlSessionRepository(blocker / "data")
