@@ -9,7 +9,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # A skipped test is a check that did not run: fail the run instead of
     # letting it pass quietly (e.g. a backend whose service was unreachable).
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if reporter is None:
+        return
+    skipped = reporter.stats.get("skipped", [])
     if skipped and exitstatus == pytest.ExitCode.OK:
         reporter.write_line(f"FAILED: {len(skipped)} test(s) skipped; every test must run")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
