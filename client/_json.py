@@ -31,9 +31,10 @@ def check_json(value: object, field: str) -> None:
     stack: list[tuple[object, str]] = [(value, field)]
     while stack:
         item, path = stack.pop()
-        if item is None or isinstance(item, bool | str):
-            if isinstance(item, str):
-                _check_text(item, path)
+        if item is None or isinstance(item, bool):
+            continue
+        if isinstance(item, str):
+            _check_text(item, path, field)
             continue
         if isinstance(item, int):
             if not I64_MIN <= item <= U64_MAX:
@@ -58,7 +59,7 @@ def check_json(value: object, field: str) -> None:
                         field=field,
                         reason="INVALID_JSON",
                     )
-                _check_text(key, path)
+                _check_text(key, path, field)
                 stack.append((child, f"{path}.{key}"))
         elif isinstance(item, list | tuple):
             stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
@@ -70,13 +71,13 @@ def check_json(value: object, field: str) -> None:
             )
 
 
-def _check_text(text: str, path: str) -> None:
+def _check_text(text: str, path: str, field: str) -> None:
     try:
         text.encode()
     except UnicodeEncodeError as exc:
         raise InvalidArgumentError(
             f"{path}: the string is not valid Unicode ({exc.reason})",
-            field=path.split(".", 1)[0].split("[", 1)[0],
+            field=field,
             reason="INVALID_JSON",
         ) from None
 
@@ -112,15 +113,15 @@ def parse_strict(text: str, field: str) -> JsonValue:
         return number
 
     def unique_keys(pairs: list[tuple[str, JsonValue]]) -> dict[str, JsonValue]:
-        result = dict(pairs)
-        if len(result) != len(pairs):
-            seen: set[str] = set()
-            dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-            raise InvalidArgumentError(
-                f"{field}: the object key {dup!r} appears more than once",
-                field=field,
-                reason="INVALID_JSON",
-            )
+        result: dict[str, JsonValue] = {}
+        for key, value in pairs:
+            if key in result:
+                raise InvalidArgumentError(
+                    f"{field}: the object key {key!r} appears more than once",
+                    field=field,
+                    reason="INVALID_JSON",
+                )
+            result[key] = value
         return result
 
     try:

@@ -34,9 +34,18 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def _channel_options(extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    given = {name for name, _ in extra}
-    return [opt for opt in _CHANNEL_OPTIONS if opt[0] not in given] + list(extra)
+def _open_channel(
+    channels: Any,
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    extra_options: Sequence[tuple[str, Any]],
+) -> Any:
+    """A channel from `channels` (the grpc or grpc.aio module): both have the same factories."""
+    given = {name for name, _ in extra_options}
+    options = [opt for opt in _CHANNEL_OPTIONS if opt[0] not in given] + list(extra_options)
+    if credentials is not None:
+        return channels.secure_channel(target, credentials, options=options)
+    return channels.insecure_channel(target, options=options)
 
 
 class AgentlogClient:
@@ -55,12 +64,7 @@ class AgentlogClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        opts = _channel_options(options)
-        self._channel = (
-            grpc.secure_channel(target, credentials, options=opts)
-            if credentials is not None
-            else grpc.insecure_channel(target, options=opts)
-        )
+        self._channel: grpc.Channel = _open_channel(grpc, target, credentials, options)
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
         self.timeout = timeout
 
@@ -134,12 +138,7 @@ class AsyncAgentlogClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        opts = _channel_options(options)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=opts)
-            if credentials is not None
-            else grpc.aio.insecure_channel(target, options=opts)
-        )
+        self._channel: grpc.aio.Channel = _open_channel(grpc.aio, target, credentials, options)
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
         self.timeout = timeout
 

@@ -366,3 +366,18 @@ class SessionRepositoryContract:
         for event in events:
             repo.append(AppendEvent(session_id=session, event=event))
         assert [r.event for r in repo.load_session(session)] == events
+
+    def test_lone_surrogates_are_refused(self, repo: SessionRepository) -> None:
+        session = new_session()
+        bad = ToolCallRequested(
+            run_id="r",
+            session_id=session,
+            iteration=0,
+            call=ToolCall(call_id="c", tool_name="t", input={"k": ["\ud800"]}),
+        )
+        with pytest.raises(InvalidArgumentError, match="not valid Unicode") as caught:
+            repo.append(AppendEvent(session_id=session, event=bad))
+        assert caught.value.field == "event.tool_call_requested.call.input"
+        with pytest.raises(InvalidArgumentError, match="not valid Unicode"):
+            repo.append(AppendEvent(session_id=session, event=delta(session, "\udfff")))
+        assert repo.load_session(session) == []
