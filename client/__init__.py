@@ -13,6 +13,7 @@ from agentlog._events import (
     IterationStarted,
     ModelOutput,
     ModelStopReason,
+    ReadDirection,
     RunErrored,
     RunFinished,
     RunStarted,
@@ -30,7 +31,7 @@ from agentlog._events import (
     ToolResultSummary,
 )
 from agentlog._json import JsonValue
-from agentlog._records import AppendEvent, EventRecord
+from agentlog._records import AppendEvent, EventRecord, NewEvent, SessionInfo, SessionPage
 from agentlog.client import AgentlogClient, AsyncAgentlogClient
 from agentlog.errors import (
     AgentlogError,
@@ -44,6 +45,7 @@ from agentlog.errors import (
     ResourceExhaustedError,
     ServerError,
     UnavailableError,
+    WrongExpectedSequence,
 )
 from agentlog.protocol import AsyncSessionRepository, SessionRepository
 
@@ -68,13 +70,17 @@ __all__ = [
     "JsonValue",
     "ModelOutput",
     "ModelStopReason",
+    "NewEvent",
     "NotFoundError",
+    "ReadDirection",
     "ResourceExhaustedError",
     "RunErrored",
     "RunFinished",
     "RunStarted",
     "RunStopReason",
     "ServerError",
+    "SessionInfo",
+    "SessionPage",
     "SessionRepository",
     "StatePatch",
     "StatePatchFormat",
@@ -88,4 +94,5 @@ __all__ = [
     "ToolCallRequested",
     "ToolResultSummary",
     "UnavailableError",
+    "WrongExpectedSequence",
 ]

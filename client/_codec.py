@@ -17,7 +17,7 @@ rules are arcan's (serde's), stated once:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -27,15 +27,18 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentlog import _events, _json
-from agentlog._events import EVENT_TYPES, AgentEvent
+from agentlog._events import EVENT_TYPES, AgentEvent, ReadDirection
 from agentlog._records import (
     AppendEvent,
     EventRecord,
+    NewEvent,
+    SessionInfo,
+    SessionPage,
     check_timestamp,
     format_timestamp,
     parse_timestamp,
 )
-from agentlog._validation import check_record_id, check_session_id
+from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
 from agentlog.errors import InvalidArgumentError
 from agentlog.v1 import session_pb2 as pb
 
@@ -229,17 +232,22 @@ def validate_append(append: AppendEvent) -> dict[str, Any]:
     check_session_id(append.session_id)
     if append.parent_id is not None:
         check_record_id(append.parent_id, "parent_id")
+    if append.id is not None:
+        check_event_id(append.id)
+    if append.expected_sequence is not None:
+        check_count(append.expected_sequence, "expected_sequence")
     return event_to_json(append.event)
 
 
 def record_to_json(record: EventRecord) -> dict[str, Any]:
-    """arcan's EventRecord object: keys in arcan's order."""
+    """arcan's EventRecord object, keys in arcan's order, then agentlog's `sequence`."""
     return {
         "id": record.id,
         "session_id": record.session_id,
         "parent_id": record.parent_id,
         "timestamp": format_timestamp(record.timestamp_ns),
         "event": event_to_json(record.event),
+        "sequence": record.sequence,
     }
 
 
@@ -299,8 +307,12 @@ def event_from_json(obj: object, path: str = "event") -> AgentEvent:
     return event
 
 
-def record_from_json(obj: object) -> EventRecord:
-    """The record one parsed line of a session file holds; DecodeError if none."""
+def record_from_json(obj: object, sequence: int) -> EventRecord:
+    """The record one parsed line of a session file holds; DecodeError if none.
+
+    `sequence` is the line's position among the file's records; a line that
+    states a different `sequence` is damaged.
+    """
     if not isinstance(obj, dict):
         raise DecodeError(f"expected a JSON object, found {type(obj).__name__}")
     record_id, session_id, parent_id = obj.get("id"), obj.get("session_id"), obj.get("parent_id")
@@ -317,8 +329,12 @@ def record_from_json(obj: object) -> EventRecord:
         timestamp_ns = parse_timestamp(timestamp)
     except ValueError as exc:
         raise DecodeError(f"timestamp: {exc}") from None
+    stated = obj.get("sequence", sequence)
+    if stated != sequence or type(stated) is not int:
+        raise DecodeError(f"sequence: the line says {stated!r} but it is record {sequence}")
     return EventRecord(
         id=record_id,
+        sequence=sequence,
         session_id=session_id,
         parent_id=parent_id,
         timestamp_ns=timestamp_ns,
@@ -326,13 +342,13 @@ def record_from_json(obj: object) -> EventRecord:
     )
 
 
-def record_from_line(line: bytes) -> EventRecord:
-    """The record one line of a session file holds; DecodeError if none."""
+def record_from_line(line: bytes, sequence: int) -> EventRecord:
+    """The record one line of a session file holds, at `sequence`; DecodeError if none."""
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise DecodeError(f"not valid JSON: {exc}") from None
-    return record_from_json(obj)
+    return record_from_json(obj, sequence)
 
 
 # --- Python objects <-> protobuf ---
@@ -420,12 +436,12 @@ def event_from_proto(
 
 def record_to_proto(record: EventRecord) -> pb.EventRecord:
     """The EventRecord message for a record."""
-    seconds, nanos = divmod(record.timestamp_ns, _NS)
     return pb.EventRecord(
         id=record.id,
+        sequence=record.sequence,
         session_id=record.session_id,
         parent_id=record.parent_id,
-        timestamp=Timestamp(seconds=seconds, nanos=nanos),
+        timestamp=_timestamp(record.timestamp_ns),
         event=event_to_proto(record.event),
     )
 
@@ -434,6 +450,7 @@ def record_from_proto(message: pb.EventRecord) -> EventRecord:
     """The record an EventRecord message from the server holds."""
     return EventRecord(
         id=message.id,
+        sequence=message.sequence,
         session_id=message.session_id,
         parent_id=message.parent_id if message.HasField("parent_id") else None,
         timestamp_ns=check_timestamp(
@@ -450,6 +467,8 @@ def append_to_proto(append: AppendEvent) -> pb.AppendRequest:
         session_id=append.session_id,
         parent_id=append.parent_id,
         event=event_to_proto(append.event),
+        id=append.id or "",
+        expected_sequence=append.expected_sequence,
     )
 
 
@@ -461,4 +480,130 @@ def append_from_proto(request: pb.AppendRequest) -> AppendEvent:
         session_id=check_session_id(request.session_id),
         parent_id=request.parent_id if request.HasField("parent_id") else None,
         event=event_from_proto(request.event),
+        id=request.id or None,
+        expected_sequence=(
+            request.expected_sequence if request.HasField("expected_sequence") else None
+        ),
+    )
+
+
+def batch_to_proto(
+    session_id: str, events: Sequence[NewEvent], expected_sequence: int | None
+) -> pb.AppendBatchRequest:
+    """The AppendBatchRequest for a batch, each event checked as every backend checks it."""
+    check_session_id(session_id)
+    if expected_sequence is not None:
+        check_count(expected_sequence, "expected_sequence")
+    items = []
+    for index, item in enumerate(events):
+        if item.parent_id is not None:
+            check_record_id(item.parent_id, f"events[{index}].parent_id")
+        if item.id is not None:
+            check_event_id(item.id, f"events[{index}].id")
+        event_to_json(item.event, f"events[{index}].event")
+        items.append(
+            pb.BatchEvent(
+                id=item.id or "", parent_id=item.parent_id, event=event_to_proto(item.event)
+            )
+        )
+    return pb.AppendBatchRequest(
+        session_id=session_id, expected_sequence=expected_sequence, events=items
+    )
+
+
+def batch_from_proto(request: pb.AppendBatchRequest) -> tuple[str, list[NewEvent], int | None]:
+    """The session, events and expectation an AppendBatchRequest asks for."""
+    events = []
+    for index, item in enumerate(request.events):
+        if not item.HasField("event"):
+            raise InvalidArgumentError(
+                f"events[{index}].event: is required",
+                field=f"events[{index}].event",
+                reason="INVALID_EVENT",
+            )
+        events.append(
+            NewEvent(
+                event=event_from_proto(item.event, f"events[{index}].event"),
+                parent_id=item.parent_id if item.HasField("parent_id") else None,
+                id=item.id or None,
+            )
+        )
+    expected = request.expected_sequence if request.HasField("expected_sequence") else None
+    return check_session_id(request.session_id), events, expected
+
+
+_DIRECTIONS = {
+    pb.READ_DIRECTION_UNSPECIFIED: ReadDirection.FORWARDS,
+    pb.READ_DIRECTION_FORWARDS: ReadDirection.FORWARDS,
+    pb.READ_DIRECTION_BACKWARDS: ReadDirection.BACKWARDS,
+}
+
+
+def read_to_proto(
+    session_id: str, from_sequence: int, limit: int | None, direction: ReadDirection
+) -> pb.LoadSessionRequest:
+    """The LoadSessionRequest for a ranged read (limit None: no limit)."""
+    check_count(from_sequence, "from_sequence")
+    if limit is not None:
+        check_count(limit, "limit", minimum=1)
+    backwards = direction == ReadDirection.BACKWARDS
+    if not backwards and direction != ReadDirection.FORWARDS:
+        raise InvalidArgumentError(
+            f"direction must be 'forwards' or 'backwards', not {direction!r}", field="direction"
+        )
+    return pb.LoadSessionRequest(
+        session_id=session_id,
+        from_sequence=from_sequence,
+        limit=limit or 0,
+        direction=pb.READ_DIRECTION_BACKWARDS if backwards else pb.READ_DIRECTION_FORWARDS,
+    )
+
+
+def read_from_proto(request: pb.LoadSessionRequest) -> tuple[str, int, int | None, ReadDirection]:
+    """The session, start, limit and direction a LoadSessionRequest asks for."""
+    direction = _DIRECTIONS.get(request.direction)
+    if direction is None:
+        raise InvalidArgumentError(
+            f"direction: unknown value {request.direction}", field="direction"
+        )
+    session_id = check_session_id(request.session_id)
+    return session_id, request.from_sequence, request.limit or None, direction
+
+
+def _timestamp(timestamp_ns: int) -> Timestamp:
+    seconds, nanos = divmod(timestamp_ns, _NS)
+    return Timestamp(seconds=seconds, nanos=nanos)
+
+
+def page_to_proto(page: SessionPage) -> pb.ListSessionsResponse:
+    """The ListSessionsResponse for a page of sessions."""
+    return pb.ListSessionsResponse(
+        sessions=[
+            pb.SessionInfo(
+                session_id=info.session_id,
+                event_count=info.event_count,
+                first_timestamp=_timestamp(info.first_timestamp_ns),
+                last_timestamp=_timestamp(info.last_timestamp_ns),
+                head_id=info.head_id,
+            )
+            for info in page.sessions
+        ],
+        next_page_token=page.next_page_token or "",
+    )
+
+
+def page_from_proto(response: pb.ListSessionsResponse) -> SessionPage:
+    """The page of sessions a ListSessionsResponse holds."""
+    return SessionPage(
+        sessions=[
+            SessionInfo(
+                session_id=info.session_id,
+                event_count=info.event_count,
+                first_timestamp_ns=info.first_timestamp.seconds * _NS + info.first_timestamp.nanos,
+                last_timestamp_ns=info.last_timestamp.seconds * _NS + info.last_timestamp.nanos,
+                head_id=info.head_id,
+            )
+            for info in response.sessions
+        ],
+        next_page_token=response.next_page_token or None,
     )

@@ -10,6 +10,16 @@ from typing import ClassVar, TypeAlias
 from agentlog._json import JsonValue
 
 
+class ReadDirection(enum.StrEnum):
+    """ReadDirection says which way a ranged read goes."""
+
+    FORWARDS = "forwards"
+    """From older to newer records."""
+
+    BACKWARDS = "backwards"
+    """From newer to older records."""
+
+
 class ModelStopReason(enum.StrEnum):
     """ModelStopReason says why the model stopped producing output."""
 
@@ -472,6 +482,7 @@ MESSAGE_TYPES: dict[str, type] = {
 """Each Python class by the full name of its proto message."""
 
 ENUM_TYPES: dict[str, type[enum.StrEnum]] = {
+    "agentlog.v1.ReadDirection": ReadDirection,
     "agentlog.v1.ModelStopReason": ModelStopReason,
     "agentlog.v1.RunStopReason": RunStopReason,
     "agentlog.v1.StatePatchFormat": StatePatchFormat,

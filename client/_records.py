@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -30,16 +31,72 @@ class AppendEvent:
     parent_id: str | None = None
     """The record this one follows in the event tree, in any session; None for a root."""
 
+    id: str | None = None
+    """The record's id: a canonical UUID made by the caller so that a retry is stored
+    once, or None for the store to make one. The clients fill it in themselves."""
+
+    expected_sequence: int | None = None
+    """What the session's last sequence must be: None, anything; 0, no events yet;
+    N, exactly N. Otherwise the append fails with WrongExpectedSequence."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewEvent:
+    """One event of a batch (see `append_batch`)."""
+
+    event: AgentEvent
+    """The event."""
+
+    parent_id: str | None = None
+    """The record this one follows; None for a root."""
+
+    id: str | None = None
+    """The record's id (a canonical UUID), or None for the store to make one."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionInfo:
+    """A summary of one session, as ListSessions gives it."""
+
+    session_id: str
+    """The session."""
+
+    event_count: int
+    """How many events it holds: also its last sequence."""
+
+    first_timestamp_ns: int
+    """Its first record's timestamp, in nanoseconds since the epoch (UTC)."""
+
+    last_timestamp_ns: int
+    """Its last record's timestamp, in nanoseconds since the epoch (UTC)."""
+
+    head_id: str
+    """Its last record's id."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionPage:
+    """One page of sessions, in session id (byte) order."""
+
+    sessions: Sequence[SessionInfo]
+    """The sessions of this page."""
+
+    next_page_token: str | None
+    """Pass to `list_sessions(page_token=...)` for the next page; None on the last page."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EventRecord:
     """One stored event, as arcan's JsonlSessionRepository keeps it."""
 
     id: str
-    """The record's id, a UUID made by the store."""
+    """The record's id, a UUID."""
 
     session_id: str
     """The session the record belongs to."""
+
+    sequence: int
+    """The record's place in its session: 1, 2, 3, ... with no gaps."""
 
     parent_id: str | None
     """The record this one follows; None for a root."""

@@ -13,7 +13,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from agentlog.errors import ERRORS_BY_STATUS, AgentlogError, ServerError
+from agentlog.errors import ERRORS_BY_REASON, ERRORS_BY_STATUS, AgentlogError, ServerError
 
 DOMAIN = "agentlog"
 
@@ -50,6 +50,9 @@ def from_rpc_error(error: grpc.RpcError) -> AgentlogError:
                 reason, metadata = info.reason, dict(info.metadata)
             elif detail.Unpack(bad_request) and bad_request.field_violations:
                 field = bad_request.field_violations[0].field
+    specific = ERRORS_BY_REASON.get(reason or "")
+    if specific is not None and issubclass(specific, cls):
+        cls = specific
     if cls is ServerError and code.name != "INTERNAL":
         message = f"{code.name}: {message}"
     return cls(message, reason=reason or code.name, field=field, metadata=metadata)

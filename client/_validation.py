@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from agentlog.errors import InvalidArgumentError
 
 MAX_SESSION_ID_BYTES = 200
@@ -61,3 +63,44 @@ def check_record_id(record_id: object, field: str) -> str:
     except UnicodeEncodeError:
         raise InvalidArgumentError(f"{field} is not valid Unicode", field=field) from None
     return record_id
+
+
+def check_event_id(record_id: object, field: str = "id") -> str:
+    """Return a caller-made record id if it is a canonical UUID, else raise InvalidArgumentError."""
+    if isinstance(record_id, str):
+        try:
+            if str(uuid.UUID(record_id)) == record_id:
+                return record_id
+        except ValueError:
+            pass
+    raise InvalidArgumentError(
+        f"{field} {record_id!r} is not a UUID in canonical form "
+        "(lower-case hex, hyphenated, e.g. 0c7421a5-7c6f-4b3e-8517-6757d1e510f2)",
+        field=field,
+        reason="INVALID_EVENT_ID",
+    )
+
+
+def check_count(value: object, field: str, *, minimum: int = 0) -> int:
+    """Return `value` if it is an int from `minimum` to 2^64-1, else raise InvalidArgumentError."""
+    if isinstance(value, int) and not isinstance(value, bool) and minimum <= value < 2**64:
+        return value
+    raise InvalidArgumentError(
+        f"{field} must be an integer from {minimum} to {2**64 - 1}, not {value!r}", field=field
+    )
+
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+def check_page_size(size: int | None) -> int:
+    """A checked ListSessions page size; None means the default (100)."""
+    if size is None:
+        return DEFAULT_PAGE_SIZE
+    check_count(size, "page_size", minimum=1)
+    if size > MAX_PAGE_SIZE:
+        raise InvalidArgumentError(
+            f"page_size {size} is larger than the limit of {MAX_PAGE_SIZE}", field="page_size"
+        )
+    return size

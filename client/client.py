@@ -2,13 +2,21 @@
 
 Both satisfy the SessionRepository protocols, take Python types in and give
 Python types out, and raise `agentlog.errors` exceptions, never grpc's. Every
-call carries a deadline (`timeout` seconds, the whole stream for streaming
-calls). They share the request builders and response converters of
-`_codec`, and the status mapping of `_status`; they differ only in I/O.
+call carries a deadline (`timeout` seconds per attempt, the whole stream for
+streaming calls). Appends carry ids made here, so retrying them after
+UNAVAILABLE or DEADLINE_EXCEEDED (up to `retries` times, with jittered
+exponential backoff) can never store an event twice; unary reads retry the
+same way. The two clients share the request builders and response converters
+of `_codec` and the status mapping of `_status`; they differ only in I/O.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import random
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -16,13 +24,19 @@ from typing import Any, Self
 import grpc
 
 from agentlog import _codec
-from agentlog._records import AppendEvent, EventRecord
+from agentlog._events import ReadDirection
+from agentlog._records import AppendEvent, EventRecord, NewEvent, SessionPage
 from agentlog._status import from_rpc_error
+from agentlog._validation import check_page_size
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
+DEFAULT_RETRIES = 3
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_BACKOFF_BASE = 0.05
+_BACKOFF_CAP = 2.0
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # Records come back with an id and timestamp added, so a reply may be a
     # little larger than the largest request a server accepts.
@@ -32,6 +46,28 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds to wait before retry `attempt` (0-based): full jitter, capped."""
+    return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+
+
+def _should_retry(exc: grpc.RpcError, attempt: int, retries: int) -> bool:
+    return attempt < retries and exc.code() in _RETRYABLE
+
+
+def _with_id(event: AppendEvent) -> AppendEvent:
+    return event if event.id is not None else dataclasses.replace(event, id=str(uuid.uuid4()))
+
+
+def _batch_request(
+    session_id: str, events: Sequence[NewEvent], expected_sequence: int | None
+) -> pb.AppendBatchRequest:
+    with_ids = [
+        e if e.id is not None else dataclasses.replace(e, id=str(uuid.uuid4())) for e in events
+    ]
+    return _codec.batch_to_proto(session_id, with_ids, expected_sequence)
 
 
 def _open_channel(
@@ -53,6 +89,7 @@ class AgentlogClient:
 
     `target` is "host:port" (or any gRPC target string); `credentials` turns on
     TLS; `timeout` is each call's deadline in seconds (None: no deadline);
+    `retries` bounds the retries after UNAVAILABLE or DEADLINE_EXCEEDED;
     `options` are extra gRPC channel options.
     """
 
@@ -61,12 +98,14 @@ class AgentlogClient:
         target: str = DEFAULT_TARGET,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._channel: grpc.Channel = _open_channel(grpc, target, credentials, options)
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
         self.timeout = timeout
+        self.retries = retries
 
     def __enter__(self) -> Self:
         return self
@@ -84,10 +123,15 @@ class AgentlogClient:
         self._channel.close()
 
     def _unary(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                if not _should_retry(exc, attempt, self.retries):
+                    raise from_rpc_error(exc) from None
+            time.sleep(_backoff(attempt))
+            attempt += 1
 
     def _stream(self, method: Any, request: Any) -> Iterator[EventRecord]:
         call = method(request, timeout=self.timeout)
@@ -101,15 +145,52 @@ class AgentlogClient:
             call.cancel()  # a no-op when the stream ended; frees it when the caller stopped early
 
     def append(self, event: AppendEvent) -> EventRecord:
-        response = self._unary(self._stub.Append, _codec.append_to_proto(event))
+        response = self._unary(self._stub.Append, _codec.append_to_proto(_with_id(event)))
         return _codec.record_from_proto(response.record)
 
-    def iter_session(self, session_id: str) -> Iterator[EventRecord]:
-        """A session's records as they stream in, without holding them all."""
-        return self._stream(self._stub.LoadSession, pb.LoadSessionRequest(session_id=session_id))
+    def append_batch(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_sequence: int | None = None,
+    ) -> list[EventRecord]:
+        request = _batch_request(session_id, events, expected_sequence)
+        response = self._unary(self._stub.AppendBatch, request)
+        return [_codec.record_from_proto(r) for r in response.records]
 
-    def load_session(self, session_id: str) -> list[EventRecord]:
-        return list(self.iter_session(session_id))
+    def read_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> Iterator[EventRecord]:
+        request = _codec.read_to_proto(session_id, from_sequence, limit, direction)
+        return self._stream(self._stub.LoadSession, request)
+
+    def load_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> list[EventRecord]:
+        return list(
+            self.read_session(
+                session_id, from_sequence=from_sequence, limit=limit, direction=direction
+            )
+        )
+
+    def list_sessions(
+        self, *, page_size: int | None = None, page_token: str | None = None
+    ) -> SessionPage:
+        request = pb.ListSessionsRequest(
+            page_size=check_page_size(page_size), page_token=page_token or ""
+        )
+        return _codec.page_from_proto(self._unary(self._stub.ListSessions, request))
 
     def iter_children(self, parent_id: str) -> Iterator[EventRecord]:
         """The children of a record as they stream in."""
@@ -135,12 +216,14 @@ class AsyncAgentlogClient:
         target: str = DEFAULT_TARGET,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._channel: grpc.aio.Channel = _open_channel(grpc.aio, target, credentials, options)
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
         self.timeout = timeout
+        self.retries = retries
 
     async def __aenter__(self) -> Self:
         return self
@@ -158,10 +241,15 @@ class AsyncAgentlogClient:
         await self._channel.close(None)
 
     async def _unary(self, method: Any, request: Any) -> Any:
-        try:
-            return await method(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                if not _should_retry(exc, attempt, self.retries):
+                    raise from_rpc_error(exc) from None
+            await asyncio.sleep(_backoff(attempt))
+            attempt += 1
 
     async def _stream(self, method: Any, request: Any) -> AsyncIterator[EventRecord]:
         call = method(request, timeout=self.timeout)
@@ -175,15 +263,52 @@ class AsyncAgentlogClient:
             call.cancel()
 
     async def append(self, event: AppendEvent) -> EventRecord:
-        response = await self._unary(self._stub.Append, _codec.append_to_proto(event))
+        request = _codec.append_to_proto(_with_id(event))
+        response = await self._unary(self._stub.Append, request)
         return _codec.record_from_proto(response.record)
 
-    def iter_session(self, session_id: str) -> AsyncIterator[EventRecord]:
-        """A session's records as they stream in, without holding them all."""
-        return self._stream(self._stub.LoadSession, pb.LoadSessionRequest(session_id=session_id))
+    async def append_batch(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_sequence: int | None = None,
+    ) -> list[EventRecord]:
+        request = _batch_request(session_id, events, expected_sequence)
+        response = await self._unary(self._stub.AppendBatch, request)
+        return [_codec.record_from_proto(r) for r in response.records]
 
-    async def load_session(self, session_id: str) -> list[EventRecord]:
-        return [record async for record in self.iter_session(session_id)]
+    def read_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> AsyncIterator[EventRecord]:
+        request = _codec.read_to_proto(session_id, from_sequence, limit, direction)
+        return self._stream(self._stub.LoadSession, request)
+
+    async def load_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> list[EventRecord]:
+        read = self.read_session(
+            session_id, from_sequence=from_sequence, limit=limit, direction=direction
+        )
+        return [record async for record in read]
+
+    async def list_sessions(
+        self, *, page_size: int | None = None, page_token: str | None = None
+    ) -> SessionPage:
+        request = pb.ListSessionsRequest(
+            page_size=check_page_size(page_size), page_token=page_token or ""
+        )
+        return _codec.page_from_proto(await self._unary(self._stub.ListSessions, request))
 
     def iter_children(self, parent_id: str) -> AsyncIterator[EventRecord]:
         """The children of a record as they stream in."""

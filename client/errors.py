@@ -63,6 +63,25 @@ class FailedPreconditionError(AgentlogError):
     status_name = "FAILED_PRECONDITION"
 
 
+class WrongExpectedSequence(FailedPreconditionError):
+    """An append's expectation about the session's last sequence did not hold; nothing was written.
+
+    Reload the session (or its head), decide again, and retry with the new sequence.
+    """
+
+    reason_name: ClassVar[str] = "WRONG_EXPECTED_SEQUENCE"
+
+    @property
+    def expected_sequence(self) -> int:
+        """What the append expected the session's last sequence to be (0: no events)."""
+        return int(self.metadata["expected_sequence"])
+
+    @property
+    def actual_sequence(self) -> int:
+        """The session's last sequence when the append was refused (0: no events)."""
+        return int(self.metadata["actual_sequence"])
+
+
 class DataLossError(AgentlogError):
     """Stored data cannot be read back: a session file holds a line that does not parse."""
 
@@ -115,3 +134,8 @@ ERRORS_BY_STATUS: dict[str, type[AgentlogError]] = {
     )
 }
 """The exception class for each gRPC status name; other statuses map to ServerError."""
+
+ERRORS_BY_REASON: dict[str, type[AgentlogError]] = {
+    WrongExpectedSequence.reason_name: WrongExpectedSequence,
+}
+"""Subclasses that a status's ErrorInfo reason selects (the clients rebuild these)."""

@@ -9,9 +9,11 @@ runs on any of them unchanged, and they raise the same `agentlog.errors`.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
-from agentlog._records import AppendEvent, EventRecord
+from agentlog._events import ReadDirection
+from agentlog._records import AppendEvent, EventRecord, NewEvent, SessionPage
 
 
 @runtime_checkable
@@ -19,22 +21,68 @@ class SessionRepository(Protocol):
     """A store of append-only session event logs."""
 
     def append(self, event: AppendEvent) -> EventRecord:
-        """Store one event at the end of its session; returns the stored record."""
+        """Store one event at the end of its session; returns the stored record.
+
+        With `event.id` set, appending the same id again with the same content
+        returns the stored record and writes nothing (AlreadyExistsError if the
+        content differs). With `event.expected_sequence` set, the append happens
+        only if the session's last sequence is that number (0: no events yet),
+        else WrongExpectedSequence.
+        """
         ...
 
-    def load_session(self, session_id: str) -> list[EventRecord]:
-        """A session's records in append order; empty for a session with no events."""
+    def append_batch(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_sequence: int | None = None,
+    ) -> list[EventRecord]:
+        """Store several events at the end of one session: all or none, at consecutive sequences."""
+        ...
+
+    def read_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> Iterator[EventRecord]:
+        """Stream a range of a session's records without holding them all.
+
+        Forwards from N yields sequences N, N+1, ...; backwards from N yields N,
+        N-1, ...; from_sequence=0 starts at the first (forwards) or last
+        (backwards) record; `limit` caps how many.
+        """
+        ...
+
+    def load_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> list[EventRecord]:
+        """`read_session` as a list; empty for a session with no events."""
         ...
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
         """Every record, in any session, whose parent_id is `parent_id`.
 
-        Grouped by session (session ids in byte order), each in append order.
+        Grouped by session (session ids in byte order), each in sequence order.
         """
         ...
 
     def head(self, session_id: str) -> EventRecord | None:
-        """A session's latest record, or None when it has no events."""
+        """A session's latest record (its sequence is the last), or None when it has none."""
+        ...
+
+    def list_sessions(
+        self, *, page_size: int | None = None, page_token: str | None = None
+    ) -> SessionPage:
+        """One page of sessions in session id (byte) order; page_size 1-1000, default 100."""
         ...
 
 
@@ -46,8 +94,36 @@ class AsyncSessionRepository(Protocol):
         """Store one event at the end of its session; returns the stored record."""
         ...
 
-    async def load_session(self, session_id: str) -> list[EventRecord]:
-        """A session's records in append order; empty for a session with no events."""
+    async def append_batch(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_sequence: int | None = None,
+    ) -> list[EventRecord]:
+        """Store several events at the end of one session: all or none."""
+        ...
+
+    def read_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> AsyncIterator[EventRecord]:
+        """Stream a range of a session's records without holding them all."""
+        ...
+
+    async def load_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> list[EventRecord]:
+        """`read_session` as a list; empty for a session with no events."""
         ...
 
     async def load_children(self, parent_id: str) -> list[EventRecord]:
@@ -56,4 +132,10 @@ class AsyncSessionRepository(Protocol):
 
     async def head(self, session_id: str) -> EventRecord | None:
         """A session's latest record, or None when it has no events."""
+        ...
+
+    async def list_sessions(
+        self, *, page_size: int | None = None, page_token: str | None = None
+    ) -> SessionPage:
+        """One page of sessions in session id (byte) order."""
         ...

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import signal
 import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -14,7 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agentlog._records import AppendEvent, EventRecord
+from agentlog._events import ReadDirection
+from agentlog._records import AppendEvent, EventRecord, NewEvent, SessionPage
 from agentlog.protocol import SessionRepository
 from agentlog.server.service import SessionRepositoryService
 from agentlog.v1 import session_pb2, session_pb2_grpc
@@ -27,6 +31,7 @@ DEFAULT_GRACE_SECONDS = 10.0
 # Storage calls block (file I/O, fsync); they run on these threads so the
 # event loop keeps serving other calls meanwhile.
 DEFAULT_STORAGE_THREADS = 16
+READ_CHUNK = 256
 
 
 class ThreadedRepository:
@@ -43,10 +48,6 @@ class ThreadedRepository:
         record: EventRecord = await self._run(self._repository.append, event)
         return record
 
-    async def load_session(self, session_id: str) -> list[EventRecord]:
-        records: list[EventRecord] = await self._run(self._repository.load_session, session_id)
-        return records
-
     async def load_children(self, parent_id: str) -> list[EventRecord]:
         records: list[EventRecord] = await self._run(self._repository.load_children, parent_id)
         return records
@@ -54,6 +55,67 @@ class ThreadedRepository:
     async def head(self, session_id: str) -> EventRecord | None:
         record: EventRecord | None = await self._run(self._repository.head, session_id)
         return record
+
+    async def append_batch(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_sequence: int | None = None,
+    ) -> list[EventRecord]:
+        call = functools.partial(
+            self._repository.append_batch, session_id, events, expected_sequence=expected_sequence
+        )
+        records: list[EventRecord] = await self._run(call)
+        return records
+
+    async def read_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> AsyncIterator[EventRecord]:
+        # The blocking iterator is advanced a chunk at a time on the storage
+        # threads, so a long read holds one chunk in memory, not the session.
+        open_read = functools.partial(
+            self._repository.read_session,
+            session_id,
+            from_sequence=from_sequence,
+            limit=limit,
+            direction=direction,
+        )
+        records: Iterator[EventRecord] = await self._run(open_read)
+        while chunk := await self._run(_take, records, READ_CHUNK):
+            for record in chunk:
+                yield record
+
+    async def load_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> list[EventRecord]:
+        read = self.read_session(
+            session_id, from_sequence=from_sequence, limit=limit, direction=direction
+        )
+        return [record async for record in read]
+
+    async def list_sessions(
+        self, *, page_size: int | None = None, page_token: str | None = None
+    ) -> SessionPage:
+        call = functools.partial(
+            self._repository.list_sessions, page_size=page_size, page_token=page_token
+        )
+        page: SessionPage = await self._run(call)
+        return page
+
+
+def _take(records: Iterator[EventRecord], count: int) -> list[EventRecord]:
+    return list(itertools.islice(records, count))
 
 
 class Server(NamedTuple):

@@ -2,38 +2,78 @@
 
 `<root>/<session_id>.jsonl` holds one arcan EventRecord per line. A directory
 written by arcan is served as it is, and every line appended here is a line
-arcan reads. Within one process, each session has a lock: an append writes its
-whole line with one O_APPEND write (looping only if the kernel takes part of
-it), then syncs it to disk before it is acknowledged. A failed write is cut
-back off, so a file never keeps half a line of ours.
+arcan reads; agentlog adds the field `sequence`, which arcan's readers ignore.
+A record's sequence is its position among the file's non-blank lines, so
+lines arcan appends without the field fit in.
+
+Each session has a lock and, once touched, an in-memory state: its last
+sequence, the byte offset of every record, and its ids with a digest of their
+content (for idempotent appends). The state is rebuilt whenever the file
+changed behind our back (another writer, an operator's repair). An append or
+a batch is written with one O_APPEND write of whole lines and synced to disk
+before it is acknowledged; a failed write is cut back off.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import os
 import threading
 import time
-import uuid
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import orjson
 
-from agentlog._codec import DecodeError, record_from_line, record_line, validate_append
-from agentlog._records import AppendEvent, EventRecord, format_timestamp
-from agentlog._validation import check_record_id, check_session_id
+from agentlog._codec import DecodeError, record_from_line, record_line
+from agentlog._events import ReadDirection
+from agentlog._records import (
+    AppendEvent,
+    EventRecord,
+    NewEvent,
+    SessionInfo,
+    SessionPage,
+    format_timestamp,
+    parse_timestamp,
+)
+from agentlog._validation import check_page_size, check_record_id, check_session_id
 from agentlog.errors import (
     AgentlogError,
     DataLossError,
     FailedPreconditionError,
     ResourceExhaustedError,
 )
+from agentlog.server import _semantics
+from agentlog.server._semantics import Prepared
 
 SUFFIX = ".jsonl"
-_READ_BLOCK = 64 * 1024
+# Records read per disk read when streaming a range.
+_READ_CHUNK = 256
+
+
+@dataclass
+class _Session:
+    """What is known of one session file, valid while the file's identity is unchanged."""
+
+    identity: tuple[int, int, int] = (0, 0, 0)  # inode, size, mtime_ns
+    offsets: array[int] = field(default_factory=lambda: array("Q"))
+    """Byte offset of each record's line, by sequence - 1; plus the end of the last line."""
+    by_id: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    first_timestamp_ns: int = 0
+    last_timestamp_ns: int = 0
+    head_id: str = ""
+    damage: DataLossError | None = None
+    """Why the file cannot be read past its last good record, if it cannot."""
+    torn: bool = False
+    """The damage is an incomplete last line (no newline)."""
+
+    @property
+    def last_sequence(self) -> int:
+        return len(self.offsets) - 1
 
 
 class JsonlSessionRepository:
@@ -60,60 +100,119 @@ class JsonlSessionRepository:
             )
         self._sync = sync
         self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._states: dict[str, _Session] = {}
+        self._guard = threading.Lock()
+        # Session ids in byte order, for paging; rebuilt when the directory changes.
+        self._catalog: list[str] | None = None
+        self._catalog_mtime = -1
 
     # --- writing ---
 
     def append(self, event: AppendEvent) -> EventRecord:
-        event_json = validate_append(event)
-        path = self._path(event.session_id)
-        record_id = str(uuid.uuid4())
-        with self._lock(event.session_id):
-            timestamp_ns = time.time_ns()
-            line = record_line(
-                {
-                    "id": record_id,
-                    "session_id": event.session_id,
-                    "parent_id": event.parent_id,
-                    "timestamp": format_timestamp(timestamp_ns),
-                    "event": event_json,
-                }
-            )
-            self._write_line(path, line)
-        return EventRecord(
-            id=record_id,
-            session_id=event.session_id,
-            parent_id=event.parent_id,
-            timestamp_ns=timestamp_ns,
-            event=event.event,
+        item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)
+        prepared = _semantics.prepare(
+            event.session_id, [item], event.expected_sequence, batch=False
         )
+        return self._append(event.session_id, prepared, event.expected_sequence)[0]
 
-    def _write_line(self, path: Path, line: bytes) -> None:
+    def append_batch(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_sequence: int | None = None,
+    ) -> list[EventRecord]:
+        prepared = _semantics.prepare(session_id, events, expected_sequence, batch=True)
+        return self._append(session_id, prepared, expected_sequence)
+
+    def _append(
+        self, session_id: str, batch: list[Prepared], expected: int | None
+    ) -> list[EventRecord]:
+        path = self._path(session_id)
+        with self._lock(session_id):
+            state = self._state(session_id)
+            if state.damage is not None:
+                if state.torn:
+                    end = state.offsets[-1]
+                    raise DataLossError(
+                        f"{path} ends with an incomplete line (no newline after byte offset "
+                        f"{end}); agentlog will not append after it. Move the partial line "
+                        "out of the file to repair the session.",
+                        reason="TORN_LAST_LINE",
+                        metadata={"file": str(path), "offset": str(end)},
+                    )
+                raise state.damage
+            last = state.last_sequence
+            stored = _semantics.check_append(session_id, batch, expected, last, state.by_id.get)
+            if stored is not None:
+                return self._records_at(path, state, stored)
+            records, lines = [], []
+            for offset, item in enumerate(batch, 1):
+                timestamp_ns = time.time_ns()
+                record = EventRecord(
+                    id=item.id,
+                    sequence=last + offset,
+                    session_id=session_id,
+                    parent_id=item.parent_id,
+                    timestamp_ns=timestamp_ns,
+                    event=item.event,
+                )
+                records.append(record)
+                lines.append(
+                    record_line(
+                        {
+                            "id": item.id,
+                            "session_id": session_id,
+                            "parent_id": item.parent_id,
+                            "timestamp": format_timestamp(timestamp_ns),
+                            "event": item.event_json,
+                            "sequence": record.sequence,
+                        }
+                    )
+                )
+            new_file = last == 0 and state.identity == (0, 0, 0)
+            identity = self._write(path, b"".join(lines), state.offsets[-1])
+            position = state.offsets.pop()
+            for line, item, record in zip(lines, batch, records, strict=True):
+                state.offsets.append(position)
+                position += len(line)
+                state.by_id[item.id] = (record.sequence, item.digest)
+            state.offsets.append(position)
+            if last == 0:
+                state.first_timestamp_ns = records[0].timestamp_ns
+            state.last_timestamp_ns = records[-1].timestamp_ns
+            state.head_id = records[-1].id
+            state.identity = identity
+        if new_file:
+            self._add_to_catalog(session_id)
+        return records
+
+    def _write(self, path: Path, data: bytes, expected_size: int) -> tuple[int, int, int]:
+        """Append `data` whole or not at all; returns the file's new identity."""
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise _storage_error(exc, path) from None
         try:
             size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
+            if size != expected_size:
+                # Changed between our check and now: let the caller see it next time.
                 raise DataLossError(
-                    f"{path} ends with an incomplete line (no newline after byte offset "
-                    f"{size}); agentlog will not append after it. Move the partial line "
-                    "out of the file to repair the session.",
-                    reason="TORN_LAST_LINE",
-                    metadata={"file": str(path), "offset": str(size)},
+                    f"{path} changed while agentlog was appending to it; retry the append",
+                    reason="CONCURRENT_WRITER",
+                    metadata={"file": str(path)},
                 )
             try:
-                view = memoryview(line)
+                view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
                 if self._sync:
                     os.fsync(fd)
             except OSError as exc:
-                # Never leave part of our line behind: cut the file back.
                 with contextlib.suppress(OSError):
-                    os.ftruncate(fd, size)
+                    os.ftruncate(fd, size)  # never leave part of an append behind
                 raise _storage_error(exc, path) from None
+            stat = os.fstat(fd)
         finally:
             os.close(fd)
         if size == 0 and self._sync:
@@ -123,36 +222,74 @@ class JsonlSessionRepository:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
     # --- reading ---
 
-    def load_session(self, session_id: str) -> list[EventRecord]:
+    def read_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> Iterator[EventRecord]:
         check_session_id(session_id)
+        selected = _semantics.read_range(from_sequence, limit, direction)
         path = self._path(session_id)
         with self._lock(session_id):
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                return []
-            except OSError as exc:
-                raise _storage_error(exc, path) from None
-        return [record for _, record in _parse_lines(path, data)]
+            state = self._state(session_id)
+            if state.damage is not None:
+                raise state.damage
+            # A snapshot: appends made while the caller iterates are not part of this read.
+            sequences = selected.sequences(state.last_sequence)
+            offsets = state.offsets[:]
+        return self._stream(path, offsets, sequences)
+
+    def _stream(self, path: Path, offsets: array[int], sequences: range) -> Iterator[EventRecord]:
+        if not sequences:
+            return
+        try:
+            file = path.open("rb")
+        except OSError as exc:
+            raise _storage_error(exc, path) from None
+        with file:
+            step = sequences.step
+            for start in range(0, len(sequences), _READ_CHUNK):
+                chunk = sequences[start : start + _READ_CHUNK]
+                low, high = min(chunk[0], chunk[-1]), max(chunk[0], chunk[-1])
+                file.seek(offsets[low - 1])
+                data = file.read(offsets[high] - offsets[low - 1])
+                records = _parse_span(path, data, low, high, offsets)
+                yield from (records if step > 0 else reversed(records))
+
+    def load_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> list[EventRecord]:
+        return list(
+            self.read_session(
+                session_id, from_sequence=from_sequence, limit=limit, direction=direction
+            )
+        )
 
     def head(self, session_id: str) -> EventRecord | None:
         check_session_id(session_id)
         path = self._path(session_id)
         with self._lock(session_id):
-            try:
-                with path.open("rb") as file:
-                    found = _last_line(file)
-            except FileNotFoundError:
+            state = self._state(session_id)
+            if state.damage is not None:
+                raise state.damage
+            if state.last_sequence == 0:
                 return None
-            except OSError as exc:
-                raise _storage_error(exc, path) from None
-        if found is None:
-            return None
-        line, offset = found
-        return _decode(path, line, f"the line at byte offset {offset}", {"offset": str(offset)})
+            return self._records_at(path, state, [state.last_sequence])[0]
+
+    def _records_at(self, path: Path, state: _Session, sequences: list[int]) -> list[EventRecord]:
+        return list(self._stream(path, state.offsets, range(sequences[0], sequences[-1] + 1)))
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
         check_record_id(parent_id, "parent_id")
@@ -160,47 +297,109 @@ class JsonlSessionRepository:
         # escaping in JSON, its JSON spelling is a substring of every line naming it.
         needle = orjson.dumps(parent_id)
         escaped = b"\\" in needle
-
-        def may_match(line: bytes) -> bool:
-            return escaped or needle in line
-
         children: list[EventRecord] = []
         for session_id in self.session_ids():
             path = self._path(session_id)
             with self._lock(session_id):
-                try:
-                    data = path.read_bytes()
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    raise _storage_error(exc, path) from None
-            if not may_match(data):
+                state = self._state(session_id)
+                end = state.offsets[-1]
+                offsets = state.offsets[:]
+            if end == 0:
                 continue
-            for number, line in enumerate(data.split(b"\n"), 1):
-                if line.strip() and may_match(line):
-                    record = _decode(path, line, f"line {number}", {"line": str(number)})
+            try:
+                with path.open("rb") as file:
+                    data = file.read(end)
+            except OSError as exc:
+                raise _storage_error(exc, path) from None
+            if not escaped and needle not in data:
+                continue
+            for sequence in range(1, len(offsets)):
+                line = data[offsets[sequence - 1] : offsets[sequence]]
+                if escaped or needle in line:
+                    record = _decode(path, line, sequence, offsets[sequence - 1])
                     if record.parent_id == parent_id:
                         children.append(record)
         return children
 
+    def list_sessions(
+        self, *, page_size: int | None = None, page_token: str | None = None
+    ) -> SessionPage:
+        size = check_page_size(page_size)
+        after = _semantics.decode_page_token(page_token)
+        catalog = self._sessions_in_order()
+        start = 0 if after is None else bisect.bisect_right(catalog, after.encode(), key=str.encode)
+        infos: list[SessionInfo] = []
+        index = start
+        while index < len(catalog) and len(infos) < size:
+            session_id = catalog[index]
+            index += 1
+            with self._lock(session_id):
+                state = self._state(session_id)
+                if state.last_sequence == 0:
+                    continue  # an empty or vanished file is no session
+                infos.append(
+                    SessionInfo(
+                        session_id=session_id,
+                        event_count=state.last_sequence,
+                        first_timestamp_ns=state.first_timestamp_ns,
+                        last_timestamp_ns=state.last_timestamp_ns,
+                        head_id=state.head_id,
+                    )
+                )
+        more = index < len(catalog)
+        token = _semantics.encode_page_token(catalog[index - 1]) if more and infos else None
+        return SessionPage(sessions=infos, next_page_token=token)
+
     def session_ids(self) -> list[str]:
         """Ids of the sessions that have a file, in byte order."""
-        ids = []
-        with os.scandir(self.root) as entries:
-            for entry in entries:
-                name = entry.name
-                if not name.endswith(SUFFIX) or not entry.is_file():
-                    continue
-                try:
-                    ids.append(check_session_id(name[: -len(SUFFIX)]))
-                except AgentlogError:
-                    continue  # not a file agentlog could have written or served
-        return sorted(ids, key=str.encode)
+        return list(self._sessions_in_order())
 
     def close(self) -> None:
         """Nothing is held open between calls; present so every backend closes alike."""
 
-    # --- helpers ---
+    # --- state ---
+
+    def _state(self, session_id: str) -> _Session:
+        """The session's state, rebuilt if its file changed since last seen. Hold its lock."""
+        path = self._path(session_id)
+        try:
+            stat = os.stat(path)
+            identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        except FileNotFoundError:
+            identity = (0, 0, 0)
+        except OSError as exc:
+            raise _storage_error(exc, path) from None
+        state = self._states.get(session_id)
+        if state is None or state.identity != identity:
+            state = _load_state(path, identity)
+            self._states[session_id] = state
+        return state
+
+    def _sessions_in_order(self) -> list[str]:
+        mtime = os.stat(self.root).st_mtime_ns
+        with self._guard:
+            if self._catalog is None or mtime != self._catalog_mtime:
+                ids = []
+                with os.scandir(self.root) as entries:
+                    for entry in entries:
+                        name = entry.name
+                        if not name.endswith(SUFFIX) or not entry.is_file():
+                            continue
+                        try:
+                            ids.append(check_session_id(name[: -len(SUFFIX)]))
+                        except AgentlogError:
+                            continue  # not a file agentlog could have written or served
+                self._catalog = sorted(ids, key=str.encode)
+                self._catalog_mtime = mtime
+            return self._catalog
+
+    def _add_to_catalog(self, session_id: str) -> None:
+        with self._guard:
+            if self._catalog is not None:
+                index = bisect.bisect_left(self._catalog, session_id.encode(), key=str.encode)
+                if index == len(self._catalog) or self._catalog[index] != session_id:
+                    self._catalog.insert(index, session_id)
+                self._catalog_mtime = os.stat(self.root).st_mtime_ns
 
     def _path(self, session_id: str) -> Path:
         # check_session_id has refused separators, NUL and dot-names, so this
@@ -210,47 +409,106 @@ class JsonlSessionRepository:
     def _lock(self, session_id: str) -> threading.Lock:
         lock = self._locks.get(session_id)
         if lock is None:
-            with self._locks_guard:
+            with self._guard:
                 lock = self._locks.setdefault(session_id, threading.Lock())
         return lock
 
 
-def _decode(path: Path, line: bytes, where: str, metadata: dict[str, str]) -> EventRecord:
+def _load_state(path: Path, identity: tuple[int, int, int]) -> _Session:
+    """Read a session file once: offsets, ids, timestamps, and where it is damaged."""
+    state = _Session(identity=identity)
+    if identity == (0, 0, 0):
+        state.offsets.append(0)
+        return state
     try:
-        return record_from_line(line)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        state.identity = (0, 0, 0)
+        state.offsets.append(0)
+        return state
+    except OSError as exc:
+        raise _storage_error(exc, path) from None
+    position = 0
+    sequence = 0
+    size = len(data)
+    while position < size:
+        newline = data.find(b"\n", position)
+        end = size if newline < 0 else newline + 1
+        line = data[position:end]
+        if not line.strip():
+            position = end
+            continue
+        if newline < 0:
+            state.torn = True
+            line_number = data.count(b"\n", 0, position) + 1
+            state.damage = DataLossError(
+                f"{path}, line {line_number}: an incomplete last line (no newline) starts at "
+                f"byte offset {position}; the session cannot be read or appended to until it "
+                "is repaired",
+                reason="TORN_LAST_LINE",
+                metadata={"file": str(path), "offset": str(position)},
+            )
+            break
+        try:
+            obj = orjson.loads(line)
+            record_id, parent_id, event = obj["id"], obj["parent_id"], obj["event"]
+            timestamp_ns = parse_timestamp(obj["timestamp"])
+            if obj.get("sequence", sequence + 1) != sequence + 1:
+                raise DecodeError(f"sequence: the line says {obj['sequence']!r}")
+            if not isinstance(record_id, str):
+                raise DecodeError("id: not a string")
+        except (orjson.JSONDecodeError, DecodeError, KeyError, TypeError, ValueError) as exc:
+            line_number = data.count(b"\n", 0, position) + 1
+            state.damage = _damage(path, line_number, f"{type(exc).__name__}: {exc}")
+            break
+        sequence += 1
+        state.offsets.append(position)
+        state.by_id[record_id] = (sequence, _semantics.content_digest(parent_id, event))
+        if sequence == 1:
+            state.first_timestamp_ns = timestamp_ns
+        state.last_timestamp_ns = timestamp_ns
+        state.head_id = record_id
+        position = end
+    state.offsets.append(position)
+    return state
+
+
+def _parse_span(
+    path: Path, data: bytes, first: int, last: int, offsets: array[int]
+) -> list[EventRecord]:
+    """The records `first` to `last` from `data`, the file's bytes from record `first` on."""
+    base = offsets[first - 1]
+    return [
+        _decode(path, data[offsets[s - 1] - base : offsets[s] - base], s, offsets[s - 1])
+        for s in range(first, last + 1)
+    ]
+
+
+def _damage(path: Path, line_number: int, why: str) -> DataLossError:
+    return DataLossError(
+        f"{path}, line {line_number}: not an arcan EventRecord ({why}); the session cannot be "
+        "read until the line is repaired or removed",
+        reason="CORRUPT_LINE",
+        metadata={"file": str(path), "line": str(line_number)},
+    )
+
+
+def _decode(path: Path, line: bytes, sequence: int, offset: int) -> EventRecord:
+    # Blank lines may sit between records; they belong to the span of the record before.
+    try:
+        return record_from_line(line.strip(), sequence)
     except DecodeError as exc:
         raise DataLossError(
-            f"{path}, {where}: not an arcan EventRecord ({exc}); the session cannot be "
-            "read until the line is repaired or removed",
+            f"{path}, record {sequence} (the line at byte offset {offset}): not an arcan "
+            f"EventRecord ({exc}); the session cannot be read until the line is repaired "
+            "or removed",
             reason="CORRUPT_LINE",
-            metadata={"file": str(path), **metadata},
+            metadata={"file": str(path), "offset": str(offset), "sequence": str(sequence)},
         ) from None
 
 
-def _parse_lines(path: Path, data: bytes) -> Iterator[tuple[int, EventRecord]]:
-    for number, line in enumerate(data.split(b"\n"), 1):
-        if line.strip():
-            yield number, _decode(path, line, f"line {number}", {"line": str(number)})
-
-
-def _last_line(file: BinaryIO) -> tuple[bytes, int] | None:
-    """The last non-blank line of a file and its byte offset, read backwards from the end."""
-    position = file.seek(0, os.SEEK_END)
-    tail = b""
-    while position > 0:
-        step = min(_READ_BLOCK, position)
-        position -= step
-        file.seek(position)
-        tail = file.read(step) + tail
-        stripped = tail.rstrip()
-        cut = stripped.rfind(b"\n")
-        if cut >= 0 and stripped[cut + 1 :].strip():
-            return stripped[cut + 1 :], position + cut + 1
-    stripped = tail.rstrip()
-    return (stripped, 0) if stripped.strip() else None
-
-
 def _storage_error(exc: OSError, path: Path) -> AgentlogError:
+    """The agentlog error for a failed file operation; re-raises ones it has no status for."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhaustedError(
             f"no space left to write {path}: free disk space, then retry",

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
-import uuid
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
-from agentlog._codec import validate_append
-from agentlog._records import AppendEvent, EventRecord
-from agentlog._validation import check_record_id, check_session_id
+from agentlog._events import ReadDirection
+from agentlog._records import AppendEvent, EventRecord, NewEvent, SessionInfo, SessionPage
+from agentlog._validation import check_page_size, check_record_id, check_session_id
+from agentlog.server import _semantics
+from agentlog.server._semantics import Prepared
+
+
+@dataclass
+class _Session:
+    records: list[EventRecord] = field(default_factory=list)
+    by_id: dict[str, tuple[int, bytes]] = field(default_factory=dict)
 
 
 class MemorySessionRepository:
@@ -17,28 +27,86 @@ class MemorySessionRepository:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sessions: dict[str, list[EventRecord]] = defaultdict(list)
+        self._sessions: dict[str, _Session] = {}
+        self._session_ids: list[str] = []  # sorted by bytes, for paging
         self._children: dict[str, list[EventRecord]] = defaultdict(list)
 
     def append(self, event: AppendEvent) -> EventRecord:
-        validate_append(event)
-        with self._lock:
-            record = EventRecord(
-                id=str(uuid.uuid4()),
-                session_id=event.session_id,
-                parent_id=event.parent_id,
-                timestamp_ns=time.time_ns(),
-                event=event.event,
-            )
-            self._sessions[event.session_id].append(record)
-            if record.parent_id is not None:
-                self._children[record.parent_id].append(record)
-        return record
+        item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)
+        prepared = _semantics.prepare(
+            event.session_id, [item], event.expected_sequence, batch=False
+        )
+        return self._append(event.session_id, prepared, event.expected_sequence)[0]
 
-    def load_session(self, session_id: str) -> list[EventRecord]:
-        check_session_id(session_id)
+    def append_batch(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_sequence: int | None = None,
+    ) -> list[EventRecord]:
+        prepared = _semantics.prepare(session_id, events, expected_sequence, batch=True)
+        return self._append(session_id, prepared, expected_sequence)
+
+    def _append(
+        self, session_id: str, batch: list[Prepared], expected: int | None
+    ) -> list[EventRecord]:
         with self._lock:
-            return list(self._sessions.get(session_id, ()))
+            session = self._sessions.get(session_id) or _Session()
+            last = len(session.records)
+            stored = _semantics.check_append(session_id, batch, expected, last, session.by_id.get)
+            if stored is not None:
+                return [session.records[sequence - 1] for sequence in stored]
+            if session_id not in self._sessions:
+                self._sessions[session_id] = session
+                bisect.insort(self._session_ids, session_id, key=str.encode)
+            timestamp_ns = time.time_ns()
+            records = []
+            for offset, item in enumerate(batch, 1):
+                record = EventRecord(
+                    id=item.id,
+                    sequence=last + offset,
+                    session_id=session_id,
+                    parent_id=item.parent_id,
+                    timestamp_ns=timestamp_ns,
+                    event=item.event,
+                )
+                session.records.append(record)
+                session.by_id[item.id] = (record.sequence, item.digest)
+                if record.parent_id is not None:
+                    self._children[record.parent_id].append(record)
+                records.append(record)
+            return records
+
+    def read_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> Iterator[EventRecord]:
+        check_session_id(session_id)
+        selected = _semantics.read_range(from_sequence, limit, direction)
+        with self._lock:
+            session = self._sessions.get(session_id)
+            records = session.records if session else []
+            chosen = [records[s - 1] for s in selected.sequences(len(records))]
+        return iter(chosen)
+
+    def load_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> list[EventRecord]:
+        return list(
+            self.read_session(
+                session_id, from_sequence=from_sequence, limit=limit, direction=direction
+            )
+        )
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
         check_record_id(parent_id, "parent_id")
@@ -50,8 +118,36 @@ class MemorySessionRepository:
     def head(self, session_id: str) -> EventRecord | None:
         check_session_id(session_id)
         with self._lock:
-            records = self._sessions.get(session_id)
-            return records[-1] if records else None
+            session = self._sessions.get(session_id)
+            return session.records[-1] if session else None
+
+    def list_sessions(
+        self, *, page_size: int | None = None, page_token: str | None = None
+    ) -> SessionPage:
+        size = check_page_size(page_size)
+        after = _semantics.decode_page_token(page_token)
+        with self._lock:
+            start = (
+                0
+                if after is None
+                else bisect.bisect_right(self._session_ids, after.encode(), key=str.encode)
+            )
+            ids = self._session_ids[start : start + size]
+            more = start + size < len(self._session_ids)
+            infos = []
+            for session_id in ids:
+                records = self._sessions[session_id].records
+                infos.append(
+                    SessionInfo(
+                        session_id=session_id,
+                        event_count=len(records),
+                        first_timestamp_ns=records[0].timestamp_ns,
+                        last_timestamp_ns=records[-1].timestamp_ns,
+                        head_id=records[-1].id,
+                    )
+                )
+        token = _semantics.encode_page_token(ids[-1]) if more and ids else None
+        return SessionPage(sessions=infos, next_page_token=token)
 
     def close(self) -> None:
         """Nothing to release; present so every backend closes the same way."""

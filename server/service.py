@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -76,11 +76,11 @@ def _translate_errors(method: F) -> F:
     return unary  # type: ignore[return-value]
 
 
-def chunk_records(records: Iterable[EventRecord]) -> Iterable[list[pb.EventRecord]]:
+async def chunk_records(records: AsyncIterator[EventRecord]) -> AsyncIterator[list[pb.EventRecord]]:
     """Group records into stream messages of bounded count and size."""
     chunk: list[pb.EventRecord] = []
     size = 0
-    for record in records:
+    async for record in records:
         message = _codec.record_to_proto(record)
         chunk.append(message)
         size += message.ByteSize()
@@ -89,6 +89,11 @@ def chunk_records(records: Iterable[EventRecord]) -> Iterable[list[pb.EventRecor
             chunk, size = [], 0
     if chunk:
         yield chunk
+
+
+async def _each(records: list[EventRecord]) -> AsyncIterator[EventRecord]:
+    for record in records:
+        yield record
 
 
 class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
@@ -103,11 +108,24 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         return pb.AppendResponse(record=_codec.record_to_proto(record))
 
     @_translate_errors
+    async def AppendBatch(
+        self, request: pb.AppendBatchRequest, context: Any
+    ) -> pb.AppendBatchResponse:
+        session_id, events, expected = _codec.batch_from_proto(request)
+        records = await self._repository.append_batch(
+            session_id, events, expected_sequence=expected
+        )
+        return pb.AppendBatchResponse(records=[_codec.record_to_proto(r) for r in records])
+
+    @_translate_errors
     async def LoadSession(
         self, request: pb.LoadSessionRequest, context: Any
     ) -> AsyncIterator[pb.LoadSessionResponse]:
-        records = await self._repository.load_session(check_session_id(request.session_id))
-        for chunk in chunk_records(records):
+        session_id, from_sequence, limit, direction = _codec.read_from_proto(request)
+        records = self._repository.read_session(
+            session_id, from_sequence=from_sequence, limit=limit, direction=direction
+        )
+        async for chunk in chunk_records(records):
             yield pb.LoadSessionResponse(records=chunk)
 
     @_translate_errors
@@ -117,7 +135,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         records = await self._repository.load_children(
             check_record_id(request.parent_id, "parent_id")
         )
-        for chunk in chunk_records(records):
+        async for chunk in chunk_records(_each(records)):
             yield pb.LoadChildrenResponse(records=chunk)
 
     @_translate_errors
@@ -126,3 +144,12 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         if record is None:
             return pb.HeadResponse()
         return pb.HeadResponse(record=_codec.record_to_proto(record))
+
+    @_translate_errors
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Any
+    ) -> pb.ListSessionsResponse:
+        page = await self._repository.list_sessions(
+            page_size=request.page_size or None, page_token=request.page_token or None
+        )
+        return _codec.page_to_proto(page)

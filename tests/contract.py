@@ -13,12 +13,15 @@ from typing import Any
 import pytest
 
 from agentlog import (
+    AlreadyExistsError,
     AppendEvent,
     EventRecord,
     InvalidArgumentError,
     IterationStarted,
     ModelOutput,
     ModelStopReason,
+    NewEvent,
+    ReadDirection,
     RunFinished,
     RunStarted,
     RunStopReason,
@@ -30,6 +33,7 @@ from agentlog import (
     TextDelta,
     ToolCall,
     ToolCallRequested,
+    WrongExpectedSequence,
 )
 from tests.samples import every_event
 
@@ -381,3 +385,240 @@ class SessionRepositoryContract:
         with pytest.raises(InvalidArgumentError, match="not valid Unicode"):
             repo.append(AppendEvent(session_id=session, event=delta(session, "\udfff")))
         assert repo.load_session(session) == []
+
+
+class EventStoreContract(SessionRepositoryContract):
+    """Sequences, expectations, idempotent ids, atomic batches, ranged reads, listing."""
+
+    def test_sequences_are_gapless_from_one(self, repo: SessionRepository) -> None:
+        session = new_session()
+        records = [
+            repo.append(AppendEvent(session_id=session, event=delta(session, str(i))))
+            for i in range(5)
+        ]
+        assert [r.sequence for r in records] == [1, 2, 3, 4, 5]
+        assert [r.sequence for r in repo.load_session(session)] == [1, 2, 3, 4, 5]
+        head = repo.head(session)
+        assert head is not None
+        assert head.sequence == 5
+
+    def test_expecting_no_session(self, repo: SessionRepository) -> None:
+        session = new_session()
+        first = repo.append(
+            AppendEvent(session_id=session, event=started(session), expected_sequence=0)
+        )
+        assert first.sequence == 1
+        with pytest.raises(WrongExpectedSequence) as caught:
+            repo.append(
+                AppendEvent(session_id=session, event=started(session), expected_sequence=0)
+            )
+        assert caught.value.actual_sequence == 1
+        assert caught.value.expected_sequence == 0
+        assert caught.value.status_name == "FAILED_PRECONDITION"
+        assert "Reload" in caught.value.message
+        assert len(repo.load_session(session)) == 1
+
+    def test_expecting_an_exact_sequence(self, repo: SessionRepository) -> None:
+        session = new_session()
+        repo.append(AppendEvent(session_id=session, event=started(session)))
+        second = repo.append(
+            AppendEvent(session_id=session, event=delta(session, "a"), expected_sequence=1)
+        )
+        assert second.sequence == 2
+        for stale in (0, 1, 3, 99):
+            with pytest.raises(WrongExpectedSequence) as caught:
+                repo.append(
+                    AppendEvent(
+                        session_id=session, event=delta(session, "x"), expected_sequence=stale
+                    )
+                )
+            assert caught.value.actual_sequence == 2
+        with pytest.raises(WrongExpectedSequence) as caught:
+            repo.append(
+                AppendEvent(session_id=new_session(), event=started("s"), expected_sequence=4)
+            )
+        assert caught.value.actual_sequence == 0
+        assert [r.id for r in repo.load_session(session)][-1] == second.id
+
+    def test_an_id_appended_twice_is_stored_once(self, repo: SessionRepository) -> None:
+        session = new_session()
+        record_id = str(uuid.uuid4())
+        append = AppendEvent(session_id=session, event=started(session), id=record_id)
+        first = repo.append(append)
+        repo.append(AppendEvent(session_id=session, event=delta(session, "after")))
+        again = repo.append(append)
+        assert first.id == again.id == record_id
+        assert again == first  # the stored record: same sequence and timestamp
+        # A retry succeeds even when its expectation has gone stale by its own success.
+        retried = repo.append(
+            AppendEvent(
+                session_id=session, event=started(session), id=record_id, expected_sequence=0
+            )
+        )
+        assert retried == first
+        assert len(repo.load_session(session)) == 2
+
+    def test_an_id_with_other_content_is_already_exists(self, repo: SessionRepository) -> None:
+        session = new_session()
+        record_id = str(uuid.uuid4())
+        repo.append(AppendEvent(session_id=session, event=delta(session, "one"), id=record_id))
+        for changed in (
+            AppendEvent(session_id=session, event=delta(session, "two"), id=record_id),
+            AppendEvent(
+                session_id=session, event=delta(session, "one"), id=record_id, parent_id=record_id
+            ),
+        ):
+            with pytest.raises(AlreadyExistsError, match=record_id) as caught:
+                repo.append(changed)
+            assert caught.value.reason == "EVENT_ID_CONFLICT"
+        assert len(repo.load_session(session)) == 1
+
+    def test_types_count_as_content(self, repo: SessionRepository) -> None:
+        session = new_session()
+        record_id = str(uuid.uuid4())
+
+        def call(value: Any) -> AppendEvent:
+            event = ToolCallRequested(
+                run_id="r",
+                session_id=session,
+                iteration=0,
+                call=ToolCall(call_id="c", tool_name="t", input=value),
+            )
+            return AppendEvent(session_id=session, event=event, id=record_id)
+
+        repo.append(call({"n": 1}))
+        repo.append(call({"n": 1}))
+        with pytest.raises(AlreadyExistsError):
+            repo.append(call({"n": 1.0}))
+        with pytest.raises(AlreadyExistsError):
+            repo.append(call({"n": True}))
+
+    @pytest.mark.parametrize(
+        "bad_id",
+        [
+            "not-a-uuid",
+            "",
+            "0C7421A5-7C6F-4B3E-8517-6757D1E510F2",
+            "{0c7421a5-7c6f-4b3e-8517-6757d1e510f2}",
+        ],
+    )
+    def test_ids_must_be_canonical_uuids(self, repo: SessionRepository, bad_id: str) -> None:
+        session = new_session()
+        with pytest.raises(InvalidArgumentError, match="canonical form") as caught:
+            repo.append(AppendEvent(session_id=session, event=started(session), id=bad_id))
+        assert caught.value.reason == "INVALID_EVENT_ID"
+        assert repo.load_session(session) == []
+
+    def test_a_batch_lands_at_consecutive_sequences(self, repo: SessionRepository) -> None:
+        session = new_session()
+        root = repo.append(AppendEvent(session_id=session, event=started(session)))
+        records = repo.append_batch(
+            session,
+            [
+                NewEvent(event=delta(session, "a"), parent_id=root.id),
+                NewEvent(event=delta(session, "b")),
+                NewEvent(event=delta(session, "c"), parent_id="elsewhere"),
+            ],
+            expected_sequence=1,
+        )
+        assert [r.sequence for r in records] == [2, 3, 4]
+        assert [r.parent_id for r in records] == [root.id, None, "elsewhere"]
+        assert repo.load_session(session)[1:] == records
+        assert repo.load_children(root.id) == [records[0]]
+
+    def test_a_batch_is_all_or_none(self, repo: SessionRepository) -> None:
+        session = new_session()
+        repo.append(AppendEvent(session_id=session, event=started(session)))
+        good = [NewEvent(event=delta(session, str(i))) for i in range(3)]
+        with pytest.raises(WrongExpectedSequence) as caught:
+            repo.append_batch(session, good, expected_sequence=0)
+        assert caught.value.actual_sequence == 1
+        bad = [
+            *good,
+            NewEvent(event=IterationStarted(run_id="r", session_id=session, iteration=-1)),
+        ]
+        with pytest.raises(InvalidArgumentError) as invalid:
+            repo.append_batch(session, bad)
+        assert invalid.value.field == "events[3].event.iteration_started.iteration"
+        same = str(uuid.uuid4())
+        with pytest.raises(InvalidArgumentError, match=r"also the id of events\[0\]"):
+            repo.append_batch(session, [NewEvent(event=delta(session, "x"), id=same)] * 2)
+        with pytest.raises(InvalidArgumentError, match="at least one event"):
+            repo.append_batch(session, [])
+        assert len(repo.load_session(session)) == 1
+
+    def test_a_retried_batch_is_stored_once(self, repo: SessionRepository) -> None:
+        session = new_session()
+        batch = [NewEvent(event=delta(session, str(i)), id=str(uuid.uuid4())) for i in range(4)]
+        first = repo.append_batch(session, batch, expected_sequence=0)
+        again = repo.append_batch(session, batch, expected_sequence=0)
+        assert again == first
+        assert len(repo.load_session(session)) == 4
+        # Overlapping a stored batch with new content is a conflict, not a retry.
+        with pytest.raises(AlreadyExistsError):
+            repo.append_batch(session, [*batch[:2], NewEvent(event=delta(session, "new"))])
+        with pytest.raises(AlreadyExistsError):
+            repo.append_batch(session, [NewEvent(event=delta(session, "new")), batch[3]])
+        assert len(repo.load_session(session)) == 4
+
+    def test_ranged_reads(self, repo: SessionRepository) -> None:
+        session = new_session()
+        repo.append_batch(session, [NewEvent(event=delta(session, str(i))) for i in range(50)])
+
+        def sequences(**kwargs: Any) -> list[int]:
+            return [r.sequence for r in repo.load_session(session, **kwargs)]
+
+        assert sequences() == list(range(1, 51))
+        assert sequences(from_sequence=41) == list(range(41, 51))
+        assert sequences(from_sequence=10, limit=3) == [10, 11, 12]
+        assert sequences(direction=ReadDirection.BACKWARDS, limit=20) == list(range(50, 30, -1))
+        assert sequences(direction=ReadDirection.BACKWARDS, from_sequence=3) == [3, 2, 1]
+        assert sequences(direction=ReadDirection.BACKWARDS, from_sequence=99, limit=2) == [50, 49]
+        assert sequences(from_sequence=51) == []
+        assert sequences(limit=1) == [1]
+        assert [r.sequence for r in repo.read_session(session, from_sequence=49)] == [49, 50]
+        assert repo.load_session(new_session(), direction=ReadDirection.BACKWARDS) == []
+        bad_ranges: list[dict[str, Any]] = [{"limit": 0}, {"limit": -1}, {"from_sequence": -1}]
+        for bad in bad_ranges:
+            with pytest.raises(InvalidArgumentError):
+                repo.load_session(session, **bad)
+
+    def test_listing_sessions_in_pages(self, repo: SessionRepository) -> None:
+        prefix = f"list-{uuid.uuid4()}"
+        made = {}
+        for i in [3, 0, 2, 4, 1]:
+            session = f"{prefix}-{i}"
+            repo.append(AppendEvent(session_id=session, event=started(session)))
+            made[session] = repo.append(AppendEvent(session_id=session, event=delta(session, "x")))
+        seen: list[Any] = []
+        token = None
+        while True:
+            page = repo.list_sessions(page_size=2, page_token=token)
+            assert len(page.sessions) <= 2
+            seen.extend(page.sessions)
+            token = page.next_page_token
+            if token is None:
+                break
+        ours = [s for s in seen if s.session_id.startswith(prefix)]
+        assert [s.session_id for s in ours] == [f"{prefix}-{i}" for i in range(5)]
+        ids = [s.session_id.encode() for s in seen]
+        assert ids == sorted(ids)
+        assert len(set(ids)) == len(ids)
+        for info in ours:
+            head = made[info.session_id]
+            assert info.event_count == 2
+            assert info.head_id == head.id
+            assert info.last_timestamp_ns == head.timestamp_ns
+            assert info.first_timestamp_ns <= info.last_timestamp_ns
+        first = repo.list_sessions()
+        assert first.sessions[0].session_id.encode() == min(ids)
+
+    def test_listing_rejects_bad_parameters(self, repo: SessionRepository) -> None:
+        bad_pages: list[dict[str, Any]] = [
+            {"page_size": 0},
+            {"page_size": 1001},
+            {"page_token": "%%%"},
+        ]
+        for kwargs in bad_pages:
+            with pytest.raises(InvalidArgumentError):
+                repo.list_sessions(**kwargs)

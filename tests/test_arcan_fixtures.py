@@ -60,14 +60,16 @@ def test_every_fixture_record_is_served_exactly(served_copy: tuple[Path, str]) -
             expected = raw_lines(path)
             records = client.load_session(path.name.removesuffix(".jsonl"))
             assert len(records) == len(expected)
-            for record, line in zip(records, expected, strict=True):
+            for sequence, (record, line) in enumerate(zip(records, expected, strict=True), 1):
                 assert record.id == line["id"]
+                assert record.sequence == sequence  # arcan's lines: sequence from position
                 assert record.parent_id == line["parent_id"]
                 assert record.timestamp_rfc3339 == line["timestamp"]  # nanoseconds kept
-                assert identical(record_to_json(record), line)
+                assert identical(record_to_json(record), {**line, "sequence": sequence})
             head = client.head(path.name.removesuffix(".jsonl"))
             assert head is not None
-            assert identical(record_to_json(head), expected[-1])
+            assert head.sequence == len(expected)
+            assert identical(record_to_json(head), {**line, "sequence": len(expected)})
         for line in all_lines:
             children = client.load_children(line["id"])
             wanted = [c for c in all_lines if c["parent_id"] == line["id"]]
@@ -101,7 +103,9 @@ def test_appends_to_an_arcan_session_are_lines_arcan_reads(tmp_path: Path) -> No
         child = client.append(
             AppendEvent(session_id="sess-latest-01", parent_id=last.id, event=event)
         )
-        assert len(client.load_session("sess-latest-01")) == len(raw_lines(path))
+        loaded = client.load_session("sess-latest-01")
+        assert len(loaded) == len(raw_lines(path))
+        assert [r.sequence for r in loaded] == list(range(1, len(loaded) + 1))
     content = path.read_bytes()
     assert content.startswith(original)  # append-only: arcan's lines untouched
     new_lines = content[len(original) :].decode().splitlines(keepends=True)
@@ -109,7 +113,9 @@ def test_appends_to_an_arcan_session_are_lines_arcan_reads(tmp_path: Path) -> No
     for line, record in zip(new_lines, [root, child], strict=True):
         assert line.endswith("}\n")
         parsed = json.loads(line)
-        assert list(parsed) == ["id", "session_id", "parent_id", "timestamp", "event"]
+        # arcan's keys in arcan's order, then agentlog's sequence (arcan ignores it).
+        assert list(parsed) == ["id", "session_id", "parent_id", "timestamp", "event", "sequence"]
+        assert parsed["sequence"] == record.sequence
         assert UUID_V4.fullmatch(parsed["id"])
         assert parsed["id"] == record.id
         assert AUTO_SI.fullmatch(parsed["timestamp"])

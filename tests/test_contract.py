@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agentlog import AgentlogClient, AppendEvent, AsyncAgentlogClient, EventRecord
+from agentlog import (
+    AgentlogClient,
+    AppendEvent,
+    AsyncAgentlogClient,
+    EventRecord,
+    NewEvent,
+    SessionPage,
+)
 from agentlog.protocol import AsyncSessionRepository
 from agentlog.server import JsonlSessionRepository, MemorySessionRepository
-from tests.contract import SessionRepositoryContract
+from tests.contract import EventStoreContract
 from tests.servers import LoopThread, running_server
 
 
-class TestMemory(SessionRepositoryContract):
+class TestMemory(EventStoreContract):
     @pytest.fixture
     def repo(self) -> MemorySessionRepository:
         return MemorySessionRepository()
 
 
-class TestJsonl(SessionRepositoryContract):
+class TestJsonl(EventStoreContract):
     @pytest.fixture
     def repo(self, tmp_path: Path) -> JsonlSessionRepository:
         return JsonlSessionRepository(tmp_path)
@@ -39,14 +46,14 @@ def memory_target() -> Iterator[str]:
         yield target
 
 
-class TestClientOverJsonl(SessionRepositoryContract):
+class TestClientOverJsonl(EventStoreContract):
     @pytest.fixture
     def repo(self, jsonl_target: str) -> Iterator[AgentlogClient]:
         with AgentlogClient(jsonl_target) as client:
             yield client
 
 
-class TestClientOverMemory(SessionRepositoryContract):
+class TestClientOverMemory(EventStoreContract):
     @pytest.fixture
     def repo(self, memory_target: str) -> Iterator[AgentlogClient]:
         with AgentlogClient(memory_target) as client:
@@ -63,17 +70,36 @@ class BlockingAsyncClient:
     def append(self, event: AppendEvent) -> EventRecord:
         return self._loop.run(self.client.append(event))
 
-    def load_session(self, session_id: str) -> list[EventRecord]:
-        return self._loop.run(self.client.load_session(session_id))
-
     def load_children(self, parent_id: str) -> list[EventRecord]:
         return self._loop.run(self.client.load_children(parent_id))
 
     def head(self, session_id: str) -> EventRecord | None:
         return self._loop.run(self.client.head(session_id))
 
+    def append_batch(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_sequence: int | None = None,
+    ) -> list[EventRecord]:
+        return self._loop.run(
+            self.client.append_batch(session_id, events, expected_sequence=expected_sequence)
+        )
 
-class TestAsyncClientOverJsonl(SessionRepositoryContract):
+    def read_session(self, session_id: str, **kwargs: Any) -> Iterator[EventRecord]:
+        return iter(self.load_session(session_id, **kwargs))
+
+    def load_session(self, session_id: str, **kwargs: Any) -> list[EventRecord]:
+        return self._loop.run(self.client.load_session(session_id, **kwargs))
+
+    def list_sessions(
+        self, *, page_size: int | None = None, page_token: str | None = None
+    ) -> SessionPage:
+        return self._loop.run(self.client.list_sessions(page_size=page_size, page_token=page_token))
+
+
+class TestAsyncClientOverJsonl(EventStoreContract):
     @pytest.fixture
     def repo(self, jsonl_target: str) -> Iterator[Any]:
         loop = LoopThread()

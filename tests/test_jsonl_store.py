@@ -58,8 +58,9 @@ def test_a_line_of_the_wrong_shape_is_data_loss(client: AgentlogClient, data: Pa
     path = data / "shape.jsonl"
     record = json.loads(path.read_text())
     record["event"]["part_type"] = "telepathy"
+    record["sequence"] = 2
     path.write_text(path.read_text() + json.dumps(record) + "\n")
-    with pytest.raises(DataLossError, match=r"line 2.*unknown event kind 'telepathy'"):
+    with pytest.raises(DataLossError, match=r"record 2 .*unknown event kind 'telepathy'"):
         client.load_session("shape")
 
 

@@ -393,3 +393,90 @@ def test_a_busy_address_is_a_clear_startup_error(data: Path) -> None:
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=30)
+
+
+def test_wrong_expected_sequence_carries_the_actual_sequence(stub: Any) -> None:
+    stub.Append(pb.AppendRequest(session_id="s", event=text_delta()), timeout=10)
+    error: Any = call_error(
+        stub.Append, pb.AppendRequest(session_id="s", event=text_delta(), expected_sequence=0)
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    status = rpc_status.from_call(error)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == "WRONG_EXPECTED_SEQUENCE"
+    assert info.domain == "agentlog"
+    assert dict(info.metadata) == {
+        "session_id": "s",
+        "expected_sequence": "0",
+        "actual_sequence": "1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "request_", "field"),
+    [
+        ("AppendBatch", pb.AppendBatchRequest(session_id="s"), "events"),
+        (
+            "AppendBatch",
+            pb.AppendBatchRequest(session_id="s", events=[pb.BatchEvent()]),
+            "events[0].event",
+        ),
+        (
+            "AppendBatch",
+            pb.AppendBatchRequest(
+                session_id="s", events=[pb.BatchEvent(id="nope", event=text_delta())]
+            ),
+            "events[0].id",
+        ),
+        ("Append", pb.AppendRequest(session_id="s", id="NOPE", event=text_delta()), "id"),
+        ("LoadSession", pb.LoadSessionRequest(session_id="s", direction=7), "direction"),  # type: ignore[arg-type]
+        ("ListSessions", pb.ListSessionsRequest(page_size=5000), "page_size"),
+        ("ListSessions", pb.ListSessionsRequest(page_token="!!"), "page_token"),
+    ],
+)
+def test_new_rpcs_validate_their_requests(
+    stub: Any, data: Path, method: str, request_: Any, field: str
+) -> None:
+    error: Any = call_error(getattr(stub, method), request_)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violation(error) == field
+    assert not (data / "s.jsonl").exists()
+
+
+def test_appends_are_retried_until_the_server_comes_up(data: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a free port, with nothing listening yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result: list[Any] = []
+    with AgentlogClient(f"127.0.0.1:{port}", timeout=2, retries=8) as client:
+        thread = threading.Thread(
+            target=lambda: result.append(
+                client.append(AppendEvent(session_id="late", event=started("late")))
+            )
+        )
+        thread.start()
+        time.sleep(0.5)
+        repo = JsonlSessionRepository(data)
+        from tests.servers import LoopThread
+
+        loop = LoopThread()
+
+        async def start() -> Any:
+            from agentlog.server import create_server
+
+            built = create_server(f"127.0.0.1:{port}", repo)
+            await built.start()
+            return built
+
+        built = loop.run(start())
+        try:
+            thread.join(30)
+            assert len(result) == 1
+            assert [r.id for r in repo.load_session("late")] == [result[0].id]
+        finally:
+            loop.run(built.stop(1))
+            loop.close()

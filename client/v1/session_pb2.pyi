@@ -10,6 +10,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReadDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    READ_DIRECTION_UNSPECIFIED: _ClassVar[ReadDirection]
+    READ_DIRECTION_FORWARDS: _ClassVar[ReadDirection]
+    READ_DIRECTION_BACKWARDS: _ClassVar[ReadDirection]
+
 class ModelStopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODEL_STOP_REASON_UNSPECIFIED: _ClassVar[ModelStopReason]
@@ -42,6 +48,9 @@ class StatePatchSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATE_PATCH_SOURCE_MODEL: _ClassVar[StatePatchSource]
     STATE_PATCH_SOURCE_TOOL: _ClassVar[StatePatchSource]
     STATE_PATCH_SOURCE_SYSTEM: _ClassVar[StatePatchSource]
+READ_DIRECTION_UNSPECIFIED: ReadDirection
+READ_DIRECTION_FORWARDS: ReadDirection
+READ_DIRECTION_BACKWARDS: ReadDirection
 MODEL_STOP_REASON_UNSPECIFIED: ModelStopReason
 MODEL_STOP_REASON_END_TURN: ModelStopReason
 MODEL_STOP_REASON_TOOL_USE: ModelStopReason
@@ -65,14 +74,18 @@ STATE_PATCH_SOURCE_TOOL: StatePatchSource
 STATE_PATCH_SOURCE_SYSTEM: StatePatchSource
 
 class AppendRequest(_message.Message):
-    __slots__ = ("session_id", "parent_id", "event")
+    __slots__ = ("session_id", "parent_id", "event", "id", "expected_sequence")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     parent_id: str
     event: AgentEvent
-    def __init__(self, session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ...) -> None: ...
+    id: str
+    expected_sequence: int
+    def __init__(self, session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ..., id: _Optional[str] = ..., expected_sequence: _Optional[int] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
     __slots__ = ("record",)
@@ -80,11 +93,43 @@ class AppendResponse(_message.Message):
     record: EventRecord
     def __init__(self, record: _Optional[_Union[EventRecord, _Mapping]] = ...) -> None: ...
 
-class LoadSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+class AppendBatchRequest(_message.Message):
+    __slots__ = ("session_id", "expected_sequence", "events")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    expected_sequence: int
+    events: _containers.RepeatedCompositeFieldContainer[BatchEvent]
+    def __init__(self, session_id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., events: _Optional[_Iterable[_Union[BatchEvent, _Mapping]]] = ...) -> None: ...
+
+class BatchEvent(_message.Message):
+    __slots__ = ("id", "parent_id", "event")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    parent_id: str
+    event: AgentEvent
+    def __init__(self, id: _Optional[str] = ..., parent_id: _Optional[str] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ...) -> None: ...
+
+class AppendBatchResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[EventRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[EventRecord, _Mapping]]] = ...) -> None: ...
+
+class LoadSessionRequest(_message.Message):
+    __slots__ = ("session_id", "from_sequence", "limit", "direction")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    from_sequence: int
+    limit: int
+    direction: ReadDirection
+    def __init__(self, session_id: _Optional[str] = ..., from_sequence: _Optional[int] = ..., limit: _Optional[int] = ..., direction: _Optional[_Union[ReadDirection, str]] = ...) -> None: ...
 
 class LoadSessionResponse(_message.Message):
     __slots__ = ("records",)
@@ -116,19 +161,51 @@ class HeadResponse(_message.Message):
     record: EventRecord
     def __init__(self, record: _Optional[_Union[EventRecord, _Mapping]] = ...) -> None: ...
 
+class ListSessionsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "next_page_token")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    next_page_token: str
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session_id", "event_count", "first_timestamp", "last_timestamp", "head_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    LAST_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    event_count: int
+    first_timestamp: _timestamp_pb2.Timestamp
+    last_timestamp: _timestamp_pb2.Timestamp
+    head_id: str
+    def __init__(self, session_id: _Optional[str] = ..., event_count: _Optional[int] = ..., first_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., head_id: _Optional[str] = ...) -> None: ...
+
 class EventRecord(_message.Message):
-    __slots__ = ("id", "session_id", "parent_id", "timestamp", "event")
+    __slots__ = ("id", "session_id", "parent_id", "timestamp", "event", "sequence")
     ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     session_id: str
     parent_id: str
     timestamp: _timestamp_pb2.Timestamp
     event: AgentEvent
-    def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ...) -> None: ...
+    sequence: int
+    def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
     __slots__ = ("run_started", "iteration_started", "model_output", "text_delta", "tool_call_requested", "tool_call_completed", "tool_call_failed", "state_patched", "context_compacted", "approval_requested", "approval_resolved", "run_errored", "run_finished")

@@ -40,6 +40,11 @@ class SessionRepositoryStub:
                 request_serializer=agentlog_dot_v1_dot_session__pb2.AppendRequest.SerializeToString,
                 response_deserializer=agentlog_dot_v1_dot_session__pb2.AppendResponse.FromString,
                 _registered_method=True)
+        self.AppendBatch = channel.unary_unary(
+                '/agentlog.v1.SessionRepository/AppendBatch',
+                request_serializer=agentlog_dot_v1_dot_session__pb2.AppendBatchRequest.SerializeToString,
+                response_deserializer=agentlog_dot_v1_dot_session__pb2.AppendBatchResponse.FromString,
+                _registered_method=True)
         self.LoadSession = channel.unary_stream(
                 '/agentlog.v1.SessionRepository/LoadSession',
                 request_serializer=agentlog_dot_v1_dot_session__pb2.LoadSessionRequest.SerializeToString,
@@ -55,6 +60,11 @@ class SessionRepositoryStub:
                 request_serializer=agentlog_dot_v1_dot_session__pb2.HeadRequest.SerializeToString,
                 response_deserializer=agentlog_dot_v1_dot_session__pb2.HeadResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/agentlog.v1.SessionRepository/ListSessions',
+                request_serializer=agentlog_dot_v1_dot_session__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=agentlog_dot_v1_dot_session__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class SessionRepositoryServicer:
@@ -63,15 +73,27 @@ class SessionRepositoryServicer:
 
     def Append(self, request, context):
         """Append stores one event at the end of a session, creating the session on
-        its first event. The store assigns the record's id and timestamp.
+        its first event. The store assigns the record's sequence and timestamp,
+        and its id unless the caller gave one. Appending an id the session holds
+        already returns the stored record when the content is the same (a retry)
+        and fails with ALREADY_EXISTS when it differs. An expectation that does
+        not hold fails with FAILED_PRECONDITION and writes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendBatch(self, request, context):
+        """AppendBatch stores many events at the end of one session, all or none, at
+        consecutive sequences, checking one expectation for the whole batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LoadSession(self, request, context):
-        """LoadSession streams a session's records in the order they were appended.
-        A session that has no events yet yields an empty stream.
+        """LoadSession streams a range of a session's records in sequence order,
+        forwards or backwards. A session with no events yields an empty stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +115,13 @@ class SessionRepositoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """ListSessions pages through the sessions in session id (byte) order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionRepositoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +129,11 @@ def add_SessionRepositoryServicer_to_server(servicer, server):
                     servicer.Append,
                     request_deserializer=agentlog_dot_v1_dot_session__pb2.AppendRequest.FromString,
                     response_serializer=agentlog_dot_v1_dot_session__pb2.AppendResponse.SerializeToString,
+            ),
+            'AppendBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendBatch,
+                    request_deserializer=agentlog_dot_v1_dot_session__pb2.AppendBatchRequest.FromString,
+                    response_serializer=agentlog_dot_v1_dot_session__pb2.AppendBatchResponse.SerializeToString,
             ),
             'LoadSession': grpc.unary_stream_rpc_method_handler(
                     servicer.LoadSession,
@@ -115,6 +149,11 @@ def add_SessionRepositoryServicer_to_server(servicer, server):
                     servicer.Head,
                     request_deserializer=agentlog_dot_v1_dot_session__pb2.HeadRequest.FromString,
                     response_serializer=agentlog_dot_v1_dot_session__pb2.HeadResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=agentlog_dot_v1_dot_session__pb2.ListSessionsRequest.FromString,
+                    response_serializer=agentlog_dot_v1_dot_session__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -145,6 +184,33 @@ class SessionRepository:
             '/agentlog.v1.SessionRepository/Append',
             agentlog_dot_v1_dot_session__pb2.AppendRequest.SerializeToString,
             agentlog_dot_v1_dot_session__pb2.AppendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentlog.v1.SessionRepository/AppendBatch',
+            agentlog_dot_v1_dot_session__pb2.AppendBatchRequest.SerializeToString,
+            agentlog_dot_v1_dot_session__pb2.AppendBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -226,6 +292,33 @@ class SessionRepository:
             '/agentlog.v1.SessionRepository/Head',
             agentlog_dot_v1_dot_session__pb2.HeadRequest.SerializeToString,
             agentlog_dot_v1_dot_session__pb2.HeadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentlog.v1.SessionRepository/ListSessions',
+            agentlog_dot_v1_dot_session__pb2.ListSessionsRequest.SerializeToString,
+            agentlog_dot_v1_dot_session__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,207 @@
+"""The event-store rules every backend applies the same way.
+
+Backends differ in where records live; what an append, a ranged read and a
+session listing mean is decided here, once: the order of checks (idempotent
+retry, then id conflicts, then the expectation), the errors and their details,
+the range and paging parameters.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from agentlog._codec import event_to_json
+from agentlog._events import AgentEvent, ReadDirection
+from agentlog._records import NewEvent
+from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
+from agentlog.errors import AlreadyExistsError, InvalidArgumentError, WrongExpectedSequence
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A checked event about to be appended."""
+
+    id: str
+    parent_id: str | None
+    event: AgentEvent
+    event_json: dict[str, Any]
+    digest: bytes
+    """What "the same content" means for a retried id: parent and event, exactly."""
+
+
+def content_digest(parent_id: str | None, event_json: object) -> bytes:
+    """A digest of a record's content (its parent and event, as JSON with exact types)."""
+    return hashlib.blake2b(orjson.dumps([parent_id, event_json]), digest_size=16).digest()
+
+
+def prepare(
+    session_id: str,
+    items: Sequence[NewEvent],
+    expected_sequence: int | None,
+    *,
+    batch: bool,
+) -> list[Prepared]:
+    """Check an append (batch=False: one item, fields named as in AppendRequest) or a batch."""
+    check_session_id(session_id)
+    if expected_sequence is not None:
+        check_count(expected_sequence, "expected_sequence")
+    if not items:
+        raise InvalidArgumentError(
+            "events: a batch needs at least one event", field="events", reason="INVALID_EVENT"
+        )
+    prepared: list[Prepared] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        prefix = f"events[{index}]." if batch else ""
+        if not isinstance(item, NewEvent):
+            raise InvalidArgumentError(
+                f"{prefix or 'events'}: must be a NewEvent, not {type(item).__name__}",
+                reason="INVALID_EVENT",
+            )
+        event_json = event_to_json(item.event, f"{prefix}event")
+        if item.parent_id is not None:
+            check_record_id(item.parent_id, f"{prefix}parent_id")
+        record_id = (
+            check_event_id(item.id, f"{prefix}id") if item.id is not None else str(uuid.uuid4())
+        )
+        if record_id in seen:
+            raise InvalidArgumentError(
+                f"{prefix}id: {record_id} is also the id of events[{seen[record_id]}]",
+                field=f"{prefix}id",
+                reason="DUPLICATE_EVENT_ID",
+            )
+        seen[record_id] = index
+        prepared.append(
+            Prepared(
+                record_id,
+                item.parent_id,
+                item.event,
+                event_json,
+                content_digest(item.parent_id, event_json),
+            )
+        )
+    return prepared
+
+
+def check_append(
+    session_id: str,
+    batch: Sequence[Prepared],
+    expected_sequence: int | None,
+    last_sequence: int,
+    stored: Callable[[str], tuple[int, bytes] | None],
+) -> list[int] | None:
+    """Decide an append against the session's state.
+
+    `stored(id)` gives the (sequence, digest) of a record the session holds.
+    Returns the stored sequences when the whole append is a retry of one
+    already stored (the caller returns those records and writes nothing), or
+    None when it is to be written. Raises AlreadyExistsError when an id is
+    stored with other content, WrongExpectedSequence when the expectation
+    fails. A retry is recognised before the expectation is checked, since the
+    session has moved on by the very append being retried.
+    """
+    first = stored(batch[0].id)
+    if first is not None:
+        sequences = []
+        for offset, item in enumerate(batch):
+            found = stored(item.id)
+            if found is None or found[0] != first[0] + offset or found[1] != item.digest:
+                raise _conflict(session_id, item, found)
+            sequences.append(found[0])
+        return sequences
+    for item in batch[1:]:
+        found = stored(item.id)
+        if found is not None:
+            raise _conflict(session_id, item, found)
+    if expected_sequence is not None and expected_sequence != last_sequence:
+        raise wrong_expected_sequence(session_id, expected_sequence, last_sequence)
+    return None
+
+
+def _conflict(session_id: str, item: Prepared, found: tuple[int, bytes] | None) -> Exception:
+    where = f" at sequence {found[0]}" if found is not None else ""
+    return AlreadyExistsError(
+        f"session {session_id!r} already holds a record with id {item.id}{where} whose content "
+        "differs from this append's; a retry must send the same parent and event as the "
+        "first attempt, and a new event needs a new id",
+        reason="EVENT_ID_CONFLICT",
+        metadata={"session_id": session_id, "id": item.id},
+    )
+
+
+def wrong_expected_sequence(session_id: str, expected: int, actual: int) -> WrongExpectedSequence:
+    """The error for an expectation that did not hold."""
+    describe = {0: "no events"}
+    return WrongExpectedSequence(
+        f"session {session_id!r}: the append expected "
+        f"{describe.get(expected, f'last sequence {expected}')} but the session has "
+        f"{describe.get(actual, f'last sequence {actual}')}; nothing was written. "
+        "Reload the session and retry with expected_sequence set to its last sequence.",
+        reason=WrongExpectedSequence.reason_name,
+        metadata={
+            "session_id": session_id,
+            "expected_sequence": str(expected),
+            "actual_sequence": str(actual),
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRange:
+    """A checked ranged read."""
+
+    from_sequence: int
+    limit: int | None
+    backwards: bool
+
+    def sequences(self, last_sequence: int) -> range:
+        """The sequences this read returns from a session whose last sequence is given."""
+        if self.backwards:
+            start = min(self.from_sequence or last_sequence, last_sequence)
+            stop = 0 if self.limit is None else max(start - self.limit, 0)
+            return range(start, stop, -1)
+        start = max(self.from_sequence, 1)
+        stop = last_sequence + 1
+        if self.limit is not None:
+            stop = min(start + self.limit, stop)
+        return range(start, max(stop, start))
+
+
+def read_range(from_sequence: int, limit: int | None, direction: ReadDirection | str) -> ReadRange:
+    """Check the parameters of a ranged read."""
+    check_count(from_sequence, "from_sequence")
+    if limit is not None:
+        check_count(limit, "limit", minimum=1)
+    if direction not in (ReadDirection.FORWARDS, ReadDirection.BACKWARDS):
+        raise InvalidArgumentError(
+            f"direction must be 'forwards' or 'backwards', not {direction!r}", field="direction"
+        )
+    return ReadRange(from_sequence, limit, direction == ReadDirection.BACKWARDS)
+
+
+def encode_page_token(last_session_id: str) -> str:
+    """An opaque token meaning "the sessions after this one"."""
+    return base64.urlsafe_b64encode(last_session_id.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str | None) -> str | None:
+    """The session id a page token continues after; None for the first page."""
+    if not token:
+        return None
+    try:
+        session_id = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        return check_session_id(session_id, "page_token")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidArgumentError(
+            "page_token is not a token this server gave out; pass next_page_token unchanged",
+            field="page_token",
+            reason="INVALID_PAGE_TOKEN",
+        ) from None
