@@ -63,7 +63,8 @@ typecheck: $(INSTALLED)
 	for f in client/*; do ln -s ../../../$$f build/mypy/agentlog/; done
 	ln -s ../../../server build/mypy/agentlog/server
 	ln -s ../../tests build/mypy/tests
-	cd build/mypy && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p agentlog -p tests
+	ln -s ../../bench build/mypy/bench
+	cd build/mypy && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p agentlog -p tests -p bench
 
 buf-lint: $(BUF)
 	$(BUF) lint

@@ -19,14 +19,17 @@ def test_the_readme_opens_with_the_two_commands() -> None:
     assert any(line.startswith("make test") for line in head)
 
 
-def test_the_python_example_runs(tmp_path: Path) -> None:
-    example = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert example is not None
+def test_the_python_examples_run(tmp_path: Path) -> None:
+    examples = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(examples) == 2
+    namespace: dict[str, object] = {}
+    output = io.StringIO()
     with running_server(JsonlSessionRepository(tmp_path)) as target:
-        code = example.group(1).replace("127.0.0.1:50051", target)
-        output = io.StringIO()
-        with contextlib.redirect_stdout(output):
-            exec(compile(code, "README.md", "exec"), {})
+        for example in examples:
+            code = example.replace("127.0.0.1:50051", target)
+            with contextlib.redirect_stdout(output):
+                exec(compile(code, "README.md", "exec"), namespace)
     lines = output.getvalue().splitlines()
     assert [line.split()[1] for line in lines[:2]] == ["run_started", "tool_call_requested"]
     assert (tmp_path / "demo.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "chat.jsonl").read_text().count("\n") == 4

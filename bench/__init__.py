@@ -1,0 +1,1 @@
+"""agentlog's benchmarks: `make bench` (python -m bench)."""

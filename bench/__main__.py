@@ -1,0 +1,150 @@
+"""Benchmarks: figures beside a ceiling measured in the same run, on the same machine.
+
+Each figure is measured against a real `agentlog serve` process on loopback,
+through the real Python client. Results are printed as a table and written to
+bench/results.json (name -> value and unit) so runs can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentlog import AgentlogClient, AppendEvent, NewEvent, TextDelta
+from agentlog.server import JsonlSessionRepository
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+@contextmanager
+def server(data_dir: Path) -> Iterator[str]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agentlog.server",
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        found = re.search(r"serving on (127\.0\.0\.1:\d+)", process.stderr.readline())
+        assert found, "the server did not start"
+        yield found.group(1)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def rate(count: int, action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    for _ in range(count):
+        action()
+    return count / (time.perf_counter() - start)
+
+
+def delta(session: str, i: int) -> TextDelta:
+    return TextDelta(run_id="bench", session_id=session, iteration=i, delta=f"token {i} " * 8)
+
+
+def bench_appends(target: str, results: dict[str, tuple[float, str]], scale: int) -> None:
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        ping = health_pb2.HealthCheckRequest(service="")
+        health.Check(ping, timeout=10)
+        results["empty_unary_rps_c1"] = (rate(scale, lambda: health.Check(ping, timeout=10)), "1/s")
+    with AgentlogClient(target) as client:
+        i = iter(range(10**9))
+        results["append_rps_c1_always"] = (
+            rate(
+                scale,
+                lambda: client.append(
+                    AppendEvent(session_id="single", event=delta("single", next(i)))
+                ),
+            ),
+            "1/s",
+        )
+        batch = [NewEvent(event=delta("batched", n)) for n in range(100)]
+        batches = max(scale // 10, 10)
+        events_per_s = rate(batches, lambda: client.append_batch("batched", batch)) * len(batch)
+        results["append_batch_events_per_s_always"] = (events_per_s, "1/s")
+        # An RPC-bound ceiling: as many batches as empty calls, each full.
+        results["append_batch_ceiling_events_per_s"] = (
+            results["empty_unary_rps_c1"][0] * len(batch),
+            "1/s",
+        )
+
+
+def bench_listing(data_dir: Path, results: dict[str, tuple[float, str]], sessions: int) -> None:
+    repo = JsonlSessionRepository(data_dir, sync=False)
+    event = delta("s", 0)
+    start = time.perf_counter()
+    for n in range(sessions):
+        session = f"session-{n:07d}"
+        repo.append(
+            AppendEvent(
+                session_id=session,
+                event=TextDelta(run_id="bench", session_id=session, iteration=0, delta=event.delta),
+            )
+        )
+    results[f"create_{sessions}_sessions_s"] = (time.perf_counter() - start, "s")
+    with server(data_dir) as target, AgentlogClient(target) as client:
+        start = time.perf_counter()
+        page = client.list_sessions(page_size=100)
+        results["list_first_page_ms_cold"] = ((time.perf_counter() - start) * 1000, "ms")
+        token = page.next_page_token
+        timings = []
+        for _ in range(50):
+            start = time.perf_counter()
+            page = client.list_sessions(page_size=100, page_token=token)
+            timings.append(time.perf_counter() - start)
+            token = page.next_page_token
+        timings.sort()
+        results[f"list_page_ms_{sessions}_sessions_p50"] = (timings[len(timings) // 2] * 1000, "ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--scale", type=int, default=2000, help="calls per rate measurement")
+    parser.add_argument("--sessions", type=int, default=100_000, help="sessions for listing")
+    args = parser.parse_args()
+    results: dict[str, tuple[float, str]] = {}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        with server(Path(tmp) / "appends") as target:
+            bench_appends(target, results, args.scale)
+        bench_listing(Path(tmp) / "listing", results, args.sessions)
+    ceilings = {
+        "append_rps_c1_always": "empty_unary_rps_c1",
+        "append_batch_events_per_s_always": "append_batch_ceiling_events_per_s",
+    }
+    print(f"{'figure':44} {'value':>14}  {'unit':4}  ratio to ceiling")
+    for name, (value, unit) in results.items():
+        ceiling = ceilings.get(name)
+        ratio = f"{value / results[ceiling][0]:.2f} x {ceiling}" if ceiling else ""
+        print(f"{name:44} {value:14.2f}  {unit:4}  {ratio}")
+    RESULTS.write_text(
+        json.dumps({k: {"value": v, "unit": u} for k, (v, u) in results.items()}, indent=2) + "\n"
+    )
+    print(f"written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
