@@ -26,6 +26,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -68,8 +69,6 @@ class _Session:
     head_id: str = ""
     damage: DataLossError | None = None
     """Why the file cannot be read past its last good record, if it cannot."""
-    torn: bool = False
-    """The damage is an incomplete last line (no newline)."""
 
     @property
     def last_sequence(self) -> int:
@@ -132,21 +131,15 @@ class JsonlSessionRepository:
         with self._lock(session_id):
             state = self._state(session_id)
             if state.damage is not None:
-                if state.torn:
-                    end = state.offsets[-1]
-                    raise DataLossError(
-                        f"{path} ends with an incomplete line (no newline after byte offset "
-                        f"{end}); agentlog will not append after it. Move the partial line "
-                        "out of the file to repair the session.",
-                        reason="TORN_LAST_LINE",
-                        metadata={"file": str(path), "offset": str(end)},
-                    )
-                raise state.damage
+                raise state.damage  # never append after damage: it would bury it
             last = state.last_sequence
             stored = _semantics.check_append(session_id, batch, expected, last, state.by_id.get)
             if stored is not None:
                 return self._records_at(path, state, stored)
             records, lines = [], []
+            # Lines of a multi-event batch name the batch's last sequence, so a
+            # batch cut short by a crash is recognised and never served in part.
+            batch_end = last + len(batch) if len(batch) > 1 else None
             for offset, item in enumerate(batch, 1):
                 timestamp_ns = time.time_ns()
                 record = EventRecord(
@@ -158,18 +151,17 @@ class JsonlSessionRepository:
                     event=item.event,
                 )
                 records.append(record)
-                lines.append(
-                    record_line(
-                        {
-                            "id": item.id,
-                            "session_id": session_id,
-                            "parent_id": item.parent_id,
-                            "timestamp": format_timestamp(timestamp_ns),
-                            "event": item.event_json,
-                            "sequence": record.sequence,
-                        }
-                    )
-                )
+                fields: dict[str, Any] = {
+                    "id": item.id,
+                    "session_id": session_id,
+                    "parent_id": item.parent_id,
+                    "timestamp": format_timestamp(timestamp_ns),
+                    "event": item.event_json,
+                    "sequence": record.sequence,
+                }
+                if batch_end is not None:
+                    fields["batch_end"] = batch_end
+                lines.append(record_line(fields))
             new_file = last == 0 and state.identity == (0, 0, 0)
             identity = self._write(path, b"".join(lines), state.offsets[-1])
             position = state.offsets.pop()
@@ -431,6 +423,7 @@ def _load_state(path: Path, identity: tuple[int, int, int]) -> _Session:
     position = 0
     sequence = 0
     size = len(data)
+    batch_end, batch_start = 0, (0, 0)  # the open batch's last sequence; its first (seq, offset)
     while position < size:
         newline = data.find(b"\n", position)
         end = size if newline < 0 else newline + 1
@@ -439,7 +432,6 @@ def _load_state(path: Path, identity: tuple[int, int, int]) -> _Session:
             position = end
             continue
         if newline < 0:
-            state.torn = True
             line_number = data.count(b"\n", 0, position) + 1
             state.damage = DataLossError(
                 f"{path}, line {line_number}: an incomplete last line (no newline) starts at "
@@ -462,6 +454,9 @@ def _load_state(path: Path, identity: tuple[int, int, int]) -> _Session:
             state.damage = _damage(path, line_number, f"{type(exc).__name__}: {exc}")
             break
         sequence += 1
+        stated_end = obj.get("batch_end")
+        if isinstance(stated_end, int) and stated_end > batch_end:
+            batch_end, batch_start = stated_end, (sequence, position)
         state.offsets.append(position)
         state.by_id[record_id] = (sequence, _semantics.content_digest(parent_id, event))
         if sequence == 1:
@@ -470,6 +465,21 @@ def _load_state(path: Path, identity: tuple[int, int, int]) -> _Session:
         state.head_id = record_id
         position = end
     state.offsets.append(position)
+    if batch_end > sequence and state.damage is None:
+        # The file ends inside a batch: its first lines landed, the rest did not.
+        first, offset = batch_start
+        state.damage = DataLossError(
+            f"{path}: the batch of sequences {first} to {batch_end} was cut short after "
+            f"sequence {sequence}, from byte offset {offset}; the session cannot be read or "
+            "appended to until the partial batch is removed",
+            reason="TORN_LAST_LINE",
+            metadata={"file": str(path), "offset": str(offset)},
+        )
+        del state.offsets[first:]
+        state.offsets.append(offset)
+        for record_id, (stored_sequence, _) in list(state.by_id.items()):
+            if stored_sequence >= first:
+                del state.by_id[record_id]
     return state
 
 

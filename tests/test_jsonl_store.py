@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agentlog import AgentlogClient, AppendEvent, DataLossError, TextDelta
+from agentlog import AgentlogClient, AppendEvent, DataLossError, NewEvent, TextDelta
 from agentlog.server import JsonlSessionRepository
 from tests.contract import delta, started
 from tests.servers import running_server
@@ -76,7 +76,7 @@ def test_a_torn_last_line_refuses_appends_and_keeps_the_bytes(
         client.load_session("torn")
     with pytest.raises(DataLossError, match="byte offset"):
         client.head("torn")
-    with pytest.raises(DataLossError, match="incomplete line") as caught:
+    with pytest.raises(DataLossError, match="incomplete last line") as caught:
         client.append(AppendEvent(session_id="torn", event=started("torn")))
     assert caught.value.reason == "TORN_LAST_LINE"
     assert path.read_bytes() == before
@@ -161,3 +161,21 @@ def test_an_unusable_data_directory_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(Exception, match=r"cannot use .* as the data directory"):
         JsonlSessionRepository(blocker / "data")
+
+
+def test_a_batch_cut_short_is_never_served_in_part(client: AgentlogClient, data: Path) -> None:
+    client.append(AppendEvent(session_id="cut", event=started("cut")))
+    client.append_batch("cut", [NewEvent(event=delta("cut", str(i))) for i in range(3)])
+    path = data / "cut.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert [json.loads(line).get("batch_end") for line in lines] == [None, 4, 4, 4]
+    path.write_bytes(b"".join(lines[:3]))  # a crash after two of the batch's three lines
+    with pytest.raises(DataLossError, match="sequences 2 to 4 was cut short after sequence 3"):
+        client.load_session("cut")
+    with pytest.raises(DataLossError, match="cut short"):
+        client.append(AppendEvent(session_id="cut", event=started("cut")))
+    path.write_bytes(lines[0])  # the operator removes the partial batch
+    assert [r.sequence for r in client.load_session("cut")] == [1]
+    single = client.append(AppendEvent(session_id="cut", event=started("cut")))
+    assert single.sequence == 2
+    assert "batch_end" not in path.read_text().splitlines()[-1]
