@@ -406,81 +406,114 @@ class JsonlSessionRepository:
         return lock
 
 
+_LOAD_BLOCK = 4 << 20
+
+
 def _load_state(path: Path, identity: tuple[int, int, int]) -> _Session:
-    """Read a session file once: offsets, ids, timestamps, and where it is damaged."""
-    state = _Session(identity=identity)
+    """Read a session file once, a block at a time: offsets, ids, timestamps, damage."""
+    loader = _StateLoader(path, _Session(identity=identity))
     if identity == (0, 0, 0):
-        state.offsets.append(0)
-        return state
+        return loader.finish(0)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            carry, base = b"", 0  # bytes of an unfinished line, and their file offset
+            while block := file.read(_LOAD_BLOCK):
+                data = carry + block
+                cut = data.rfind(b"\n") + 1
+                if cut and not loader.feed(data[:cut], base):
+                    return loader.finish(base + cut)
+                carry, base = data[cut:], base + cut
     except FileNotFoundError:
-        state.identity = (0, 0, 0)
-        state.offsets.append(0)
-        return state
+        return _StateLoader(path, _Session()).finish(0)
     except OSError as exc:
         raise _storage_error(exc, path) from None
-    position = 0
-    sequence = 0
-    size = len(data)
-    batch_end, batch_start = 0, (0, 0)  # the open batch's last sequence; its first (seq, offset)
-    while position < size:
-        newline = data.find(b"\n", position)
-        end = size if newline < 0 else newline + 1
-        line = data[position:end]
-        if not line.strip():
+    if carry.strip():
+        loader.damage_torn(base)
+    return loader.finish(base + len(carry))
+
+
+class _StateLoader:
+    """Builds a _Session from the complete lines of a file, fed in order."""
+
+    def __init__(self, path: Path, state: _Session) -> None:
+        self.path = path
+        self.state = state
+        self.sequence = 0
+        self.lines = 0  # newlines seen before the current block
+        self.batch_end = 0  # the open batch's last sequence
+        self.batch_start = (0, 0)  # its first sequence and byte offset
+
+    def feed(self, data: bytes, base: int) -> bool:
+        """Take complete lines starting at file offset `base`; False once damage is found."""
+        state, position = self.state, 0
+        while position < len(data):
+            end = data.index(b"\n", position) + 1
+            line = data[position:end]
+            if line.strip():
+                try:
+                    obj = orjson.loads(line)
+                    record_id, parent_id = obj["id"], obj["parent_id"]
+                    timestamp_ns = parse_timestamp(obj["timestamp"])
+                    if obj.get("sequence", self.sequence + 1) != self.sequence + 1:
+                        raise DecodeError(f"sequence: the line says {obj['sequence']!r}")
+                    if not isinstance(record_id, str):
+                        raise DecodeError("id: not a string")
+                    digest = _semantics.content_digest(parent_id, obj["event"])
+                except (
+                    orjson.JSONDecodeError,
+                    DecodeError,
+                    KeyError,
+                    TypeError,
+                    ValueError,
+                ) as exc:
+                    number = self.lines + data.count(b"\n", 0, position) + 1
+                    state.damage = _damage(self.path, number, f"{type(exc).__name__}: {exc}")
+                    state.offsets.append(base + position)
+                    return False
+                self.sequence += 1
+                stated_end = obj.get("batch_end")
+                if isinstance(stated_end, int) and stated_end > self.batch_end:
+                    self.batch_end, self.batch_start = stated_end, (self.sequence, base + position)
+                state.offsets.append(base + position)
+                state.by_id[record_id] = (self.sequence, digest)
+                if self.sequence == 1:
+                    state.first_timestamp_ns = timestamp_ns
+                state.last_timestamp_ns = timestamp_ns
+                state.head_id = record_id
             position = end
-            continue
-        if newline < 0:
-            line_number = data.count(b"\n", 0, position) + 1
-            state.damage = DataLossError(
-                f"{path}, line {line_number}: an incomplete last line (no newline) starts at "
-                f"byte offset {position}; the session cannot be read or appended to until it "
-                "is repaired",
-                reason="TORN_LAST_LINE",
-                metadata={"file": str(path), "offset": str(position)},
-            )
-            break
-        try:
-            obj = orjson.loads(line)
-            record_id, parent_id, event = obj["id"], obj["parent_id"], obj["event"]
-            timestamp_ns = parse_timestamp(obj["timestamp"])
-            if obj.get("sequence", sequence + 1) != sequence + 1:
-                raise DecodeError(f"sequence: the line says {obj['sequence']!r}")
-            if not isinstance(record_id, str):
-                raise DecodeError("id: not a string")
-        except (orjson.JSONDecodeError, DecodeError, KeyError, TypeError, ValueError) as exc:
-            line_number = data.count(b"\n", 0, position) + 1
-            state.damage = _damage(path, line_number, f"{type(exc).__name__}: {exc}")
-            break
-        sequence += 1
-        stated_end = obj.get("batch_end")
-        if isinstance(stated_end, int) and stated_end > batch_end:
-            batch_end, batch_start = stated_end, (sequence, position)
-        state.offsets.append(position)
-        state.by_id[record_id] = (sequence, _semantics.content_digest(parent_id, event))
-        if sequence == 1:
-            state.first_timestamp_ns = timestamp_ns
-        state.last_timestamp_ns = timestamp_ns
-        state.head_id = record_id
-        position = end
-    state.offsets.append(position)
-    if batch_end > sequence and state.damage is None:
-        # The file ends inside a batch: its first lines landed, the rest did not.
-        first, offset = batch_start
-        state.damage = DataLossError(
-            f"{path}: the batch of sequences {first} to {batch_end} was cut short after "
-            f"sequence {sequence}, from byte offset {offset}; the session cannot be read or "
-            "appended to until the partial batch is removed",
+        self.lines += data.count(b"\n")
+        return True
+
+    def damage_torn(self, offset: int) -> None:
+        self.state.damage = DataLossError(
+            f"{self.path}, line {self.lines + 1}: an incomplete last line (no newline) starts "
+            f"at byte offset {offset}; the session cannot be read or appended to until it is "
+            "repaired",
             reason="TORN_LAST_LINE",
-            metadata={"file": str(path), "offset": str(offset)},
+            metadata={"file": str(self.path), "offset": str(offset)},
         )
-        del state.offsets[first:]
-        state.offsets.append(offset)
-        for record_id, (stored_sequence, _) in list(state.by_id.items()):
-            if stored_sequence >= first:
-                del state.by_id[record_id]
-    return state
+
+    def finish(self, end: int) -> _Session:
+        state = self.state
+        if state.damage is None and self.batch_end > self.sequence:
+            # The file ends inside a batch: its first lines landed, the rest did not.
+            first, offset = self.batch_start
+            state.damage = DataLossError(
+                f"{self.path}: the batch of sequences {first} to {self.batch_end} was cut short "
+                f"after sequence {self.sequence}, from byte offset {offset}; the session cannot "
+                "be read or appended to until the partial batch is removed",
+                reason="TORN_LAST_LINE",
+                metadata={"file": str(self.path), "offset": str(offset)},
+            )
+            del state.offsets[first - 1 :]
+            end = offset
+            for record_id, (stored_sequence, _) in list(state.by_id.items()):
+                if stored_sequence >= first:
+                    del state.by_id[record_id]
+        elif state.damage is not None:
+            end = state.offsets.pop()  # where the damage starts: readable records end there
+        state.offsets.append(end)
+        return state
 
 
 def _parse_span(
