@@ -12,7 +12,8 @@ import base64
 import binascii
 import hashlib
 import uuid
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import orjson
 
 from agentlog._codec import event_to_json
 from agentlog._events import AgentEvent, ReadDirection
-from agentlog._records import NewEvent
+from agentlog._records import AppendEvent, EventRecord, NewEvent
 from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
 from agentlog.errors import AlreadyExistsError, InvalidArgumentError, WrongExpectedSequence
 
@@ -205,3 +206,57 @@ def decode_page_token(token: str | None) -> str | None:
             field="page_token",
             reason="INVALID_PAGE_TOKEN",
         ) from None
+
+
+class Store(ABC):
+    """What the in-process backends share: the append entry points and list reads.
+
+    A backend implements `_append` (decide with `check_append`, then store) and
+    `read_session`; the rest of the SessionRepository protocol is theirs to fill.
+    """
+
+    def append(self, event: AppendEvent) -> EventRecord:
+        item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)
+        batch = prepare(event.session_id, [item], event.expected_sequence, batch=False)
+        return self._append(event.session_id, batch, event.expected_sequence)[0]
+
+    def append_batch(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_sequence: int | None = None,
+    ) -> list[EventRecord]:
+        batch = prepare(session_id, events, expected_sequence, batch=True)
+        return self._append(session_id, batch, expected_sequence)
+
+    @abstractmethod
+    def _append(
+        self, session_id: str, batch: list[Prepared], expected: int | None
+    ) -> list[EventRecord]:
+        """Store a checked batch, or return the stored records when it is a retry."""
+
+    @abstractmethod
+    def read_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> Iterator[EventRecord]:
+        """Stream a range of a session's records."""
+
+    def load_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> list[EventRecord]:
+        return list(
+            self.read_session(
+                session_id, from_sequence=from_sequence, limit=limit, direction=direction
+            )
+        )

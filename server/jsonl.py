@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,7 @@ import orjson
 from agentlog._codec import DecodeError, record_from_line, record_line
 from agentlog._events import ReadDirection
 from agentlog._records import (
-    AppendEvent,
     EventRecord,
-    NewEvent,
     SessionInfo,
     SessionPage,
     format_timestamp,
@@ -75,7 +73,7 @@ class _Session:
         return len(self.offsets) - 1
 
 
-class JsonlSessionRepository:
+class JsonlSessionRepository(_semantics.Store):
     """Sessions as arcan JSONL files under one directory.
 
     `sync=True` (the default) makes every append durable (fsync) before it
@@ -106,23 +104,6 @@ class JsonlSessionRepository:
         self._catalog_mtime = -1
 
     # --- writing ---
-
-    def append(self, event: AppendEvent) -> EventRecord:
-        item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)
-        prepared = _semantics.prepare(
-            event.session_id, [item], event.expected_sequence, batch=False
-        )
-        return self._append(event.session_id, prepared, event.expected_sequence)[0]
-
-    def append_batch(
-        self,
-        session_id: str,
-        events: Sequence[NewEvent],
-        *,
-        expected_sequence: int | None = None,
-    ) -> list[EventRecord]:
-        prepared = _semantics.prepare(session_id, events, expected_sequence, batch=True)
-        return self._append(session_id, prepared, expected_sequence)
 
     def _append(
         self, session_id: str, batch: list[Prepared], expected: int | None
@@ -254,20 +235,6 @@ class JsonlSessionRepository:
                 data = file.read(offsets[high] - offsets[low - 1])
                 records = _parse_span(path, data, low, high, offsets)
                 yield from (records if step > 0 else reversed(records))
-
-    def load_session(
-        self,
-        session_id: str,
-        *,
-        from_sequence: int = 0,
-        limit: int | None = None,
-        direction: ReadDirection = ReadDirection.FORWARDS,
-    ) -> list[EventRecord]:
-        return list(
-            self.read_session(
-                session_id, from_sequence=from_sequence, limit=limit, direction=direction
-            )
-        )
 
     def head(self, session_id: str) -> EventRecord | None:
         check_session_id(session_id)

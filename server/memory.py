@@ -6,11 +6,11 @@ import bisect
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from agentlog._events import ReadDirection
-from agentlog._records import AppendEvent, EventRecord, NewEvent, SessionInfo, SessionPage
+from agentlog._records import EventRecord, SessionInfo, SessionPage
 from agentlog._validation import check_page_size, check_record_id, check_session_id
 from agentlog.server import _semantics
 from agentlog.server._semantics import Prepared
@@ -22,7 +22,7 @@ class _Session:
     by_id: dict[str, tuple[int, bytes]] = field(default_factory=dict)
 
 
-class MemorySessionRepository:
+class MemorySessionRepository(_semantics.Store):
     """Holds every record in process memory; safe to share between threads."""
 
     def __init__(self) -> None:
@@ -30,23 +30,6 @@ class MemorySessionRepository:
         self._sessions: dict[str, _Session] = {}
         self._session_ids: list[str] = []  # sorted by bytes, for paging
         self._children: dict[str, list[EventRecord]] = defaultdict(list)
-
-    def append(self, event: AppendEvent) -> EventRecord:
-        item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)
-        prepared = _semantics.prepare(
-            event.session_id, [item], event.expected_sequence, batch=False
-        )
-        return self._append(event.session_id, prepared, event.expected_sequence)[0]
-
-    def append_batch(
-        self,
-        session_id: str,
-        events: Sequence[NewEvent],
-        *,
-        expected_sequence: int | None = None,
-    ) -> list[EventRecord]:
-        prepared = _semantics.prepare(session_id, events, expected_sequence, batch=True)
-        return self._append(session_id, prepared, expected_sequence)
 
     def _append(
         self, session_id: str, batch: list[Prepared], expected: int | None
@@ -93,20 +76,6 @@ class MemorySessionRepository:
             records = session.records if session else []
             chosen = [records[s - 1] for s in selected.sequences(len(records))]
         return iter(chosen)
-
-    def load_session(
-        self,
-        session_id: str,
-        *,
-        from_sequence: int = 0,
-        limit: int | None = None,
-        direction: ReadDirection = ReadDirection.FORWARDS,
-    ) -> list[EventRecord]:
-        return list(
-            self.read_session(
-                session_id, from_sequence=from_sequence, limit=limit, direction=direction
-            )
-        )
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
         check_record_id(parent_id, "parent_id")
