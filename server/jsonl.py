@@ -409,6 +409,7 @@ class _StateLoader:
         self.lines = 0  # newlines seen before the current block
         self.batch_end = 0  # the open batch's last sequence
         self.batch_start = (0, 0)  # its first sequence and byte offset
+        self.before_batch = ("", 0)  # the head id and timestamp before it
 
     def feed(self, data: bytes, base: int) -> bool:
         """Take complete lines starting at file offset `base`; False once damage is found."""
@@ -441,6 +442,7 @@ class _StateLoader:
                 stated_end = obj.get("batch_end")
                 if isinstance(stated_end, int) and stated_end > self.batch_end:
                     self.batch_end, self.batch_start = stated_end, (self.sequence, base + position)
+                    self.before_batch = (state.head_id, state.last_timestamp_ns)
                 state.offsets.append(base + position)
                 state.by_id[record_id] = (self.sequence, digest)
                 if self.sequence == 1:
@@ -473,6 +475,7 @@ class _StateLoader:
                 metadata={"file": str(self.path), "offset": str(offset)},
             )
             del state.offsets[first - 1 :]
+            state.head_id, state.last_timestamp_ns = self.before_batch
             end = offset
             for record_id, (stored_sequence, _) in list(state.by_id.items()):
                 if stored_sequence >= first:

@@ -174,6 +174,8 @@ def test_a_batch_cut_short_is_never_served_in_part(client: AgentlogClient, data:
         client.load_session("cut")
     with pytest.raises(DataLossError, match="cut short"):
         client.append(AppendEvent(session_id="cut", event=started("cut")))
+    [info] = client.list_sessions().sessions  # the readable part: the record before the batch
+    assert (info.event_count, info.head_id) == (1, json.loads(lines[0])["id"])
     path.write_bytes(lines[0])  # the operator removes the partial batch
     assert [r.sequence for r in client.load_session("cut")] == [1]
     single = client.append(AppendEvent(session_id="cut", event=started("cut")))
