@@ -31,7 +31,14 @@ from agentlog._events import (
     ToolResultSummary,
 )
 from agentlog._json import JsonValue
-from agentlog._records import AppendEvent, EventRecord, NewEvent, SessionInfo, SessionPage
+from agentlog._records import (
+    AppendEvent,
+    CaughtUp,
+    EventRecord,
+    NewEvent,
+    SessionInfo,
+    SessionPage,
+)
 from agentlog.client import AgentlogClient, AsyncAgentlogClient
 from agentlog.errors import (
     AgentlogError,
@@ -60,6 +67,7 @@ __all__ = [
     "AsyncAgentlogClient",
     "AsyncSessionRepository",
     "CancelledError",
+    "CaughtUp",
     "ContextCompacted",
     "DataLossError",
     "DeadlineExceededError",

@@ -54,6 +54,16 @@ class NewEvent:
     """The record's id (a canonical UUID), or None for the store to make one."""
 
 
+@dataclass(frozen=True, slots=True)
+class CaughtUp:
+    """A subscription's marker: every record stored when it began has been delivered.
+
+    `sequence` is the last sequence delivered so far (0: none). What follows is live.
+    """
+
+    sequence: int
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SessionInfo:
     """A summary of one session, as ListSessions gives it."""

@@ -17,7 +17,7 @@ import dataclasses
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -25,7 +25,7 @@ import grpc
 
 from agentlog import _codec
 from agentlog._events import ReadDirection
-from agentlog._records import AppendEvent, EventRecord, NewEvent, SessionPage
+from agentlog._records import AppendEvent, CaughtUp, EventRecord, NewEvent, SessionPage
 from agentlog._status import from_rpc_error
 from agentlog._validation import check_page_size
 from agentlog.v1 import session_pb2 as pb
@@ -68,6 +68,38 @@ def _batch_request(
         e if e.id is not None else dataclasses.replace(e, id=str(uuid.uuid4())) for e in events
     ]
     return _codec.batch_to_proto(session_id, with_ids, expected_sequence)
+
+
+class _Resume:
+    """Where a subscription stands, so that a reconnect continues exactly after it."""
+
+    def __init__(self, session_id: str, from_sequence: int | None) -> None:
+        self.session_id = session_id
+        self.next_sequence = from_sequence
+        self.attempt = 0
+
+    def request(self) -> pb.SubscribeSessionRequest:
+        return pb.SubscribeSessionRequest(
+            session_id=self.session_id, from_sequence=self.next_sequence
+        )
+
+    def items(self, response: pb.SubscribeSessionResponse) -> list[EventRecord | CaughtUp]:
+        self.attempt = 0  # the stream works again: a later failure gets all its retries
+        if response.HasField("caught_up"):
+            sequence = response.caught_up.sequence
+            self.next_sequence = sequence + 1
+            return [CaughtUp(sequence)]
+        records = [_codec.record_from_proto(r) for r in response.records.records]
+        if records:
+            self.next_sequence = records[-1].sequence + 1
+        return list(records)
+
+    def retry(self, exc: grpc.RpcError, retries: int) -> float:
+        """Seconds to wait before resuming, or raise the error when it is not to be retried."""
+        if exc.code() != grpc.StatusCode.UNAVAILABLE or self.attempt >= retries:
+            raise from_rpc_error(exc) from None
+        self.attempt += 1
+        return _backoff(self.attempt - 1)
 
 
 def _open_channel(
@@ -192,6 +224,28 @@ class AgentlogClient:
         )
         return _codec.page_from_proto(self._unary(self._stub.ListSessions, request))
 
+    def subscribe_session(
+        self, session_id: str, *, from_sequence: int | None = None
+    ) -> Generator[EventRecord | CaughtUp, None, None]:
+        """Stored records from `from_sequence` (None: only new ones), CaughtUp, then live ones.
+
+        Has no deadline. After UNAVAILABLE it resubscribes from the sequence after
+        the last one delivered (up to `retries` times in a row), so the caller sees
+        no gap and no duplicate; a CaughtUp follows each reconnect.
+        """
+        resume = _Resume(session_id, from_sequence)
+        while True:
+            call = self._stub.SubscribeSession(resume.request())
+            try:
+                for response in call:
+                    yield from resume.items(response)
+                return
+            except grpc.RpcError as exc:
+                delay = resume.retry(exc, self.retries)
+            finally:
+                call.cancel()
+            time.sleep(delay)
+
     def iter_children(self, parent_id: str) -> Iterator[EventRecord]:
         """The children of a record as they stream in."""
         return self._stream(self._stub.LoadChildren, pb.LoadChildrenRequest(parent_id=parent_id))
@@ -309,6 +363,27 @@ class AsyncAgentlogClient:
             page_size=check_page_size(page_size), page_token=page_token or ""
         )
         return _codec.page_from_proto(await self._unary(self._stub.ListSessions, request))
+
+    async def subscribe_session(
+        self, session_id: str, *, from_sequence: int | None = None
+    ) -> AsyncGenerator[EventRecord | CaughtUp, None]:
+        """Stored records from `from_sequence` (None: only new ones), CaughtUp, then live ones.
+
+        Resumes after UNAVAILABLE exactly as AgentlogClient.subscribe_session does.
+        """
+        resume = _Resume(session_id, from_sequence)
+        while True:
+            call = self._stub.SubscribeSession(resume.request())
+            try:
+                async for response in call:
+                    for item in resume.items(response):
+                        yield item
+                return
+            except grpc.RpcError as exc:
+                delay = resume.retry(exc, self.retries)
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
 
     def iter_children(self, parent_id: str) -> AsyncIterator[EventRecord]:
         """The children of a record as they stream in."""

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 from agentlog._events import ReadDirection
-from agentlog._records import AppendEvent, EventRecord, NewEvent, SessionPage
+from agentlog._records import AppendEvent, CaughtUp, EventRecord, NewEvent, SessionPage
 
 
 @runtime_checkable
@@ -85,6 +85,18 @@ class SessionRepository(Protocol):
         """One page of sessions in session id (byte) order; page_size 1-1000, default 100."""
         ...
 
+    def subscribe_session(
+        self, session_id: str, *, from_sequence: int | None = None
+    ) -> Iterator[EventRecord | CaughtUp]:
+        """Follow a session: stored records from `from_sequence`, CaughtUp, then live ones.
+
+        `from_sequence=None` delivers only records appended from now on; to
+        resume, pass the sequence after the last one received. Records come in
+        sequence order with no gap and no duplicate. The iterator blocks while
+        it waits; close it to end the subscription.
+        """
+        ...
+
 
 @runtime_checkable
 class AsyncSessionRepository(Protocol):
@@ -138,4 +150,10 @@ class AsyncSessionRepository(Protocol):
         self, *, page_size: int | None = None, page_token: str | None = None
     ) -> SessionPage:
         """One page of sessions in session id (byte) order."""
+        ...
+
+    def subscribe_session(
+        self, session_id: str, *, from_sequence: int | None = None
+    ) -> AsyncIterator[EventRecord | CaughtUp]:
+        """Follow a session: stored records from `from_sequence`, CaughtUp, then live ones."""
         ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +22,7 @@ import orjson
 
 from agentlog._codec import event_to_json
 from agentlog._events import AgentEvent, ReadDirection
-from agentlog._records import AppendEvent, EventRecord, NewEvent
+from agentlog._records import AppendEvent, CaughtUp, EventRecord, NewEvent, SessionPage
 from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
 from agentlog.errors import AlreadyExistsError, InvalidArgumentError, WrongExpectedSequence
 
@@ -208,17 +209,44 @@ def decode_page_token(token: str | None) -> str | None:
         ) from None
 
 
+Listener = Callable[[str, int], None]
+"""Called with (session_id, last_sequence) after every append that stored something."""
+
+
 class Store(ABC):
-    """What the in-process backends share: the append entry points and list reads.
+    """What the in-process backends share: appends, list reads and subscriptions.
 
     A backend implements `_append` (decide with `check_append`, then store) and
     `read_session`; the rest of the SessionRepository protocol is theirs to fill.
+    Subscribers never hold records of their own: they read from the store by
+    sequence and only wait for word that a session has grown, so they cannot
+    miss, repeat or reorder a record, and a slow one costs writers nothing.
     """
+
+    def __init__(self) -> None:
+        self._grown = threading.Condition()
+        self._last_published: dict[str, int] = {}
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        """Be told after each append; it runs on the writer's thread, so it must not block."""
+        self._listeners.append(listener)
+
+    def _publish(self, session_id: str, records: list[EventRecord]) -> None:
+        last = records[-1].sequence
+        with self._grown:
+            if last > self._last_published.get(session_id, 0):
+                self._last_published[session_id] = last
+                self._grown.notify_all()
+        for listener in self._listeners:
+            listener(session_id, last)
 
     def append(self, event: AppendEvent) -> EventRecord:
         item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)
         batch = prepare(event.session_id, [item], event.expected_sequence, batch=False)
-        return self._append(event.session_id, batch, event.expected_sequence)[0]
+        records = self._append(event.session_id, batch, event.expected_sequence)
+        self._publish(event.session_id, records)
+        return records[0]
 
     def append_batch(
         self,
@@ -228,7 +256,44 @@ class Store(ABC):
         expected_sequence: int | None = None,
     ) -> list[EventRecord]:
         batch = prepare(session_id, events, expected_sequence, batch=True)
-        return self._append(session_id, batch, expected_sequence)
+        records = self._append(session_id, batch, expected_sequence)
+        self._publish(session_id, records)
+        return records
+
+    @abstractmethod
+    def head(self, session_id: str) -> EventRecord | None:
+        """A session's latest record."""
+
+    @abstractmethod
+    def load_children(self, parent_id: str) -> list[EventRecord]:
+        """Every record whose parent_id is `parent_id`."""
+
+    @abstractmethod
+    def list_sessions(
+        self, *, page_size: int | None = None, page_token: str | None = None
+    ) -> SessionPage:
+        """One page of sessions."""
+
+    def subscribe_session(
+        self, session_id: str, *, from_sequence: int | None = None
+    ) -> Iterator[EventRecord | CaughtUp]:
+        """Stored records from `from_sequence` (None: only new ones), CaughtUp, then live ones.
+
+        The iterator blocks while it waits for new records; close it (or leave
+        the loop) to end the subscription.
+        """
+        next_sequence = start_sequence(self.head(session_id), from_sequence)
+        caught_up = False
+        while True:
+            for record in self.read_session(session_id, from_sequence=next_sequence):
+                yield record
+                next_sequence = record.sequence + 1
+            if not caught_up:
+                caught_up = True
+                yield CaughtUp(next_sequence - 1)
+            with self._grown:
+                while self._last_published.get(session_id, 0) < next_sequence:
+                    self._grown.wait()
 
     @abstractmethod
     def _append(
@@ -260,3 +325,10 @@ class Store(ABC):
                 session_id, from_sequence=from_sequence, limit=limit, direction=direction
             )
         )
+
+
+def start_sequence(head: EventRecord | None, from_sequence: int | None) -> int:
+    """The first sequence a subscription delivers."""
+    if from_sequence is None:
+        return (head.sequence if head else 0) + 1
+    return check_count(from_sequence, "from_sequence", minimum=1)

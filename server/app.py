@@ -18,8 +18,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agentlog._events import ReadDirection
-from agentlog._records import AppendEvent, EventRecord, NewEvent, SessionPage
-from agentlog.protocol import SessionRepository
+from agentlog._records import AppendEvent, CaughtUp, EventRecord, NewEvent, SessionPage
+from agentlog.errors import UnavailableError
+from agentlog.server._semantics import Store, start_sequence
 from agentlog.server.service import SessionRepositoryService
 from agentlog.v1 import session_pb2, session_pb2_grpc
 
@@ -35,11 +36,84 @@ READ_CHUNK = 256
 
 
 class ThreadedRepository:
-    """An AsyncSessionRepository that runs a blocking SessionRepository on a thread pool."""
+    """An AsyncSessionRepository that runs a blocking store on a thread pool.
 
-    def __init__(self, repository: SessionRepository, executor: ThreadPoolExecutor) -> None:
+    Subscriptions wait in the event loop, not on a thread: the store's
+    listener wakes them (thread-safely) when their session grows, and they read
+    what is new from the store by sequence.
+    """
+
+    def __init__(self, repository: Store, executor: ThreadPoolExecutor) -> None:
         self._repository = repository
         self._executor = executor
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._published: dict[str, int] = {}
+        self._closing = False
+        repository.add_listener(self._on_append)
+
+    def _on_append(self, session_id: str, last_sequence: int) -> None:
+        # Runs on the writer's thread: hand over to the event loop.
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake, session_id, last_sequence)
+
+    def _wake(self, session_id: str, last_sequence: int) -> None:
+        if last_sequence > self._published.get(session_id, 0):
+            self._published[session_id] = last_sequence
+        for waiter in self._waiters.get(session_id, ()):
+            waiter.set()
+
+    def close_subscriptions(self) -> None:
+        """End every subscription with UNAVAILABLE (at shutdown)."""
+        self._closing = True
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.set()
+
+    async def subscribe_chunks(
+        self, session_id: str, *, from_sequence: int | None = None
+    ) -> AsyncIterator[list[EventRecord] | CaughtUp]:
+        """The subscription as runs of records (each at most READ_CHUNK long) and CaughtUp."""
+        self._loop = asyncio.get_running_loop()
+        next_sequence = start_sequence(await self.head(session_id), from_sequence)
+        waiter = asyncio.Event()
+        self._waiters.setdefault(session_id, set()).add(waiter)
+        try:
+            caught_up = False
+            while True:
+                waiter.clear()
+                async for chunk in self._read_chunks(session_id, from_sequence=next_sequence):
+                    yield chunk
+                    next_sequence = chunk[-1].sequence + 1
+                if not caught_up:
+                    caught_up = True
+                    yield CaughtUp(next_sequence - 1)
+                if not self._closing and self._published.get(session_id, 0) < next_sequence:
+                    await waiter.wait()
+                if self._closing:
+                    raise UnavailableError(
+                        "the server is shutting down; subscribe again (here when it is back, "
+                        f"or elsewhere) from sequence {next_sequence}",
+                        reason="SHUTTING_DOWN",
+                        metadata={"session_id": session_id, "next_sequence": str(next_sequence)},
+                    )
+        finally:
+            waiters = self._waiters.get(session_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[session_id]
+
+    async def subscribe_session(
+        self, session_id: str, *, from_sequence: int | None = None
+    ) -> AsyncIterator[EventRecord | CaughtUp]:
+        async for item in self.subscribe_chunks(session_id, from_sequence=from_sequence):
+            if isinstance(item, CaughtUp):
+                yield item
+            else:
+                for record in item:
+                    yield record
 
     async def _run(self, function: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -79,6 +153,20 @@ class ThreadedRepository:
     ) -> AsyncIterator[EventRecord]:
         # The blocking iterator is advanced a chunk at a time on the storage
         # threads, so a long read holds one chunk in memory, not the session.
+        async for chunk in self._read_chunks(
+            session_id, from_sequence=from_sequence, limit=limit, direction=direction
+        ):
+            for record in chunk:
+                yield record
+
+    async def _read_chunks(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> AsyncIterator[list[EventRecord]]:
         open_read = functools.partial(
             self._repository.read_session,
             session_id,
@@ -88,8 +176,7 @@ class ThreadedRepository:
         )
         records: Iterator[EventRecord] = await self._run(open_read)
         while chunk := await self._run(_take, records, READ_CHUNK):
-            for record in chunk:
-                yield record
+            yield chunk
 
     async def load_session(
         self,
@@ -119,11 +206,12 @@ def _take(records: Iterator[EventRecord], count: int) -> list[EventRecord]:
 
 
 class Server(NamedTuple):
-    """A built server: the grpc.aio server, its bound port and its health service."""
+    """A built server: the grpc.aio server, its bound port, health service and storage."""
 
     server: grpc.aio.Server
     port: int
     health: Any
+    repository: ThreadedRepository
 
     async def start(self) -> None:
         """Start serving and report SERVING to health checks."""
@@ -132,14 +220,16 @@ class Server(NamedTuple):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None) -> None:
-        """Report NOT_SERVING, refuse new calls, and let calls in flight finish within `grace`."""
+        """End subscriptions with UNAVAILABLE, report NOT_SERVING, refuse new calls,
+        and let calls in flight finish within `grace`."""
+        self.repository.close_subscriptions()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
 
 def create_server(
     address: str,
-    repository: SessionRepository,
+    repository: Store,
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     storage_threads: int = DEFAULT_STORAGE_THREADS,
@@ -167,7 +257,8 @@ def create_server(
         ]
     )
     executor = ThreadPoolExecutor(storage_threads, thread_name_prefix="agentlog-storage")
-    service = SessionRepositoryService(ThreadedRepository(repository, executor))
+    threaded = ThreadedRepository(repository, executor)
+    service = SessionRepositoryService(threaded)
     session_pb2_grpc.add_SessionRepositoryServicer_to_server(service, server)
 
     health_service = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack aio
@@ -186,7 +277,7 @@ def create_server(
         raise OSError(f"cannot listen on {address}: {exc}") from None
     if port == 0:
         raise OSError(f"cannot listen on {address}: the address is in use or invalid")
-    return Server(server, port, health_service)
+    return Server(server, port, health_service, threaded)
 
 
 async def serve(

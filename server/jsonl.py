@@ -82,6 +82,7 @@ class JsonlSessionRepository(_semantics.Store):
     """
 
     def __init__(self, root: str | os.PathLike[str], *, sync: bool = True) -> None:
+        super().__init__()
         self.root = Path(root).resolve()
         try:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ class MemorySessionRepository(_semantics.Store):
     """Holds every record in process memory; safe to share between threads."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
         self._session_ids: list[str] = []  # sorted by bytes, for paging

@@ -11,18 +11,20 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from agentlog import _codec
-from agentlog._records import EventRecord
+from agentlog._records import CaughtUp, EventRecord
 from agentlog._status import to_grpc_status
 from agentlog._validation import check_record_id, check_session_id
 from agentlog.errors import AgentlogError, ServerError
-from agentlog.protocol import AsyncSessionRepository
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
+
+if TYPE_CHECKING:
+    from agentlog.server.app import ThreadedRepository
 
 log = logging.getLogger("agentlog.server")
 
@@ -99,7 +101,7 @@ async def _each(records: list[EventRecord]) -> AsyncIterator[EventRecord]:
 class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     """Serves an AsyncSessionRepository over gRPC."""
 
-    def __init__(self, repository: AsyncSessionRepository) -> None:
+    def __init__(self, repository: ThreadedRepository) -> None:
         self._repository = repository
 
     @_translate_errors
@@ -144,6 +146,19 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         if record is None:
             return pb.HeadResponse()
         return pb.HeadResponse(record=_codec.record_to_proto(record))
+
+    @_translate_errors
+    async def SubscribeSession(
+        self, request: pb.SubscribeSessionRequest, context: Any
+    ) -> AsyncIterator[pb.SubscribeSessionResponse]:
+        session_id = check_session_id(request.session_id)
+        start = request.from_sequence if request.HasField("from_sequence") else None
+        async for item in self._repository.subscribe_chunks(session_id, from_sequence=start):
+            if isinstance(item, CaughtUp):
+                yield pb.SubscribeSessionResponse(caught_up=pb.CaughtUp(sequence=item.sequence))
+            else:
+                records = [_codec.record_to_proto(record) for record in item]
+                yield pb.SubscribeSessionResponse(records=pb.RecordBatch(records=records))
 
     @_translate_errors
     async def ListSessions(

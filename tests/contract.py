@@ -6,8 +6,10 @@ Subclasses provide the `repo` fixture; the tests never look behind the protocol.
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ import pytest
 from agentlog import (
     AlreadyExistsError,
     AppendEvent,
+    CaughtUp,
     EventRecord,
     InvalidArgumentError,
     IterationStarted,
@@ -622,3 +625,116 @@ class EventStoreContract(SessionRepositoryContract):
         for kwargs in bad_pages:
             with pytest.raises(InvalidArgumentError):
                 repo.list_sessions(**kwargs)
+
+
+class Follower:
+    """Consumes a subscription on a thread until it has `count` items."""
+
+    def __init__(self, items: Iterator[Any], count: int) -> None:
+        self.items: list[Any] = []
+        self.error: BaseException | None = None
+        self._count = count
+        self._source = items
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                self.items.append(item)
+                if len(self.items) >= self._count:
+                    break
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                close()  # ends the subscription now, not when garbage collected
+            self._done.set()
+
+    def wait_for(self, count: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.items) < count and not self._done.is_set():
+            assert time.monotonic() < deadline, f"got {self.items}"
+            time.sleep(0.005)
+        assert self.error is None, self.error
+
+    def finish(self, timeout: float = 20) -> list[Any]:
+        assert self._done.wait(timeout), f"got {self.items}"
+        assert self.error is None, self.error
+        return [i.sequence if isinstance(i, EventRecord) else i for i in self.items]
+
+
+class SubscriptionContract(EventStoreContract):
+    """Catch-up-then-live subscriptions to one session."""
+
+    def test_history_then_caught_up_then_live(self, repo: SessionRepository) -> None:
+        session = new_session()
+        for i in range(3):
+            repo.append(AppendEvent(session_id=session, event=delta(session, str(i))))
+        follower = Follower(repo.subscribe_session(session, from_sequence=1), count=6)
+        follower.wait_for(4)
+        repo.append(AppendEvent(session_id=session, event=delta(session, "live")))
+        repo.append_batch(session, [NewEvent(event=delta(session, "batch"))])
+        assert follower.finish() == [1, 2, 3, CaughtUp(3), 4, 5]
+
+    def test_from_now_delivers_only_new_records(self, repo: SessionRepository) -> None:
+        session = new_session()
+        repo.append(AppendEvent(session_id=session, event=started(session)))
+        repo.append(AppendEvent(session_id=session, event=delta(session, "old")))
+        follower = Follower(repo.subscribe_session(session), count=3)
+        follower.wait_for(1)
+        repo.append_batch(session, [NewEvent(event=delta(session, str(i))) for i in range(2)])
+        assert follower.finish() == [CaughtUp(2), 3, 4]
+
+    def test_resuming_from_a_sequence(self, repo: SessionRepository) -> None:
+        session = new_session()
+        repo.append_batch(session, [NewEvent(event=delta(session, str(i))) for i in range(5)])
+        follower = Follower(repo.subscribe_session(session, from_sequence=4), count=3)
+        assert follower.finish() == [4, 5, CaughtUp(5)]
+
+    def test_a_session_that_does_not_exist_yet(self, repo: SessionRepository) -> None:
+        session = new_session()
+        follower = Follower(repo.subscribe_session(session), count=2)
+        follower.wait_for(1)
+        repo.append(AppendEvent(session_id=session, event=started(session)))
+        items = follower.finish()
+        assert items == [CaughtUp(0), 1]
+
+    def test_no_gap_or_duplicate_while_writers_race_the_switch(
+        self, repo: SessionRepository
+    ) -> None:
+        session = new_session()
+        total = 300
+
+        def write() -> None:
+            for i in range(0, total, 3):
+                if i % 2:
+                    repo.append(AppendEvent(session_id=session, event=delta(session, str(i))))
+                    repo.append_batch(
+                        session, [NewEvent(event=delta(session, "b")) for _ in range(2)]
+                    )
+                else:
+                    repo.append_batch(
+                        session, [NewEvent(event=delta(session, "c")) for _ in range(3)]
+                    )
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        followers = []
+        for _ in range(3):
+            time.sleep(0.01)
+            followers.append(Follower(repo.subscribe_session(session, from_sequence=1), total + 1))
+        writer.join(60)
+        for follower in followers:
+            items = follower.finish()
+            records = [i for i in items if isinstance(i, int)]
+            assert records == list(range(1, total + 1))
+            assert sum(isinstance(i, CaughtUp) for i in items) == 1
+
+    def test_subscriptions_check_their_arguments(self, repo: SessionRepository) -> None:
+        with pytest.raises(InvalidArgumentError, match="path separator"):
+            next(iter(repo.subscribe_session("a/b")))
+        with pytest.raises(InvalidArgumentError, match="from_sequence"):
+            next(iter(repo.subscribe_session(new_session(), from_sequence=0)))

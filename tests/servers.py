@@ -8,8 +8,8 @@ from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from agentlog.protocol import SessionRepository
 from agentlog.server import create_server
+from agentlog.server._semantics import Store
 
 T = TypeVar("T")
 
@@ -32,7 +32,7 @@ class LoopThread:
 
 
 @contextmanager
-def running_server(repository: SessionRepository, **options: Any) -> Iterator[str]:
+def running_server(repository: Store, **options: Any) -> Iterator[str]:
     """Serve `repository` on 127.0.0.1:<free port>; yields the target "127.0.0.1:PORT"."""
     loop = LoopThread()
 

@@ -12,23 +12,24 @@ from agentlog import (
     AgentlogClient,
     AppendEvent,
     AsyncAgentlogClient,
+    CaughtUp,
     EventRecord,
     NewEvent,
     SessionPage,
 )
 from agentlog.protocol import AsyncSessionRepository
 from agentlog.server import JsonlSessionRepository, MemorySessionRepository
-from tests.contract import EventStoreContract
+from tests.contract import SubscriptionContract
 from tests.servers import LoopThread, running_server
 
 
-class TestMemory(EventStoreContract):
+class TestMemory(SubscriptionContract):
     @pytest.fixture
     def repo(self) -> MemorySessionRepository:
         return MemorySessionRepository()
 
 
-class TestJsonl(EventStoreContract):
+class TestJsonl(SubscriptionContract):
     @pytest.fixture
     def repo(self, tmp_path: Path) -> JsonlSessionRepository:
         return JsonlSessionRepository(tmp_path)
@@ -46,14 +47,14 @@ def memory_target() -> Iterator[str]:
         yield target
 
 
-class TestClientOverJsonl(EventStoreContract):
+class TestClientOverJsonl(SubscriptionContract):
     @pytest.fixture
     def repo(self, jsonl_target: str) -> Iterator[AgentlogClient]:
         with AgentlogClient(jsonl_target) as client:
             yield client
 
 
-class TestClientOverMemory(EventStoreContract):
+class TestClientOverMemory(SubscriptionContract):
     @pytest.fixture
     def repo(self, memory_target: str) -> Iterator[AgentlogClient]:
         with AgentlogClient(memory_target) as client:
@@ -93,13 +94,30 @@ class BlockingAsyncClient:
     def load_session(self, session_id: str, **kwargs: Any) -> list[EventRecord]:
         return self._loop.run(self.client.load_session(session_id, **kwargs))
 
+    def subscribe_session(
+        self, session_id: str, *, from_sequence: int | None = None
+    ) -> Iterator[EventRecord | CaughtUp]:
+        items = self.client.subscribe_session(session_id, from_sequence=from_sequence)
+
+        async def step() -> EventRecord | CaughtUp:
+            return await anext(items)
+
+        try:
+            while True:
+                try:
+                    yield self._loop.run(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._loop.run(items.aclose())
+
     def list_sessions(
         self, *, page_size: int | None = None, page_token: str | None = None
     ) -> SessionPage:
         return self._loop.run(self.client.list_sessions(page_size=page_size, page_token=page_token))
 
 
-class TestAsyncClientOverJsonl(EventStoreContract):
+class TestAsyncClientOverJsonl(SubscriptionContract):
     @pytest.fixture
     def repo(self, jsonl_target: str) -> Iterator[Any]:
         loop = LoopThread()

@@ -207,6 +207,34 @@ class EventRecord(_message.Message):
     sequence: int
     def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
+class SubscribeSessionRequest(_message.Message):
+    __slots__ = ("session_id", "from_sequence")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    from_sequence: int
+    def __init__(self, session_id: _Optional[str] = ..., from_sequence: _Optional[int] = ...) -> None: ...
+
+class SubscribeSessionResponse(_message.Message):
+    __slots__ = ("records", "caught_up")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
+    records: RecordBatch
+    caught_up: CaughtUp
+    def __init__(self, records: _Optional[_Union[RecordBatch, _Mapping]] = ..., caught_up: _Optional[_Union[CaughtUp, _Mapping]] = ...) -> None: ...
+
+class RecordBatch(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[EventRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[EventRecord, _Mapping]]] = ...) -> None: ...
+
+class CaughtUp(_message.Message):
+    __slots__ = ("sequence",)
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    def __init__(self, sequence: _Optional[int] = ...) -> None: ...
+
 class AgentEvent(_message.Message):
     __slots__ = ("run_started", "iteration_started", "model_output", "text_delta", "tool_call_requested", "tool_call_completed", "tool_call_failed", "state_patched", "context_compacted", "approval_requested", "approval_resolved", "run_errored", "run_finished")
     RUN_STARTED_FIELD_NUMBER: _ClassVar[int]

@@ -65,6 +65,11 @@ class SessionRepositoryStub:
                 request_serializer=agentlog_dot_v1_dot_session__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=agentlog_dot_v1_dot_session__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.SubscribeSession = channel.unary_stream(
+                '/agentlog.v1.SessionRepository/SubscribeSession',
+                request_serializer=agentlog_dot_v1_dot_session__pb2.SubscribeSessionRequest.SerializeToString,
+                response_deserializer=agentlog_dot_v1_dot_session__pb2.SubscribeSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SessionRepositoryServicer:
@@ -122,6 +127,17 @@ class SessionRepositoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeSession(self, request, context):
+        """SubscribeSession streams a session's stored records from a sequence, then
+        a CaughtUp marker, then each new record as it is appended, in sequence
+        order with no gap and no duplicate. It stays open until the client
+        cancels; at server shutdown it ends with UNAVAILABLE, and the client
+        resumes by subscribing from the sequence after the last one it received.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionRepositoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +170,11 @@ def add_SessionRepositoryServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=agentlog_dot_v1_dot_session__pb2.ListSessionsRequest.FromString,
                     response_serializer=agentlog_dot_v1_dot_session__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'SubscribeSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeSession,
+                    request_deserializer=agentlog_dot_v1_dot_session__pb2.SubscribeSessionRequest.FromString,
+                    response_serializer=agentlog_dot_v1_dot_session__pb2.SubscribeSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,6 +340,33 @@ class SessionRepository:
             '/agentlog.v1.SessionRepository/ListSessions',
             agentlog_dot_v1_dot_session__pb2.ListSessionsRequest.SerializeToString,
             agentlog_dot_v1_dot_session__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentlog.v1.SessionRepository/SubscribeSession',
+            agentlog_dot_v1_dot_session__pb2.SubscribeSessionRequest.SerializeToString,
+            agentlog_dot_v1_dot_session__pb2.SubscribeSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
