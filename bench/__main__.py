@@ -93,6 +93,64 @@ def bench_appends(target: str, results: dict[str, tuple[float, str]], scale: int
         )
 
 
+def bench_subscriptions(
+    target: str, results: dict[str, tuple[float, str]], subscribers: int, appends: int
+) -> None:
+    """Delay from an Append's acknowledgement to each live subscriber's receipt.
+
+    Subscribers run on one asyncio loop in this process (the async client);
+    appends come from a sync client on another thread, one at a time. A
+    record that arrives before its acknowledgement counts as 0 ms.
+    """
+    import asyncio
+    import threading
+
+    from agentlog import AsyncAgentlogClient, CaughtUp
+
+    session = f"live-{subscribers}"
+    acked: dict[int, float] = {}
+    received: list[tuple[int, float]] = []
+    ready = threading.Event()
+    done = threading.Event()
+
+    async def follow(client: AsyncAgentlogClient, counter: list[int]) -> None:
+        async for item in client.subscribe_session(session):
+            if isinstance(item, CaughtUp):
+                counter[0] += 1
+                if counter[0] == subscribers:
+                    ready.set()
+                continue
+            received.append((item.sequence, time.perf_counter()))
+            if item.sequence >= appends:
+                return
+
+    async def run_followers() -> None:
+        async with AsyncAgentlogClient(target, timeout=None) as client:
+            counter = [0]
+            await asyncio.gather(*(follow(client, counter) for _ in range(subscribers)))
+        done.set()
+
+    thread = threading.Thread(target=lambda: asyncio.run(run_followers()))
+    thread.start()
+    ready.wait(60)
+    with AgentlogClient(target) as writer:
+        for i in range(appends):
+            record = writer.append(AppendEvent(session_id=session, event=delta(session, i)))
+            acked[record.sequence] = time.perf_counter()
+            time.sleep(0.002)  # one at a time: measure delay, not queueing
+    done.wait(120)
+    thread.join(10)
+    delays = sorted(max(at - acked[sequence], 0.0) * 1000 for sequence, at in received)
+    results[f"subscribe_delay_p50_ms_{subscribers}_subscribers"] = (
+        delays[len(delays) // 2],
+        "ms",
+    )
+    results[f"subscribe_delay_p99_ms_{subscribers}_subscribers"] = (
+        delays[int(len(delays) * 0.99)],
+        "ms",
+    )
+
+
 def bench_listing(data_dir: Path, results: dict[str, tuple[float, str]], sessions: int) -> None:
     repo = JsonlSessionRepository(data_dir, sync=False)
     event = delta("s", 0)
@@ -130,6 +188,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         with server(Path(tmp) / "appends") as target:
             bench_appends(target, results, args.scale)
+            for subscribers in (1, 100):
+                bench_subscriptions(target, results, subscribers, appends=200)
         bench_listing(Path(tmp) / "listing", results, args.sessions)
     ceilings = {
         "append_rps_c1_always": "empty_unary_rps_c1",

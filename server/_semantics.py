@@ -209,8 +209,8 @@ def decode_page_token(token: str | None) -> str | None:
         ) from None
 
 
-Listener = Callable[[str, int], None]
-"""Called with (session_id, last_sequence) after every append that stored something."""
+Listener = Callable[[str, list[EventRecord]], None]
+"""Called with (session_id, records) after every append, with the records it returned."""
 
 
 class Store(ABC):
@@ -239,7 +239,7 @@ class Store(ABC):
                 self._last_published[session_id] = last
                 self._grown.notify_all()
         for listener in self._listeners:
-            listener(session_id, last)
+            listener(session_id, records)
 
     def append(self, event: AppendEvent) -> EventRecord:
         item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)

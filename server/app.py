@@ -8,6 +8,7 @@ import itertools
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,7 @@ DEFAULT_GRACE_SECONDS = 10.0
 # event loop keeps serving other calls meanwhile.
 DEFAULT_STORAGE_THREADS = 16
 READ_CHUNK = 256
+RECENT_RECORDS = 1024
 
 
 class ThreadedRepository:
@@ -49,18 +51,38 @@ class ThreadedRepository:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._published: dict[str, int] = {}
+        # The latest records of sessions that have subscribers, consecutive by
+        # sequence, so that a new record fans out without a storage read each.
+        self._recent: dict[str, deque[EventRecord]] = {}
         self._closing = False
         repository.add_listener(self._on_append)
 
-    def _on_append(self, session_id: str, last_sequence: int) -> None:
+    def _remember(self, session_id: str, records: list[EventRecord]) -> None:
+        recent = self._recent.get(session_id)
+        if recent is None:
+            return  # nobody is subscribed
+        if recent and recent[-1].sequence + 1 != records[0].sequence:
+            # A retry's stored records, or listeners called out of order: storage is the truth.
+            recent.clear()
+        recent.extend(records)
+
+    def _cached(self, session_id: str, next_sequence: int) -> list[EventRecord] | None:
+        recent = self._recent.get(session_id)
+        if not recent or not recent[0].sequence <= next_sequence <= recent[-1].sequence:
+            return None
+        return list(itertools.islice(recent, next_sequence - recent[0].sequence, None))
+
+    def _on_append(self, session_id: str, records: list[EventRecord]) -> None:
         # Runs on the writer's thread: hand over to the event loop.
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake, session_id, last_sequence)
+            loop.call_soon_threadsafe(self._wake, session_id, records)
 
-    def _wake(self, session_id: str, last_sequence: int) -> None:
+    def _wake(self, session_id: str, records: list[EventRecord]) -> None:
+        last_sequence = records[-1].sequence
         if last_sequence > self._published.get(session_id, 0):
             self._published[session_id] = last_sequence
+        self._remember(session_id, records)
         for waiter in self._waiters.get(session_id, ()):
             waiter.set()
 
@@ -79,13 +101,19 @@ class ThreadedRepository:
         next_sequence = start_sequence(await self.head(session_id), from_sequence)
         waiter = asyncio.Event()
         self._waiters.setdefault(session_id, set()).add(waiter)
+        self._recent.setdefault(session_id, deque(maxlen=RECENT_RECORDS))
         try:
             caught_up = False
             while True:
                 waiter.clear()
-                async for chunk in self._read_chunks(session_id, from_sequence=next_sequence):
-                    yield chunk
-                    next_sequence = chunk[-1].sequence + 1
+                cached = self._cached(session_id, next_sequence) if caught_up else None
+                if cached:
+                    yield cached
+                    next_sequence = cached[-1].sequence + 1
+                else:
+                    async for chunk in self._read_chunks(session_id, from_sequence=next_sequence):
+                        yield chunk
+                        next_sequence = chunk[-1].sequence + 1
                 if not caught_up:
                     caught_up = True
                     yield CaughtUp(next_sequence - 1)
@@ -104,6 +132,7 @@ class ThreadedRepository:
                 waiters.discard(waiter)
                 if not waiters:
                     del self._waiters[session_id]
+                    self._recent.pop(session_id, None)
 
     async def subscribe_session(
         self, session_id: str, *, from_sequence: int | None = None

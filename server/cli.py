@@ -72,11 +72,61 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(os.environ.get("AGENTLOG_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)),
         help="seconds calls in flight may take to finish at shutdown (env AGENTLOG_GRACE_SECONDS)",
     )
+    tail_cmd = commands.add_parser(
+        "tail",
+        help="print a session's events as they happen",
+        description=(
+            "Print a session's last events, then each new one as it is appended, one line "
+            "each: sequence, time (UTC), kind, and the event's fields. Stops on Ctrl-C. "
+            "Survives server restarts without losing or repeating an event."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    tail_cmd.add_argument("session_id", metavar="SESSION", help="the session to follow")
+    tail_cmd.add_argument(
+        "--addr",
+        default=os.environ.get("AGENTLOG_ADDR", DEFAULT_ADDR),
+        help="the server's host:port (env AGENTLOG_ADDR)",
+    )
+    start = tail_cmd.add_mutually_exclusive_group()
+    start.add_argument(
+        "-n", "--lines", type=int, default=10, help="how many stored events to show first"
+    )
+    start.add_argument(
+        "--from", dest="from_sequence", type=_positive_int, help="start at this sequence instead"
+    )
+    tail_cmd.add_argument(
+        "--width", type=_positive_int, default=160, help="cut lines longer than this"
+    )
     return parser
+
+
+def tail(args: argparse.Namespace) -> int:
+    from agentlog.client import AgentlogClient
+    from agentlog.server._tail import describe
+
+    with AgentlogClient(args.addr, retries=1_000_000) as client:
+        start = args.from_sequence
+        if start is None:
+            head = client.head(args.session_id)
+            start = max((head.sequence if head else 0) - max(args.lines, 0), 0) + 1
+        for item in client.subscribe_session(args.session_id, from_sequence=start):
+            line = describe(item)
+            if line is not None:
+                print(line[: args.width], flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "tail":
+        try:
+            return tail(args)
+        except KeyboardInterrupt:
+            return 0
+        except AgentlogError as exc:
+            print(f"agentlog tail: {exc}", file=sys.stderr)
+            return 1
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

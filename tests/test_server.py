@@ -480,3 +480,30 @@ def test_appends_are_retried_until_the_server_comes_up(data: Path) -> None:
         finally:
             loop.run(built.stop(1))
             loop.close()
+
+
+def test_tail_prints_the_last_events_then_live_ones(data: Path) -> None:
+    repo = JsonlSessionRepository(data)
+    with running_server(repo) as target:
+        with AgentlogClient(target) as client:
+            for i in range(12):
+                client.append(AppendEvent(session_id="watch", event=delta("watch", f"old {i}")))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "agentlog.server", "tail", "watch", "--addr", target, "-n", "3"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            first = [process.stdout.readline() for _ in range(3)]
+            with AgentlogClient(target) as client:
+                client.append(AppendEvent(session_id="watch", event=delta("watch", "new\nline é")))
+            live = process.stdout.readline()
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(10)
+    assert [line.split()[0] for line in first] == ["#10", "#11", "#12"]
+    assert "text_delta" in first[0] and 'delta="old 9"' in first[0]
+    assert live.startswith("#13")
+    assert 'delta="new\\nline é"' in live  # one line, control characters visible
+    assert process.returncode == 0

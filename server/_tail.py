@@ -1,0 +1,27 @@
+"""One line per event, for people watching a session (`agentlog tail`)."""
+
+from __future__ import annotations
+
+import json
+
+from agentlog._codec import event_to_json
+from agentlog._records import CaughtUp, EventRecord, format_timestamp
+
+# Every event has these; the line shows the session once, in the heading of `tail`.
+_OMITTED = {"part_type", "run_id", "session_id"}
+
+
+def describe(item: EventRecord | CaughtUp) -> str | None:
+    """`#12  01:33:38.853  tool_call_requested  run=run-1 iteration=1 call={...}`."""
+    if isinstance(item, CaughtUp):
+        return None
+    fields = event_to_json(item.event)
+    parts = [f"run={fields['run_id']}"]
+    for name, value in fields.items():
+        if name in _OMITTED:
+            continue
+        # Strings and structures in JSON spelling: control characters stay visible.
+        text = value if isinstance(value, int | float) else json.dumps(value, ensure_ascii=False)
+        parts.append(f"{name}={text}")
+    clock = format_timestamp(item.timestamp_ns)[11:23]
+    return f"#{item.sequence:<6} {clock:<12}  {item.event.part_type:<20} {' '.join(parts)}"
