@@ -503,7 +503,8 @@ def test_tail_prints_the_last_events_then_live_ones(data: Path) -> None:
             process.send_signal(signal.SIGINT)
             process.wait(10)
     assert [line.split()[0] for line in first] == ["#10", "#11", "#12"]
-    assert "text_delta" in first[0] and 'delta="old 9"' in first[0]
+    assert "text_delta" in first[0]
+    assert 'delta="old 9"' in first[0]
     assert live.startswith("#13")
     assert 'delta="new\\nline é"' in live  # one line, control characters visible
     assert process.returncode == 0
