@@ -79,11 +79,14 @@ class ThreadedRepository:
             loop.call_soon_threadsafe(self._wake, session_id, records)
 
     def _wake(self, session_id: str, records: list[EventRecord]) -> None:
+        waiters = self._waiters.get(session_id)
+        if not waiters:
+            return  # nobody follows this session (a subscriber reads storage when it starts)
         last_sequence = records[-1].sequence
         if last_sequence > self._published.get(session_id, 0):
             self._published[session_id] = last_sequence
         self._remember(session_id, records)
-        for waiter in self._waiters.get(session_id, ()):
+        for waiter in waiters:
             waiter.set()
 
     def close_subscriptions(self) -> None:
@@ -133,6 +136,7 @@ class ThreadedRepository:
                 if not waiters:
                     del self._waiters[session_id]
                     self._recent.pop(session_id, None)
+                    self._published.pop(session_id, None)
 
     async def subscribe_session(
         self, session_id: str, *, from_sequence: int | None = None
