@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from agentlog import AgentlogClient, AppendEvent, CaughtUp
+from agentlog import AgentlogClient, AppendEvent, CaughtUp, NewEvent
 from agentlog.server import JsonlSessionRepository, Server, create_server
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
@@ -97,3 +97,26 @@ def test_the_client_resumes_across_a_server_restart(tmp_path: Path) -> None:
         [1, 2, 3, CaughtUp(3), 4, 5, CaughtUp(5), 6],
         [1, 2, 3, CaughtUp(3), 4, 5, 6, CaughtUp(6)],
     )
+
+
+def test_a_stalled_subscriber_neither_blocks_writers_nor_grows_memory(tmp_path: Path) -> None:
+    repo = JsonlSessionRepository(tmp_path, sync=False)
+    total = 5000
+    with served(repo) as (built, _), AgentlogClient(f"127.0.0.1:{built.port}") as client:
+        stalled = client.subscribe_session("busy", from_sequence=1)
+        assert next(stalled) == CaughtUp(0)  # then it stops reading
+        batch = [NewEvent(event=delta("busy", "x" * 200)) for _ in range(100)]
+        for _ in range(total // 100):
+            client.append_batch("busy", batch)  # would hang here if writers waited on readers
+        recent = built.repository._recent["busy"]
+        assert len(recent) == recent.maxlen == 1024  # the only per-session buffer, bounded
+        assert recent[-1].sequence == total
+        # The stalled subscriber resumes reading and sees everything, in order, once.
+        sequences = []
+        for item in stalled:
+            assert not isinstance(item, CaughtUp)
+            sequences.append(item.sequence)
+            if item.sequence == total:
+                break
+        stalled.close()
+    assert sequences == list(range(1, total + 1))
