@@ -8,7 +8,7 @@ from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from agentlog.server import create_server
+from agentlog.server import Server, create_server
 from agentlog.server._semantics import Store
 
 T = TypeVar("T")
@@ -32,18 +32,25 @@ class LoopThread:
 
 
 @contextmanager
-def running_server(repository: Store, **options: Any) -> Iterator[str]:
-    """Serve `repository` on 127.0.0.1:<free port>; yields the target "127.0.0.1:PORT"."""
+def served(repository: Store, port: int = 0, **options: Any) -> Iterator[tuple[Server, LoopThread]]:
+    """Serve `repository` on 127.0.0.1:`port` (0: a free one); yields the server and its loop."""
     loop = LoopThread()
 
-    async def start() -> Any:
-        built = create_server("127.0.0.1:0", repository, **options)
+    async def start() -> Server:
+        built = create_server(f"127.0.0.1:{port}", repository, **options)
         await built.start()
         return built
 
     built = loop.run(start())
     try:
-        yield f"127.0.0.1:{built.port}"
+        yield built, loop
     finally:
         loop.run(built.stop(1.0))
         loop.close()
+
+
+@contextmanager
+def running_server(repository: Store, **options: Any) -> Iterator[str]:
+    """Serve `repository` on 127.0.0.1:<free port>; yields the target "127.0.0.1:PORT"."""
+    with served(repository, **options) as (built, _):
+        yield f"127.0.0.1:{built.port}"

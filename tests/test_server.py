@@ -27,7 +27,7 @@ from agentlog.server import JsonlSessionRepository
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
 from tests.contract import delta, started
-from tests.servers import running_server
+from tests.servers import running_server, served
 
 MAX_MESSAGE = 64 * 1024
 
@@ -461,25 +461,10 @@ def test_appends_are_retried_until_the_server_comes_up(data: Path) -> None:
         thread.start()
         time.sleep(0.5)
         repo = JsonlSessionRepository(data)
-        from tests.servers import LoopThread
-
-        loop = LoopThread()
-
-        async def start() -> Any:
-            from agentlog.server import create_server
-
-            built = create_server(f"127.0.0.1:{port}", repo)
-            await built.start()
-            return built
-
-        built = loop.run(start())
-        try:
+        with served(repo, port):
             thread.join(30)
             assert len(result) == 1
             assert [r.id for r in repo.load_session("late")] == [result[0].id]
-        finally:
-            loop.run(built.stop(1))
-            loop.close()
 
 
 def test_tail_prints_the_last_events_then_live_ones(data: Path) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,28 +11,11 @@ import grpc
 import pytest
 
 from agentlog import AgentlogClient, AppendEvent, CaughtUp, NewEvent
-from agentlog.server import JsonlSessionRepository, Server, create_server
+from agentlog.server import JsonlSessionRepository
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
 from tests.contract import Follower, delta
-from tests.servers import LoopThread
-
-
-@contextmanager
-def served(repo: JsonlSessionRepository, port: int = 0) -> Iterator[tuple[Server, LoopThread]]:
-    loop = LoopThread()
-
-    async def start() -> Server:
-        built = create_server(f"127.0.0.1:{port}", repo)
-        await built.start()
-        return built
-
-    built = loop.run(start())
-    try:
-        yield built, loop
-    finally:
-        loop.run(built.stop(1.0))
-        loop.close()
+from tests.servers import served
 
 
 def wait_until(condition: Any, timeout: float = 10) -> None:
