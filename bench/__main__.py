@@ -164,6 +164,7 @@ def bench_listing(data_dir: Path, results: dict[str, tuple[float, str]], session
             )
         )
     results[f"create_{sessions}_sessions_s"] = (time.perf_counter() - start, "s")
+    repo.close()  # the server process takes the directory over
     with server(data_dir) as target, AgentlogClient(target) as client:
         start = time.perf_counter()
         page = client.list_sessions(page_size=100)

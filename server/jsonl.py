@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import fcntl
 import os
 import threading
 import time
@@ -96,6 +97,7 @@ class JsonlSessionRepository(_semantics.Store):
                 f"the data directory {self.root} is not readable and writable by this process",
                 reason="DATA_DIR_UNUSABLE",
             )
+        self._directory_lock = _lock_directory(self.root)
         self._sync = sync
         self._locks: dict[str, threading.Lock] = {}
         self._states: dict[str, _Session] = {}
@@ -315,7 +317,21 @@ class JsonlSessionRepository(_semantics.Store):
         return list(self._sessions_in_order())
 
     def close(self) -> None:
-        """Nothing is held open between calls; present so every backend closes alike."""
+        """Release the data directory for another process. Idempotent."""
+        fd, self._directory_lock = self._directory_lock, -1
+        if fd >= 0:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def __enter__(self) -> JsonlSessionRepository:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A repository dropped without close() must not keep the directory locked.
+        if getattr(self, "_directory_lock", -1) >= 0:
+            self.close()
 
     # --- state ---
 
@@ -375,6 +391,30 @@ class JsonlSessionRepository(_semantics.Store):
 
 
 _LOAD_BLOCK = 4 << 20
+
+
+LOCK_FILE = ".agentlog.lock"
+
+
+def _lock_directory(root: Path) -> int:
+    """Take the data directory for this process (flock), or say who has it."""
+    path = root / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FailedPreconditionError(
+            f"the data directory {root} is in use by another agentlog process (pid {holder}); "
+            "one process may write a data directory at a time. Stop it, or use another "
+            "--data-dir.",
+            reason="DATA_DIR_LOCKED",
+            metadata={"pid": holder},
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _load_state(path: Path, identity: tuple[int, int, int]) -> _Session:

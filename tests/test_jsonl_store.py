@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from agentlog import AgentlogClient, AppendEvent, DataLossError, NewEvent, TextDelta
+from agentlog import (
+    AgentlogClient,
+    AppendEvent,
+    DataLossError,
+    FailedPreconditionError,
+    NewEvent,
+    TextDelta,
+)
 from agentlog.server import JsonlSessionRepository
 from tests.contract import delta, started
 from tests.servers import running_server
@@ -141,7 +149,7 @@ def test_no_session_id_writes_outside_the_root(tmp_path: Path) -> None:
             repo.append(AppendEvent(session_id=bad, event=started("s")))
     repo.append(AppendEvent(session_id="ok", event=started("ok")))
     everything = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
-    assert everything == ["inner", "inner/data", "inner/data/ok.jsonl"]
+    assert everything == ["inner", "inner/data", "inner/data/.agentlog.lock", "inner/data/ok.jsonl"]
 
 
 def test_files_that_are_not_sessions_are_ignored(data: Path) -> None:
@@ -181,3 +189,17 @@ def test_a_batch_cut_short_is_never_served_in_part(client: AgentlogClient, data:
     single = client.append(AppendEvent(session_id="cut", event=started("cut")))
     assert single.sequence == 2
     assert "batch_end" not in path.read_text().splitlines()[-1]
+
+
+def test_one_process_writes_a_data_directory_at_a_time(data: Path) -> None:
+    first = JsonlSessionRepository(data)
+    with pytest.raises(
+        FailedPreconditionError, match=f"in use by another agentlog process \\(pid {os.getpid()}\\)"
+    ) as caught:
+        JsonlSessionRepository(data)
+    assert caught.value.reason == "DATA_DIR_LOCKED"
+    first.close()
+    with JsonlSessionRepository(data) as second:  # released on close
+        second.append(AppendEvent(session_id="s", event=started("s")))
+    del second
+    JsonlSessionRepository(data).close()  # and on exit from the with block

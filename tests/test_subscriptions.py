@@ -69,6 +69,7 @@ def test_the_client_resumes_across_a_server_restart(tmp_path: Path) -> None:
         # while nobody serves (in-process here) must still reach the follower.
         for i in range(2):
             repo.append(AppendEvent(session_id="s", event=delta("s", f"offline {i}")))
+        repo.close()  # hand the directory to the next server
         with served(JsonlSessionRepository(tmp_path), port):
             client.append(AppendEvent(session_id="s", event=delta("s", "back")))
             items = follower.finish(timeout=30)
