@@ -58,10 +58,21 @@ class NewEvent:
 class CaughtUp:
     """A subscription's marker: every record stored when it began has been delivered.
 
-    `sequence` is the last sequence delivered so far (0: none). What follows is live.
+    What follows is live. For a session subscription, `sequence` is the last
+    sequence delivered so far; for the all-sessions feed, `position` is the last
+    position examined so far (filters may have skipped it). 0: none.
     """
 
-    sequence: int
+    sequence: int = 0
+    position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FeedRecord:
+    """A record of the all-sessions feed with its global position (commit order)."""
+
+    position: int
+    record: EventRecord
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

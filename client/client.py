@@ -17,7 +17,14 @@ import dataclasses
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Collection,
+    Generator,
+    Iterator,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any, Self
 
@@ -25,7 +32,14 @@ import grpc
 
 from agentlog import _codec
 from agentlog._events import ReadDirection
-from agentlog._records import AppendEvent, CaughtUp, EventRecord, NewEvent, SessionPage
+from agentlog._records import (
+    AppendEvent,
+    CaughtUp,
+    EventRecord,
+    FeedRecord,
+    NewEvent,
+    SessionPage,
+)
 from agentlog._status import from_rpc_error
 from agentlog._validation import check_page_size
 from agentlog.v1 import session_pb2 as pb
@@ -70,13 +84,25 @@ def _batch_request(
     return _codec.batch_to_proto(session_id, with_ids, expected_sequence)
 
 
-class _Resume:
+class _Reconnects:
+    """Counts a subscription's reconnects in a row and paces them."""
+
+    attempt = 0
+
+    def retry(self, exc: grpc.RpcError, retries: int) -> float:
+        """Seconds to wait before resuming, or raise the error when it is not to be retried."""
+        if exc.code() != grpc.StatusCode.UNAVAILABLE or self.attempt >= retries:
+            raise from_rpc_error(exc) from None
+        self.attempt += 1
+        return _backoff(self.attempt - 1)
+
+
+class _Resume(_Reconnects):
     """Where a subscription stands, so that a reconnect continues exactly after it."""
 
     def __init__(self, session_id: str, from_sequence: int | None) -> None:
         self.session_id = session_id
         self.next_sequence = from_sequence
-        self.attempt = 0
 
     def request(self) -> pb.SubscribeSessionRequest:
         return pb.SubscribeSessionRequest(
@@ -94,12 +120,37 @@ class _Resume:
             self.next_sequence = records[-1].sequence + 1
         return list(records)
 
-    def retry(self, exc: grpc.RpcError, retries: int) -> float:
-        """Seconds to wait before resuming, or raise the error when it is not to be retried."""
-        if exc.code() != grpc.StatusCode.UNAVAILABLE or self.attempt >= retries:
-            raise from_rpc_error(exc) from None
-        self.attempt += 1
-        return _backoff(self.attempt - 1)
+
+class _FeedResume(_Reconnects):
+    """Where an all-sessions subscription stands (its next position) across reconnects."""
+
+    def __init__(
+        self, from_position: int | None, session_id_prefix: str, part_types: Collection[str]
+    ) -> None:
+        self.next_position = from_position
+        self.prefix = session_id_prefix
+        self.part_types = list(part_types)
+
+    def request(self) -> pb.SubscribeAllRequest:
+        return pb.SubscribeAllRequest(
+            from_position=self.next_position,
+            session_id_prefix=self.prefix,
+            part_types=self.part_types,
+        )
+
+    def items(self, response: pb.SubscribeAllResponse) -> list[FeedRecord | CaughtUp]:
+        self.attempt = 0
+        if response.HasField("caught_up"):
+            position = response.caught_up.position
+            self.next_position = position + 1
+            return [CaughtUp(position=position)]
+        items = [
+            FeedRecord(f.position, _codec.record_from_proto(f.record))
+            for f in response.records.records
+        ]
+        if items:
+            self.next_position = items[-1].position + 1
+        return list(items)
 
 
 def _open_channel(
@@ -246,6 +297,33 @@ class AgentlogClient:
                 call.cancel()
             time.sleep(delay)
 
+    def subscribe_all(
+        self,
+        *,
+        from_position: int | None = None,
+        session_id_prefix: str = "",
+        part_types: Collection[str] = (),
+    ) -> Generator[FeedRecord | CaughtUp, None, None]:
+        """Every session's records in commit order, as FeedRecord(position, record).
+
+        Stored ones from `from_position` (None: only new ones), CaughtUp, then live
+        ones; optionally only sessions whose id starts with `session_id_prefix`
+        and events of the given `part_types`. Resumes after UNAVAILABLE from the
+        position after the last one served, like `subscribe_session`.
+        """
+        resume = _FeedResume(from_position, session_id_prefix, part_types)
+        while True:
+            call = self._stub.SubscribeAll(resume.request())
+            try:
+                for response in call:
+                    yield from resume.items(response)
+                return
+            except grpc.RpcError as exc:
+                delay = resume.retry(exc, self.retries)
+            finally:
+                call.cancel()
+            time.sleep(delay)
+
     def iter_children(self, parent_id: str) -> Iterator[EventRecord]:
         """The children of a record as they stream in."""
         return self._stream(self._stub.LoadChildren, pb.LoadChildrenRequest(parent_id=parent_id))
@@ -374,6 +452,28 @@ class AsyncAgentlogClient:
         resume = _Resume(session_id, from_sequence)
         while True:
             call = self._stub.SubscribeSession(resume.request())
+            try:
+                async for response in call:
+                    for item in resume.items(response):
+                        yield item
+                return
+            except grpc.RpcError as exc:
+                delay = resume.retry(exc, self.retries)
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+
+    async def subscribe_all(
+        self,
+        *,
+        from_position: int | None = None,
+        session_id_prefix: str = "",
+        part_types: Collection[str] = (),
+    ) -> AsyncGenerator[FeedRecord | CaughtUp, None]:
+        """Every session's records in commit order; see AgentlogClient.subscribe_all."""
+        resume = _FeedResume(from_position, session_id_prefix, part_types)
+        while True:
+            call = self._stub.SubscribeAll(resume.request())
             try:
                 async for response in call:
                     for item in resume.items(response):

@@ -9,11 +9,18 @@ runs on any of them unchanged, and they raise the same `agentlog.errors`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 from agentlog._events import ReadDirection
-from agentlog._records import AppendEvent, CaughtUp, EventRecord, NewEvent, SessionPage
+from agentlog._records import (
+    AppendEvent,
+    CaughtUp,
+    EventRecord,
+    FeedRecord,
+    NewEvent,
+    SessionPage,
+)
 
 
 @runtime_checkable
@@ -97,6 +104,22 @@ class SessionRepository(Protocol):
         """
         ...
 
+    def subscribe_all(
+        self,
+        *,
+        from_position: int | None = None,
+        session_id_prefix: str = "",
+        part_types: Collection[str] = (),
+    ) -> Iterator[FeedRecord | CaughtUp]:
+        """Follow every session: FeedRecord(position, record) in commit order, stored
+        ones from `from_position` (None: only new ones), CaughtUp, then live ones.
+
+        Positions increase in commit order; store the last one processed and
+        resume from the one after it. A CaughtUp's `position` is how far the
+        feed has been examined, filtered-out records included.
+        """
+        ...
+
 
 @runtime_checkable
 class AsyncSessionRepository(Protocol):
@@ -156,4 +179,14 @@ class AsyncSessionRepository(Protocol):
         self, session_id: str, *, from_sequence: int | None = None
     ) -> AsyncIterator[EventRecord | CaughtUp]:
         """Follow a session: stored records from `from_sequence`, CaughtUp, then live ones."""
+        ...
+
+    def subscribe_all(
+        self,
+        *,
+        from_position: int | None = None,
+        session_id_prefix: str = "",
+        part_types: Collection[str] = (),
+    ) -> AsyncIterator[FeedRecord | CaughtUp]:
+        """Follow every session in commit order; see SessionRepository.subscribe_all."""
         ...

@@ -14,15 +14,22 @@ import hashlib
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from agentlog._codec import event_to_json
-from agentlog._events import AgentEvent, ReadDirection
-from agentlog._records import AppendEvent, CaughtUp, EventRecord, NewEvent, SessionPage
+from agentlog._events import EVENT_TYPES, AgentEvent, ReadDirection
+from agentlog._records import (
+    AppendEvent,
+    CaughtUp,
+    EventRecord,
+    FeedRecord,
+    NewEvent,
+    SessionPage,
+)
 from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
 from agentlog.errors import AlreadyExistsError, InvalidArgumentError, WrongExpectedSequence
 
@@ -209,8 +216,8 @@ def decode_page_token(token: str | None) -> str | None:
         ) from None
 
 
-Listener = Callable[[str, list[EventRecord]], None]
-"""Called with (session_id, records) after every append, with the records it returned."""
+Listener = Callable[[str, list[EventRecord], int], None]
+"""Called after every append that stored records: (session_id, records, first position)."""
 
 
 class Store(ABC):
@@ -226,26 +233,29 @@ class Store(ABC):
     def __init__(self) -> None:
         self._grown = threading.Condition()
         self._last_published: dict[str, int] = {}
+        self._last_position = 0
         self._listeners: list[Listener] = []
 
     def add_listener(self, listener: Listener) -> None:
         """Be told after each append; it runs on the writer's thread, so it must not block."""
         self._listeners.append(listener)
 
-    def _publish(self, session_id: str, records: list[EventRecord]) -> None:
+    def _publish(self, session_id: str, records: list[EventRecord], position: int | None) -> None:
+        if position is None:
+            return  # a retry: nothing new was stored
         last = records[-1].sequence
         with self._grown:
-            if last > self._last_published.get(session_id, 0):
-                self._last_published[session_id] = last
-                self._grown.notify_all()
+            self._last_published[session_id] = max(last, self._last_published.get(session_id, 0))
+            self._last_position = max(position + len(records) - 1, self._last_position)
+            self._grown.notify_all()
         for listener in self._listeners:
-            listener(session_id, records)
+            listener(session_id, records, position)
 
     def append(self, event: AppendEvent) -> EventRecord:
         item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)
         batch = prepare(event.session_id, [item], event.expected_sequence, batch=False)
-        records = self._append(event.session_id, batch, event.expected_sequence)
-        self._publish(event.session_id, records)
+        records, position = self._append(event.session_id, batch, event.expected_sequence)
+        self._publish(event.session_id, records, position)
         return records[0]
 
     def append_batch(
@@ -256,8 +266,8 @@ class Store(ABC):
         expected_sequence: int | None = None,
     ) -> list[EventRecord]:
         batch = prepare(session_id, events, expected_sequence, batch=True)
-        records = self._append(session_id, batch, expected_sequence)
-        self._publish(session_id, records)
+        records, position = self._append(session_id, batch, expected_sequence)
+        self._publish(session_id, records, position)
         return records
 
     @abstractmethod
@@ -298,8 +308,43 @@ class Store(ABC):
     @abstractmethod
     def _append(
         self, session_id: str, batch: list[Prepared], expected: int | None
-    ) -> list[EventRecord]:
-        """Store a checked batch, or return the stored records when it is a retry."""
+    ) -> tuple[list[EventRecord], int | None]:
+        """Store a checked batch: its records and the feed position of the first.
+
+        For a retry, the stored records and None.
+        """
+
+    @abstractmethod
+    def read_all(self, from_position: int, limit: int | None = None) -> Iterator[FeedRecord]:
+        """The feed of every session from `from_position`, in commit order."""
+
+    @abstractmethod
+    def last_position(self) -> int:
+        """The feed's last position (0: nothing appended yet)."""
+
+    def subscribe_all(
+        self,
+        *,
+        from_position: int | None = None,
+        session_id_prefix: str = "",
+        part_types: Collection[str] = (),
+    ) -> Iterator[FeedRecord | CaughtUp]:
+        """Every session's records in commit order from `from_position` (None: only new
+        ones), CaughtUp, then live ones; optionally only some sessions or event kinds."""
+        keep = FeedFilter.of(session_id_prefix, part_types)
+        next_position = start_position(self.last_position(), from_position)
+        caught_up = False
+        while True:
+            for item in self.read_all(next_position):
+                next_position = item.position + 1
+                if keep(item.record):
+                    yield item
+            if not caught_up:
+                caught_up = True
+                yield CaughtUp(position=next_position - 1)
+            with self._grown:
+                while self._last_position < next_position:
+                    self._grown.wait()
 
     @abstractmethod
     def read_session(
@@ -332,3 +377,39 @@ def start_sequence(head: EventRecord | None, from_sequence: int | None) -> int:
     if from_sequence is None:
         return (head.sequence if head else 0) + 1
     return check_count(from_sequence, "from_sequence", minimum=1)
+
+
+def start_position(last_position: int, from_position: int | None) -> int:
+    """The first position a feed subscription delivers."""
+    if from_position is None:
+        return last_position + 1
+    return check_count(from_position, "from_position", minimum=1)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedFilter:
+    """Which records of the all-sessions feed a subscriber wants."""
+
+    session_id_prefix: str
+    part_types: frozenset[str]
+
+    @classmethod
+    def of(cls, session_id_prefix: str, part_types: Collection[str]) -> FeedFilter:
+        if not isinstance(session_id_prefix, str) or len(session_id_prefix.encode()) > 200:
+            raise InvalidArgumentError(
+                "session_id_prefix must be a string of at most 200 bytes",
+                field="session_id_prefix",
+            )
+        unknown = sorted(set(part_types) - set(EVENT_TYPES))
+        if unknown:
+            raise InvalidArgumentError(
+                f"part_types: unknown event kinds {', '.join(map(repr, unknown))} "
+                f"(known: {', '.join(EVENT_TYPES)})",
+                field="part_types",
+            )
+        return cls(session_id_prefix, frozenset(part_types))
+
+    def __call__(self, record: EventRecord) -> bool:
+        return record.session_id.startswith(self.session_id_prefix) and (
+            not self.part_types or record.event.part_type in self.part_types
+        )

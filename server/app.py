@@ -9,19 +9,26 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agentlog._events import ReadDirection
-from agentlog._records import AppendEvent, CaughtUp, EventRecord, NewEvent, SessionPage
+from agentlog._records import (
+    AppendEvent,
+    CaughtUp,
+    EventRecord,
+    FeedRecord,
+    NewEvent,
+    SessionPage,
+)
 from agentlog.errors import UnavailableError
-from agentlog.server._semantics import Store, start_sequence
+from agentlog.server._semantics import FeedFilter, Store, start_position, start_sequence
 from agentlog.server.service import SessionRepositoryService
 from agentlog.v1 import session_pb2, session_pb2_grpc
 
@@ -33,6 +40,7 @@ DEFAULT_GRACE_SECONDS = 10.0
 # Storage calls block (file I/O, fsync); they run on these threads so the
 # event loop keeps serving other calls meanwhile.
 DEFAULT_STORAGE_THREADS = 16
+T = TypeVar("T")
 READ_CHUNK = 256
 RECENT_RECORDS = 1024
 
@@ -54,6 +62,10 @@ class ThreadedRepository:
         # The latest records of sessions that have subscribers, consecutive by
         # sequence, so that a new record fans out without a storage read each.
         self._recent: dict[str, deque[EventRecord]] = {}
+        # The same for the all-sessions feed, while it has subscribers.
+        self._feed_waiters: set[asyncio.Event] = set()
+        self._recent_feed: deque[FeedRecord] = deque(maxlen=RECENT_RECORDS)
+        self._published_position = 0
         self._closing = False
         repository.add_listener(self._on_append)
 
@@ -72,13 +84,22 @@ class ThreadedRepository:
             return None
         return list(itertools.islice(recent, next_sequence - recent[0].sequence, None))
 
-    def _on_append(self, session_id: str, records: list[EventRecord]) -> None:
+    def _on_append(self, session_id: str, records: list[EventRecord], position: int) -> None:
         # Runs on the writer's thread: hand over to the event loop.
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake, session_id, records)
+            loop.call_soon_threadsafe(self._wake, session_id, records, position)
 
-    def _wake(self, session_id: str, records: list[EventRecord]) -> None:
+    def _wake(self, session_id: str, records: list[EventRecord], position: int) -> None:
+        if self._feed_waiters:
+            last_position = position + len(records) - 1
+            self._published_position = max(self._published_position, last_position)
+            recent = self._recent_feed
+            if recent and recent[-1].position + 1 != position:
+                recent.clear()  # listeners called out of order: storage is the truth
+            recent.extend(FeedRecord(position + i, r) for i, r in enumerate(records))
+            for waiter in self._feed_waiters:
+                waiter.set()
         waiters = self._waiters.get(session_id)
         if not waiters:
             return  # nobody follows this session (a subscriber reads storage when it starts)
@@ -92,9 +113,90 @@ class ThreadedRepository:
     def close_subscriptions(self) -> None:
         """End every subscription with UNAVAILABLE (at shutdown)."""
         self._closing = True
-        for waiters in self._waiters.values():
+        for waiters in [*self._waiters.values(), self._feed_waiters]:
             for waiter in waiters:
                 waiter.set()
+
+    async def subscribe_all_chunks(
+        self,
+        *,
+        from_position: int | None = None,
+        session_id_prefix: str = "",
+        part_types: Collection[str] = (),
+    ) -> AsyncIterator[list[FeedRecord] | CaughtUp]:
+        """The all-sessions feed as runs of kept records and CaughtUp markers.
+
+        A CaughtUp also follows every run of records the filters dropped, so a
+        client always knows how far it has been served.
+        """
+        self._loop = asyncio.get_running_loop()
+        keep = FeedFilter.of(session_id_prefix, part_types)
+        waiter = asyncio.Event()
+        if not self._feed_waiters:
+            self._recent_feed.clear()  # nobody kept it up to date
+        self._feed_waiters.add(waiter)
+        last = await self._run(self._repository.last_position)
+        self._published_position = max(self._published_position, last)
+        next_position = start_position(last, from_position)
+        try:
+            caught_up = False
+            while True:
+                waiter.clear()
+                recent = self._recent_feed  # contiguous: cleared at any gap
+                if (
+                    caught_up
+                    and recent
+                    and recent[0].position <= next_position <= recent[-1].position
+                ):
+                    runs = [
+                        list(itertools.islice(recent, next_position - recent[0].position, None))
+                    ]
+                else:
+                    runs = [c async for c in self._feed_chunks(next_position)]
+                for run in runs:
+                    if not run:
+                        continue
+                    next_position = run[-1].position + 1
+                    kept = [item for item in run if keep(item.record)]
+                    yield kept if kept else CaughtUp(position=next_position - 1)
+                if not caught_up:
+                    caught_up = True
+                    yield CaughtUp(position=next_position - 1)
+                if not self._closing and self._published_position < next_position:
+                    await waiter.wait()
+                if self._closing:
+                    raise UnavailableError(
+                        "the server is shutting down; subscribe again (here when it is back, "
+                        f"or elsewhere) from position {next_position}",
+                        reason="SHUTTING_DOWN",
+                        metadata={"next_position": str(next_position)},
+                    )
+        finally:
+            self._feed_waiters.discard(waiter)
+
+    async def _feed_chunks(self, position: int) -> AsyncIterator[list[FeedRecord]]:
+        records: Iterator[FeedRecord] = await self._run(self._repository.read_all, position)
+        while chunk := await self._run(_take, records, READ_CHUNK):
+            yield chunk
+
+    async def subscribe_all(
+        self,
+        *,
+        from_position: int | None = None,
+        session_id_prefix: str = "",
+        part_types: Collection[str] = (),
+    ) -> AsyncIterator[FeedRecord | CaughtUp]:
+        chunks = self.subscribe_all_chunks(
+            from_position=from_position,
+            session_id_prefix=session_id_prefix,
+            part_types=part_types,
+        )
+        async for item in chunks:
+            if isinstance(item, CaughtUp):
+                yield item
+            else:
+                for record in item:
+                    yield record
 
     async def subscribe_chunks(
         self, session_id: str, *, from_sequence: int | None = None
@@ -234,7 +336,7 @@ class ThreadedRepository:
         return page
 
 
-def _take(records: Iterator[EventRecord], count: int) -> list[EventRecord]:
+def _take(records: Iterator[T], count: int) -> list[T]:
     return list(itertools.islice(records, count))
 
 

@@ -82,7 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    tail_cmd.add_argument("session_id", metavar="SESSION", help="the session to follow")
+    tail_cmd.add_argument(
+        "session_id", metavar="SESSION", nargs="?", help="the session to follow (or --all)"
+    )
+    tail_cmd.add_argument(
+        "--all", action="store_true", help="follow every session, in commit order"
+    )
+    tail_cmd.add_argument(
+        "--prefix", default="", help="with --all: only sessions whose id starts with this"
+    )
+    tail_cmd.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        metavar="PART_TYPE",
+        help="with --all: only events of this kind (repeatable), e.g. run_finished",
+    )
     tail_cmd.add_argument(
         "--addr",
         default=os.environ.get("AGENTLOG_ADDR", DEFAULT_ADDR),
@@ -93,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--lines", type=int, default=10, help="how many stored events to show first"
     )
     start.add_argument(
-        "--from", dest="from_sequence", type=_positive_int, help="start at this sequence instead"
+        "--from",
+        dest="from_sequence",
+        type=_positive_int,
+        help="start at this sequence instead (with --all: at this position; default: now)",
     )
     tail_cmd.add_argument(
         "--width", type=_positive_int, default=160, help="cut lines longer than this"
@@ -105,6 +123,21 @@ def tail(args: argparse.Namespace) -> int:
     from agentlog.client import AgentlogClient
     from agentlog.server._tail import describe
 
+    if args.all == (args.session_id is not None):
+        print("agentlog tail: name one SESSION, or --all", file=sys.stderr)
+        return 2
+    if args.all:
+        with AgentlogClient(args.addr, retries=1_000_000) as client:
+            feed = client.subscribe_all(
+                from_position=args.from_sequence,
+                session_id_prefix=args.prefix,
+                part_types=args.kind,
+            )
+            for entry in feed:
+                line = describe(entry)
+                if line is not None:
+                    print(line[: args.width], flush=True)
+        return 0
     with AgentlogClient(args.addr, retries=1_000_000) as client:
         start = args.from_sequence
         if start is None:

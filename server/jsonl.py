@@ -20,7 +20,9 @@ import bisect
 import contextlib
 import errno
 import fcntl
+import logging
 import os
+import sys
 import threading
 import time
 from array import array
@@ -35,12 +37,18 @@ from agentlog._codec import DecodeError, record_from_line, record_line
 from agentlog._events import ReadDirection
 from agentlog._records import (
     EventRecord,
+    FeedRecord,
     SessionInfo,
     SessionPage,
     format_timestamp,
     parse_timestamp,
 )
-from agentlog._validation import check_page_size, check_record_id, check_session_id
+from agentlog._validation import (
+    check_count,
+    check_page_size,
+    check_record_id,
+    check_session_id,
+)
 from agentlog.errors import (
     AgentlogError,
     DataLossError,
@@ -49,6 +57,8 @@ from agentlog.errors import (
 )
 from agentlog.server import _semantics
 from agentlog.server._semantics import Prepared
+
+log = logging.getLogger("agentlog.server")
 
 SUFFIX = ".jsonl"
 # Records read per disk read when streaming a range.
@@ -99,6 +109,7 @@ class JsonlSessionRepository(_semantics.Store):
             )
         self._directory_lock = _lock_directory(self.root)
         self._sync = sync
+        self._feed = _Feed(self.root / FEED_FILE, sync)
         self._locks: dict[str, threading.Lock] = {}
         self._states: dict[str, _Session] = {}
         self._guard = threading.Lock()
@@ -110,7 +121,7 @@ class JsonlSessionRepository(_semantics.Store):
 
     def _append(
         self, session_id: str, batch: list[Prepared], expected: int | None
-    ) -> list[EventRecord]:
+    ) -> tuple[list[EventRecord], int | None]:
         path = self._path(session_id)
         with self._lock(session_id):
             state = self._state(session_id)
@@ -119,7 +130,10 @@ class JsonlSessionRepository(_semantics.Store):
             last = state.last_sequence
             stored = _semantics.check_append(session_id, batch, expected, last, state.by_id.get)
             if stored is not None:
-                return self._records_at(path, state, stored)
+                # A retry. If the first attempt stopped between the session file
+                # and the feed (a crash), the feed learns of its records now.
+                self._feed_catch_up(session_id, state)
+                return self._records_at(path, state, stored), None
             records, lines = [], []
             # Lines of a multi-event batch name the batch's last sequence, so a
             # batch cut short by a crash is recognised and never served in part.
@@ -147,7 +161,16 @@ class JsonlSessionRepository(_semantics.Store):
                     fields["batch_end"] = batch_end
                 lines.append(record_line(fields))
             new_file = last == 0 and state.identity == (0, 0, 0)
-            identity = self._write(path, b"".join(lines), state.offsets[-1])
+            size_before = state.offsets[-1]
+            identity = self._write(path, b"".join(lines), size_before)
+            try:
+                position = self._feed.commit(session_id, last + 1, len(batch))
+            except BaseException:
+                # Not in the feed means not acknowledged: take the lines back.
+                self._states.pop(session_id, None)
+                with contextlib.suppress(OSError):
+                    os.truncate(path, size_before)
+                raise
             position = state.offsets.pop()
             for line, item, record in zip(lines, batch, records, strict=True):
                 state.offsets.append(position)
@@ -161,7 +184,13 @@ class JsonlSessionRepository(_semantics.Store):
             state.identity = identity
         if new_file:
             self._add_to_catalog(session_id)
-        return records
+        return records, position
+
+    def _feed_catch_up(self, session_id: str, state: _Session) -> None:
+        """Give feed positions to records of a session the feed knows that it lacks."""
+        covered = self._feed.covered(session_id)
+        if 0 < covered < state.last_sequence and state.damage is None:
+            self._feed.commit(session_id, covered + 1, state.last_sequence - covered)
 
     def _write(self, path: Path, data: bytes, expected_size: int) -> tuple[int, int, int]:
         """Append `data` whole or not at all; returns the file's new identity."""
@@ -219,10 +248,10 @@ class JsonlSessionRepository(_semantics.Store):
                 raise state.damage
             # A snapshot: appends made while the caller iterates are not part of this read.
             sequences = selected.sequences(state.last_sequence)
-            offsets = state.offsets[:]
-        return self._stream(path, offsets, sequences)
+            window = _window(state, sequences)
+        return self._stream(path, window, sequences)
 
-    def _stream(self, path: Path, offsets: array[int], sequences: range) -> Iterator[EventRecord]:
+    def _stream(self, path: Path, window: _Offsets, sequences: range) -> Iterator[EventRecord]:
         if not sequences:
             return
         try:
@@ -234,9 +263,9 @@ class JsonlSessionRepository(_semantics.Store):
             for start in range(0, len(sequences), _READ_CHUNK):
                 chunk = sequences[start : start + _READ_CHUNK]
                 low, high = min(chunk[0], chunk[-1]), max(chunk[0], chunk[-1])
-                file.seek(offsets[low - 1])
-                data = file.read(offsets[high] - offsets[low - 1])
-                records = _parse_span(path, data, low, high, offsets)
+                file.seek(window.start(low))
+                data = file.read(window.end(high) - window.start(low))
+                records = _parse_span(path, data, low, high, window)
                 yield from (records if step > 0 else reversed(records))
 
     def head(self, session_id: str) -> EventRecord | None:
@@ -251,7 +280,38 @@ class JsonlSessionRepository(_semantics.Store):
             return self._records_at(path, state, [state.last_sequence])[0]
 
     def _records_at(self, path: Path, state: _Session, sequences: list[int]) -> list[EventRecord]:
-        return list(self._stream(path, state.offsets, range(sequences[0], sequences[-1] + 1)))
+        wanted = range(sequences[0], sequences[-1] + 1)
+        return list(self._stream(path, _window(state, wanted), wanted))
+
+    def read_all(self, from_position: int, limit: int | None = None) -> Iterator[FeedRecord]:
+        check_count(from_position, "from_position")
+        if limit is not None:
+            check_count(limit, "limit", minimum=1)
+        return self._read_all(max(from_position, 1), limit)
+
+    def _read_all(self, position: int, limit: int | None) -> Iterator[FeedRecord]:
+        remaining = limit
+        for entry_position, session_id, sequence, count in self._feed.entries_from(position):
+            skip = max(position - entry_position, 0)
+            first, last = sequence + skip, sequence + count - 1
+            if remaining is not None:
+                last = min(last, first + remaining - 1)
+            path = self._path(session_id)
+            with self._lock(session_id):
+                state = self._state(session_id)
+                if state.damage is not None:
+                    raise state.damage
+                wanted = range(first, min(last, state.last_sequence) + 1)
+                window = _window(state, wanted)
+            for record in self._stream(path, window, wanted):
+                yield FeedRecord(entry_position + record.sequence - sequence, record)
+            if remaining is not None:
+                remaining -= len(wanted)
+                if remaining <= 0:
+                    return
+
+    def last_position(self) -> int:
+        return self._feed.last_position
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
         check_record_id(parent_id, "parent_id")
@@ -320,6 +380,7 @@ class JsonlSessionRepository(_semantics.Store):
         """Release the data directory for another process. Idempotent."""
         fd, self._directory_lock = self._directory_lock, -1
         if fd >= 0:
+            self._feed.close()
             os.close(fd)  # closing the descriptor releases the flock
 
     def __enter__(self) -> JsonlSessionRepository:
@@ -349,6 +410,9 @@ class JsonlSessionRepository(_semantics.Store):
         if state is None or state.identity != identity:
             state = _load_state(path, identity)
             self._states[session_id] = state
+            # Records the feed lacks: an append cut short by a crash, or lines
+            # another writer (arcan) added to a session agentlog writes.
+            self._feed_catch_up(session_id, state)
         return state
 
     def _sessions_in_order(self) -> list[str]:
@@ -528,14 +592,148 @@ class _StateLoader:
 
 
 def _parse_span(
-    path: Path, data: bytes, first: int, last: int, offsets: array[int]
+    path: Path, data: bytes, first: int, last: int, window: _Offsets
 ) -> list[EventRecord]:
     """The records `first` to `last` from `data`, the file's bytes from record `first` on."""
-    base = offsets[first - 1]
+    base = window.start(first)
     return [
-        _decode(path, data[offsets[s - 1] - base : offsets[s] - base], s, offsets[s - 1])
+        _decode(path, data[window.start(s) - base : window.end(s) - base], s, window.start(s))
         for s in range(first, last + 1)
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Offsets:
+    """Where records `first`.. start in a file; the last entry is where the last one ends."""
+
+    first: int
+    offsets: array[int]
+
+    def start(self, sequence: int) -> int:
+        return self.offsets[sequence - self.first]
+
+    def end(self, sequence: int) -> int:
+        return self.offsets[sequence - self.first + 1]
+
+
+def _window(state: _Session, sequences: range) -> _Offsets:
+    """A copy of just the offsets a read of `sequences` needs (reads run without the lock)."""
+    if not sequences:
+        return _Offsets(1, array("Q"))
+    low, high = min(sequences[0], sequences[-1]), max(sequences[0], sequences[-1])
+    return _Offsets(low, state.offsets[low - 1 : high + 1])
+
+
+FEED_FILE = ".agentlog.feed"
+
+
+class _Feed:
+    """The store's commit log: one line per append, giving every record a global position.
+
+    `<root>/.agentlog.feed` holds `{"position", "session_id", "sequence", "count"}`
+    lines: records `sequence`.. of the session hold positions `position`.. in
+    commit order. It is written under the session's lock right after the
+    session's lines (and synced with them), so feed order keeps every
+    session's order. Positions are never reused.
+    """
+
+    def __init__(self, path: Path, sync: bool) -> None:
+        self.path = path
+        self.sync = sync
+        self.lock = threading.Lock()
+        self.positions = array("Q")
+        self.sequences = array("Q")
+        self.counts = array("Q")
+        self.sessions: list[str] = []
+        self._covered: dict[str, int] = {}
+        self.last_position = 0
+        self._load()
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def _load(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        good = 0
+        for line in data.splitlines(keepends=True):
+            try:
+                entry = orjson.loads(line) if line.endswith(b"\n") else None
+                if entry is None or entry["position"] != self.last_position + 1:
+                    break
+                self._add(entry["position"], entry["session_id"], entry["sequence"], entry["count"])
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                break
+            good += len(line)
+        if good < len(data):
+            # Our own index, cut short by a crash: its tail was never acknowledged.
+            log.warning(
+                "%s: dropping %d bytes after byte offset %d that are not whole feed entries",
+                self.path,
+                len(data) - good,
+                good,
+            )
+            os.truncate(self.path, good)
+
+    def _add(self, position: int, session_id: str, sequence: int, count: int) -> None:
+        session_id = sys.intern(session_id)
+        self.positions.append(position)
+        self.sessions.append(session_id)
+        self.sequences.append(sequence)
+        self.counts.append(count)
+        self._covered[session_id] = sequence + count - 1
+        self.last_position = position + count - 1
+
+    def commit(self, session_id: str, sequence: int, count: int) -> int:
+        """Give records `sequence`.. of a session the next `count` positions; the first."""
+        with self.lock:
+            position = self.last_position + 1
+            line = orjson.dumps(
+                {
+                    "position": position,
+                    "session_id": session_id,
+                    "sequence": sequence,
+                    "count": count,
+                },
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+            size = os.fstat(self.fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+                if self.sync:
+                    os.fsync(self.fd)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, size)
+                raise _storage_error(exc, self.path) from None
+            self._add(position, session_id, sequence, count)
+            return position
+
+    def covered(self, session_id: str) -> int:
+        """The last sequence of a session that has a position (0: none)."""
+        with self.lock:
+            return self._covered.get(session_id, 0)
+
+    def entries_from(self, position: int) -> Iterator[tuple[int, str, int, int]]:
+        """(position, session_id, sequence, count) of the entries holding `position` on."""
+        with self.lock:
+            index = max(bisect.bisect_right(self.positions, position) - 1, 0)
+            end = len(self.positions)
+        while index < end:
+            with self.lock:
+                batch = [
+                    (self.positions[i], self.sessions[i], self.sequences[i], self.counts[i])
+                    for i in range(index, min(index + _READ_CHUNK, end))
+                ]
+            for entry in batch:
+                if entry[0] + entry[3] > position:
+                    yield entry
+            index += len(batch)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _damage(path: Path, line_number: int, why: str) -> DataLossError:

@@ -10,8 +10,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, SessionInfo, SessionPage
-from agentlog._validation import check_page_size, check_record_id, check_session_id
+from agentlog._records import EventRecord, FeedRecord, SessionInfo, SessionPage
+from agentlog._validation import (
+    check_count,
+    check_page_size,
+    check_record_id,
+    check_session_id,
+)
 from agentlog.server import _semantics
 from agentlog.server._semantics import Prepared
 
@@ -31,16 +36,17 @@ class MemorySessionRepository(_semantics.Store):
         self._sessions: dict[str, _Session] = {}
         self._session_ids: list[str] = []  # sorted by bytes, for paging
         self._children: dict[str, list[EventRecord]] = defaultdict(list)
+        self._feed: list[EventRecord] = []  # position - 1 -> record
 
     def _append(
         self, session_id: str, batch: list[Prepared], expected: int | None
-    ) -> list[EventRecord]:
+    ) -> tuple[list[EventRecord], int | None]:
         with self._lock:
             session = self._sessions.get(session_id) or _Session()
             last = len(session.records)
             stored = _semantics.check_append(session_id, batch, expected, last, session.by_id.get)
             if stored is not None:
-                return [session.records[sequence - 1] for sequence in stored]
+                return [session.records[sequence - 1] for sequence in stored], None
             if session_id not in self._sessions:
                 self._sessions[session_id] = session
                 bisect.insort(self._session_ids, session_id, key=str.encode)
@@ -60,7 +66,9 @@ class MemorySessionRepository(_semantics.Store):
                 if record.parent_id is not None:
                     self._children[record.parent_id].append(record)
                 records.append(record)
-            return records
+            position = len(self._feed) + 1
+            self._feed.extend(records)
+            return records, position
 
     def read_session(
         self,
@@ -77,6 +85,18 @@ class MemorySessionRepository(_semantics.Store):
             records = session.records if session else []
             chosen = [records[s - 1] for s in selected.sequences(len(records))]
         return iter(chosen)
+
+    def read_all(self, from_position: int, limit: int | None = None) -> Iterator[FeedRecord]:
+        check_count(from_position, "from_position")
+        start = max(from_position, 1)
+        with self._lock:
+            end = len(self._feed) if limit is None else min(len(self._feed), start - 1 + limit)
+            chosen = self._feed[start - 1 : end]
+        return (FeedRecord(start + i, record) for i, record in enumerate(chosen))
+
+    def last_position(self) -> int:
+        with self._lock:
+            return len(self._feed)
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
         check_record_id(parent_id, "parent_id")

@@ -161,6 +161,26 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
                 yield pb.SubscribeSessionResponse(records=pb.RecordBatch(records=records))
 
     @_translate_errors
+    async def SubscribeAll(
+        self, request: pb.SubscribeAllRequest, context: Any
+    ) -> AsyncIterator[pb.SubscribeAllResponse]:
+        start = request.from_position if request.HasField("from_position") else None
+        chunks = self._repository.subscribe_all_chunks(
+            from_position=start,
+            session_id_prefix=request.session_id_prefix,
+            part_types=list(request.part_types),
+        )
+        async for item in chunks:
+            if isinstance(item, CaughtUp):
+                yield pb.SubscribeAllResponse(caught_up=pb.CaughtUp(position=item.position))
+            else:
+                records = [
+                    pb.FeedRecord(position=f.position, record=_codec.record_to_proto(f.record))
+                    for f in item
+                ]
+                yield pb.SubscribeAllResponse(records=pb.FeedBatch(records=records))
+
+    @_translate_errors
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Any
     ) -> pb.ListSessionsResponse:

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ from agentlog import (
     AppendEvent,
     CaughtUp,
     EventRecord,
+    FeedRecord,
     InvalidArgumentError,
     IterationStarted,
     ModelOutput,
@@ -630,10 +631,13 @@ class EventStoreContract(SessionRepositoryContract):
 class Follower:
     """Consumes a subscription on a thread until it has `count` items."""
 
-    def __init__(self, items: Iterator[Any], count: int) -> None:
+    def __init__(
+        self, items: Iterator[Any], count: int, until: Callable[[Any], bool] | None = None
+    ) -> None:
         self.items: list[Any] = []
         self.error: BaseException | None = None
         self._count = count
+        self._until = until
         self._source = items
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -643,7 +647,7 @@ class Follower:
         try:
             for item in self._source:
                 self.items.append(item)
-                if len(self.items) >= self._count:
+                if len(self.items) >= self._count or (self._until and self._until(item)):
                     break
         except BaseException as exc:
             self.error = exc
@@ -738,3 +742,108 @@ class SubscriptionContract(EventStoreContract):
             next(iter(repo.subscribe_session("a/b")))
         with pytest.raises(InvalidArgumentError, match="from_sequence"):
             next(iter(repo.subscribe_session(new_session(), from_sequence=0)))
+
+
+class FeedContract(SubscriptionContract):
+    """The all-sessions feed: commit order, positions, filters, resume."""
+
+    def feed(self, repo: SessionRepository, count: int, **kwargs: Any) -> Follower:
+        return Follower(repo.subscribe_all(**kwargs), count)
+
+    def test_the_feed_is_every_append_in_commit_order(self, repo: SessionRepository) -> None:
+        a, b = new_session(), new_session()
+        follower = self.feed(repo, 6)
+        follower.wait_for(1)
+        start = follower.items[0]
+        assert isinstance(start, CaughtUp)
+        appended = [
+            repo.append(AppendEvent(session_id=a, event=started(a))),
+            *repo.append_batch(b, [NewEvent(event=delta(b, str(i))) for i in range(3)]),
+            repo.append(AppendEvent(session_id=a, event=delta(a, "x"))),
+        ]
+        items = follower.finish()
+        feed = [i for i in follower.items[1:] if isinstance(i, FeedRecord)]
+        assert [f.record for f in feed] == appended
+        positions = [f.position for f in feed]
+        assert positions == list(range(start.position + 1, start.position + 6))
+        assert items[0] == start
+        # Reading from a position again gives the same records at the same positions.
+        again = Follower(repo.subscribe_all(from_position=positions[2]), 4).finish()
+        assert again == [*feed[2:], CaughtUp(position=positions[-1])]
+
+    def test_filters_by_session_prefix_and_kind(self, repo: SessionRepository) -> None:
+        prefix = f"team-{uuid.uuid4()}"
+        mine, other = f"{prefix}-a", new_session()
+        follower = Follower(
+            repo.subscribe_all(session_id_prefix=prefix, part_types=["run_started"]),
+            10,
+            until=lambda item: isinstance(item, FeedRecord),
+        )
+        follower.wait_for(1)
+        repo.append(AppendEvent(session_id=other, event=started(other)))
+        repo.append(AppendEvent(session_id=mine, event=delta(mine, "no")))
+        wanted = repo.append(AppendEvent(session_id=mine, event=started(mine)))
+        items = follower.finish()
+        records = [i.record for i in items if isinstance(i, FeedRecord)]
+        assert records == [wanted]
+        # Skipped records still move the resume point forward.
+        assert all(isinstance(i, CaughtUp) for i in items if not isinstance(i, FeedRecord))
+
+    def test_resuming_the_feed_from_a_position(self, repo: SessionRepository) -> None:
+        session = new_session()
+        follower = self.feed(repo, 1)
+        start = follower.finish()[0]
+        assert isinstance(start, CaughtUp)
+        records = repo.append_batch(
+            session, [NewEvent(event=delta(session, str(i))) for i in range(4)]
+        )
+        items = Follower(repo.subscribe_all(from_position=start.position + 3), 2).finish()
+        assert isinstance(items[0], FeedRecord)
+        assert items[0].position == start.position + 3
+        assert items[0].record == records[2]
+
+    def test_no_gap_or_duplicate_across_sessions_under_load(self, repo: SessionRepository) -> None:
+        start_item = self.feed(repo, 1).finish()[0]
+        assert isinstance(start_item, CaughtUp)
+        start = start_item.position
+        sessions = [new_session() for _ in range(6)]
+        per_session = 30
+        acknowledged: list[EventRecord] = []
+        lock = threading.Lock()
+
+        def write(session: str) -> None:
+            for i in range(0, per_session, 3):
+                if i % 2:
+                    got = repo.append_batch(
+                        session, [NewEvent(event=delta(session, str(i))) for _ in range(3)]
+                    )
+                else:
+                    got = [
+                        repo.append(AppendEvent(session_id=session, event=delta(session, str(i))))
+                        for _ in range(3)
+                    ]
+                with lock:
+                    acknowledged.extend(got)
+
+        total = len(sessions) * per_session
+        follower = Follower(repo.subscribe_all(from_position=start + 1), total + 1)
+        writers = [threading.Thread(target=write, args=(s,)) for s in sessions]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(60)
+        items = [i for i in follower.finish() if isinstance(i, FeedRecord)]
+        ours = [i for i in items if i.record.session_id in sessions]
+        assert len(ours) == total
+        assert sorted(i.record.id for i in ours) == sorted(r.id for r in acknowledged)
+        positions = [i.position for i in items]
+        assert positions == sorted(set(positions))  # increasing, no repeats
+        for session in sessions:
+            sequences = [i.record.sequence for i in ours if i.record.session_id == session]
+            assert sequences == list(range(1, per_session + 1))  # each session's order kept
+
+    def test_feed_arguments_are_checked(self, repo: SessionRepository) -> None:
+        with pytest.raises(InvalidArgumentError, match="unknown event kinds 'telepathy'"):
+            next(iter(repo.subscribe_all(part_types=["telepathy"])))
+        with pytest.raises(InvalidArgumentError, match="from_position"):
+            next(iter(repo.subscribe_all(from_position=0)))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -14,22 +14,25 @@ from agentlog import (
     AsyncAgentlogClient,
     CaughtUp,
     EventRecord,
+    FeedRecord,
     NewEvent,
     SessionPage,
 )
 from agentlog.protocol import AsyncSessionRepository
 from agentlog.server import JsonlSessionRepository, MemorySessionRepository
-from tests.contract import SubscriptionContract
+from tests.contract import FeedContract
 from tests.servers import LoopThread, running_server
 
+T = TypeVar("T")
 
-class TestMemory(SubscriptionContract):
+
+class TestMemory(FeedContract):
     @pytest.fixture
     def repo(self) -> MemorySessionRepository:
         return MemorySessionRepository()
 
 
-class TestJsonl(SubscriptionContract):
+class TestJsonl(FeedContract):
     @pytest.fixture
     def repo(self, tmp_path: Path) -> JsonlSessionRepository:
         return JsonlSessionRepository(tmp_path)
@@ -47,14 +50,14 @@ def memory_target() -> Iterator[str]:
         yield target
 
 
-class TestClientOverJsonl(SubscriptionContract):
+class TestClientOverJsonl(FeedContract):
     @pytest.fixture
     def repo(self, jsonl_target: str) -> Iterator[AgentlogClient]:
         with AgentlogClient(jsonl_target) as client:
             yield client
 
 
-class TestClientOverMemory(SubscriptionContract):
+class TestClientOverMemory(FeedContract):
     @pytest.fixture
     def repo(self, memory_target: str) -> Iterator[AgentlogClient]:
         with AgentlogClient(memory_target) as client:
@@ -97,9 +100,15 @@ class BlockingAsyncClient:
     def subscribe_session(
         self, session_id: str, *, from_sequence: int | None = None
     ) -> Iterator[EventRecord | CaughtUp]:
-        items = self.client.subscribe_session(session_id, from_sequence=from_sequence)
+        return self._blocking(
+            self.client.subscribe_session(session_id, from_sequence=from_sequence)
+        )
 
-        async def step() -> EventRecord | CaughtUp:
+    def subscribe_all(self, **kwargs: Any) -> Iterator[FeedRecord | CaughtUp]:
+        return self._blocking(self.client.subscribe_all(**kwargs))
+
+    def _blocking(self, items: AsyncGenerator[T, None]) -> Iterator[T]:
+        async def step() -> T:
             return await anext(items)
 
         try:
@@ -117,7 +126,7 @@ class BlockingAsyncClient:
         return self._loop.run(self.client.list_sessions(page_size=page_size, page_token=page_token))
 
 
-class TestAsyncClientOverJsonl(SubscriptionContract):
+class TestAsyncClientOverJsonl(FeedContract):
     @pytest.fixture
     def repo(self, jsonl_target: str) -> Iterator[Any]:
         loop = LoopThread()

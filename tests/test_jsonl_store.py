@@ -149,7 +149,13 @@ def test_no_session_id_writes_outside_the_root(tmp_path: Path) -> None:
             repo.append(AppendEvent(session_id=bad, event=started("s")))
     repo.append(AppendEvent(session_id="ok", event=started("ok")))
     everything = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
-    assert everything == ["inner", "inner/data", "inner/data/.agentlog.lock", "inner/data/ok.jsonl"]
+    assert everything == [
+        "inner",
+        "inner/data",
+        "inner/data/.agentlog.feed",
+        "inner/data/.agentlog.lock",
+        "inner/data/ok.jsonl",
+    ]
 
 
 def test_files_that_are_not_sessions_are_ignored(data: Path) -> None:
@@ -203,3 +209,50 @@ def test_one_process_writes_a_data_directory_at_a_time(data: Path) -> None:
         second.append(AppendEvent(session_id="s", event=started("s")))
     del second
     JsonlSessionRepository(data).close()  # and on exit from the with block
+
+
+def feed_of(repo: JsonlSessionRepository, start: int = 1) -> list[tuple[int, str, int]]:
+    return [(f.position, f.record.session_id, f.record.sequence) for f in repo.read_all(start)]
+
+
+def test_feed_positions_survive_a_restart(data: Path) -> None:
+    with JsonlSessionRepository(data) as repo:
+        repo.append(AppendEvent(session_id="a", event=started("a")))
+        repo.append_batch("b", [NewEvent(event=delta("b", str(i))) for i in range(2)])
+        repo.append(AppendEvent(session_id="a", event=delta("a", "x")))
+        before = feed_of(repo)
+    assert before == [(1, "a", 1), (2, "b", 1), (3, "b", 2), (4, "a", 2)]
+    with JsonlSessionRepository(data) as repo:
+        assert feed_of(repo) == before
+        assert feed_of(repo, 3) == before[2:]
+        assert repo.last_position() == 4
+        repo.append(AppendEvent(session_id="c", event=started("c")))
+        assert feed_of(repo, 5) == [(5, "c", 1)]
+
+
+def test_a_torn_feed_tail_is_cut_at_start(data: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with JsonlSessionRepository(data) as repo:
+        for i in range(3):
+            repo.append(AppendEvent(session_id="s", event=delta("s", str(i))))
+    feed = data / ".agentlog.feed"
+    whole = feed.read_bytes()
+    feed.write_bytes(whole + b'{"position":4,"sess')  # a crash in the middle of a feed line
+    with JsonlSessionRepository(data) as repo:
+        assert "dropping 19 bytes" in caplog.text
+        assert feed.read_bytes() == whole
+        assert [p for p, _, _ in feed_of(repo)] == [1, 2, 3]
+
+
+def test_a_retry_gives_a_feed_position_to_an_append_the_feed_missed(data: Path) -> None:
+    record_id = str(uuid.uuid4())
+    append = AppendEvent(session_id="s", event=delta("s", "late"), id=record_id)
+    with JsonlSessionRepository(data) as repo:
+        repo.append(AppendEvent(session_id="s", event=started("s")))
+        repo.append(append)
+    feed = data / ".agentlog.feed"
+    lines = feed.read_bytes().splitlines(keepends=True)
+    feed.write_bytes(lines[0])  # crashed after the session line, before the feed line
+    with JsonlSessionRepository(data) as repo:
+        assert repo.append(append).sequence == 2  # the client's retry: stored once
+        assert feed_of(repo) == [(1, "s", 1), (2, "s", 2)]
+        assert [r.sequence for r in repo.load_session("s")] == [1, 2]

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from agentlog import AgentlogClient, AppendEvent, ServerError, UnavailableError
+from agentlog import AgentlogClient, AppendEvent, NewEvent, ServerError, UnavailableError
 from agentlog.errors import CancelledError
 from agentlog.server import JsonlSessionRepository
 from agentlog.v1 import session_pb2 as pb
@@ -519,3 +519,53 @@ def test_a_second_server_on_the_same_data_directory_refuses_to_start(data: Path)
     finally:
         fourth.send_signal(signal.SIGTERM)
         fourth.communicate(timeout=30)
+
+
+def test_tail_all_follows_every_session_with_filters(data: Path) -> None:
+    repo = JsonlSessionRepository(data)
+    with running_server(repo) as target:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agentlog.server",
+                "tail",
+                "--all",
+                "--addr",
+                target,
+                "--prefix",
+                "team-",
+                "--kind",
+                "run_started",
+                "--kind",
+                "text_delta",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            time.sleep(1.0)  # let it subscribe: --all starts from now
+            with AgentlogClient(target) as client:
+                client.append(AppendEvent(session_id="other", event=started("other")))
+                client.append(AppendEvent(session_id="team-a", event=started("team-a")))
+                client.append_batch("team-b", [NewEvent(event=delta("team-b", "hi"))])
+            lines = [process.stdout.readline() for _ in range(2)]
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(10)
+    assert lines[0].startswith("@2 team-a #1 ")
+    assert "run_started" in lines[0]
+    assert lines[1].startswith("@3 team-b #1 ")
+    assert 'delta="hi"' in lines[1]
+
+
+def test_tail_needs_a_session_or_all() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "agentlog.server", "tail"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "name one SESSION, or --all" in result.stderr

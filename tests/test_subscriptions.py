@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from agentlog import AgentlogClient, AppendEvent, CaughtUp, NewEvent
+from agentlog import AgentlogClient, AppendEvent, CaughtUp, FeedRecord, NewEvent
 from agentlog.server import JsonlSessionRepository
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
@@ -102,3 +102,30 @@ def test_a_stalled_subscriber_neither_blocks_writers_nor_grows_memory(tmp_path: 
                 break
         stalled.close()
     assert sequences == list(range(1, total + 1))
+
+
+def test_the_feed_resumes_across_a_server_restart(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with AgentlogClient(f"127.0.0.1:{port}", retries=20) as client:
+        repo = JsonlSessionRepository(tmp_path)
+        with served(repo, port):
+            client.append(AppendEvent(session_id="a", event=delta("a", "1")))
+            follower = Follower(
+                client.subscribe_all(from_position=1),
+                10,
+                until=lambda item: isinstance(item, FeedRecord) and item.position == 4,
+            )
+            follower.wait_for(2)
+        repo.append(AppendEvent(session_id="b", event=delta("b", "offline")))
+        repo.close()
+        with served(JsonlSessionRepository(tmp_path), port):
+            client.append_batch("a", [NewEvent(event=delta("a", str(i))) for i in range(2)])
+            items = follower.finish(timeout=30)
+    feed = [
+        (i.position, i.record.session_id, i.record.sequence)
+        for i in items
+        if isinstance(i, FeedRecord)
+    ]
+    assert feed == [(1, "a", 1), (2, "b", 1), (3, "a", 2), (4, "a", 3)]

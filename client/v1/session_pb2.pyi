@@ -230,10 +230,44 @@ class RecordBatch(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[EventRecord, _Mapping]]] = ...) -> None: ...
 
 class CaughtUp(_message.Message):
-    __slots__ = ("sequence",)
+    __slots__ = ("sequence", "position")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
     sequence: int
-    def __init__(self, sequence: _Optional[int] = ...) -> None: ...
+    position: int
+    def __init__(self, sequence: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
+
+class SubscribeAllRequest(_message.Message):
+    __slots__ = ("from_position", "session_id_prefix", "part_types")
+    FROM_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PART_TYPES_FIELD_NUMBER: _ClassVar[int]
+    from_position: int
+    session_id_prefix: str
+    part_types: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, from_position: _Optional[int] = ..., session_id_prefix: _Optional[str] = ..., part_types: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SubscribeAllResponse(_message.Message):
+    __slots__ = ("records", "caught_up")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
+    records: FeedBatch
+    caught_up: CaughtUp
+    def __init__(self, records: _Optional[_Union[FeedBatch, _Mapping]] = ..., caught_up: _Optional[_Union[CaughtUp, _Mapping]] = ...) -> None: ...
+
+class FeedBatch(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[FeedRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[FeedRecord, _Mapping]]] = ...) -> None: ...
+
+class FeedRecord(_message.Message):
+    __slots__ = ("position", "record")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    record: EventRecord
+    def __init__(self, position: _Optional[int] = ..., record: _Optional[_Union[EventRecord, _Mapping]] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
     __slots__ = ("run_started", "iteration_started", "model_output", "text_delta", "tool_call_requested", "tool_call_completed", "tool_call_failed", "state_patched", "context_compacted", "approval_requested", "approval_resolved", "run_errored", "run_finished")

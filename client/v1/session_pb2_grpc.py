@@ -70,6 +70,11 @@ class SessionRepositoryStub:
                 request_serializer=agentlog_dot_v1_dot_session__pb2.SubscribeSessionRequest.SerializeToString,
                 response_deserializer=agentlog_dot_v1_dot_session__pb2.SubscribeSessionResponse.FromString,
                 _registered_method=True)
+        self.SubscribeAll = channel.unary_stream(
+                '/agentlog.v1.SessionRepository/SubscribeAll',
+                request_serializer=agentlog_dot_v1_dot_session__pb2.SubscribeAllRequest.SerializeToString,
+                response_deserializer=agentlog_dot_v1_dot_session__pb2.SubscribeAllResponse.FromString,
+                _registered_method=True)
 
 
 class SessionRepositoryServicer:
@@ -138,6 +143,17 @@ class SessionRepositoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeAll(self, request, context):
+        """SubscribeAll streams every record appended through this store, in commit
+        order, each with its global position: stored ones from a position, then a
+        CaughtUp marker, then live ones. A consumer stores the last position it
+        processed and resumes from the one after it. Optional filters narrow the
+        feed by session id prefix and by event kind.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionRepositoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +191,11 @@ def add_SessionRepositoryServicer_to_server(servicer, server):
                     servicer.SubscribeSession,
                     request_deserializer=agentlog_dot_v1_dot_session__pb2.SubscribeSessionRequest.FromString,
                     response_serializer=agentlog_dot_v1_dot_session__pb2.SubscribeSessionResponse.SerializeToString,
+            ),
+            'SubscribeAll': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeAll,
+                    request_deserializer=agentlog_dot_v1_dot_session__pb2.SubscribeAllRequest.FromString,
+                    response_serializer=agentlog_dot_v1_dot_session__pb2.SubscribeAllResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -367,6 +388,33 @@ class SessionRepository:
             '/agentlog.v1.SessionRepository/SubscribeSession',
             agentlog_dot_v1_dot_session__pb2.SubscribeSessionRequest.SerializeToString,
             agentlog_dot_v1_dot_session__pb2.SubscribeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeAll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentlog.v1.SessionRepository/SubscribeAll',
+            agentlog_dot_v1_dot_session__pb2.SubscribeAllRequest.SerializeToString,
+            agentlog_dot_v1_dot_session__pb2.SubscribeAllResponse.FromString,
             options,
             channel_credentials,
             insecure,
