@@ -151,6 +151,50 @@ def bench_subscriptions(
     )
 
 
+def bench_feed(target: str, results: dict[str, tuple[float, str]], scale: int) -> None:
+    """Events per second the all-sessions feed delivers while 16 writers append batches."""
+    import threading
+
+    from agentlog import CaughtUp, FeedRecord
+
+    writers, batch_size = 16, 20
+    batches = max(scale // 100, 5)
+    total = writers * batches * batch_size
+    delivered: list[float] = []
+    ready = threading.Event()
+
+    def follow() -> None:
+        with AgentlogClient(target, timeout=None) as client:
+            for item in client.subscribe_all():
+                if isinstance(item, CaughtUp):
+                    ready.set()
+                elif isinstance(item, FeedRecord):
+                    delivered.append(time.perf_counter())
+                    if len(delivered) == total:
+                        return
+
+    def write(n: int) -> None:
+        session = f"feed-{n}"
+        batch = [NewEvent(event=delta(session, i)) for i in range(batch_size)]
+        with AgentlogClient(target) as client:
+            for _ in range(batches):
+                client.append_batch(session, batch)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    ready.wait(30)
+    start = time.perf_counter()
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    written = time.perf_counter() - start
+    follower.join(120)
+    results["feed_writers_events_per_s_16"] = (total / written, "1/s")
+    results["feed_delivered_events_per_s_16_writers"] = (total / (delivered[-1] - start), "1/s")
+
+
 def bench_listing(data_dir: Path, results: dict[str, tuple[float, str]], sessions: int) -> None:
     repo = JsonlSessionRepository(data_dir, sync=False)
     event = delta("s", 0)
@@ -191,10 +235,12 @@ def main() -> None:
             bench_appends(target, results, args.scale)
             for subscribers in (1, 100):
                 bench_subscriptions(target, results, subscribers, appends=200)
+            bench_feed(target, results, args.scale)
         bench_listing(Path(tmp) / "listing", results, args.sessions)
     ceilings = {
         "append_rps_c1_always": "empty_unary_rps_c1",
         "append_batch_events_per_s_always": "append_batch_ceiling_events_per_s",
+        "feed_delivered_events_per_s_16_writers": "feed_writers_events_per_s_16",
     }
     print(f"{'figure':44} {'value':>14}  {'unit':4}  ratio to ceiling")
     for name, (value, unit) in results.items():

@@ -355,11 +355,21 @@ class Server(NamedTuple):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None) -> None:
-        """End subscriptions with UNAVAILABLE, report NOT_SERVING, refuse new calls,
-        and let calls in flight finish within `grace`."""
-        self.repository.close_subscriptions()
+        """Report NOT_SERVING, refuse new calls, let calls in flight finish within `grace`.
+
+        Subscriptions keep delivering during the grace period (appends in flight
+        still reach them) and end with UNAVAILABLE just before it runs out,
+        rather than with the CANCELLED that grpc gives calls it cuts off.
+        """
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        loop = asyncio.get_running_loop()
+        margin = min(0.5, (grace or 0) / 2)
+        ending = loop.call_later(max((grace or 0) - margin, 0), self.repository.close_subscriptions)
+        try:
+            await self.server.stop(grace)
+        finally:
+            ending.cancel()
+            self.repository.close_subscriptions()
 
 
 def create_server(

@@ -129,3 +129,54 @@ def test_the_feed_resumes_across_a_server_restart(tmp_path: Path) -> None:
         if isinstance(i, FeedRecord)
     ]
     assert feed == [(1, "a", 1), (2, "b", 1), (3, "a", 2), (4, "a", 3)]
+
+
+def test_subscribers_that_join_drop_and_resume_at_random_see_exactly_one_to_n(
+    tmp_path: Path,
+) -> None:
+    import random
+    import threading
+
+    total = 600
+    rng = random.Random(20261125)
+    plans = [[rng.randint(1, 120) for _ in range(40)] for _ in range(4)]
+    seen: list[list[int]] = [[] for _ in plans]
+    errors: list[BaseException] = []
+    repo = JsonlSessionRepository(tmp_path, sync=False)
+    with served(repo) as (built, _):
+        target = f"127.0.0.1:{built.port}"
+
+        def follow(index: int) -> None:
+            # Read a random number of records, drop the stream, resume after the
+            # last one seen; repeat until every record has been seen.
+            try:
+                with AgentlogClient(target) as client:
+                    time.sleep(rng.random() * 0.2)
+                    for chunk in plans[index]:
+                        start = (seen[index][-1] + 1) if seen[index] else 1
+                        items = client.subscribe_session("busy", from_sequence=start)
+                        for item in items:
+                            if isinstance(item, CaughtUp):
+                                continue
+                            seen[index].append(item.sequence)
+                            if item.sequence == total or len(seen[index]) % chunk == 0:
+                                break
+                        items.close()
+                        if seen[index] and seen[index][-1] == total:
+                            return
+                        time.sleep(rng.random() * 0.01)
+                    raise AssertionError("ran out of plan before the end")
+            except BaseException as exc:
+                errors.append(exc)
+
+        followers = [threading.Thread(target=follow, args=(i,)) for i in range(len(plans))]
+        for follower in followers:
+            follower.start()
+        with AgentlogClient(target) as writer:
+            for i in range(total):
+                writer.append(AppendEvent(session_id="busy", event=delta("busy", str(i))))
+        for follower in followers:
+            follower.join(60)
+    assert errors == []
+    for sequences in seen:
+        assert sequences == list(range(1, total + 1))
