@@ -431,12 +431,14 @@ async def serve(
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     grace: float = DEFAULT_GRACE_SECONDS,
+    sync: str = "always",
+    sync_interval_ms: int = 100,
     version: str = "",
 ) -> None:
     """Run the JSONL-backed server until SIGTERM or SIGINT, then stop gracefully."""
     from agentlog.server.jsonl import JsonlSessionRepository
 
-    repository = JsonlSessionRepository(data_dir)
+    repository = JsonlSessionRepository(data_dir, sync=sync, sync_interval_ms=sync_interval_ms)
     built = create_server(address, repository, max_message_bytes=max_message_bytes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -446,7 +448,12 @@ async def serve(
     started = time.monotonic()
     host = address.rsplit(":", 1)[0]
     log.info(
-        "agentlog %s serving on %s:%d, data dir %s", version, host, built.port, repository.root
+        "agentlog %s serving on %s:%d, data dir %s, sync %s",
+        version,
+        host,
+        built.port,
+        repository.root,
+        repository.sync_policy,
     )
     try:
         await stop.wait()

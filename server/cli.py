@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(env AGENTLOG_MAX_MESSAGE_BYTES)",
     )
     serve_cmd.add_argument(
+        "--sync",
+        choices=["always", "interval", "never"],
+        default=os.environ.get("AGENTLOG_SYNC", "always"),
+        help="when appends reach the disk: always (acknowledged only once durable; concurrent "
+        "appends share fsyncs), interval (synced every --sync-interval-ms; a power loss may "
+        "lose that long of acknowledged appends), never (left to the OS) (env AGENTLOG_SYNC)",
+    )
+    serve_cmd.add_argument(
+        "--sync-interval-ms",
+        type=_positive_int,
+        default=os.environ.get("AGENTLOG_SYNC_INTERVAL_MS", "100"),
+        help="with --sync interval: how often to sync (env AGENTLOG_SYNC_INTERVAL_MS)",
+    )
+    serve_cmd.add_argument(
         "--grace",
         type=float,
         default=float(os.environ.get("AGENTLOG_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)),
@@ -170,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.data_dir,
                 max_message_bytes=args.max_message_bytes,
                 grace=args.grace,
+                sync=args.sync,
+                sync_interval_ms=args.sync_interval_ms,
                 version=_version(),
             )
         )

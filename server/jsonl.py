@@ -53,9 +53,11 @@ from agentlog.errors import (
     AgentlogError,
     DataLossError,
     FailedPreconditionError,
+    InvalidArgumentError,
     ResourceExhaustedError,
 )
 from agentlog.server import _semantics
+from agentlog.server._durability import Syncer, SyncPolicy, fsync_path
 from agentlog.server._semantics import Prepared
 
 log = logging.getLogger("agentlog.server")
@@ -87,12 +89,19 @@ class _Session:
 class JsonlSessionRepository(_semantics.Store):
     """Sessions as arcan JSONL files under one directory.
 
-    `sync=True` (the default) makes every append durable (fsync) before it
-    returns; `sync=False` leaves flushing to the operating system, so a power
-    loss may cost the last appends but a crash of this process costs nothing.
+    `sync` says when appends reach the disk (`agentlog.server.SyncPolicy`):
+    "always" (the default; an append returns once durable, concurrent appends
+    sharing fsyncs), "interval" (synced every `sync_interval_ms`), or "never".
+    True and False mean "always" and "never".
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, sync: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        sync: SyncPolicy | str | bool = SyncPolicy.ALWAYS,
+        sync_interval_ms: int = 100,
+    ) -> None:
         super().__init__()
         self.root = Path(root).resolve()
         try:
@@ -108,14 +117,24 @@ class JsonlSessionRepository(_semantics.Store):
                 reason="DATA_DIR_UNUSABLE",
             )
         self._directory_lock = _lock_directory(self.root)
-        self._sync = sync
-        self._feed = _Feed(self.root / FEED_FILE, sync)
-        self._locks: dict[str, threading.Lock] = {}
-        self._states: dict[str, _Session] = {}
-        self._guard = threading.Lock()
-        # Session ids in byte order, for paging; rebuilt when the directory changes.
+        if isinstance(sync, bool):
+            sync = SyncPolicy.ALWAYS if sync else SyncPolicy.NEVER
+        try:
+            self.sync_policy = SyncPolicy(sync)
+        except ValueError:
+            self.close()
+            raise InvalidArgumentError(
+                f"sync must be one of {', '.join(SyncPolicy)}, not {sync!r}", field="sync"
+            ) from None
+        self._syncer = Syncer(self.sync_policy, sync_interval_ms)
         self._catalog: list[str] | None = None
         self._catalog_mtime = -1
+        self._guard = threading.Lock()
+        self.recovered = self._recover_tails()
+        self._feed = _Feed(self.root / FEED_FILE)
+        self._feed.cut_beyond(self._record_counts())
+        self._locks: dict[str, threading.Lock] = {}
+        self._states: dict[str, _Session] = {}
 
     # --- writing ---
 
@@ -164,7 +183,17 @@ class JsonlSessionRepository(_semantics.Store):
             size_before = state.offsets[-1]
             identity = self._write(path, b"".join(lines), size_before)
             try:
+                # The session's lines are durable before the feed names them,
+                # and the feed line before the append is acknowledged.
+                # A new file's directory entry must be durable too.
+                self._syncer.sync(*((path, self.root) if new_file else (path,)))
                 position = self._feed.commit(session_id, last + 1, len(batch))
+                self._syncer.sync(self._feed.path)
+            except OSError as exc:
+                self._states.pop(session_id, None)
+                with contextlib.suppress(OSError):
+                    os.truncate(path, size_before)
+                raise _storage_error(exc, path) from None
             except BaseException:
                 # Not in the feed means not acknowledged: take the lines back.
                 self._states.pop(session_id, None)
@@ -186,11 +215,53 @@ class JsonlSessionRepository(_semantics.Store):
             self._add_to_catalog(session_id)
         return records, position
 
+    def _recover_tails(self) -> list[Path]:
+        """Cut torn last lines and batches cut short off every session file (at open).
+
+        The cut bytes are kept in `.agentlog-recovered/` for inspection. Returns
+        the side files written.
+        """
+        kept = []
+        for session_id in self._sessions_in_order():
+            path = self._path(session_id)
+            cut, why = _torn_tail(path)
+            if cut is None:
+                continue
+            side_dir = self.root / RECOVERED_DIR
+            side_dir.mkdir(exist_ok=True)
+            side = side_dir / f"{path.name}.{cut}"
+            with path.open("rb") as file:
+                file.seek(cut)
+                side.write_bytes(file.read())
+            fsync_path(side)
+            os.truncate(path, cut)
+            fsync_path(path)
+            fsync_path(side_dir)
+            log.warning(
+                "%s: cut %s at byte offset %d off the file (never acknowledged); "
+                "the bytes are kept in %s",
+                path,
+                why,
+                cut,
+                side,
+            )
+            kept.append(side)
+        return kept
+
+    def _record_counts(self) -> dict[str, int]:
+        """How many records each session file holds now (read once, at open)."""
+        counts = {}
+        for session_id in self._sessions_in_order():
+            with self._path(session_id).open("rb") as file:
+                counts[session_id] = sum(1 for line in file if line.strip())
+        return counts
+
     def _feed_catch_up(self, session_id: str, state: _Session) -> None:
         """Give feed positions to records of a session the feed knows that it lacks."""
         covered = self._feed.covered(session_id)
         if 0 < covered < state.last_sequence and state.damage is None:
             self._feed.commit(session_id, covered + 1, state.last_sequence - covered)
+            self._syncer.sync(self._feed.path)
 
     def _write(self, path: Path, data: bytes, expected_size: int) -> tuple[int, int, int]:
         """Append `data` whole or not at all; returns the file's new identity."""
@@ -211,8 +282,6 @@ class JsonlSessionRepository(_semantics.Store):
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                if self._sync:
-                    os.fsync(fd)
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, size)  # never leave part of an append behind
@@ -220,13 +289,6 @@ class JsonlSessionRepository(_semantics.Store):
             stat = os.fstat(fd)
         finally:
             os.close(fd)
-        if size == 0 and self._sync:
-            # A new file: its directory entry must be durable too.
-            dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
         return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
     # --- reading ---
@@ -292,6 +354,8 @@ class JsonlSessionRepository(_semantics.Store):
     def _read_all(self, position: int, limit: int | None) -> Iterator[FeedRecord]:
         remaining = limit
         for entry_position, session_id, sequence, count in self._feed.entries_from(position):
+            if not session_id:
+                continue  # a gap
             skip = max(position - entry_position, 0)
             first, last = sequence + skip, sequence + count - 1
             if remaining is not None:
@@ -380,7 +444,9 @@ class JsonlSessionRepository(_semantics.Store):
         """Release the data directory for another process. Idempotent."""
         fd, self._directory_lock = self._directory_lock, -1
         if fd >= 0:
-            self._feed.close()
+            if hasattr(self, "_feed"):
+                self._syncer.close()
+                self._feed.close()
             os.close(fd)  # closing the descriptor releases the flock
 
     def __enter__(self) -> JsonlSessionRepository:
@@ -625,6 +691,59 @@ def _window(state: _Session, sequences: range) -> _Offsets:
 
 
 FEED_FILE = ".agentlog.feed"
+RECOVERED_DIR = ".agentlog-recovered"
+_TAIL_BLOCK = 1 << 16
+
+
+def _torn_tail(path: Path) -> tuple[int | None, str]:
+    """Where a file's unfinished tail starts (None: it has none) and what it is."""
+    with path.open("rb") as file:
+        size = file.seek(0, os.SEEK_END)
+        if size == 0:
+            return None, ""
+        start = max(size - _TAIL_BLOCK, 0)
+        file.seek(start)
+        tail = file.read()
+        while not tail.rstrip(b" \t\r").endswith(b"\n") and b"\n" not in tail and start > 0:
+            start = max(start - _TAIL_BLOCK, 0)  # a long torn line: find where it starts
+            file.seek(start)
+            tail = file.read()
+        if not tail.endswith(b"\n") and tail.strip():
+            newline = tail.rfind(b"\n")
+            return start + newline + 1, "an incomplete last line"
+        # A batch cut short: its last line present names a later batch_end.
+        lines = tail.split(b"\n")
+        if start > 0:
+            lines = lines[1:]  # the first may be a fragment of a longer line
+        records = [line for line in lines if line.strip()]
+        if not records:
+            return None, ""
+        try:
+            last = orjson.loads(records[-1])
+            batch_end, sequence = last.get("batch_end"), last.get("sequence")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None, ""  # a damaged line is reported by reads, not cut
+        if not isinstance(batch_end, int) or not isinstance(sequence, int):
+            return None, ""
+        if batch_end <= sequence:
+            return None, ""
+        first = sequence - (batch_end - sequence)  # a lower bound; find the batch's first line
+        data = path.read_bytes()
+        position = len(data)
+        for line in reversed(data[:-1].split(b"\n")):
+            position -= len(line) + 1
+            if not line.strip():
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                break
+            if obj.get("batch_end") != batch_end:
+                position += len(line) + 1
+                break
+            if obj.get("sequence", 0) <= first:
+                break
+        return max(position, 0), f"a batch cut short (sequences up to {batch_end} expected)"
 
 
 class _Feed:
@@ -637,9 +756,8 @@ class _Feed:
     session's order. Positions are never reused.
     """
 
-    def __init__(self, path: Path, sync: bool) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.sync = sync
         self.lock = threading.Lock()
         self.positions = array("Q")
         self.sequences = array("Q")
@@ -681,7 +799,8 @@ class _Feed:
         self.sessions.append(session_id)
         self.sequences.append(sequence)
         self.counts.append(count)
-        self._covered[session_id] = sequence + count - 1
+        if session_id:  # "" marks a gap: positions dropped after a loss, never reused
+            self._covered[session_id] = sequence + count - 1
         self.last_position = position + count - 1
 
     def commit(self, session_id: str, sequence: int, count: int) -> int:
@@ -702,14 +821,50 @@ class _Feed:
                 view = memoryview(line)
                 while view:
                     view = view[os.write(self.fd, view) :]
-                if self.sync:
-                    os.fsync(self.fd)
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self.fd, size)
                 raise _storage_error(exc, self.path) from None
             self._add(position, session_id, sequence, count)
             return position
+
+    def cut_beyond(self, counts: dict[str, int]) -> None:
+        """Drop the feed from its first entry naming records a session file does not hold.
+
+        Possible after a power loss under the `interval` or `never` policies: the
+        feed line reached the disk, the session's lines did not.
+        """
+        for index in range(len(self.positions)):
+            end = self.sequences[index] + self.counts[index] - 1
+            if end > counts.get(self.sessions[index], 0):
+                keep = index
+                break
+        else:
+            return
+        log.warning(
+            "%s: dropping feed entries from position %d on: they name records the session "
+            "files do not hold (lost before they reached the disk)",
+            self.path,
+            self.positions[keep],
+        )
+        first_dropped, last_dropped = self.positions[keep], self.last_position
+        with self.path.open("rb") as file:
+            offset = sum(len(file.readline()) for _ in range(keep))
+        os.truncate(self.path, offset)
+        for column in (self.positions, self.sequences, self.counts):
+            del column[keep:]
+        del self.sessions[keep:]
+        self._covered = {}
+        for session_id, sequence, count in zip(
+            self.sessions, self.sequences, self.counts, strict=True
+        ):
+            if session_id:
+                self._covered[session_id] = sequence + count - 1
+        # A gap entry (no session) keeps the dropped positions from being handed out
+        # again: a consumer that stored one must not skip a new record.
+        self.last_position = first_dropped - 1
+        self.commit("", 0, last_dropped - first_dropped + 1)
+        fsync_path(self.path)
 
     def covered(self, session_id: str) -> int:
         """The last sequence of a session that has a position (0: none)."""

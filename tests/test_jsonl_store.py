@@ -256,3 +256,40 @@ def test_a_retry_gives_a_feed_position_to_an_append_the_feed_missed(data: Path) 
         assert repo.append(append).sequence == 2  # the client's retry: stored once
         assert feed_of(repo) == [(1, "s", 1), (2, "s", 2)]
         assert [r.sequence for r in repo.load_session("s")] == [1, 2]
+
+
+def test_a_torn_last_line_is_cut_at_open_and_kept_aside(
+    data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with JsonlSessionRepository(data) as repo:
+        for i in range(3):
+            repo.append(AppendEvent(session_id="s", event=delta("s", str(i))))
+    path = data / "s.jsonl"
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"id":"half","session_id":"s","parent')
+    with JsonlSessionRepository(data) as repo:
+        side = data / ".agentlog-recovered" / f"s.jsonl.{len(whole)}"
+        assert repo.recovered == [side]
+        assert side.read_bytes() == b'{"id":"half","session_id":"s","parent'
+        assert path.read_bytes() == whole
+        assert f"{path}: cut an incomplete last line at byte offset {len(whole)}" in caplog.text
+        assert [r.sequence for r in repo.load_session("s")] == [1, 2, 3]
+        assert repo.append(AppendEvent(session_id="s", event=started("s"))).sequence == 4
+
+
+def test_a_batch_cut_short_is_cut_at_open(data: Path) -> None:
+    with JsonlSessionRepository(data) as repo:
+        repo.append(AppendEvent(session_id="b", event=started("b")))
+        repo.append_batch("b", [NewEvent(event=delta("b", str(i))) for i in range(4)])
+    path = data / "b.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:3]))  # two of the batch's four lines reached the disk
+    with JsonlSessionRepository(data) as repo:
+        assert len(repo.recovered) == 1
+        assert repo.recovered[0].read_bytes() == b"".join(lines[1:3])
+        assert [r.sequence for r in repo.load_session("b")] == [1]
+        # The feed named the whole batch (it was acknowledged, then lost with the disk):
+        # those positions are dropped, never handed out again.
+        new = repo.append(AppendEvent(session_id="b", event=started("b")))
+        assert new.sequence == 2
+        assert feed_of(repo) == [(1, "b", 1), (6, "b", 2)]
