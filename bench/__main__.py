@@ -307,7 +307,7 @@ def stream_ceiling(path: Path, count: int) -> float:
 
 
 def bench_children(tmp: Path, results: Results, sessions: int) -> None:
-    """LoadChildren of a record with one child in every 1,000th session."""
+    """LoadChildren of a record with 10 children, spread over a store of 10 or N sessions."""
     parent = str(uuid.uuid4())
 
     def children_of(client: AgentlogClient) -> object:
@@ -317,7 +317,7 @@ def bench_children(tmp: Path, results: Results, sessions: int) -> None:
         data = tmp / f"children-{count}"
         data.mkdir()
         for n in range(count):
-            child_of = parent if n % 1000 == 0 else None
+            child_of = parent if n % (count // 10) == 0 else None
             write_arcan_session(data / f"s{n:07d}.jsonl", f"s{n:07d}", 3, child_of)
         with server(data) as (target, _), AgentlogClient(target, timeout=600) as client:
             children_ms = timed_ms(lambda: children_of(client), 5)

@@ -55,6 +55,9 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # Records come back with an id and timestamp added, so a reply may be a
     # little larger than the largest request a server accepts.
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Reconnect quickly after a server restart, so retries find it back up.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
     # Keep idle connections alive through proxies and notice dead ones.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

@@ -58,6 +58,7 @@ from agentlog.errors import (
 )
 from agentlog.server import _semantics
 from agentlog.server._durability import Syncer, SyncPolicy, fsync_path
+from agentlog.server._index import ChildrenIndex
 from agentlog.server._semantics import Prepared
 
 log = logging.getLogger("agentlog.server")
@@ -133,6 +134,11 @@ class JsonlSessionRepository(_semantics.Store):
         self.recovered = self._recover_tails()
         self._feed = _Feed(self.root / FEED_FILE)
         self._feed.cut_beyond(self._record_counts())
+        self._children = ChildrenIndex(self.root)
+        present = self._sessions_in_order()
+        self._children.forget_missing(set(present))
+        for session_id in present:
+            self._children.catch_up(session_id, self._path(session_id))
         self._locks: dict[str, threading.Lock] = {}
         self._states: dict[str, _Session] = {}
 
@@ -189,6 +195,12 @@ class JsonlSessionRepository(_semantics.Store):
                 self._syncer.sync(*((path, self.root) if new_file else (path,)))
                 position = self._feed.commit(session_id, last + 1, len(batch))
                 self._syncer.sync(self._feed.path)
+                self._children.record(
+                    session_id,
+                    [(r.parent_id, r.sequence) for r in records if r.parent_id is not None],
+                    identity[1],
+                    last + len(batch),
+                )
             except OSError as exc:
                 self._states.pop(session_id, None)
                 with contextlib.suppress(OSError):
@@ -379,32 +391,18 @@ class JsonlSessionRepository(_semantics.Store):
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
         check_record_id(parent_id, "parent_id")
-        # A line is only parsed when it could hold the id: when the id needs no
-        # escaping in JSON, its JSON spelling is a substring of every line naming it.
-        needle = orjson.dumps(parent_id)
-        escaped = b"\\" in needle
         children: list[EventRecord] = []
-        for session_id in self.session_ids():
+        for session_id, sequence in self._children.children(parent_id):
             path = self._path(session_id)
             with self._lock(session_id):
                 state = self._state(session_id)
-                end = state.offsets[-1]
-                offsets = state.offsets[:]
-            if end == 0:
-                continue
-            try:
-                with path.open("rb") as file:
-                    data = file.read(end)
-            except OSError as exc:
-                raise _storage_error(exc, path) from None
-            if not escaped and needle not in data:
-                continue
-            for sequence in range(1, len(offsets)):
-                line = data[offsets[sequence - 1] : offsets[sequence]]
-                if escaped or needle in line:
-                    record = _decode(path, line, sequence, offsets[sequence - 1])
-                    if record.parent_id == parent_id:
-                        children.append(record)
+                if sequence > state.last_sequence:
+                    continue  # the index ran ahead of a file cut since: nothing to serve
+                wanted = range(sequence, sequence + 1)
+                window = _window(state, wanted)
+            for record in self._stream(path, window, wanted):
+                if record.parent_id == parent_id:
+                    children.append(record)
         return children
 
     def list_sessions(
@@ -444,9 +442,10 @@ class JsonlSessionRepository(_semantics.Store):
         """Release the data directory for another process. Idempotent."""
         fd, self._directory_lock = self._directory_lock, -1
         if fd >= 0:
-            if hasattr(self, "_feed"):
+            if hasattr(self, "_children"):
                 self._syncer.close()
                 self._feed.close()
+                self._children.close()
             os.close(fd)  # closing the descriptor releases the flock
 
     def __enter__(self) -> JsonlSessionRepository:
@@ -476,6 +475,7 @@ class JsonlSessionRepository(_semantics.Store):
         if state is None or state.identity != identity:
             state = _load_state(path, identity)
             self._states[session_id] = state
+            self._children.catch_up(session_id, path)
             # Records the feed lacks: an append cut short by a crash, or lines
             # another writer (arcan) added to a session agentlog writes.
             self._feed_catch_up(session_id, state)

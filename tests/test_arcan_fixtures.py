@@ -53,7 +53,7 @@ def served_copy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tupl
 
 def test_every_fixture_record_is_served_exactly(served_copy: tuple[Path, str]) -> None:
     data, target = served_copy
-    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    before = {p.name: p.read_bytes() for p in data.glob("*.jsonl")}
     all_lines = [line for path in sorted(data.glob("*.jsonl")) for line in raw_lines(path)]
     with AgentlogClient(target) as client:
         for path in sorted(data.glob("*.jsonl")):
@@ -75,7 +75,7 @@ def test_every_fixture_record_is_served_exactly(served_copy: tuple[Path, str]) -
             wanted = [c for c in all_lines if c["parent_id"] == line["id"]]
             assert sorted(c.id for c in children) == sorted(c["id"] for c in wanted)
     # Serving never touches the files.
-    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in data.glob("*.jsonl")} == before
 
 
 def test_the_sub_agent_session_points_into_its_callers_session(tmp_path: Path) -> None:

@@ -149,13 +149,11 @@ def test_no_session_id_writes_outside_the_root(tmp_path: Path) -> None:
             repo.append(AppendEvent(session_id=bad, event=started("s")))
     repo.append(AppendEvent(session_id="ok", event=started("ok")))
     everything = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
-    assert everything == [
-        "inner",
-        "inner/data",
-        "inner/data/.agentlog.feed",
-        "inner/data/.agentlog.lock",
-        "inner/data/ok.jsonl",
-    ]
+    outside = [p for p in everything if not p.startswith("inner/data/")]
+    assert outside == ["inner", "inner/data"]
+    assert sorted(p.name for p in data.glob("*.jsonl")) == ["ok.jsonl"]
+    # Everything else there is the store's own, dot-named, never a session.
+    assert all(p.name.startswith(".") for p in data.iterdir() if p.name != "ok.jsonl")
 
 
 def test_files_that_are_not_sessions_are_ignored(data: Path) -> None:
@@ -293,3 +291,31 @@ def test_a_batch_cut_short_is_cut_at_open(data: Path) -> None:
         new = repo.append(AppendEvent(session_id="b", event=started("b")))
         assert new.sequence == 2
         assert feed_of(repo) == [(1, "b", 1), (6, "b", 2)]
+
+
+def test_the_children_index_follows_the_files(data: Path) -> None:
+    with JsonlSessionRepository(data) as repo:
+        root = repo.append(AppendEvent(session_id="a", event=started("a")))
+        kids = [
+            repo.append(AppendEvent(session_id=s, parent_id=root.id, event=started(s)))
+            for s in ("b", "a", "c")
+        ]
+        assert repo.load_children(root.id) == [kids[1], kids[0], kids[2]]
+    # While agentlog is down, arcan appends a child to b and an operator removes c.
+    line = json.loads((data / "b.jsonl").read_text())
+    line.update(id=str(uuid.uuid4()), sequence=2)
+    with (data / "b.jsonl").open("a") as file:
+        file.write(json.dumps(line) + "\n")
+    (data / "c.jsonl").unlink()
+    with JsonlSessionRepository(data) as repo:
+        children = repo.load_children(root.id)
+        assert [(c.session_id, c.sequence) for c in children] == [("a", 2), ("b", 1), ("b", 2)]
+        # And while it runs: a file changed behind its back is re-indexed when next read.
+        line.update(id=str(uuid.uuid4()), sequence=3)
+        with (data / "b.jsonl").open("a") as file:
+            file.write(json.dumps(line) + "\n")
+        assert len(repo.load_session("b")) == 3
+        assert len(repo.load_children(root.id)) == 4
+    (data / ".agentlog.index").unlink()  # derived data: rebuilt at the next open
+    with JsonlSessionRepository(data) as repo:
+        assert len(repo.load_children(root.id)) == 4

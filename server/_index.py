@@ -1,0 +1,146 @@
+"""The JSONL store's children index: parent id -> (session, sequence), on disk.
+
+It lives in `<root>/.agentlog.index` (SQLite, the standard library's), so its
+memory stays bounded whatever the store's size. It is derived data: for each
+session file it records how many bytes and records it has indexed, in the
+same transaction as the rows, so it can always be brought up to date from the
+files (new bytes are indexed; a file that shrank or vanished is re-indexed or
+dropped) and deleting it only costs a rebuild.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+import orjson
+
+INDEX_FILE = ".agentlog.index"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    session_id TEXT PRIMARY KEY,
+    indexed_bytes INTEGER NOT NULL,
+    indexed_records INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS children (
+    parent_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    sequence INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS children_by_parent ON children (parent_id, session_id, sequence);
+"""
+_BLOCK = 4 << 20
+
+
+class ChildrenIndex:
+    """Where each record's children are, kept in step with the session files."""
+
+    def __init__(self, root: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(root / INDEX_FILE, check_same_thread=False)
+        # Derived data: speed over durability; it is checked against the files at open.
+        self._db.executescript(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF; PRAGMA cache_size=-8192;" + _SCHEMA
+        )
+
+    def record(
+        self, session_id: str, rows: Iterable[tuple[str, int]], size: int, count: int
+    ) -> None:
+        """Add an append's `(parent_id, sequence)` rows; the file now has `size` bytes and
+        `count` records."""
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT INTO children VALUES (?, ?, ?)",
+                ((parent, session_id, sequence) for parent, sequence in rows),
+            )
+            self._set(session_id, size, count)
+
+    def _set(self, session_id: str, size: int, count: int) -> None:
+        self._db.execute(
+            "INSERT INTO files VALUES (?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET "
+            "indexed_bytes = excluded.indexed_bytes, indexed_records = excluded.indexed_records",
+            (session_id, size, count),
+        )
+
+    def catch_up(self, session_id: str, path: Path) -> None:
+        """Index what the file holds beyond what was indexed (all of it if it shrank)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT indexed_bytes, indexed_records FROM files WHERE session_id = ?",
+                (session_id,),
+            ).fetchone()
+            start, count = row if row else (0, 0)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = -1
+            if size == start:
+                return
+            with self._db:
+                if size < start:  # rewritten or removed: start over
+                    self._db.execute("DELETE FROM children WHERE session_id = ?", (session_id,))
+                    self._db.execute("DELETE FROM files WHERE session_id = ?", (session_id,))
+                    start, count = 0, 0
+                    if size < 0:
+                        return
+                end, count = self._index_file(session_id, path, start, count)
+                self._set(session_id, end, count)
+
+    def _index_file(self, session_id: str, path: Path, start: int, count: int) -> tuple[int, int]:
+        """Index complete lines from byte `start`; stops at a line that does not parse."""
+        position = start
+        with path.open("rb") as file:
+            file.seek(start)
+            carry = b""
+            while block := file.read(_BLOCK):
+                data = carry + block
+                cut = data.rfind(b"\n") + 1
+                rows: list[tuple[str, int]] = []
+                for line in data[:cut].split(b"\n")[:-1]:
+                    if line.strip():
+                        try:
+                            parent = orjson.loads(line).get("parent_id")
+                        except (orjson.JSONDecodeError, AttributeError):
+                            self._insert(session_id, rows)
+                            return position, count
+                        count += 1
+                        if isinstance(parent, str):
+                            rows.append((parent, count))
+                    position += len(line) + 1
+                self._insert(session_id, rows)
+                carry = data[cut:]
+        return position, count
+
+    def _insert(self, session_id: str, rows: list[tuple[str, int]]) -> None:
+        self._db.executemany(
+            "INSERT INTO children VALUES (?, ?, ?)",
+            ((parent, session_id, sequence) for parent, sequence in rows),
+        )
+
+    def forget_missing(self, present: set[str]) -> None:
+        """Drop what is indexed for session files that no longer exist."""
+        with self._lock, self._db:
+            gone = [
+                session_id
+                for (session_id,) in self._db.execute("SELECT session_id FROM files")
+                if session_id not in present
+            ]
+            for session_id in gone:
+                self._db.execute("DELETE FROM children WHERE session_id = ?", (session_id,))
+                self._db.execute("DELETE FROM files WHERE session_id = ?", (session_id,))
+
+    def children(self, parent_id: str) -> list[tuple[str, int]]:
+        """(session_id, sequence) of every child, sessions in byte order, then by sequence."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT session_id, sequence FROM children WHERE parent_id = ? "
+                "ORDER BY session_id, sequence",
+                (parent_id,),
+            ).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
