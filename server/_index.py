@@ -1,4 +1,4 @@
-"""The JSONL store's children index: parent id -> (session, sequence), on disk.
+"""The JSONL store's indexes on disk: record ids and parent ids -> (session, sequence).
 
 It lives in `<root>/.agentlog.index` (SQLite, the standard library's), so its
 memory stays bounded whatever the store's size. It is derived data: for each
@@ -31,12 +31,18 @@ CREATE TABLE IF NOT EXISTS children (
     sequence INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS children_by_parent ON children (parent_id, session_id, sequence);
+CREATE TABLE IF NOT EXISTS ids (
+    session_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    PRIMARY KEY (session_id, id)
+) WITHOUT ROWID;
 """
 _BLOCK = 4 << 20
 
 
-class ChildrenIndex:
-    """Where each record's children are, kept in step with the session files."""
+class StoreIndex:
+    """Where each record id and each record's children are, kept in step with the files."""
 
     def __init__(self, root: Path) -> None:
         self._lock = threading.Lock()
@@ -47,15 +53,16 @@ class ChildrenIndex:
         )
 
     def record(
-        self, session_id: str, rows: Iterable[tuple[str, int]], size: int, count: int
+        self,
+        session_id: str,
+        rows: Iterable[tuple[str, str | None, int]],
+        size: int,
+        count: int,
     ) -> None:
-        """Add an append's `(parent_id, sequence)` rows; the file now has `size` bytes and
-        `count` records."""
+        """Add an append's `(id, parent_id, sequence)` rows; the file now has `size` bytes
+        and `count` records."""
         with self._lock, self._db:
-            self._db.executemany(
-                "INSERT INTO children VALUES (?, ?, ?)",
-                ((parent, session_id, sequence) for parent, sequence in rows),
-            )
+            self._insert(session_id, rows)
             self._set(session_id, size, count)
 
     def _set(self, session_id: str, size: int, count: int) -> None:
@@ -81,8 +88,7 @@ class ChildrenIndex:
                 return
             with self._db:
                 if size < start:  # rewritten or removed: start over
-                    self._db.execute("DELETE FROM children WHERE session_id = ?", (session_id,))
-                    self._db.execute("DELETE FROM files WHERE session_id = ?", (session_id,))
+                    self._drop(session_id)
                     start, count = 0, 0
                     if size < 0:
                         return
@@ -98,27 +104,38 @@ class ChildrenIndex:
             while block := file.read(_BLOCK):
                 data = carry + block
                 cut = data.rfind(b"\n") + 1
-                rows: list[tuple[str, int]] = []
+                rows: list[tuple[str, str | None, int]] = []
                 for line in data[:cut].split(b"\n")[:-1]:
                     if line.strip():
                         try:
-                            parent = orjson.loads(line).get("parent_id")
-                        except (orjson.JSONDecodeError, AttributeError):
+                            obj = orjson.loads(line)
+                            record_id, parent = obj["id"], obj.get("parent_id")
+                            if not isinstance(record_id, str):
+                                raise TypeError
+                        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
                             self._insert(session_id, rows)
                             return position, count
                         count += 1
-                        if isinstance(parent, str):
-                            rows.append((parent, count))
+                        rows.append((record_id, parent if isinstance(parent, str) else None, count))
                     position += len(line) + 1
                 self._insert(session_id, rows)
                 carry = data[cut:]
         return position, count
 
-    def _insert(self, session_id: str, rows: list[tuple[str, int]]) -> None:
+    def _insert(self, session_id: str, rows: Iterable[tuple[str, str | None, int]]) -> None:
+        rows = list(rows)
+        self._db.executemany(
+            "INSERT OR REPLACE INTO ids VALUES (?, ?, ?)",
+            ((session_id, record_id, sequence) for record_id, _, sequence in rows),
+        )
         self._db.executemany(
             "INSERT INTO children VALUES (?, ?, ?)",
-            ((parent, session_id, sequence) for parent, sequence in rows),
+            ((parent, session_id, sequence) for _, parent, sequence in rows if parent is not None),
         )
+
+    def _drop(self, session_id: str) -> None:
+        for table in ("children", "ids", "files"):
+            self._db.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
 
     def forget_missing(self, present: set[str]) -> None:
         """Drop what is indexed for session files that no longer exist."""
@@ -129,8 +146,15 @@ class ChildrenIndex:
                 if session_id not in present
             ]
             for session_id in gone:
-                self._db.execute("DELETE FROM children WHERE session_id = ?", (session_id,))
-                self._db.execute("DELETE FROM files WHERE session_id = ?", (session_id,))
+                self._drop(session_id)
+
+    def sequence_of(self, session_id: str, record_id: str) -> int | None:
+        """The sequence of a record id in a session, if the session holds it."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT sequence FROM ids WHERE session_id = ? AND id = ?", (session_id, record_id)
+            ).fetchone()
+        return None if row is None else int(row[0])
 
     def children(self, parent_id: str) -> list[tuple[str, int]]:
         """(session_id, sequence) of every child, sessions in byte order, then by sequence."""

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -29,11 +30,11 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
-from agentlog._codec import DecodeError, record_from_line, record_line
+from agentlog._codec import DecodeError, event_to_json, record_from_line, record_line
 from agentlog._events import ReadDirection
 from agentlog._records import (
     EventRecord,
@@ -58,7 +59,7 @@ from agentlog.errors import (
 )
 from agentlog.server import _semantics
 from agentlog.server._durability import Syncer, SyncPolicy, fsync_path
-from agentlog.server._index import ChildrenIndex
+from agentlog.server._index import StoreIndex
 from agentlog.server._semantics import Prepared
 
 log = logging.getLogger("agentlog.server")
@@ -75,7 +76,6 @@ class _Session:
     identity: tuple[int, int, int] = (0, 0, 0)  # inode, size, mtime_ns
     offsets: array[int] = field(default_factory=lambda: array("Q"))
     """Byte offset of each record's line, by sequence - 1; plus the end of the last line."""
-    by_id: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     first_timestamp_ns: int = 0
     last_timestamp_ns: int = 0
     head_id: str = ""
@@ -134,11 +134,11 @@ class JsonlSessionRepository(_semantics.Store):
         self.recovered = self._recover_tails()
         self._feed = _Feed(self.root / FEED_FILE)
         self._feed.cut_beyond(self._record_counts())
-        self._children = ChildrenIndex(self.root)
+        self._index = StoreIndex(self.root)
         present = self._sessions_in_order()
-        self._children.forget_missing(set(present))
+        self._index.forget_missing(set(present))
         for session_id in present:
-            self._children.catch_up(session_id, self._path(session_id))
+            self._index.catch_up(session_id, self._path(session_id))
         self._locks: dict[str, threading.Lock] = {}
         self._states: dict[str, _Session] = {}
 
@@ -153,12 +153,23 @@ class JsonlSessionRepository(_semantics.Store):
             if state.damage is not None:
                 raise state.damage  # never append after damage: it would bury it
             last = state.last_sequence
-            stored = _semantics.check_append(session_id, batch, expected, last, state.by_id.get)
-            if stored is not None:
+
+            def stored(record_id: str) -> tuple[int, bytes] | None:
+                # Rare (a retry or a reused id): compare with the record itself.
+                sequence = self._index.sequence_of(session_id, record_id)
+                if sequence is None or sequence > last:
+                    return None
+                [record] = self._records_at(path, state, [sequence])
+                event_json = event_to_json(record.event)
+                return sequence, _semantics.content_digest(record.parent_id, event_json)
+
+            stored_sequences = _semantics.check_append(session_id, batch, expected, last, stored)
+            stored_ = stored_sequences
+            if stored_ is not None:
                 # A retry. If the first attempt stopped between the session file
                 # and the feed (a crash), the feed learns of its records now.
                 self._feed_catch_up(session_id, state)
-                return self._records_at(path, state, stored), None
+                return self._records_at(path, state, stored_), None
             records, lines = [], []
             # Lines of a multi-event batch name the batch's last sequence, so a
             # batch cut short by a crash is recognised and never served in part.
@@ -195,9 +206,9 @@ class JsonlSessionRepository(_semantics.Store):
                 self._syncer.sync(*((path, self.root) if new_file else (path,)))
                 position = self._feed.commit(session_id, last + 1, len(batch))
                 self._syncer.sync(self._feed.path)
-                self._children.record(
+                self._index.record(
                     session_id,
-                    [(r.parent_id, r.sequence) for r in records if r.parent_id is not None],
+                    [(r.id, r.parent_id, r.sequence) for r in records],
                     identity[1],
                     last + len(batch),
                 )
@@ -213,10 +224,9 @@ class JsonlSessionRepository(_semantics.Store):
                     os.truncate(path, size_before)
                 raise
             position = state.offsets.pop()
-            for line, item, record in zip(lines, batch, records, strict=True):
+            for line in lines:
                 state.offsets.append(position)
                 position += len(line)
-                state.by_id[item.id] = (record.sequence, item.digest)
             state.offsets.append(position)
             if last == 0:
                 state.first_timestamp_ns = records[0].timestamp_ns
@@ -392,7 +402,7 @@ class JsonlSessionRepository(_semantics.Store):
     def load_children(self, parent_id: str) -> list[EventRecord]:
         check_record_id(parent_id, "parent_id")
         children: list[EventRecord] = []
-        for session_id, sequence in self._children.children(parent_id):
+        for session_id, sequence in self._index.children(parent_id):
             path = self._path(session_id)
             with self._lock(session_id):
                 state = self._state(session_id)
@@ -442,10 +452,10 @@ class JsonlSessionRepository(_semantics.Store):
         """Release the data directory for another process. Idempotent."""
         fd, self._directory_lock = self._directory_lock, -1
         if fd >= 0:
-            if hasattr(self, "_children"):
+            if hasattr(self, "_index"):
                 self._syncer.close()
                 self._feed.close()
-                self._children.close()
+                self._index.close()
             os.close(fd)  # closing the descriptor releases the flock
 
     def __enter__(self) -> JsonlSessionRepository:
@@ -475,7 +485,7 @@ class JsonlSessionRepository(_semantics.Store):
         if state is None or state.identity != identity:
             state = _load_state(path, identity)
             self._states[session_id] = state
-            self._children.catch_up(session_id, path)
+            self._index.catch_up(session_id, path)
             # Records the feed lacks: an append cut short by a crash, or lines
             # another writer (arcan) added to a session agentlog writes.
             self._feed_catch_up(session_id, state)
@@ -520,9 +530,6 @@ class JsonlSessionRepository(_semantics.Store):
         return lock
 
 
-_LOAD_BLOCK = 4 << 20
-
-
 LOCK_FILE = ".agentlog.lock"
 
 
@@ -547,114 +554,117 @@ def _lock_directory(root: Path) -> int:
     return fd
 
 
+_LOAD_BLOCK = 4 << 20
+_NEWLINE = re.compile(b"\n")
+
+
 def _load_state(path: Path, identity: tuple[int, int, int]) -> _Session:
-    """Read a session file once, a block at a time: offsets, ids, timestamps, damage."""
-    loader = _StateLoader(path, _Session(identity=identity))
+    """Read a session file once, a block at a time, finding where each record starts.
+
+    Only the first and last records are parsed (for the timestamps and the
+    head, and to see whether the file ends inside a batch); a damaged line in
+    the middle is reported when it is read.
+    """
+    state = _Session(identity=identity)
     if identity == (0, 0, 0):
-        return loader.finish(0)
+        state.offsets.append(0)
+        return state
+    offsets = state.offsets
     try:
         with path.open("rb") as file:
             carry, base = b"", 0  # bytes of an unfinished line, and their file offset
             while block := file.read(_LOAD_BLOCK):
                 data = carry + block
                 cut = data.rfind(b"\n") + 1
-                if cut and not loader.feed(data[:cut], base):
-                    return loader.finish(base + cut)
+                start = 0
+                for match in _NEWLINE.finditer(data, 0, cut):
+                    end = match.end()
+                    if data[start : start + 1] == b"{" or data[start:end].strip():
+                        offsets.append(base + start)
+                    start = end
                 carry, base = data[cut:], base + cut
+            end = base
+            if carry.strip():
+                state.damage = DataLossError(
+                    f"{path}, line {_line_number(path, base)}: an incomplete last line (no "
+                    f"newline) starts at byte offset {base}; the session cannot be read or "
+                    "appended to until it is repaired",
+                    reason="TORN_LAST_LINE",
+                    metadata={"file": str(path), "offset": str(base)},
+                )
+            end = _check_tail(path, file, state, end)
     except FileNotFoundError:
-        return _StateLoader(path, _Session()).finish(0)
+        state = _Session()
+        state.offsets.append(0)
+        return state
     except OSError as exc:
         raise _storage_error(exc, path) from None
-    if carry.strip():
-        loader.damage_torn(base)
-    return loader.finish(base + len(carry))
+    offsets.append(end)
+    return state
 
 
-class _StateLoader:
-    """Builds a _Session from the complete lines of a file, fed in order."""
+def _read_record_line(file: BinaryIO, offsets: array[int], index: int, end: int) -> Any:
+    """The parsed JSON of record `index` (0-based); raises on damage."""
+    file.seek(offsets[index])
+    stop = offsets[index + 1] if index + 1 < len(offsets) else end
+    return orjson.loads(file.read(stop - offsets[index]))
 
-    def __init__(self, path: Path, state: _Session) -> None:
-        self.path = path
-        self.state = state
-        self.sequence = 0
-        self.lines = 0  # newlines seen before the current block
-        self.batch_end = 0  # the open batch's last sequence
-        self.batch_start = (0, 0)  # its first sequence and byte offset
-        self.before_batch = ("", 0)  # the head id and timestamp before it
 
-    def feed(self, data: bytes, base: int) -> bool:
-        """Take complete lines starting at file offset `base`; False once damage is found."""
-        state, position = self.state, 0
-        while position < len(data):
-            end = data.index(b"\n", position) + 1
-            line = data[position:end]
-            if line.strip():
-                try:
-                    obj = orjson.loads(line)
-                    record_id, parent_id = obj["id"], obj["parent_id"]
-                    timestamp_ns = parse_timestamp(obj["timestamp"])
-                    if obj.get("sequence", self.sequence + 1) != self.sequence + 1:
-                        raise DecodeError(f"sequence: the line says {obj['sequence']!r}")
-                    if not isinstance(record_id, str):
-                        raise DecodeError("id: not a string")
-                    digest = _semantics.content_digest(parent_id, obj["event"])
-                except (
-                    orjson.JSONDecodeError,
-                    DecodeError,
-                    KeyError,
-                    TypeError,
-                    ValueError,
-                ) as exc:
-                    number = self.lines + data.count(b"\n", 0, position) + 1
-                    state.damage = _damage(self.path, number, f"{type(exc).__name__}: {exc}")
-                    state.offsets.append(base + position)
-                    return False
-                self.sequence += 1
-                stated_end = obj.get("batch_end")
-                if isinstance(stated_end, int) and stated_end > self.batch_end:
-                    self.batch_end, self.batch_start = stated_end, (self.sequence, base + position)
-                    self.before_batch = (state.head_id, state.last_timestamp_ns)
-                state.offsets.append(base + position)
-                state.by_id[record_id] = (self.sequence, digest)
-                if self.sequence == 1:
-                    state.first_timestamp_ns = timestamp_ns
-                state.last_timestamp_ns = timestamp_ns
-                state.head_id = record_id
-            position = end
-        self.lines += data.count(b"\n")
-        return True
+def _check_tail(path: Path, file: BinaryIO, state: _Session, end: int) -> int:
+    """Head and timestamps from the first and last records, and a batch cut short.
 
-    def damage_torn(self, offset: int) -> None:
-        self.state.damage = DataLossError(
-            f"{self.path}, line {self.lines + 1}: an incomplete last line (no newline) starts "
-            f"at byte offset {offset}; the session cannot be read or appended to until it is "
-            "repaired",
-            reason="TORN_LAST_LINE",
-            metadata={"file": str(self.path), "offset": str(offset)},
-        )
-
-    def finish(self, end: int) -> _Session:
-        state = self.state
-        if state.damage is None and self.batch_end > self.sequence:
+    Returns where the readable records end.
+    """
+    offsets = state.offsets
+    count = len(offsets)
+    if count == 0:
+        return end
+    try:
+        last = _read_record_line(file, offsets, count - 1, end)
+        first = last if count == 1 else _read_record_line(file, offsets, 0, end)
+        batch_end = last.get("batch_end")
+        if isinstance(batch_end, int) and batch_end > count:
             # The file ends inside a batch: its first lines landed, the rest did not.
-            first, offset = self.batch_start
+            index = count - 1
+            while (
+                index > 0
+                and _read_record_line(file, offsets, index - 1, end).get("batch_end") == batch_end
+            ):
+                index -= 1
+            cut = offsets[index]
             state.damage = DataLossError(
-                f"{self.path}: the batch of sequences {first} to {self.batch_end} was cut short "
-                f"after sequence {self.sequence}, from byte offset {offset}; the session cannot "
-                "be read or appended to until the partial batch is removed",
+                f"{path}: the batch of sequences {index + 1} to {batch_end} was cut short after "
+                f"sequence {count}, from byte offset {cut}; the session cannot be read or "
+                "appended to until the partial batch is removed",
                 reason="TORN_LAST_LINE",
-                metadata={"file": str(self.path), "offset": str(offset)},
+                metadata={"file": str(path), "offset": str(cut)},
             )
-            del state.offsets[first - 1 :]
-            state.head_id, state.last_timestamp_ns = self.before_batch
-            end = offset
-            for record_id, (stored_sequence, _) in list(state.by_id.items()):
-                if stored_sequence >= first:
-                    del state.by_id[record_id]
-        elif state.damage is not None:
-            end = state.offsets.pop()  # where the damage starts: readable records end there
-        state.offsets.append(end)
-        return state
+            del offsets[index:]
+            if not offsets:
+                return cut
+            last = _read_record_line(file, offsets, index - 1, cut)
+            end = cut
+        state.first_timestamp_ns = parse_timestamp(first["timestamp"])
+        state.last_timestamp_ns = parse_timestamp(last["timestamp"])
+        state.head_id = str(last["id"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        # The head itself is damaged: reads stop before it.
+        offset = offsets.pop()
+        if state.damage is None:
+            state.damage = _damage(path, _line_number(path, offset), f"{type(exc).__name__}: {exc}")
+        return offset
+    return end
+
+
+def _line_number(path: Path, offset: int) -> int:
+    """The line number of the line starting at `offset` (on the error path only)."""
+    lines = 1
+    with path.open("rb") as file:
+        remaining = offset
+        while remaining > 0 and (block := file.read(min(_LOAD_BLOCK, remaining))):
+            lines += block.count(b"\n")
+            remaining -= len(block)
+    return lines
 
 
 def _parse_span(
@@ -905,12 +915,18 @@ def _decode(path: Path, line: bytes, sequence: int, offset: int) -> EventRecord:
     try:
         return record_from_line(line.strip(), sequence)
     except DecodeError as exc:
+        number = _line_number(path, offset)
         raise DataLossError(
-            f"{path}, record {sequence} (the line at byte offset {offset}): not an arcan "
+            f"{path}, line {number} (record {sequence}, byte offset {offset}): not an arcan "
             f"EventRecord ({exc}); the session cannot be read until the line is repaired "
             "or removed",
             reason="CORRUPT_LINE",
-            metadata={"file": str(path), "offset": str(offset), "sequence": str(sequence)},
+            metadata={
+                "file": str(path),
+                "line": str(number),
+                "offset": str(offset),
+                "sequence": str(sequence),
+            },
         ) from None
 
 
