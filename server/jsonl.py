@@ -133,7 +133,13 @@ class JsonlSessionRepository(_semantics.Store):
         self._guard = threading.Lock()
         self.recovered = self._recover_tails()
         self._feed = _Feed(self.root / FEED_FILE)
-        self._feed.cut_beyond(self._record_counts())
+        clean = self.root / CLEAN_FILE
+        if clean.exists():
+            # Closed cleanly: everything was synced, the feed matches the files.
+            clean.unlink()
+            fsync_path(self.root)
+        else:
+            self._feed.cut_beyond(self._record_counts())
         self._index = StoreIndex(self.root)
         present = self._sessions_in_order()
         self._index.forget_missing(set(present))
@@ -456,6 +462,11 @@ class JsonlSessionRepository(_semantics.Store):
                 self._syncer.close()
                 self._feed.close()
                 self._index.close()
+                # Everything is synced: the next open may skip checking the feed.
+                clean = self.root / CLEAN_FILE
+                clean.write_bytes(b"")
+                fsync_path(clean)
+                fsync_path(self.root)
             os.close(fd)  # closing the descriptor releases the flock
 
     def __enter__(self) -> JsonlSessionRepository:
@@ -702,7 +713,8 @@ def _window(state: _Session, sequences: range) -> _Offsets:
 
 FEED_FILE = ".agentlog.feed"
 RECOVERED_DIR = ".agentlog-recovered"
-_TAIL_BLOCK = 1 << 16
+CLEAN_FILE = ".agentlog.clean"
+_TAIL_BLOCK = 1 << 12
 
 
 def _torn_tail(path: Path) -> tuple[int | None, str]:

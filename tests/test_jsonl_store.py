@@ -283,6 +283,7 @@ def test_a_batch_cut_short_is_cut_at_open(data: Path) -> None:
     path = data / "b.jsonl"
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:3]))  # two of the batch's four lines reached the disk
+    (data / ".agentlog.clean").unlink()  # a crash leaves no mark of a clean close
     with JsonlSessionRepository(data) as repo:
         assert len(repo.recovered) == 1
         assert repo.recovered[0].read_bytes() == b"".join(lines[1:3])
@@ -320,3 +321,13 @@ def test_the_children_index_follows_the_files(data: Path) -> None:
     (data / ".agentlog.index").unlink()  # derived data: rebuilt at the next open
     with JsonlSessionRepository(data) as repo:
         assert len(repo.load_children(root.id)) == 4
+
+
+def test_a_clean_close_is_remembered_and_a_crash_is_not(data: Path) -> None:
+    repo = JsonlSessionRepository(data)
+    repo.append(AppendEvent(session_id="s", event=started("s")))
+    assert not (data / ".agentlog.clean").exists()
+    repo.close()
+    assert (data / ".agentlog.clean").exists()
+    with JsonlSessionRepository(data):
+        assert not (data / ".agentlog.clean").exists()  # open until closed again
