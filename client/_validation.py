@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import re
 
 from agentlog.errors import InvalidArgumentError
 
@@ -65,14 +65,13 @@ def check_record_id(record_id: object, field: str) -> str:
     return record_id
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def check_event_id(record_id: object, field: str = "id") -> str:
     """Return a caller-made record id if it is a canonical UUID, else raise InvalidArgumentError."""
-    if isinstance(record_id, str):
-        try:
-            if str(uuid.UUID(record_id)) == record_id:
-                return record_id
-        except ValueError:
-            pass
+    if isinstance(record_id, str) and _CANONICAL_UUID.fullmatch(record_id):
+        return record_id
     raise InvalidArgumentError(
         f"{field} {record_id!r} is not a UUID in canonical form "
         "(lower-case hex, hyphenated, e.g. 0c7421a5-7c6f-4b3e-8517-6757d1e510f2)",

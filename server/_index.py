@@ -148,13 +148,19 @@ class StoreIndex:
             for session_id in gone:
                 self._drop(session_id)
 
-    def sequence_of(self, session_id: str, record_id: str) -> int | None:
-        """The sequence of a record id in a session, if the session holds it."""
+    def sequences_of(self, session_id: str, record_ids: list[str]) -> dict[str, int]:
+        """The sequences of those of `record_ids` the session holds (a query per 500 ids)."""
+        found: dict[str, int] = {}
         with self._lock:
-            row = self._db.execute(
-                "SELECT sequence FROM ids WHERE session_id = ? AND id = ?", (session_id, record_id)
-            ).fetchone()
-        return None if row is None else int(row[0])
+            for start in range(0, len(record_ids), 500):
+                chunk = record_ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT id, sequence FROM ids WHERE session_id = ? AND id IN ({marks})",
+                    (session_id, *chunk),
+                )
+                found.update((record_id, int(sequence)) for record_id, sequence in rows)
+        return found
 
     def children(self, parent_id: str) -> list[tuple[str, int]]:
         """(session_id, sequence) of every child, sessions in byte order, then by sequence."""

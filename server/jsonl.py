@@ -160,9 +160,11 @@ class JsonlSessionRepository(_semantics.Store):
                 raise state.damage  # never append after damage: it would bury it
             last = state.last_sequence
 
+            known = self._index.sequences_of(session_id, [item.id for item in batch])
+
             def stored(record_id: str) -> tuple[int, bytes] | None:
                 # Rare (a retry or a reused id): compare with the record itself.
-                sequence = self._index.sequence_of(session_id, record_id)
+                sequence = known.get(record_id)
                 if sequence is None or sequence > last:
                     return None
                 [record] = self._records_at(path, state, [sequence])
@@ -180,8 +182,10 @@ class JsonlSessionRepository(_semantics.Store):
             # Lines of a multi-event batch name the batch's last sequence, so a
             # batch cut short by a crash is recognised and never served in part.
             batch_end = last + len(batch) if len(batch) > 1 else None
+            # One timestamp for the whole batch: it is one commit.
+            timestamp_ns = time.time_ns()
+            timestamp = format_timestamp(timestamp_ns)
             for offset, item in enumerate(batch, 1):
-                timestamp_ns = time.time_ns()
                 record = EventRecord(
                     id=item.id,
                     sequence=last + offset,
@@ -195,7 +199,7 @@ class JsonlSessionRepository(_semantics.Store):
                     "id": item.id,
                     "session_id": session_id,
                     "parent_id": item.parent_id,
-                    "timestamp": format_timestamp(timestamp_ns),
+                    "timestamp": timestamp,
                     "event": item.event_json,
                     "sequence": record.sequence,
                 }
