@@ -46,6 +46,23 @@ class Prepared:
     """What "the same content" means for a retried id: parent and event, exactly."""
 
 
+def new_records(
+    session_id: str, batch: Sequence[Prepared], last_sequence: int, timestamp_ns: int
+) -> list[EventRecord]:
+    """The records a checked batch becomes, after `last_sequence`, at one timestamp."""
+    return [
+        EventRecord(
+            id=item.id,
+            sequence=last_sequence + offset,
+            session_id=session_id,
+            parent_id=item.parent_id,
+            timestamp_ns=timestamp_ns,
+            event=item.event,
+        )
+        for offset, item in enumerate(batch, 1)
+    ]
+
+
 def content_digest(parent_id: str | None, event_json: object) -> bytes:
     """A digest of a record's content (its parent and event, as JSON with exact types)."""
     return hashlib.blake2b(orjson.dumps([parent_id, event_json]), digest_size=16).digest()

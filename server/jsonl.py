@@ -178,23 +178,15 @@ class JsonlSessionRepository(_semantics.Store):
                 # and the feed (a crash), the feed learns of its records now.
                 self._feed_catch_up(session_id, state)
                 return self._records_at(path, state, stored_), None
-            records, lines = [], []
+            lines = []
             # Lines of a multi-event batch name the batch's last sequence, so a
             # batch cut short by a crash is recognised and never served in part.
             batch_end = last + len(batch) if len(batch) > 1 else None
             # One timestamp for the whole batch: it is one commit.
             timestamp_ns = time.time_ns()
             timestamp = format_timestamp(timestamp_ns)
-            for offset, item in enumerate(batch, 1):
-                record = EventRecord(
-                    id=item.id,
-                    sequence=last + offset,
-                    session_id=session_id,
-                    parent_id=item.parent_id,
-                    timestamp_ns=timestamp_ns,
-                    event=item.event,
-                )
-                records.append(record)
+            records = _semantics.new_records(session_id, batch, last, timestamp_ns)
+            for item, record in zip(batch, records, strict=True):
                 fields: dict[str, Any] = {
                     "id": item.id,
                     "session_id": session_id,

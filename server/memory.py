@@ -50,22 +50,12 @@ class MemorySessionRepository(_semantics.Store):
             if session_id not in self._sessions:
                 self._sessions[session_id] = session
                 bisect.insort(self._session_ids, session_id, key=str.encode)
-            timestamp_ns = time.time_ns()
-            records = []
-            for offset, item in enumerate(batch, 1):
-                record = EventRecord(
-                    id=item.id,
-                    sequence=last + offset,
-                    session_id=session_id,
-                    parent_id=item.parent_id,
-                    timestamp_ns=timestamp_ns,
-                    event=item.event,
-                )
+            records = _semantics.new_records(session_id, batch, last, time.time_ns())
+            for item, record in zip(batch, records, strict=True):
                 session.records.append(record)
                 session.by_id[item.id] = (record.sequence, item.digest)
                 if record.parent_id is not None:
                     self._children[record.parent_id].append(record)
-                records.append(record)
             position = len(self._feed) + 1
             self._feed.extend(records)
             return records, position
