@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -159,12 +160,41 @@ def format_timestamp(timestamp_ns: int) -> str:
 
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
-    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
 )
 
 
 def parse_timestamp(text: str) -> int:
     """Nanoseconds since the epoch from an RFC 3339 timestamp (any offset, 0-9 digit fraction)."""
+    # Fast path for the form chrono writes, `YYYY-MM-DDTHH:MM:SS[.fraction]Z`: a
+    # session's records share few distinct seconds, so those are cached.
+    if len(text) >= 20 and text[-1] == "Z" and text[10] == "T":
+        if len(text) == 20:
+            fraction = ""
+        elif text[19] == ".":
+            fraction = text[20:-1]
+            if not (1 <= len(fraction) <= 9 and fraction.isascii() and fraction.isdigit()):
+                fraction = "-"  # not this form: let the full parser judge (and refuse) it
+        else:
+            fraction = "-"
+        if fraction != "-":
+            seconds = _utc_seconds(text[:19])
+            if seconds is not None:
+                return seconds * _NS + int(fraction.ljust(9, "0"))
+    return _parse_timestamp(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _utc_seconds(text: str) -> int | None:
+    """Seconds since the epoch of `YYYY-MM-DDTHH:MM:SS` in UTC, or None if it is not that."""
+    try:
+        return _parse_timestamp(text + "Z") // _NS
+    except ValueError:
+        return None
+
+
+def _parse_timestamp(text: str) -> int:
     match = _RFC3339.fullmatch(text)
     if match is None:
         raise ValueError(f"not an RFC 3339 timestamp: {text!r}")

@@ -84,3 +84,21 @@ def test_other_offsets_are_read(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="RFC 3339"):
         parse_timestamp("yesterday")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-25T01:33:38.Z",
+        "2026-11-25T01:33:38.1234567890Z",
+        "2026-13-25T01:33:38Z",
+        "2026-11-25T01:33:3xZ",
+        "2026-11-25T01:33:38.12a4Z",
+        "2026-11-25T01:33:38.\u0663Z",
+        "\u0662026-11-25T01:33:38Z",
+        "2026-11-25 01:33:38",
+    ],
+)
+def test_malformed_timestamps_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match=r"RFC 3339|valid date"):
+        parse_timestamp(text)
