@@ -202,12 +202,15 @@ class JsonlSessionRepository(_semantics.Store):
             size_before = state.offsets[-1]
             identity = self._write(path, b"".join(lines), size_before)
             try:
-                # The session's lines are durable before the feed names them,
-                # and the feed line before the append is acknowledged.
-                # A new file's directory entry must be durable too.
-                self._syncer.sync(*((path, self.root) if new_file else (path,)))
+                # The session's lines and the feed line are synced in one round
+                # before the append is acknowledged or delivered. If a crash cuts
+                # the round short, the next (unclean) start drops feed entries
+                # naming lines that did not reach the disk.
                 position = self._feed.commit(session_id, last + 1, len(batch))
-                self._syncer.sync(self._feed.path)
+                durable = (
+                    (path, self._feed.path, self.root) if new_file else (path, self._feed.path)
+                )
+                self._syncer.sync(*durable)
                 self._index.record(
                     session_id,
                     [(r.id, r.parent_id, r.sequence) for r in records],
