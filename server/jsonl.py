@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from array import array
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ from agentlog.server._semantics import Prepared
 log = logging.getLogger("agentlog.server")
 
 SUFFIX = ".jsonl"
+# Sessions whose state (record offsets: 8 bytes a record) is kept in memory.
+MAX_CACHED_SESSIONS = 4096
 # Records read per disk read when streaming a range.
 _READ_CHUNK = 256
 
@@ -146,7 +149,10 @@ class JsonlSessionRepository(_semantics.Store):
         for session_id in present:
             self._index.catch_up(session_id, self._path(session_id))
         self._locks: dict[str, threading.Lock] = {}
-        self._states: dict[str, _Session] = {}
+        # The states of the sessions used most recently; an evicted one is rebuilt
+        # from its file when next needed, so memory stays bounded.
+        self._states: OrderedDict[str, _Session] = OrderedDict()
+        self.max_cached_sessions = MAX_CACHED_SESSIONS
 
     # --- writing ---
 
@@ -218,13 +224,13 @@ class JsonlSessionRepository(_semantics.Store):
                     last + len(batch),
                 )
             except OSError as exc:
-                self._states.pop(session_id, None)
+                self._forget_state(session_id)
                 with contextlib.suppress(OSError):
                     os.truncate(path, size_before)
                 raise _storage_error(exc, path) from None
             except BaseException:
                 # Not in the feed means not acknowledged: take the lines back.
-                self._states.pop(session_id, None)
+                self._forget_state(session_id)
                 with contextlib.suppress(OSError):
                     os.truncate(path, size_before)
                 raise
@@ -491,15 +497,27 @@ class JsonlSessionRepository(_semantics.Store):
             identity = (0, 0, 0)
         except OSError as exc:
             raise _storage_error(exc, path) from None
-        state = self._states.get(session_id)
+        with self._guard:
+            state = self._states.get(session_id)
+            if state is not None:
+                self._states.move_to_end(session_id)
         if state is None or state.identity != identity:
             state = _load_state(path, identity)
-            self._states[session_id] = state
+            with self._guard:
+                self._states[session_id] = state
+                while len(self._states) > self.max_cached_sessions:
+                    # A thread using an evicted state still holds it; the next
+                    # use rebuilds it (under that session's lock).
+                    self._states.popitem(last=False)
             self._index.catch_up(session_id, path)
             # Records the feed lacks: an append cut short by a crash, or lines
             # another writer (arcan) added to a session agentlog writes.
             self._feed_catch_up(session_id, state)
         return state
+
+    def _forget_state(self, session_id: str) -> None:
+        with self._guard:
+            self._states.pop(session_id, None)
 
     def _sessions_in_order(self) -> list[str]:
         mtime = os.stat(self.root).st_mtime_ns

@@ -331,3 +331,16 @@ def test_a_clean_close_is_remembered_and_a_crash_is_not(data: Path) -> None:
     assert (data / ".agentlog.clean").exists()
     with JsonlSessionRepository(data):
         assert not (data / ".agentlog.clean").exists()  # open until closed again
+
+
+def test_session_states_are_evicted_and_rebuilt(data: Path) -> None:
+    with JsonlSessionRepository(data) as repo:
+        repo.max_cached_sessions = 3
+        for n in range(10):
+            repo.append(AppendEvent(session_id=f"s{n}", event=started(f"s{n}")))
+        assert len(repo._states) == 3
+        for n in range(10):  # evicted ones are rebuilt from their files
+            appended = repo.append(AppendEvent(session_id=f"s{n}", event=delta(f"s{n}", "x")))
+            assert appended.sequence == 2
+            assert [r.sequence for r in repo.load_session(f"s{n}")] == [1, 2]
+        assert len(repo._states) == 3
