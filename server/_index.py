@@ -162,6 +162,15 @@ class StoreIndex:
                 found.update((record_id, int(sequence)) for record_id, sequence in rows)
         return found
 
+    def indexed(self, session_id: str) -> tuple[int, int] | None:
+        """(bytes, records) of a session file as last indexed, if it was."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT indexed_bytes, indexed_records FROM files WHERE session_id = ?",
+                (session_id,),
+            ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
     def children(self, parent_id: str) -> list[tuple[str, int]]:
         """(session_id, sequence) of every child, sessions in byte order, then by sequence."""
         with self._lock:

@@ -35,7 +35,13 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from agentlog._codec import DecodeError, event_to_json, record_from_line, record_line
+from agentlog._codec import (
+    DecodeError,
+    event_to_json,
+    record_from_json,
+    record_from_line,
+    record_line,
+)
 from agentlog._events import ReadDirection
 from agentlog._records import (
     EventRecord,
@@ -367,12 +373,47 @@ class JsonlSessionRepository(_semantics.Store):
         check_session_id(session_id)
         path = self._path(session_id)
         with self._lock(session_id):
+            with self._guard:
+                cached = session_id in self._states
+            if not cached:
+                # Without the session's state at hand, read only the last line.
+                found = self._head_from_index(session_id, path)
+                if found is not None:
+                    return found
             state = self._state(session_id)
             if state.damage is not None:
                 raise state.damage
             if state.last_sequence == 0:
                 return None
             return self._records_at(path, state, [state.last_sequence])[0]
+
+    def _head_from_index(self, session_id: str, path: Path) -> EventRecord | None:
+        """The last record, read backwards from the end, when the index vouches for the file.
+
+        None (use the full path) unless the file is exactly as last indexed and its
+        last line is a whole record that does not end a batch cut short.
+        """
+        indexed = self._index.indexed(session_id)
+        if indexed is None or indexed[1] == 0:
+            return None
+        size, count = indexed
+        try:
+            with path.open("rb") as file:
+                if file.seek(0, os.SEEK_END) != size:
+                    return None
+                line = _last_line(file, size)
+        except OSError:
+            return None
+        if line is None:
+            return None
+        try:
+            obj = orjson.loads(line)
+            batch_end = obj.get("batch_end")
+            if isinstance(batch_end, int) and batch_end > count:
+                return None
+            return record_from_json(obj, count)
+        except (orjson.JSONDecodeError, DecodeError, AttributeError):
+            return None
 
     def _records_at(self, path: Path, state: _Session, sequences: list[int]) -> list[EventRecord]:
         wanted = range(sequences[0], sequences[-1] + 1)
@@ -682,6 +723,23 @@ def _check_tail(path: Path, file: BinaryIO, state: _Session, end: int) -> int:
             state.damage = _damage(path, _line_number(path, offset), f"{type(exc).__name__}: {exc}")
         return offset
     return end
+
+
+def _last_line(file: BinaryIO, size: int) -> bytes | None:
+    """The last non-blank line of a file that ends with a newline, read backwards."""
+    start, tail = size, b""
+    while start > 0:
+        start = max(start - _TAIL_BLOCK, 0)
+        file.seek(start)
+        tail = file.read(size - start)
+        if not tail.endswith(b"\n"):
+            return None
+        body = tail.rstrip()
+        cut = body.rfind(b"\n")
+        if cut >= 0 or start == 0:
+            line = body[cut + 1 :]
+            return line if line.strip() else None
+    return None
 
 
 def _line_number(path: Path, offset: int) -> int:

@@ -344,3 +344,24 @@ def test_session_states_are_evicted_and_rebuilt(data: Path) -> None:
             assert appended.sequence == 2
             assert [r.sequence for r in repo.load_session(f"s{n}")] == [1, 2]
         assert len(repo._states) == 3
+
+
+def test_a_cold_head_reads_only_the_last_line(data: Path) -> None:
+    with JsonlSessionRepository(data) as repo:
+        for i in range(5):
+            repo.append(AppendEvent(session_id="h", event=delta("h", str(i))))
+        expected = repo.load_session("h")[-1]
+    with JsonlSessionRepository(data) as repo:
+        assert repo.head("h") == expected
+        assert "h" not in repo._states  # answered without loading the session
+        assert repo.head("nobody") is None
+    with JsonlSessionRepository(data) as repo:
+        # Changed behind agentlog's back: the index no longer vouches, the full path answers.
+        line = json.loads((data / "h.jsonl").read_text().splitlines()[-1])
+        line.update(id=str(uuid.uuid4()), sequence=6)
+        with (data / "h.jsonl").open("a") as file:
+            file.write(json.dumps(line) + "\n")
+        head = repo.head("h")
+        assert head is not None
+        assert (head.sequence, head.id) == (6, line["id"])
+        assert "h" in repo._states
