@@ -183,13 +183,12 @@ class JsonlSessionRepository(_semantics.Store):
                 event_json = event_to_json(record.event)
                 return sequence, _semantics.content_digest(record.parent_id, event_json)
 
-            stored_sequences = _semantics.check_append(session_id, batch, expected, last, stored)
-            stored_ = stored_sequences
-            if stored_ is not None:
+            retried = _semantics.check_append(session_id, batch, expected, last, stored)
+            if retried is not None:
                 # A retry. If the first attempt stopped between the session file
                 # and the feed (a crash), the feed learns of its records now.
                 self._feed_catch_up(session_id, state)
-                return self._records_at(path, state, stored_), None
+                return self._records_at(path, state, retried), None
             lines = []
             # Lines of a multi-event batch name the batch's last sequence, so a
             # batch cut short by a crash is recognised and never served in part.
@@ -510,9 +509,13 @@ class JsonlSessionRepository(_semantics.Store):
                 self._index.close()
                 # Everything is synced: the next open may skip checking the feed.
                 clean = self.root / CLEAN_FILE
-                clean.write_bytes(b"")
-                fsync_path(clean)
-                fsync_path(self.root)
+                try:
+                    clean.write_bytes(b"")
+                    fsync_path(clean)
+                    fsync_path(self.root)
+                except OSError as exc:
+                    clean.unlink(missing_ok=True)  # the next open checks instead
+                    log.warning("%s: could not record a clean stop: %s", self.root, exc)
             os.close(fd)  # closing the descriptor releases the flock
 
     def __enter__(self) -> JsonlSessionRepository:
