@@ -514,7 +514,8 @@ class JsonlSessionRepository(_semantics.Store):
                     fsync_path(clean)
                     fsync_path(self.root)
                 except OSError as exc:
-                    clean.unlink(missing_ok=True)  # the next open checks instead
+                    with contextlib.suppress(OSError):
+                        clean.unlink(missing_ok=True)  # the next open checks instead
                     log.warning("%s: could not record a clean stop: %s", self.root, exc)
             os.close(fd)  # closing the descriptor releases the flock
 
