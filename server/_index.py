@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS ids (
     sequence INTEGER NOT NULL,
     PRIMARY KEY (session_id, id)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ids_by_id ON ids (id);
 """
 _BLOCK = 4 << 20
 
@@ -148,18 +149,19 @@ class StoreIndex:
             for session_id in gone:
                 self._drop(session_id)
 
-    def sequences_of(self, session_id: str, record_ids: list[str]) -> dict[str, int]:
-        """The sequences of those of `record_ids` the session holds (a query per 500 ids)."""
-        found: dict[str, int] = {}
+    def holders(self, record_ids: list[str]) -> list[tuple[str, str, int]]:
+        """(id, session_id, sequence) of every stored record with one of `record_ids`."""
+        found: list[tuple[str, str, int]] = []
         with self._lock:
             for start in range(0, len(record_ids), 500):
                 chunk = record_ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    f"SELECT id, sequence FROM ids WHERE session_id = ? AND id IN ({marks})",
-                    (session_id, *chunk),
+                found.extend(
+                    self._db.execute(
+                        f"SELECT id, session_id, sequence FROM ids WHERE id IN ({marks})",
+                        chunk,
+                    )
                 )
-                found.update((record_id, int(sequence)) for record_id, sequence in rows)
         return found
 
     def indexed(self, session_id: str) -> tuple[int, int] | None:

@@ -122,11 +122,14 @@ def check_append(
     batch: Sequence[Prepared],
     expected_sequence: int | None,
     last_sequence: int,
+    *,
     stored: Callable[[str], tuple[int, bytes] | None],
+    elsewhere: Callable[[list[str]], dict[str, str]],
 ) -> list[int] | None:
     """Decide an append against the session's state.
 
-    `stored(id)` gives the (sequence, digest) of a record the session holds.
+    `stored(id)` gives the (sequence, digest) of a record the session holds;
+    `elsewhere(ids)` maps those ids that another session holds to that session.
     Returns the stored sequences when the whole append is a retry of one
     already stored (the caller returns those records and writes nothing), or
     None when it is to be written. Raises AlreadyExistsError when an id is
@@ -147,6 +150,15 @@ def check_append(
         found = stored(item.id)
         if found is not None:
             raise _conflict(session_id, item, found)
+    taken = elsewhere([item.id for item in batch])
+    if taken:
+        record_id, other = next(iter(taken.items()))
+        raise AlreadyExistsError(
+            f"the record id {record_id} is already used by session {other!r}; record ids are "
+            "unique across the store, so a new event needs a new id",
+            reason="EVENT_ID_CONFLICT",
+            metadata={"session_id": other, "id": record_id},
+        )
     if expected_sequence is not None and expected_sequence != last_sequence:
         raise wrong_expected_sequence(session_id, expected_sequence, last_sequence)
     return None

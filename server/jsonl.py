@@ -172,7 +172,10 @@ class JsonlSessionRepository(_semantics.Store):
                 raise state.damage  # never append after damage: it would bury it
             last = state.last_sequence
 
-            known = self._index.sequences_of(session_id, [item.id for item in batch])
+            # One query finds every id of the batch, in this session or another.
+            holders = self._index.holders([item.id for item in batch])
+            known = {i: int(seq) for i, holder, seq in holders if holder == session_id}
+            taken = {i: holder for i, holder, _ in holders if holder != session_id}
 
             def stored(record_id: str) -> tuple[int, bytes] | None:
                 # Rare (a retry or a reused id): compare with the record itself.
@@ -183,7 +186,14 @@ class JsonlSessionRepository(_semantics.Store):
                 event_json = event_to_json(record.event)
                 return sequence, _semantics.content_digest(record.parent_id, event_json)
 
-            retried = _semantics.check_append(session_id, batch, expected, last, stored)
+            retried = _semantics.check_append(
+                session_id,
+                batch,
+                expected,
+                last,
+                stored=stored,
+                elsewhere=lambda ids: taken,
+            )
             if retried is not None:
                 # A retry. If the first attempt stopped between the session file
                 # and the feed (a crash), the feed learns of its records now.

@@ -6,7 +6,7 @@ import bisect
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from agentlog._events import ReadDirection
@@ -37,6 +37,7 @@ class MemorySessionRepository(_semantics.Store):
         self._session_ids: list[str] = []  # sorted by bytes, for paging
         self._children: dict[str, list[EventRecord]] = defaultdict(list)
         self._feed: list[EventRecord] = []  # position - 1 -> record
+        self._sessions_by_id: dict[str, str] = {}
 
     def _append(
         self, session_id: str, batch: list[Prepared], expected: int | None
@@ -44,7 +45,14 @@ class MemorySessionRepository(_semantics.Store):
         with self._lock:
             session = self._sessions.get(session_id) or _Session()
             last = len(session.records)
-            stored = _semantics.check_append(session_id, batch, expected, last, session.by_id.get)
+            stored = _semantics.check_append(
+                session_id,
+                batch,
+                expected,
+                last,
+                stored=session.by_id.get,
+                elsewhere=self._other_sessions(session_id),
+            )
             if stored is not None:
                 return [session.records[sequence - 1] for sequence in stored], None
             if session_id not in self._sessions:
@@ -54,6 +62,7 @@ class MemorySessionRepository(_semantics.Store):
             for item, record in zip(batch, records, strict=True):
                 session.records.append(record)
                 session.by_id[item.id] = (record.sequence, item.digest)
+                self._sessions_by_id[item.id] = session_id
                 if record.parent_id is not None:
                     self._children[record.parent_id].append(record)
             position = len(self._feed) + 1
@@ -75,6 +84,13 @@ class MemorySessionRepository(_semantics.Store):
             records = session.records if session else []
             chosen = [records[s - 1] for s in selected.sequences(len(records))]
         return iter(chosen)
+
+    def _other_sessions(self, session_id: str) -> Callable[[list[str]], dict[str, str]]:
+        def elsewhere(record_ids: list[str]) -> dict[str, str]:
+            found = {i: self._sessions_by_id.get(i) for i in record_ids}
+            return {i: s for i, s in found.items() if s is not None and s != session_id}
+
+        return elsewhere
 
     def read_all(self, from_position: int, limit: int | None = None) -> Iterator[FeedRecord]:
         check_count(from_position, "from_position")

@@ -847,3 +847,16 @@ class FeedContract(SubscriptionContract):
             next(iter(repo.subscribe_all(part_types=["telepathy"])))
         with pytest.raises(InvalidArgumentError, match="from_position"):
             next(iter(repo.subscribe_all(from_position=0)))
+
+    def test_record_ids_are_unique_across_sessions(self, repo: SessionRepository) -> None:
+        first, second = new_session(), new_session()
+        record_id = str(uuid.uuid4())
+        repo.append(AppendEvent(session_id=first, event=started(first), id=record_id))
+        with pytest.raises(AlreadyExistsError, match=f"already used by session '{first}'"):
+            repo.append(AppendEvent(session_id=second, event=started(second), id=record_id))
+        with pytest.raises(AlreadyExistsError):
+            repo.append_batch(
+                second,
+                [NewEvent(event=started(second)), NewEvent(event=started(second), id=record_id)],
+            )
+        assert repo.load_session(second) == []
