@@ -249,11 +249,11 @@ class JsonlSessionRepository(_semantics.Store):
                 with contextlib.suppress(OSError):
                     os.truncate(path, size_before)
                 raise
-            position = state.offsets.pop()
+            offset = state.offsets.pop()
             for line in lines:
-                state.offsets.append(position)
-                position += len(line)
-            state.offsets.append(position)
+                state.offsets.append(offset)
+                offset += len(line)
+            state.offsets.append(offset)
             if last == 0:
                 state.first_timestamp_ns = records[0].timestamp_ns
             state.last_timestamp_ns = records[-1].timestamp_ns

@@ -19,7 +19,7 @@ from agentlog import (
     NewEvent,
     TextDelta,
 )
-from agentlog.server import JsonlSessionRepository
+from agentlog.server import JsonlSessionRepository, MemorySessionRepository
 from tests.contract import delta, started
 from tests.servers import running_server
 
@@ -365,3 +365,18 @@ def test_a_cold_head_reads_only_the_last_line(data: Path) -> None:
         assert head is not None
         assert (head.sequence, head.id) == (6, line["id"])
         assert "h" in repo._states
+
+
+@pytest.mark.parametrize("backend", ["memory", "jsonl"])
+def test_listeners_are_told_the_feed_positions(data: Path, backend: str) -> None:
+    repo = MemorySessionRepository() if backend == "memory" else JsonlSessionRepository(data)
+    told: list[tuple[str, list[int], int]] = []
+    repo.add_listener(lambda s, records, p: told.append((s, [r.sequence for r in records], p)))
+    repo.append(AppendEvent(session_id="x", event=started("x")))
+    repo.append(AppendEvent(session_id="s", event=started("s")))
+    repo.append_batch("s", [NewEvent(event=delta("s", str(i))) for i in range(2)])
+    feed = {(f.record.session_id, f.record.sequence): f.position for f in repo.read_all(1)}
+    assert feed == {("x", 1): 1, ("s", 1): 2, ("s", 2): 3, ("s", 3): 4}
+    assert told == [("x", [1], 1), ("s", [1], 2), ("s", [2, 3], 3)]
+    assert repo.last_position() == 4
+    repo.close()
