@@ -74,7 +74,8 @@ class ThreadedRepository:
         if recent is None:
             return  # nobody is subscribed
         if recent and recent[-1].sequence + 1 != records[0].sequence:
-            # A retry's stored records, or listeners called out of order: storage is the truth.
+            # Listeners called out of order (they run after the session lock is
+            # released): storage is the truth.
             recent.clear()
         recent.extend(records)
 
