@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from pathlib import Path
 
@@ -27,6 +28,19 @@ class SyncPolicy(StrEnum):
     ALWAYS = "always"
     INTERVAL = "interval"
     NEVER = "never"
+
+
+SYNC_THREADS = 8
+
+
+def _sync(path: Path) -> OSError | None:
+    try:
+        fsync_path(path)
+    except FileNotFoundError:
+        pass  # removed since (an operator's repair): nothing left to sync
+    except OSError as exc:
+        return exc
+    return None
 
 
 def fsync_path(path: Path) -> None:
@@ -52,6 +66,7 @@ class Syncer:
         self._leading = False
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self._syncers: ThreadPoolExecutor | None = None
         if self.policy is SyncPolicy.INTERVAL:
             self._interval = interval_ms / 1000
             self._thread = threading.Thread(
@@ -89,13 +104,10 @@ class Syncer:
         self._cond.release()
         error: OSError | None = None
         try:
-            for path in batch:
-                try:
-                    fsync_path(path)
-                except FileNotFoundError:
-                    pass  # removed since (an operator's repair): nothing left to sync
-                except OSError as exc:
-                    error = exc
+            # Files synced at the same time share the file system's journal
+            # commits: many files sync in far less time together than in turn.
+            syncs = self._pool().map(_sync, batch) if len(batch) > 1 else map(_sync, batch)
+            error = next((e for e in syncs if e is not None), None)
         finally:
             self._cond.acquire()
             self._leading = False
@@ -103,6 +115,11 @@ class Syncer:
                 self._failed = (after, upto, error)
             self._synced = max(self._synced, upto)
             self._cond.notify_all()
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._syncers is None:
+            self._syncers = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="agentlog-fsync")
+        return self._syncers
 
     def _flush_periodically(self) -> None:
         while not self._stopped.wait(self._interval):
@@ -123,3 +140,5 @@ class Syncer:
         if self._thread is not None:
             self._thread.join()
         self.flush()
+        if self._syncers is not None:
+            self._syncers.shutdown()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,6 +41,8 @@ CREATE TABLE IF NOT EXISTS ids (
 CREATE INDEX IF NOT EXISTS ids_by_id ON ids (id);
 """
 _BLOCK = 4 << 20
+# How long appended rows may wait in memory before they are written.
+FLUSH_SECONDS = 0.2
 
 
 class StoreIndex:
@@ -52,19 +55,44 @@ class StoreIndex:
         self._db.executescript(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF; PRAGMA cache_size=-8192;" + _SCHEMA
         )
+        self._pending: list[tuple[str, list[tuple[str, str | None, int]], int, int]] = []
+        self._pending_ids: dict[str, list[tuple[str, int]]] = {}
+        self._flushed_at = time.monotonic()
 
     def record(
-        self,
-        session_id: str,
-        rows: Iterable[tuple[str, str | None, int]],
-        size: int,
-        count: int,
+        self, appended: Iterable[tuple[str, list[tuple[str, str | None, int]], int, int]]
     ) -> None:
-        """Add an append's `(id, parent_id, sequence)` rows; the file now has `size` bytes
-        and `count` records."""
-        with self._lock, self._db:
-            self._insert(session_id, rows)
-            self._set(session_id, size, count)
+        """Add appends' rows: for each session, its new `(id, parent_id, sequence)` rows,
+        and the file's new size and record count.
+
+        Rows wait in memory (where `holders` finds them) and are written in one
+        transaction every FLUSH_SECONDS, or before any other read: a commit per
+        append would cost more than the append. A crash loses only rows the
+        files still hold, and the next open indexes those again.
+        """
+        with self._lock:
+            for session_id, rows, size, count in appended:
+                self._pending.append((session_id, rows, size, count))
+                for record_id, _, sequence in rows:
+                    self._pending_ids.setdefault(record_id, []).append((session_id, sequence))
+            if time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
+                self._flush()
+
+    def flush(self) -> None:
+        """Write the rows waiting in memory."""
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._flushed_at = time.monotonic()
+        if not self._pending:
+            return
+        with self._db:
+            for session_id, rows, size, count in self._pending:
+                self._insert(session_id, rows)
+                self._set(session_id, size, count)
+        self._pending.clear()
+        self._pending_ids.clear()
 
     def _set(self, session_id: str, size: int, count: int) -> None:
         self._db.execute(
@@ -76,6 +104,7 @@ class StoreIndex:
     def catch_up(self, session_id: str, path: Path) -> None:
         """Index what the file holds beyond what was indexed (all of it if it shrank)."""
         with self._lock:
+            self._flush()
             row = self._db.execute(
                 "SELECT indexed_bytes, indexed_records FROM files WHERE session_id = ?",
                 (session_id,),
@@ -140,14 +169,16 @@ class StoreIndex:
 
     def forget_missing(self, present: set[str]) -> None:
         """Drop what is indexed for session files that no longer exist."""
-        with self._lock, self._db:
-            gone = [
-                session_id
-                for (session_id,) in self._db.execute("SELECT session_id FROM files")
-                if session_id not in present
-            ]
-            for session_id in gone:
-                self._drop(session_id)
+        with self._lock:
+            self._flush()
+            with self._db:
+                gone = [
+                    session_id
+                    for (session_id,) in self._db.execute("SELECT session_id FROM files")
+                    if session_id not in present
+                ]
+                for session_id in gone:
+                    self._drop(session_id)
 
     def holders(self, record_ids: list[str]) -> list[tuple[str, str, int]]:
         """(id, session_id, sequence) of every stored record with one of `record_ids`."""
@@ -162,11 +193,15 @@ class StoreIndex:
                         chunk,
                     )
                 )
+            for record_id in record_ids:
+                for session_id, sequence in self._pending_ids.get(record_id, ()):
+                    found.append((record_id, session_id, sequence))
         return found
 
     def indexed(self, session_id: str) -> tuple[int, int] | None:
         """(bytes, records) of a session file as last indexed, if it was."""
         with self._lock:
+            self._flush()
             row = self._db.execute(
                 "SELECT indexed_bytes, indexed_records FROM files WHERE session_id = ?",
                 (session_id,),
@@ -176,6 +211,7 @@ class StoreIndex:
     def children(self, parent_id: str) -> list[tuple[str, int]]:
         """(session_id, sequence) of every child, sessions in byte order, then by sequence."""
         with self._lock:
+            self._flush()
             return self._db.execute(
                 "SELECT session_id, sequence FROM children WHERE parent_id = ? "
                 "ORDER BY session_id, sequence",
@@ -184,4 +220,5 @@ class StoreIndex:
 
     def close(self) -> None:
         with self._lock:
+            self._flush()
             self._db.close()

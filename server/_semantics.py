@@ -16,7 +16,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import orjson
 
@@ -42,8 +42,24 @@ class Prepared:
     parent_id: str | None
     event: AgentEvent
     event_json: dict[str, Any]
-    digest: bytes
-    """What "the same content" means for a retried id: parent and event, exactly."""
+
+    def digest(self) -> bytes:
+        """What "the same content" means for a retried id: parent and event, exactly."""
+        return content_digest(self.parent_id, self.event_json)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAppend:
+    """A checked append or batch, waiting to be stored (see `Store.commit`)."""
+
+    session_id: str
+    batch: list[Prepared]
+    expected: int | None
+
+
+Outcome: TypeAlias = tuple[list[EventRecord], int | None] | Exception
+"""What storing one PendingAppend came to: (records, feed position; None for a
+retry) or the error it failed with."""
 
 
 def new_records(
@@ -105,15 +121,7 @@ def prepare(
                 reason="DUPLICATE_EVENT_ID",
             )
         seen[record_id] = index
-        prepared.append(
-            Prepared(
-                record_id,
-                item.parent_id,
-                item.event,
-                event_json,
-                content_digest(item.parent_id, event_json),
-            )
-        )
+        prepared.append(Prepared(record_id, item.parent_id, item.event, event_json))
     return prepared
 
 
@@ -142,7 +150,7 @@ def check_append(
         sequences = []
         for offset, item in enumerate(batch):
             found = stored(item.id)
-            if found is None or found[0] != first[0] + offset or found[1] != item.digest:
+            if found is None or found[0] != first[0] + offset or found[1] != item.digest():
                 raise _conflict(session_id, item, found)
             sequences.append(found[0])
         return sequences
@@ -281,11 +289,7 @@ class Store(ABC):
             listener(session_id, records, position)
 
     def append(self, event: AppendEvent) -> EventRecord:
-        item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)
-        batch = prepare(event.session_id, [item], event.expected_sequence, batch=False)
-        records, position = self._append(event.session_id, batch, event.expected_sequence)
-        self._publish(event.session_id, records, position)
-        return records[0]
+        return self.commit_one(self.prepare_append(event))[0]
 
     def append_batch(
         self,
@@ -294,10 +298,56 @@ class Store(ABC):
         *,
         expected_sequence: int | None = None,
     ) -> list[EventRecord]:
+        return self.commit_one(self.prepare_batch(session_id, events, expected_sequence))
+
+    @staticmethod
+    def prepare_append(event: AppendEvent) -> PendingAppend:
+        """Check an append (no storage is touched); InvalidArgumentError if malformed."""
+        item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)
+        batch = prepare(event.session_id, [item], event.expected_sequence, batch=False)
+        return PendingAppend(event.session_id, batch, event.expected_sequence)
+
+    @staticmethod
+    def prepare_batch(
+        session_id: str, events: Sequence[NewEvent], expected_sequence: int | None
+    ) -> PendingAppend:
+        """Check a batch (no storage is touched); InvalidArgumentError if malformed."""
         batch = prepare(session_id, events, expected_sequence, batch=True)
-        records, position = self._append(session_id, batch, expected_sequence)
-        self._publish(session_id, records, position)
-        return records
+        return PendingAppend(session_id, batch, expected_sequence)
+
+    def commit(self, appends: Sequence[PendingAppend]) -> list[list[EventRecord] | Exception]:
+        """Store checked appends, each as if alone and in this order: for each, its
+        records or the error it failed with.
+
+        A backend may store them together (one write round and one sync for
+        all), which is what makes a server's many concurrent appends cheap.
+        """
+        results: list[list[EventRecord] | Exception] = []
+        for append, outcome in zip(appends, self._commit(appends), strict=True):
+            if isinstance(outcome, Exception):
+                results.append(outcome)
+                continue
+            records, position = outcome
+            self._publish(append.session_id, records, position)
+            results.append(records)
+        return results
+
+    def commit_one(self, append: PendingAppend) -> list[EventRecord]:
+        """Store one checked append; its records, or raise what it failed with."""
+        [result] = self.commit([append])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _commit(self, appends: Sequence[PendingAppend]) -> list[Outcome]:
+        """Store appends in order; backends that can group them override this."""
+        outcomes: list[Outcome] = []
+        for append in appends:
+            try:
+                outcomes.append(self._append(append.session_id, append.batch, append.expected))
+            except Exception as exc:  # each append fails alone
+                outcomes.append(exc)
+        return outcomes
 
     @abstractmethod
     def head(self, session_id: str) -> EventRecord | None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
@@ -28,7 +30,13 @@ from agentlog._records import (
     SessionPage,
 )
 from agentlog.errors import UnavailableError
-from agentlog.server._semantics import FeedFilter, Store, start_position, start_sequence
+from agentlog.server._semantics import (
+    FeedFilter,
+    PendingAppend,
+    Store,
+    start_position,
+    start_sequence,
+)
 from agentlog.server.service import SessionRepositoryService
 from agentlog.v1 import session_pb2, session_pb2_grpc
 
@@ -45,6 +53,79 @@ READ_CHUNK = 256
 RECENT_RECORDS = 1024
 
 
+class _GroupWriter:
+    """Stores appends on one thread, as many at a time as are waiting.
+
+    The event loop queues a checked append and awaits a future; the thread
+    takes everything queued, commits it as one group (`Store.commit`: for the
+    JSONL store, one sync round and one index transaction), and settles the
+    futures with one call into the loop. Under load, N concurrent appends cost
+    one sync and one hand-over between threads instead of N of each.
+    """
+
+    MAX_GROUP = 256
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._cond = threading.Condition()
+        Item = tuple[PendingAppend, "asyncio.Future[list[EventRecord]]", asyncio.AbstractEventLoop]
+        self._queue: deque[Item] = deque()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="agentlog-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, append: PendingAppend) -> asyncio.Future[list[EventRecord]]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[EventRecord]] = loop.create_future()
+        with self._cond:
+            if self._stopping:
+                raise UnavailableError(
+                    "the server is shutting down; retry the append (here when it is back, "
+                    "or elsewhere)",
+                    reason="SHUTTING_DOWN",
+                )
+            self._queue.append((append, future, loop))
+            self._cond.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    if self._stopping:
+                        return
+                    self._cond.wait()
+                work = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_GROUP))]
+            try:
+                results = self._store.commit([append for append, _, _ in work])
+            except Exception as exc:  # a bug: fail these calls, keep serving the next ones
+                log.exception("storing a group of %d appends failed", len(work))
+                results = [exc] * len(work)
+            by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+            for (_, future, loop), result in zip(work, results, strict=True):
+                by_loop.setdefault(loop, []).append((future, result))
+            for loop, settled in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, settled)
+
+    def stop(self) -> None:
+        """Store what is queued, then stop; later appends are refused with UNAVAILABLE."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
+
+
+def _settle(settled: list[tuple[asyncio.Future[list[EventRecord]], Any]]) -> None:
+    for future, result in settled:
+        if future.cancelled():
+            continue  # the call went away; its append stands (it was never acknowledged)
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
 class ThreadedRepository:
     """An AsyncSessionRepository that runs a blocking store on a thread pool.
 
@@ -56,6 +137,7 @@ class ThreadedRepository:
     def __init__(self, repository: Store, executor: ThreadPoolExecutor) -> None:
         self._repository = repository
         self._executor = executor
+        self._writer = _GroupWriter(repository)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._published: dict[str, int] = {}
@@ -86,7 +168,11 @@ class ThreadedRepository:
         return list(itertools.islice(recent, next_sequence - recent[0].sequence, None))
 
     def _on_append(self, session_id: str, records: list[EventRecord], position: int) -> None:
-        # Runs on the writer's thread: hand over to the event loop.
+        # Runs on the writer's thread: hand over to the event loop, if anyone
+        # waits. (A subscriber registers before it reads storage, so one that
+        # registers just after this check still reads these records.)
+        if not self._feed_waiters and not self._waiters.get(session_id):
+            return
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._wake, session_id, records, position)
@@ -255,8 +341,12 @@ class ThreadedRepository:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def append(self, event: AppendEvent) -> EventRecord:
-        record: EventRecord = await self._run(self._repository.append, event)
-        return record
+        records = await self._writer.submit(self._repository.prepare_append(event))
+        return records[0]
+
+    def stop_writing(self) -> None:
+        """Store the appends already queued; refuse later ones (at shutdown)."""
+        self._writer.stop()
 
     async def load_children(self, parent_id: str) -> list[EventRecord]:
         records: list[EventRecord] = await self._run(self._repository.load_children, parent_id)
@@ -273,11 +363,8 @@ class ThreadedRepository:
         *,
         expected_sequence: int | None = None,
     ) -> list[EventRecord]:
-        call = functools.partial(
-            self._repository.append_batch, session_id, events, expected_sequence=expected_sequence
-        )
-        records: list[EventRecord] = await self._run(call)
-        return records
+        pending = self._repository.prepare_batch(session_id, events, expected_sequence)
+        return await self._writer.submit(pending)
 
     async def read_session(
         self,
@@ -371,6 +458,7 @@ class Server(NamedTuple):
         finally:
             ending.cancel()
             self.repository.close_subscriptions()
+            self.repository.stop_writing()
 
 
 def create_server(

@@ -11,7 +11,11 @@ sequence, the byte offset of every record, and its ids with a digest of their
 content (for idempotent appends). The state is rebuilt whenever the file
 changed behind our back (another writer, an operator's repair). An append or
 a batch is written with one O_APPEND write of whole lines and synced to disk
-before it is acknowledged; a failed write is cut back off.
+before it is acknowledged; a failed write is cut back off. Appends that arrive
+together are committed as a group (`commit`): each is decided and written in
+turn, then all are synced in one round. If a sync fails, the group's lines are
+cut off and the store takes no more appends until it is reopened: the kernel
+may have dropped written pages, and only start-up recovery can say which.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import threading
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -63,11 +67,12 @@ from agentlog.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
+    UnavailableError,
 )
 from agentlog.server import _semantics
 from agentlog.server._durability import Syncer, SyncPolicy, fsync_path
 from agentlog.server._index import StoreIndex
-from agentlog.server._semantics import Prepared
+from agentlog.server._semantics import PendingAppend, Prepared
 
 log = logging.getLogger("agentlog.server")
 
@@ -137,6 +142,7 @@ class JsonlSessionRepository(_semantics.Store):
                 f"sync must be one of {', '.join(SyncPolicy)}, not {sync!r}", field="sync"
             ) from None
         self._syncer = Syncer(self.sync_policy, sync_interval_ms)
+        self._halted: AgentlogError | None = None
         self._catalog: list[str] | None = None
         self._catalog_mtime = -1
         self._guard = threading.Lock()
@@ -165,103 +171,188 @@ class JsonlSessionRepository(_semantics.Store):
     def _append(
         self, session_id: str, batch: list[Prepared], expected: int | None
     ) -> tuple[list[EventRecord], int | None]:
-        path = self._path(session_id)
-        with self._lock(session_id):
-            state = self._state(session_id)
-            if state.damage is not None:
-                raise state.damage  # never append after damage: it would bury it
-            last = state.last_sequence
+        [outcome] = self._commit([PendingAppend(session_id, batch, expected)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-            # One query finds every id of the batch, in this session or another.
-            holders = self._index.holders([item.id for item in batch])
-            known = {i: int(seq) for i, holder, seq in holders if holder == session_id}
-            taken = {i: holder for i, holder, _ in holders if holder != session_id}
+    def _commit(self, appends: Sequence[PendingAppend]) -> list[_semantics.Outcome]:
+        # Appends are written one after another, each under its session's lock,
+        # then synced and indexed together: one sync round and one index
+        # transaction for the group. The locks are held until the group is
+        # durable, so nobody reads or extends a session past unacknowledged lines.
+        outcomes: list[_semantics.Outcome | None] = [None] * len(appends)
+        group = _Group(self._holders(appends))
+        try:
+            for index, append in enumerate(appends):
+                if group.locks and not group.admits(append, self._lock(append.session_id)):
+                    self._finish(group, outcomes)
+                    # The index has the finished group's ids now.
+                    group = _Group(self._holders(appends[index:]))
+                try:
+                    outcomes[index] = self._stage(group, index, append)
+                except Exception as exc:  # this append fails alone
+                    outcomes[index] = exc
+        except BaseException:
+            self._abandon(group)
+            group.release()
+            raise
+        self._finish(group, outcomes)
+        assert all(outcome is not None for outcome in outcomes)
+        return outcomes  # type: ignore[return-value]
 
-            def stored(record_id: str) -> tuple[int, bytes] | None:
-                # Rare (a retry or a reused id): compare with the record itself.
-                sequence = known.get(record_id)
-                if sequence is None or sequence > last:
-                    return None
-                [record] = self._records_at(path, state, [sequence])
-                event_json = event_to_json(record.event)
-                return sequence, _semantics.content_digest(record.parent_id, event_json)
+    def _holders(self, appends: Sequence[PendingAppend]) -> dict[str, list[tuple[str, int]]]:
+        """Every id of `appends` the store holds: id -> [(session, sequence)], in one query."""
+        holders: dict[str, list[tuple[str, int]]] = {}
+        ids = [item.id for append in appends for item in append.batch]
+        for record_id, session_id, sequence in self._index.holders(ids):
+            holders.setdefault(record_id, []).append((session_id, int(sequence)))
+        return holders
 
-            retried = _semantics.check_append(
-                session_id,
-                batch,
-                expected,
-                last,
-                stored=stored,
-                elsewhere=lambda ids: taken,
-            )
-            if retried is not None:
-                # A retry. If the first attempt stopped between the session file
-                # and the feed (a crash), the feed learns of its records now.
-                self._feed_catch_up(session_id, state)
-                return self._records_at(path, state, retried), None
-            lines = []
-            # Lines of a multi-event batch name the batch's last sequence, so a
-            # batch cut short by a crash is recognised and never served in part.
-            batch_end = last + len(batch) if len(batch) > 1 else None
-            # One timestamp for the whole batch: it is one commit.
-            timestamp_ns = time.time_ns()
-            timestamp = format_timestamp(timestamp_ns)
-            records = _semantics.new_records(session_id, batch, last, timestamp_ns)
-            for item, record in zip(batch, records, strict=True):
-                fields: dict[str, Any] = {
-                    "id": item.id,
-                    "session_id": session_id,
-                    "parent_id": item.parent_id,
-                    "timestamp": timestamp,
-                    "event": item.event_json,
-                    "sequence": record.sequence,
-                }
-                if batch_end is not None:
-                    fields["batch_end"] = batch_end
-                lines.append(record_line(fields))
-            new_file = last == 0 and state.identity == (0, 0, 0)
-            size_before = state.offsets[-1]
-            identity = self._write(path, b"".join(lines), size_before)
+    def _stage(self, group: _Group, index: int, append: PendingAppend) -> _semantics.Outcome | None:
+        """Decide one append and write its lines (not yet synced); None once written.
+
+        A retry or a refused append is decided here and gets its outcome at once.
+        """
+        if self._halted is not None:
+            raise self._halted
+        session_id, batch = append.session_id, append.batch
+        staged = group.sessions.get(session_id)
+        if staged is None:
+            if session_id not in group.locks:
+                lock = self._lock(session_id)
+                lock.acquire()
+                group.locks[session_id] = lock
+            staged = _Staged(self._path(session_id), self._state(session_id))
+            group.sessions[session_id] = staged
+        path, state = staged.path, staged.state
+        if state.damage is not None:
+            raise state.damage  # never append after damage: it would bury it
+        last = staged.last
+
+        known: dict[str, int] = {}
+        taken: dict[str, str] = {}
+        for item in batch:
+            for holder, sequence in group.holders.get(item.id, ()):
+                if holder == session_id:
+                    known[item.id] = sequence
+                else:
+                    taken[item.id] = holder
+
+        def stored(record_id: str) -> tuple[int, bytes] | None:
+            # Rare (a retry or a reused id): compare with the record itself.
+            # (Ids written earlier in this group are never here: see _Group.admits.)
+            sequence = known.get(record_id)
+            if sequence is None or sequence > state.last_sequence:
+                return None
+            [record] = self._records_at(path, state, [sequence])
+            event_json = event_to_json(record.event)
+            return sequence, _semantics.content_digest(record.parent_id, event_json)
+
+        retried = _semantics.check_append(
+            session_id, batch, append.expected, last, stored=stored, elsewhere=lambda ids: taken
+        )
+        if retried is not None:
+            # A retry. If the first attempt stopped between the session file
+            # and the feed (a crash), the feed learns of its records now.
+            self._feed_catch_up(session_id, state)
+            return self._records_at(path, state, retried), None
+        # Lines of a multi-event batch name the batch's last sequence, so a
+        # batch cut short by a crash is recognised and never served in part.
+        batch_end = last + len(batch) if len(batch) > 1 else None
+        # One timestamp for the whole batch: it is one commit.
+        timestamp_ns = time.time_ns()
+        timestamp = format_timestamp(timestamp_ns)
+        records = _semantics.new_records(session_id, batch, last, timestamp_ns)
+        lines = []
+        for item, record in zip(batch, records, strict=True):
+            fields: dict[str, Any] = {
+                "id": item.id,
+                "session_id": session_id,
+                "parent_id": item.parent_id,
+                "timestamp": timestamp,
+                "event": item.event_json,
+                "sequence": record.sequence,
+            }
+            if batch_end is not None:
+                fields["batch_end"] = batch_end
+            lines.append(record_line(fields))
+        identity = self._write(path, b"".join(lines), staged.size)
+        staged.add([len(line) for line in lines], identity)
+        group.appended.append((index, session_id, records))
+        group.ids.update(item.id for item in batch)
+        return None
+
+    def _finish(self, group: _Group, outcomes: list[_semantics.Outcome | None]) -> None:
+        """Make a group's written lines durable and indexed, then acknowledge them."""
+        written = {sid: s for sid, s in group.sessions.items() if s.lengths}
+        try:
+            if not written:
+                return
             try:
-                # The session's lines and the feed line are synced in one round
-                # before the append is acknowledged or delivered. If a crash cuts
-                # the round short, the next (unclean) start drops feed entries
-                # naming lines that did not reach the disk.
-                position = self._feed.commit(session_id, last + 1, len(batch))
-                durable = (
-                    (path, self._feed.path, self.root) if new_file else (path, self._feed.path)
+                # The group's appends take their feed positions in the group's order.
+                position = self._feed.commit(
+                    [(sid, records[0].sequence, len(records)) for _, sid, records in group.appended]
                 )
-                self._syncer.sync(*durable)
-                self._index.record(
-                    session_id,
-                    [(r.id, r.parent_id, r.sequence) for r in records],
-                    identity[1],
-                    last + len(batch),
-                )
-            except OSError as exc:
+            except AgentlogError as exc:  # a full disk, say: these appends fail, later ones may not
+                self._abandon(group)
+                for index, _, _ in group.appended:
+                    outcomes[index] = exc
+                return
+            paths = [s.path for s in written.values()] + [self._feed.path]
+            if any(s.new_file for s in written.values()):
+                paths.append(self.root)
+            try:
+                # The session lines and the feed lines are synced in one round. If
+                # a crash cuts it short, the next (unclean) start drops feed
+                # entries naming lines that did not reach the disk.
+                self._syncer.sync(*paths)
+                rows: dict[str, list[tuple[str, str | None, int]]] = {sid: [] for sid in written}
+                for _, sid, records in group.appended:
+                    rows[sid].extend((r.id, r.parent_id, r.sequence) for r in records)
+                self._index.record([(sid, rows[sid], s.size, s.last) for sid, s in written.items()])
+            except Exception as exc:
+                self._abandon(group)
+                error = self._halt(exc)
+                for index, _, _ in group.appended:
+                    outcomes[index] = error
+                return
+            for index, sid, records in group.appended:
+                written[sid].acknowledge(records)
+                outcomes[index] = (records, position)
+                position += len(records)
+        except BaseException:
+            self._abandon(group)
+            raise
+        finally:
+            group.release()
+        for session_id, staged in written.items():
+            if staged.new_file:
+                self._add_to_catalog(session_id)
+
+    def _abandon(self, group: _Group) -> None:
+        """Take a group's unacknowledged lines back off their files."""
+        for session_id, staged in group.sessions.items():
+            if staged.lengths:
                 self._forget_state(session_id)
                 with contextlib.suppress(OSError):
-                    os.truncate(path, size_before)
-                raise _storage_error(exc, path) from None
-            except BaseException:
-                # Not in the feed means not acknowledged: take the lines back.
-                self._forget_state(session_id)
-                with contextlib.suppress(OSError):
-                    os.truncate(path, size_before)
-                raise
-            offset = state.offsets.pop()
-            for line in lines:
-                state.offsets.append(offset)
-                offset += len(line)
-            state.offsets.append(offset)
-            if last == 0:
-                state.first_timestamp_ns = records[0].timestamp_ns
-            state.last_timestamp_ns = records[-1].timestamp_ns
-            state.head_id = records[-1].id
-            state.identity = identity
-        if new_file:
-            self._add_to_catalog(session_id)
-        return records, position
+                    os.truncate(staged.path, staged.state.offsets[-1])
+
+    def _halt(self, exc: Exception) -> AgentlogError:
+        """Refuse appends from now on: a failed sync may have dropped written pages."""
+        log.critical(
+            "%s: making appended lines durable failed (%s: %s); appends are refused until "
+            "the server restarts and its start-up recovery has checked the files",
+            self.root,
+            type(exc).__name__,
+            exc,
+        )
+        self._halted = UnavailableError(
+            f"this server stopped taking appends: making them durable in {self.root} failed "
+            f"({exc}); restart it (its start-up recovery checks every file), then retry",
+            reason="STORAGE_HALTED",
+        )
+        return self._halted
 
     def _recover_tails(self) -> list[Path]:
         """Cut torn last lines and batches cut short off every session file (at open).
@@ -308,7 +399,7 @@ class JsonlSessionRepository(_semantics.Store):
         """Give feed positions to records of a session the feed knows that it lacks."""
         covered = self._feed.covered(session_id)
         if 0 < covered < state.last_sequence and state.damage is None:
-            self._feed.commit(session_id, covered + 1, state.last_sequence - covered)
+            self._feed.commit([(session_id, covered + 1, state.last_sequence - covered)])
             self._syncer.sync(self._feed.path)
 
     def _write(self, path: Path, data: bytes, expected_size: int) -> tuple[int, int, int]:
@@ -517,6 +608,9 @@ class JsonlSessionRepository(_semantics.Store):
                 self._syncer.close()
                 self._feed.close()
                 self._index.close()
+                if self._halted is not None:
+                    os.close(fd)  # not a clean stop: the next open checks everything
+                    return
                 # Everything is synced: the next open may skip checking the feed.
                 clean = self.root / CLEAN_FILE
                 try:
@@ -778,6 +872,79 @@ def _parse_span(
     ]
 
 
+@dataclass
+class _Staged:
+    """A session's part of a group: lines written to its file, not yet durable."""
+
+    path: Path
+    state: _Session
+    lengths: list[int] = field(default_factory=list)
+    """Of each line written, in order."""
+    identity: tuple[int, int, int] = (0, 0, 0)
+
+    def __post_init__(self) -> None:
+        self.last = self.state.last_sequence
+        self.size = self.state.offsets[-1]
+        self.new_file = self.last == 0 and self.state.identity == (0, 0, 0)
+        self._acknowledged = 0
+
+    def add(self, lengths: list[int], identity: tuple[int, int, int]) -> None:
+        self.lengths.extend(lengths)
+        self.last += len(lengths)
+        self.size += sum(lengths)
+        self.identity = identity
+
+    def acknowledge(self, records: list[EventRecord]) -> None:
+        """Make the next written records part of the session's state (in write order)."""
+        state = self.state
+        offset = state.offsets.pop()
+        for length in self.lengths[self._acknowledged : self._acknowledged + len(records)]:
+            state.offsets.append(offset)
+            offset += length
+        state.offsets.append(offset)
+        self._acknowledged += len(records)
+        if records[0].sequence == 1:
+            state.first_timestamp_ns = records[0].timestamp_ns
+        state.last_timestamp_ns = records[-1].timestamp_ns
+        state.head_id = records[-1].id
+        if self._acknowledged == len(self.lengths):
+            state.identity = self.identity
+
+
+@dataclass
+class _Group:
+    """Appends written together and made durable by one sync round."""
+
+    holders: dict[str, list[tuple[str, int]]]
+    """Where the store holds ids of the appends (fetched in one query)."""
+    locks: dict[str, threading.Lock] = field(default_factory=dict)
+    sessions: dict[str, _Staged] = field(default_factory=dict)
+    appended: list[tuple[int, str, list[EventRecord]]] = field(default_factory=list)
+    """(index in the appends, session, records) of each append written, in order."""
+    ids: set[str] = field(default_factory=set)
+
+    def admits(self, append: PendingAppend, lock: threading.Lock) -> bool:
+        """Whether `append` can join: False ends the group first.
+
+        It cannot if it names an id written in the group (a retry must see the
+        first attempt stored), or if its session's lock is busy: waiting for it
+        while holding others could deadlock.
+        """
+        if any(item.id in self.ids for item in append.batch):
+            return False
+        if append.session_id in self.locks:
+            return True
+        if not lock.acquire(blocking=False):
+            return False
+        self.locks[append.session_id] = lock
+        return True
+
+    def release(self) -> None:
+        for lock in self.locks.values():
+            lock.release()
+        self.locks.clear()
+
+
 @dataclass(frozen=True, slots=True)
 class _Offsets:
     """Where records `first`.. start in a file; the last entry is where the last one ends."""
@@ -914,30 +1081,35 @@ class _Feed:
             self._covered[session_id] = sequence + count - 1
         self.last_position = position + count - 1
 
-    def commit(self, session_id: str, sequence: int, count: int) -> int:
-        """Give records `sequence`.. of a session the next `count` positions; the first."""
+    def commit(self, entries: list[tuple[str, int, int]]) -> int:
+        """Give each `(session_id, sequence, count)` the next `count` positions, in order:
+        records `sequence`.. of the session. Returns the first position; one write."""
         with self.lock:
-            position = self.last_position + 1
-            line = orjson.dumps(
-                {
+            first = position = self.last_position + 1
+            lines = []
+            for session_id, sequence, count in entries:
+                fields = {
                     "position": position,
                     "session_id": session_id,
                     "sequence": sequence,
                     "count": count,
-                },
-                option=orjson.OPT_APPEND_NEWLINE,
-            )
+                }
+                lines.append(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
+                position += count
             size = os.fstat(self.fd).st_size
             try:
-                view = memoryview(line)
+                view = memoryview(b"".join(lines))
                 while view:
                     view = view[os.write(self.fd, view) :]
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self.fd, size)
                 raise _storage_error(exc, self.path) from None
-            self._add(position, session_id, sequence, count)
-            return position
+            position = first
+            for session_id, sequence, count in entries:
+                self._add(position, session_id, sequence, count)
+                position += count
+            return first
 
     def cut_beyond(self, counts: dict[str, int]) -> None:
         """Drop the feed from its first entry naming records a session file does not hold.
@@ -974,7 +1146,7 @@ class _Feed:
         # A gap entry (no session) keeps the dropped positions from being handed out
         # again: a consumer that stored one must not skip a new record.
         self.last_position = first_dropped - 1
-        self.commit("", 0, last_dropped - first_dropped + 1)
+        self.commit([("", 0, last_dropped - first_dropped + 1)])
         fsync_path(self.path)
 
     def covered(self, session_id: str) -> int:

@@ -61,7 +61,7 @@ class MemorySessionRepository(_semantics.Store):
             records = _semantics.new_records(session_id, batch, last, time.time_ns())
             for item, record in zip(batch, records, strict=True):
                 session.records.append(record)
-                session.by_id[item.id] = (record.sequence, item.digest)
+                session.by_id[item.id] = (record.sequence, item.digest())
                 self._sessions_by_id[item.id] = session_id
                 if record.parent_id is not None:
                     self._children[record.parent_id].append(record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -13,11 +14,14 @@ import pytest
 
 from agentlog import (
     AgentlogClient,
+    AlreadyExistsError,
     AppendEvent,
     DataLossError,
     FailedPreconditionError,
     NewEvent,
     TextDelta,
+    UnavailableError,
+    WrongExpectedSequence,
 )
 from agentlog.server import JsonlSessionRepository, MemorySessionRepository
 from tests.contract import delta, started
@@ -380,3 +384,78 @@ def test_listeners_are_told_the_feed_positions(data: Path, backend: str) -> None
     assert told == [("x", [1], 1), ("s", [1], 2), ("s", [2, 3], 3)]
     assert repo.last_position() == 4
     repo.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "jsonl"])
+def test_a_group_commit_decides_each_append_as_if_alone_and_in_order(
+    data: Path, backend: str
+) -> None:
+    repo = MemorySessionRepository() if backend == "memory" else JsonlSessionRepository(data)
+    repo.append(AppendEvent(session_id="b", event=started("b")))
+    first = NewEvent(event=delta("a", "one"), id=str(uuid.uuid4()))
+    taken = NewEvent(event=delta("a", "taken"), id=repo.head("b").id)  # type: ignore[union-attr]
+    appends = [
+        repo.prepare_batch("a", [first], None),
+        repo.prepare_batch("b", [NewEvent(event=delta("b", "two"))], 1),
+        repo.prepare_batch("a", [NewEvent(event=delta("a", "wrong"))], 0),  # a has 1 by now
+        repo.prepare_batch("a", [first], None),  # a retry of the first: same record back
+        repo.prepare_batch("c", [taken], None),  # b's id: refused
+        repo.prepare_batch("a", [NewEvent(event=delta("a", f"{i}")) for i in range(3)], 1),
+        repo.prepare_batch("a", [NewEvent(event=delta("a", "other"), id=first.id)], None),
+    ]
+    told: list[tuple[str, int, int]] = []
+    repo.add_listener(lambda s, records, p: told.append((s, records[0].sequence, p)))
+    results = repo.commit(appends)
+
+    assert [r if isinstance(r, Exception) else [x.sequence for x in r] for r in results][:2] == [
+        [1],
+        [2],
+    ]
+    assert isinstance(results[2], WrongExpectedSequence)
+    assert results[3] == results[0]
+    assert isinstance(results[4], AlreadyExistsError)
+    assert [x.sequence for x in results[5]] == [2, 3, 4]  # type: ignore[union-attr]
+    assert isinstance(results[6], AlreadyExistsError)
+    assert [r.sequence for r in repo.load_session("a")] == [1, 2, 3, 4]
+    assert repo.load_session("c") == []
+    # Feed positions follow the order of the appends; the retry adds none.
+    assert told == [("a", 1, 2), ("b", 2, 3), ("a", 2, 4)]
+    assert [(f.position, f.record.session_id) for f in repo.read_all(1)] == [
+        (1, "b"),
+        (2, "a"),
+        (3, "b"),
+        (4, "a"),
+        (5, "a"),
+        (6, "a"),
+    ]
+    repo.close()
+
+
+def test_a_failed_sync_stops_appends_until_a_restart_and_loses_nothing(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = JsonlSessionRepository(data)
+    kept = repo.append(AppendEvent(session_id="s", event=started("s")))
+    size = (data / "s.jsonl").stat().st_size
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(UnavailableError, match="restart") as failed:
+        repo.append(AppendEvent(session_id="s", event=delta("s", "lost")))
+    assert failed.value.reason == "STORAGE_HALTED"
+    # Not acknowledged, so not kept: the lines are cut back off.
+    assert (data / "s.jsonl").stat().st_size == size
+    monkeypatch.undo()
+    with pytest.raises(UnavailableError):  # even once syncs work again: pages may be lost
+        repo.append(AppendEvent(session_id="t", event=started("t")))
+    assert repo.load_session("s") == [kept]
+    repo.close()
+    assert not (data / ".agentlog.clean").exists()  # the next start checks everything
+
+    reopened = JsonlSessionRepository(data)
+    assert reopened.load_session("s") == [kept]
+    assert reopened.append(AppendEvent(session_id="s", event=delta("s", "x"))).sequence == 2
+    assert [f.record.sequence for f in reopened.read_all(1)] == [1, 2]
+    reopened.close()
