@@ -36,6 +36,7 @@ from agentlog._records import (
     SessionPage,
     check_timestamp,
     format_timestamp,
+    new_record_ids,
     parse_timestamp,
 )
 from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
@@ -434,20 +435,50 @@ def event_from_proto(
     return event
 
 
-def record_to_proto(record: EventRecord) -> pb.EventRecord:
-    """The EventRecord message for a record."""
+def record_to_proto(record: EventRecord, event: pb.AgentEvent | None = None) -> pb.EventRecord:
+    """The EventRecord message for a record.
+
+    `event` is the record's event as a message, when the caller has it (an
+    append answering with its own request's event): copying it is far cheaper
+    than encoding the event again.
+    """
     return pb.EventRecord(
         id=record.id,
         sequence=record.sequence,
         session_id=record.session_id,
         parent_id=record.parent_id,
         timestamp=_timestamp(record.timestamp_ns),
-        event=event_to_proto(record.event),
+        event=event_to_proto(record.event) if event is None else event,
     )
 
 
-def record_from_proto(message: pb.EventRecord) -> EventRecord:
-    """The record an EventRecord message from the server holds."""
+def _holds_json(plan: _Plan) -> bool:
+    return any(
+        f.kind == _JSON or (f.message is not None and _holds_json(f.message)) for f in plan.fields
+    )
+
+
+# Event kinds whose message a server may send back as it came: they hold no
+# JSON text, which is stored in its canonical spelling and answered so.
+_COPIED_AS_SENT = frozenset(
+    part_type for part_type, cls in EVENT_TYPES.items() if not _holds_json(_PLANS[cls])
+)
+
+
+def appended_to_proto(record: EventRecord, sent: pb.AgentEvent) -> pb.EventRecord:
+    """The EventRecord message answering an append of `record`, whose request held `sent`."""
+    if record.event.part_type in _COPIED_AS_SENT:
+        return record_to_proto(record, sent)
+    return record_to_proto(record)
+
+
+def record_from_proto(message: pb.EventRecord, event: AgentEvent | None = None) -> EventRecord:
+    """The record an EventRecord message from the server holds.
+
+    `event` is the record's event, when the caller has it: the client that
+    appended it. (The store holds exactly the event sent, and a retry is only
+    accepted with the same content, so decoding it back would only cost time.)
+    """
     return EventRecord(
         id=message.id,
         sequence=message.sequence,
@@ -456,18 +487,35 @@ def record_from_proto(message: pb.EventRecord) -> EventRecord:
         timestamp_ns=check_timestamp(
             message.timestamp.seconds * _NS + message.timestamp.nanos, "record.timestamp"
         ),
-        event=event_from_proto(message.event, "record.event", strict=False),
+        event=(
+            event_from_proto(message.event, "record.event", strict=False)
+            if event is None
+            else event
+        ),
     )
 
 
+def appended_from_proto(
+    messages: Sequence[pb.EventRecord], events: Sequence[AgentEvent]
+) -> list[EventRecord]:
+    """The records an append's response holds, given the events the append sent."""
+    if len(messages) != len(events):  # not what any agentlog server answers: trust it
+        return [record_from_proto(message) for message in messages]
+    return [record_from_proto(m, e) for m, e in zip(messages, events, strict=True)]
+
+
 def append_to_proto(append: AppendEvent) -> pb.AppendRequest:
-    """The AppendRequest for an append, checked as every backend checks it."""
+    """The AppendRequest for an append, checked as every backend checks it.
+
+    An append without an id gets a new one here, so that a retry of the
+    request is recognised as the same append.
+    """
     validate_append(append)
     return pb.AppendRequest(
         session_id=append.session_id,
         parent_id=append.parent_id,
         event=event_to_proto(append.event),
-        id=append.id or "",
+        id=append.id if append.id is not None else new_record_ids(1)[0],
         expected_sequence=append.expected_sequence,
     )
 
@@ -490,10 +538,14 @@ def append_from_proto(request: pb.AppendRequest) -> AppendEvent:
 def batch_to_proto(
     session_id: str, events: Sequence[NewEvent], expected_sequence: int | None
 ) -> pb.AppendBatchRequest:
-    """The AppendBatchRequest for a batch, each event checked as every backend checks it."""
+    """The AppendBatchRequest for a batch, each event checked as every backend checks it.
+
+    Events without an id get new ones here (see append_to_proto).
+    """
     check_session_id(session_id)
     if expected_sequence is not None:
         check_count(expected_sequence, "expected_sequence")
+    fresh = iter(new_record_ids(sum(1 for item in events if item.id is None)))
     items = []
     for index, item in enumerate(events):
         if item.parent_id is not None:
@@ -503,7 +555,9 @@ def batch_to_proto(
         event_to_json(item.event, f"events[{index}].event")
         items.append(
             pb.BatchEvent(
-                id=item.id or "", parent_id=item.parent_id, event=event_to_proto(item.event)
+                id=item.id if item.id is not None else next(fresh),
+                parent_id=item.parent_id,
+                event=event_to_proto(item.event),
             )
         )
     return pb.AppendBatchRequest(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import functools
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -216,3 +217,17 @@ def check_timestamp(timestamp_ns: object, field: str = "timestamp") -> int:
     if not _MIN_NS <= timestamp_ns < _MAX_NS:
         raise InvalidArgumentError(f"{field}: outside the years 1 to 9999", field=field)
     return timestamp_ns
+
+
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def new_record_ids(count: int) -> list[str]:
+    """`count` new random record ids: version 4 UUIDs in canonical text, as
+    `str(uuid.uuid4())` makes them, at a fraction of its cost."""
+    raw = os.urandom(16 * count).hex()
+    return [
+        f"{raw[i : i + 8]}-{raw[i + 8 : i + 12]}-4{raw[i + 13 : i + 16]}-"
+        f"{_VARIANT[raw[i + 16]]}{raw[i + 17 : i + 20]}-{raw[i + 20 : i + 32]}"
+        for i in range(0, 32 * count, 32)
+    ]

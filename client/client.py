@@ -13,10 +13,8 @@ of `_codec` and the status mapping of `_status`; they differ only in I/O.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import time
-import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -72,19 +70,6 @@ def _backoff(attempt: int) -> float:
 
 def _should_retry(exc: grpc.RpcError, attempt: int, retries: int) -> bool:
     return attempt < retries and exc.code() in _RETRYABLE
-
-
-def _with_id(event: AppendEvent) -> AppendEvent:
-    return event if event.id is not None else dataclasses.replace(event, id=str(uuid.uuid4()))
-
-
-def _batch_request(
-    session_id: str, events: Sequence[NewEvent], expected_sequence: int | None
-) -> pb.AppendBatchRequest:
-    with_ids = [
-        e if e.id is not None else dataclasses.replace(e, id=str(uuid.uuid4())) for e in events
-    ]
-    return _codec.batch_to_proto(session_id, with_ids, expected_sequence)
 
 
 class _Reconnects:
@@ -231,8 +216,8 @@ class AgentlogClient:
             call.cancel()  # a no-op when the stream ended; frees it when the caller stopped early
 
     def append(self, event: AppendEvent) -> EventRecord:
-        response = self._unary(self._stub.Append, _codec.append_to_proto(_with_id(event)))
-        return _codec.record_from_proto(response.record)
+        response = self._unary(self._stub.Append, _codec.append_to_proto(event))
+        return _codec.record_from_proto(response.record, event.event)
 
     def append_batch(
         self,
@@ -241,9 +226,9 @@ class AgentlogClient:
         *,
         expected_sequence: int | None = None,
     ) -> list[EventRecord]:
-        request = _batch_request(session_id, events, expected_sequence)
+        request = _codec.batch_to_proto(session_id, events, expected_sequence)
         response = self._unary(self._stub.AppendBatch, request)
-        return [_codec.record_from_proto(r) for r in response.records]
+        return _codec.appended_from_proto(response.records, [e.event for e in events])
 
     def read_session(
         self,
@@ -398,9 +383,9 @@ class AsyncAgentlogClient:
             call.cancel()
 
     async def append(self, event: AppendEvent) -> EventRecord:
-        request = _codec.append_to_proto(_with_id(event))
+        request = _codec.append_to_proto(event)
         response = await self._unary(self._stub.Append, request)
-        return _codec.record_from_proto(response.record)
+        return _codec.record_from_proto(response.record, event.event)
 
     async def append_batch(
         self,
@@ -409,9 +394,9 @@ class AsyncAgentlogClient:
         *,
         expected_sequence: int | None = None,
     ) -> list[EventRecord]:
-        request = _batch_request(session_id, events, expected_sequence)
+        request = _codec.batch_to_proto(session_id, events, expected_sequence)
         response = await self._unary(self._stub.AppendBatch, request)
-        return [_codec.record_from_proto(r) for r in response.records]
+        return _codec.appended_from_proto(response.records, [e.event for e in events])
 
     def read_session(
         self,

@@ -12,7 +12,6 @@ import base64
 import binascii
 import hashlib
 import threading
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from agentlog._records import (
     FeedRecord,
     NewEvent,
     SessionPage,
+    new_record_ids,
 )
 from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
 from agentlog.errors import AlreadyExistsError, InvalidArgumentError, WrongExpectedSequence
@@ -112,7 +112,7 @@ def prepare(
         if item.parent_id is not None:
             check_record_id(item.parent_id, f"{prefix}parent_id")
         record_id = (
-            check_event_id(item.id, f"{prefix}id") if item.id is not None else str(uuid.uuid4())
+            check_event_id(item.id, f"{prefix}id") if item.id is not None else new_record_ids(1)[0]
         )
         if record_id in seen:
             raise InvalidArgumentError(

@@ -95,6 +95,9 @@ class _Session:
     head_id: str = ""
     damage: DataLossError | None = None
     """Why the file cannot be read past its last good record, if it cannot."""
+    started_here: bool = False
+    """Whether agentlog wrote the first record (it states its sequence): then every
+    record belongs in the feed, even if a crash kept the first from it."""
 
     @property
     def last_sequence(self) -> int:
@@ -396,9 +399,15 @@ class JsonlSessionRepository(_semantics.Store):
         return counts
 
     def _feed_catch_up(self, session_id: str, state: _Session) -> None:
-        """Give feed positions to records of a session the feed knows that it lacks."""
+        """Give feed positions to records of a feed session that the feed lacks.
+
+        A session is in the feed once the feed knows it or if agentlog started it
+        (sessions only arcan wrote are not): a crash between a group's session
+        lines and its feed lines can leave a new session's first append out.
+        """
         covered = self._feed.covered(session_id)
-        if 0 < covered < state.last_sequence and state.damage is None:
+        known = covered > 0 or state.started_here
+        if known and covered < state.last_sequence and state.damage is None:
             self._feed.commit([(session_id, covered + 1, state.last_sequence - covered)])
             self._syncer.sync(self._feed.path)
 
@@ -822,6 +831,7 @@ def _check_tail(path: Path, file: BinaryIO, state: _Session, end: int) -> int:
             last = _read_record_line(file, offsets, index - 1, cut)
             end = cut
         state.first_timestamp_ns = parse_timestamp(first["timestamp"])
+        state.started_here = "sequence" in first
         state.last_timestamp_ns = parse_timestamp(last["timestamp"])
         state.head_id = str(last["id"])
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:

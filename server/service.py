@@ -106,18 +106,27 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
 
     @_translate_errors
     async def Append(self, request: pb.AppendRequest, context: Any) -> pb.AppendResponse:
+        # The answer may copy the request's event (see appended_to_proto), less
+        # fields this server does not know: they are not stored.
+        request.DiscardUnknownFields()
         record = await self._repository.append(_codec.append_from_proto(request))
-        return pb.AppendResponse(record=_codec.record_to_proto(record))
+        return pb.AppendResponse(record=_codec.appended_to_proto(record, request.event))
 
     @_translate_errors
     async def AppendBatch(
         self, request: pb.AppendBatchRequest, context: Any
     ) -> pb.AppendBatchResponse:
+        request.DiscardUnknownFields()  # as in Append
         session_id, events, expected = _codec.batch_from_proto(request)
         records = await self._repository.append_batch(
             session_id, events, expected_sequence=expected
         )
-        return pb.AppendBatchResponse(records=[_codec.record_to_proto(r) for r in records])
+        return pb.AppendBatchResponse(
+            records=[
+                _codec.appended_to_proto(r, item.event)
+                for r, item in zip(records, request.events, strict=True)
+            ]
+        )
 
     @_translate_errors
     async def LoadSession(

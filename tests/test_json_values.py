@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentlog import AgentlogClient, AppendEvent, ToolCall, ToolCallRequested
-from agentlog._records import format_timestamp, parse_timestamp
+from agentlog._records import format_timestamp, new_record_ids, parse_timestamp
 from agentlog.server import JsonlSessionRepository
 from tests.servers import running_server
 from tests.test_arcan_fixtures import identical
@@ -102,3 +102,15 @@ def test_other_offsets_are_read(tmp_path: Path) -> None:
 def test_malformed_timestamps_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match=r"RFC 3339|valid date"):
         parse_timestamp(text)
+
+
+def test_new_record_ids_are_canonical_random_uuids() -> None:
+    ids = new_record_ids(2000)
+    assert len(set(ids)) == 2000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+    # Every variant digit turns up, so the bits are all random where they may be.
+    assert {text[19] for text in ids} == set("89ab")

@@ -261,6 +261,22 @@ def test_a_retry_gives_a_feed_position_to_an_append_the_feed_missed(data: Path) 
         assert [r.sequence for r in repo.load_session("s")] == [1, 2]
 
 
+def test_a_new_session_the_feed_missed_joins_it_when_next_read(data: Path) -> None:
+    with JsonlSessionRepository(data) as repo:
+        repo.append(AppendEvent(session_id="s", event=started("s")))
+        repo.append(AppendEvent(session_id="new", event=started("new")))
+    feed = data / ".agentlog.feed"
+    feed.write_bytes(feed.read_bytes().splitlines(keepends=True)[0])
+    (data / ".agentlog.clean").unlink()  # crashed before the feed line of `new`
+    arcan_line = (data / "new.jsonl").read_text().replace(',"sequence":1', "")
+    (data / "arcan.jsonl").write_text(arcan_line.replace('"new"', '"arcan"'))
+    with JsonlSessionRepository(data) as repo:
+        assert [r.sequence for r in repo.load_session("new")] == [1]
+        assert [r.sequence for r in repo.load_session("arcan")] == [1]
+        # agentlog started `new`, so it is in the feed; arcan's session is not.
+        assert feed_of(repo) == [(1, "s", 1), (2, "new", 1)]
+
+
 def test_a_torn_last_line_is_cut_at_open_and_kept_aside(
     data: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
