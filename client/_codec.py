@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
@@ -220,7 +220,7 @@ def event_to_json(event: AgentEvent, path: str = "event") -> dict[str, Any]:
             field=path,
             reason="INVALID_EVENT",
         )
-    body = _to_json(event, plan, f"{path}.{part_type}")
+    body = _FAST_TO_JSON[plan.py_cls](event, f"{path}.{part_type}")
     return {"part_type": part_type, **body}
 
 
@@ -304,7 +304,7 @@ def event_from_json(obj: object, path: str = "event") -> AgentEvent:
     event_cls = EVENT_TYPES.get(part_type) if isinstance(part_type, str) else None
     if event_cls is None:
         raise DecodeError(f"{path}.part_type: unknown event kind {part_type!r}")
-    event: AgentEvent = _from_json(obj, _PLANS[event_cls], f"{path}.{part_type}")
+    event: AgentEvent = _FAST_FROM_JSON[event_cls](obj, f"{path}.{part_type}")
     return event
 
 
@@ -377,7 +377,7 @@ def _to_proto(obj: object, plan: _Plan) -> Message:
 
 def event_to_proto(event: AgentEvent) -> pb.AgentEvent:
     """The AgentEvent message for a checked event."""
-    kwargs: dict[str, Any] = {event.part_type: _to_proto(event, _PLANS[type(event)])}
+    kwargs: dict[str, Any] = {event.part_type: _FAST_TO_PROTO[type(event)](event)}
     return pb.AgentEvent(**kwargs)
 
 
@@ -429,8 +429,8 @@ def event_from_proto(
             reason="INVALID_EVENT",
         )
     event_cls = EVENT_TYPES[part_type]
-    event: AgentEvent = _from_proto(
-        getattr(message, part_type), _PLANS[event_cls], f"{path}.{part_type}", strict
+    event: AgentEvent = _FAST_FROM_PROTO[event_cls](
+        getattr(message, part_type), f"{path}.{part_type}", strict
     )
     return event
 
@@ -661,3 +661,208 @@ def page_from_proto(response: pb.ListSessionsResponse) -> SessionPage:
         ],
         next_page_token=response.next_page_token or None,
     )
+
+
+# --- Straight-line conversions, compiled from the plans ---
+#
+# The functions above walk a plan field by field; these do the same work as
+# generated code, one function per message (several times faster). They only
+# take the common path: on anything unusual (a wrong type, a missing field, an
+# unknown enum value) they hand over to the walk above, which decides and words
+# the error, so both always agree.
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _scalar_check(field: _Field, value: str, names: dict[str, object]) -> str:
+    """A Python expression true when `value` passes `_scalar_to_json` for `field`."""
+    expected = field.py_type
+    if expected is int:
+        low, high = field.int_range or (-(2**63), 2**64 - 1)
+        check = f"type({value}) is int and {low} <= {value} <= {high}"
+    elif expected is str:
+        check = f"type({value}) is str and ({value}.isascii() or _encodable({value}))"
+        if field.allowed is not None:
+            names[f"A_{id(field)}"] = field.allowed
+            check += f" and {value} in A_{id(field)}"
+    else:
+        check = f"type({value}) is {expected.__name__}"
+    return check
+
+
+def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
+    index = {cls: n for n, cls in enumerate(_PLANS)}
+    names: dict[str, object] = {
+        "_to_json": _to_json,
+        "_from_json": _from_json,
+        "_from_proto": _from_proto,
+        "_check_json": _json.check_json,
+        "_parse_strict": _json.parse_strict,
+        "_loads": _json.loads,
+        "_dumps": _json.dumps,
+        "_JsonValue": pb.JsonValue,
+        "_encodable": _encodable,
+    }
+    source: list[str] = []
+    for cls, n in index.items():
+        plan = _PLANS[cls]
+        names[f"P{n}"], names[f"C{n}"], names[f"M{n}"] = plan, cls, plan.proto_cls
+        to_json_checks: list[str] = []
+        to_json_out: list[tuple[str, str, str | None]] = []
+        omitted = False
+        from_json_checks: list[str] = []
+        from_json_args: list[str] = []
+        to_proto_args: list[str] = []
+        from_proto_pre: list[str] = []
+        from_proto_args: list[str] = []
+        for j, field in enumerate(plan.fields):
+            name, v, key = field.name, f"v{j}", repr(field.name)
+            where = f'path + ".{name}"'
+            sub = index[field.message.py_cls] if field.message is not None else -1
+            if field.kind == _SCALAR:
+                check = _scalar_check(field, v, names)
+                check = f"({v} is None or ({check}))" if field.optional else check
+                to_json_checks.append(check)
+                to_json_out.append((key, v, None))
+                from_json_checks.append(check)
+                from_json_args.append(f"{name}={v}")
+                to_proto_args.append(f"{name}=obj.{name}")
+                if field.optional:
+                    from_proto_args.append(f"{name}=m.{name} if m.HasField({key}) else None")
+                else:
+                    from_proto_args.append(f"{name}=m.{name}")
+            elif field.kind == _ENUM:
+                assert field.enum_numbers is not None
+                assert field.enum_members is not None
+                names[f"E{n}_{j}"] = field.enum_numbers
+                names[f"R{n}_{j}"] = field.enum_members
+                names[f"V{n}_{j}"] = {str(m): m for m in field.enum_members.values()}
+                check = f"isinstance({v}, str) and {v} in E{n}_{j}"
+                from_check = f"type({v}) is str and {v} in V{n}_{j}"
+                if field.optional:
+                    check, from_check = (
+                        f"({v} is None or ({check}))",
+                        f"({v} is None or ({from_check}))",
+                    )
+                    to_json_out.append((key, f"None if {v} is None else str({v})", None))
+                    from_json_args.append(f"{name}=None if {v} is None else V{n}_{j}[{v}]")
+                    to_proto_args.append(
+                        f"{name}=None if obj.{name} is None else E{n}_{j}[obj.{name}]"
+                    )
+                    from_proto_pre.append(
+                        f"    x{j} = None\n"
+                        f"    if m.HasField({key}):\n"
+                        f"        x{j} = R{n}_{j}.get(m.{name})\n"
+                        f"        if x{j} is None:\n"
+                        f"            return _from_proto(m, P{n}, path, strict)"
+                    )
+                else:
+                    to_json_out.append((key, f"str({v})", None))
+                    from_json_args.append(f"{name}=V{n}_{j}[{v}]")
+                    to_proto_args.append(f"{name}=E{n}_{j}[obj.{name}]")
+                    from_proto_pre.append(
+                        f"    x{j} = R{n}_{j}.get(m.{name})\n"
+                        f"    if x{j} is None:\n"
+                        f"        return _from_proto(m, P{n}, path, strict)"
+                    )
+                to_json_checks.append(check)
+                from_json_checks.append(from_check)
+                from_proto_args.append(f"{name}=x{j}")
+            elif field.kind == _MESSAGE:
+                if field.optional:
+                    to_json_checks.append(f"({v} is None or type({v}) is C{sub})")
+                    to_json_out.append((key, f"tj{sub}({v}, {where})", v))
+                    from_json_checks.append(f"({v} is None or type({v}) is dict)")
+                    from_json_args.append(f"{name}=None if {v} is None else fj{sub}({v}, {where})")
+                    to_proto_args.append(
+                        f"{name}=None if obj.{name} is None else tp{sub}(obj.{name})"
+                    )
+                    from_proto_args.append(
+                        f"{name}=fp{sub}(m.{name}, {where}, strict) if m.HasField({key}) else None"
+                    )
+                    omitted = True
+                else:
+                    to_json_checks.append(f"type({v}) is C{sub}")
+                    to_json_out.append((key, f"tj{sub}({v}, {where})", None))
+                    from_json_checks.append(f"type({v}) is dict")
+                    from_json_args.append(f"{name}=fj{sub}({v}, {where})")
+                    to_proto_args.append(f"{name}=tp{sub}(obj.{name})")
+                    from_proto_pre.append(
+                        f"    if not m.HasField({key}):\n"
+                        f"        return _from_proto(m, P{n}, path, strict)"
+                    )
+                    from_proto_args.append(f"{name}=fp{sub}(m.{name}, {where}, strict)")
+            else:  # JSON: any value; checked (to JSON) by _check_json
+                to_json_out.append((key, v, None))
+                from_json_args.append(f"{name}={v}")
+                to_proto_args.append(
+                    f"{name}=None if obj.{name} is None else _JsonValue(json=_dumps(obj.{name}))"
+                )
+                from_proto_args.append(
+                    f"{name}=(_parse_strict(m.{name}.json, {where}) if strict "
+                    f"else _loads(m.{name}.json)) if m.HasField({key}) else None"
+                )
+        reads = "".join(f"    v{j} = obj.{f.name}\n" for j, f in enumerate(plan.fields))
+        gets = "".join(f"    v{j} = get({f.name!r})\n" for j, f in enumerate(plan.fields))
+        json_checks = "".join(
+            f'    if v{j} is not None:\n        _check_json(v{j}, path + ".{f.name}")\n'
+            for j, f in enumerate(plan.fields)
+            if f.kind == _JSON
+        )
+        if omitted:
+            # An absent optional message is left out, so the keys go in one by one.
+            build = (
+                "    out = {}\n"
+                + "".join(
+                    f"    if {omit_if_none} is not None:\n        out[{key}] = {value}\n"
+                    if omit_if_none
+                    else f"    out[{key}] = {value}\n"
+                    for key, value, omit_if_none in to_json_out
+                )
+                + "    return out\n"
+            )
+        else:
+            build = (
+                "    return {" + ", ".join(f"{k}: {value}" for k, value, _ in to_json_out) + "}\n"
+            )
+        source.append(
+            f"def tj{n}(obj, path):\n"
+            f"    if type(obj) is not C{n}:\n        return _to_json(obj, P{n}, path)\n"
+            + reads
+            + f"    if not ({' and '.join(to_json_checks) or 'True'}):\n"
+            f"        return _to_json(obj, P{n}, path)\n" + json_checks + build
+        )
+        source.append(
+            f"def fj{n}(obj, path):\n"
+            f"    if type(obj) is not dict:\n        return _from_json(obj, P{n}, path)\n"
+            "    get = obj.get\n"
+            + gets
+            + f"    if not ({' and '.join(from_json_checks) or 'True'}):\n"
+            f"        return _from_json(obj, P{n}, path)\n"
+            f"    return C{n}({', '.join(from_json_args)})\n"
+        )
+        source.append(f"def tp{n}(obj):\n    return M{n}({', '.join(to_proto_args)})\n")
+        source.append(
+            f"def fp{n}(m, path, strict):\n"
+            + "".join(line + "\n" for line in from_proto_pre)
+            + f"    return C{n}({', '.join(from_proto_args)})\n"
+        )
+    code = "\n".join(source)
+    exec(compile(code, "<agentlog codec, compiled from the proto descriptors>", "exec"), names)
+    return {
+        kind: {cls: cast(Callable[..., Any], names[f"{kind}{n}"]) for cls, n in index.items()}
+        for kind in ("tj", "fj", "tp", "fp")
+    }
+
+
+_COMPILED = _compile_plans()
+_FAST_TO_JSON = _COMPILED["tj"]
+_FAST_FROM_JSON = _COMPILED["fj"]
+_FAST_TO_PROTO = _COMPILED["tp"]
+_FAST_FROM_PROTO = _COMPILED["fp"]

@@ -1,0 +1,78 @@
+"""The compiled conversions agree with the plan walk they replace, on good input and bad."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from agentlog import _codec
+from agentlog._codec import (
+    _FAST_FROM_JSON,
+    _FAST_FROM_PROTO,
+    _FAST_TO_JSON,
+    _FAST_TO_PROTO,
+    _PLANS,
+    _from_json,
+    _from_proto,
+    _to_json,
+    _to_proto,
+)
+from tests.samples import every_event
+
+EVENTS = every_event("s")
+# Values of every kind, for every field: each is wrong somewhere, right elsewhere.
+ODD_VALUES: list[Any] = [None, "", "x", "\ud800", 0, -1, 2**64, 1.5, True, {}, []]
+ODD_VALUES += ["low", "end_turn"]  # words of closed vocabularies
+
+
+def outcome(function: Callable[..., Any], *args: Any) -> tuple[str, Any]:
+    try:
+        return "ok", function(*args)
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_the_compiled_conversions_give_what_the_walk_gives(event: Any) -> None:
+    cls, plan = type(event), _PLANS[type(event)]
+    as_json = _to_json(event, plan, "e")
+    assert _FAST_TO_JSON[cls](event, "e") == as_json
+    assert list(_FAST_TO_JSON[cls](event, "e")) == list(as_json)  # key order: arcan's
+    assert _FAST_FROM_JSON[cls](as_json, "e") == _from_json(as_json, plan, "e") == event
+    message = _to_proto(event, plan)
+    assert _FAST_TO_PROTO[cls](event) == message
+    for strict in (True, False):
+        assert _FAST_FROM_PROTO[cls](message, "e", strict) == event
+        assert _from_proto(message, plan, "e", strict) == event
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_the_compiled_conversions_refuse_what_the_walk_refuses(event: Any) -> None:
+    cls, plan = type(event), _PLANS[type(event)]
+    as_json = _to_json(event, plan, "e")
+    for field in plan.fields:
+        for value in ODD_VALUES:
+            odd = dataclasses.replace(event, **{field.name: value})
+            fast = outcome(_FAST_TO_JSON[cls], odd, "e")
+            assert fast == outcome(_to_json, odd, plan, "e")
+            odd_json = {**as_json, field.name: value}
+            fast = outcome(_FAST_FROM_JSON[cls], odd_json, "e")
+            assert fast == outcome(_from_json, odd_json, plan, "e")
+        missing = {k: v for k, v in as_json.items() if k != field.name}
+        fast = outcome(_FAST_FROM_JSON[cls], missing, "e")
+        assert fast == outcome(_from_json, missing, plan, "e")
+
+
+def test_unknown_enum_values_in_a_message_are_refused_alike() -> None:
+    event = next(e for e in EVENTS if type(e).__name__ == "ModelOutput")
+    cls, plan = type(event), _PLANS[type(event)]
+    message = _to_proto(event, plan)
+    for number in (0, 99):
+        message.stop_reason = number  # type: ignore[attr-defined]
+        fast = outcome(_FAST_FROM_PROTO[cls], message, "e", True)
+        assert fast[0] == "InvalidArgumentError"
+        assert fast == outcome(_from_proto, message, plan, "e", True)
+    assert _codec.event_to_json(event)["part_type"] == "model_output"
