@@ -24,7 +24,6 @@ from typing import Any, cast
 import orjson
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentlog import _events, _json
 from agentlog._events import EVENT_TYPES, AgentEvent, ReadDirection
@@ -314,6 +313,43 @@ def record_from_json(obj: object, sequence: int) -> EventRecord:
     `sequence` is the line's position among the file's records; a line that
     states a different `sequence` is damaged.
     """
+    record_id, session_id, parent_id, timestamp_ns = _record_fields(obj, sequence)
+    assert isinstance(obj, dict)
+    return EventRecord(
+        id=record_id,
+        sequence=sequence,
+        session_id=session_id,
+        parent_id=parent_id,
+        timestamp_ns=timestamp_ns,
+        event=event_from_json(obj.get("event")),
+    )
+
+
+def record_proto_from_json(obj: object, sequence: int) -> pb.EventRecord:
+    """The EventRecord message for one parsed line, checked as record_from_json checks
+    it, without the Python objects in between (what a read sends)."""
+    record_id, session_id, parent_id, timestamp_ns = _record_fields(obj, sequence)
+    assert isinstance(obj, dict)
+    event = obj.get("event")
+    part_type = event.get("part_type") if isinstance(event, dict) else None
+    event_cls = EVENT_TYPES.get(part_type) if isinstance(part_type, str) else None
+    if event_cls is None:
+        event_from_json(event)  # raises the DecodeError that says what is wrong
+        raise AssertionError("unreachable")
+    fields = _FAST_JSON_TO_PROTO[event_cls](event, f"event.{part_type}")
+    seconds, nanos = divmod(timestamp_ns, _NS)
+    return pb.EventRecord(
+        id=record_id,
+        sequence=sequence,
+        session_id=session_id,
+        parent_id=parent_id,
+        timestamp={"seconds": seconds, "nanos": nanos},
+        event={part_type: fields},
+    )
+
+
+def _record_fields(obj: object, sequence: int) -> tuple[str, str, str | None, int]:
+    """The id, session id, parent id and timestamp of a parsed line; DecodeError if bad."""
     if not isinstance(obj, dict):
         raise DecodeError(f"expected a JSON object, found {type(obj).__name__}")
     record_id, session_id, parent_id = obj.get("id"), obj.get("session_id"), obj.get("parent_id")
@@ -333,14 +369,7 @@ def record_from_json(obj: object, sequence: int) -> EventRecord:
     stated = obj.get("sequence", sequence)
     if stated != sequence or type(stated) is not int:
         raise DecodeError(f"sequence: the line says {stated!r} but it is record {sequence}")
-    return EventRecord(
-        id=record_id,
-        sequence=sequence,
-        session_id=session_id,
-        parent_id=parent_id,
-        timestamp_ns=timestamp_ns,
-        event=event_from_json(obj.get("event")),
-    )
+    return record_id, session_id, parent_id, timestamp_ns
 
 
 def record_from_line(line: bytes, sequence: int) -> EventRecord:
@@ -350,6 +379,15 @@ def record_from_line(line: bytes, sequence: int) -> EventRecord:
     except orjson.JSONDecodeError as exc:
         raise DecodeError(f"not valid JSON: {exc}") from None
     return record_from_json(obj, sequence)
+
+
+def record_proto_from_line(line: bytes, sequence: int) -> pb.EventRecord:
+    """The EventRecord message for one line of a session file; DecodeError if none."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not valid JSON: {exc}") from None
+    return record_proto_from_json(obj, sequence)
 
 
 # --- Python objects <-> protobuf ---
@@ -377,8 +415,12 @@ def _to_proto(obj: object, plan: _Plan) -> Message:
 
 def event_to_proto(event: AgentEvent) -> pb.AgentEvent:
     """The AgentEvent message for a checked event."""
-    kwargs: dict[str, Any] = {event.part_type: _FAST_TO_PROTO[type(event)](event)}
-    return pb.AgentEvent(**kwargs)
+    return pb.AgentEvent(**_event_fields(event))
+
+
+def _event_fields(event: AgentEvent) -> dict[str, Any]:
+    """An AgentEvent message's fields as nested dicts (to build a message around it)."""
+    return {event.part_type: _FAST_TO_PROTO[type(event)](event)}
 
 
 def _from_proto(message: Any, plan: _Plan, path: str, strict: bool) -> Any:
@@ -448,7 +490,7 @@ def record_to_proto(record: EventRecord, event: pb.AgentEvent | None = None) -> 
         session_id=record.session_id,
         parent_id=record.parent_id,
         timestamp=_timestamp(record.timestamp_ns),
-        event=event_to_proto(record.event) if event is None else event,
+        event=_event_fields(record.event) if event is None else event,
     )
 
 
@@ -514,7 +556,7 @@ def append_to_proto(append: AppendEvent) -> pb.AppendRequest:
     return pb.AppendRequest(
         session_id=append.session_id,
         parent_id=append.parent_id,
-        event=event_to_proto(append.event),
+        event=_event_fields(append.event),
         id=append.id if append.id is not None else new_record_ids(1)[0],
         expected_sequence=append.expected_sequence,
     )
@@ -557,7 +599,7 @@ def batch_to_proto(
             pb.BatchEvent(
                 id=item.id if item.id is not None else next(fresh),
                 parent_id=item.parent_id,
-                event=event_to_proto(item.event),
+                event=_event_fields(item.event),
             )
         )
     return pb.AppendBatchRequest(
@@ -624,9 +666,9 @@ def read_from_proto(request: pb.LoadSessionRequest) -> tuple[str, int, int | Non
     return session_id, request.from_sequence, request.limit or None, direction
 
 
-def _timestamp(timestamp_ns: int) -> Timestamp:
+def _timestamp(timestamp_ns: int) -> dict[str, int]:
     seconds, nanos = divmod(timestamp_ns, _NS)
-    return Timestamp(seconds=seconds, nanos=nanos)
+    return {"seconds": seconds, "nanos": nanos}
 
 
 def page_to_proto(page: SessionPage) -> pb.ListSessionsResponse:
@@ -696,17 +738,24 @@ def _scalar_check(field: _Field, value: str, names: dict[str, object]) -> str:
     return check
 
 
+def _as_dict(arguments: list[str]) -> str:
+    """`{'a': x, ...}` from `["a=x", ...]`: messages are built from nested dicts, once,
+    at the top (building each level as a message would copy it into the next)."""
+    pairs = (argument.split("=", 1) for argument in arguments)
+    return "{" + ", ".join(f"{name!r}: {value}" for name, value in pairs) + "}"
+
+
 def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
     index = {cls: n for n, cls in enumerate(_PLANS)}
     names: dict[str, object] = {
         "_to_json": _to_json,
         "_from_json": _from_json,
         "_from_proto": _from_proto,
+        "_to_proto": _to_proto,
         "_check_json": _json.check_json,
         "_parse_strict": _json.parse_strict,
         "_loads": _json.loads,
         "_dumps": _json.dumps,
-        "_JsonValue": pb.JsonValue,
         "_encodable": _encodable,
     }
     source: list[str] = []
@@ -721,6 +770,7 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
         to_proto_args: list[str] = []
         from_proto_pre: list[str] = []
         from_proto_args: list[str] = []
+        json_to_proto_args: list[str] = []
         for j, field in enumerate(plan.fields):
             name, v, key = field.name, f"v{j}", repr(field.name)
             where = f'path + ".{name}"'
@@ -732,6 +782,7 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
                 to_json_out.append((key, v, None))
                 from_json_checks.append(check)
                 from_json_args.append(f"{name}={v}")
+                json_to_proto_args.append(f"{name}={v}")
                 to_proto_args.append(f"{name}=obj.{name}")
                 if field.optional:
                     from_proto_args.append(f"{name}=m.{name} if m.HasField({key}) else None")
@@ -752,6 +803,7 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
                     )
                     to_json_out.append((key, f"None if {v} is None else str({v})", None))
                     from_json_args.append(f"{name}=None if {v} is None else V{n}_{j}[{v}]")
+                    json_to_proto_args.append(f"{name}=None if {v} is None else E{n}_{j}[{v}]")
                     to_proto_args.append(
                         f"{name}=None if obj.{name} is None else E{n}_{j}[obj.{name}]"
                     )
@@ -765,6 +817,7 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
                 else:
                     to_json_out.append((key, f"str({v})", None))
                     from_json_args.append(f"{name}=V{n}_{j}[{v}]")
+                    json_to_proto_args.append(f"{name}=E{n}_{j}[{v}]")
                     to_proto_args.append(f"{name}=E{n}_{j}[obj.{name}]")
                     from_proto_pre.append(
                         f"    x{j} = R{n}_{j}.get(m.{name})\n"
@@ -780,6 +833,9 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
                     to_json_out.append((key, f"tj{sub}({v}, {where})", v))
                     from_json_checks.append(f"({v} is None or type({v}) is dict)")
                     from_json_args.append(f"{name}=None if {v} is None else fj{sub}({v}, {where})")
+                    json_to_proto_args.append(
+                        f"{name}=None if {v} is None else jp{sub}({v}, {where})"
+                    )
                     to_proto_args.append(
                         f"{name}=None if obj.{name} is None else tp{sub}(obj.{name})"
                     )
@@ -792,6 +848,7 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
                     to_json_out.append((key, f"tj{sub}({v}, {where})", None))
                     from_json_checks.append(f"type({v}) is dict")
                     from_json_args.append(f"{name}=fj{sub}({v}, {where})")
+                    json_to_proto_args.append(f"{name}=jp{sub}({v}, {where})")
                     to_proto_args.append(f"{name}=tp{sub}(obj.{name})")
                     from_proto_pre.append(
                         f"    if not m.HasField({key}):\n"
@@ -801,8 +858,11 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
             else:  # JSON: any value; checked (to JSON) by _check_json
                 to_json_out.append((key, v, None))
                 from_json_args.append(f"{name}={v}")
+                json_to_proto_args.append(
+                    f"{name}=None if {v} is None else {{'json': _dumps({v})}}"
+                )
                 to_proto_args.append(
-                    f"{name}=None if obj.{name} is None else _JsonValue(json=_dumps(obj.{name}))"
+                    f"{name}=None if obj.{name} is None else {{'json': _dumps(obj.{name})}}"
                 )
                 from_proto_args.append(
                     f"{name}=(_parse_strict(m.{name}.json, {where}) if strict "
@@ -847,7 +907,17 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
             f"        return _from_json(obj, P{n}, path)\n"
             f"    return C{n}({', '.join(from_json_args)})\n"
         )
-        source.append(f"def tp{n}(obj):\n    return M{n}({', '.join(to_proto_args)})\n")
+        slow_proto = f"tp{n}(_from_json(obj, P{n}, path))"
+        source.append(
+            f"def jp{n}(obj, path):\n"
+            f"    if type(obj) is not dict:\n        return {slow_proto}\n"
+            "    get = obj.get\n"
+            + gets
+            + f"    if not ({' and '.join(from_json_checks) or 'True'}):\n"
+            f"        return {slow_proto}\n"
+            f"    return {_as_dict(json_to_proto_args)}\n"
+        )
+        source.append(f"def tp{n}(obj):\n    return {_as_dict(to_proto_args)}\n")
         source.append(
             f"def fp{n}(m, path, strict):\n"
             + "".join(line + "\n" for line in from_proto_pre)
@@ -857,7 +927,7 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
     exec(compile(code, "<agentlog codec, compiled from the proto descriptors>", "exec"), names)
     return {
         kind: {cls: cast(Callable[..., Any], names[f"{kind}{n}"]) for cls, n in index.items()}
-        for kind in ("tj", "fj", "tp", "fp")
+        for kind in ("tj", "fj", "tp", "fp", "jp")
     }
 
 
@@ -866,3 +936,4 @@ _FAST_TO_JSON = _COMPILED["tj"]
 _FAST_FROM_JSON = _COMPILED["fj"]
 _FAST_TO_PROTO = _COMPILED["tp"]
 _FAST_FROM_PROTO = _COMPILED["fp"]
+_FAST_JSON_TO_PROTO = _COMPILED["jp"]

@@ -19,7 +19,7 @@ from typing import Any, TypeAlias
 
 import orjson
 
-from agentlog._codec import event_to_json
+from agentlog._codec import event_to_json, record_to_proto
 from agentlog._events import EVENT_TYPES, AgentEvent, ReadDirection
 from agentlog._records import (
     AppendEvent,
@@ -32,6 +32,7 @@ from agentlog._records import (
 )
 from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
 from agentlog.errors import AlreadyExistsError, InvalidArgumentError, WrongExpectedSequence
+from agentlog.v1 import session_pb2 as pb
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,6 +436,21 @@ class Store(ABC):
         direction: ReadDirection = ReadDirection.FORWARDS,
     ) -> Iterator[EventRecord]:
         """Stream a range of a session's records."""
+
+    def read_session_messages(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> Iterator[pb.EventRecord]:
+        """read_session's records as the messages LoadSession sends (a backend that
+        keeps JSON can make them without building the Python records)."""
+        records = self.read_session(
+            session_id, from_sequence=from_sequence, limit=limit, direction=direction
+        )
+        return map(record_to_proto, records)
 
     def load_session(
         self,

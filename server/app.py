@@ -401,6 +401,26 @@ class ThreadedRepository:
         while chunk := await self._run(_take, records, READ_CHUNK):
             yield chunk
 
+    async def read_session_messages(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> AsyncIterator[list[session_pb2.EventRecord]]:
+        """A ranged read as runs of EventRecord messages (what LoadSession sends)."""
+        open_read = functools.partial(
+            self._repository.read_session_messages,
+            session_id,
+            from_sequence=from_sequence,
+            limit=limit,
+            direction=direction,
+        )
+        messages: Iterator[session_pb2.EventRecord] = await self._run(open_read)
+        while chunk := await self._run(_take, messages, READ_CHUNK):
+            yield chunk
+
     async def load_session(
         self,
         session_id: str,

@@ -32,10 +32,10 @@ import threading
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 
@@ -45,6 +45,7 @@ from agentlog._codec import (
     record_from_json,
     record_from_line,
     record_line,
+    record_proto_from_line,
 )
 from agentlog._events import ReadDirection
 from agentlog._records import (
@@ -73,6 +74,7 @@ from agentlog.server import _semantics
 from agentlog.server._durability import Syncer, SyncPolicy, fsync_path
 from agentlog.server._index import StoreIndex
 from agentlog.server._semantics import PendingAppend, Prepared
+from agentlog.v1 import session_pb2 as pb
 
 log = logging.getLogger("agentlog.server")
 
@@ -81,6 +83,9 @@ SUFFIX = ".jsonl"
 MAX_CACHED_SESSIONS = 4096
 # Records read per disk read when streaming a range.
 _READ_CHUNK = 256
+T = TypeVar("T")
+# Turns one line (file, bytes, sequence, byte offset) into a record or a message.
+_Decoder = Callable[[Path, bytes, int, int], T]
 
 
 @dataclass
@@ -449,6 +454,27 @@ class JsonlSessionRepository(_semantics.Store):
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
     ) -> Iterator[EventRecord]:
+        return self._read(session_id, from_sequence, limit, direction, _decode)
+
+    def read_session_messages(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> Iterator[pb.EventRecord]:
+        # Straight from each line's JSON to the message: no Python objects between.
+        return self._read(session_id, from_sequence, limit, direction, _decode_message)
+
+    def _read(
+        self,
+        session_id: str,
+        from_sequence: int,
+        limit: int | None,
+        direction: ReadDirection,
+        decode: _Decoder[T],
+    ) -> Iterator[T]:
         check_session_id(session_id)
         selected = _semantics.read_range(from_sequence, limit, direction)
         path = self._path(session_id)
@@ -459,9 +485,15 @@ class JsonlSessionRepository(_semantics.Store):
             # A snapshot: appends made while the caller iterates are not part of this read.
             sequences = selected.sequences(state.last_sequence)
             window = _window(state, sequences)
-        return self._stream(path, window, sequences)
+        return self._stream(path, window, sequences, decode)
 
-    def _stream(self, path: Path, window: _Offsets, sequences: range) -> Iterator[EventRecord]:
+    def _stream(
+        self,
+        path: Path,
+        window: _Offsets,
+        sequences: range,
+        decode: _Decoder[T],
+    ) -> Iterator[T]:
         if not sequences:
             return
         try:
@@ -475,7 +507,7 @@ class JsonlSessionRepository(_semantics.Store):
                 low, high = min(chunk[0], chunk[-1]), max(chunk[0], chunk[-1])
                 file.seek(window.start(low))
                 data = file.read(window.end(high) - window.start(low))
-                records = _parse_span(path, data, low, high, window)
+                records = _parse_span(path, data, low, high, window, decode=decode)
                 yield from (records if step > 0 else reversed(records))
 
     def head(self, session_id: str) -> EventRecord | None:
@@ -526,7 +558,7 @@ class JsonlSessionRepository(_semantics.Store):
 
     def _records_at(self, path: Path, state: _Session, sequences: list[int]) -> list[EventRecord]:
         wanted = range(sequences[0], sequences[-1] + 1)
-        return list(self._stream(path, _window(state, wanted), wanted))
+        return list(self._stream(path, _window(state, wanted), wanted, _decode))
 
     def read_all(self, from_position: int, limit: int | None = None) -> Iterator[FeedRecord]:
         check_count(from_position, "from_position")
@@ -550,7 +582,7 @@ class JsonlSessionRepository(_semantics.Store):
                     raise state.damage
                 wanted = range(first, min(last, state.last_sequence) + 1)
                 window = _window(state, wanted)
-            for record in self._stream(path, window, wanted):
+            for record in self._stream(path, window, wanted, _decode):
                 yield FeedRecord(entry_position + record.sequence - sequence, record)
             if remaining is not None:
                 remaining -= len(wanted)
@@ -571,7 +603,7 @@ class JsonlSessionRepository(_semantics.Store):
                     continue  # the index ran ahead of a file cut since: nothing to serve
                 wanted = range(sequence, sequence + 1)
                 window = _window(state, wanted)
-            for record in self._stream(path, window, wanted):
+            for record in self._stream(path, window, wanted, _decode):
                 if record.parent_id == parent_id:
                     children.append(record)
         return children
@@ -872,12 +904,12 @@ def _line_number(path: Path, offset: int) -> int:
 
 
 def _parse_span(
-    path: Path, data: bytes, first: int, last: int, window: _Offsets
-) -> list[EventRecord]:
+    path: Path, data: bytes, first: int, last: int, window: _Offsets, *, decode: _Decoder[T]
+) -> list[T]:
     """The records `first` to `last` from `data`, the file's bytes from record `first` on."""
     base = window.start(first)
     return [
-        _decode(path, data[window.start(s) - base : window.end(s) - base], s, window.start(s))
+        decode(path, data[window.start(s) - base : window.end(s) - base], s, window.start(s))
         for s in range(first, last + 1)
     ]
 
@@ -1194,9 +1226,19 @@ def _damage(path: Path, line_number: int, why: str) -> DataLossError:
 
 
 def _decode(path: Path, line: bytes, sequence: int, offset: int) -> EventRecord:
+    return _decoded(path, line, sequence, offset, record_from_line)
+
+
+def _decode_message(path: Path, line: bytes, sequence: int, offset: int) -> pb.EventRecord:
+    return _decoded(path, line, sequence, offset, record_proto_from_line)
+
+
+def _decoded(
+    path: Path, line: bytes, sequence: int, offset: int, decode: Callable[[bytes, int], T]
+) -> T:
     # Blank lines may sit between records; they belong to the span of the record before.
     try:
-        return record_from_line(line.strip(), sequence)
+        return decode(line.strip(), sequence)
     except DecodeError as exc:
         number = _line_number(path, offset)
         raise DataLossError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -93,6 +93,18 @@ async def chunk_records(records: AsyncIterator[EventRecord]) -> AsyncIterator[li
         yield chunk
 
 
+def split_by_size(messages: list[pb.EventRecord]) -> Iterator[list[pb.EventRecord]]:
+    """Split a run of at most CHUNK_RECORDS messages where it passes CHUNK_BYTES."""
+    start, size = 0, 0
+    for index, message in enumerate(messages):
+        size += message.ByteSize()
+        if size >= CHUNK_BYTES:
+            yield messages[start : index + 1]
+            start, size = index + 1, 0
+    if start < len(messages):
+        yield messages[start:] if start else messages
+
+
 async def _each(records: list[EventRecord]) -> AsyncIterator[EventRecord]:
     for record in records:
         yield record
@@ -133,11 +145,12 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         self, request: pb.LoadSessionRequest, context: Any
     ) -> AsyncIterator[pb.LoadSessionResponse]:
         session_id, from_sequence, limit, direction = _codec.read_from_proto(request)
-        records = self._repository.read_session(
+        runs = self._repository.read_session_messages(
             session_id, from_sequence=from_sequence, limit=limit, direction=direction
         )
-        async for chunk in chunk_records(records):
-            yield pb.LoadSessionResponse(records=chunk)
+        async for run in runs:
+            for chunk in split_by_size(run):
+                yield pb.LoadSessionResponse(records=chunk)
 
     @_translate_errors
     async def LoadChildren(

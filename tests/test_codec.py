@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -19,13 +21,23 @@ from agentlog._codec import (
     _from_proto,
     _to_json,
     _to_proto,
+    record_from_line,
+    record_proto_from_line,
+    record_to_json,
+    record_to_proto,
 )
+from agentlog._records import EventRecord
 from tests.samples import every_event
+from tests.test_arcan_fixtures import FIXTURES
 
 EVENTS = every_event("s")
 # Values of every kind, for every field: each is wrong somewhere, right elsewhere.
 ODD_VALUES: list[Any] = [None, "", "x", "\ud800", 0, -1, 2**64, 1.5, True, {}, []]
 ODD_VALUES += ["low", "end_turn"]  # words of closed vocabularies
+
+
+def through_records(line: bytes, sequence: int) -> Any:
+    return record_to_proto(record_from_line(line, sequence))
 
 
 def outcome(function: Callable[..., Any], *args: Any) -> tuple[str, Any]:
@@ -43,7 +55,7 @@ def test_the_compiled_conversions_give_what_the_walk_gives(event: Any) -> None:
     assert list(_FAST_TO_JSON[cls](event, "e")) == list(as_json)  # key order: arcan's
     assert _FAST_FROM_JSON[cls](as_json, "e") == _from_json(as_json, plan, "e") == event
     message = _to_proto(event, plan)
-    assert _FAST_TO_PROTO[cls](event) == message
+    assert plan.proto_cls(**_FAST_TO_PROTO[cls](event)) == message
     for strict in (True, False):
         assert _FAST_FROM_PROTO[cls](message, "e", strict) == event
         assert _from_proto(message, plan, "e", strict) == event
@@ -76,3 +88,37 @@ def test_unknown_enum_values_in_a_message_are_refused_alike() -> None:
         assert fast[0] == "InvalidArgumentError"
         assert fast == outcome(_from_proto, message, plan, "e", True)
     assert _codec.event_to_json(event)["part_type"] == "model_output"
+
+
+def test_lines_become_the_same_messages_directly_as_through_records() -> None:
+    lines = [line for path in FIXTURES.rglob("*.jsonl") for line in path.read_bytes().split(b"\n")]
+    lines = [line for line in lines if line.strip()]
+    assert len(lines) > 2000
+    for line in lines:
+        direct = outcome(record_proto_from_line, line, 1)
+        assert direct == outcome(through_records, line, 1)
+        assert direct[0] == "ok"
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_bad_lines_are_refused_alike_directly_and_through_records(event: Any) -> None:
+    record = EventRecord(
+        id=str(uuid.uuid4()),
+        session_id="s",
+        sequence=3,
+        parent_id=None,
+        timestamp_ns=1_700_000_000_123_456_789,
+        event=event,
+    )
+    good = record_to_json(record)
+    variants: list[Any] = [
+        {**good, "event": {**good["event"], key: value}}
+        for key in good["event"]
+        for value in ODD_VALUES
+    ]
+    variants += [{**good, key: value} for key in good for value in [*ODD_VALUES, "2024-13-01"]]
+    variants += [{**good, "event": {"part_type": "nothing"}}, [], "x"]
+    for variant in variants:
+        line = json.dumps(variant).encode(errors="surrogatepass")
+        direct = outcome(record_proto_from_line, line, 3)
+        assert direct == outcome(through_records, line, 3)
