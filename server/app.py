@@ -53,6 +53,9 @@ READ_CHUNK = 256
 RECENT_RECORDS = 1024
 
 
+_Queued = tuple[PendingAppend, "asyncio.Future[list[EventRecord]]", asyncio.AbstractEventLoop]
+
+
 class _GroupWriter:
     """Stores appends on one thread, as many at a time as are waiting.
 
@@ -68,8 +71,7 @@ class _GroupWriter:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._cond = threading.Condition()
-        Item = tuple[PendingAppend, "asyncio.Future[list[EventRecord]]", asyncio.AbstractEventLoop]
-        self._queue: deque[Item] = deque()
+        self._queue: deque[_Queued] = deque()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="agentlog-writer", daemon=True)
         self._thread.start()
@@ -127,7 +129,8 @@ def _settle(settled: list[tuple[asyncio.Future[list[EventRecord]], Any]]) -> Non
 
 
 class ThreadedRepository:
-    """An AsyncSessionRepository that runs a blocking store on a thread pool.
+    """An AsyncSessionRepository over a blocking store: appends go to one writer
+    thread, in groups (see _GroupWriter); reads run on a thread pool.
 
     Subscriptions wait in the event loop, not on a thread: the store's
     listener wakes them (thread-safely) when their session grows, and they read

@@ -81,6 +81,8 @@ log = logging.getLogger("agentlog.server")
 SUFFIX = ".jsonl"
 # Sessions whose state (record offsets: 8 bytes a record) is kept in memory.
 MAX_CACHED_SESSIONS = 4096
+# ... and at most this many record offsets in all (128 MB), however long the sessions.
+MAX_CACHED_OFFSETS = 16_000_000
 # Records read per disk read when streaming a range.
 _READ_CHUNK = 256
 T = TypeVar("T")
@@ -172,7 +174,9 @@ class JsonlSessionRepository(_semantics.Store):
         # The states of the sessions used most recently; an evicted one is rebuilt
         # from its file when next needed, so memory stays bounded.
         self._states: OrderedDict[str, _Session] = OrderedDict()
+        self._held_offsets = 0  # in all those states
         self.max_cached_sessions = MAX_CACHED_SESSIONS
+        self.max_cached_offsets = MAX_CACHED_OFFSETS
 
     # --- writing ---
 
@@ -325,10 +329,14 @@ class JsonlSessionRepository(_semantics.Store):
                 for index, _, _ in group.appended:
                     outcomes[index] = error
                 return
-            for index, sid, records in group.appended:
-                written[sid].acknowledge(records)
-                outcomes[index] = (records, position)
-                position += len(records)
+            with self._guard:  # the states grow: count their offsets (see _evict)
+                for index, sid, records in group.appended:
+                    written[sid].acknowledge(records)
+                    outcomes[index] = (records, position)
+                    position += len(records)
+                    if self._states.get(sid) is written[sid].state:
+                        self._held_offsets += len(records)
+                self._evict()
         except BaseException:
             self._abandon(group)
             raise
@@ -694,20 +702,35 @@ class JsonlSessionRepository(_semantics.Store):
         if state is None or state.identity != identity:
             state = _load_state(path, identity)
             with self._guard:
+                replaced = self._states.pop(session_id, None)
+                if replaced is not None:
+                    self._held_offsets -= len(replaced.offsets)
                 self._states[session_id] = state
-                while len(self._states) > self.max_cached_sessions:
-                    # A thread using an evicted state still holds it; the next
-                    # use rebuilds it (under that session's lock).
-                    self._states.popitem(last=False)
+                self._held_offsets += len(state.offsets)
+                self._evict()
             self._index.catch_up(session_id, path)
             # Records the feed lacks: an append cut short by a crash, or lines
             # another writer (arcan) added to a session agentlog writes.
             self._feed_catch_up(session_id, state)
         return state
 
+    def _evict(self) -> None:
+        """Drop the least recently used states beyond the limits. Hold the guard.
+
+        A thread using an evicted state still holds it; the next use rebuilds
+        it (under that session's lock). The newest state always stays.
+        """
+        states = self._states
+        while len(states) > 1 and (
+            len(states) > self.max_cached_sessions or self._held_offsets > self.max_cached_offsets
+        ):
+            self._held_offsets -= len(states.popitem(last=False)[1].offsets)
+
     def _forget_state(self, session_id: str) -> None:
         with self._guard:
-            self._states.pop(session_id, None)
+            forgotten = self._states.pop(session_id, None)
+            if forgotten is not None:
+                self._held_offsets -= len(forgotten.offsets)
 
     def _sessions_in_order(self) -> list[str]:
         mtime = os.stat(self.root).st_mtime_ns

@@ -366,6 +366,18 @@ def test_session_states_are_evicted_and_rebuilt(data: Path) -> None:
         assert len(repo._states) == 3
 
 
+def test_session_states_are_evicted_by_their_size_too(data: Path) -> None:
+    with JsonlSessionRepository(data) as repo:
+        repo.max_cached_offsets = 25  # offsets: one a record, plus one
+        for n in range(3):
+            repo.append_batch(f"s{n}", [NewEvent(event=delta(f"s{n}", "x")) for _ in range(10)])
+        assert list(repo._states) == ["s1", "s2"]
+        repo.append_batch("big", [NewEvent(event=delta("big", "x")) for _ in range(30)])
+        assert list(repo._states) == ["big"]  # the newest stays, whatever its size
+        assert [r.sequence for r in repo.load_session("s0")][-1] == 10
+        assert list(repo._states) == ["s0"]
+
+
 def test_a_cold_head_reads_only_the_last_line(data: Path) -> None:
     with JsonlSessionRepository(data) as repo:
         for i in range(5):
