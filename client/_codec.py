@@ -37,6 +37,7 @@ from agentlog._records import (
     format_timestamp,
     new_record_ids,
     parse_timestamp,
+    utc_seconds,
 )
 from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
 from agentlog.errors import InvalidArgumentError
@@ -315,19 +316,17 @@ def record_from_json(obj: object, sequence: int) -> EventRecord:
     """
     record_id, session_id, parent_id, timestamp_ns = _record_fields(obj, sequence)
     assert isinstance(obj, dict)
-    return EventRecord(
-        id=record_id,
-        sequence=sequence,
-        session_id=session_id,
-        parent_id=parent_id,
-        timestamp_ns=timestamp_ns,
-        event=event_from_json(obj.get("event")),
-    )
+    event = event_from_json(obj.get("event"))
+    return make_record(record_id, session_id, sequence, parent_id, timestamp_ns, event)
 
 
-def record_proto_from_json(obj: object, sequence: int) -> pb.EventRecord:
-    """The EventRecord message for one parsed line, checked as record_from_json checks
-    it, without the Python objects in between (what a read sends)."""
+def record_message_fields(obj: object, sequence: int) -> dict[str, Any]:
+    """The fields of the EventRecord message for one parsed line, as the nested dict
+    the message's constructor takes, checked as record_from_json checks it.
+
+    What a read sends: a response built from these dicts is made in one call,
+    with no Python record or message objects in between.
+    """
     record_id, session_id, parent_id, timestamp_ns = _record_fields(obj, sequence)
     assert isinstance(obj, dict)
     event = obj.get("event")
@@ -338,14 +337,14 @@ def record_proto_from_json(obj: object, sequence: int) -> pb.EventRecord:
         raise AssertionError("unreachable")
     fields = _FAST_JSON_TO_PROTO[event_cls](event, f"event.{part_type}")
     seconds, nanos = divmod(timestamp_ns, _NS)
-    return pb.EventRecord(
-        id=record_id,
-        sequence=sequence,
-        session_id=session_id,
-        parent_id=parent_id,
-        timestamp={"seconds": seconds, "nanos": nanos},
-        event={part_type: fields},
-    )
+    return {
+        "id": record_id,
+        "sequence": sequence,
+        "session_id": session_id,
+        "parent_id": parent_id,
+        "timestamp": {"seconds": seconds, "nanos": nanos},
+        "event": {part_type: fields},
+    }
 
 
 def _record_fields(obj: object, sequence: int) -> tuple[str, str, str | None, int]:
@@ -381,13 +380,82 @@ def record_from_line(line: bytes, sequence: int) -> EventRecord:
     return record_from_json(obj, sequence)
 
 
-def record_proto_from_line(line: bytes, sequence: int) -> pb.EventRecord:
-    """The EventRecord message for one line of a session file; DecodeError if none."""
+def record_fields_from_line(line: bytes, sequence: int) -> dict[str, Any]:
+    """record_message_fields for one line of a session file; DecodeError if it holds none."""
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise DecodeError(f"not valid JSON: {exc}") from None
-    return record_proto_from_json(obj, sequence)
+    return record_message_fields(obj, sequence)
+
+
+def record_fields_from_lines(lines: Sequence[bytes], first_sequence: int) -> list[dict[str, Any]]:
+    """record_fields_from_line for consecutive lines, the first at `first_sequence`.
+
+    The same checks in one loop, with the common shape of a line tried first
+    (what long reads spend their time on); any other line takes the full path,
+    which words the error.
+    """
+    out: list[dict[str, Any]] = []
+    append = out.append
+    loads = orjson.loads
+    event_fields = _JSON_TO_PROTO_BY_PART
+    paths: dict[Any, str] = _EVENT_PATHS
+    seconds_of = utc_seconds
+    sequence = first_sequence
+    for line in lines:
+        try:
+            obj = loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"not valid JSON: {exc}") from None
+        if type(obj) is dict:
+            get = obj.get
+            record_id, session_id, parent_id = get("id"), get("session_id"), get("parent_id")
+            timestamp, event, stated = get("timestamp"), get("event"), get("sequence", sequence)
+            # chrono's nanosecond form, `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`
+            if (
+                type(record_id) is str
+                and type(session_id) is str
+                and (parent_id is None or type(parent_id) is str)
+                and type(timestamp) is str
+                and len(timestamp) == 30
+                and timestamp[19] == "."
+                and timestamp[29] == "Z"
+                and timestamp[10] == "T"
+                and type(stated) is int
+                and stated == sequence
+                and type(event) is dict
+            ):
+                part_type = event.get("part_type")
+                fields = event_fields.get(part_type) if type(part_type) is str else None
+                fraction = timestamp[20:29]
+                seconds = seconds_of(timestamp[:19])
+                if (
+                    fields is not None
+                    and seconds is not None
+                    and fraction.isascii()
+                    and fraction.isdigit()
+                ):
+                    append(
+                        {
+                            "id": record_id,
+                            "sequence": sequence,
+                            "session_id": session_id,
+                            "parent_id": parent_id,
+                            "timestamp": {"seconds": seconds, "nanos": int(fraction)},
+                            "event": {part_type: fields(event, paths[part_type])},
+                        }
+                    )
+                    sequence += 1
+                    continue
+        append(record_message_fields(obj, sequence))
+        sequence += 1
+    return out
+
+
+def record_proto_from_line(line: bytes, sequence: int) -> pb.EventRecord:
+    """The EventRecord message for one line of a session file; DecodeError if none."""
+    return pb.EventRecord(**record_fields_from_line(line, sequence))
 
 
 # --- Python objects <-> protobuf ---
@@ -521,19 +589,23 @@ def record_from_proto(message: pb.EventRecord, event: AgentEvent | None = None) 
     appended it. (The store holds exactly the event sent, and a retry is only
     accepted with the same content, so decoding it back would only cost time.)
     """
-    return EventRecord(
-        id=message.id,
-        sequence=message.sequence,
-        session_id=message.session_id,
-        parent_id=message.parent_id if message.HasField("parent_id") else None,
-        timestamp_ns=check_timestamp(
-            message.timestamp.seconds * _NS + message.timestamp.nanos, "record.timestamp"
-        ),
-        event=(
-            event_from_proto(message.event, "record.event", strict=False)
-            if event is None
-            else event
-        ),
+    timestamp = message.timestamp
+    timestamp_ns = check_timestamp(timestamp.seconds * _NS + timestamp.nanos, "record.timestamp")
+    if event is None:
+        wrapper = message.event
+        part_type = wrapper.WhichOneof("kind")
+        decode = _FROM_PROTO_BY_PART.get(part_type) if part_type is not None else None
+        if decode is None:
+            event = event_from_proto(wrapper, "record.event", strict=False)
+        else:
+            event = decode(getattr(wrapper, part_type), _RECORD_EVENT_PATHS[part_type], False)
+    return make_record(
+        message.id,
+        message.session_id,
+        message.sequence,
+        message.parent_id if message.HasField("parent_id") else None,
+        timestamp_ns,
+        event,
     )
 
 
@@ -745,6 +817,28 @@ def _as_dict(arguments: list[str]) -> str:
     return "{" + ", ".join(f"{name!r}: {value}" for name, value in pairs) + "}"
 
 
+def _maker_source(name: str, cls_name: str, fields: list[str], names: dict[str, Any]) -> str:
+    """A function `name(*values)` making an instance of the frozen, slotted
+    dataclass `names[cls_name]` from its `fields`' values, in that order.
+
+    For values already checked (decoding): it sets the slots directly, at
+    half the cost of the frozen __init__'s object.__setattr__ call per field.
+    The instance is the same: equal, hashable, immutable.
+    """
+    cls = names[cls_name]
+    assert set(getattr(cls, "__slots__", ())) >= set(fields)
+    assert {f.name for f in dataclasses.fields(cls)} == set(fields)
+    assert "__post_init__" not in vars(cls)
+    for j, field in enumerate(fields):
+        names[f"{name}_{j}"] = vars(cls)[field].__set__
+    args = [f"a{j}" for j in range(len(fields))]
+    return (
+        f"def {name}({', '.join(args)}):\n    r = _new({cls_name})\n"
+        + "".join(f"    {name}_{j}(r, a{j})\n" for j in range(len(fields)))
+        + "    return r\n"
+    )
+
+
 def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
     index = {cls: n for n, cls in enumerate(_PLANS)}
     names: dict[str, object] = {
@@ -757,6 +851,7 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
         "_loads": _json.loads,
         "_dumps": _json.dumps,
         "_encodable": _encodable,
+        "_new": object.__new__,
     }
     source: list[str] = []
     for cls, n in index.items():
@@ -905,7 +1000,7 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
             + gets
             + f"    if not ({' and '.join(from_json_checks) or 'True'}):\n"
             f"        return _from_json(obj, P{n}, path)\n"
-            f"    return C{n}({', '.join(from_json_args)})\n"
+            f"    return K{n}({', '.join(a.split('=', 1)[1] for a in from_json_args)})\n"
         )
         slow_proto = f"tp{n}(_from_json(obj, P{n}, path))"
         source.append(
@@ -921,13 +1016,14 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
         source.append(
             f"def fp{n}(m, path, strict):\n"
             + "".join(line + "\n" for line in from_proto_pre)
-            + f"    return C{n}({', '.join(from_proto_args)})\n"
+            + f"    return K{n}({', '.join(a.split('=', 1)[1] for a in from_proto_args)})\n"
         )
+        source.append(_maker_source(f"K{n}", f"C{n}", [f.name for f in plan.fields], names))
     code = "\n".join(source)
     exec(compile(code, "<agentlog codec, compiled from the proto descriptors>", "exec"), names)
     return {
         kind: {cls: cast(Callable[..., Any], names[f"{kind}{n}"]) for cls, n in index.items()}
-        for kind in ("tj", "fj", "tp", "fp", "jp")
+        for kind in ("tj", "fj", "tp", "fp", "jp", "K")
     }
 
 
@@ -937,3 +1033,21 @@ _FAST_FROM_JSON = _COMPILED["fj"]
 _FAST_TO_PROTO = _COMPILED["tp"]
 _FAST_FROM_PROTO = _COMPILED["fp"]
 _FAST_JSON_TO_PROTO = _COMPILED["jp"]
+_JSON_TO_PROTO_BY_PART = {part: _FAST_JSON_TO_PROTO[cls] for part, cls in EVENT_TYPES.items()}
+_FROM_PROTO_BY_PART = {part: _FAST_FROM_PROTO[cls] for part, cls in EVENT_TYPES.items()}
+_EVENT_PATHS = {part: f"event.{part}" for part in EVENT_TYPES}
+_RECORD_EVENT_PATHS = {part: f"record.event.{part}" for part in EVENT_TYPES}
+
+
+_RecordMaker = Callable[[str, str, int, str | None, int, AgentEvent], EventRecord]
+
+
+def _record_maker() -> _RecordMaker:
+    names: dict[str, Any] = {"_new": object.__new__, "EventRecord": EventRecord}
+    fields = ["id", "session_id", "sequence", "parent_id", "timestamp_ns", "event"]
+    exec(_maker_source("make_record", "EventRecord", fields, names), names)
+    return cast(_RecordMaker, names["make_record"])
+
+
+# make_record(id, session_id, sequence, parent_id, timestamp_ns, event), for checked values.
+make_record = _record_maker()

@@ -180,14 +180,14 @@ def parse_timestamp(text: str) -> int:
         else:
             fraction = "-"
         if fraction != "-":
-            seconds = _utc_seconds(text[:19])
+            seconds = utc_seconds(text[:19])
             if seconds is not None:
                 return seconds * _NS + int(fraction.ljust(9, "0"))
     return _parse_timestamp(text)
 
 
 @functools.lru_cache(maxsize=4096)
-def _utc_seconds(text: str) -> int | None:
+def utc_seconds(text: str) -> int | None:
     """Seconds since the epoch of `YYYY-MM-DDTHH:MM:SS` in UTC, or None if it is not that."""
     try:
         return _parse_timestamp(text + "Z") // _NS

@@ -32,7 +32,6 @@ from agentlog._records import (
 )
 from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
 from agentlog.errors import AlreadyExistsError, InvalidArgumentError, WrongExpectedSequence
-from agentlog.v1 import session_pb2 as pb
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +56,12 @@ class PendingAppend:
     batch: list[Prepared]
     expected: int | None
 
+
+# A stream message holds at most this many records, and no more than this many
+# bytes of them unless one record is larger, so messages stay far below any
+# size limit.
+MESSAGE_RECORDS = 256
+MESSAGE_BYTES = 1 << 20
 
 Outcome: TypeAlias = tuple[list[EventRecord], int | None] | Exception
 """What storing one PendingAppend came to: (records, feed position; None for a
@@ -437,20 +442,32 @@ class Store(ABC):
     ) -> Iterator[EventRecord]:
         """Stream a range of a session's records."""
 
-    def read_session_messages(
+    def read_session_chunks(
         self,
         session_id: str,
         *,
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
-    ) -> Iterator[pb.EventRecord]:
-        """read_session's records as the messages LoadSession sends (a backend that
-        keeps JSON can make them without building the Python records)."""
+    ) -> Iterator[list[Any]]:
+        """read_session's records as the EventRecord messages (or the dicts of their
+        fields) LoadSession sends, in runs of at most MESSAGE_RECORDS records and
+        (unless one record is larger) MESSAGE_BYTES. A backend that keeps JSON can
+        make them without building the Python records."""
         records = self.read_session(
             session_id, from_sequence=from_sequence, limit=limit, direction=direction
         )
-        return map(record_to_proto, records)
+        run: list[Any] = []
+        size = 0
+        for message in map(record_to_proto, records):
+            length = message.ByteSize()
+            if run and (len(run) == MESSAGE_RECORDS or size + length > MESSAGE_BYTES):
+                yield run
+                run, size = [], 0
+            run.append(message)
+            size += length
+        if run:
+            yield run
 
     def load_session(
         self,

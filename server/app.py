@@ -404,24 +404,24 @@ class ThreadedRepository:
         while chunk := await self._run(_take, records, READ_CHUNK):
             yield chunk
 
-    async def read_session_messages(
+    async def read_session_chunks(
         self,
         session_id: str,
         *,
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
-    ) -> AsyncIterator[list[session_pb2.EventRecord]]:
-        """A ranged read as runs of EventRecord messages (what LoadSession sends)."""
+    ) -> AsyncIterator[list[Any]]:
+        """A ranged read as the runs of messages LoadSession sends (Store.read_session_chunks)."""
         open_read = functools.partial(
-            self._repository.read_session_messages,
+            self._repository.read_session_chunks,
             session_id,
             from_sequence=from_sequence,
             limit=limit,
             direction=direction,
         )
-        messages: Iterator[session_pb2.EventRecord] = await self._run(open_read)
-        while chunk := await self._run(_take, messages, READ_CHUNK):
+        chunks: Iterator[list[Any]] = await self._run(open_read)
+        while chunk := await self._run(next, chunks, None):
             yield chunk
 
     async def load_session(

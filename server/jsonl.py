@@ -24,6 +24,7 @@ import bisect
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import re
@@ -42,10 +43,11 @@ import orjson
 from agentlog._codec import (
     DecodeError,
     event_to_json,
+    record_fields_from_line,
+    record_fields_from_lines,
     record_from_json,
     record_from_line,
     record_line,
-    record_proto_from_line,
 )
 from agentlog._events import ReadDirection
 from agentlog._records import (
@@ -73,8 +75,7 @@ from agentlog.errors import (
 from agentlog.server import _semantics
 from agentlog.server._durability import Syncer, SyncPolicy, fsync_path
 from agentlog.server._index import StoreIndex
-from agentlog.server._semantics import PendingAppend, Prepared
-from agentlog.v1 import session_pb2 as pb
+from agentlog.server._semantics import MESSAGE_BYTES, MESSAGE_RECORDS, PendingAppend, Prepared
 
 log = logging.getLogger("agentlog.server")
 
@@ -83,7 +84,7 @@ SUFFIX = ".jsonl"
 MAX_CACHED_SESSIONS = 4096
 # ... and at most this many record offsets in all (128 MB), however long the sessions.
 MAX_CACHED_OFFSETS = 16_000_000
-# Records read per disk read when streaming a range.
+# Feed entries read at a time.
 _READ_CHUNK = 256
 T = TypeVar("T")
 # Turns one line (file, bytes, sequence, byte offset) into a record or a message.
@@ -462,18 +463,20 @@ class JsonlSessionRepository(_semantics.Store):
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
     ) -> Iterator[EventRecord]:
-        return self._read(session_id, from_sequence, limit, direction, _decode)
+        chunks = self._read(session_id, from_sequence, limit, direction, _decode)
+        return itertools.chain.from_iterable(chunks)
 
-    def read_session_messages(
+    def read_session_chunks(
         self,
         session_id: str,
         *,
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
-    ) -> Iterator[pb.EventRecord]:
-        # Straight from each line's JSON to the message: no Python objects between.
-        return self._read(session_id, from_sequence, limit, direction, _decode_message)
+    ) -> Iterator[list[Any]]:
+        # Straight from each line's JSON to the message's fields, in chunks
+        # bounded by the lines' sizes: no Python records or messages between.
+        return self._read(session_id, from_sequence, limit, direction, _decode_fields)
 
     def _read(
         self,
@@ -482,7 +485,7 @@ class JsonlSessionRepository(_semantics.Store):
         limit: int | None,
         direction: ReadDirection,
         decode: _Decoder[T],
-    ) -> Iterator[T]:
+    ) -> Iterator[list[T]]:
         check_session_id(session_id)
         selected = _semantics.read_range(from_sequence, limit, direction)
         path = self._path(session_id)
@@ -493,7 +496,7 @@ class JsonlSessionRepository(_semantics.Store):
             # A snapshot: appends made while the caller iterates are not part of this read.
             sequences = selected.sequences(state.last_sequence)
             window = _window(state, sequences)
-        return self._stream(path, window, sequences, decode)
+        return self._stream_chunks(path, window, sequences, decode)
 
     def _stream(
         self,
@@ -502,6 +505,17 @@ class JsonlSessionRepository(_semantics.Store):
         sequences: range,
         decode: _Decoder[T],
     ) -> Iterator[T]:
+        return itertools.chain.from_iterable(self._stream_chunks(path, window, sequences, decode))
+
+    def _stream_chunks(
+        self,
+        path: Path,
+        window: _Offsets,
+        sequences: range,
+        decode: _Decoder[T],
+    ) -> Iterator[list[T]]:
+        """The records of `sequences`, in their order, in lists of at most
+        MESSAGE_RECORDS records and (unless one record is larger) MESSAGE_BYTES of lines."""
         if not sequences:
             return
         try:
@@ -510,13 +524,26 @@ class JsonlSessionRepository(_semantics.Store):
             raise _storage_error(exc, path) from None
         with file:
             step = sequences.step
-            for start in range(0, len(sequences), _READ_CHUNK):
-                chunk = sequences[start : start + _READ_CHUNK]
+            for start in range(0, len(sequences), MESSAGE_RECORDS):
+                chunk = sequences[start : start + MESSAGE_RECORDS]
                 low, high = min(chunk[0], chunk[-1]), max(chunk[0], chunk[-1])
                 file.seek(window.start(low))
                 data = file.read(window.end(high) - window.start(low))
-                records = _parse_span(path, data, low, high, window, decode=decode)
-                yield from (records if step > 0 else reversed(records))
+                if len(data) <= MESSAGE_BYTES:
+                    records = _parse_span(path, data, low, high, window, decode=decode)
+                    yield records if step > 0 else records[::-1]
+                    continue
+                base, size = window.start(low), 0
+                run: list[T] = []
+                for sequence in chunk:
+                    begin, end = window.start(sequence) - base, window.end(sequence) - base
+                    if run and size + end - begin > MESSAGE_BYTES:
+                        yield run
+                        run, size = [], 0
+                    run.append(decode(path, data[begin:end], sequence, begin + base))
+                    size += end - begin
+                if run:
+                    yield run
 
     def head(self, session_id: str) -> EventRecord | None:
         check_session_id(session_id)
@@ -930,6 +957,14 @@ def _parse_span(
     path: Path, data: bytes, first: int, last: int, window: _Offsets, *, decode: _Decoder[T]
 ) -> list[T]:
     """The records `first` to `last` from `data`, the file's bytes from record `first` on."""
+    if decode is _decode_fields:
+        lines = data.split(b"\n")
+        if len(lines) == last - first + 2:  # no blank lines between: one line a record
+            try:
+                del lines[-1]
+                return record_fields_from_lines(lines, first)  # type: ignore[return-value]
+            except DecodeError:
+                pass  # the line by line path says where
     base = window.start(first)
     return [
         decode(path, data[window.start(s) - base : window.end(s) - base], s, window.start(s))
@@ -1252,8 +1287,8 @@ def _decode(path: Path, line: bytes, sequence: int, offset: int) -> EventRecord:
     return _decoded(path, line, sequence, offset, record_from_line)
 
 
-def _decode_message(path: Path, line: bytes, sequence: int, offset: int) -> pb.EventRecord:
-    return _decoded(path, line, sequence, offset, record_proto_from_line)
+def _decode_fields(path: Path, line: bytes, sequence: int, offset: int) -> dict[str, Any]:
+    return _decoded(path, line, sequence, offset, record_fields_from_line)
 
 
 def _decoded(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -20,6 +20,7 @@ from agentlog._records import CaughtUp, EventRecord
 from agentlog._status import to_grpc_status
 from agentlog._validation import check_record_id, check_session_id
 from agentlog.errors import AgentlogError, ServerError
+from agentlog.server._semantics import MESSAGE_BYTES, MESSAGE_RECORDS
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
 
@@ -28,10 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agentlog.server")
 
-# A stream message holds at most this many records, and stops growing once its
-# records pass CHUNK_BYTES, so messages stay far below any size limit.
-CHUNK_RECORDS = 256
-CHUNK_BYTES = 1 << 20
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,23 +83,11 @@ async def chunk_records(records: AsyncIterator[EventRecord]) -> AsyncIterator[li
         message = _codec.record_to_proto(record)
         chunk.append(message)
         size += message.ByteSize()
-        if len(chunk) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
+        if len(chunk) >= MESSAGE_RECORDS or size >= MESSAGE_BYTES:
             yield chunk
             chunk, size = [], 0
     if chunk:
         yield chunk
-
-
-def split_by_size(messages: list[pb.EventRecord]) -> Iterator[list[pb.EventRecord]]:
-    """Split a run of at most CHUNK_RECORDS messages where it passes CHUNK_BYTES."""
-    start, size = 0, 0
-    for index, message in enumerate(messages):
-        size += message.ByteSize()
-        if size >= CHUNK_BYTES:
-            yield messages[start : index + 1]
-            start, size = index + 1, 0
-    if start < len(messages):
-        yield messages[start:] if start else messages
 
 
 async def _each(records: list[EventRecord]) -> AsyncIterator[EventRecord]:
@@ -145,12 +130,11 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         self, request: pb.LoadSessionRequest, context: Any
     ) -> AsyncIterator[pb.LoadSessionResponse]:
         session_id, from_sequence, limit, direction = _codec.read_from_proto(request)
-        runs = self._repository.read_session_messages(
+        chunks = self._repository.read_session_chunks(
             session_id, from_sequence=from_sequence, limit=limit, direction=direction
         )
-        async for run in runs:
-            for chunk in split_by_size(run):
-                yield pb.LoadSessionResponse(records=chunk)
+        async for chunk in chunks:
+            yield pb.LoadSessionResponse(records=chunk)
 
     @_translate_errors
     async def LoadChildren(

@@ -21,6 +21,8 @@ from agentlog._codec import (
     _from_proto,
     _to_json,
     _to_proto,
+    record_fields_from_line,
+    record_fields_from_lines,
     record_from_line,
     record_proto_from_line,
     record_to_json,
@@ -98,6 +100,46 @@ def test_lines_become_the_same_messages_directly_as_through_records() -> None:
         direct = outcome(record_proto_from_line, line, 1)
         assert direct == outcome(through_records, line, 1)
         assert direct[0] == "ok"
+
+
+def test_runs_of_lines_become_what_each_line_becomes() -> None:
+    for path in FIXTURES.rglob("*.jsonl"):
+        lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
+        lines = [line for line in lines if b'"sequence"' not in line]  # sequence: position
+        each = [record_fields_from_line(line, n) for n, line in enumerate(lines, 7)]
+        assert record_fields_from_lines(lines, 7) == each
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        "2026-11-25T01:33:38.853460046Z",  # the common form: the fast path
+        "2026-11-25T01:33:38.853460Z",
+        "2026-11-25T01:33:38Z",
+        "2026-11-25T03:33:38.853460046+02:00",
+        "2026-11-25T01:33:38.85346004\u0666Z",  # a non-ASCII digit: refused
+        "2026-13-25T01:33:38.853460046Z",
+        "2026-11-25T01:33:38.853460046z",
+        "2026-11-25 01:33:38.853460046Z",
+    ],
+)
+def test_runs_of_lines_refuse_and_accept_what_each_line_does(timestamp: str) -> None:
+    record = EventRecord(
+        id=str(uuid.uuid4()),
+        session_id="s",
+        sequence=3,
+        parent_id=None,
+        timestamp_ns=1_700_000_000_123_456_789,
+        event=EVENTS[0],
+    )
+    good = record_to_json(record)
+    variants = [{**good, "timestamp": timestamp}, {**good, "sequence": 4}, {**good, "id": 5}]
+    variants += [{**good, "event": {**good["event"], "part_type": "nothing"}}]
+    for variant in variants:
+        line = json.dumps(variant).encode()
+        one = outcome(record_fields_from_line, line, 3)
+        run = outcome(record_fields_from_lines, [line], 3)
+        assert run == (one[0], [one[1]] if one[0] == "ok" else one[1])
 
 
 @pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
