@@ -147,9 +147,7 @@ def format_timestamp(timestamp_ns: int) -> str:
     The fraction has 0, 3, 6 or 9 digits: the fewest that hold the value.
     """
     seconds, nanos = divmod(timestamp_ns, _NS)
-    t = _EPOCH + timedelta(seconds=seconds)
-    # Not strftime: its %Y does not pad years before 1000 to four digits.
-    text = f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
+    text = _utc_text(seconds)
     if nanos == 0:
         return text + "Z"
     if nanos % 1_000_000 == 0:
@@ -157,6 +155,14 @@ def format_timestamp(timestamp_ns: int) -> str:
     if nanos % 1000 == 0:
         return f"{text}.{nanos // 1000:06d}Z"
     return f"{text}.{nanos:09d}Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _utc_text(seconds: int) -> str:
+    """`YYYY-MM-DDTHH:MM:SS` of a second since the epoch (appends share few seconds)."""
+    t = _EPOCH + timedelta(seconds=seconds)
+    # Not strftime: its %Y does not pad years before 1000 to four digits.
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
 
 
 _RFC3339 = re.compile(

@@ -1,20 +1,29 @@
-"""When written bytes reach the disk: the sync policies and group commit.
+"""When written bytes reach the disk: the sync policies, and how a sync is done.
 
-- `always`: an append returns only after its bytes are on disk. Appends that
-  wait at the same time share fsyncs (group commit): one of them, the leader,
-  syncs every file written since the last round while the others wait for it.
-- `interval`: appends return at once; a background thread syncs what was
-  written every `interval_ms`. A power loss or kernel crash can lose up to that
-  long of acknowledged appends; a crash of the agentlog process loses nothing.
+- `always`: an append is acknowledged only once its bytes are on disk. Appends
+  that arrive while a sync runs are synced together by the next one (group
+  commit), so one sync covers many appends.
+- `interval`: appends are acknowledged once written; a background thread syncs
+  every `interval_ms`. A power loss or kernel crash can lose up to that long of
+  acknowledged appends; a crash of the agentlog process loses nothing.
 - `never`: the operating system decides (typically within 30 s); a power loss
   can lose any acknowledged append not yet flushed.
+
+A sync is one syncfs(2) of the data directory's file system on Linux 5.8 and
+later (it writes back every file written, in one journal commit, and reports
+any write-back error since the last call), else fsync(2) of each file written
+(in parallel: files synced together share the file system's journal commits).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
-import threading
+import platform
+import sys
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from pathlib import Path
@@ -30,17 +39,7 @@ class SyncPolicy(StrEnum):
     NEVER = "never"
 
 
-SYNC_THREADS = 8
-
-
-def _sync(path: Path) -> OSError | None:
-    try:
-        fsync_path(path)
-    except FileNotFoundError:
-        pass  # removed since (an operator's repair): nothing left to sync
-    except OSError as exc:
-        return exc
-    return None
+_FSYNC_THREADS = 8
 
 
 def fsync_path(path: Path) -> None:
@@ -53,92 +52,69 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _libc_syncfs() -> ctypes._NamedFuncPointer | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        release = tuple(int(part) for part in platform.release().split(".")[:2])
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (ValueError, AttributeError, OSError):
+        return None
+    # Before 5.8, syncfs(2) did not report write-back errors: a failed sync
+    # would pass for a good one.
+    return function if release >= (5, 8) else None
+
+
+_SYNCFS = _libc_syncfs()
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2) (ctypes releases the GIL around the call)."""
+    assert _SYNCFS is not None
+    if _SYNCFS(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 class Syncer:
-    """Makes written files durable according to a SyncPolicy."""
+    """Makes what was written under a data directory durable, in one call."""
 
-    def __init__(self, policy: SyncPolicy, interval_ms: int = 100) -> None:
-        self.policy = SyncPolicy(policy)
-        self._cond = threading.Condition()
-        self._dirty: set[Path] = set()
-        self._requested = 0  # tickets handed out
-        self._synced = 0  # every ticket up to this one is durable
-        self._failed: tuple[int, int, OSError] | None = None  # tickets (after, upto] failed
-        self._leading = False
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._syncers: ThreadPoolExecutor | None = None
-        if self.policy is SyncPolicy.INTERVAL:
-            self._interval = interval_ms / 1000
-            self._thread = threading.Thread(
-                target=self._flush_periodically, name="agentlog-sync", daemon=True
-            )
-            self._thread.start()
+    def __init__(self, root: Path, *, use_syncfs: bool | None = None) -> None:
+        self.root = root
+        if use_syncfs is None:
+            use_syncfs = _SYNCFS is not None
+        self.method = "syncfs" if use_syncfs else "fsync"
+        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._device = os.fstat(self._root_fd).st_dev
+        self._pool: ThreadPoolExecutor | None = None
 
-    def sync(self, *paths: Path) -> None:
-        """Return once `paths` are as durable as the policy promises; OSError if not."""
-        if self.policy is SyncPolicy.NEVER:
+    def on_this_device(self, fd: int) -> bool:
+        """Whether a file (a session file may be a link elsewhere) is on the data
+        directory's file system, where syncfs reaches it."""
+        return os.fstat(fd).st_dev == self._device
+
+    def sync(self, paths: Collection[Path], *, elsewhere: Collection[Path] = ()) -> None:
+        """Make `paths` (files and directories written under the root; `elsewhere`:
+        those on another file system) durable; OSError if the disk refused."""
+        if self.method == "syncfs":
+            _syncfs(self._root_fd)
+            paths = elsewhere
+        if len(paths) <= 1:
+            for path in paths:
+                _fsync_existing(path)
             return
-        with self._cond:
-            self._dirty.update(paths)
-            self._requested += 1
-            ticket = self._requested
-            if self.policy is SyncPolicy.INTERVAL:
-                return
-            while self._synced < ticket:
-                failed = self._failed
-                if failed is not None and failed[0] < ticket <= failed[1]:
-                    raise failed[2]
-                if self._leading:
-                    self._cond.wait()
-                    continue
-                self._lead()
-            failed = self._failed
-            if failed is not None and failed[0] < ticket <= failed[1]:
-                raise failed[2]
-
-    def _lead(self) -> None:
-        """Sync everything dirty for every waiter; called and returns holding the condition."""
-        self._leading = True
-        batch, upto, after = self._dirty, self._requested, self._synced
-        self._dirty = set()
-        self._cond.release()
-        error: OSError | None = None
-        try:
-            # Files synced at the same time share the file system's journal
-            # commits: many files sync in far less time together than in turn.
-            syncs = self._pool().map(_sync, batch) if len(batch) > 1 else map(_sync, batch)
-            error = next((e for e in syncs if e is not None), None)
-        finally:
-            self._cond.acquire()
-            self._leading = False
-            if error is not None:
-                self._failed = (after, upto, error)
-            self._synced = max(self._synced, upto)
-            self._cond.notify_all()
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._syncers is None:
-            self._syncers = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="agentlog-fsync")
-        return self._syncers
-
-    def _flush_periodically(self) -> None:
-        while not self._stopped.wait(self._interval):
-            self.flush()
-
-    def flush(self) -> None:
-        """Sync everything written so far, whatever the policy (at shutdown)."""
-        with self._cond:
-            batch, self._dirty = self._dirty, set()
-        for path in batch:
-            try:
-                fsync_path(path)
-            except OSError as exc:
-                log.error("could not sync %s: %s", path, exc)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="agentlog-fsync")
+        for _ in self._pool.map(_fsync_existing, paths):
+            pass
 
     def close(self) -> None:
-        self._stopped.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.flush()
-        if self._syncers is not None:
-            self._syncers.shutdown()
+        if self._pool is not None:
+            self._pool.shutdown()
+        os.close(self._root_fd)
+
+
+def _fsync_existing(path: Path) -> None:
+    # A file removed since (an operator's repair) has nothing left to sync.
+    with contextlib.suppress(FileNotFoundError):
+        fsync_path(path)

@@ -1,140 +1,331 @@
-"""The JSONL store's indexes on disk: record ids and parent ids -> (session, sequence).
+"""The JSONL store's index on disk: where each record id, each parent's children
+and every MARK_EVERY-th record of a session are, by session, sequence and byte offset.
 
 It lives in `<root>/.agentlog.index` (SQLite, the standard library's), so its
 memory stays bounded whatever the store's size. It is derived data: for each
-session file it records how many bytes and records it has indexed, in the
-same transaction as the rows, so it can always be brought up to date from the
-files (new bytes are indexed; a file that shrank or vanished is re-indexed or
-dropped) and deleting it only costs a rebuild.
+session file it records which file (inode) it indexed and how many bytes and
+records, in the same transaction as the rows, so it can always be brought up to
+date from the files (new bytes are indexed; a file that shrank, was replaced or
+vanished is indexed anew or dropped) and deleting it only costs a rebuild.
+
+Ids and parent ids are keyed by a 63-bit hash (integer keys keep the B-trees
+small and their inserts cheap); the store confirms a match by reading the
+record, so a collision costs a read, never a wrong answer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 import sqlite3
 import threading
-import time
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
-INDEX_FILE = ".agentlog.index"
+log = logging.getLogger("agentlog.server")
 
+INDEX_FILE = ".agentlog.index"
+# A session's every MARK_EVERY-th record (1, 1 + MARK_EVERY, ...) has its byte
+# offset indexed, so a read from any sequence seeks, then skips fewer records.
+MARK_EVERY = 64
+# How long acknowledged rows may wait in memory before they are written.
+FLUSH_SECONDS = 0.2
+_SCHEMA_VERSION = 2
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS files (
-    session_id TEXT PRIMARY KEY,
+    session INTEGER PRIMARY KEY,
+    session_id TEXT NOT NULL UNIQUE,
+    inode INTEGER NOT NULL,
     indexed_bytes INTEGER NOT NULL,
-    indexed_records INTEGER NOT NULL
+    indexed_records INTEGER NOT NULL,
+    last_offset INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS children (
-    parent_id TEXT NOT NULL,
-    session_id TEXT NOT NULL,
-    sequence INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS children_by_parent ON children (parent_id, session_id, sequence);
 CREATE TABLE IF NOT EXISTS ids (
-    session_id TEXT NOT NULL,
-    id TEXT NOT NULL,
+    key INTEGER NOT NULL,
+    session INTEGER NOT NULL,
     sequence INTEGER NOT NULL,
-    PRIMARY KEY (session_id, id)
+    offset INTEGER NOT NULL,
+    PRIMARY KEY (key, session, sequence)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS ids_by_id ON ids (id);
+CREATE TABLE IF NOT EXISTS children (
+    key INTEGER NOT NULL,
+    session INTEGER NOT NULL,
+    sequence INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    PRIMARY KEY (key, session, sequence)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS marks (
+    session INTEGER NOT NULL,
+    sequence INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    PRIMARY KEY (session, sequence)
+) WITHOUT ROWID;
 """
 _BLOCK = 4 << 20
-# How long appended rows may wait in memory before they are written.
-FLUSH_SECONDS = 0.2
+# A row of an append: (id, parent_id, sequence, byte offset of its line).
+Row = tuple[str, str | None, int, int]
+
+
+def key_of(record_id: str) -> int:
+    """The index key of a record or parent id: 63 bits of its BLAKE2b hash."""
+    return int.from_bytes(hashlib.blake2b(record_id.encode(), digest_size=8).digest()) >> 1
+
+
+@dataclass(slots=True)
+class IndexedFile:
+    """What the index holds of one session file."""
+
+    session: int  # the session's number in the index's tables
+    inode: int
+    size: int  # bytes indexed: every whole record line up to here
+    records: int
+    last_offset: int  # where the last indexed record starts
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """Where a record is: found by its id's or its parent's key (confirm before use)."""
+
+    session_id: str
+    sequence: int
+    offset: int
 
 
 class StoreIndex:
-    """Where each record id and each record's children are, kept in step with the files."""
+    """Where records are, kept in step with the files.
+
+    Rows of acknowledged appends wait in memory, where every query sees them,
+    and a background thread writes them in one transaction every
+    FLUSH_SECONDS; queries use a second connection, so they never wait for a
+    write (SQLite's WAL mode).
+    """
 
     def __init__(self, root: Path) -> None:
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(root / INDEX_FILE, check_same_thread=False)
-        # Derived data: speed over durability; it is checked against the files at open.
-        self._db.executescript(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF; PRAGMA cache_size=-8192;" + _SCHEMA
+        path = root / INDEX_FILE
+        self._write_lock = threading.Lock()
+        self._db = self._connect(path)
+        if self._db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+            # Derived data in an older layout: start over, it is rebuilt from the files.
+            self._db.close()
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            self._db = self._connect(path)
+            with self._db:
+                self._db.executescript(_SCHEMA)
+                self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        self._read_lock = threading.Lock()
+        self._reader = self._connect(path)
+        self._lock = threading.Lock()  # guards what follows
+        self._files: dict[str, IndexedFile] = {}
+        self._names: dict[int, str] = {}
+        for session, session_id, inode, size, records, last in self._db.execute(
+            "SELECT session, session_id, inode, indexed_bytes, indexed_records, last_offset "
+            "FROM files"
+        ):
+            self._files[session_id] = IndexedFile(session, inode, size, records, last)
+            self._names[session] = session_id
+        # Session numbers are never reused: rows of a dropped file keep theirs.
+        stored = self._db.execute("SELECT value FROM meta WHERE name = 'next_session'").fetchone()
+        self._next_session = max(max(self._names, default=0) + 1, stored[0] if stored else 1)
+        # Acknowledged rows not yet written: by session id, and by id / parent id.
+        self._pending: dict[str, list[Row]] = {}
+        self._pending_ids: dict[str, list[Located]] = {}
+        self._pending_children: dict[str, list[Located]] = {}
+        self._dirty: set[str] = set()  # files entries changed since the last flush
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(
+            target=self._flush_periodically, name="agentlog-index", daemon=True
         )
-        self._pending: list[tuple[str, list[tuple[str, str | None, int]], int, int]] = []
-        self._pending_ids: dict[str, list[tuple[str, int]]] = {}
-        self._flushed_at = time.monotonic()
+        self._flusher.start()
 
-    def record(
-        self, appended: Iterable[tuple[str, list[tuple[str, str | None, int]], int, int]]
-    ) -> None:
-        """Add appends' rows: for each session, its new `(id, parent_id, sequence)` rows,
-        and the file's new size and record count.
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # Derived data: WAL with synchronous=NORMAL never corrupts, and a crash
+        # only loses rows the files still hold (re-indexed at the next open).
+        db.executescript(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-32768;"
+        )
+        return db
 
-        Rows wait in memory (where `holders` finds them) and are written in one
-        transaction every FLUSH_SECONDS, or before any other read: a commit per
-        append would cost more than the append. A crash loses only rows the
-        files still hold, and the next open indexes those again.
-        """
+    # --- what the index holds of files ---
+
+    def indexed(self, session_id: str) -> IndexedFile | None:
         with self._lock:
-            for session_id, rows, size, count in appended:
-                self._pending.append((session_id, rows, size, count))
-                for record_id, _, sequence in rows:
-                    self._pending_ids.setdefault(record_id, []).append((session_id, sequence))
-            if time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
-                self._flush()
+            found = self._files.get(session_id)
+            return None if found is None else IndexedFile(*_fields(found))
+
+    def session_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._files)
+
+    # --- acknowledged appends ---
+
+    def record(self, session_id: str, rows: list[Row], inode: int, size: int, last: int) -> None:
+        """Add an acknowledged append's rows; the file now has `size` bytes, its last
+        record (sequence `rows[-1][2]`) starting at byte `last`."""
+        with self._lock:
+            entry = self._files.get(session_id)
+            if entry is None or entry.inode != inode:
+                entry = self._new_entry(session_id, inode)
+            self._pending.setdefault(session_id, []).extend(rows)
+            ids, children = self._pending_ids, self._pending_children
+            for record_id, parent_id, sequence, offset in rows:
+                where = Located(session_id, sequence, offset)
+                ids.setdefault(record_id, []).append(where)
+                if parent_id is not None:
+                    children.setdefault(parent_id, []).append(where)
+            entry.size, entry.records, entry.last_offset = size, rows[-1][2], last
+            self._dirty.add(session_id)
+
+    def _new_entry(self, session_id: str, inode: int) -> IndexedFile:
+        """A fresh numbering for a session (hold the lock): rows of an earlier file
+        of the same name keep their old number, which no longer names a file."""
+        old = self._files.get(session_id)
+        if old is not None:
+            self._names.pop(old.session, None)
+        entry = IndexedFile(self._next_session, inode, 0, 0, 0)
+        self._next_session += 1
+        self._files[session_id] = entry
+        self._names[entry.session] = session_id
+        self._drop_pending(session_id)
+        self._dirty.add(session_id)
+        return entry
+
+    def _drop_pending(self, session_id: str) -> None:
+        self._unpend(session_id, self._pending.pop(session_id, []))
+
+    def _unpend(self, session_id: str, rows: list[Row]) -> None:
+        """Take rows out of the in-memory lookups (hold the lock)."""
+        tables = (self._pending_ids, self._pending_children)
+        for record_id, parent_id, sequence, _ in rows:
+            for name, table in zip((record_id, parent_id), tables, strict=True):
+                found = table.get(name) if name is not None else None
+                if found is None:
+                    continue
+                found[:] = [
+                    x for x in found if x.sequence != sequence or x.session_id != session_id
+                ]
+                if not found:
+                    del table[name]  # type: ignore[arg-type]
+
+    def _flush_periodically(self) -> None:
+        while not self._stop.wait(FLUSH_SECONDS):
+            try:
+                self.flush()
+            except sqlite3.Error:
+                log.exception("writing the index failed; it is rebuilt from the files if needed")
 
     def flush(self) -> None:
         """Write the rows waiting in memory."""
-        with self._lock:
+        with self._write_lock:
             self._flush()
 
     def _flush(self) -> None:
-        self._flushed_at = time.monotonic()
-        if not self._pending:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            dirty, self._dirty = self._dirty, set()
+            entries = {s: IndexedFile(*_fields(self._files[s])) for s in dirty if s in self._files}
+            gone = [s for s in dirty if s not in self._files]
+            next_session = self._next_session
+        if not entries and not gone:
             return
-        with self._db:
-            for session_id, rows, size, count in self._pending:
-                self._insert(session_id, rows)
-                self._set(session_id, size, count)
-        self._pending.clear()
-        self._pending_ids.clear()
+        with _transaction(self._db) as db:
+            for session_id, rows in pending.items():
+                entry = entries.get(session_id)
+                if entry is not None:
+                    self._insert(entry.session, rows)
+            for session_id, entry in entries.items():
+                self._set(session_id, entry)
+            for session_id in gone:
+                db.execute("DELETE FROM files WHERE session_id = ?", (session_id,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('next_session', ?)", (next_session,))
+        with self._lock:
+            # Written: queries find them on disk now (they look in memory first).
+            for session_id, rows in pending.items():
+                self._unpend(session_id, rows)
 
-    def _set(self, session_id: str, size: int, count: int) -> None:
-        self._db.execute(
-            "INSERT INTO files VALUES (?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET "
-            "indexed_bytes = excluded.indexed_bytes, indexed_records = excluded.indexed_records",
-            (session_id, size, count),
+    def _insert(self, session: int, rows: Iterable[Row]) -> None:
+        rows = list(rows)
+        db = self._db
+        db.executemany(
+            "INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?)",
+            [(key_of(record_id), session, seq, offset) for record_id, _, seq, offset in rows],
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO children VALUES (?, ?, ?, ?)",
+            [
+                (key_of(parent), session, seq, offset)
+                for _, parent, seq, offset in rows
+                if parent is not None
+            ],
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO marks VALUES (?, ?, ?)",
+            [(session, seq, offset) for _, _, seq, offset in rows if seq % MARK_EVERY == 1],
         )
 
-    def catch_up(self, session_id: str, path: Path) -> None:
-        """Index what the file holds beyond what was indexed (all of it if it shrank)."""
-        with self._lock:
-            self._flush()
-            row = self._db.execute(
-                "SELECT indexed_bytes, indexed_records FROM files WHERE session_id = ?",
-                (session_id,),
-            ).fetchone()
-            start, count = row if row else (0, 0)
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                size = -1
-            if size == start:
-                return
-            with self._db:
-                if size < start:  # rewritten or removed: start over
-                    self._drop(session_id)
-                    start, count = 0, 0
-                    if size < 0:
-                        return
-                end, count = self._index_file(session_id, path, start, count)
-                self._set(session_id, end, count)
+    def _set(self, session_id: str, entry: IndexedFile) -> None:
+        self._db.execute(
+            "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET "
+            "session = excluded.session, inode = excluded.inode, "
+            "indexed_bytes = excluded.indexed_bytes, indexed_records = excluded.indexed_records, "
+            "last_offset = excluded.last_offset",
+            (entry.session, session_id, entry.inode, entry.size, entry.records, entry.last_offset),
+        )
 
-    def _index_file(self, session_id: str, path: Path, start: int, count: int) -> tuple[int, int]:
-        """Index complete lines from byte `start`; stops at a line that does not parse."""
-        position = start
+    # --- files indexed from their bytes ---
+
+    def catch_up(self, session_id: str, path: Path) -> IndexedFile | None:
+        """Index what the file holds beyond what was indexed (all of it if it shrank or
+        was replaced); drop the session if the file is gone. Returns what is indexed:
+        whole record lines up to the first that does not parse (reads report it)."""
+        with self._write_lock:
+            # First what waits in memory: a file's entry is never written ahead of its rows.
+            self._flush()
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                self.forget(session_id)
+                return None
+            with self._lock:
+                entry = self._files.get(session_id)
+                if entry is None or entry.inode != stat.st_ino or stat.st_size < entry.size:
+                    entry = self._new_entry(session_id, stat.st_ino)
+                current = IndexedFile(*_fields(entry))
+            if stat.st_size == current.size:
+                return current
+            with _transaction(self._db):
+                self._index_file(path, current)
+                self._set(session_id, current)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('next_session', ?)", (self._next_session,)
+                )
+            with self._lock:
+                if session_id in self._files:
+                    self._files[session_id] = IndexedFile(*_fields(current))
+            return current
+
+    def _index_file(self, path: Path, entry: IndexedFile) -> None:
+        """Index complete lines from `entry.size` on, updating `entry`; stops at a line
+        that does not parse."""
+        position, count = entry.size, entry.records
         with path.open("rb") as file:
-            file.seek(start)
+            file.seek(position)
             carry = b""
             while block := file.read(_BLOCK):
                 data = carry + block
                 cut = data.rfind(b"\n") + 1
-                rows: list[tuple[str, str | None, int]] = []
+                rows: list[Row] = []
                 for line in data[:cut].split(b"\n")[:-1]:
                     if line.strip():
                         try:
@@ -143,82 +334,121 @@ class StoreIndex:
                             if not isinstance(record_id, str):
                                 raise TypeError
                         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-                            self._insert(session_id, rows)
-                            return position, count
+                            self._insert(entry.session, rows)
+                            return
                         count += 1
-                        rows.append((record_id, parent if isinstance(parent, str) else None, count))
+                        parent = parent if isinstance(parent, str) else None
+                        rows.append((record_id, parent, count, position))
+                        entry.records, entry.last_offset = count, position
                     position += len(line) + 1
-                self._insert(session_id, rows)
+                    entry.size = position
+                self._insert(entry.session, rows)
                 carry = data[cut:]
-        return position, count
 
-    def _insert(self, session_id: str, rows: Iterable[tuple[str, str | None, int]]) -> None:
-        rows = list(rows)
-        self._db.executemany(
-            "INSERT OR REPLACE INTO ids VALUES (?, ?, ?)",
-            ((session_id, record_id, sequence) for record_id, _, sequence in rows),
-        )
-        self._db.executemany(
-            "INSERT INTO children VALUES (?, ?, ?)",
-            ((parent, session_id, sequence) for _, parent, sequence in rows if parent is not None),
-        )
-
-    def _drop(self, session_id: str) -> None:
-        for table in ("children", "ids", "files"):
-            self._db.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
+    def forget(self, session_id: str) -> None:
+        """Drop what is indexed of a session whose file is gone."""
+        with self._lock:
+            entry = self._files.pop(session_id, None)
+            if entry is not None:
+                self._names.pop(entry.session, None)
+                self._drop_pending(session_id)
+                self._dirty.add(session_id)
 
     def forget_missing(self, present: set[str]) -> None:
         """Drop what is indexed for session files that no longer exist."""
-        with self._lock:
-            self._flush()
-            with self._db:
-                gone = [
-                    session_id
-                    for (session_id,) in self._db.execute("SELECT session_id FROM files")
-                    if session_id not in present
-                ]
-                for session_id in gone:
-                    self._drop(session_id)
+        for session_id in self.session_ids():
+            if session_id not in present:
+                self.forget(session_id)
 
-    def holders(self, record_ids: list[str]) -> list[tuple[str, str, int]]:
-        """(id, session_id, sequence) of every stored record with one of `record_ids`."""
-        found: list[tuple[str, str, int]] = []
+    # --- queries ---
+
+    def holders(self, record_ids: list[str]) -> dict[str, list[Located]]:
+        """Where records with these ids may be: candidates to confirm by reading."""
+        found: dict[str, list[Located]] = {}
         with self._lock:
-            for start in range(0, len(record_ids), 500):
-                chunk = record_ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                found.extend(
-                    self._db.execute(
-                        f"SELECT id, session_id, sequence FROM ids WHERE id IN ({marks})",
-                        chunk,
-                    )
-                )
             for record_id in record_ids:
-                for session_id, sequence in self._pending_ids.get(record_id, ()):
-                    found.append((record_id, session_id, sequence))
+                pending = self._pending_ids.get(record_id)
+                if pending:
+                    found.setdefault(record_id, []).extend(pending)
+        keys = {key_of(record_id): record_id for record_id in record_ids}
+        for key, session, sequence, offset in self._query(
+            "SELECT key, session, sequence, offset FROM ids WHERE key IN ", list(keys)
+        ):
+            self._add_found(found, keys[key], session, sequence, offset)
         return found
 
-    def indexed(self, session_id: str) -> tuple[int, int] | None:
-        """(bytes, records) of a session file as last indexed, if it was."""
+    def children(self, parent_id: str) -> list[Located]:
+        """Where the children of `parent_id` may be (confirm by reading), sessions in
+        byte order, then by sequence."""
+        found: dict[str, list[Located]] = {}
         with self._lock:
-            self._flush()
-            row = self._db.execute(
-                "SELECT indexed_bytes, indexed_records FROM files WHERE session_id = ?",
-                (session_id,),
-            ).fetchone()
-        return None if row is None else (int(row[0]), int(row[1]))
+            found[parent_id] = list(self._pending_children.get(parent_id, ()))
+        for _, session, sequence, offset in self._query(
+            "SELECT key, session, sequence, offset FROM children WHERE key IN ",
+            [key_of(parent_id)],
+        ):
+            self._add_found(found, parent_id, session, sequence, offset)
+        unique = {(c.session_id, c.sequence): c for c in found[parent_id]}
+        return sorted(unique.values(), key=lambda c: (c.session_id.encode(), c.sequence))
 
-    def children(self, parent_id: str) -> list[tuple[str, int]]:
-        """(session_id, sequence) of every child, sessions in byte order, then by sequence."""
+    def _add_found(
+        self, found: dict[str, list[Located]], name: str, session: int, sequence: int, offset: int
+    ) -> None:
         with self._lock:
-            self._flush()
-            return self._db.execute(
-                "SELECT session_id, sequence FROM children WHERE parent_id = ? "
-                "ORDER BY session_id, sequence",
-                (parent_id,),
+            session_id = self._names.get(session)
+            entry = self._files.get(session_id) if session_id is not None else None
+        # Rows of a file since replaced, or beyond what is indexed now (a file
+        # cut short since), name nothing.
+        if entry is not None and session_id is not None and sequence <= entry.records:
+            found.setdefault(name, []).append(Located(session_id, sequence, offset))
+
+    def marks(self, session_id: str) -> array[int]:
+        """Byte offsets of records 1, 1 + MARK_EVERY, ... as far as the file is indexed."""
+        with self._lock:
+            entry = self._files.get(session_id)
+            if entry is None:
+                return array("Q")
+            session, records = entry.session, entry.records
+            found = {
+                r[2]: r[3] for r in self._pending.get(session_id, ()) if r[2] % MARK_EVERY == 1
+            }
+        with self._read_lock:
+            rows = self._reader.execute(
+                "SELECT sequence, offset FROM marks WHERE session = ? AND sequence <= ?",
+                (session, records),
             ).fetchall()
+        found.update(rows)
+        return array("Q", (found[sequence] for sequence in sorted(found)))
+
+    def _query(self, sql: str, keys: list[int]) -> list[tuple[int, int, int, int]]:
+        found: list[tuple[int, int, int, int]] = []
+        with self._read_lock:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.extend(self._reader.execute(f"{sql}({marks})", chunk))
+        return found
 
     def close(self) -> None:
-        with self._lock:
-            self._flush()
+        self._stop.set()
+        self._flusher.join()
+        self.flush()
+        with self._write_lock:
             self._db.close()
+        with self._read_lock:
+            self._reader.close()
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    db.execute("BEGIN")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _fields(entry: IndexedFile) -> tuple[int, int, int, int, int]:
+    return (entry.session, entry.inode, entry.size, entry.records, entry.last_offset)

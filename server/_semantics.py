@@ -67,6 +67,9 @@ Outcome: TypeAlias = tuple[list[EventRecord], int | None] | Exception
 """What storing one PendingAppend came to: (records, feed position; None for a
 retry) or the error it failed with."""
 
+Result: TypeAlias = list[EventRecord] | Exception
+"""What a caller is answered for one PendingAppend: its records, or the error."""
+
 
 def new_records(
     session_id: str, batch: Sequence[Prepared], last_sequence: int, timestamp_ns: int
@@ -266,8 +269,9 @@ Listener = Callable[[str, list[EventRecord], int], None]
 class Store(ABC):
     """What the in-process backends share: appends, list reads and subscriptions.
 
-    A backend implements `_append` (decide with `check_append`, then store) and
-    `read_session`; the rest of the SessionRepository protocol is theirs to fill.
+    A backend implements `_append` (decide with `check_append`, then store), or
+    `commit` and `submit` if it stores appends in groups, and `read_session`; the
+    rest of the SessionRepository protocol is theirs to fill.
     Subscribers never hold records of their own: they read from the store by
     sequence and only wait for word that a session has grown, so they cannot
     miss, repeat or reorder a record, and a slow one costs writers nothing.
@@ -321,14 +325,28 @@ class Store(ABC):
         batch = prepare(session_id, events, expected_sequence, batch=True)
         return PendingAppend(session_id, batch, expected_sequence)
 
-    def commit(self, appends: Sequence[PendingAppend]) -> list[list[EventRecord] | Exception]:
-        """Store checked appends, each as if alone and in this order: for each, its
-        records or the error it failed with.
+    def submit(
+        self,
+        appends: Sequence[PendingAppend],
+        done: Callable[[list[Result]], None],
+        *,
+        block: bool = True,
+    ) -> bool:
+        """Store checked appends, each as if alone and in this order, and call
+        `done(results)` once they are acknowledged: at once, or later from another
+        thread (a backend that makes them durable first).
 
-        A backend may store them together (one write round and one sync for
-        all), which is what makes a server's many concurrent appends cheap.
+        With block=False, a backend may decline (False, nothing done) when storing
+        would first mean slow work, such as reading a session's file: a caller on
+        an event loop then submits from a thread instead.
         """
-        results: list[list[EventRecord] | Exception] = []
+        done(self.commit(appends))
+        return True
+
+    def commit(self, appends: Sequence[PendingAppend]) -> list[Result]:
+        """Store checked appends, each as if alone and in this order: for each, its
+        records or the error it failed with."""
+        results: list[Result] = []
         for append, outcome in zip(appends, self._commit(appends), strict=True):
             if isinstance(outcome, Exception):
                 results.append(outcome)
@@ -346,7 +364,7 @@ class Store(ABC):
         return result
 
     def _commit(self, appends: Sequence[PendingAppend]) -> list[Outcome]:
-        """Store appends in order; backends that can group them override this."""
+        """Store appends in order, one at a time (see `_append`)."""
         outcomes: list[Outcome] = []
         for append in appends:
             try:
@@ -354,6 +372,14 @@ class Store(ABC):
             except Exception as exc:  # each append fails alone
                 outcomes.append(exc)
         return outcomes
+
+    def _append(
+        self, session_id: str, batch: list[Prepared], expected: int | None
+    ) -> tuple[list[EventRecord], int | None]:
+        """Store a checked batch: its records and the feed position of the first; for
+        a retry, the stored records and None. (A backend that overrides `commit`
+        need not implement it.)"""
+        raise NotImplementedError
 
     @abstractmethod
     def head(self, session_id: str) -> EventRecord | None:
@@ -389,15 +415,6 @@ class Store(ABC):
             with self._grown:
                 while self._last_published.get(session_id, 0) < next_sequence:
                     self._grown.wait()
-
-    @abstractmethod
-    def _append(
-        self, session_id: str, batch: list[Prepared], expected: int | None
-    ) -> tuple[list[EventRecord], int | None]:
-        """Store a checked batch: its records and the feed position of the first.
-
-        For a retry, the stored records and None.
-        """
 
     @abstractmethod
     def read_all(self, from_position: int, limit: int | None = None) -> Iterator[FeedRecord]:

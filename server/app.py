@@ -33,6 +33,7 @@ from agentlog.errors import UnavailableError
 from agentlog.server._semantics import (
     FeedFilter,
     PendingAppend,
+    Result,
     Store,
     start_position,
     start_sequence,
@@ -53,84 +54,38 @@ READ_CHUNK = 256
 RECENT_RECORDS = 1024
 
 
-_Queued = tuple[PendingAppend, "asyncio.Future[list[EventRecord]]", asyncio.AbstractEventLoop]
+class _Answers:
+    """Settles appends' futures on the event loop from the thread that acknowledged
+    them, with one wake-up of the loop for all that a sync round finished."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[tuple[asyncio.Future[list[Result]], list[Result]]] = []
+        self._scheduled = False
 
-class _GroupWriter:
-    """Stores appends on one thread, as many at a time as are waiting.
+    def add(self, future: asyncio.Future[list[Result]], results: list[Result]) -> None:
+        with self._lock:
+            self._ready.append((future, results))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self._settle)
 
-    The event loop queues a checked append and awaits a future; the thread
-    takes everything queued, commits it as one group (`Store.commit`: for the
-    JSONL store, one sync round and one index transaction), and settles the
-    futures with one call into the loop. Under load, N concurrent appends cost
-    one sync and one hand-over between threads instead of N of each.
-    """
-
-    MAX_GROUP = 256
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._cond = threading.Condition()
-        self._queue: deque[_Queued] = deque()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="agentlog-writer", daemon=True)
-        self._thread.start()
-
-    def submit(self, append: PendingAppend) -> asyncio.Future[list[EventRecord]]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[EventRecord]] = loop.create_future()
-        with self._cond:
-            if self._stopping:
-                raise UnavailableError(
-                    "the server is shutting down; retry the append (here when it is back, "
-                    "or elsewhere)",
-                    reason="SHUTTING_DOWN",
-                )
-            self._queue.append((append, future, loop))
-            self._cond.notify()
-        return future
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue:
-                    if self._stopping:
-                        return
-                    self._cond.wait()
-                work = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_GROUP))]
-            try:
-                results = self._store.commit([append for append, _, _ in work])
-            except Exception as exc:  # a bug: fail these calls, keep serving the next ones
-                log.exception("storing a group of %d appends failed", len(work))
-                results = [exc] * len(work)
-            by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-            for (_, future, loop), result in zip(work, results, strict=True):
-                by_loop.setdefault(loop, []).append((future, result))
-            for loop, settled in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                    loop.call_soon_threadsafe(_settle, settled)
-
-    def stop(self) -> None:
-        """Store what is queued, then stop; later appends are refused with UNAVAILABLE."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join()
-
-
-def _settle(settled: list[tuple[asyncio.Future[list[EventRecord]], Any]]) -> None:
-    for future, result in settled:
-        if future.cancelled():
-            continue  # the call went away; its append stands (it was never acknowledged)
-        if isinstance(result, Exception):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
+    def _settle(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+            self._scheduled = False
+        for future, results in ready:
+            if not future.cancelled():  # else the call went away; its append stands
+                future.set_result(results)
 
 
 class ThreadedRepository:
-    """An AsyncSessionRepository over a blocking store: appends go to one writer
-    thread, in groups (see _GroupWriter); reads run on a thread pool.
+    """An AsyncSessionRepository over a blocking store: appends are stored from the
+    event loop itself when that needs no slow work (`Store.submit`) and answered
+    when the store acknowledges them; reads and slow appends run on a thread pool.
 
     Subscriptions wait in the event loop, not on a thread: the store's
     listener wakes them (thread-safely) when their session grows, and they read
@@ -140,7 +95,8 @@ class ThreadedRepository:
     def __init__(self, repository: Store, executor: ThreadPoolExecutor) -> None:
         self._repository = repository
         self._executor = executor
-        self._writer = _GroupWriter(repository)
+        self._stopping = False
+        self._answers: _Answers | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._published: dict[str, int] = {}
@@ -344,12 +300,38 @@ class ThreadedRepository:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def append(self, event: AppendEvent) -> EventRecord:
-        records = await self._writer.submit(self._repository.prepare_append(event))
-        return records[0]
+        [result] = await self._submit([self._repository.prepare_append(event)])
+        if isinstance(result, Exception):
+            raise result
+        return result[0]
+
+    async def _submit(self, appends: list[PendingAppend]) -> list[Result]:
+        if self._stopping:
+            raise UnavailableError(
+                "the server is shutting down; retry the append (here when it is back, or "
+                "elsewhere)",
+                reason="SHUTTING_DOWN",
+            )
+        loop = asyncio.get_running_loop()
+        if self._answers is None:
+            self._answers = _Answers(loop)
+        answers, on_loop = self._answers, threading.get_ident()
+        future: asyncio.Future[list[Result]] = loop.create_future()
+
+        def done(results: list[Result]) -> None:
+            if threading.get_ident() == on_loop:
+                future.set_result(results)  # acknowledged at once
+            else:
+                answers.add(future, results)
+
+        if not self._repository.submit(appends, done, block=False):
+            submit = functools.partial(self._repository.submit, appends, done)
+            await loop.run_in_executor(self._executor, submit)
+        return await future
 
     def stop_writing(self) -> None:
-        """Store the appends already queued; refuse later ones (at shutdown)."""
-        self._writer.stop()
+        """Refuse appends from now on (at shutdown); those in flight still finish."""
+        self._stopping = True
 
     async def load_children(self, parent_id: str) -> list[EventRecord]:
         records: list[EventRecord] = await self._run(self._repository.load_children, parent_id)
@@ -367,7 +349,10 @@ class ThreadedRepository:
         expected_sequence: int | None = None,
     ) -> list[EventRecord]:
         pending = self._repository.prepare_batch(session_id, events, expected_sequence)
-        return await self._writer.submit(pending)
+        [result] = await self._submit([pending])
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     async def read_session(
         self,

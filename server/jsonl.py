@@ -6,37 +6,40 @@ arcan reads; agentlog adds the field `sequence`, which arcan's readers ignore.
 A record's sequence is its position among the file's non-blank lines, so
 lines arcan appends without the field fit in.
 
-Each session has a lock and, once touched, an in-memory state: its last
-sequence, the byte offset of every record, and its ids with a digest of their
-content (for idempotent appends). The state is rebuilt whenever the file
-changed behind our back (another writer, an operator's repair). An append or
-a batch is written with one O_APPEND write of whole lines and synced to disk
-before it is acknowledged; a failed write is cut back off. Appends that arrive
-together are committed as a group (`commit`): each is decided and written in
-turn, then all are synced in one round. If a sync fails, the group's lines are
-cut off and the store takes no more appends until it is reopened: the kernel
-may have dropped written pages, and only start-up recovery can say which.
+An append is staged, then acknowledged. Staging (under the store's lock, in
+arrival order) decides it against the session (retry, id conflicts,
+expectation) and writes its lines with one O_APPEND write to a descriptor kept
+open, and a feed line. Acknowledging makes it visible to reads and
+subscriptions and answers the caller: at once under the `interval` and
+`never` policies; under `always`, once a sync thread has made everything staged
+so far durable with one sync, so appends that arrive while a sync runs share
+the next one (group commit). Reads only ever see acknowledged records. If a
+sync fails, every unacknowledged line is cut back off and the store takes no
+more appends until it is reopened: the kernel may have dropped written pages,
+and only start-up recovery can say which.
+
+Each session used recently has a state in memory: its record count, where its
+records end, and the byte offset of every MARK_EVERY-th record (`marks`), so a
+read from any sequence seeks. States are built from the index (`_index.py`),
+which vouches for a file it has indexed to its end, or else by scanning the
+file, and rebuilt whenever the file changed behind the store's back.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import errno
-import fcntl
 import itertools
 import logging
 import os
-import re
-import sys
 import threading
 import time
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -45,7 +48,6 @@ from agentlog._codec import (
     event_to_json,
     record_fields_from_line,
     record_fields_from_lines,
-    record_from_json,
     record_from_line,
     record_line,
 )
@@ -56,7 +58,6 @@ from agentlog._records import (
     SessionInfo,
     SessionPage,
     format_timestamp,
-    parse_timestamp,
 )
 from agentlog._validation import (
     check_count,
@@ -69,47 +70,163 @@ from agentlog.errors import (
     DataLossError,
     FailedPreconditionError,
     InvalidArgumentError,
-    ResourceExhaustedError,
     UnavailableError,
 )
 from agentlog.server import _semantics
 from agentlog.server._durability import Syncer, SyncPolicy, fsync_path
-from agentlog.server._index import StoreIndex
-from agentlog.server._semantics import MESSAGE_BYTES, MESSAGE_RECORDS, PendingAppend, Prepared
+from agentlog.server._feed import FEED_FILE, Entry, Feed
+from agentlog.server._files import (
+    FileScan,
+    corrupt_line,
+    describe,
+    last_line,
+    line_number,
+    lock_directory,
+    read_line,
+    scan_file,
+    storage_error,
+    torn_tail,
+)
+from agentlog.server._index import MARK_EVERY, Located, Row, StoreIndex
+from agentlog.server._semantics import (
+    MESSAGE_BYTES,
+    MESSAGE_RECORDS,
+    Outcome,
+    PendingAppend,
+    Prepared,
+    Result,
+)
 
 log = logging.getLogger("agentlog.server")
 
 SUFFIX = ".jsonl"
-# Sessions whose state (record offsets: 8 bytes a record) is kept in memory.
+RECOVERED_DIR = ".agentlog-recovered"
+CLEAN_FILE = ".agentlog.clean"
+# Sessions whose state is kept in memory (a few hundred bytes each, plus 8
+# bytes per MARK_EVERY records); an evicted one is rebuilt when next used.
 MAX_CACHED_SESSIONS = 4096
-# ... and at most this many record offsets in all (128 MB), however long the sessions.
-MAX_CACHED_OFFSETS = 16_000_000
-# Feed entries read at a time.
-_READ_CHUNK = 256
+# Session files kept open for appending.
+MAX_OPEN_FILES = 256
+_BLOCK = 1 << 20
 T = TypeVar("T")
-# Turns one line (file, bytes, sequence, byte offset) into a record or a message.
-_Decoder = Callable[[Path, bytes, int, int], T]
+# A file's inode and size: session files only grow, so a change of either is a
+# change behind the store's back (a rewrite to the very same size is not seen).
+Identity = tuple[int, int]
+_MISSING: Identity = (0, 0)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Session:
-    """What is known of one session file, valid while the file's identity is unchanged."""
+    """What is known of one session file, valid while its identity is unchanged."""
 
-    identity: tuple[int, int, int] = (0, 0, 0)  # inode, size, mtime_ns
-    offsets: array[int] = field(default_factory=lambda: array("Q"))
-    """Byte offset of each record's line, by sequence - 1; plus the end of the last line."""
+    path: Path
+    identity: Identity = _MISSING
+    """Of the file as agentlog last saw or left it (its unacknowledged lines included)."""
+    count: int = 0
+    """Acknowledged records: what reads see."""
+    end: int = 0
+    last_offset: int = 0
+    written: int = 0
+    """Records in the file, acknowledged or not: what appends follow."""
+    written_end: int = 0
+    written_last_offset: int = 0
+    marks: array[int] = field(default_factory=lambda: array("Q"))
+    """Byte offsets of records 1, 1 + MARK_EVERY, ... (written ones included)."""
     first_timestamp_ns: int = 0
     last_timestamp_ns: int = 0
     head_id: str = ""
     damage: DataLossError | None = None
-    """Why the file cannot be read past its last good record, if it cannot."""
+    """Why the file cannot be read or appended to, if it cannot."""
     started_here: bool = False
     """Whether agentlog wrote the first record (it states its sequence): then every
     record belongs in the feed, even if a crash kept the first from it."""
+    unacked: int = 0
+    """Appends written and not yet acknowledged: the state stays in memory meanwhile."""
 
-    @property
-    def last_sequence(self) -> int:
-        return len(self.offsets) - 1
+    @classmethod
+    def of(cls, path: Path, identity: Identity, scan: FileScan) -> _Session:
+        return cls(
+            path,
+            identity,
+            scan.count,
+            scan.end,
+            scan.last_offset,
+            scan.count,
+            scan.end,
+            scan.last_offset,
+            scan.marks,
+            scan.first_timestamp_ns,
+            scan.last_timestamp_ns,
+            scan.head_id,
+            scan.damage,
+            scan.started_here,
+        )
+
+    def view(self, *, written: bool = False) -> _View:
+        """What a read may see (hold the store's lock): acknowledged records, or with
+        `written` the unacknowledged ones too (deciding a retry)."""
+        if written:
+            return _View(self.path, self.marks, self.written, self.written_end)
+        return _View(self.path, self.marks, self.count, self.end)
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """A read's snapshot of a session: its first `count` records, ending at byte `end`.
+
+    `marks` is the state's own array: it only grows past what the snapshot
+    uses, or is cut back to acknowledged records, so reading it needs no lock.
+    """
+
+    path: Path
+    marks: array[int]
+    count: int
+    end: int
+
+
+@dataclass(slots=True)
+class _Written:
+    """A staged append's lines (or, with no state, a feed entry alone)."""
+
+    index: int  # its place in the staging's appends
+    session_id: str
+    state: _Session | None
+    records: list[EventRecord]
+    entry: Entry  # its feed entry
+    rows: list[Row]
+    start: int  # where its lines start
+    end: int  # and end
+    last_offset: int
+    previous_last_offset: int
+    inode: int
+    new_file: bool
+
+
+@dataclass(slots=True)
+class _Staging:
+    """Appends staged together, acknowledged together."""
+
+    ticket: int
+    outcomes: list[Outcome | None]
+    done: Callable[[list[Result]], None]
+    written: list[_Written] = field(default_factory=list)
+    feed_size: int = -1  # the feed file's size after its entries
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoder(Generic[T]):
+    """Turns a run of lines into records or messages; `one` words a line's error."""
+
+    run: Callable[[list[bytes], int], list[T]]
+    one: Callable[[bytes, int], T]
+
+
+def _records_from_lines(lines: list[bytes], first: int) -> list[EventRecord]:
+    return [record_from_line(line, first + k) for k, line in enumerate(lines)]
+
+
+_RECORDS = _Decoder(_records_from_lines, record_from_line)
+_FIELDS = _Decoder(record_fields_from_lines, record_fields_from_line)
 
 
 class JsonlSessionRepository(_semantics.Store):
@@ -117,8 +234,9 @@ class JsonlSessionRepository(_semantics.Store):
 
     `sync` says when appends reach the disk (`agentlog.server.SyncPolicy`):
     "always" (the default; an append returns once durable, concurrent appends
-    sharing fsyncs), "interval" (synced every `sync_interval_ms`), or "never".
-    True and False mean "always" and "never".
+    sharing syncs), "interval" (synced every `sync_interval_ms`), or "never".
+    True and False mean "always" and "never". `use_syncfs` picks how a sync is
+    done (None: syncfs(2) where the kernel reports its errors; see `Syncer`).
     """
 
     def __init__(
@@ -127,6 +245,7 @@ class JsonlSessionRepository(_semantics.Store):
         *,
         sync: SyncPolicy | str | bool = SyncPolicy.ALWAYS,
         sync_interval_ms: int = 100,
+        use_syncfs: bool | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root).resolve()
@@ -142,134 +261,235 @@ class JsonlSessionRepository(_semantics.Store):
                 f"the data directory {self.root} is not readable and writable by this process",
                 reason="DATA_DIR_UNUSABLE",
             )
-        self._directory_lock = _lock_directory(self.root)
         if isinstance(sync, bool):
             sync = SyncPolicy.ALWAYS if sync else SyncPolicy.NEVER
         try:
             self.sync_policy = SyncPolicy(sync)
         except ValueError:
-            self.close()
             raise InvalidArgumentError(
                 f"sync must be one of {', '.join(SyncPolicy)}, not {sync!r}", field="sync"
             ) from None
-        self._syncer = Syncer(self.sync_policy, sync_interval_ms)
+        self._directory_lock = lock_directory(self.root)
+        self._lock = threading.Lock()  # the store's: states, writing, acknowledging
+        self._cond = threading.Condition(self._lock)
         self._halted: AgentlogError | None = None
+        self._closing = False
         self._catalog: list[str] | None = None
         self._catalog_mtime = -1
-        self._guard = threading.Lock()
+        self._syncer = Syncer(self.root, use_syncfs=use_syncfs)
         self.recovered = self._recover_tails()
-        self._feed = _Feed(self.root / FEED_FILE)
-        clean = self.root / CLEAN_FILE
-        if clean.exists():
-            # Closed cleanly: everything was synced, the feed matches the files.
-            clean.unlink()
-            fsync_path(self.root)
-        else:
-            self._feed.cut_beyond(self._record_counts())
+        self._feed = Feed(self.root / FEED_FILE)
         self._index = StoreIndex(self.root)
         present = self._sessions_in_order()
         self._index.forget_missing(set(present))
         for session_id in present:
             self._index.catch_up(session_id, self._path(session_id))
-        self._locks: dict[str, threading.Lock] = {}
-        # The states of the sessions used most recently; an evicted one is rebuilt
-        # from its file when next needed, so memory stays bounded.
+        clean = self.root / CLEAN_FILE
+        if clean.exists():
+            # Closed cleanly: everything was synced, the feed matches the files.
+            clean.unlink()
+            fsync_path(self.root)
+        elif self._feed.cut_beyond(self._record_counts()) is not None:
+            fsync_path(self._feed.path)
+        self._builders: dict[str, threading.Lock] = {}
+        # The states of the sessions used most recently (see MAX_CACHED_SESSIONS).
         self._states: OrderedDict[str, _Session] = OrderedDict()
-        self._held_offsets = 0  # in all those states
         self.max_cached_sessions = MAX_CACHED_SESSIONS
-        self.max_cached_offsets = MAX_CACHED_OFFSETS
+        self._files: OrderedDict[str, tuple[int, int]] = OrderedDict()  # session: (fd, inode)
+        self._elsewhere: set[Path] = set()  # session files on another file system
+        self._unacked_ids: dict[str, Located] = {}
+        self._queue: deque[_Staging] = deque()  # staged, waiting for a sync (always)
+        self._feed_pending: list[Entry] = []  # their feed entries, written before it
+        self._dirty: set[Path] = set()  # written since the last sync
+        self._tickets = 0
+        self._sync_thread: threading.Thread | None = None
+        if self.sync_policy is not SyncPolicy.NEVER:
+            target = (
+                self._sync_staged
+                if self.sync_policy is SyncPolicy.ALWAYS
+                else self._sync_every(sync_interval_ms / 1000)
+            )
+            self._sync_thread = threading.Thread(target=target, name="agentlog-sync", daemon=True)
+            self._sync_thread.start()
 
     # --- writing ---
 
-    def _append(
-        self, session_id: str, batch: list[Prepared], expected: int | None
-    ) -> tuple[list[EventRecord], int | None]:
-        [outcome] = self._commit([PendingAppend(session_id, batch, expected)])
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+    def commit(self, appends: Sequence[PendingAppend]) -> list[Result]:
+        done = threading.Event()
+        box: list[list[Result]] = []
 
-    def _commit(self, appends: Sequence[PendingAppend]) -> list[_semantics.Outcome]:
-        # Appends are written one after another, each under its session's lock,
-        # then synced and indexed together: one sync round and one index
-        # transaction for the group. The locks are held until the group is
-        # durable, so nobody reads or extends a session past unacknowledged lines.
-        outcomes: list[_semantics.Outcome | None] = [None] * len(appends)
-        group = _Group(self._holders(appends))
-        try:
-            for index, append in enumerate(appends):
-                if group.locks and not group.admits(append, self._lock(append.session_id)):
-                    self._finish(group, outcomes)
-                    # The index has the finished group's ids now.
-                    group = _Group(self._holders(appends[index:]))
-                try:
-                    outcomes[index] = self._stage(group, index, append)
-                except Exception as exc:  # this append fails alone
-                    outcomes[index] = exc
-        except BaseException:
-            self._abandon(group)
-            group.release()
-            raise
-        self._finish(group, outcomes)
-        assert all(outcome is not None for outcome in outcomes)
-        return outcomes  # type: ignore[return-value]
+        def finished(results: list[Result]) -> None:
+            box.append(results)
+            done.set()
 
-    def _holders(self, appends: Sequence[PendingAppend]) -> dict[str, list[tuple[str, int]]]:
-        """Every id of `appends` the store holds: id -> [(session, sequence)], in one query."""
-        holders: dict[str, list[tuple[str, int]]] = {}
-        ids = [item.id for append in appends for item in append.batch]
-        for record_id, session_id, sequence in self._index.holders(ids):
-            holders.setdefault(record_id, []).append((session_id, int(sequence)))
-        return holders
+        self.submit(appends, finished)
+        done.wait()
+        return box[0]
 
-    def _stage(self, group: _Group, index: int, append: PendingAppend) -> _semantics.Outcome | None:
-        """Decide one append and write its lines (not yet synced); None once written.
+    def submit(
+        self,
+        appends: Sequence[PendingAppend],
+        done: Callable[[list[Result]], None],
+        *,
+        block: bool = True,
+    ) -> bool:
+        sessions = {append.session_id for append in appends}
+        while True:
+            with self._lock:
+                if self._closing:
+                    raise UnavailableError(
+                        "the store is closing; retry the append (here when it is back, or "
+                        "elsewhere)",
+                        reason="SHUTTING_DOWN",
+                    )
+                identities = {s: self._ready(s) for s in sessions}
+                missing = [s for s, identity in identities.items() if identity is None]
+                if not missing:
+                    staging = self._stage(appends, done, identities)  # type: ignore[arg-type]
+                    finished = self._settle(staging)
+                    break
+            if not block:
+                return False
+            for session_id in missing:
+                self._state(session_id)
+        _finish(finished)
+        return True
 
-        A retry or a refused append is decided here and gets its outcome at once.
-        """
+    def _ready(self, session_id: str) -> Identity | None:
+        """The file's identity if the session's state is at hand to append to; None if
+        it must be loaded first (hold the lock)."""
+        path = self._path(session_id)
+        identity = self._identity_for_writing(session_id, path)
+        state = self._states.get(session_id)
+        if state is not None:
+            if state.unacked or state.identity == identity:
+                self._states.move_to_end(session_id)
+                return identity
+            del self._states[session_id]  # changed behind our back: rebuild it
+            self._close_file(session_id)
+            return None
+        if identity == _MISSING and self._index.indexed(session_id) is None:
+            self._install(session_id, _Session(path))  # a new session: nothing to read
+            return identity
+        return None
+
+    def _identity_for_writing(self, session_id: str, path: Path) -> Identity:
+        """The file's identity, from its open descriptor if there is one (cheaper than
+        by path; a file replaced or removed since it was opened has no links left)."""
+        cached = self._files.get(session_id)
+        if cached is not None:
+            try:
+                stat = os.fstat(cached[0])
+            except OSError as exc:
+                raise storage_error(exc, path) from None
+            if stat.st_nlink > 0:
+                return (stat.st_ino, stat.st_size)
+            self._close_file(session_id)
+        return _identity(path)
+
+    def _stage(
+        self,
+        appends: Sequence[PendingAppend],
+        done: Callable[[list[Result]], None],
+        identities: dict[str, Identity],
+    ) -> _Staging:
+        """Decide each append, in order, and write its lines (hold the lock)."""
+        self._tickets += 1
+        staging = _Staging(self._tickets, [None] * len(appends), done)
+        holders = self._index.holders([item.id for append in appends for item in append.batch])
+        for index, append in enumerate(appends):
+            try:
+                outcome = self._stage_one(staging, index, append, holders, identities)
+            except Exception as exc:  # this append fails alone
+                outcome = exc
+            if outcome is not None:
+                staging.outcomes[index] = outcome
+        self._write_feed(staging)
+        return staging
+
+    def _stage_one(
+        self,
+        staging: _Staging,
+        index: int,
+        append: PendingAppend,
+        holders: dict[str, list[Located]],
+        identities: dict[str, Identity],
+    ) -> Outcome | None:
+        """Decide one append and write its lines; None once written (acknowledged later)."""
         if self._halted is not None:
             raise self._halted
         session_id, batch = append.session_id, append.batch
-        staged = group.sessions.get(session_id)
-        if staged is None:
-            if session_id not in group.locks:
-                lock = self._lock(session_id)
-                lock.acquire()
-                group.locks[session_id] = lock
-            staged = _Staged(self._path(session_id), self._state(session_id))
-            group.sessions[session_id] = staged
-        path, state = staged.path, staged.state
+        state = self._states[session_id]
         if state.damage is not None:
             raise state.damage  # never append after damage: it would bury it
-        last = staged.last
-
-        known: dict[str, int] = {}
-        taken: dict[str, str] = {}
-        for item in batch:
-            for holder, sequence in group.holders.get(item.id, ()):
-                if holder == session_id:
-                    known[item.id] = sequence
-                else:
-                    taken[item.id] = holder
+        if identities[session_id] != state.identity:
+            # Another writer appended while our own appends were in flight.
+            raise DataLossError(
+                f"{state.path} changed while agentlog was appending to it; retry the append",
+                reason="CONCURRENT_WRITER",
+                metadata={"file": str(state.path)},
+            )
+        mine, others = self._holdings(session_id, batch, holders)
 
         def stored(record_id: str) -> tuple[int, bytes] | None:
-            # Rare (a retry or a reused id): compare with the record itself.
-            # (Ids written earlier in this group are never here: see _Group.admits.)
-            sequence = known.get(record_id)
-            if sequence is None or sequence > state.last_sequence:
+            record = mine.get(record_id)
+            if record is None:
                 return None
-            [record] = self._records_at(path, state, [sequence])
-            event_json = event_to_json(record.event)
-            return sequence, _semantics.content_digest(record.parent_id, event_json)
+            digest = _semantics.content_digest(record.parent_id, event_to_json(record.event))
+            return record.sequence, digest
 
         retried = _semantics.check_append(
-            session_id, batch, append.expected, last, stored=stored, elsewhere=lambda ids: taken
+            session_id,
+            batch,
+            append.expected,
+            state.written,
+            stored=stored,
+            elsewhere=lambda ids: {i: others[i] for i in ids if i in others},
         )
         if retried is not None:
-            # A retry. If the first attempt stopped between the session file
-            # and the feed (a crash), the feed learns of its records now.
-            self._feed_catch_up(session_id, state)
-            return self._records_at(path, state, retried), None
+            # If the first attempt stopped between the session file and the feed
+            # (a crash), the feed learns of its records now.
+            self._stage_feed_catch_up(staging, session_id, state)
+            return [mine[item.id] for item in batch], None
+        self._write_lines(staging, index, session_id, state, batch)
+        identities[session_id] = state.identity
+        return None
+
+    def _holdings(
+        self, session_id: str, batch: list[Prepared], holders: dict[str, list[Located]]
+    ) -> tuple[dict[str, EventRecord], dict[str, str]]:
+        """The records this session holds with the batch's ids, and the session that
+        holds each of the others, confirmed by reading them (rare: retries, reuse)."""
+        mine: dict[str, EventRecord] = {}
+        others: dict[str, str] = {}
+        for item in batch:
+            places = list(holders.get(item.id, ()))
+            unacked = self._unacked_ids.get(item.id)
+            if unacked is not None:
+                places.append(unacked)
+            for place in places:
+                record = self._record_at(place)
+                if record is None or record.id != item.id:
+                    continue  # a key collision, or a row of a file since changed
+                if place.session_id == session_id:
+                    mine[item.id] = record
+                else:
+                    others.setdefault(item.id, place.session_id)
+        return mine, others
+
+    def _record_at(self, place: Located) -> EventRecord | None:
+        """The record an index row points at, if it is still there."""
+        try:
+            with self._path(place.session_id).open("rb") as file:
+                line = read_line(file, place.offset, file.seek(0, os.SEEK_END))
+            return record_from_line(line, place.sequence)
+        except (OSError, DecodeError):
+            return None
+
+    def _write_lines(
+        self, staging: _Staging, index: int, session_id: str, state: _Session, batch: list[Prepared]
+    ) -> None:
+        last = state.written
         # Lines of a multi-event batch name the batch's last sequence, so a
         # batch cut short by a crash is recognised and never served in part.
         batch_end = last + len(batch) if len(batch) > 1 else None
@@ -290,73 +510,229 @@ class JsonlSessionRepository(_semantics.Store):
             if batch_end is not None:
                 fields["batch_end"] = batch_end
             lines.append(record_line(fields))
-        identity = self._write(path, b"".join(lines), staged.size)
-        staged.add([len(line) for line in lines], identity)
-        group.appended.append((index, session_id, records))
-        group.ids.update(item.id for item in batch)
-        return None
-
-    def _finish(self, group: _Group, outcomes: list[_semantics.Outcome | None]) -> None:
-        """Make a group's written lines durable and indexed, then acknowledge them."""
-        written = {sid: s for sid, s in group.sessions.items() if s.lengths}
+        data = b"".join(lines)
+        new_file = state.identity == _MISSING
+        fd = self._file(session_id, state)
+        start = state.written_end
         try:
-            if not written:
-                return
-            try:
-                # The group's appends take their feed positions in the group's order.
-                position = self._feed.commit(
-                    [(sid, records[0].sequence, len(records)) for _, sid, records in group.appended]
-                )
-            except AgentlogError as exc:  # a full disk, say: these appends fail, later ones may not
-                self._abandon(group)
-                for index, _, _ in group.appended:
-                    outcomes[index] = exc
-                return
-            paths = [s.path for s in written.values()] + [self._feed.path]
-            if any(s.new_file for s in written.values()):
-                paths.append(self.root)
-            try:
-                # The session lines and the feed lines are synced in one round. If
-                # a crash cuts it short, the next (unclean) start drops feed
-                # entries naming lines that did not reach the disk.
-                self._syncer.sync(*paths)
-                rows: dict[str, list[tuple[str, str | None, int]]] = {sid: [] for sid in written}
-                for _, sid, records in group.appended:
-                    rows[sid].extend((r.id, r.parent_id, r.sequence) for r in records)
-                self._index.record([(sid, rows[sid], s.size, s.last) for sid, s in written.items()])
-            except Exception as exc:
-                self._abandon(group)
-                error = self._halt(exc)
-                for index, _, _ in group.appended:
-                    outcomes[index] = error
-                return
-            with self._guard:  # the states grow: count their offsets (see _evict)
-                for index, sid, records in group.appended:
-                    written[sid].acknowledge(records)
-                    outcomes[index] = (records, position)
-                    position += len(records)
-                    if self._states.get(sid) is written[sid].state:
-                        self._held_offsets += len(records)
-                self._evict()
-        except BaseException:
-            self._abandon(group)
-            raise
-        finally:
-            group.release()
-        for session_id, staged in written.items():
-            if staged.new_file:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)  # never leave part of an append behind
+            raise storage_error(exc, state.path) from None
+        rows: list[Row] = []
+        offset = start
+        for item, record, line in zip(batch, records, lines, strict=True):
+            if record.sequence % MARK_EVERY == 1:
+                state.marks.append(offset)
+            rows.append((item.id, item.parent_id, record.sequence, offset))
+            self._unacked_ids[item.id] = Located(session_id, record.sequence, offset)
+            offset += len(line)
+        previous_last = state.written_last_offset
+        inode = self._files[session_id][1]
+        state.identity = (inode, offset)
+        state.written += len(batch)
+        state.written_end = offset
+        state.written_last_offset = offset - len(lines[-1])
+        state.unacked += 1
+        entry = self._feed.reserve(session_id, last + 1, len(batch), start)
+        staging.written.append(
+            _Written(
+                index,
+                session_id,
+                state,
+                records,
+                entry,
+                rows,
+                start,
+                offset,
+                state.written_last_offset,
+                previous_last,
+                inode,
+                new_file,
+            )
+        )
+        self._dirty.add(state.path)
+        if new_file:
+            self._dirty.add(self.root)  # the new directory entry
+
+    def _stage_feed_catch_up(self, staging: _Staging, session_id: str, state: _Session) -> None:
+        """Give feed positions to records of a feed session that the feed lacks (hold
+        the lock): an append a crash cut short between its session lines and its feed
+        line, or lines another writer (arcan) added to a session agentlog writes.
+
+        A session is in the feed once the feed knows it or if agentlog started it
+        (sessions only arcan wrote are not).
+        """
+        covered = self._feed.covered(session_id)
+        known = covered > 0 or state.started_here
+        if known and covered < state.count and state.damage is None:
+            entry = self._feed.reserve(session_id, covered + 1, state.count - covered, -1)
+            staging.written.append(
+                _Written(-1, session_id, None, [], entry, [], 0, 0, 0, 0, 0, False)
+            )
+
+    def _write_feed(self, staging: _Staging) -> None:
+        """Write the staging's feed lines (hold the lock): now, in one write, or under
+        `always` with the next sync round's. If that fails, its appends fail and their
+        lines are taken back."""
+        if not staging.written:
+            return
+        entries = [w.entry for w in staging.written]
+        if self.sync_policy is SyncPolicy.ALWAYS:
+            self._feed_pending.extend(entries)
+            return
+        try:
+            self._feed.write(entries)
+        except AgentlogError as exc:  # a full disk, say: these appends fail, later ones may not
+            self._fail([staging], exc)
+            return
+        staging.feed_size = self._feed.size
+        self._dirty.add(self._feed.path)
+
+    def _fail(self, stagings: list[_Staging], error: Exception) -> None:
+        """Take back the lines of unacknowledged stagings (the newest there are) and
+        fail their appends (hold the lock)."""
+        for staging in reversed(stagings):
+            for written in reversed(staging.written):
+                self._take_back(written)
+            staging.written.clear()
+            staging.outcomes = [error] * len(staging.outcomes)
+        self._feed_pending.clear()
+        self._feed.abandon()
+
+    def _take_back(self, written: _Written) -> None:
+        """Cut a staged append's lines back off its file (the newest of its session)."""
+        state = written.state
+        if state is None:
+            return
+        for row in written.rows:
+            self._unacked_ids.pop(row[0], None)
+        state.written = written.entry[2] - 1
+        state.written_end = written.start
+        state.written_last_offset = written.previous_last_offset
+        del state.marks[(state.written + MARK_EVERY - 1) // MARK_EVERY :]
+        state.unacked -= 1
+        try:
+            os.truncate(state.path, written.start)
+        except OSError as exc:
+            log.error("%s: could not cut unacknowledged lines off: %s", state.path, exc)
+        state.identity = _identity(state.path)
+        self._close_file(written.session_id)
+
+    def _settle(self, staging: _Staging) -> list[_Staging]:
+        """Acknowledge a staging now, or queue it for the sync thread (hold the lock).
+        Returns the stagings finished (to answer once the lock is released)."""
+        if self.sync_policy is SyncPolicy.ALWAYS and (staging.written or self._queue):
+            # Durable first; and in order: an outcome decided against appends
+            # still in flight must not be seen before them.
+            self._queue.append(staging)
+            self._cond.notify_all()
+            return []
+        self._acknowledge(staging)
+        return [staging]
+
+    def _acknowledge(self, staging: _Staging) -> None:
+        """Make a staging's appends visible, in order, and tell listeners (hold the lock)."""
+        for written in staging.written:
+            self._feed.add(written.entry)
+            state = written.state
+            if state is None:
+                continue  # a feed entry alone
+            records = written.records
+            position, session_id, _, count, _ = written.entry
+            state.count = written.entry[2] + count - 1
+            state.end = written.end
+            state.last_offset = written.last_offset
+            if records[0].sequence == 1:
+                state.first_timestamp_ns = records[0].timestamp_ns
+                state.started_here = True
+            state.last_timestamp_ns = records[-1].timestamp_ns
+            state.head_id = records[-1].id
+            state.unacked -= 1
+            self._index.record(
+                session_id, written.rows, written.inode, written.end, state.last_offset
+            )
+            for row in written.rows:
+                self._unacked_ids.pop(row[0], None)
+            staging.outcomes[written.index] = (records, position)
+            self._publish(session_id, records, position)
+            if written.new_file:
                 self._add_to_catalog(session_id)
+        if staging.feed_size >= 0:
+            self._feed.acknowledged_size = staging.feed_size
+        self._evict()
 
-    def _abandon(self, group: _Group) -> None:
-        """Take a group's unacknowledged lines back off their files."""
-        for session_id, staged in group.sessions.items():
-            if staged.lengths:
-                self._forget_state(session_id)
-                with contextlib.suppress(OSError):
-                    os.truncate(staged.path, staged.state.offsets[-1])
+    def _sync_staged(self) -> None:
+        """The sync thread under `always`: write the feed lines of what is staged, sync
+        it all, then acknowledge it."""
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                upto = self._queue[-1].ticket
+                entries, self._feed_pending = self._feed_pending, []
+                paths, self._dirty = self._dirty, set()
+                elsewhere = paths & self._elsewhere
+            failed: AgentlogError | None = None
+            error: OSError | None = None
+            try:
+                if entries:
+                    self._feed.write(entries)
+                    paths.add(self._feed.path)
+                self._syncer.sync(paths, elsewhere=elsewhere)
+            except AgentlogError as exc:  # the feed could not be written (a full disk)
+                failed = exc
+            except OSError as exc:
+                error = exc
+            with self._lock:
+                finished: list[_Staging] = []
+                if error is not None:
+                    finished = self._halt(error)
+                elif failed is not None:
+                    finished = list(self._queue)
+                    self._queue.clear()
+                    self._fail(finished, failed)
+                else:
+                    while self._queue and self._queue[0].ticket <= upto:
+                        staging = self._queue.popleft()
+                        self._acknowledge(staging)
+                        finished.append(staging)
+                    self._feed.acknowledged_size = self._feed.size
+            _finish(finished)
 
-    def _halt(self, exc: Exception) -> AgentlogError:
-        """Refuse appends from now on: a failed sync may have dropped written pages."""
+    def _sync_every(self, seconds: float) -> Callable[[], None]:
+        def run() -> None:
+            with self._lock:
+                while not self._closing:
+                    self._cond.wait(seconds)
+                    paths, self._dirty = self._dirty, set()
+                    if not paths or self._halted is not None:
+                        continue
+                    elsewhere = paths & self._elsewhere
+                    self._lock.release()
+                    try:
+                        self._syncer.sync(paths, elsewhere=elsewhere)
+                        error = None
+                    except OSError as exc:
+                        error = exc
+                    finally:
+                        self._lock.acquire()
+                    if error is not None:
+                        self._halt(error)
+
+        return run
+
+    def _halt(self, exc: Exception) -> list[_Staging]:
+        """Refuse appends from now on: a failed sync may have dropped written pages.
+
+        Every unacknowledged append fails and its lines are cut back off (hold the
+        lock). Returns the stagings failed.
+        """
         log.critical(
             "%s: making appended lines durable failed (%s: %s); appends are refused until "
             "the server restarts and its start-up recovery has checked the files",
@@ -369,7 +745,46 @@ class JsonlSessionRepository(_semantics.Store):
             f"({exc}); restart it (its start-up recovery checks every file), then retry",
             reason="STORAGE_HALTED",
         )
-        return self._halted
+        failed = list(self._queue)
+        self._queue.clear()
+        self._fail(failed, self._halted)
+        for session_id in list(self._files):
+            self._close_file(session_id)
+        return failed
+
+    def _file(self, session_id: str, state: _Session) -> int:
+        """The session file's descriptor for appending, opened if need be (hold the lock)."""
+        cached = self._files.get(session_id)
+        if cached is not None:
+            if cached[1] == state.identity[0]:
+                self._files.move_to_end(session_id)
+                return cached[0]
+            self._close_file(session_id)
+        try:
+            fd = os.open(state.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            inode = os.fstat(fd).st_ino
+        except OSError as exc:
+            raise storage_error(exc, state.path) from None
+        if state.identity != _MISSING and inode != state.identity[0]:
+            os.close(fd)  # replaced between our check and now
+            raise DataLossError(
+                f"{state.path} was replaced while agentlog was appending to it; retry the append",
+                reason="CONCURRENT_WRITER",
+                metadata={"file": str(state.path)},
+            )
+        if not self._syncer.on_this_device(fd):
+            self._elsewhere.add(state.path)
+        self._files[session_id] = (fd, inode)
+        while len(self._files) > MAX_OPEN_FILES:
+            self._close_file(next(iter(self._files)))
+        return fd
+
+    def _close_file(self, session_id: str) -> None:
+        cached = self._files.pop(session_id, None)
+        if cached is not None:
+            os.close(cached[0])
+
+    # --- opening ---
 
     def _recover_tails(self) -> list[Path]:
         """Cut torn last lines and batches cut short off every session file (at open).
@@ -380,7 +795,7 @@ class JsonlSessionRepository(_semantics.Store):
         kept = []
         for session_id in self._sessions_in_order():
             path = self._path(session_id)
-            cut, why = _torn_tail(path)
+            cut, why = torn_tail(path)
             if cut is None:
                 continue
             side_dir = self.root / RECOVERED_DIR
@@ -405,53 +820,16 @@ class JsonlSessionRepository(_semantics.Store):
         return kept
 
     def _record_counts(self) -> dict[str, int]:
-        """How many records each session file holds now (read once, at open)."""
+        """How many records each session file holds (at an open after a crash)."""
         counts = {}
         for session_id in self._sessions_in_order():
-            with self._path(session_id).open("rb") as file:
-                counts[session_id] = sum(1 for line in file if line.strip())
+            path = self._path(session_id)
+            identity, indexed = _identity(path), self._index.indexed(session_id)
+            if indexed is not None and (indexed.inode, indexed.size) == identity:
+                counts[session_id] = indexed.records
+            else:
+                counts[session_id] = scan_file(path, MARK_EVERY).count
         return counts
-
-    def _feed_catch_up(self, session_id: str, state: _Session) -> None:
-        """Give feed positions to records of a feed session that the feed lacks.
-
-        A session is in the feed once the feed knows it or if agentlog started it
-        (sessions only arcan wrote are not): a crash between a group's session
-        lines and its feed lines can leave a new session's first append out.
-        """
-        covered = self._feed.covered(session_id)
-        known = covered > 0 or state.started_here
-        if known and covered < state.last_sequence and state.damage is None:
-            self._feed.commit([(session_id, covered + 1, state.last_sequence - covered)])
-            self._syncer.sync(self._feed.path)
-
-    def _write(self, path: Path, data: bytes, expected_size: int) -> tuple[int, int, int]:
-        """Append `data` whole or not at all; returns the file's new identity."""
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise _storage_error(exc, path) from None
-        try:
-            size = os.fstat(fd).st_size
-            if size != expected_size:
-                # Changed between our check and now: let the caller see it next time.
-                raise DataLossError(
-                    f"{path} changed while agentlog was appending to it; retry the append",
-                    reason="CONCURRENT_WRITER",
-                    metadata={"file": str(path)},
-                )
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            except OSError as exc:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, size)  # never leave part of an append behind
-                raise _storage_error(exc, path) from None
-            stat = os.fstat(fd)
-        finally:
-            os.close(fd)
-        return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
     # --- reading ---
 
@@ -463,7 +841,7 @@ class JsonlSessionRepository(_semantics.Store):
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
     ) -> Iterator[EventRecord]:
-        chunks = self._read(session_id, from_sequence, limit, direction, _decode)
+        chunks = self._read(session_id, from_sequence, limit, direction, _RECORDS)
         return itertools.chain.from_iterable(chunks)
 
     def read_session_chunks(
@@ -474,9 +852,9 @@ class JsonlSessionRepository(_semantics.Store):
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
     ) -> Iterator[list[Any]]:
-        # Straight from each line's JSON to the message's fields, in chunks
-        # bounded by the lines' sizes: no Python records or messages between.
-        return self._read(session_id, from_sequence, limit, direction, _decode_fields)
+        # Straight from each line's JSON to the message's fields: no Python
+        # records or messages between.
+        return self._read(session_id, from_sequence, limit, direction, _FIELDS)
 
     def _read(
         self,
@@ -484,100 +862,178 @@ class JsonlSessionRepository(_semantics.Store):
         from_sequence: int,
         limit: int | None,
         direction: ReadDirection,
-        decode: _Decoder[T],
+        decoder: _Decoder[T],
     ) -> Iterator[list[T]]:
         check_session_id(session_id)
         selected = _semantics.read_range(from_sequence, limit, direction)
-        path = self._path(session_id)
-        with self._lock(session_id):
-            state = self._state(session_id)
-            if state.damage is not None:
-                raise state.damage
-            # A snapshot: appends made while the caller iterates are not part of this read.
-            sequences = selected.sequences(state.last_sequence)
-            window = _window(state, sequences)
-        return self._stream_chunks(path, window, sequences, decode)
+        view = self._view(session_id)
+        # A snapshot: appends made while the caller iterates are not part of this read.
+        return self._chunks(view, selected.sequences(view.count), decoder)
 
-    def _stream(
-        self,
-        path: Path,
-        window: _Offsets,
-        sequences: range,
-        decode: _Decoder[T],
-    ) -> Iterator[T]:
-        return itertools.chain.from_iterable(self._stream_chunks(path, window, sequences, decode))
+    def _view(self, session_id: str) -> _View:
+        """What reads may see of a session now; DataLossError if it is damaged."""
+        state = self._state(session_id)
+        if state.damage is not None:
+            raise state.damage
+        with self._lock:
+            return state.view()
 
-    def _stream_chunks(
-        self,
-        path: Path,
-        window: _Offsets,
-        sequences: range,
-        decode: _Decoder[T],
-    ) -> Iterator[list[T]]:
-        """The records of `sequences`, in their order, in lists of at most
-        MESSAGE_RECORDS records and (unless one record is larger) MESSAGE_BYTES of lines."""
+    def _chunks(self, view: _View, sequences: range, decoder: _Decoder[T]) -> Iterator[list[T]]:
+        """The records of `sequences`, in their order, in runs of at most MESSAGE_RECORDS
+        records and (unless one record is larger) MESSAGE_BYTES of lines."""
         if not sequences:
             return
+        if sequences.step > 0:
+            yield from self._forward(view, sequences[0], sequences[-1], decoder)
+            return
+        high, low = sequences[0], sequences[-1]
+        while high >= low:
+            start = max(low, high - MESSAGE_RECORDS + 1)
+            for run in reversed(list(self._forward(view, start, high, decoder))):
+                yield run[::-1]
+            high = start - 1
+
+    def _forward(
+        self,
+        view: _View,
+        low: int,
+        high: int,
+        decoder: _Decoder[T],
+        start: tuple[int, int] | None = None,
+    ) -> Iterator[list[T]]:
+        """Records `low` to `high` in order: one seek to the mark before `low` (or to
+        `start`, the known (offset, sequence) of a record at or before it), then
+        reading on, a block at a time."""
+        if low > high:
+            return
+        runs = _runs(self._lines(view, low, high, start))
+        for first, lines in runs:
+            try:
+                yield decoder.run(lines, first)
+            except DecodeError:
+                for number, line in enumerate(lines, first):
+                    try:
+                        decoder.one(line, number)
+                    except DecodeError as exc:
+                        offset = self._offset_of(view, number)
+                        line_no = line_number(view.path, offset)
+                        raise corrupt_line(view.path, line_no, str(exc), number, offset) from None
+                raise
+
+    def _lines(
+        self, view: _View, low: int, high: int, start: tuple[int, int] | None
+    ) -> Iterator[tuple[int, list[bytes]]]:
+        """(sequence of the first, lines) for records `low` to `high`, a block at a time."""
+        mark = (low - 1) // MARK_EVERY
+        offset, sequence = view.marks[mark] if view.marks else 0, mark * MARK_EVERY + 1
+        if start is not None and sequence <= start[1] <= low:
+            offset, sequence = start
+        # Read no further than the mark after `high`: a short read reads little.
+        following = (high - 1) // MARK_EVERY + 1
+        if following < len(view.marks) and following * MARK_EVERY + 1 <= view.count:
+            stop = view.marks[following]
+        else:
+            stop = view.end
         try:
-            file = path.open("rb")
+            file = view.path.open("rb")
         except OSError as exc:
-            raise _storage_error(exc, path) from None
+            raise storage_error(exc, view.path) from None
         with file:
-            step = sequences.step
-            for start in range(0, len(sequences), MESSAGE_RECORDS):
-                chunk = sequences[start : start + MESSAGE_RECORDS]
-                low, high = min(chunk[0], chunk[-1]), max(chunk[0], chunk[-1])
-                file.seek(window.start(low))
-                data = file.read(window.end(high) - window.start(low))
-                if len(data) <= MESSAGE_BYTES:
-                    records = _parse_span(path, data, low, high, window, decode=decode)
-                    yield records if step > 0 else records[::-1]
-                    continue
-                base, size = window.start(low), 0
-                run: list[T] = []
-                for sequence in chunk:
-                    begin, end = window.start(sequence) - base, window.end(sequence) - base
-                    if run and size + end - begin > MESSAGE_BYTES:
-                        yield run
-                        run, size = [], 0
-                    run.append(decode(path, data[begin:end], sequence, begin + base))
-                    size += end - begin
-                if run:
-                    yield run
+            file.seek(offset)
+            left = stop - offset
+            carry = b""
+            while sequence <= high:
+                block = file.read(min(_BLOCK, left))
+                if not block:
+                    raise DataLossError(
+                        f"{view.path} ends before record {sequence}, which it held: it was "
+                        "cut or replaced behind agentlog's back; read it again",
+                        reason="CONCURRENT_WRITER",
+                        metadata={"file": str(view.path)},
+                    )
+                left -= len(block)
+                data = carry + block if carry else block
+                cut = data.rfind(b"\n") + 1
+                lines = data[:cut].split(b"\n")
+                lines.pop()
+                carry = data[cut:]
+                if data[:1] != b"{" or data.count(b"\n{", 0, cut) != len(lines) - 1:
+                    # Blank lines between records are no records.
+                    lines = [line for line in lines if line[:1] == b"{" or line.strip()]
+                if sequence < low:
+                    skip = min(low - sequence, len(lines))
+                    del lines[:skip]
+                    sequence += skip
+                del lines[high - sequence + 1 :]
+                if lines:
+                    yield sequence, lines
+                    sequence += len(lines)
+
+    def _offset_of(self, view: _View, sequence: int) -> int:
+        """Where record `sequence` starts (on the error path only)."""
+        mark = (sequence - 1) // MARK_EVERY
+        offset, number = view.marks[mark], mark * MARK_EVERY + 1
+        with view.path.open("rb") as file:
+            file.seek(offset)
+            for line in file:
+                if line[:1] == b"{" or line.strip():
+                    if number == sequence:
+                        return offset
+                    number += 1
+                offset += len(line)
+        return offset
 
     def head(self, session_id: str) -> EventRecord | None:
         check_session_id(session_id)
-        path = self._path(session_id)
-        with self._lock(session_id):
-            with self._guard:
-                cached = session_id in self._states
-            if not cached:
-                # Without the session's state at hand, read only the last line.
-                found = self._head_from_index(session_id, path)
-                if found is not None:
-                    return found
-            state = self._state(session_id)
-            if state.damage is not None:
-                raise state.damage
-            if state.last_sequence == 0:
-                return None
-            return self._records_at(path, state, [state.last_sequence])[0]
+        with self._lock:
+            cached = session_id in self._states
+        if not cached:
+            # Without the session's state at hand, read only the last line.
+            found = self._head_from_index(session_id)
+            if found is not None:
+                return found
+        view = self._view(session_id)
+        if view.count == 0:
+            return None
+        return self._at(view, view.count, self._last_offset(session_id, view))
 
-    def _head_from_index(self, session_id: str, path: Path) -> EventRecord | None:
+    def _last_offset(self, session_id: str, view: _View) -> int:
+        with self._lock:
+            state = self._states.get(session_id)
+            if state is not None and state.count == view.count:
+                return state.last_offset
+        return self._offset_of(view, view.count)
+
+    def _at(self, view: _View, sequence: int, offset: int) -> EventRecord:
+        """The record `sequence`, whose line starts at `offset`."""
+        try:
+            with view.path.open("rb") as file:
+                line = read_line(file, offset, view.end)
+        except OSError as exc:
+            raise storage_error(exc, view.path) from None
+        try:
+            return record_from_line(line, sequence)
+        except DecodeError as exc:
+            number = line_number(view.path, offset)
+            raise corrupt_line(view.path, number, str(exc), sequence, offset) from None
+
+    def _head_from_index(self, session_id: str) -> EventRecord | None:
         """The last record, read backwards from the end, when the index vouches for the file.
 
         None (use the full path) unless the file is exactly as last indexed and its
         last line is a whole record that does not end a batch cut short.
         """
+        path = self._path(session_id)
         indexed = self._index.indexed(session_id)
-        if indexed is None or indexed[1] == 0:
+        if indexed is None or indexed.records == 0:
             return None
-        size, count = indexed
         try:
             with path.open("rb") as file:
-                if file.seek(0, os.SEEK_END) != size:
+                if os.fstat(file.fileno()).st_ino != indexed.inode:
                     return None
-                line = _last_line(file, size)
+                if file.seek(0, os.SEEK_END) != indexed.size:
+                    return None
+                line = last_line(file, indexed.size)
         except OSError:
             return None
         if line is None:
@@ -585,15 +1041,11 @@ class JsonlSessionRepository(_semantics.Store):
         try:
             obj = orjson.loads(line)
             batch_end = obj.get("batch_end")
-            if isinstance(batch_end, int) and batch_end > count:
+            if isinstance(batch_end, int) and batch_end > indexed.records:
                 return None
-            return record_from_json(obj, count)
+            return record_from_line(line, indexed.records)
         except (orjson.JSONDecodeError, DecodeError, AttributeError):
             return None
-
-    def _records_at(self, path: Path, state: _Session, sequences: list[int]) -> list[EventRecord]:
-        wanted = range(sequences[0], sequences[-1] + 1)
-        return list(self._stream(path, _window(state, wanted), wanted, _decode))
 
     def read_all(self, from_position: int, limit: int | None = None) -> Iterator[FeedRecord]:
         check_count(from_position, "from_position")
@@ -603,45 +1055,57 @@ class JsonlSessionRepository(_semantics.Store):
 
     def _read_all(self, position: int, limit: int | None) -> Iterator[FeedRecord]:
         remaining = limit
-        for entry_position, session_id, sequence, count in self._feed.entries_from(position):
+        for entry_position, session_id, sequence, count, offset in self._feed.entries_from(
+            position
+        ):
             if not session_id:
                 continue  # a gap
             skip = max(position - entry_position, 0)
             first, last = sequence + skip, sequence + count - 1
             if remaining is not None:
                 last = min(last, first + remaining - 1)
-            path = self._path(session_id)
-            with self._lock(session_id):
-                state = self._state(session_id)
-                if state.damage is not None:
-                    raise state.damage
-                wanted = range(first, min(last, state.last_sequence) + 1)
-                window = _window(state, wanted)
-            for record in self._stream(path, window, wanted, _decode):
-                yield FeedRecord(entry_position + record.sequence - sequence, record)
+            view = self._view(session_id)
+            last = min(last, view.count)
+            start = (offset, sequence) if offset >= 0 else None
+            for run in self._forward(view, first, last, _RECORDS, start):
+                for record in run:
+                    yield FeedRecord(entry_position + record.sequence - sequence, record)
             if remaining is not None:
-                remaining -= len(wanted)
+                remaining -= max(last - first + 1, 0)
                 if remaining <= 0:
                     return
 
     def last_position(self) -> int:
-        return self._feed.last_position
+        with self._lock:
+            return self._feed.last_position
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
         check_record_id(parent_id, "parent_id")
         children: list[EventRecord] = []
-        for session_id, sequence in self._index.children(parent_id):
-            path = self._path(session_id)
-            with self._lock(session_id):
-                state = self._state(session_id)
-                if sequence > state.last_sequence:
-                    continue  # the index ran ahead of a file cut since: nothing to serve
-                wanted = range(sequence, sequence + 1)
-                window = _window(state, wanted)
-            for record in self._stream(path, window, wanted, _decode):
-                if record.parent_id == parent_id:
-                    children.append(record)
+        views: dict[str, _View] = {}
+        for place in self._index.children(parent_id):
+            view = views.get(place.session_id)
+            if view is None:
+                view = views[place.session_id] = self._children_view(place.session_id)
+            if place.sequence > view.count:
+                continue  # the index ran ahead of a file cut since: nothing to serve
+            record = self._at(view, place.sequence, place.offset)
+            if record.parent_id == parent_id:
+                children.append(record)
         return children
+
+    def _children_view(self, session_id: str) -> _View:
+        """A view for reading records at offsets the index gave: the session's state if
+        at hand, or just what the index holds if it vouches for the file."""
+        path = self._path(session_id)
+        with self._lock:
+            state = self._states.get(session_id)
+            if state is not None and (state.unacked or state.identity == _identity(path)):
+                return state.view()
+        indexed = self._index.indexed(session_id)
+        if indexed is not None and (indexed.inode, indexed.size) == _identity(path):
+            return _View(path, array("Q"), indexed.records, indexed.size)
+        return self._view(session_id)
 
     def list_sessions(
         self, *, page_size: int | None = None, page_token: str | None = None
@@ -655,14 +1119,14 @@ class JsonlSessionRepository(_semantics.Store):
         while index < len(catalog) and len(infos) < size:
             session_id = catalog[index]
             index += 1
-            with self._lock(session_id):
-                state = self._state(session_id)
-                if state.last_sequence == 0:
+            state = self._state(session_id)
+            with self._lock:
+                if state.count == 0:
                     continue  # an empty or vanished file is no session
                 infos.append(
                     SessionInfo(
                         session_id=session_id,
-                        event_count=state.last_sequence,
+                        event_count=state.count,
                         first_timestamp_ns=state.first_timestamp_ns,
                         last_timestamp_ns=state.last_timestamp_ns,
                         head_id=state.head_id,
@@ -676,28 +1140,159 @@ class JsonlSessionRepository(_semantics.Store):
         """Ids of the sessions that have a file, in byte order."""
         return list(self._sessions_in_order())
 
+    # --- state ---
+
+    def _state(self, session_id: str) -> _Session:
+        """The session's state, rebuilt if its file changed since last seen."""
+        path = self._path(session_id)
+        while True:
+            with self._lock:
+                state = self._states.get(session_id)
+                if state is not None and (state.unacked or state.identity == _identity(path)):
+                    self._states.move_to_end(session_id)
+                    return state
+            with self._builder(session_id):
+                with self._lock:  # built by another thread meanwhile?
+                    state = self._states.get(session_id)
+                    if state is not None and (state.unacked or state.identity == _identity(path)):
+                        return state
+                built = self._build(session_id, path)
+                with self._lock:
+                    current = self._states.get(session_id)
+                    if current is not None and current.unacked:
+                        return current  # a new session, being written: that state is the truth
+                    if built.identity != _identity(path):
+                        continue  # changed while we read it: again
+                    self._close_file(session_id)  # it may be for a file since replaced
+                    self._install(session_id, built)
+                self._feed_catch_up(session_id, built)
+                return built
+
+    def _build(self, session_id: str, path: Path) -> _Session:
+        """A session's state from the index, which vouches for a file it indexed to its
+        end, reading only the first and last lines; else from a scan of the file."""
+        identity = _identity(path)
+        indexed = self._index.catch_up(session_id, path)
+        if identity == _MISSING or indexed is None:
+            return _Session(path)
+        if (indexed.inode, indexed.size) == identity:
+            marks = self._index.marks(session_id)
+            if len(marks) == (indexed.records + MARK_EVERY - 1) // MARK_EVERY:
+                with contextlib.suppress(
+                    OSError, ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError
+                ):
+                    scan = describe(path, indexed.records, indexed.size, indexed.last_offset, marks)
+                    return _Session.of(path, identity, scan)
+        return _Session.of(path, identity, scan_file(path, MARK_EVERY))
+
+    def _feed_catch_up(self, session_id: str, state: _Session) -> None:
+        """Stage feed positions for records of the session the feed lacks, and wait."""
+        done = threading.Event()
+        with self._lock:
+            if self._halted is not None or self._closing:
+                return
+            self._tickets += 1
+            staging = _Staging(self._tickets, [], lambda _: done.set())
+            self._stage_feed_catch_up(staging, session_id, state)
+            if not staging.written:
+                return
+            self._write_feed(staging)
+            finished = self._settle(staging)
+        _finish(finished)
+        done.wait()
+
+    def _install(self, session_id: str, state: _Session) -> None:
+        """Keep a state (hold the lock), dropping the least recently used beyond the limit."""
+        self._states[session_id] = state
+        self._states.move_to_end(session_id)
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used states beyond the limit, except those being
+        written (hold the lock). A thread using an evicted state still holds it."""
+        states = self._states
+        while len(states) > self.max_cached_sessions:
+            evictable = (s for s, state in states.items() if not state.unacked)
+            evicted = next(evictable, None)
+            if evicted is None:
+                return
+            del states[evicted]
+
+    def _builder(self, session_id: str) -> threading.Lock:
+        with self._lock:
+            return self._builders.setdefault(session_id, threading.Lock())
+
+    def _sessions_in_order(self) -> list[str]:
+        mtime = os.stat(self.root).st_mtime_ns
+        if self._catalog is None or mtime != self._catalog_mtime:
+            ids = []
+            with os.scandir(self.root) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if not name.endswith(SUFFIX) or not entry.is_file():
+                        continue
+                    try:
+                        ids.append(check_session_id(name[: -len(SUFFIX)]))
+                    except AgentlogError:
+                        continue  # not a file agentlog could have written or served
+            self._catalog = sorted(ids, key=str.encode)
+            self._catalog_mtime = mtime
+        return self._catalog
+
+    def _add_to_catalog(self, session_id: str) -> None:
+        if self._catalog is not None:
+            index = bisect.bisect_left(self._catalog, session_id.encode(), key=str.encode)
+            if index == len(self._catalog) or self._catalog[index] != session_id:
+                self._catalog = [*self._catalog[:index], session_id, *self._catalog[index:]]
+            self._catalog_mtime = os.stat(self.root).st_mtime_ns
+
+    def _path(self, session_id: str) -> Path:
+        # check_session_id has refused separators, NUL and dot-names, so this
+        # is always a direct child of root.
+        return self.root / f"{session_id}{SUFFIX}"
+
+    # --- closing ---
+
     def close(self) -> None:
-        """Release the data directory for another process. Idempotent."""
+        """Finish what is staged, sync, and release the data directory. Idempotent."""
         fd, self._directory_lock = self._directory_lock, -1
-        if fd >= 0:
-            if hasattr(self, "_index"):
-                self._syncer.close()
-                self._feed.close()
-                self._index.close()
-                if self._halted is not None:
-                    os.close(fd)  # not a clean stop: the next open checks everything
-                    return
-                # Everything is synced: the next open may skip checking the feed.
-                clean = self.root / CLEAN_FILE
-                try:
-                    clean.write_bytes(b"")
-                    fsync_path(clean)
-                    fsync_path(self.root)
-                except OSError as exc:
-                    with contextlib.suppress(OSError):
-                        clean.unlink(missing_ok=True)  # the next open checks instead
-                    log.warning("%s: could not record a clean stop: %s", self.root, exc)
-            os.close(fd)  # closing the descriptor releases the flock
+        if fd < 0:
+            return
+        if hasattr(self, "_sync_thread"):
+            with self._lock:
+                self._closing = True
+                self._cond.notify_all()
+            if self._sync_thread is not None:
+                self._sync_thread.join()
+            clean = self._halted is None
+            try:
+                paths, self._dirty = self._dirty, set()
+                self._syncer.sync(paths | {self.root}, elsewhere=paths & self._elsewhere)
+            except OSError as exc:
+                log.error("%s: the last sync failed: %s", self.root, exc)
+                clean = False
+            for session_id in list(self._files):
+                self._close_file(session_id)
+            self._feed.close()
+            self._index.close()
+            self._syncer.close()
+            if clean:
+                self._mark_clean()
+        elif hasattr(self, "_syncer"):
+            self._syncer.close()
+        os.close(fd)  # closing the descriptor releases the flock
+
+    def _mark_clean(self) -> None:
+        """Everything is synced: the next open may skip checking the feed."""
+        clean = self.root / CLEAN_FILE
+        try:
+            clean.write_bytes(b"")
+            fsync_path(clean)
+            fsync_path(self.root)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                clean.unlink(missing_ok=True)  # the next open checks instead
+            log.warning("%s: could not record a clean stop: %s", self.root, exc)
 
     def __enter__(self) -> JsonlSessionRepository:
         return self
@@ -710,619 +1305,55 @@ class JsonlSessionRepository(_semantics.Store):
         if getattr(self, "_directory_lock", -1) >= 0:
             self.close()
 
-    # --- state ---
 
-    def _state(self, session_id: str) -> _Session:
-        """The session's state, rebuilt if its file changed since last seen. Hold its lock."""
-        path = self._path(session_id)
-        try:
-            stat = os.stat(path)
-            identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        except FileNotFoundError:
-            identity = (0, 0, 0)
-        except OSError as exc:
-            raise _storage_error(exc, path) from None
-        with self._guard:
-            state = self._states.get(session_id)
-            if state is not None:
-                self._states.move_to_end(session_id)
-        if state is None or state.identity != identity:
-            state = _load_state(path, identity)
-            with self._guard:
-                replaced = self._states.pop(session_id, None)
-                if replaced is not None:
-                    self._held_offsets -= len(replaced.offsets)
-                self._states[session_id] = state
-                self._held_offsets += len(state.offsets)
-                self._evict()
-            self._index.catch_up(session_id, path)
-            # Records the feed lacks: an append cut short by a crash, or lines
-            # another writer (arcan) added to a session agentlog writes.
-            self._feed_catch_up(session_id, state)
-        return state
-
-    def _evict(self) -> None:
-        """Drop the least recently used states beyond the limits. Hold the guard.
-
-        A thread using an evicted state still holds it; the next use rebuilds
-        it (under that session's lock). The newest state always stays.
-        """
-        states = self._states
-        while len(states) > 1 and (
-            len(states) > self.max_cached_sessions or self._held_offsets > self.max_cached_offsets
-        ):
-            self._held_offsets -= len(states.popitem(last=False)[1].offsets)
-
-    def _forget_state(self, session_id: str) -> None:
-        with self._guard:
-            forgotten = self._states.pop(session_id, None)
-            if forgotten is not None:
-                self._held_offsets -= len(forgotten.offsets)
-
-    def _sessions_in_order(self) -> list[str]:
-        mtime = os.stat(self.root).st_mtime_ns
-        with self._guard:
-            if self._catalog is None or mtime != self._catalog_mtime:
-                ids = []
-                with os.scandir(self.root) as entries:
-                    for entry in entries:
-                        name = entry.name
-                        if not name.endswith(SUFFIX) or not entry.is_file():
-                            continue
-                        try:
-                            ids.append(check_session_id(name[: -len(SUFFIX)]))
-                        except AgentlogError:
-                            continue  # not a file agentlog could have written or served
-                self._catalog = sorted(ids, key=str.encode)
-                self._catalog_mtime = mtime
-            return self._catalog
-
-    def _add_to_catalog(self, session_id: str) -> None:
-        with self._guard:
-            if self._catalog is not None:
-                index = bisect.bisect_left(self._catalog, session_id.encode(), key=str.encode)
-                if index == len(self._catalog) or self._catalog[index] != session_id:
-                    self._catalog.insert(index, session_id)
-                self._catalog_mtime = os.stat(self.root).st_mtime_ns
-
-    def _path(self, session_id: str) -> Path:
-        # check_session_id has refused separators, NUL and dot-names, so this
-        # is always a direct child of root.
-        return self.root / f"{session_id}{SUFFIX}"
-
-    def _lock(self, session_id: str) -> threading.Lock:
-        lock = self._locks.get(session_id)
-        if lock is None:
-            with self._guard:
-                lock = self._locks.setdefault(session_id, threading.Lock())
-        return lock
+def _finish(stagings: list[_Staging]) -> None:
+    """Answer finished stagings (without the store's lock: `done` may take others)."""
+    for staging in stagings:
+        staging.done(
+            [
+                outcome if isinstance(outcome, Exception) else outcome[0]
+                for outcome in staging.outcomes
+                if outcome is not None
+            ]
+        )
 
 
-LOCK_FILE = ".agentlog.lock"
-
-
-def _lock_directory(root: Path) -> int:
-    """Take the data directory for this process (flock), or say who has it."""
-    path = root / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+def _identity(path: Path) -> Identity:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise FailedPreconditionError(
-            f"the data directory {root} is in use by another agentlog process (pid {holder}); "
-            "one process may write a data directory at a time. Stop it, or use another "
-            "--data-dir.",
-            reason="DATA_DIR_LOCKED",
-            metadata={"pid": holder},
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-_LOAD_BLOCK = 4 << 20
-_NEWLINE = re.compile(b"\n")
-
-
-def _load_state(path: Path, identity: tuple[int, int, int]) -> _Session:
-    """Read a session file once, a block at a time, finding where each record starts.
-
-    Only the first and last records are parsed (for the timestamps and the
-    head, and to see whether the file ends inside a batch); a damaged line in
-    the middle is reported when it is read.
-    """
-    state = _Session(identity=identity)
-    if identity == (0, 0, 0):
-        state.offsets.append(0)
-        return state
-    offsets = state.offsets
-    try:
-        with path.open("rb") as file:
-            carry, base = b"", 0  # bytes of an unfinished line, and their file offset
-            while block := file.read(_LOAD_BLOCK):
-                data = carry + block
-                cut = data.rfind(b"\n") + 1
-                start = 0
-                for match in _NEWLINE.finditer(data, 0, cut):
-                    end = match.end()
-                    if data[start : start + 1] == b"{" or data[start:end].strip():
-                        offsets.append(base + start)
-                    start = end
-                carry, base = data[cut:], base + cut
-            end = base
-            if carry.strip():
-                state.damage = DataLossError(
-                    f"{path}, line {_line_number(path, base)}: an incomplete last line (no "
-                    f"newline) starts at byte offset {base}; the session cannot be read or "
-                    "appended to until it is repaired",
-                    reason="TORN_LAST_LINE",
-                    metadata={"file": str(path), "offset": str(base)},
-                )
-            end = _check_tail(path, file, state, end)
+        stat = os.stat(path)
     except FileNotFoundError:
-        state = _Session()
-        state.offsets.append(0)
-        return state
+        return _MISSING
     except OSError as exc:
-        raise _storage_error(exc, path) from None
-    offsets.append(end)
-    return state
+        raise storage_error(exc, path) from None
+    return (stat.st_ino, stat.st_size)
 
 
-def _read_record_line(file: BinaryIO, offsets: array[int], index: int, end: int) -> Any:
-    """The parsed JSON of record `index` (0-based); raises on damage."""
-    file.seek(offsets[index])
-    stop = offsets[index + 1] if index + 1 < len(offsets) else end
-    return orjson.loads(file.read(stop - offsets[index]))
+def _runs(blocks: Iterator[tuple[int, list[bytes]]]) -> Iterator[tuple[int, list[bytes]]]:
+    """Blocks of lines regrouped into runs of at most MESSAGE_RECORDS lines and
+    (unless one line is larger) MESSAGE_BYTES."""
+    pending: list[bytes] = []
+    first = 0
+    for sequence, lines in blocks:
+        if not pending:
+            first = sequence
+        pending.extend(lines)
+        while len(pending) >= MESSAGE_RECORDS:
+            run = pending[:MESSAGE_RECORDS]
+            del pending[:MESSAGE_RECORDS]
+            yield from _by_size(first, run)
+            first += len(run)
+    if pending:
+        yield from _by_size(first, pending)
 
 
-def _check_tail(path: Path, file: BinaryIO, state: _Session, end: int) -> int:
-    """Head and timestamps from the first and last records, and a batch cut short.
-
-    Returns where the readable records end.
-    """
-    offsets = state.offsets
-    count = len(offsets)
-    if count == 0:
-        return end
-    try:
-        last = _read_record_line(file, offsets, count - 1, end)
-        first = last if count == 1 else _read_record_line(file, offsets, 0, end)
-        batch_end = last.get("batch_end")
-        if isinstance(batch_end, int) and batch_end > count:
-            # The file ends inside a batch: its first lines landed, the rest did not.
-            index = count - 1
-            while (
-                index > 0
-                and _read_record_line(file, offsets, index - 1, end).get("batch_end") == batch_end
-            ):
-                index -= 1
-            cut = offsets[index]
-            state.damage = DataLossError(
-                f"{path}: the batch of sequences {index + 1} to {batch_end} was cut short after "
-                f"sequence {count}, from byte offset {cut}; the session cannot be read or "
-                "appended to until the partial batch is removed",
-                reason="TORN_LAST_LINE",
-                metadata={"file": str(path), "offset": str(cut)},
-            )
-            del offsets[index:]
-            if not offsets:
-                return cut
-            last = _read_record_line(file, offsets, index - 1, cut)
-            end = cut
-        state.first_timestamp_ns = parse_timestamp(first["timestamp"])
-        state.started_here = "sequence" in first
-        state.last_timestamp_ns = parse_timestamp(last["timestamp"])
-        state.head_id = str(last["id"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        # The head itself is damaged: reads stop before it.
-        offset = offsets.pop()
-        if state.damage is None:
-            state.damage = _damage(path, _line_number(path, offset), f"{type(exc).__name__}: {exc}")
-        return offset
-    return end
-
-
-def _last_line(file: BinaryIO, size: int) -> bytes | None:
-    """The last non-blank line of a file that ends with a newline, read backwards."""
-    start, tail = size, b""
-    while start > 0:
-        start = max(start - _TAIL_BLOCK, 0)
-        file.seek(start)
-        tail = file.read(size - start)
-        if not tail.endswith(b"\n"):
-            return None
-        body = tail.rstrip()
-        cut = body.rfind(b"\n")
-        if cut >= 0 or start == 0:
-            line = body[cut + 1 :]
-            return line if line.strip() else None
-    return None
-
-
-def _line_number(path: Path, offset: int) -> int:
-    """The line number of the line starting at `offset` (on the error path only)."""
-    lines = 1
-    with path.open("rb") as file:
-        remaining = offset
-        while remaining > 0 and (block := file.read(min(_LOAD_BLOCK, remaining))):
-            lines += block.count(b"\n")
-            remaining -= len(block)
-    return lines
-
-
-def _parse_span(
-    path: Path, data: bytes, first: int, last: int, window: _Offsets, *, decode: _Decoder[T]
-) -> list[T]:
-    """The records `first` to `last` from `data`, the file's bytes from record `first` on."""
-    if decode is _decode_fields:
-        lines = data.split(b"\n")
-        if len(lines) == last - first + 2:  # no blank lines between: one line a record
-            try:
-                del lines[-1]
-                return record_fields_from_lines(lines, first)  # type: ignore[return-value]
-            except DecodeError:
-                pass  # the line by line path says where
-    base = window.start(first)
-    return [
-        decode(path, data[window.start(s) - base : window.end(s) - base], s, window.start(s))
-        for s in range(first, last + 1)
-    ]
-
-
-@dataclass
-class _Staged:
-    """A session's part of a group: lines written to its file, not yet durable."""
-
-    path: Path
-    state: _Session
-    lengths: list[int] = field(default_factory=list)
-    """Of each line written, in order."""
-    identity: tuple[int, int, int] = (0, 0, 0)
-
-    def __post_init__(self) -> None:
-        self.last = self.state.last_sequence
-        self.size = self.state.offsets[-1]
-        self.new_file = self.last == 0 and self.state.identity == (0, 0, 0)
-        self._acknowledged = 0
-
-    def add(self, lengths: list[int], identity: tuple[int, int, int]) -> None:
-        self.lengths.extend(lengths)
-        self.last += len(lengths)
-        self.size += sum(lengths)
-        self.identity = identity
-
-    def acknowledge(self, records: list[EventRecord]) -> None:
-        """Make the next written records part of the session's state (in write order)."""
-        state = self.state
-        offset = state.offsets.pop()
-        for length in self.lengths[self._acknowledged : self._acknowledged + len(records)]:
-            state.offsets.append(offset)
-            offset += length
-        state.offsets.append(offset)
-        self._acknowledged += len(records)
-        if records[0].sequence == 1:
-            state.first_timestamp_ns = records[0].timestamp_ns
-        state.last_timestamp_ns = records[-1].timestamp_ns
-        state.head_id = records[-1].id
-        if self._acknowledged == len(self.lengths):
-            state.identity = self.identity
-
-
-@dataclass
-class _Group:
-    """Appends written together and made durable by one sync round."""
-
-    holders: dict[str, list[tuple[str, int]]]
-    """Where the store holds ids of the appends (fetched in one query)."""
-    locks: dict[str, threading.Lock] = field(default_factory=dict)
-    sessions: dict[str, _Staged] = field(default_factory=dict)
-    appended: list[tuple[int, str, list[EventRecord]]] = field(default_factory=list)
-    """(index in the appends, session, records) of each append written, in order."""
-    ids: set[str] = field(default_factory=set)
-
-    def admits(self, append: PendingAppend, lock: threading.Lock) -> bool:
-        """Whether `append` can join: False ends the group first.
-
-        It cannot if it names an id written in the group (a retry must see the
-        first attempt stored), or if its session's lock is busy: waiting for it
-        while holding others could deadlock.
-        """
-        if any(item.id in self.ids for item in append.batch):
-            return False
-        if append.session_id in self.locks:
-            return True
-        if not lock.acquire(blocking=False):
-            return False
-        self.locks[append.session_id] = lock
-        return True
-
-    def release(self) -> None:
-        for lock in self.locks.values():
-            lock.release()
-        self.locks.clear()
-
-
-@dataclass(frozen=True, slots=True)
-class _Offsets:
-    """Where records `first`.. start in a file; the last entry is where the last one ends."""
-
-    first: int
-    offsets: array[int]
-
-    def start(self, sequence: int) -> int:
-        return self.offsets[sequence - self.first]
-
-    def end(self, sequence: int) -> int:
-        return self.offsets[sequence - self.first + 1]
-
-
-def _window(state: _Session, sequences: range) -> _Offsets:
-    """A copy of just the offsets a read of `sequences` needs (reads run without the lock)."""
-    if not sequences:
-        return _Offsets(1, array("Q"))
-    low, high = min(sequences[0], sequences[-1]), max(sequences[0], sequences[-1])
-    return _Offsets(low, state.offsets[low - 1 : high + 1])
-
-
-FEED_FILE = ".agentlog.feed"
-RECOVERED_DIR = ".agentlog-recovered"
-CLEAN_FILE = ".agentlog.clean"
-_TAIL_BLOCK = 1 << 12
-
-
-def _torn_tail(path: Path) -> tuple[int | None, str]:
-    """Where a file's unfinished tail starts (None: it has none) and what it is."""
-    with path.open("rb") as file:
-        size = file.seek(0, os.SEEK_END)
-        if size == 0:
-            return None, ""
-        start = max(size - _TAIL_BLOCK, 0)
-        file.seek(start)
-        tail = file.read()
-        while not tail.rstrip(b" \t\r").endswith(b"\n") and b"\n" not in tail and start > 0:
-            start = max(start - _TAIL_BLOCK, 0)  # a long torn line: find where it starts
-            file.seek(start)
-            tail = file.read()
-        if not tail.endswith(b"\n") and tail.strip():
-            newline = tail.rfind(b"\n")
-            return start + newline + 1, "an incomplete last line"
-        # A batch cut short: its last line present names a later batch_end.
-        lines = tail.split(b"\n")
-        if start > 0:
-            lines = lines[1:]  # the first may be a fragment of a longer line
-        records = [line for line in lines if line.strip()]
-        if not records:
-            return None, ""
-        try:
-            last = orjson.loads(records[-1])
-            batch_end, sequence = last.get("batch_end"), last.get("sequence")
-        except (orjson.JSONDecodeError, AttributeError):
-            return None, ""  # a damaged line is reported by reads, not cut
-        if not isinstance(batch_end, int) or not isinstance(sequence, int):
-            return None, ""
-        if batch_end <= sequence:
-            return None, ""
-        first = sequence - (batch_end - sequence)  # a lower bound; find the batch's first line
-        data = path.read_bytes()
-        position = len(data)
-        for line in reversed(data[:-1].split(b"\n")):
-            position -= len(line) + 1
-            if not line.strip():
-                continue
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                break
-            if obj.get("batch_end") != batch_end:
-                position += len(line) + 1
-                break
-            if obj.get("sequence", 0) <= first:
-                break
-        return max(position, 0), f"a batch cut short (sequences up to {batch_end} expected)"
-
-
-class _Feed:
-    """The store's commit log: one line per append, giving every record a global position.
-
-    `<root>/.agentlog.feed` holds `{"position", "session_id", "sequence", "count"}`
-    lines: records `sequence`.. of the session hold positions `position`.. in
-    commit order. It is written under the session's lock right after the
-    session's lines (and synced with them), so feed order keeps every
-    session's order. Positions are never reused.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-        self.positions = array("Q")
-        self.sequences = array("Q")
-        self.counts = array("Q")
-        self.sessions: list[str] = []
-        self._covered: dict[str, int] = {}
-        self.last_position = 0
-        self._load()
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-
-    def _load(self) -> None:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return
-        good = 0
-        for line in data.splitlines(keepends=True):
-            try:
-                entry = orjson.loads(line) if line.endswith(b"\n") else None
-                if entry is None or entry["position"] != self.last_position + 1:
-                    break
-                self._add(entry["position"], entry["session_id"], entry["sequence"], entry["count"])
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                break
-            good += len(line)
-        if good < len(data):
-            # Our own index, cut short by a crash: its tail was never acknowledged.
-            log.warning(
-                "%s: dropping %d bytes after byte offset %d that are not whole feed entries",
-                self.path,
-                len(data) - good,
-                good,
-            )
-            os.truncate(self.path, good)
-
-    def _add(self, position: int, session_id: str, sequence: int, count: int) -> None:
-        session_id = sys.intern(session_id)
-        self.positions.append(position)
-        self.sessions.append(session_id)
-        self.sequences.append(sequence)
-        self.counts.append(count)
-        if session_id:  # "" marks a gap: positions dropped after a loss, never reused
-            self._covered[session_id] = sequence + count - 1
-        self.last_position = position + count - 1
-
-    def commit(self, entries: list[tuple[str, int, int]]) -> int:
-        """Give each `(session_id, sequence, count)` the next `count` positions, in order:
-        records `sequence`.. of the session. Returns the first position; one write."""
-        with self.lock:
-            first = position = self.last_position + 1
-            lines = []
-            for session_id, sequence, count in entries:
-                fields = {
-                    "position": position,
-                    "session_id": session_id,
-                    "sequence": sequence,
-                    "count": count,
-                }
-                lines.append(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
-                position += count
-            size = os.fstat(self.fd).st_size
-            try:
-                view = memoryview(b"".join(lines))
-                while view:
-                    view = view[os.write(self.fd, view) :]
-            except OSError as exc:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self.fd, size)
-                raise _storage_error(exc, self.path) from None
-            position = first
-            for session_id, sequence, count in entries:
-                self._add(position, session_id, sequence, count)
-                position += count
-            return first
-
-    def cut_beyond(self, counts: dict[str, int]) -> None:
-        """Drop the feed from its first entry naming records a session file does not hold.
-
-        Possible after a power loss under the `interval` or `never` policies: the
-        feed line reached the disk, the session's lines did not.
-        """
-        for index in range(len(self.positions)):
-            end = self.sequences[index] + self.counts[index] - 1
-            if end > counts.get(self.sessions[index], 0):
-                keep = index
-                break
-        else:
-            return
-        log.warning(
-            "%s: dropping feed entries from position %d on: they name records the session "
-            "files do not hold (lost before they reached the disk)",
-            self.path,
-            self.positions[keep],
-        )
-        first_dropped, last_dropped = self.positions[keep], self.last_position
-        with self.path.open("rb") as file:
-            offset = sum(len(file.readline()) for _ in range(keep))
-        os.truncate(self.path, offset)
-        for column in (self.positions, self.sequences, self.counts):
-            del column[keep:]
-        del self.sessions[keep:]
-        self._covered = {}
-        for session_id, sequence, count in zip(
-            self.sessions, self.sequences, self.counts, strict=True
-        ):
-            if session_id:
-                self._covered[session_id] = sequence + count - 1
-        # A gap entry (no session) keeps the dropped positions from being handed out
-        # again: a consumer that stored one must not skip a new record.
-        self.last_position = first_dropped - 1
-        self.commit([("", 0, last_dropped - first_dropped + 1)])
-        fsync_path(self.path)
-
-    def covered(self, session_id: str) -> int:
-        """The last sequence of a session that has a position (0: none)."""
-        with self.lock:
-            return self._covered.get(session_id, 0)
-
-    def entries_from(self, position: int) -> Iterator[tuple[int, str, int, int]]:
-        """(position, session_id, sequence, count) of the entries holding `position` on."""
-        with self.lock:
-            index = max(bisect.bisect_right(self.positions, position) - 1, 0)
-            end = len(self.positions)
-        while index < end:
-            with self.lock:
-                batch = [
-                    (self.positions[i], self.sessions[i], self.sequences[i], self.counts[i])
-                    for i in range(index, min(index + _READ_CHUNK, end))
-                ]
-            for entry in batch:
-                if entry[0] + entry[3] > position:
-                    yield entry
-            index += len(batch)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def _damage(path: Path, line_number: int, why: str) -> DataLossError:
-    return DataLossError(
-        f"{path}, line {line_number}: not an arcan EventRecord ({why}); the session cannot be "
-        "read until the line is repaired or removed",
-        reason="CORRUPT_LINE",
-        metadata={"file": str(path), "line": str(line_number)},
-    )
-
-
-def _decode(path: Path, line: bytes, sequence: int, offset: int) -> EventRecord:
-    return _decoded(path, line, sequence, offset, record_from_line)
-
-
-def _decode_fields(path: Path, line: bytes, sequence: int, offset: int) -> dict[str, Any]:
-    return _decoded(path, line, sequence, offset, record_fields_from_line)
-
-
-def _decoded(
-    path: Path, line: bytes, sequence: int, offset: int, decode: Callable[[bytes, int], T]
-) -> T:
-    # Blank lines may sit between records; they belong to the span of the record before.
-    try:
-        return decode(line.strip(), sequence)
-    except DecodeError as exc:
-        number = _line_number(path, offset)
-        raise DataLossError(
-            f"{path}, line {number} (record {sequence}, byte offset {offset}): not an arcan "
-            f"EventRecord ({exc}); the session cannot be read until the line is repaired "
-            "or removed",
-            reason="CORRUPT_LINE",
-            metadata={
-                "file": str(path),
-                "line": str(number),
-                "offset": str(offset),
-                "sequence": str(sequence),
-            },
-        ) from None
-
-
-def _storage_error(exc: OSError, path: Path) -> AgentlogError:
-    """The agentlog error for a failed file operation; re-raises ones it has no status for."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhaustedError(
-            f"no space left to write {path}: free disk space, then retry",
-            reason="DISK_FULL",
-        )
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return FailedPreconditionError(
-            f"cannot write {path}: {exc.strerror}; check the data directory's permissions",
-            reason="DATA_DIR_UNUSABLE",
-        )
-    raise exc
+def _by_size(first: int, lines: list[bytes]) -> Iterator[tuple[int, list[bytes]]]:
+    if sum(map(len, lines)) <= MESSAGE_BYTES:
+        yield first, lines
+        return
+    start, size = 0, 0
+    for index, line in enumerate(lines):
+        if index > start and size + len(line) > MESSAGE_BYTES:
+            yield first + start, lines[start:index]
+            start, size = index, 0
+        size += len(line)
+    yield first + start, lines[start:]

@@ -23,7 +23,7 @@ from agentlog import (
     UnavailableError,
     WrongExpectedSequence,
 )
-from agentlog.server import JsonlSessionRepository, MemorySessionRepository
+from agentlog.server import JsonlSessionRepository, MemorySessionRepository, _durability
 from tests.contract import delta, started
 from tests.servers import running_server
 
@@ -366,18 +366,6 @@ def test_session_states_are_evicted_and_rebuilt(data: Path) -> None:
         assert len(repo._states) == 3
 
 
-def test_session_states_are_evicted_by_their_size_too(data: Path) -> None:
-    with JsonlSessionRepository(data) as repo:
-        repo.max_cached_offsets = 25  # offsets: one a record, plus one
-        for n in range(3):
-            repo.append_batch(f"s{n}", [NewEvent(event=delta(f"s{n}", "x")) for _ in range(10)])
-        assert list(repo._states) == ["s1", "s2"]
-        repo.append_batch("big", [NewEvent(event=delta("big", "x")) for _ in range(30)])
-        assert list(repo._states) == ["big"]  # the newest stays, whatever its size
-        assert [r.sequence for r in repo.load_session("s0")][-1] == 10
-        assert list(repo._states) == ["s0"]
-
-
 def test_a_cold_head_reads_only_the_last_line(data: Path) -> None:
     with JsonlSessionRepository(data) as repo:
         for i in range(5):
@@ -459,17 +447,24 @@ def test_a_group_commit_decides_each_append_as_if_alone_and_in_order(
     repo.close()
 
 
+@pytest.mark.parametrize("use_syncfs", [True, False], ids=["syncfs", "fsync"])
 def test_a_failed_sync_stops_appends_until_a_restart_and_loses_nothing(
-    data: Path, monkeypatch: pytest.MonkeyPatch
+    data: Path, monkeypatch: pytest.MonkeyPatch, use_syncfs: bool
 ) -> None:
-    repo = JsonlSessionRepository(data)
+    if use_syncfs and _durability._SYNCFS is None:
+        pytest.fail("syncfs(2) with error reporting (Linux 5.8+) is expected on this machine")
+    repo = JsonlSessionRepository(data, use_syncfs=use_syncfs)
+    assert repo._syncer.method == ("syncfs" if use_syncfs else "fsync")
     kept = repo.append(AppendEvent(session_id="s", event=started("s")))
     size = (data / "s.jsonl").stat().st_size
 
-    def failing_fsync(fd: int) -> None:
+    def failing_sync(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(os, "fsync", failing_fsync)
+    if use_syncfs:
+        monkeypatch.setattr(_durability, "_syncfs", failing_sync)
+    else:
+        monkeypatch.setattr(os, "fsync", failing_sync)
     with pytest.raises(UnavailableError, match="restart") as failed:
         repo.append(AppendEvent(session_id="s", event=delta("s", "lost")))
     assert failed.value.reason == "STORAGE_HALTED"

@@ -1,0 +1,202 @@
+"""The JSONL store's commit log: every append in commit order, with global positions.
+
+`<root>/.agentlog.feed` holds one `{"position", "session_id", "sequence",
+"count", "offset"}` line per append: records `sequence`.. of the session hold
+positions `position`.., and the first starts at byte `offset` of the session
+file (absent in feeds written before it was kept). Lines are written when an
+append is staged, right after its session lines, and synced with them; an entry
+is served (and counted in `last_position`) once its append is acknowledged.
+Positions are never reused.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import os
+import sys
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from agentlog.server._files import storage_error
+
+log = logging.getLogger("agentlog.server")
+
+FEED_FILE = ".agentlog.feed"
+_READ_CHUNK = 256
+# One append's entry: (position, session_id, sequence, count, offset); session ""
+# marks a gap, offset -1 an unknown offset.
+Entry = tuple[int, str, int, int, int]
+
+
+class Feed:
+    """The commit log. Not thread-safe: the store calls it under its lock, except
+    `entries_from`, which may run beside the writer (it copies under the GIL)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.positions = array("Q")
+        self.sequences = array("Q")
+        self.counts = array("Q")
+        self.offsets = array("q")
+        self.sessions: list[str] = []
+        self.last_position = 0  # the last acknowledged position
+        self._load()
+        self.next_position = self.last_position + 1  # the next to hand out
+        self._covered: dict[str, int] = {}  # written, acknowledged or not
+        for session_id, sequence, count in zip(
+            self.sessions, self.sequences, self.counts, strict=True
+        ):
+            if session_id:
+                self._covered[session_id] = sequence + count - 1
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.size = self.acknowledged_size = os.fstat(self.fd).st_size
+
+    def _load(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        good = 0
+        for line in data.splitlines(keepends=True):
+            try:
+                entry = orjson.loads(line) if line.endswith(b"\n") else None
+                if entry is None or entry["position"] != self.last_position + 1:
+                    break
+                position, session_id = entry["position"], entry["session_id"]
+                sequence, count = entry["sequence"], entry["count"]
+                self.add((position, session_id, sequence, count, entry.get("offset", -1)))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                break
+            good += len(line)
+        if good < len(data):
+            # Our own log, cut short by a crash: its tail was never acknowledged.
+            log.warning(
+                "%s: dropping %d bytes after byte offset %d that are not whole feed entries",
+                self.path,
+                len(data) - good,
+                good,
+            )
+            os.truncate(self.path, good)
+
+    def reserve(self, session_id: str, sequence: int, count: int, offset: int) -> Entry:
+        """The entry giving records `sequence`.. of a session (the first at byte
+        `offset`, -1 if unknown) the next `count` positions, handed out now."""
+        entry = (self.next_position, session_id, sequence, count, offset)
+        self.next_position += count
+        if session_id:
+            self._covered[session_id] = sequence + count - 1
+        return entry
+
+    def write(self, entries: list[Entry]) -> None:
+        """Write reserved entries, in one write."""
+        lines = b"".join(
+            orjson.dumps(
+                {"position": p, "session_id": s, "sequence": q, "count": c, "offset": o}
+                if o >= 0
+                else {"position": p, "session_id": s, "sequence": q, "count": c},
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+            for p, s, q, c, o in entries
+        )
+        try:
+            view = memoryview(lines)
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
+            raise storage_error(exc, self.path) from None
+        self.size += len(lines)
+
+    def add(self, entry: Entry) -> None:
+        """Serve a written entry: its append is acknowledged."""
+        position, session_id, sequence, count, offset = entry
+        session_id = sys.intern(session_id)
+        self.positions.append(position)
+        self.sessions.append(session_id)
+        self.sequences.append(sequence)
+        self.counts.append(count)
+        self.offsets.append(offset)
+        self.last_position = position + count - 1
+
+    def abandon(self) -> None:
+        """Forget what was written and not acknowledged (a failed sync or write)."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, self.acknowledged_size)
+        self.size = self.acknowledged_size
+        self.next_position = self.last_position + 1
+        self._covered = {}
+        for session_id, sequence, count in zip(
+            self.sessions, self.sequences, self.counts, strict=True
+        ):
+            if session_id:
+                self._covered[session_id] = sequence + count - 1
+
+    def covered(self, session_id: str) -> int:
+        """The last sequence of a session that has a position, acknowledged or not (0: none)."""
+        return self._covered.get(session_id, 0)
+
+    def cut_beyond(self, counts: dict[str, int]) -> int | None:
+        """Drop the feed from its first entry naming records a session file does not hold.
+
+        Possible after a power loss under the `interval` or `never` policies: the
+        feed line reached the disk, the session's lines did not. Returns the file's
+        new size if it was cut; the caller syncs it.
+        """
+        for index in range(len(self.positions)):
+            end = self.sequences[index] + self.counts[index] - 1
+            if end > counts.get(self.sessions[index], 0):
+                keep = index
+                break
+        else:
+            return None
+        log.warning(
+            "%s: dropping feed entries from position %d on: they name records the session "
+            "files do not hold (lost before they reached the disk)",
+            self.path,
+            self.positions[keep],
+        )
+        first_dropped, last_dropped = self.positions[keep], self.last_position
+        with self.path.open("rb") as file:
+            offset = sum(len(file.readline()) for _ in range(keep))
+        for column in (self.positions, self.sequences, self.counts, self.offsets):
+            del column[keep:]
+        del self.sessions[keep:]
+        self.last_position = first_dropped - 1
+        self.acknowledged_size = offset
+        self.abandon()
+        # A gap entry (no session) keeps the dropped positions from being handed out
+        # again: a consumer that stored one must not skip a new record.
+        gap = self.reserve("", 0, last_dropped - first_dropped + 1, -1)
+        self.write([gap])
+        self.add(gap)
+        self.acknowledged_size = self.size
+        return self.size
+
+    def entries_from(self, position: int) -> Iterator[Entry]:
+        """The acknowledged entries holding `position` and after."""
+        index = max(bisect.bisect_right(self.positions, position) - 1, 0)
+        end = len(self.positions)
+        while index < end:
+            batch = [
+                (
+                    self.positions[i],
+                    self.sessions[i],
+                    self.sequences[i],
+                    self.counts[i],
+                    self.offsets[i],
+                )
+                for i in range(index, min(index + _READ_CHUNK, end))
+            ]
+            for entry in batch:
+                if entry[0] + entry[3] > position:
+                    yield entry
+            index += len(batch)
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -1,0 +1,310 @@
+"""What the JSONL store knows of files as bytes: taking the data directory, cutting
+torn tails at open, scanning a file for its records, reading one line, and the
+errors a file can cause."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+
+from agentlog._records import parse_timestamp
+from agentlog.errors import (
+    AgentlogError,
+    DataLossError,
+    FailedPreconditionError,
+    ResourceExhaustedError,
+)
+
+log = logging.getLogger("agentlog.server")
+
+LOCK_FILE = ".agentlog.lock"
+_BLOCK = 4 << 20
+_TAIL_BLOCK = 1 << 12
+_NEWLINE = re.compile(b"\n")
+
+
+def lock_directory(root: Path) -> int:
+    """Take the data directory for this process (flock), or say who has it."""
+    path = root / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FailedPreconditionError(
+            f"the data directory {root} is in use by another agentlog process (pid {holder}); "
+            "one process may write a data directory at a time. Stop it, or use another "
+            "--data-dir.",
+            reason="DATA_DIR_LOCKED",
+            metadata={"pid": holder},
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def storage_error(exc: OSError, path: Path) -> AgentlogError:
+    """The agentlog error for a failed file operation; re-raises ones it has no status for."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhaustedError(
+            f"no space left to write {path}: free disk space, then retry",
+            reason="DISK_FULL",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return FailedPreconditionError(
+            f"cannot write {path}: {exc.strerror}; check the data directory's permissions",
+            reason="DATA_DIR_UNUSABLE",
+        )
+    raise exc
+
+
+def corrupt_line(
+    path: Path, number: int, why: str, sequence: int | None = None, offset: int | None = None
+) -> DataLossError:
+    """The error for line `number` (record `sequence`, at byte `offset`, where known),
+    which is not an arcan EventRecord."""
+    metadata = {"file": str(path), "line": str(number)}
+    where = ""
+    if sequence is not None and offset is not None:
+        where = f" (record {sequence}, byte offset {offset})"
+        metadata |= {"offset": str(offset), "sequence": str(sequence)}
+    return DataLossError(
+        f"{path}, line {number}{where}: not an arcan EventRecord ({why}); the session cannot "
+        "be read until the line is repaired or removed",
+        reason="CORRUPT_LINE",
+        metadata=metadata,
+    )
+
+
+def line_number(path: Path, offset: int) -> int:
+    """The line number of the line starting at `offset` (on the error path only)."""
+    lines = 1
+    with path.open("rb") as file:
+        remaining = offset
+        while remaining > 0 and (block := file.read(min(_BLOCK, remaining))):
+            lines += block.count(b"\n")
+            remaining -= len(block)
+    return lines
+
+
+def read_line(file: BinaryIO, offset: int, end: int) -> bytes:
+    """The line starting at `offset` (without its newline); records end by `end`."""
+    file.seek(offset)
+    size = min(_TAIL_BLOCK, end - offset)
+    data = file.read(size)
+    while b"\n" not in data and offset + len(data) < end:
+        more = file.read(min(len(data), end - offset - len(data)))
+        if not more:
+            break
+        data += more
+    return data.split(b"\n", 1)[0]
+
+
+def last_line(file: BinaryIO, size: int) -> bytes | None:
+    """The last non-blank line of a file that ends with a newline, read backwards."""
+    start, tail = size, b""
+    while start > 0:
+        start = max(start - _TAIL_BLOCK, 0)
+        file.seek(start)
+        tail = file.read(size - start)
+        if not tail.endswith(b"\n"):
+            return None
+        body = tail.rstrip()
+        cut = body.rfind(b"\n")
+        if cut >= 0 or start == 0:
+            line = body[cut + 1 :]
+            return line if line.strip() else None
+    return None
+
+
+@dataclass
+class FileScan:
+    """What a session file holds, as far as it can be read."""
+
+    count: int = 0
+    end: int = 0  # where the readable records end
+    marks: array[int] = field(default_factory=lambda: array("Q"))
+    last_offset: int = 0
+    first_timestamp_ns: int = 0
+    last_timestamp_ns: int = 0
+    head_id: str = ""
+    started_here: bool = False
+    damage: DataLossError | None = None
+
+
+def scan_file(path: Path, mark_every: int) -> FileScan:
+    """Read a session file once, a block at a time, finding where each record starts.
+
+    For a file the index cannot vouch for (never indexed, or damaged). Only the
+    first and last records are parsed (timestamps, head, a batch cut short); a
+    damaged line in the middle is reported when it is read.
+    """
+    offsets = array("Q")
+    scan = FileScan()
+    try:
+        with path.open("rb") as file:
+            carry, base = b"", 0  # bytes of an unfinished line, and their file offset
+            while block := file.read(_BLOCK):
+                data = carry + block
+                cut = data.rfind(b"\n") + 1
+                start = 0
+                for match in _NEWLINE.finditer(data, 0, cut):
+                    end = match.end()
+                    if data[start : start + 1] == b"{" or data[start:end].strip():
+                        offsets.append(base + start)
+                    start = end
+                carry, base = data[cut:], base + cut
+            end = base
+            if carry.strip():
+                scan.damage = DataLossError(
+                    f"{path}, line {line_number(path, base)}: an incomplete last line (no "
+                    f"newline) starts at byte offset {base}; the session cannot be read or "
+                    "appended to until it is repaired",
+                    reason="TORN_LAST_LINE",
+                    metadata={"file": str(path), "offset": str(base)},
+                )
+            end = _check_tail(path, file, offsets, end, scan)
+    except FileNotFoundError:
+        return FileScan()
+    except OSError as exc:
+        raise storage_error(exc, path) from None
+    scan.count, scan.end = len(offsets), end
+    scan.marks = offsets[::mark_every]
+    scan.last_offset = offsets[-1] if offsets else 0
+    return scan
+
+
+def _read_record_line(file: BinaryIO, offsets: array[int], index: int, end: int) -> Any:
+    """The parsed JSON of record `index` (0-based); raises on damage."""
+    stop = offsets[index + 1] if index + 1 < len(offsets) else end
+    file.seek(offsets[index])
+    return orjson.loads(file.read(stop - offsets[index]))
+
+
+def _check_tail(path: Path, file: BinaryIO, offsets: array[int], end: int, scan: FileScan) -> int:
+    """Head and timestamps from the first and last records, and a batch cut short
+    (its lines are dropped from `offsets`). Returns where the readable records end."""
+    count = len(offsets)
+    if count == 0:
+        return end
+    try:
+        last = _read_record_line(file, offsets, count - 1, end)
+        first = last if count == 1 else _read_record_line(file, offsets, 0, end)
+        batch_end = last.get("batch_end")
+        if isinstance(batch_end, int) and batch_end > count:
+            # The file ends inside a batch: its first lines landed, the rest did not.
+            index = count - 1
+            while (
+                index > 0
+                and _read_record_line(file, offsets, index - 1, end).get("batch_end") == batch_end
+            ):
+                index -= 1
+            cut = offsets[index]
+            scan.damage = DataLossError(
+                f"{path}: the batch of sequences {index + 1} to {batch_end} was cut short after "
+                f"sequence {count}, from byte offset {cut}; the session cannot be read or "
+                "appended to until the partial batch is removed",
+                reason="TORN_LAST_LINE",
+                metadata={"file": str(path), "offset": str(cut)},
+            )
+            del offsets[index:]
+            if not offsets:
+                return cut
+            last = _read_record_line(file, offsets, index - 1, cut)
+            end = cut
+        scan.first_timestamp_ns = parse_timestamp(first["timestamp"])
+        scan.started_here = "sequence" in first
+        scan.last_timestamp_ns = parse_timestamp(last["timestamp"])
+        scan.head_id = str(last["id"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        # The head itself is damaged: reads stop before it.
+        offset = offsets.pop()
+        if scan.damage is None:
+            scan.damage = corrupt_line(
+                path, line_number(path, offset), f"{type(exc).__name__}: {exc}"
+            )
+        return offset
+    return end
+
+
+def describe(path: Path, count: int, end: int, last_offset: int, marks: array[int]) -> FileScan:
+    """A FileScan from what the index holds of a file, reading only its first and
+    last lines; ValueError if the file is not as indexed, or ends inside a batch
+    (then scan it)."""
+    scan = FileScan(count=count, end=end, marks=marks, last_offset=last_offset)
+    if count == 0:
+        return scan
+    if not marks:
+        raise ValueError("no marks")
+    with path.open("rb") as file:
+        first = orjson.loads(read_line(file, marks[0], end))
+        last = orjson.loads(read_line(file, last_offset, end))
+    batch_end = last.get("batch_end")
+    if isinstance(batch_end, int) and batch_end > count:
+        raise ValueError("ends inside a batch")
+    scan.first_timestamp_ns = parse_timestamp(first["timestamp"])
+    scan.started_here = "sequence" in first
+    scan.last_timestamp_ns = parse_timestamp(last["timestamp"])
+    scan.head_id = str(last["id"])
+    return scan
+
+
+def torn_tail(path: Path) -> tuple[int | None, str]:
+    """Where a file's unfinished tail starts (None: it has none) and what it is."""
+    with path.open("rb") as file:
+        size = file.seek(0, os.SEEK_END)
+        if size == 0:
+            return None, ""
+        start = max(size - _TAIL_BLOCK, 0)
+        file.seek(start)
+        tail = file.read()
+        while not tail.rstrip(b" \t\r").endswith(b"\n") and b"\n" not in tail and start > 0:
+            start = max(start - _TAIL_BLOCK, 0)  # a long torn line: find where it starts
+            file.seek(start)
+            tail = file.read()
+        if not tail.endswith(b"\n") and tail.strip():
+            newline = tail.rfind(b"\n")
+            return start + newline + 1, "an incomplete last line"
+        # A batch cut short: its last line present names a later batch_end.
+        lines = tail.split(b"\n")
+        if start > 0:
+            lines = lines[1:]  # the first may be a fragment of a longer line
+        records = [line for line in lines if line.strip()]
+        if not records:
+            return None, ""
+        try:
+            last = orjson.loads(records[-1])
+            batch_end, sequence = last.get("batch_end"), last.get("sequence")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None, ""  # a damaged line is reported by reads, not cut
+        if not isinstance(batch_end, int) or not isinstance(sequence, int):
+            return None, ""
+        if batch_end <= sequence:
+            return None, ""
+        first = sequence - (batch_end - sequence)  # a lower bound; find the batch's first line
+        data = path.read_bytes()
+        position = len(data)
+        for line in reversed(data[:-1].split(b"\n")):
+            position -= len(line) + 1
+            if not line.strip():
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                break
+            if obj.get("batch_end") != batch_end:
+                position += len(line) + 1
+                break
+            if obj.get("sequence", 0) <= first:
+                break
+        return max(position, 0), f"a batch cut short (sequences up to {batch_end} expected)"
