@@ -575,11 +575,46 @@ _COPIED_AS_SENT = frozenset(
 )
 
 
-def appended_to_proto(record: EventRecord, sent: pb.AgentEvent) -> pb.EventRecord:
-    """The EventRecord message answering an append of `record`, whose request held `sent`."""
-    if record.event.part_type in _COPIED_AS_SENT:
-        return record_to_proto(record, sent)
-    return record_to_proto(record)
+def event_json_from_proto(message: pb.AgentEvent, path: str = "event") -> dict[str, Any]:
+    """arcan's JSON for an event a client sent, checked as event_from_proto (strict)
+    then event_to_json check it, without the Python event in between."""
+    part_type = message.WhichOneof("kind")
+    if part_type is None:
+        return event_to_json(event_from_proto(message, path))  # raises what is wrong
+    body = _PROTO_TO_JSON_BY_PART[part_type](getattr(message, part_type), f"{path}.{part_type}")
+    return {"part_type": part_type, **body}
+
+
+def appended_fields(
+    sent: pb.AgentEvent,
+    event_json: dict[str, Any],
+    *,
+    record_id: str,
+    sequence: int,
+    session_id: str,
+    parent_id: str | None,
+    timestamp_ns: int,
+) -> dict[str, Any]:
+    """The fields of the EventRecord message answering an appended event that a
+    request held as `sent` and the store holds as `event_json`.
+
+    Event kinds without JSON text are answered with the message as sent (a copy
+    made in C); the others with their JSON as stored, in its canonical spelling.
+    """
+    part_type = event_json["part_type"]
+    if part_type in _COPIED_AS_SENT:
+        event: Any = sent
+    else:
+        event = {part_type: _JSON_TO_PROTO_BY_PART[part_type](event_json, "event")}
+    seconds, nanos = divmod(timestamp_ns, _NS)
+    return {
+        "id": record_id,
+        "sequence": sequence,
+        "session_id": session_id,
+        "parent_id": parent_id,
+        "timestamp": {"seconds": seconds, "nanos": nanos},
+        "event": event,
+    }
 
 
 def record_from_proto(message: pb.EventRecord, event: AgentEvent | None = None) -> EventRecord:
@@ -634,21 +669,6 @@ def append_to_proto(append: AppendEvent) -> pb.AppendRequest:
     )
 
 
-def append_from_proto(request: pb.AppendRequest) -> AppendEvent:
-    """The append an AppendRequest asks for; InvalidArgumentError if it is malformed."""
-    if not request.HasField("event"):
-        raise InvalidArgumentError("event: is required", field="event", reason="INVALID_EVENT")
-    return AppendEvent(
-        session_id=check_session_id(request.session_id),
-        parent_id=request.parent_id if request.HasField("parent_id") else None,
-        event=event_from_proto(request.event),
-        id=request.id or None,
-        expected_sequence=(
-            request.expected_sequence if request.HasField("expected_sequence") else None
-        ),
-    )
-
-
 def batch_to_proto(
     session_id: str, events: Sequence[NewEvent], expected_sequence: int | None
 ) -> pb.AppendBatchRequest:
@@ -677,27 +697,6 @@ def batch_to_proto(
     return pb.AppendBatchRequest(
         session_id=session_id, expected_sequence=expected_sequence, events=items
     )
-
-
-def batch_from_proto(request: pb.AppendBatchRequest) -> tuple[str, list[NewEvent], int | None]:
-    """The session, events and expectation an AppendBatchRequest asks for."""
-    events = []
-    for index, item in enumerate(request.events):
-        if not item.HasField("event"):
-            raise InvalidArgumentError(
-                f"events[{index}].event: is required",
-                field=f"events[{index}].event",
-                reason="INVALID_EVENT",
-            )
-        events.append(
-            NewEvent(
-                event=event_from_proto(item.event, f"events[{index}].event"),
-                parent_id=item.parent_id if item.HasField("parent_id") else None,
-                id=item.id or None,
-            )
-        )
-    expected = request.expected_sequence if request.HasField("expected_sequence") else None
-    return check_session_id(request.session_id), events, expected
 
 
 _DIRECTIONS = {
@@ -839,6 +838,71 @@ def _maker_source(name: str, cls_name: str, fields: list[str], names: dict[str, 
     )
 
 
+def _proto_to_json_source(
+    n: int, plan: _Plan, index: dict[type, int], names: dict[str, Any]
+) -> str:
+    """`pj{n}(m, path)`: arcan's JSON for a message received from a client, checked as
+    `_to_json(_from_proto(m, ..., strict=True))` checks it, without the Python objects.
+
+    A proto string is valid UTF-8 and a proto integer is in its type's range
+    already; what is left to check is enums, closed vocabularies, required
+    messages and JSON text. Anything unusual takes the walk, which words the error.
+    """
+    slow = f"_to_json(_from_proto(m, P{n}, path, True), P{n}, path)"
+    lines = [f"def pj{n}(m, path):"]
+    out: list[tuple[str, str, bool]] = []  # key, value, omitted when None
+    checks: list[str] = []
+    for j, field in enumerate(plan.fields):
+        name, key, v = field.name, repr(field.name), f"v{j}"
+        where = f'path + ".{name}"'
+        has = f"m.HasField({key})"
+        if field.kind == _SCALAR:
+            lines.append(
+                f"    {v} = m.{name} if {has} else None"
+                if field.optional
+                else f"    {v} = m.{name}"
+            )
+            if field.allowed is not None:
+                names[f"A_{id(field)}"] = field.allowed
+                check = f"{v} in A_{id(field)}"
+                checks.append(f"({v} is None or {check})" if field.optional else check)
+            out.append((key, v, False))
+        elif field.kind == _ENUM:
+            assert field.enum_members is not None
+            names[f"S{n}_{j}"] = {number: str(m) for number, m in field.enum_members.items()}
+            if field.optional:
+                lines.append(f"    {v} = S{n}_{j}.get(m.{name}, _BAD) if {has} else None")
+            else:
+                lines.append(f"    {v} = S{n}_{j}.get(m.{name}, _BAD)")
+            checks.append(f"{v} is not _BAD")
+            out.append((key, v, False))
+        elif field.kind == _MESSAGE:
+            sub = index[field.message.py_cls] if field.message is not None else -1
+            if field.optional:
+                lines.append(f"    {v} = pj{sub}(m.{name}, {where}) if {has} else None")
+                out.append((key, v, True))
+            else:
+                lines.append(f"    if not {has}:\n        return {slow}")
+                lines.append(f"    {v} = pj{sub}(m.{name}, {where})")
+                out.append((key, v, False))
+        else:  # JSON text, parsed as untrusted input (its errors are the walk's own)
+            lines.append(f"    {v} = _parse_strict(m.{name}.json, {where}) if {has} else None")
+            out.append((key, v, False))
+    if checks:
+        lines.append(f"    if not ({' and '.join(checks)}):\n        return {slow}")
+    if any(omit for _, _, omit in out):
+        lines.append("    out = {}")
+        for key, value, omit in out:
+            if omit:
+                lines.append(f"    if {value} is not None:\n        out[{key}] = {value}")
+            else:
+                lines.append(f"    out[{key}] = {value}")
+        lines.append("    return out")
+    else:
+        lines.append("    return {" + ", ".join(f"{key}: {value}" for key, value, _ in out) + "}")
+    return "\n".join(lines) + "\n"
+
+
 def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
     index = {cls: n for n, cls in enumerate(_PLANS)}
     names: dict[str, object] = {
@@ -852,6 +916,7 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
         "_dumps": _json.dumps,
         "_encodable": _encodable,
         "_new": object.__new__,
+        "_BAD": object(),
     }
     source: list[str] = []
     for cls, n in index.items():
@@ -1019,11 +1084,12 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
             + f"    return K{n}({', '.join(a.split('=', 1)[1] for a in from_proto_args)})\n"
         )
         source.append(_maker_source(f"K{n}", f"C{n}", [f.name for f in plan.fields], names))
+        source.append(_proto_to_json_source(n, plan, index, names))
     code = "\n".join(source)
     exec(compile(code, "<agentlog codec, compiled from the proto descriptors>", "exec"), names)
     return {
         kind: {cls: cast(Callable[..., Any], names[f"{kind}{n}"]) for cls, n in index.items()}
-        for kind in ("tj", "fj", "tp", "fp", "jp", "K")
+        for kind in ("tj", "fj", "tp", "fp", "jp", "pj", "K")
     }
 
 
@@ -1033,8 +1099,10 @@ _FAST_FROM_JSON = _COMPILED["fj"]
 _FAST_TO_PROTO = _COMPILED["tp"]
 _FAST_FROM_PROTO = _COMPILED["fp"]
 _FAST_JSON_TO_PROTO = _COMPILED["jp"]
+_FAST_PROTO_TO_JSON = _COMPILED["pj"]
 _JSON_TO_PROTO_BY_PART = {part: _FAST_JSON_TO_PROTO[cls] for part, cls in EVENT_TYPES.items()}
 _FROM_PROTO_BY_PART = {part: _FAST_FROM_PROTO[cls] for part, cls in EVENT_TYPES.items()}
+_PROTO_TO_JSON_BY_PART = {part: _FAST_PROTO_TO_JSON[cls] for part, cls in EVENT_TYPES.items()}
 _EVENT_PATHS = {part: f"event.{part}" for part in EVENT_TYPES}
 _RECORD_EVENT_PATHS = {part: f"record.event.{part}" for part in EVENT_TYPES}
 

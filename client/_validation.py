@@ -9,12 +9,26 @@ from agentlog.errors import InvalidArgumentError
 MAX_SESSION_ID_BYTES = 200
 
 
+# Session ids seen to be valid lately: a session is named on every call.
+_VALID_SESSION_IDS: dict[str, None] = {}
+
+
 def check_session_id(session_id: object, field: str = "session_id") -> str:
     """Return `session_id` if it is safe as a file name, else raise InvalidArgumentError.
 
     The JSONL store names a session's file `<session_id>.jsonl`, as arcan does,
     without escaping, so an unsafe id is refused rather than rewritten.
     """
+    if type(session_id) is str and session_id in _VALID_SESSION_IDS:
+        return session_id
+    checked = _check_session_id(session_id, field)
+    if len(_VALID_SESSION_IDS) >= 4096:
+        _VALID_SESSION_IDS.clear()
+    _VALID_SESSION_IDS[checked] = None
+    return checked
+
+
+def _check_session_id(session_id: object, field: str) -> str:
 
     def refuse(rule: str) -> InvalidArgumentError:
         return InvalidArgumentError(

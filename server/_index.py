@@ -370,6 +370,15 @@ class StoreIndex:
                 pending = self._pending_ids.get(record_id)
                 if pending:
                     found.setdefault(record_id, []).extend(pending)
+        if len(record_ids) == 1:  # the common case: one append of one event
+            [record_id] = record_ids
+            with self._read_lock:
+                rows = self._reader.execute(
+                    "SELECT session, sequence, offset FROM ids WHERE key = ?", (key_of(record_id),)
+                ).fetchall()
+            for session, sequence, offset in rows:
+                self._add_found(found, record_id, session, sequence, offset)
+            return found
         keys = {key_of(record_id): record_id for record_id in record_ids}
         for key, session, sequence, offset in self._query(
             "SELECT key, session, sequence, offset FROM ids WHERE key IN ", list(keys)

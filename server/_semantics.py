@@ -19,7 +19,13 @@ from typing import Any, TypeAlias
 
 import orjson
 
-from agentlog._codec import event_to_json, record_to_proto
+from agentlog._codec import (
+    event_from_json,
+    event_json_from_proto,
+    event_to_json,
+    make_record,
+    record_to_proto,
+)
 from agentlog._events import EVENT_TYPES, AgentEvent, ReadDirection
 from agentlog._records import (
     AppendEvent,
@@ -32,6 +38,7 @@ from agentlog._records import (
 )
 from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
 from agentlog.errors import AlreadyExistsError, InvalidArgumentError, WrongExpectedSequence
+from agentlog.v1 import session_pb2 as pb
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +47,17 @@ class Prepared:
 
     id: str
     parent_id: str | None
-    event: AgentEvent
     event_json: dict[str, Any]
+    """The event as arcan's JSON: what is stored."""
+    event: AgentEvent | None = None
+    """The caller's own event object, if it gave one (in-process), else None (the wire)."""
 
     def digest(self) -> bytes:
         """What "the same content" means for a retried id: parent and event, exactly."""
         return content_digest(self.parent_id, self.event_json)
+
+    def to_event(self) -> AgentEvent:
+        return self.event if self.event is not None else event_from_json(self.event_json)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,35 +69,65 @@ class PendingAppend:
     expected: int | None
 
 
+@dataclass(slots=True)
+class Appended:
+    """What an append came to: its events stored at `first_sequence`.. at one
+    timestamp, or (a retry) found stored as `known`.
+
+    The records are only built when someone asks: a server answering over the
+    wire builds messages from the request instead.
+    """
+
+    session_id: str
+    batch: Sequence[Prepared]
+    first_sequence: int
+    timestamp_ns: int
+    known: list[EventRecord] | None = None
+
+    @property
+    def last_sequence(self) -> int:
+        return self.first_sequence + len(self.batch) - 1
+
+    def records(self) -> list[EventRecord]:
+        if self.known is None:
+            first, session_id = self.first_sequence, self.session_id
+            self.known = [
+                make_record(
+                    item.id,
+                    session_id,
+                    first + offset,
+                    item.parent_id,
+                    self.timestamp_ns,
+                    item.to_event(),
+                )
+                for offset, item in enumerate(self.batch)
+            ]
+        return self.known
+
+    @classmethod
+    def stored(
+        cls, session_id: str, batch: Sequence[Prepared], records: list[EventRecord]
+    ) -> Appended:
+        """A retry's answer: the records as the store holds them."""
+        first = records[0]
+        return cls(session_id, batch, first.sequence, first.timestamp_ns, records)
+
+
 # A stream message holds at most this many records, and no more than this many
 # bytes of them unless one record is larger, so messages stay far below any
 # size limit.
 MESSAGE_RECORDS = 256
 MESSAGE_BYTES = 1 << 20
 
-Outcome: TypeAlias = tuple[list[EventRecord], int | None] | Exception
-"""What storing one PendingAppend came to: (records, feed position; None for a
-retry) or the error it failed with."""
+Outcome: TypeAlias = tuple[Appended, int | None] | Exception
+"""What storing one PendingAppend came to: (what was appended, its first feed
+position; None for a retry) or the error it failed with."""
+
+Answer: TypeAlias = Appended | Exception
+"""What a submitted append is answered (see `Store.submit`)."""
 
 Result: TypeAlias = list[EventRecord] | Exception
-"""What a caller is answered for one PendingAppend: its records, or the error."""
-
-
-def new_records(
-    session_id: str, batch: Sequence[Prepared], last_sequence: int, timestamp_ns: int
-) -> list[EventRecord]:
-    """The records a checked batch becomes, after `last_sequence`, at one timestamp."""
-    return [
-        EventRecord(
-            id=item.id,
-            sequence=last_sequence + offset,
-            session_id=session_id,
-            parent_id=item.parent_id,
-            timestamp_ns=timestamp_ns,
-            event=item.event,
-        )
-        for offset, item in enumerate(batch, 1)
-    ]
+"""What `Store.commit` gives for one append: its records, or the error."""
 
 
 def content_digest(parent_id: str | None, event_json: object) -> bytes:
@@ -101,13 +143,7 @@ def prepare(
     batch: bool,
 ) -> list[Prepared]:
     """Check an append (batch=False: one item, fields named as in AppendRequest) or a batch."""
-    check_session_id(session_id)
-    if expected_sequence is not None:
-        check_count(expected_sequence, "expected_sequence")
-    if not items:
-        raise InvalidArgumentError(
-            "events: a batch needs at least one event", field="events", reason="INVALID_EVENT"
-        )
+    _check_append_fields(session_id, expected_sequence, items)
     prepared: list[Prepared] = []
     seen: dict[str, int] = {}
     for index, item in enumerate(items):
@@ -118,20 +154,73 @@ def prepare(
                 reason="INVALID_EVENT",
             )
         event_json = event_to_json(item.event, f"{prefix}event")
-        if item.parent_id is not None:
-            check_record_id(item.parent_id, f"{prefix}parent_id")
-        record_id = (
-            check_event_id(item.id, f"{prefix}id") if item.id is not None else new_record_ids(1)[0]
-        )
-        if record_id in seen:
-            raise InvalidArgumentError(
-                f"{prefix}id: {record_id} is also the id of events[{seen[record_id]}]",
-                field=f"{prefix}id",
-                reason="DUPLICATE_EVENT_ID",
-            )
-        seen[record_id] = index
-        prepared.append(Prepared(record_id, item.parent_id, item.event, event_json))
+        record_id = _checked_ids(item.id, item.parent_id, prefix, seen, index)
+        prepared.append(Prepared(record_id, item.parent_id, event_json, item.event))
     return prepared
+
+
+def prepare_request(request: pb.AppendRequest) -> PendingAppend:
+    """Check an AppendRequest as `prepare` checks an append, without the Python event."""
+    expected = request.expected_sequence if request.HasField("expected_sequence") else None
+    _check_append_fields(request.session_id, expected, (request,))
+    if not request.HasField("event"):
+        raise InvalidArgumentError("event: is required", field="event", reason="INVALID_EVENT")
+    event_json = event_json_from_proto(request.event)
+    parent_id = request.parent_id if request.HasField("parent_id") else None
+    record_id = _checked_ids(request.id or None, parent_id, "", {}, 0)
+    return PendingAppend(request.session_id, [Prepared(record_id, parent_id, event_json)], expected)
+
+
+def prepare_batch_request(request: pb.AppendBatchRequest) -> PendingAppend:
+    """Check an AppendBatchRequest as `prepare` checks a batch, without Python events."""
+    expected = request.expected_sequence if request.HasField("expected_sequence") else None
+    _check_append_fields(request.session_id, expected, request.events)
+    prepared: list[Prepared] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(request.events):
+        prefix = f"events[{index}]."
+        if not item.HasField("event"):
+            raise InvalidArgumentError(
+                f"{prefix}event: is required", field=f"{prefix}event", reason="INVALID_EVENT"
+            )
+        event_json = event_json_from_proto(item.event, f"{prefix}event")
+        parent_id = item.parent_id if item.HasField("parent_id") else None
+        record_id = _checked_ids(item.id or None, parent_id, prefix, seen, index)
+        prepared.append(Prepared(record_id, parent_id, event_json))
+    return PendingAppend(request.session_id, prepared, expected)
+
+
+def _check_append_fields(
+    session_id: str, expected_sequence: int | None, items: Sequence[object]
+) -> None:
+    check_session_id(session_id)
+    if expected_sequence is not None:
+        check_count(expected_sequence, "expected_sequence")
+    if not items:
+        raise InvalidArgumentError(
+            "events: a batch needs at least one event", field="events", reason="INVALID_EVENT"
+        )
+
+
+def _checked_ids(
+    record_id: str | None, parent_id: str | None, prefix: str, seen: dict[str, int], index: int
+) -> str:
+    """The event's id (a new one if it has none), once its parent and id are checked."""
+    if parent_id is not None:
+        check_record_id(parent_id, f"{prefix}parent_id")
+    record_id = check_event_id(record_id, f"{prefix}id") if record_id is not None else new_id()
+    if record_id in seen:
+        raise InvalidArgumentError(
+            f"{prefix}id: {record_id} is also the id of events[{seen[record_id]}]",
+            field=f"{prefix}id",
+            reason="DUPLICATE_EVENT_ID",
+        )
+    seen[record_id] = index
+    return record_id
+
+
+def new_id() -> str:
+    return new_record_ids(1)[0]
 
 
 def check_append(
@@ -262,8 +351,8 @@ def decode_page_token(token: str | None) -> str | None:
         ) from None
 
 
-Listener = Callable[[str, list[EventRecord], int], None]
-"""Called after every append that stored records: (session_id, records, first position)."""
+Listener = Callable[[Appended, int], None]
+"""Called after every append that stored records, with its first feed position."""
 
 
 class Store(ABC):
@@ -279,6 +368,7 @@ class Store(ABC):
 
     def __init__(self) -> None:
         self._grown = threading.Condition()
+        self._waiting = 0  # subscribers waiting on _grown
         self._last_published: dict[str, int] = {}
         self._last_position = 0
         self._listeners: list[Listener] = []
@@ -287,16 +377,19 @@ class Store(ABC):
         """Be told after each append; it runs on the writer's thread, so it must not block."""
         self._listeners.append(listener)
 
-    def _publish(self, session_id: str, records: list[EventRecord], position: int | None) -> None:
+    def _publish(self, appended: Appended, position: int | None) -> None:
         if position is None:
             return  # a retry: nothing new was stored
-        last = records[-1].sequence
-        with self._grown:
-            self._last_published[session_id] = max(last, self._last_published.get(session_id, 0))
-            self._last_position = max(position + len(records) - 1, self._last_position)
-            self._grown.notify_all()
+        session_id, last = appended.session_id, appended.last_sequence
+        # Publishers are serialized by the backend; subscribers count themselves
+        # in `_waiting` before they look, so one that waits is always woken.
+        self._last_published[session_id] = max(last, self._last_published.get(session_id, 0))
+        self._last_position = max(position + len(appended.batch) - 1, self._last_position)
+        if self._waiting:
+            with self._grown:
+                self._grown.notify_all()
         for listener in self._listeners:
-            listener(session_id, records, position)
+            listener(appended, position)
 
     def append(self, event: AppendEvent) -> EventRecord:
         return self.commit_one(self.prepare_append(event))[0]
@@ -328,33 +421,53 @@ class Store(ABC):
     def submit(
         self,
         appends: Sequence[PendingAppend],
-        done: Callable[[list[Result]], None],
+        done: Callable[[list[Answer]], None],
         *,
         block: bool = True,
+        hold: bool = False,
     ) -> bool:
         """Store checked appends, each as if alone and in this order, and call
-        `done(results)` once they are acknowledged: at once, or later from another
+        `done(answers)` once they are acknowledged: at once, or later from another
         thread (a backend that makes them durable first).
 
         With block=False, a backend may decline (False, nothing done) when storing
         would first mean slow work, such as reading a session's file: a caller on
-        an event loop then submits from a thread instead.
+        an event loop then submits from a thread instead. With hold=True, a backend
+        that syncs may wait for `release()` before it syncs these appends, so that
+        more that the caller has at hand share the sync.
         """
-        done(self.commit(appends))
+        done(self._answers(appends))
         return True
+
+    def release(self) -> None:  # noqa: B027 - nothing to do for a backend that does not sync
+        """Start making appends submitted with hold=True durable."""
+
+    def on_durable(self, acknowledge: Callable[[], bool] | None) -> None:  # noqa: B027
+        """Have `acknowledge()` called when appends are durable, for the caller to run
+        `acknowledge_durable()` where it wants the answers (a backend that syncs); it
+        returns False if it cannot."""
+
+    def acknowledge_durable(self) -> None:  # noqa: B027
+        """Acknowledge appends made durable (see `on_durable`)."""
 
     def commit(self, appends: Sequence[PendingAppend]) -> list[Result]:
         """Store checked appends, each as if alone and in this order: for each, its
         records or the error it failed with."""
-        results: list[Result] = []
-        for append, outcome in zip(appends, self._commit(appends), strict=True):
+        return [
+            answer if isinstance(answer, Exception) else answer.records()
+            for answer in self._answers(appends)
+        ]
+
+    def _answers(self, appends: Sequence[PendingAppend]) -> list[Answer]:
+        answers: list[Answer] = []
+        for outcome in self._commit(appends):
             if isinstance(outcome, Exception):
-                results.append(outcome)
+                answers.append(outcome)
                 continue
-            records, position = outcome
-            self._publish(append.session_id, records, position)
-            results.append(records)
-        return results
+            appended, position = outcome
+            self._publish(appended, position)
+            answers.append(appended)
+        return answers
 
     def commit_one(self, append: PendingAppend) -> list[EventRecord]:
         """Store one checked append; its records, or raise what it failed with."""
@@ -375,10 +488,10 @@ class Store(ABC):
 
     def _append(
         self, session_id: str, batch: list[Prepared], expected: int | None
-    ) -> tuple[list[EventRecord], int | None]:
-        """Store a checked batch: its records and the feed position of the first; for
-        a retry, the stored records and None. (A backend that overrides `commit`
-        need not implement it.)"""
+    ) -> tuple[Appended, int | None]:
+        """Store a checked batch: what was appended and the feed position of the first;
+        for a retry, the stored records and None. (A backend that overrides `commit`
+        and `submit` need not implement it.)"""
         raise NotImplementedError
 
     @abstractmethod
@@ -413,8 +526,12 @@ class Store(ABC):
                 caught_up = True
                 yield CaughtUp(next_sequence - 1)
             with self._grown:
-                while self._last_published.get(session_id, 0) < next_sequence:
-                    self._grown.wait()
+                self._waiting += 1
+                try:
+                    while self._last_published.get(session_id, 0) < next_sequence:
+                        self._grown.wait()
+                finally:
+                    self._waiting -= 1
 
     @abstractmethod
     def read_all(self, from_position: int, limit: int | None = None) -> Iterator[FeedRecord]:
@@ -445,8 +562,12 @@ class Store(ABC):
                 caught_up = True
                 yield CaughtUp(position=next_position - 1)
             with self._grown:
-                while self._last_position < next_position:
-                    self._grown.wait()
+                self._waiting += 1
+                try:
+                    while self._last_position < next_position:
+                        self._grown.wait()
+                finally:
+                    self._waiting -= 1
 
     @abstractmethod
     def read_session(

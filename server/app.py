@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -31,9 +31,10 @@ from agentlog._records import (
 )
 from agentlog.errors import UnavailableError
 from agentlog.server._semantics import (
+    Answer,
+    Appended,
     FeedFilter,
     PendingAppend,
-    Result,
     Store,
     start_position,
     start_sequence,
@@ -52,6 +53,8 @@ DEFAULT_STORAGE_THREADS = 16
 T = TypeVar("T")
 READ_CHUNK = 256
 RECENT_RECORDS = 1024
+# How long appends may wait for others before their sync starts (see _release).
+MAX_HOLD_SECONDS = 0.002
 
 
 class _Answers:
@@ -61,12 +64,12 @@ class _Answers:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
-        self._ready: list[tuple[asyncio.Future[list[Result]], list[Result]]] = []
+        self._ready: list[tuple[asyncio.Future[Answer], Answer]] = []
         self._scheduled = False
 
-    def add(self, future: asyncio.Future[list[Result]], results: list[Result]) -> None:
+    def add(self, future: asyncio.Future[Answer], answer: Answer) -> None:
         with self._lock:
-            self._ready.append((future, results))
+            self._ready.append((future, answer))
             if self._scheduled:
                 return
             self._scheduled = True
@@ -77,9 +80,9 @@ class _Answers:
         with self._lock:
             ready, self._ready = self._ready, []
             self._scheduled = False
-        for future, results in ready:
+        for future, answer in ready:
             if not future.cancelled():  # else the call went away; its append stands
-                future.set_result(results)
+                future.set_result(answer)
 
 
 class ThreadedRepository:
@@ -96,6 +99,8 @@ class ThreadedRepository:
         self._repository = repository
         self._executor = executor
         self._stopping = False
+        self._release_scheduled = False
+        self._held_since = 0.0
         self._answers: _Answers | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -126,15 +131,16 @@ class ThreadedRepository:
             return None
         return list(itertools.islice(recent, next_sequence - recent[0].sequence, None))
 
-    def _on_append(self, session_id: str, records: list[EventRecord], position: int) -> None:
-        # Runs on the writer's thread: hand over to the event loop, if anyone
-        # waits. (A subscriber registers before it reads storage, so one that
-        # registers just after this check still reads these records.)
+    def _on_append(self, appended: Appended, position: int) -> None:
+        # Runs on the thread that acknowledged the append: hand over to the event
+        # loop, if anyone waits. (A subscriber registers before it reads storage,
+        # so one that registers just after this check still reads these records.)
+        session_id = appended.session_id
         if not self._feed_waiters and not self._waiters.get(session_id):
             return
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake, session_id, records, position)
+            loop.call_soon_threadsafe(self._wake, session_id, appended.records(), position)
 
     def _wake(self, session_id: str, records: list[EventRecord], position: int) -> None:
         if self._feed_waiters:
@@ -300,12 +306,17 @@ class ThreadedRepository:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def append(self, event: AppendEvent) -> EventRecord:
-        [result] = await self._submit([self._repository.prepare_append(event)])
-        if isinstance(result, Exception):
-            raise result
-        return result[0]
+        appended = await self.submit(self._repository.prepare_append(event))
+        return appended.records()[0]
 
-    async def _submit(self, appends: list[PendingAppend]) -> list[Result]:
+    async def submit(self, append: PendingAppend) -> Appended:
+        """Store a checked append: what was appended, once acknowledged; or raise."""
+        answer = await self._submit([append])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def _submit(self, appends: list[PendingAppend]) -> Answer:
         if self._stopping:
             raise UnavailableError(
                 "the server is shutting down; retry the append (here when it is back, or "
@@ -315,23 +326,52 @@ class ThreadedRepository:
         loop = asyncio.get_running_loop()
         if self._answers is None:
             self._answers = _Answers(loop)
+            # Acknowledge durable appends here, on the loop, where they are answered.
+            acknowledge = self._repository.acknowledge_durable
+            self._repository.on_durable(lambda: self._answers_soon(loop, acknowledge))
         answers, on_loop = self._answers, threading.get_ident()
-        future: asyncio.Future[list[Result]] = loop.create_future()
+        future: asyncio.Future[Answer] = loop.create_future()
 
-        def done(results: list[Result]) -> None:
+        def done(results: list[Answer]) -> None:
             if threading.get_ident() == on_loop:
-                future.set_result(results)  # acknowledged at once
+                future.set_result(results[0])  # acknowledged at once
             else:
-                answers.add(future, results)
+                answers.add(future, results[0])
 
-        if not self._repository.submit(appends, done, block=False):
+        if self._repository.submit(appends, done, block=False, hold=True):
+            if not self._release_scheduled:
+                self._release_scheduled = True
+                self._held_since = loop.time()
+                loop.call_soon(self._release, loop)
+        else:
             submit = functools.partial(self._repository.submit, appends, done)
             await loop.run_in_executor(self._executor, submit)
         return await future
 
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Let the appends held since `_held_since` be synced (group commit), once the
+        loop has nothing else ready to run (calls that may append too), or at most
+        MAX_HOLD_SECONDS after the first: a busy server syncs many appends at once, an
+        idle one each at once."""
+        ready = getattr(loop, "_ready", None)  # asyncio's run queue; absent elsewhere
+        if ready and loop.time() - self._held_since < MAX_HOLD_SECONDS:
+            loop.call_soon(self._release, loop)
+            return
+        self._release_scheduled = False
+        self._repository.release()
+
+    @staticmethod
+    def _answers_soon(loop: asyncio.AbstractEventLoop, acknowledge: Callable[[], None]) -> bool:
+        try:
+            loop.call_soon_threadsafe(acknowledge)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
     def stop_writing(self) -> None:
         """Refuse appends from now on (at shutdown); those in flight still finish."""
         self._stopping = True
+        self._repository.on_durable(None)  # the loop is going: the store answers itself
 
     async def load_children(self, parent_id: str) -> list[EventRecord]:
         records: list[EventRecord] = await self._run(self._repository.load_children, parent_id)
@@ -349,10 +389,7 @@ class ThreadedRepository:
         expected_sequence: int | None = None,
     ) -> list[EventRecord]:
         pending = self._repository.prepare_batch(session_id, events, expected_sequence)
-        [result] = await self._submit([pending])
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return (await self.submit(pending)).records()
 
     async def read_session(
         self,

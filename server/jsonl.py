@@ -91,6 +91,8 @@ from agentlog.server._index import MARK_EVERY, Located, Row, StoreIndex
 from agentlog.server._semantics import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
+    Answer,
+    Appended,
     Outcome,
     PendingAppend,
     Prepared,
@@ -191,7 +193,7 @@ class _Written:
     index: int  # its place in the staging's appends
     session_id: str
     state: _Session | None
-    records: list[EventRecord]
+    appended: Appended | None
     entry: Entry  # its feed entry
     rows: list[Row]
     start: int  # where its lines start
@@ -208,9 +210,8 @@ class _Staging:
 
     ticket: int
     outcomes: list[Outcome | None]
-    done: Callable[[list[Result]], None]
+    done: Callable[[list[Answer]], None]
     written: list[_Written] = field(default_factory=list)
-    feed_size: int = -1  # the feed file's size after its entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,10 +299,14 @@ class JsonlSessionRepository(_semantics.Store):
         self._files: OrderedDict[str, tuple[int, int]] = OrderedDict()  # session: (fd, inode)
         self._elsewhere: set[Path] = set()  # session files on another file system
         self._unacked_ids: dict[str, Located] = {}
-        self._queue: deque[_Staging] = deque()  # staged, waiting for a sync (always)
-        self._feed_pending: list[Entry] = []  # their feed entries, written before it
+        # Staged and not yet acknowledged, in order. Under `always`, those up to
+        # ticket `_released` may be synced, those up to `_durable` are.
+        self._queue: deque[_Staging] = deque()
+        self._on_durable: Callable[[], bool] | None = None
         self._dirty: set[Path] = set()  # written since the last sync
         self._tickets = 0
+        self._released = self._durable = 0
+        self._feed_durable_size = self._feed.size
         self._sync_thread: threading.Thread | None = None
         if self.sync_policy is not SyncPolicy.NEVER:
             target = (
@@ -316,23 +321,27 @@ class JsonlSessionRepository(_semantics.Store):
 
     def commit(self, appends: Sequence[PendingAppend]) -> list[Result]:
         done = threading.Event()
-        box: list[list[Result]] = []
+        box: list[list[Answer]] = []
 
-        def finished(results: list[Result]) -> None:
-            box.append(results)
+        def finished(answers: list[Answer]) -> None:
+            box.append(answers)
             done.set()
 
         self.submit(appends, finished)
         done.wait()
-        return box[0]
+        return [a if isinstance(a, Exception) else a.records() for a in box[0]]
 
     def submit(
         self,
         appends: Sequence[PendingAppend],
-        done: Callable[[list[Result]], None],
+        done: Callable[[list[Answer]], None],
         *,
         block: bool = True,
+        hold: bool = False,
     ) -> bool:
+        """See Store.submit. With hold=True, the sync that makes these appends durable
+        waits for `release()`: a caller that has more appends at hand submits them all,
+        then releases them, and they share one sync."""
         sessions = {append.session_id for append in appends}
         while True:
             with self._lock:
@@ -346,7 +355,7 @@ class JsonlSessionRepository(_semantics.Store):
                 missing = [s for s, identity in identities.items() if identity is None]
                 if not missing:
                     staging = self._stage(appends, done, identities)  # type: ignore[arg-type]
-                    finished = self._settle(staging)
+                    finished = self._settle(staging, hold=hold)
                     break
             if not block:
                 return False
@@ -358,9 +367,9 @@ class JsonlSessionRepository(_semantics.Store):
     def _ready(self, session_id: str) -> Identity | None:
         """The file's identity if the session's state is at hand to append to; None if
         it must be loaded first (hold the lock)."""
-        path = self._path(session_id)
-        identity = self._identity_for_writing(session_id, path)
         state = self._states.get(session_id)
+        path = state.path if state is not None else self._path(session_id)
+        identity = self._identity_for_writing(session_id, path)
         if state is not None:
             if state.unacked or state.identity == identity:
                 self._states.move_to_end(session_id)
@@ -390,7 +399,7 @@ class JsonlSessionRepository(_semantics.Store):
     def _stage(
         self,
         appends: Sequence[PendingAppend],
-        done: Callable[[list[Result]], None],
+        done: Callable[[list[Answer]], None],
         identities: dict[str, Identity],
     ) -> _Staging:
         """Decide each append, in order, and write its lines (hold the lock)."""
@@ -404,7 +413,6 @@ class JsonlSessionRepository(_semantics.Store):
                 outcome = exc
             if outcome is not None:
                 staging.outcomes[index] = outcome
-        self._write_feed(staging)
         return staging
 
     def _stage_one(
@@ -450,7 +458,7 @@ class JsonlSessionRepository(_semantics.Store):
             # If the first attempt stopped between the session file and the feed
             # (a crash), the feed learns of its records now.
             self._stage_feed_catch_up(staging, session_id, state)
-            return [mine[item.id] for item in batch], None
+            return Appended.stored(session_id, batch, [mine[item.id] for item in batch]), None
         self._write_lines(staging, index, session_id, state, batch)
         identities[session_id] = state.identity
         return None
@@ -496,16 +504,16 @@ class JsonlSessionRepository(_semantics.Store):
         # One timestamp for the whole batch: it is one commit.
         timestamp_ns = time.time_ns()
         timestamp = format_timestamp(timestamp_ns)
-        records = _semantics.new_records(session_id, batch, last, timestamp_ns)
+        appended = Appended(session_id, batch, last + 1, timestamp_ns)
         lines = []
-        for item, record in zip(batch, records, strict=True):
+        for sequence, item in enumerate(batch, last + 1):
             fields: dict[str, Any] = {
                 "id": item.id,
                 "session_id": session_id,
                 "parent_id": item.parent_id,
                 "timestamp": timestamp,
                 "event": item.event_json,
-                "sequence": record.sequence,
+                "sequence": sequence,
             }
             if batch_end is not None:
                 fields["batch_end"] = batch_end
@@ -524,11 +532,11 @@ class JsonlSessionRepository(_semantics.Store):
             raise storage_error(exc, state.path) from None
         rows: list[Row] = []
         offset = start
-        for item, record, line in zip(batch, records, lines, strict=True):
-            if record.sequence % MARK_EVERY == 1:
+        for sequence, (item, line) in enumerate(zip(batch, lines, strict=True), last + 1):
+            if sequence % MARK_EVERY == 1:
                 state.marks.append(offset)
-            rows.append((item.id, item.parent_id, record.sequence, offset))
-            self._unacked_ids[item.id] = Located(session_id, record.sequence, offset)
+            rows.append((item.id, item.parent_id, sequence, offset))
+            self._unacked_ids[item.id] = Located(session_id, sequence, offset)
             offset += len(line)
         previous_last = state.written_last_offset
         inode = self._files[session_id][1]
@@ -543,7 +551,7 @@ class JsonlSessionRepository(_semantics.Store):
                 index,
                 session_id,
                 state,
-                records,
+                appended,
                 entry,
                 rows,
                 start,
@@ -571,26 +579,8 @@ class JsonlSessionRepository(_semantics.Store):
         if known and covered < state.count and state.damage is None:
             entry = self._feed.reserve(session_id, covered + 1, state.count - covered, -1)
             staging.written.append(
-                _Written(-1, session_id, None, [], entry, [], 0, 0, 0, 0, 0, False)
+                _Written(-1, session_id, None, None, entry, [], 0, 0, 0, 0, 0, False)
             )
-
-    def _write_feed(self, staging: _Staging) -> None:
-        """Write the staging's feed lines (hold the lock): now, in one write, or under
-        `always` with the next sync round's. If that fails, its appends fail and their
-        lines are taken back."""
-        if not staging.written:
-            return
-        entries = [w.entry for w in staging.written]
-        if self.sync_policy is SyncPolicy.ALWAYS:
-            self._feed_pending.extend(entries)
-            return
-        try:
-            self._feed.write(entries)
-        except AgentlogError as exc:  # a full disk, say: these appends fail, later ones may not
-            self._fail([staging], exc)
-            return
-        staging.feed_size = self._feed.size
-        self._dirty.add(self._feed.path)
 
     def _fail(self, stagings: list[_Staging], error: Exception) -> None:
         """Take back the lines of unacknowledged stagings (the newest there are) and
@@ -600,7 +590,6 @@ class JsonlSessionRepository(_semantics.Store):
                 self._take_back(written)
             staging.written.clear()
             staging.outcomes = [error] * len(staging.outcomes)
-        self._feed_pending.clear()
         self._feed.abandon()
 
     def _take_back(self, written: _Written) -> None:
@@ -622,17 +611,72 @@ class JsonlSessionRepository(_semantics.Store):
         state.identity = _identity(state.path)
         self._close_file(written.session_id)
 
-    def _settle(self, staging: _Staging) -> list[_Staging]:
-        """Acknowledge a staging now, or queue it for the sync thread (hold the lock).
-        Returns the stagings finished (to answer once the lock is released)."""
-        if self.sync_policy is SyncPolicy.ALWAYS and (staging.written or self._queue):
-            # Durable first; and in order: an outcome decided against appends
-            # still in flight must not be seen before them.
-            self._queue.append(staging)
-            self._cond.notify_all()
+    def _settle(self, staging: _Staging, *, hold: bool = False) -> list[_Staging]:
+        """Queue a staging, to be acknowledged in order once its lines are durable as
+        the policy promises (hold the lock). Returns the stagings finished now (to
+        answer once the lock is released)."""
+        self._queue.append(staging)
+        if self.sync_policy is SyncPolicy.ALWAYS:
+            if not hold:
+                self._release()
             return []
-        self._acknowledge(staging)
-        return [staging]
+        return [] if hold else self._write_and_acknowledge()
+
+    def release(self) -> None:
+        """Let appends submitted with hold=True be made durable and acknowledged."""
+        with self._lock:
+            if self.sync_policy is SyncPolicy.ALWAYS:
+                self._release()
+                return
+            finished = self._write_and_acknowledge()
+        _finish(finished)
+
+    def _release(self) -> None:
+        if self._released < self._tickets:
+            self._released = self._tickets
+            self._cond.notify_all()
+
+    def _write_and_acknowledge(self) -> list[_Staging]:
+        """Under `interval` and `never`: write the feed lines of what is queued, in one
+        write, and acknowledge it (hold the lock). Returns the stagings finished."""
+        finished = list(self._queue)
+        self._queue.clear()
+        entries = [w.entry for staging in finished for w in staging.written]
+        if entries:
+            try:
+                self._feed.write(entries)
+            except AgentlogError as exc:  # a full disk, say: these appends fail
+                self._fail(finished, exc)
+                return finished
+            self._dirty.add(self._feed.path)
+        for staging in finished:
+            self._acknowledge(staging)
+        self._feed.acknowledged_size = self._feed.size
+        return finished
+
+    def on_durable(self, acknowledge: Callable[[], bool] | None) -> None:
+        """Under `always`, have `acknowledge()` called (from the sync thread) when staged
+        appends are durable, instead of acknowledging them on that thread; if it
+        returns True, it sees to it that `acknowledge_durable()` runs. A server uses
+        this to acknowledge on its event loop, where the answers go."""
+        with self._lock:
+            self._on_durable = acknowledge
+
+    def acknowledge_durable(self) -> None:
+        """Acknowledge, in order, the queued appends the last syncs made durable."""
+        with self._lock:
+            finished = self._acknowledge_durable()
+        _finish(finished)
+
+    def _acknowledge_durable(self) -> list[_Staging]:
+        finished = []
+        while self._queue and self._queue[0].ticket <= self._durable:
+            staging = self._queue.popleft()
+            self._acknowledge(staging)
+            finished.append(staging)
+        if finished:
+            self._feed.acknowledged_size = self._feed_durable_size
+        return finished
 
     def _acknowledge(self, staging: _Staging) -> None:
         """Make a staging's appends visible, in order, and tell listeners (hold the lock)."""
@@ -641,41 +685,47 @@ class JsonlSessionRepository(_semantics.Store):
             state = written.state
             if state is None:
                 continue  # a feed entry alone
-            records = written.records
-            position, session_id, _, count, _ = written.entry
-            state.count = written.entry[2] + count - 1
+            appended = written.appended
+            assert appended is not None
+            position, session_id = written.entry[:2]
+            state.count = appended.last_sequence
             state.end = written.end
             state.last_offset = written.last_offset
-            if records[0].sequence == 1:
-                state.first_timestamp_ns = records[0].timestamp_ns
+            if appended.first_sequence == 1:
+                state.first_timestamp_ns = appended.timestamp_ns
                 state.started_here = True
-            state.last_timestamp_ns = records[-1].timestamp_ns
-            state.head_id = records[-1].id
+            state.last_timestamp_ns = appended.timestamp_ns
+            state.head_id = appended.batch[-1].id
             state.unacked -= 1
             self._index.record(
                 session_id, written.rows, written.inode, written.end, state.last_offset
             )
             for row in written.rows:
                 self._unacked_ids.pop(row[0], None)
-            staging.outcomes[written.index] = (records, position)
-            self._publish(session_id, records, position)
+            staging.outcomes[written.index] = (appended, position)
+            self._publish(appended, position)
             if written.new_file:
                 self._add_to_catalog(session_id)
-        if staging.feed_size >= 0:
-            self._feed.acknowledged_size = staging.feed_size
         self._evict()
 
     def _sync_staged(self) -> None:
-        """The sync thread under `always`: write the feed lines of what is staged, sync
-        it all, then acknowledge it."""
+        """The sync thread under `always`: write the feed lines of what is released,
+        sync it all, then acknowledge it (or have it acknowledged: `on_durable`)."""
         while True:
             with self._lock:
-                while not self._queue and not self._closing:
+                while not self._closing and self._durable >= self._released:
                     self._cond.wait()
-                if not self._queue:
+                if self._closing:
+                    self._release()
+                if self._durable >= self._released:
                     return
-                upto = self._queue[-1].ticket
-                entries, self._feed_pending = self._feed_pending, []
+                after, upto = self._durable, self._released
+                entries = [
+                    w.entry
+                    for staging in self._queue
+                    if after < staging.ticket <= upto
+                    for w in staging.written
+                ]
                 paths, self._dirty = self._dirty, set()
                 elsewhere = paths & self._elsewhere
             failed: AgentlogError | None = None
@@ -684,11 +734,13 @@ class JsonlSessionRepository(_semantics.Store):
                 if entries:
                     self._feed.write(entries)
                     paths.add(self._feed.path)
-                self._syncer.sync(paths, elsewhere=elsewhere)
+                if paths:
+                    self._syncer.sync(paths, elsewhere=elsewhere)
             except AgentlogError as exc:  # the feed could not be written (a full disk)
                 failed = exc
             except OSError as exc:
                 error = exc
+            handoff = None
             with self._lock:
                 finished: list[_Staging] = []
                 if error is not None:
@@ -697,13 +749,17 @@ class JsonlSessionRepository(_semantics.Store):
                     finished = list(self._queue)
                     self._queue.clear()
                     self._fail(finished, failed)
+                    self._durable = self._released = self._tickets
                 else:
-                    while self._queue and self._queue[0].ticket <= upto:
-                        staging = self._queue.popleft()
-                        self._acknowledge(staging)
-                        finished.append(staging)
-                    self._feed.acknowledged_size = self._feed.size
+                    self._durable = upto
+                    self._feed_durable_size = self._feed.size
+                    handoff = self._on_durable
+                    if handoff is None or self._closing:
+                        handoff = None
+                        finished = self._acknowledge_durable()
             _finish(finished)
+            if handoff is not None and not handoff():
+                self.acknowledge_durable()  # nobody took it over
 
     def _sync_every(self, seconds: float) -> Callable[[], None]:
         def run() -> None:
@@ -748,6 +804,7 @@ class JsonlSessionRepository(_semantics.Store):
         failed = list(self._queue)
         self._queue.clear()
         self._fail(failed, self._halted)
+        self._durable = self._released = self._tickets
         for session_id in list(self._files):
             self._close_file(session_id)
         return failed
@@ -1196,7 +1253,6 @@ class JsonlSessionRepository(_semantics.Store):
             self._stage_feed_catch_up(staging, session_id, state)
             if not staging.written:
                 return
-            self._write_feed(staging)
             finished = self._settle(staging)
         _finish(finished)
         done.wait()

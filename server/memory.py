@@ -18,7 +18,7 @@ from agentlog._validation import (
     check_session_id,
 )
 from agentlog.server import _semantics
-from agentlog.server._semantics import Prepared
+from agentlog.server._semantics import Appended, Prepared
 
 
 @dataclass
@@ -41,7 +41,7 @@ class MemorySessionRepository(_semantics.Store):
 
     def _append(
         self, session_id: str, batch: list[Prepared], expected: int | None
-    ) -> tuple[list[EventRecord], int | None]:
+    ) -> tuple[Appended, int | None]:
         with self._lock:
             session = self._sessions.get(session_id) or _Session()
             last = len(session.records)
@@ -54,11 +54,13 @@ class MemorySessionRepository(_semantics.Store):
                 elsewhere=self._other_sessions(session_id),
             )
             if stored is not None:
-                return [session.records[sequence - 1] for sequence in stored], None
+                records = [session.records[sequence - 1] for sequence in stored]
+                return Appended.stored(session_id, batch, records), None
             if session_id not in self._sessions:
                 self._sessions[session_id] = session
                 bisect.insort(self._session_ids, session_id, key=str.encode)
-            records = _semantics.new_records(session_id, batch, last, time.time_ns())
+            appended = Appended(session_id, batch, last + 1, time.time_ns())
+            records = appended.records()
             for item, record in zip(batch, records, strict=True):
                 session.records.append(record)
                 session.by_id[item.id] = (record.sequence, item.digest())
@@ -67,7 +69,7 @@ class MemorySessionRepository(_semantics.Store):
                     self._children[record.parent_id].append(record)
             position = len(self._feed) + 1
             self._feed.extend(records)
-            return records, position
+            return appended, position
 
     def read_session(
         self,

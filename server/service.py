@@ -20,7 +20,13 @@ from agentlog._records import CaughtUp, EventRecord
 from agentlog._status import to_grpc_status
 from agentlog._validation import check_record_id, check_session_id
 from agentlog.errors import AgentlogError, ServerError
-from agentlog.server._semantics import MESSAGE_BYTES, MESSAGE_RECORDS
+from agentlog.server._semantics import (
+    MESSAGE_BYTES,
+    MESSAGE_RECORDS,
+    Appended,
+    prepare_batch_request,
+    prepare_request,
+)
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
 
@@ -90,6 +96,28 @@ async def chunk_records(records: AsyncIterator[EventRecord]) -> AsyncIterator[li
         yield chunk
 
 
+def _answer(appended: Appended, sent: list[pb.AgentEvent]) -> list[dict[str, Any]]:
+    """The records answering an append, as message fields: from the request's events
+    and what the store says of them (for a retry, the records as stored)."""
+    known = appended.known  # a retry's records, as stored (or records built meanwhile)
+    session_id, timestamp_ns = appended.session_id, appended.timestamp_ns
+    fields = []
+    for offset, (item, event) in enumerate(zip(appended.batch, sent, strict=True)):
+        stored = known[offset] if known is not None else None
+        fields.append(
+            _codec.appended_fields(
+                event,
+                item.event_json,
+                record_id=item.id,
+                sequence=stored.sequence if stored else appended.first_sequence + offset,
+                session_id=session_id,
+                parent_id=item.parent_id,
+                timestamp_ns=stored.timestamp_ns if stored else timestamp_ns,
+            )
+        )
+    return fields
+
+
 async def _each(records: list[EventRecord]) -> AsyncIterator[EventRecord]:
     for record in records:
         yield record
@@ -103,26 +131,20 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
 
     @_translate_errors
     async def Append(self, request: pb.AppendRequest, context: Any) -> pb.AppendResponse:
-        # The answer may copy the request's event (see appended_to_proto), less
+        # The answer may copy the request's event (see appended_fields), less
         # fields this server does not know: they are not stored.
         request.DiscardUnknownFields()
-        record = await self._repository.append(_codec.append_from_proto(request))
-        return pb.AppendResponse(record=_codec.appended_to_proto(record, request.event))
+        appended = await self._repository.submit(prepare_request(request))
+        return pb.AppendResponse(record=_answer(appended, [request.event])[0])
 
     @_translate_errors
     async def AppendBatch(
         self, request: pb.AppendBatchRequest, context: Any
     ) -> pb.AppendBatchResponse:
         request.DiscardUnknownFields()  # as in Append
-        session_id, events, expected = _codec.batch_from_proto(request)
-        records = await self._repository.append_batch(
-            session_id, events, expected_sequence=expected
-        )
+        appended = await self._repository.submit(prepare_batch_request(request))
         return pb.AppendBatchResponse(
-            records=[
-                _codec.appended_to_proto(r, item.event)
-                for r, item in zip(records, request.events, strict=True)
-            ]
+            records=_answer(appended, [item.event for item in request.events])
         )
 
     @_translate_errors

@@ -14,6 +14,7 @@ from agentlog import _codec
 from agentlog._codec import (
     _FAST_FROM_JSON,
     _FAST_FROM_PROTO,
+    _FAST_PROTO_TO_JSON,
     _FAST_TO_JSON,
     _FAST_TO_PROTO,
     _PLANS,
@@ -78,6 +79,48 @@ def test_the_compiled_conversions_refuse_what_the_walk_refuses(event: Any) -> No
         missing = {k: v for k, v in as_json.items() if k != field.name}
         fast = outcome(_FAST_FROM_JSON[cls], missing, "e")
         assert fast == outcome(_from_json, missing, plan, "e")
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_messages_from_clients_become_the_json_their_events_become(event: Any) -> None:
+    cls, plan = type(event), _PLANS[type(event)]
+    message = _to_proto(event, plan)
+    as_json = _FAST_PROTO_TO_JSON[cls](message, "e")
+    assert as_json == _to_json(event, plan, "e")
+    assert list(as_json) == list(_to_json(event, plan, "e"))  # key order: arcan's
+    event_message = _codec.event_to_proto(event)
+    assert _codec.event_json_from_proto(event_message) == _codec.event_to_json(event)
+
+
+def walk_from_client(message: Any, plan: Any) -> Any:
+    return _to_json(_from_proto(message, plan, "e", True), plan, "e")
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_messages_from_clients_are_refused_alike(event: Any) -> None:
+    cls, plan = type(event), _PLANS[type(event)]
+    for field in plan.fields:
+        message = _to_proto(event, plan)
+        odd: list[Any] = []
+        if field.kind == _codec._ENUM:
+            odd = [0, 99]
+        elif field.kind == _codec._JSON:
+            odd = ["{", "NaN", "1e999", '"\\ud800"', "[1,]", "null", '{"a": 1}']
+        elif field.allowed is not None:
+            odd = ["", "LOW", "x"]
+        for value in odd:
+            message = _to_proto(event, plan)
+            if field.kind == _codec._JSON:
+                getattr(message, field.name).json = value
+            else:
+                setattr(message, field.name, value)
+            fast = outcome(_FAST_PROTO_TO_JSON[cls], message, "e")
+            assert fast == outcome(walk_from_client, message, plan)
+        if field.kind == _codec._MESSAGE:
+            message = _to_proto(event, plan)
+            message.ClearField(field.name)
+            fast = outcome(_FAST_PROTO_TO_JSON[cls], message, "e")
+            assert fast == outcome(walk_from_client, message, plan)
 
 
 def test_unknown_enum_values_in_a_message_are_refused_alike() -> None:

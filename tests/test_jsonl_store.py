@@ -391,7 +391,9 @@ def test_a_cold_head_reads_only_the_last_line(data: Path) -> None:
 def test_listeners_are_told_the_feed_positions(data: Path, backend: str) -> None:
     repo = MemorySessionRepository() if backend == "memory" else JsonlSessionRepository(data)
     told: list[tuple[str, list[int], int]] = []
-    repo.add_listener(lambda s, records, p: told.append((s, [r.sequence for r in records], p)))
+    repo.add_listener(
+        lambda a, p: told.append((a.session_id, [r.sequence for r in a.records()], p))
+    )
     repo.append(AppendEvent(session_id="x", event=started("x")))
     repo.append(AppendEvent(session_id="s", event=started("s")))
     repo.append_batch("s", [NewEvent(event=delta("s", str(i))) for i in range(2)])
@@ -420,7 +422,7 @@ def test_a_group_commit_decides_each_append_as_if_alone_and_in_order(
         repo.prepare_batch("a", [NewEvent(event=delta("a", "other"), id=first.id)], None),
     ]
     told: list[tuple[str, int, int]] = []
-    repo.add_listener(lambda s, records, p: told.append((s, records[0].sequence, p)))
+    repo.add_listener(lambda a, p: told.append((a.session_id, a.first_sequence, p)))
     results = repo.commit(appends)
 
     assert [r if isinstance(r, Exception) else [x.sequence for x in r] for r in results][:2] == [
