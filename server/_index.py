@@ -76,8 +76,53 @@ Row = tuple[str, str | None, int, int]
 
 
 def key_of(record_id: str) -> int:
-    """The index key of a record or parent id: 63 bits of its BLAKE2b hash."""
+    """The index key of a record or parent id: 60 of a canonical UUID's random bits,
+    or 63 bits of another string's BLAKE2b hash."""
+    if len(record_id) == 36 and record_id[8] == "-" and record_id[13] == "-":
+        try:
+            return int(record_id[0:8] + record_id[9:13] + record_id[15:18], 16)
+        except ValueError:
+            pass
     return int.from_bytes(hashlib.blake2b(record_id.encode(), digest_size=8).digest()) >> 1
+
+
+class KeyFilter:
+    """A Bloom filter of index keys: "absent" is certain, "present" is likely (about
+    1% false positives at capacity), so most ids never cost a query.
+
+    Filled from the index in the background at open (`ready` until then is
+    False: ask the index); every key added since goes in at once. Past its
+    capacity it is rebuilt twice as large, in the background too.
+    """
+
+    PROBES = 5
+    BITS_PER_KEY = 10
+    MIN_BITS = 1 << 17
+
+    def __init__(self, capacity: int) -> None:
+        bits = 1 << max(capacity * self.BITS_PER_KEY - 1, self.MIN_BITS - 1).bit_length()
+        self.capacity = bits // self.BITS_PER_KEY
+        self._mask = bits - 1
+        self._bits = bytearray(bits // 8)
+        self.count = 0
+        self.ready = False
+
+    def add(self, key: int) -> None:
+        bits, mask = self._bits, self._mask
+        step = (key >> 31) | 1
+        for probe in range(self.PROBES):
+            bit = (key + probe * step) & mask
+            bits[bit >> 3] |= 1 << (bit & 7)
+        self.count += 1
+
+    def might_hold(self, key: int) -> bool:
+        bits, mask = self._bits, self._mask
+        step = (key >> 31) | 1
+        for probe in range(self.PROBES):
+            bit = (key + probe * step) & mask
+            if not bits[bit >> 3] & (1 << (bit & 7)):
+                return False
+        return True
 
 
 @dataclass(slots=True)
@@ -141,7 +186,13 @@ class StoreIndex:
         self._pending_ids: dict[str, list[Located]] = {}
         self._pending_children: dict[str, list[Located]] = {}
         self._dirty: set[str] = set()  # files entries changed since the last flush
+        self._uncommitted_keys: list[int] = []  # of the rows a catch_up is writing
         self._stop = threading.Event()
+        # Every id key the index holds, for "certainly absent" without a query.
+        self._path = path
+        self._filter = KeyFilter(2 * sum(f.records for f in self._files.values()))
+        self._next_filter: KeyFilter | None = None
+        self._fill_in_background(self._filter)
         self._flusher = threading.Thread(
             target=self._flush_periodically, name="agentlog-index", daemon=True
         )
@@ -180,6 +231,7 @@ class StoreIndex:
             self._pending.setdefault(session_id, []).extend(rows)
             ids, children = self._pending_ids, self._pending_children
             for record_id, parent_id, sequence, offset in rows:
+                self._add_key(key_of(record_id))
                 where = Located(session_id, sequence, offset)
                 ids.setdefault(record_id, []).append(where)
                 if parent_id is not None:
@@ -254,13 +306,17 @@ class StoreIndex:
             for session_id, rows in pending.items():
                 self._unpend(session_id, rows)
 
-    def _insert(self, session: int, rows: Iterable[Row]) -> None:
+    def _insert(self, session: int, rows: Iterable[Row], *, new_keys: bool = False) -> None:
+        """Write rows (hold the write lock); `new_keys`: their ids are new to the filter."""
         rows = list(rows)
         db = self._db
-        db.executemany(
-            "INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?)",
-            [(key_of(record_id), session, seq, offset) for record_id, _, seq, offset in rows],
-        )
+        ids = [(key_of(record_id), session, seq, offset) for record_id, _, seq, offset in rows]
+        if new_keys:
+            with self._lock:
+                for key, _, _, _ in ids:
+                    self._add_key(key)
+                    self._uncommitted_keys.append(key)
+        db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?)", ids)
         db.executemany(
             "INSERT OR REPLACE INTO children VALUES (?, ?, ?, ?)",
             [
@@ -304,12 +360,17 @@ class StoreIndex:
                 current = IndexedFile(*_fields(entry))
             if stat.st_size == current.size:
                 return current
-            with _transaction(self._db):
-                self._index_file(path, current)
-                self._set(session_id, current)
-                self._db.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('next_session', ?)", (self._next_session,)
-                )
+            try:
+                with _transaction(self._db):
+                    self._index_file(path, current)
+                    self._set(session_id, current)
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO meta VALUES ('next_session', ?)",
+                        (self._next_session,),
+                    )
+            finally:
+                with self._lock:
+                    self._uncommitted_keys.clear()
             with self._lock:
                 if session_id in self._files:
                     self._files[session_id] = IndexedFile(*_fields(current))
@@ -334,7 +395,7 @@ class StoreIndex:
                             if not isinstance(record_id, str):
                                 raise TypeError
                         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-                            self._insert(entry.session, rows)
+                            self._insert(entry.session, rows, new_keys=True)
                             return
                         count += 1
                         parent = parent if isinstance(parent, str) else None
@@ -342,7 +403,7 @@ class StoreIndex:
                         entry.records, entry.last_offset = count, position
                     position += len(line) + 1
                     entry.size = position
-                self._insert(entry.session, rows)
+                self._insert(entry.session, rows, new_keys=True)
                 carry = data[cut:]
 
     def forget(self, session_id: str) -> None:
@@ -366,6 +427,11 @@ class StoreIndex:
         """Where records with these ids may be: candidates to confirm by reading."""
         found: dict[str, list[Located]] = {}
         with self._lock:
+            if self._filter.ready:
+                might_hold = self._filter.might_hold
+                record_ids = [i for i in record_ids if might_hold(key_of(i))]
+                if not record_ids:
+                    return found  # all new: the common case
             for record_id in record_ids:
                 pending = self._pending_ids.get(record_id)
                 if pending:
@@ -429,6 +495,51 @@ class StoreIndex:
         found.update(rows)
         return array("Q", (found[sequence] for sequence in sorted(found)))
 
+    # --- the key filter ---
+
+    def _add_key(self, key: int) -> None:
+        """Put a key in the filter (hold the lock); grow it when it is full."""
+        self._filter.add(key)
+        if self._next_filter is not None:
+            self._next_filter.add(key)
+        elif self._filter.count > self._filter.capacity:
+            bigger = self._next_filter = KeyFilter(2 * self._filter.count)
+            # Rows not yet written are not in what the new filter is filled from.
+            bigger.add(key)
+            for record_id in self._pending_ids:
+                bigger.add(key_of(record_id))
+            for uncommitted in self._uncommitted_keys:  # a catch_up's, being written
+                bigger.add(uncommitted)
+            self._fill_in_background(bigger)
+
+    def _fill_in_background(self, target: KeyFilter) -> None:
+        thread = threading.Thread(
+            target=self._fill, args=(target,), name="agentlog-index-filter", daemon=True
+        )
+        self._fillers = [t for t in getattr(self, "_fillers", []) if t.is_alive()] + [thread]
+        thread.start()
+
+    def _fill(self, target: KeyFilter) -> None:
+        """Add every key the index holds on disk to `target`, then put it in use."""
+        db = self._connect(self._path)
+        try:
+            cursor = db.execute("SELECT key FROM ids")
+            while not self._stop.is_set() and (rows := cursor.fetchmany(1 << 16)):
+                with self._lock:
+                    for (key,) in rows:
+                        target.add(key)
+        except sqlite3.Error:
+            log.exception("filling the index's key filter failed; lookups query the index")
+            return
+        finally:
+            db.close()
+        with self._lock:
+            if self._stop.is_set():
+                return
+            target.ready = True
+            if target is self._next_filter:
+                self._filter, self._next_filter = target, None
+
     def _query(self, sql: str, keys: list[int]) -> list[tuple[int, int, int, int]]:
         found: list[tuple[int, int, int, int]] = []
         with self._read_lock:
@@ -441,6 +552,8 @@ class StoreIndex:
     def close(self) -> None:
         self._stop.set()
         self._flusher.join()
+        for filler in self._fillers:
+            filler.join()
         self.flush()
         with self._write_lock:
             self._db.close()

@@ -1,0 +1,69 @@
+"""The JSONL store's index: it forgets no id, whatever it does to stay small and fast."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agentlog import AlreadyExistsError, AppendEvent, NewEvent
+from agentlog.server import JsonlSessionRepository
+from agentlog.server._index import KeyFilter, Row, StoreIndex, key_of
+from tests.contract import delta, started
+
+
+def wait_ready(index: StoreIndex) -> None:
+    deadline = time.monotonic() + 30
+    while not index._filter.ready or index._next_filter is not None:
+        assert time.monotonic() < deadline, "the key filter was never filled"
+        time.sleep(0.01)
+
+
+def test_keys_of_uuids_and_of_other_ids_are_stable_and_positive() -> None:
+    record_id = "0c7421a5-7c6f-4b3e-8517-6757d1e510f2"
+    assert key_of(record_id) == int("0c7421a57c6fb3e", 16)
+    assert key_of("not-a-uuid") == key_of("not-a-uuid") > 0
+    assert key_of("zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz") > 0  # UUID-shaped, not hex
+    assert all(0 <= key_of(str(uuid.uuid4())) < 2**63 for _ in range(1000))
+
+
+def test_the_filter_finds_every_id_while_it_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(KeyFilter, "MIN_BITS", 1 << 10)  # room for about 100 keys
+    index = StoreIndex(tmp_path)
+    wait_ready(index)
+    first_capacity = index._filter.capacity
+    ids: list[str] = []
+    for batch in range(40):
+        rows: list[Row] = [(str(uuid.uuid4()), None, len(ids) + n + 1, 0) for n in range(50)]
+        index.record("s", rows, inode=1, size=100, last=0)
+        ids += [row[0] for row in rows]
+        if batch % 3 == 0:
+            index.flush()  # some on disk, some still in memory
+        for record_id in ids[-60:]:  # and while a larger filter is being filled
+            assert record_id in index.holders([record_id]), "an id the index holds was missed"
+    wait_ready(index)
+    assert index._filter.capacity > first_capacity * 8
+    missing = [record_id for record_id in ids if record_id not in index.holders([record_id])]
+    assert missing == []
+    strangers = [str(uuid.uuid4()) for _ in range(2000)]
+    false_positives = sum(index._filter.might_hold(key_of(s)) for s in strangers)
+    assert false_positives < 100  # about 1% at capacity
+    index.close()
+
+
+def test_ids_of_an_earlier_run_are_known_once_the_filter_is_filled(tmp_path: Path) -> None:
+    with JsonlSessionRepository(tmp_path) as repo:
+        first = AppendEvent(session_id="a", event=started("a"), id=str(uuid.uuid4()))
+        stored = repo.append(first)
+        repo.append_batch("b", [NewEvent(event=delta("b", str(i))) for i in range(200)])
+        taken = repo.load_session("b")[-1].id
+    with JsonlSessionRepository(tmp_path) as repo:
+        wait_ready(repo._index)
+        assert repo.append(first) == stored  # a retry: the record as stored
+        with pytest.raises(AlreadyExistsError, match="already used by session 'b'"):
+            repo.append(AppendEvent(session_id="a", event=delta("a", "x"), id=taken))
+        assert [r.sequence for r in repo.load_session("a")] == [1]
