@@ -210,9 +210,15 @@ def _to_json(obj: object, plan: _Plan, path: str) -> dict[str, Any]:
 
 def event_to_json(event: AgentEvent, path: str = "event") -> dict[str, Any]:
     """arcan's JSON object for an event, checking every field on the way."""
-    plan = _PLANS.get(type(event))
+    part_type = _check_event_type(event, path)
+    body = _FAST_TO_JSON[type(event)](event, f"{path}.{part_type}")
+    return {"part_type": part_type, **body}
+
+
+def _check_event_type(event: AgentEvent, path: str) -> str:
+    """The event's part_type, if it is one of the event classes."""
     part_type = getattr(event, "part_type", None)
-    if plan is None or EVENT_TYPES.get(str(part_type)) is not type(event):
+    if type(event) not in _PLANS or EVENT_TYPES.get(str(part_type)) is not type(event):
         raise InvalidArgumentError(
             f"{path}: must be one of the AgentEvent classes "
             f"({', '.join(c.__name__ for c in EVENT_TYPES.values())}), "
@@ -220,24 +226,14 @@ def event_to_json(event: AgentEvent, path: str = "event") -> dict[str, Any]:
             field=path,
             reason="INVALID_EVENT",
         )
-    body = _FAST_TO_JSON[plan.py_cls](event, f"{path}.{part_type}")
-    return {"part_type": part_type, **body}
+    return str(part_type)
 
 
-def validate_append(append: AppendEvent) -> dict[str, Any]:
-    """Check an append request the same way on every backend; returns the event's JSON."""
-    if not isinstance(append, AppendEvent):
-        raise InvalidArgumentError(
-            f"append takes an AppendEvent, not {type(append).__name__}", reason="INVALID_EVENT"
-        )
-    check_session_id(append.session_id)
-    if append.parent_id is not None:
-        check_record_id(append.parent_id, "parent_id")
-    if append.id is not None:
-        check_event_id(append.id)
-    if append.expected_sequence is not None:
-        check_count(append.expected_sequence, "expected_sequence")
-    return event_to_json(append.event)
+def checked_event_fields(event: AgentEvent, path: str = "event") -> dict[str, Any]:
+    """An AgentEvent message's fields (nested dicts) for an event, checked as
+    event_to_json checks it: what a client sends."""
+    part_type = _check_event_type(event, path)
+    return {part_type: _FAST_CHECKED_FIELDS[type(event)](event, f"{path}.{part_type}")}
 
 
 def record_to_json(record: EventRecord) -> dict[str, Any]:
@@ -557,7 +553,7 @@ def record_to_proto(record: EventRecord, event: pb.AgentEvent | None = None) -> 
         sequence=record.sequence,
         session_id=record.session_id,
         parent_id=record.parent_id,
-        timestamp=_timestamp(record.timestamp_ns),
+        timestamp=timestamp_fields(record.timestamp_ns),
         event=_event_fields(record.event) if event is None else event,
     )
 
@@ -657,15 +653,27 @@ def append_to_proto(append: AppendEvent) -> pb.AppendRequest:
     """The AppendRequest for an append, checked as every backend checks it.
 
     An append without an id gets a new one here, so that a retry of the
-    request is recognised as the same append.
+    request is recognised as the same append. The answer leaves the event out:
+    the caller has it.
     """
-    validate_append(append)
+    if not isinstance(append, AppendEvent):
+        raise InvalidArgumentError(
+            f"append takes an AppendEvent, not {type(append).__name__}", reason="INVALID_EVENT"
+        )
+    check_session_id(append.session_id)
+    if append.parent_id is not None:
+        check_record_id(append.parent_id, "parent_id")
+    if append.id is not None:
+        check_event_id(append.id)
+    if append.expected_sequence is not None:
+        check_count(append.expected_sequence, "expected_sequence")
     return pb.AppendRequest(
         session_id=append.session_id,
         parent_id=append.parent_id,
-        event=_event_fields(append.event),
+        event=checked_event_fields(append.event),
         id=append.id if append.id is not None else new_record_ids(1)[0],
         expected_sequence=append.expected_sequence,
+        omit_event=True,
     )
 
 
@@ -682,20 +690,24 @@ def batch_to_proto(
     fresh = iter(new_record_ids(sum(1 for item in events if item.id is None)))
     items = []
     for index, item in enumerate(events):
+        if not isinstance(item, NewEvent):
+            raise InvalidArgumentError(
+                f"events[{index}]: must be a NewEvent, not {type(item).__name__}",
+                reason="INVALID_EVENT",
+            )
         if item.parent_id is not None:
             check_record_id(item.parent_id, f"events[{index}].parent_id")
         if item.id is not None:
             check_event_id(item.id, f"events[{index}].id")
-        event_to_json(item.event, f"events[{index}].event")
         items.append(
-            pb.BatchEvent(
-                id=item.id if item.id is not None else next(fresh),
-                parent_id=item.parent_id,
-                event=_event_fields(item.event),
-            )
+            {
+                "id": item.id if item.id is not None else next(fresh),
+                "parent_id": item.parent_id,
+                "event": checked_event_fields(item.event, f"events[{index}].event"),
+            }
         )
     return pb.AppendBatchRequest(
-        session_id=session_id, expected_sequence=expected_sequence, events=items
+        session_id=session_id, expected_sequence=expected_sequence, events=items, omit_events=True
     )
 
 
@@ -737,7 +749,8 @@ def read_from_proto(request: pb.LoadSessionRequest) -> tuple[str, int, int | Non
     return session_id, request.from_sequence, request.limit or None, direction
 
 
-def _timestamp(timestamp_ns: int) -> dict[str, int]:
+def timestamp_fields(timestamp_ns: int) -> dict[str, int]:
+    """A google.protobuf.Timestamp's fields for nanoseconds since the epoch."""
     seconds, nanos = divmod(timestamp_ns, _NS)
     return {"seconds": seconds, "nanos": nanos}
 
@@ -749,8 +762,8 @@ def page_to_proto(page: SessionPage) -> pb.ListSessionsResponse:
             pb.SessionInfo(
                 session_id=info.session_id,
                 event_count=info.event_count,
-                first_timestamp=_timestamp(info.first_timestamp_ns),
-                last_timestamp=_timestamp(info.last_timestamp_ns),
+                first_timestamp=timestamp_fields(info.first_timestamp_ns),
+                last_timestamp=timestamp_fields(info.last_timestamp_ns),
                 head_id=info.head_id,
             )
             for info in page.sessions
@@ -900,6 +913,53 @@ def _proto_to_json_source(
         lines.append("    return out")
     else:
         lines.append("    return {" + ", ".join(f"{key}: {value}" for key, value, _ in out) + "}")
+    return "\n".join(lines) + "\n"
+
+
+def _checked_fields_source(
+    n: int, plan: _Plan, index: dict[type, int], names: dict[str, Any]
+) -> str:
+    """`vp{n}(obj, path)`: the message fields (nested dicts) of a Python event,
+    checked as `_to_json` checks it (what a client sends); anything unusual takes
+    the walk, which words the error."""
+    slow = f"(_to_json(obj, P{n}, path), tp{n}(obj))[1]"
+    lines = [f"def vp{n}(obj, path):", f"    if type(obj) is not C{n}:", f"        return {slow}"]
+    checks: list[str] = []
+    out: list[str] = []
+    for j, field in enumerate(plan.fields):
+        name, v = field.name, f"v{j}"
+        where = f'path + ".{name}"'
+        lines.append(f"    {v} = obj.{name}")
+        if field.kind == _SCALAR:
+            check = _scalar_check(field, v, names)
+            checks.append(f"({v} is None or ({check}))" if field.optional else check)
+            out.append(f"{name}={v}")
+        elif field.kind == _ENUM:
+            numbers = f"E{n}_{j}"  # the same table the other conversions use
+            check = f"isinstance({v}, str) and {v} in {numbers}"
+            checks.append(f"({v} is None or ({check}))" if field.optional else check)
+            value = f"{numbers}[{v}]"
+            out.append(
+                f"{name}=None if {v} is None else {value}" if field.optional else f"{name}={value}"
+            )
+        elif field.kind == _MESSAGE:
+            sub = index[field.message.py_cls] if field.message is not None else -1
+            if field.optional:
+                checks.append(f"({v} is None or type({v}) is C{sub})")
+                out.append(f"{name}=None if {v} is None else vp{sub}({v}, {where})")
+            else:
+                checks.append(f"type({v}) is C{sub}")
+                out.append(f"{name}=vp{sub}({v}, {where})")
+        else:  # JSON: any value, checked, sent as its canonical text
+            out.append(f"{name}=None if {v} is None else {{'json': _dumps({v})}}")
+    if checks:
+        lines.append(f"    if not ({' and '.join(checks)}):")
+        lines.append(f"        return {slow}")
+    for j, field in enumerate(plan.fields):
+        if field.kind == _JSON:
+            lines.append(f"    if v{j} is not None:")
+            lines.append(f'        _check_json(v{j}, path + ".{field.name}")')
+    lines.append(f"    return {_as_dict(out)}")
     return "\n".join(lines) + "\n"
 
 
@@ -1085,11 +1145,12 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
         )
         source.append(_maker_source(f"K{n}", f"C{n}", [f.name for f in plan.fields], names))
         source.append(_proto_to_json_source(n, plan, index, names))
+        source.append(_checked_fields_source(n, plan, index, names))
     code = "\n".join(source)
     exec(compile(code, "<agentlog codec, compiled from the proto descriptors>", "exec"), names)
     return {
         kind: {cls: cast(Callable[..., Any], names[f"{kind}{n}"]) for cls, n in index.items()}
-        for kind in ("tj", "fj", "tp", "fp", "jp", "pj", "K")
+        for kind in ("tj", "fj", "tp", "fp", "jp", "pj", "vp", "K")
     }
 
 
@@ -1100,6 +1161,7 @@ _FAST_TO_PROTO = _COMPILED["tp"]
 _FAST_FROM_PROTO = _COMPILED["fp"]
 _FAST_JSON_TO_PROTO = _COMPILED["jp"]
 _FAST_PROTO_TO_JSON = _COMPILED["pj"]
+_FAST_CHECKED_FIELDS = _COMPILED["vp"]
 _JSON_TO_PROTO_BY_PART = {part: _FAST_JSON_TO_PROTO[cls] for part, cls in EVENT_TYPES.items()}
 _FROM_PROTO_BY_PART = {part: _FAST_FROM_PROTO[cls] for part, cls in EVENT_TYPES.items()}
 _PROTO_TO_JSON_BY_PART = {part: _FAST_PROTO_TO_JSON[cls] for part, cls in EVENT_TYPES.items()}

@@ -71,8 +71,8 @@ CREATE TABLE IF NOT EXISTS marks (
 ) WITHOUT ROWID;
 """
 _BLOCK = 4 << 20
-# A row of an append: (id, parent_id, sequence, byte offset of its line).
-Row = tuple[str, str | None, int, int]
+# A row of an append: (id, parent_id, sequence, byte offset of its line, key_of(id)).
+Row = tuple[str, str | None, int, int, int]
 
 
 def key_of(record_id: str) -> int:
@@ -88,16 +88,15 @@ def key_of(record_id: str) -> int:
 
 class KeyFilter:
     """A Bloom filter of index keys: "absent" is certain, "present" is likely (about
-    1% false positives at capacity), so most ids never cost a query.
+    0.5% false positives at capacity), so most ids never cost a query.
 
     Filled from the index in the background at open (`ready` until then is
     False: ask the index); every key added since goes in at once. Past its
     capacity it is rebuilt twice as large, in the background too.
     """
 
-    PROBES = 5
-    BITS_PER_KEY = 10
-    MIN_BITS = 1 << 17
+    BITS_PER_KEY = 16  # and three probes: 0.5% false positives when full
+    MIN_BITS = 1 << 23  # 1 MB: a million keys before the first rebuild
 
     def __init__(self, capacity: int) -> None:
         bits = 1 << max(capacity * self.BITS_PER_KEY - 1, self.MIN_BITS - 1).bit_length()
@@ -108,21 +107,25 @@ class KeyFilter:
         self.ready = False
 
     def add(self, key: int) -> None:
-        bits, mask = self._bits, self._mask
-        step = (key >> 31) | 1
-        for probe in range(self.PROBES):
-            bit = (key + probe * step) & mask
-            bits[bit >> 3] |= 1 << (bit & 7)
+        bits, mask, step = self._bits, self._mask, (key >> 31) | 1
+        bit = key & mask
+        bits[bit >> 3] |= 1 << (bit & 7)
+        bit = (key + step) & mask
+        bits[bit >> 3] |= 1 << (bit & 7)
+        bit = (key + 2 * step) & mask
+        bits[bit >> 3] |= 1 << (bit & 7)
         self.count += 1
 
     def might_hold(self, key: int) -> bool:
-        bits, mask = self._bits, self._mask
-        step = (key >> 31) | 1
-        for probe in range(self.PROBES):
-            bit = (key + probe * step) & mask
-            if not bits[bit >> 3] & (1 << (bit & 7)):
-                return False
-        return True
+        bits, mask, step = self._bits, self._mask, (key >> 31) | 1
+        bit = key & mask
+        if not bits[bit >> 3] & (1 << (bit & 7)):
+            return False
+        bit = (key + step) & mask
+        if not bits[bit >> 3] & (1 << (bit & 7)):
+            return False
+        bit = (key + 2 * step) & mask
+        return bool(bits[bit >> 3] & (1 << (bit & 7)))
 
 
 @dataclass(slots=True)
@@ -230,8 +233,8 @@ class StoreIndex:
                 entry = self._new_entry(session_id, inode)
             self._pending.setdefault(session_id, []).extend(rows)
             ids, children = self._pending_ids, self._pending_children
-            for record_id, parent_id, sequence, offset in rows:
-                self._add_key(key_of(record_id))
+            for record_id, parent_id, sequence, offset, key in rows:
+                self._add_key(key)
                 where = Located(session_id, sequence, offset)
                 ids.setdefault(record_id, []).append(where)
                 if parent_id is not None:
@@ -259,7 +262,7 @@ class StoreIndex:
     def _unpend(self, session_id: str, rows: list[Row]) -> None:
         """Take rows out of the in-memory lookups (hold the lock)."""
         tables = (self._pending_ids, self._pending_children)
-        for record_id, parent_id, sequence, _ in rows:
+        for record_id, parent_id, sequence, _, _ in rows:
             for name, table in zip((record_id, parent_id), tables, strict=True):
                 found = table.get(name) if name is not None else None
                 if found is None:
@@ -310,7 +313,7 @@ class StoreIndex:
         """Write rows (hold the write lock); `new_keys`: their ids are new to the filter."""
         rows = list(rows)
         db = self._db
-        ids = [(key_of(record_id), session, seq, offset) for record_id, _, seq, offset in rows]
+        ids = [(key, session, seq, offset) for _, _, seq, offset, key in rows]
         if new_keys:
             with self._lock:
                 for key, _, _, _ in ids:
@@ -321,13 +324,13 @@ class StoreIndex:
             "INSERT OR REPLACE INTO children VALUES (?, ?, ?, ?)",
             [
                 (key_of(parent), session, seq, offset)
-                for _, parent, seq, offset in rows
+                for _, parent, seq, offset, _ in rows
                 if parent is not None
             ],
         )
         db.executemany(
             "INSERT OR REPLACE INTO marks VALUES (?, ?, ?)",
-            [(session, seq, offset) for _, _, seq, offset in rows if seq % MARK_EVERY == 1],
+            [(session, seq, offset) for _, _, seq, offset, _ in rows if seq % MARK_EVERY == 1],
         )
 
     def _set(self, session_id: str, entry: IndexedFile) -> None:
@@ -399,7 +402,7 @@ class StoreIndex:
                             return
                         count += 1
                         parent = parent if isinstance(parent, str) else None
-                        rows.append((record_id, parent, count, position))
+                        rows.append((record_id, parent, count, position, key_of(record_id)))
                         entry.records, entry.last_offset = count, position
                     position += len(line) + 1
                     entry.size = position
@@ -423,33 +426,32 @@ class StoreIndex:
 
     # --- queries ---
 
-    def holders(self, record_ids: list[str]) -> dict[str, list[Located]]:
-        """Where records with these ids may be: candidates to confirm by reading."""
+    def holders(
+        self, record_ids: list[str], keys: list[int] | None = None
+    ) -> dict[str, list[Located]]:
+        """Where records with these ids (whose `keys`, if given) may be: candidates to
+        confirm by reading."""
         found: dict[str, list[Located]] = {}
+        if keys is None:
+            keys = [key_of(record_id) for record_id in record_ids]
+        by_key: dict[int, list[str]] = {}
         with self._lock:
-            if self._filter.ready:
-                might_hold = self._filter.might_hold
-                record_ids = [i for i in record_ids if might_hold(key_of(i))]
-                if not record_ids:
-                    return found  # all new: the common case
-            for record_id in record_ids:
-                pending = self._pending_ids.get(record_id)
-                if pending:
-                    found.setdefault(record_id, []).extend(pending)
-        if len(record_ids) == 1:  # the common case: one append of one event
-            [record_id] = record_ids
-            with self._read_lock:
-                rows = self._reader.execute(
-                    "SELECT session, sequence, offset FROM ids WHERE key = ?", (key_of(record_id),)
-                ).fetchall()
-            for session, sequence, offset in rows:
-                self._add_found(found, record_id, session, sequence, offset)
-            return found
-        keys = {key_of(record_id): record_id for record_id in record_ids}
+            might_hold = self._filter.might_hold if self._filter.ready else None
+            for record_id, key in zip(record_ids, keys, strict=True):
+                if might_hold is None or might_hold(key):
+                    by_key.setdefault(key, []).append(record_id)
+            if not by_key:
+                return found  # all new: the common case
+            for same_key in by_key.values():
+                for record_id in same_key:
+                    pending = self._pending_ids.get(record_id)
+                    if pending:
+                        found.setdefault(record_id, []).extend(pending)
         for key, session, sequence, offset in self._query(
-            "SELECT key, session, sequence, offset FROM ids WHERE key IN ", list(keys)
+            "SELECT key, session, sequence, offset FROM ids WHERE key IN ", list(by_key)
         ):
-            self._add_found(found, keys[key], session, sequence, offset)
+            for record_id in by_key[key]:
+                self._add_found(found, record_id, session, sequence, offset)
         return found
 
     def children(self, parent_id: str) -> list[Located]:

@@ -87,7 +87,7 @@ from agentlog.server._files import (
     storage_error,
     torn_tail,
 )
-from agentlog.server._index import MARK_EVERY, Located, Row, StoreIndex
+from agentlog.server._index import MARK_EVERY, Located, Row, StoreIndex, key_of
 from agentlog.server._semantics import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
@@ -212,6 +212,7 @@ class _Staging:
     outcomes: list[Outcome | None]
     done: Callable[[list[Answer]], None]
     written: list[_Written] = field(default_factory=list)
+    keys: dict[str, int] = field(default_factory=dict)  # the index keys of its ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +406,10 @@ class JsonlSessionRepository(_semantics.Store):
         """Decide each append, in order, and write its lines (hold the lock)."""
         self._tickets += 1
         staging = _Staging(self._tickets, [None] * len(appends), done)
-        holders = self._index.holders([item.id for append in appends for item in append.batch])
+        ids = [item.id for append in appends for item in append.batch]
+        keys = [key_of(record_id) for record_id in ids]
+        holders = self._index.holders(ids, keys)
+        staging.keys = dict(zip(ids, keys, strict=True))
         for index, append in enumerate(appends):
             try:
                 outcome = self._stage_one(staging, index, append, holders, identities)
@@ -531,11 +535,11 @@ class JsonlSessionRepository(_semantics.Store):
                 os.ftruncate(fd, start)  # never leave part of an append behind
             raise storage_error(exc, state.path) from None
         rows: list[Row] = []
-        offset = start
+        offset, keys = start, staging.keys
         for sequence, (item, line) in enumerate(zip(batch, lines, strict=True), last + 1):
             if sequence % MARK_EVERY == 1:
                 state.marks.append(offset)
-            rows.append((item.id, item.parent_id, sequence, offset))
+            rows.append((item.id, item.parent_id, sequence, offset, keys[item.id]))
             self._unacked_ids[item.id] = Located(session_id, sequence, offset)
             offset += len(line)
         previous_last = state.written_last_offset

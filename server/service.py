@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -96,11 +96,39 @@ async def chunk_records(records: AsyncIterator[EventRecord]) -> AsyncIterator[li
         yield chunk
 
 
-def _answer(appended: Appended, sent: list[pb.AgentEvent]) -> list[dict[str, Any]]:
+def _answer(appended: Appended, sent: Sequence[pb.AgentEvent] | None) -> list[dict[str, Any]]:
     """The records answering an append, as message fields: from the request's events
-    and what the store says of them (for a retry, the records as stored)."""
+    (`sent`; None: the request asked for no events in the answer) and what the
+    store says of them (for a retry, the records as stored)."""
     known = appended.known  # a retry's records, as stored (or records built meanwhile)
-    session_id, timestamp_ns = appended.session_id, appended.timestamp_ns
+    session_id, first, timestamp_ns = (
+        appended.session_id,
+        appended.first_sequence,
+        appended.timestamp_ns,
+    )
+    if sent is None:
+        if known is None:
+            timestamp = _codec.timestamp_fields(timestamp_ns)
+            return [
+                {
+                    "id": item.id,
+                    "sequence": first + offset,
+                    "session_id": session_id,
+                    "parent_id": item.parent_id,
+                    "timestamp": timestamp,
+                }
+                for offset, item in enumerate(appended.batch)
+            ]
+        return [
+            {
+                "id": record.id,
+                "sequence": record.sequence,
+                "session_id": session_id,
+                "parent_id": record.parent_id,
+                "timestamp": _codec.timestamp_fields(record.timestamp_ns),
+            }
+            for record in known
+        ]
     fields = []
     for offset, (item, event) in enumerate(zip(appended.batch, sent, strict=True)):
         stored = known[offset] if known is not None else None
@@ -109,7 +137,7 @@ def _answer(appended: Appended, sent: list[pb.AgentEvent]) -> list[dict[str, Any
                 event,
                 item.event_json,
                 record_id=item.id,
-                sequence=stored.sequence if stored else appended.first_sequence + offset,
+                sequence=stored.sequence if stored else first + offset,
                 session_id=session_id,
                 parent_id=item.parent_id,
                 timestamp_ns=stored.timestamp_ns if stored else timestamp_ns,
@@ -135,7 +163,8 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         # fields this server does not know: they are not stored.
         request.DiscardUnknownFields()
         appended = await self._repository.submit(prepare_request(request))
-        return pb.AppendResponse(record=_answer(appended, [request.event])[0])
+        sent = None if request.omit_event else [request.event]
+        return pb.AppendResponse(record=_answer(appended, sent)[0])
 
     @_translate_errors
     async def AppendBatch(
@@ -143,9 +172,8 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     ) -> pb.AppendBatchResponse:
         request.DiscardUnknownFields()  # as in Append
         appended = await self._repository.submit(prepare_batch_request(request))
-        return pb.AppendBatchResponse(
-            records=_answer(appended, [item.event for item in request.events])
-        )
+        sent = None if request.omit_events else [item.event for item in request.events]
+        return pb.AppendBatchResponse(records=_answer(appended, sent))
 
     @_translate_errors
     async def LoadSession(

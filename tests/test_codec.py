@@ -12,6 +12,7 @@ import pytest
 
 from agentlog import _codec
 from agentlog._codec import (
+    _FAST_CHECKED_FIELDS,
     _FAST_FROM_JSON,
     _FAST_FROM_PROTO,
     _FAST_PROTO_TO_JSON,
@@ -90,6 +91,22 @@ def test_messages_from_clients_become_the_json_their_events_become(event: Any) -
     assert list(as_json) == list(_to_json(event, plan, "e"))  # key order: arcan's
     event_message = _codec.event_to_proto(event)
     assert _codec.event_json_from_proto(event_message) == _codec.event_to_json(event)
+
+
+def checked_then_built(event: Any, plan: Any) -> Any:
+    _to_json(event, plan, "e")  # raises what is wrong
+    return _to_proto(event, plan)
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_events_a_client_sends_are_checked_as_the_walk_checks_them(event: Any) -> None:
+    cls, plan = type(event), _PLANS[type(event)]
+    assert plan.proto_cls(**_FAST_CHECKED_FIELDS[cls](event, "e")) == _to_proto(event, plan)
+    for field in plan.fields:
+        for value in ODD_VALUES:
+            odd = dataclasses.replace(event, **{field.name: value})
+            fast = outcome(lambda e: plan.proto_cls(**_FAST_CHECKED_FIELDS[cls](e, "e")), odd)
+            assert fast == outcome(checked_then_built, odd, plan)
 
 
 def walk_from_client(message: Any, plan: Any) -> Any:

@@ -32,13 +32,14 @@ def test_keys_of_uuids_and_of_other_ids_are_stable_and_positive() -> None:
 def test_the_filter_finds_every_id_while_it_grows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(KeyFilter, "MIN_BITS", 1 << 10)  # room for about 100 keys
+    monkeypatch.setattr(KeyFilter, "MIN_BITS", 1 << 11)  # room for 128 keys
     index = StoreIndex(tmp_path)
     wait_ready(index)
     first_capacity = index._filter.capacity
     ids: list[str] = []
     for batch in range(40):
-        rows: list[Row] = [(str(uuid.uuid4()), None, len(ids) + n + 1, 0) for n in range(50)]
+        new = [str(uuid.uuid4()) for _ in range(50)]
+        rows: list[Row] = [(i, None, len(ids) + n + 1, 0, key_of(i)) for n, i in enumerate(new)]
         index.record("s", rows, inode=1, size=100, last=0)
         ids += [row[0] for row in rows]
         if batch % 3 == 0:

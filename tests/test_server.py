@@ -197,6 +197,40 @@ def test_json_text_is_stored_compact_and_exact(stub: Any, data: Path) -> None:
     assert '"input":{"b":[9007199254740993,1.5e+300,-0.0],"a":{}}' in line
 
 
+def test_appends_answer_without_events_when_asked(stub: Any) -> None:
+    event = pb.AgentEvent(run_started=pb.RunStarted(run_id="r", session_id="s", provider="p"))
+    full = stub.Append(pb.AppendRequest(session_id="s", event=event), timeout=10).record
+    bare = stub.Append(
+        pb.AppendRequest(session_id="s", event=event, omit_event=True), timeout=10
+    ).record
+    assert full.event == event
+    assert not bare.HasField("event")
+    assert (bare.sequence, bare.session_id) == (2, "s")
+    assert bare.timestamp.seconds > 0
+    assert bare.id
+    assert bare.id != full.id
+    items = [pb.BatchEvent(event=event, parent_id=full.id) for _ in range(3)]
+    batch = stub.AppendBatch(
+        pb.AppendBatchRequest(session_id="s", events=items, omit_events=True), timeout=10
+    )
+    assert [(r.sequence, r.parent_id, r.HasField("event")) for r in batch.records] == [
+        (3, full.id, False),
+        (4, full.id, False),
+        (5, full.id, False),
+    ]
+    again = stub.AppendBatch(
+        pb.AppendBatchRequest(
+            session_id="s",
+            events=[pb.BatchEvent(id=r.id, event=event, parent_id=full.id) for r in batch.records],
+        ),
+        timeout=10,
+    )  # a retry, answered with the records as stored, events and all
+    assert [(r.id, r.sequence, r.timestamp) for r in again.records] == [
+        (r.id, r.sequence, r.timestamp) for r in batch.records
+    ]
+    assert all(r.event == event for r in again.records)
+
+
 def test_an_oversized_request_is_resource_exhausted_and_writes_nothing(
     stub: Any, data: Path
 ) -> None:

@@ -74,18 +74,20 @@ STATE_PATCH_SOURCE_TOOL: StatePatchSource
 STATE_PATCH_SOURCE_SYSTEM: StatePatchSource
 
 class AppendRequest(_message.Message):
-    __slots__ = ("session_id", "parent_id", "event", "id", "expected_sequence")
+    __slots__ = ("session_id", "parent_id", "event", "id", "expected_sequence", "omit_event")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    OMIT_EVENT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     parent_id: str
     event: AgentEvent
     id: str
     expected_sequence: int
-    def __init__(self, session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ..., id: _Optional[str] = ..., expected_sequence: _Optional[int] = ...) -> None: ...
+    omit_event: bool
+    def __init__(self, session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ..., id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., omit_event: _Optional[bool] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
     __slots__ = ("record",)
@@ -94,14 +96,16 @@ class AppendResponse(_message.Message):
     def __init__(self, record: _Optional[_Union[EventRecord, _Mapping]] = ...) -> None: ...
 
 class AppendBatchRequest(_message.Message):
-    __slots__ = ("session_id", "expected_sequence", "events")
+    __slots__ = ("session_id", "expected_sequence", "events", "omit_events")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    OMIT_EVENTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     expected_sequence: int
     events: _containers.RepeatedCompositeFieldContainer[BatchEvent]
-    def __init__(self, session_id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., events: _Optional[_Iterable[_Union[BatchEvent, _Mapping]]] = ...) -> None: ...
+    omit_events: bool
+    def __init__(self, session_id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., events: _Optional[_Iterable[_Union[BatchEvent, _Mapping]]] = ..., omit_events: _Optional[bool] = ...) -> None: ...
 
 class BatchEvent(_message.Message):
     __slots__ = ("id", "parent_id", "event")
