@@ -116,6 +116,20 @@ class KeyFilter:
         bits[bit >> 3] |= 1 << (bit & 7)
         self.count += 1
 
+    def add_all(self, keys: Iterable[int]) -> None:
+        bits, mask = self._bits, self._mask
+        count = 0
+        for key in keys:
+            step = (key >> 31) | 1
+            bit = key & mask
+            bits[bit >> 3] |= 1 << (bit & 7)
+            bit = (key + step) & mask
+            bits[bit >> 3] |= 1 << (bit & 7)
+            bit = (key + 2 * step) & mask
+            bits[bit >> 3] |= 1 << (bit & 7)
+            count += 1
+        self.count += count
+
     def might_hold(self, key: int) -> bool:
         bits, mask, step = self._bits, self._mask, (key >> 31) | 1
         bit = key & mask
@@ -186,7 +200,7 @@ class StoreIndex:
         self._next_session = max(max(self._names, default=0) + 1, stored[0] if stored else 1)
         # Acknowledged rows not yet written: by session id, and by id / parent id.
         self._pending: dict[str, list[Row]] = {}
-        self._pending_ids: dict[str, list[Located]] = {}
+        self._flushing: dict[str, list[Row]] = {}  # being written: not on disk yet
         self._pending_children: dict[str, list[Located]] = {}
         self._dirty: set[str] = set()  # files entries changed since the last flush
         self._uncommitted_keys: list[int] = []  # of the rows a catch_up is writing
@@ -232,13 +246,11 @@ class StoreIndex:
             if entry is None or entry.inode != inode:
                 entry = self._new_entry(session_id, inode)
             self._pending.setdefault(session_id, []).extend(rows)
-            ids, children = self._pending_ids, self._pending_children
-            for record_id, parent_id, sequence, offset, key in rows:
-                self._add_key(key)
-                where = Located(session_id, sequence, offset)
-                ids.setdefault(record_id, []).append(where)
+            self._add_keys([row[4] for row in rows])
+            children = self._pending_children
+            for _, parent_id, sequence, offset, _ in rows:
                 if parent_id is not None:
-                    children.setdefault(parent_id, []).append(where)
+                    children.setdefault(parent_id, []).append(Located(session_id, sequence, offset))
             entry.size, entry.records, entry.last_offset = size, rows[-1][2], last
             self._dirty.add(session_id)
 
@@ -260,18 +272,14 @@ class StoreIndex:
         self._unpend(session_id, self._pending.pop(session_id, []))
 
     def _unpend(self, session_id: str, rows: list[Row]) -> None:
-        """Take rows out of the in-memory lookups (hold the lock)."""
-        tables = (self._pending_ids, self._pending_children)
-        for record_id, parent_id, sequence, _, _ in rows:
-            for name, table in zip((record_id, parent_id), tables, strict=True):
-                found = table.get(name) if name is not None else None
-                if found is None:
-                    continue
-                found[:] = [
-                    x for x in found if x.sequence != sequence or x.session_id != session_id
-                ]
-                if not found:
-                    del table[name]  # type: ignore[arg-type]
+        """Take rows out of the in-memory lookup of children (hold the lock)."""
+        children = self._pending_children
+        for _, parent_id, sequence, _, _ in rows:
+            if parent_id is None or (found := children.get(parent_id)) is None:
+                continue
+            found[:] = [x for x in found if x.sequence != sequence or x.session_id != session_id]
+            if not found:
+                del children[parent_id]
 
     def _flush_periodically(self) -> None:
         while not self._stop.wait(FLUSH_SECONDS):
@@ -288,24 +296,35 @@ class StoreIndex:
     def _flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
+            self._flushing = pending
             dirty, self._dirty = self._dirty, set()
             entries = {s: IndexedFile(*_fields(self._files[s])) for s in dirty if s in self._files}
             gone = [s for s in dirty if s not in self._files]
             next_session = self._next_session
-        if not entries and not gone:
-            return
-        with _transaction(self._db) as db:
-            for session_id, rows in pending.items():
-                entry = entries.get(session_id)
-                if entry is not None:
-                    self._insert(entry.session, rows)
-            for session_id, entry in entries.items():
-                self._set(session_id, entry)
-            for session_id in gone:
-                db.execute("DELETE FROM files WHERE session_id = ?", (session_id,))
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('next_session', ?)", (next_session,))
+        try:
+            if entries or gone:
+                with _transaction(self._db) as db:
+                    for session_id, rows in pending.items():
+                        entry = entries.get(session_id)
+                        if entry is not None:
+                            self._insert(entry.session, rows)
+                    for session_id, entry in entries.items():
+                        self._set(session_id, entry)
+                    for session_id in gone:
+                        db.execute("DELETE FROM files WHERE session_id = ?", (session_id,))
+                    db.execute(
+                        "INSERT OR REPLACE INTO meta VALUES ('next_session', ?)", (next_session,)
+                    )
+        except BaseException:
+            with self._lock:  # not written: they wait for the next flush
+                for session_id, rows in pending.items():
+                    self._pending[session_id] = rows + self._pending.get(session_id, [])
+                self._dirty |= dirty
+                self._flushing = {}
+            raise
         with self._lock:
             # Written: queries find them on disk now (they look in memory first).
+            self._flushing = {}
             for session_id, rows in pending.items():
                 self._unpend(session_id, rows)
 
@@ -316,9 +335,9 @@ class StoreIndex:
         ids = [(key, session, seq, offset) for _, _, seq, offset, key in rows]
         if new_keys:
             with self._lock:
-                for key, _, _, _ in ids:
-                    self._add_key(key)
-                    self._uncommitted_keys.append(key)
+                keys = [key for key, _, _, _ in ids]
+                self._add_keys(keys)
+                self._uncommitted_keys.extend(keys)
         db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?)", ids)
         db.executemany(
             "INSERT OR REPLACE INTO children VALUES (?, ?, ?, ?)",
@@ -442,11 +461,14 @@ class StoreIndex:
                     by_key.setdefault(key, []).append(record_id)
             if not by_key:
                 return found  # all new: the common case
-            for same_key in by_key.values():
-                for record_id in same_key:
-                    pending = self._pending_ids.get(record_id)
-                    if pending:
-                        found.setdefault(record_id, []).extend(pending)
+            # Rows not on disk yet (rare: the filter let few ids through).
+            wanted = {record_id for same_key in by_key.values() for record_id in same_key}
+            for pending in (self._pending, self._flushing):
+                for session_id, rows in pending.items():
+                    for record_id, _, sequence, offset, _ in rows:
+                        if record_id in wanted:
+                            where = Located(session_id, sequence, offset)
+                            found.setdefault(record_id, []).append(where)
         for key, session, sequence, offset in self._query(
             "SELECT key, session, sequence, offset FROM ids WHERE key IN ", list(by_key)
         ):
@@ -499,19 +521,19 @@ class StoreIndex:
 
     # --- the key filter ---
 
-    def _add_key(self, key: int) -> None:
-        """Put a key in the filter (hold the lock); grow it when it is full."""
-        self._filter.add(key)
+    def _add_keys(self, keys: list[int]) -> None:
+        """Put keys in the filter (hold the lock); grow it when it is full."""
+        self._filter.add_all(keys)
         if self._next_filter is not None:
-            self._next_filter.add(key)
+            self._next_filter.add_all(keys)
         elif self._filter.count > self._filter.capacity:
             bigger = self._next_filter = KeyFilter(2 * self._filter.count)
-            # Rows not yet written are not in what the new filter is filled from.
-            bigger.add(key)
-            for record_id in self._pending_ids:
-                bigger.add(key_of(record_id))
-            for uncommitted in self._uncommitted_keys:  # a catch_up's, being written
-                bigger.add(uncommitted)
+            # Rows not yet on disk are not in what the new filter is filled from.
+            bigger.add_all(keys)
+            for pending in (self._pending, self._flushing):
+                for rows in pending.values():
+                    bigger.add_all([row[4] for row in rows])
+            bigger.add_all(self._uncommitted_keys)  # a catch_up's, being written
             self._fill_in_background(bigger)
 
     def _fill_in_background(self, target: KeyFilter) -> None:
@@ -528,8 +550,7 @@ class StoreIndex:
             cursor = db.execute("SELECT key FROM ids")
             while not self._stop.is_set() and (rows := cursor.fetchmany(1 << 16)):
                 with self._lock:
-                    for (key,) in rows:
-                        target.add(key)
+                    target.add_all(key for (key,) in rows)
         except sqlite3.Error:
             log.exception("filling the index's key filter failed; lookups query the index")
             return

@@ -109,6 +109,8 @@ CLEAN_FILE = ".agentlog.clean"
 MAX_CACHED_SESSIONS = 4096
 # Session files kept open for appending.
 MAX_OPEN_FILES = 256
+# Entries of _unacked_ids beyond which the stale ones are dropped.
+MAX_UNACKED_IDS = 1 << 16
 _BLOCK = 1 << 20
 T = TypeVar("T")
 # A file's inode and size: session files only grow, so a change of either is a
@@ -202,6 +204,7 @@ class _Written:
     previous_last_offset: int
     inode: int
     new_file: bool
+    live: bool = True  # staged, neither acknowledged nor taken back
 
 
 @dataclass(slots=True)
@@ -299,7 +302,9 @@ class JsonlSessionRepository(_semantics.Store):
         self.max_cached_sessions = MAX_CACHED_SESSIONS
         self._files: OrderedDict[str, tuple[int, int]] = OrderedDict()  # session: (fd, inode)
         self._elsewhere: set[Path] = set()  # session files on another file system
-        self._unacked_ids: dict[str, Located] = {}
+        # Ids of staged appends, to find a retry of one still in flight (an entry
+        # whose append is no longer live is stale; cleared when nothing is staged).
+        self._unacked_ids: dict[str, _Written] = {}
         # Staged and not yet acknowledged, in order. Under `always`, those up to
         # ticket `_released` may be synced, those up to `_durable` are.
         self._queue: deque[_Staging] = deque()
@@ -442,6 +447,14 @@ class JsonlSessionRepository(_semantics.Store):
                 metadata={"file": str(state.path)},
             )
         mine, others = self._holdings(session_id, batch, holders)
+        if not mine and not others:  # new ids, the common case: only the expectation
+            if append.expected is not None and append.expected != state.written:
+                raise _semantics.wrong_expected_sequence(
+                    session_id, append.expected, state.written
+                )
+            self._write_lines(staging, index, session_id, state, batch)
+            identities[session_id] = state.identity
+            return None
 
         def stored(record_id: str) -> tuple[int, bytes] | None:
             record = mine.get(record_id)
@@ -474,11 +487,14 @@ class JsonlSessionRepository(_semantics.Store):
         holds each of the others, confirmed by reading them (rare: retries, reuse)."""
         mine: dict[str, EventRecord] = {}
         others: dict[str, str] = {}
+        if not holders and not self._unacked_ids:
+            return mine, others
         for item in batch:
             places = list(holders.get(item.id, ()))
-            unacked = self._unacked_ids.get(item.id)
-            if unacked is not None:
-                places.append(unacked)
+            staged = self._unacked_ids.get(item.id)
+            if staged is not None and staged.live:
+                sequence, offset = next((r[2], r[3]) for r in staged.rows if r[0] == item.id)
+                places.append(Located(staged.session_id, sequence, offset))
             for place in places:
                 record = self._record_at(place)
                 if record is None or record.id != item.id:
@@ -540,7 +556,6 @@ class JsonlSessionRepository(_semantics.Store):
             if sequence % MARK_EVERY == 1:
                 state.marks.append(offset)
             rows.append((item.id, item.parent_id, sequence, offset, keys[item.id]))
-            self._unacked_ids[item.id] = Located(session_id, sequence, offset)
             offset += len(line)
         previous_last = state.written_last_offset
         inode = self._files[session_id][1]
@@ -550,22 +565,22 @@ class JsonlSessionRepository(_semantics.Store):
         state.written_last_offset = offset - len(lines[-1])
         state.unacked += 1
         entry = self._feed.reserve(session_id, last + 1, len(batch), start)
-        staging.written.append(
-            _Written(
-                index,
-                session_id,
-                state,
-                appended,
-                entry,
-                rows,
-                start,
-                offset,
-                state.written_last_offset,
-                previous_last,
-                inode,
-                new_file,
-            )
+        written = _Written(
+            index,
+            session_id,
+            state,
+            appended,
+            entry,
+            rows,
+            start,
+            offset,
+            state.written_last_offset,
+            previous_last,
+            inode,
+            new_file,
         )
+        staging.written.append(written)
+        self._unacked_ids.update(dict.fromkeys([item.id for item in batch], written))
         self._dirty.add(state.path)
         if new_file:
             self._dirty.add(self.root)  # the new directory entry
@@ -601,8 +616,7 @@ class JsonlSessionRepository(_semantics.Store):
         state = written.state
         if state is None:
             return
-        for row in written.rows:
-            self._unacked_ids.pop(row[0], None)
+        written.live = False
         state.written = written.entry[2] - 1
         state.written_end = written.start
         state.written_last_offset = written.previous_last_offset
@@ -704,12 +718,15 @@ class JsonlSessionRepository(_semantics.Store):
             self._index.record(
                 session_id, written.rows, written.inode, written.end, state.last_offset
             )
-            for row in written.rows:
-                self._unacked_ids.pop(row[0], None)
+            written.live = False
             staging.outcomes[written.index] = (appended, position)
             self._publish(appended, position)
             if written.new_file:
                 self._add_to_catalog(session_id)
+        if not self._queue:
+            self._unacked_ids.clear()  # nothing staged: every entry is stale
+        elif len(self._unacked_ids) > MAX_UNACKED_IDS:
+            self._unacked_ids = {i: w for i, w in self._unacked_ids.items() if w.live}
         self._evict()
 
     def _sync_staged(self) -> None:
