@@ -79,12 +79,12 @@ def check_record_id(record_id: object, field: str) -> str:
     return record_id
 
 
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def check_event_id(record_id: object, field: str = "id") -> str:
     """Return a caller-made record id if it is a canonical UUID, else raise InvalidArgumentError."""
-    if isinstance(record_id, str) and _CANONICAL_UUID.fullmatch(record_id):
+    if isinstance(record_id, str) and CANONICAL_UUID.fullmatch(record_id):
         return record_id
     raise InvalidArgumentError(
         f"{field} {record_id!r} is not a UUID in canonical form "

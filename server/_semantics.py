@@ -36,7 +36,15 @@ from agentlog._records import (
     SessionPage,
     new_record_ids,
 )
-from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
+from agentlog._validation import (
+    CANONICAL_UUID as _UUID,
+)
+from agentlog._validation import (
+    check_count,
+    check_event_id,
+    check_record_id,
+    check_session_id,
+)
 from agentlog.errors import AlreadyExistsError, InvalidArgumentError, WrongExpectedSequence
 from agentlog.v1 import session_pb2 as pb
 
@@ -177,15 +185,27 @@ def prepare_batch_request(request: pb.AppendBatchRequest) -> PendingAppend:
     _check_append_fields(request.session_id, expected, request.events)
     prepared: list[Prepared] = []
     seen: dict[str, int] = {}
+    is_event_id = _UUID.fullmatch
     for index, item in enumerate(request.events):
-        prefix = f"events[{index}]."
-        if not item.HasField("event"):
-            raise InvalidArgumentError(
-                f"{prefix}event: is required", field=f"{prefix}event", reason="INVALID_EVENT"
-            )
-        event_json = event_json_from_proto(item.event, f"{prefix}event")
+        record_id = item.id
         parent_id = item.parent_id if item.HasField("parent_id") else None
-        record_id = _checked_ids(item.id or None, parent_id, prefix, seen, index)
+        if (
+            not item.HasField("event")
+            or not record_id
+            or not is_event_id(record_id)
+            or record_id in seen
+            or parent_id == ""
+        ):  # the uncommon path, which says what is wrong (or makes an id)
+            prefix = f"events[{index}]."
+            if not item.HasField("event"):
+                raise InvalidArgumentError(
+                    f"{prefix}event: is required", field=f"{prefix}event", reason="INVALID_EVENT"
+                )
+            event_json = event_json_from_proto(item.event, f"{prefix}event")
+            record_id = _checked_ids(record_id or None, parent_id, prefix, seen, index)
+        else:
+            event_json = event_json_from_proto(item.event, f"events[{index}].event")
+            seen[record_id] = index
         prepared.append(Prepared(record_id, parent_id, event_json))
     return PendingAppend(request.session_id, prepared, expected)
 

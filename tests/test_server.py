@@ -464,6 +464,44 @@ def test_wrong_expected_sequence_carries_the_actual_sequence(stub: Any) -> None:
             ),
             "events[0].id",
         ),
+        (
+            "AppendBatch",
+            pb.AppendBatchRequest(
+                session_id="s",
+                events=[
+                    pb.BatchEvent(id="0c7421a5-7c6f-4b3e-8517-6757d1e510f2", event=text_delta()),
+                    pb.BatchEvent(id="0c7421a5-7c6f-4b3e-8517-6757d1e510f2", event=text_delta()),
+                ],
+            ),
+            "events[1].id",
+        ),
+        (
+            "AppendBatch",
+            pb.AppendBatchRequest(
+                session_id="s",
+                events=[
+                    pb.BatchEvent(event=text_delta()),
+                    pb.BatchEvent(event=text_delta(), parent_id=""),
+                ],
+            ),
+            "events[1].parent_id",
+        ),
+        (
+            "AppendBatch",
+            pb.AppendBatchRequest(
+                session_id="s",
+                events=[
+                    pb.BatchEvent(id="0c7421a5-7c6f-4b3e-8517-6757d1e510f2", event=text_delta()),
+                    pb.BatchEvent(
+                        id="1c7421a5-7c6f-4b3e-8517-6757d1e510f2",
+                        event=pb.AgentEvent(
+                            model_output=pb.ModelOutput(run_id="r", session_id="s", iteration=1)
+                        ),
+                    ),
+                ],
+            ),
+            "events[1].event.model_output.stop_reason",
+        ),
         ("Append", pb.AppendRequest(session_id="s", id="NOPE", event=text_delta()), "id"),
         ("LoadSession", pb.LoadSessionRequest(session_id="s", direction=7), "direction"),  # type: ignore[arg-type]
         ("ListSessions", pb.ListSessionsRequest(page_size=5000), "page_size"),
