@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,10 +40,12 @@ from agentlog import (
     TextDelta,
 )
 from agentlog._codec import record_from_line, record_to_proto
+from agentlog.server._semantics import MESSAGE_RECORDS
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
+READ_ROUNDS = 3
 Results = dict[str, tuple[float, str]]
 DELTA_TEXT = "token of a longer streamed answer, with some text to give each line a realistic size."
 
@@ -125,14 +128,23 @@ def append_call(handles: Any, n: int) -> Any:
     return handles[0].append(AppendEvent(session_id=session, event=delta(session, n)))
 
 
-def bench_appends(tmp: Path, results: Results, scale: int) -> None:
-    with server(tmp / "always") as (target, _):
+def bench_appends(tmp: Path, results: Results, scale: int, rounds: int) -> None:
+    """Appends beside an empty unary RPC on the same server. The 64-client rates are
+    measured in `rounds` interleaved rounds (empty, always, never) and each is the
+    median of its rounds, so a machine whose speed drifts during the run affects
+    figure and ceiling alike."""
+    with (
+        server(tmp / "always") as (target, _),
+        server(tmp / "never", "--sync", "never") as (
+            never_target,
+            _,
+        ),
+    ):
         with grpc.insecure_channel(target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             ping = health_pb2.HealthCheckRequest(service="")
             health.Check(ping, timeout=10)
             results["empty_unary_rps_c1"] = (rate(scale, lambda: health.Check(ping)), "1/s")
-        results["empty_unary_rps_c64"] = (concurrent_rate(target, 64, scale * 2, empty_call), "1/s")
         with AgentlogClient(target) as client:
             latencies = []
             for n in range(scale):
@@ -143,20 +155,27 @@ def bench_appends(tmp: Path, results: Results, scale: int) -> None:
             results["append_p50_ms_c1_always"] = (percentile(latencies, 0.5), "ms")
             results["append_p99_ms_c1_always"] = (percentile(latencies, 0.99), "ms")
             batch = [NewEvent(event=delta("batched", n)) for n in range(100)]
-            batches = max(scale // 10, 10)
+            batches = max(scale // 5, 10)
+            client.append_batch("batched", batch)
             results["append_batch_events_per_s_always"] = (
                 rate(batches, lambda: client.append_batch("batched", batch)) * len(batch),
                 "1/s",
             )
-        results["append_rps_c64_always"] = (
-            concurrent_rate(target, 64, scale * 2, append_call),
+        results["append_batch_events_per_s_always_c8"] = (
+            concurrent_batches(target, 8, batches),
             "1/s",
         )
-    with server(tmp / "never", "--sync", "never") as (target, _):
-        results["append_rps_c64_never"] = (
-            concurrent_rate(target, 64, scale * 2, append_call),
-            "1/s",
-        )
+        calls = scale * 4
+        for warm in (target, never_target):
+            concurrent_rate(warm, 64, calls // 4, append_call)
+        rates: dict[str, list[float]] = {"empty": [], "always": [], "never": []}
+        for _ in range(rounds):
+            rates["empty"].append(concurrent_rate(target, 64, calls, empty_call))
+            rates["always"].append(concurrent_rate(target, 64, calls, append_call))
+            rates["never"].append(concurrent_rate(never_target, 64, calls, append_call))
+        results["empty_unary_rps_c64"] = (statistics.median(rates["empty"]), "1/s")
+        results["append_rps_c64_always"] = (statistics.median(rates["always"]), "1/s")
+        results["append_rps_c64_never"] = (statistics.median(rates["never"]), "1/s")
     line = orjson.dumps({"x": DELTA_TEXT * 2}) + b"\n"
     fd = os.open(tmp / "raw", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
@@ -166,6 +185,26 @@ def bench_appends(tmp: Path, results: Results, scale: int) -> None:
         )
     finally:
         os.close(fd)
+
+
+def concurrent_batches(target: str, writers: int, batches: int) -> float:
+    """Events per second from `writers` concurrent writers appending batches of 100, each to
+    its own session, on one asyncio loop."""
+
+    async def run() -> float:
+        async with AsyncAgentlogClient(target) as client:
+
+            async def writer(k: int) -> None:
+                session = f"batched-{k}"
+                events = [NewEvent(event=delta(session, i)) for i in range(100)]
+                for _ in range(batches // writers):
+                    await client.append_batch(session, events)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(writer(k) for k in range(writers)))
+            return (batches // writers) * writers * 100 / (time.perf_counter() - start)
+
+    return asyncio.run(run())
 
 
 def write_and_sync(fd: int, line: bytes) -> None:
@@ -248,9 +287,14 @@ def bench_reads(tmp: Path, results: Results, big: int) -> None:
         client.head("big")
         results["head_ms_1m_events_first_call"] = ((time.perf_counter() - start) * 1000, "ms")
         results["head_ms_1m_events"] = (timed_ms(lambda: client.head("big")), "ms")
-        start = time.perf_counter()
-        count = sum(1 for _ in client.read_session("big"))
-        results["load_session_records_per_s"] = (count / (time.perf_counter() - start), "1/s")
+        # The first read is the first since the start: the session's state is built.
+        reads = []
+        for _ in range(READ_ROUNDS):
+            start = time.perf_counter()
+            count = sum(1 for _ in client.read_session("big"))
+            reads.append(count / (time.perf_counter() - start))
+        results["load_session_records_per_s_first"] = (reads[0], "1/s")
+        results["load_session_records_per_s"] = (statistics.median(reads), "1/s")
     start = time.perf_counter()
     seed_head(data / "big.jsonl")
     results["seed_head_ms_1m_events"] = ((time.perf_counter() - start) * 1000, "ms")
@@ -274,7 +318,10 @@ def stream_ceiling(path: Path, count: int) -> float:
     with path.open("rb") as file:
         for number, line in enumerate(file, 1):
             records.append(record_to_proto(record_from_line(line, number)))
-    messages = [pb.LoadSessionResponse(records=records[i : i + 256]) for i in range(0, count, 256)]
+    size = MESSAGE_RECORDS
+    messages = [
+        pb.LoadSessionResponse(records=records[i : i + size]) for i in range(0, count, size)
+    ]
     ready = threading.Event()
     box: dict[str, Any] = {}
 
@@ -297,13 +344,15 @@ def stream_ceiling(path: Path, count: int) -> float:
     thread = threading.Thread(target=serve)
     thread.start()
     ready.wait(30)
+    rates = []
     with AgentlogClient(f"127.0.0.1:{box['port']}", timeout=600) as client:
-        start = time.perf_counter()
-        received = sum(1 for _ in client.read_session("big"))
-        elapsed = time.perf_counter() - start
+        for _ in range(READ_ROUNDS):
+            start = time.perf_counter()
+            received = sum(1 for _ in client.read_session("big"))
+            rates.append(received / (time.perf_counter() - start))
     box["loop"].call_soon_threadsafe(box["stop"].set)
     thread.join(30)
-    return received / elapsed
+    return statistics.median(rates)
 
 
 def bench_children(tmp: Path, results: Results, sessions: int) -> None:
@@ -458,6 +507,7 @@ CEILINGS = {
     "append_rps_c64_always": "empty_unary_rps_c64",
     "append_rps_c64_never": "empty_unary_rps_c64",
     "append_batch_events_per_s_always": "raw_write_fsync_lines_per_s",
+    "append_batch_events_per_s_always_c8": "raw_write_fsync_lines_per_s",
     "head_ms_1m_events": "head_ms_1_event",
     "seed_head_ms_1m_events": "head_ms_1m_events",
     "load_session_records_per_s": "stream_ceiling_records_per_s",
@@ -468,6 +518,9 @@ CEILINGS = {
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--scale", type=int, default=1000, help="calls per rate measurement")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds of the 64-client rates"
+    )
     parser.add_argument("--big", type=int, default=1_000_000, help="events in the big session")
     parser.add_argument(
         "--sessions", type=int, default=100_000, help="sessions for listing/children"
@@ -477,7 +530,7 @@ def main() -> None:
     args = parser.parse_args()
     results: Results = {}
     groups: dict[str, Callable[[Path], None]] = {
-        "appends": lambda tmp: bench_appends(tmp, results, args.scale),
+        "appends": lambda tmp: bench_appends(tmp, results, args.scale, args.rounds),
         "reads": lambda tmp: bench_reads(tmp, results, args.big),
         "children": lambda tmp: bench_children(tmp, results, args.sessions),
         "live": lambda tmp: bench_live(tmp, results, args.scale),

@@ -54,7 +54,7 @@ T = TypeVar("T")
 READ_CHUNK = 256
 RECENT_RECORDS = 1024
 # How long appends may wait for others before their sync starts (see _release).
-MAX_HOLD_SECONDS = 0.002
+MAX_HOLD_SECONDS = 0.005
 
 
 class _Answers:
@@ -101,8 +101,11 @@ class ThreadedRepository:
         self._stopping = False
         self._release_scheduled = False
         self._held_since = 0.0
+        self._held = 0  # appends held since the last release
+        self._last_group = 0  # appends the last release let go
         self._answers: _Answers | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = -1
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._published: dict[str, int] = {}
         # The latest records of sessions that have subscribers, consecutive by
@@ -114,6 +117,10 @@ class ThreadedRepository:
         self._published_position = 0
         self._closing = False
         repository.add_listener(self._on_append)
+
+    def _bind_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
 
     def _remember(self, session_id: str, records: list[EventRecord]) -> None:
         recent = self._recent.get(session_id)
@@ -139,7 +146,13 @@ class ThreadedRepository:
         if not self._feed_waiters and not self._waiters.get(session_id):
             return
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        if loop is None or loop.is_closed():
+            return
+        if threading.get_ident() == self._loop_thread:
+            # On the loop (it acknowledges appends): wake subscribers now, before the
+            # writer is answered, so the record reaches them no later than its ack.
+            self._wake(session_id, appended.records(), position)
+        else:
             loop.call_soon_threadsafe(self._wake, session_id, appended.records(), position)
 
     def _wake(self, session_id: str, records: list[EventRecord], position: int) -> None:
@@ -181,7 +194,7 @@ class ThreadedRepository:
         A CaughtUp also follows every run of records the filters dropped, so a
         client always knows how far it has been served.
         """
-        self._loop = asyncio.get_running_loop()
+        self._bind_loop()
         keep = FeedFilter.of(session_id_prefix, part_types)
         waiter = asyncio.Event()
         if not self._feed_waiters:
@@ -254,7 +267,7 @@ class ThreadedRepository:
         self, session_id: str, *, from_sequence: int | None = None
     ) -> AsyncIterator[list[EventRecord] | CaughtUp]:
         """The subscription as runs of records (each at most READ_CHUNK long) and CaughtUp."""
-        self._loop = asyncio.get_running_loop()
+        self._bind_loop()
         next_sequence = start_sequence(await self.head(session_id), from_sequence)
         waiter = asyncio.Event()
         self._waiters.setdefault(session_id, set()).add(waiter)
@@ -339,6 +352,7 @@ class ThreadedRepository:
                 answers.add(future, results[0])
 
         if self._repository.submit(appends, done, block=False, hold=True):
+            self._held += 1
             if not self._release_scheduled:
                 self._release_scheduled = True
                 self._held_since = loop.time()
@@ -349,15 +363,23 @@ class ThreadedRepository:
         return await future
 
     def _release(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Let the appends held since `_held_since` be synced (group commit), once the
-        loop has nothing else ready to run (calls that may append too), or at most
-        MAX_HOLD_SECONDS after the first: a busy server syncs many appends at once, an
-        idle one each at once."""
+        """Let the appends held since `_held_since` be synced (group commit).
+
+        At once, unless appends have been arriving together (the last group had
+        more than one) and the loop has more to run (calls that may append too):
+        then once it has not, or MAX_HOLD_SECONDS after the first. A server under
+        concurrent appends syncs many at once; one with a single writer, or idle,
+        syncs each at once.
+        """
         ready = getattr(loop, "_ready", None)  # asyncio's run queue; absent elsewhere
-        if ready and loop.time() - self._held_since < MAX_HOLD_SECONDS:
-            loop.call_soon(self._release, loop)
+        waited = loop.time() - self._held_since
+        if ready and self._last_group > 1 and waited < MAX_HOLD_SECONDS:
+            # Busy: look again a little later rather than at every pass.
+            later = min(MAX_HOLD_SECONDS / 4, MAX_HOLD_SECONDS - waited)
+            loop.call_later(later, self._release, loop)
             return
         self._release_scheduled = False
+        self._last_group, self._held = self._held, 0
         self._repository.release()
 
     @staticmethod

@@ -449,9 +449,7 @@ class JsonlSessionRepository(_semantics.Store):
         mine, others = self._holdings(session_id, batch, holders)
         if not mine and not others:  # new ids, the common case: only the expectation
             if append.expected is not None and append.expected != state.written:
-                raise _semantics.wrong_expected_sequence(
-                    session_id, append.expected, state.written
-                )
+                raise _semantics.wrong_expected_sequence(session_id, append.expected, state.written)
             self._write_lines(staging, index, session_id, state, batch)
             identities[session_id] = state.identity
             return None
