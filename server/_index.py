@@ -95,50 +95,50 @@ class KeyFilter:
     capacity it is rebuilt twice as large, in the background too.
     """
 
-    BITS_PER_KEY = 16  # and three probes: 0.5% false positives when full
-    MIN_BITS = 1 << 23  # 1 MB: a million keys before the first rebuild
+    BITS_PER_KEY = 12  # and three probes: about 1% false positives when full
+    MIN_CAPACITY = 1 << 20  # 1.5 MB: a million keys before the first rebuild
 
     def __init__(self, capacity: int) -> None:
-        bits = 1 << max(capacity * self.BITS_PER_KEY - 1, self.MIN_BITS - 1).bit_length()
-        self.capacity = bits // self.BITS_PER_KEY
-        self._mask = bits - 1
-        self._bits = bytearray(bits // 8)
+        self.capacity = max(capacity, self.MIN_CAPACITY)
+        size = (self.capacity * self.BITS_PER_KEY + 7) // 8
+        self._bits = bytearray(size)
+        self._nbits = size * 8
         self.count = 0
         self.ready = False
 
     def add(self, key: int) -> None:
-        bits, mask, step = self._bits, self._mask, (key >> 31) | 1
-        bit = key & mask
+        bits, nbits, step = self._bits, self._nbits, (key >> 31) | 1
+        bit = key % nbits
         bits[bit >> 3] |= 1 << (bit & 7)
-        bit = (key + step) & mask
+        bit = (key + step) % nbits
         bits[bit >> 3] |= 1 << (bit & 7)
-        bit = (key + 2 * step) & mask
+        bit = (key + 2 * step) % nbits
         bits[bit >> 3] |= 1 << (bit & 7)
         self.count += 1
 
     def add_all(self, keys: Iterable[int]) -> None:
-        bits, mask = self._bits, self._mask
+        bits, nbits = self._bits, self._nbits
         count = 0
         for key in keys:
             step = (key >> 31) | 1
-            bit = key & mask
+            bit = key % nbits
             bits[bit >> 3] |= 1 << (bit & 7)
-            bit = (key + step) & mask
+            bit = (key + step) % nbits
             bits[bit >> 3] |= 1 << (bit & 7)
-            bit = (key + 2 * step) & mask
+            bit = (key + 2 * step) % nbits
             bits[bit >> 3] |= 1 << (bit & 7)
             count += 1
         self.count += count
 
     def might_hold(self, key: int) -> bool:
-        bits, mask, step = self._bits, self._mask, (key >> 31) | 1
-        bit = key & mask
+        bits, nbits, step = self._bits, self._nbits, (key >> 31) | 1
+        bit = key % nbits
         if not bits[bit >> 3] & (1 << (bit & 7)):
             return False
-        bit = (key + step) & mask
+        bit = (key + step) % nbits
         if not bits[bit >> 3] & (1 << (bit & 7)):
             return False
-        bit = (key + 2 * step) & mask
+        bit = (key + 2 * step) % nbits
         return bool(bits[bit >> 3] & (1 << (bit & 7)))
 
 
@@ -207,7 +207,7 @@ class StoreIndex:
         self._stop = threading.Event()
         # Every id key the index holds, for "certainly absent" without a query.
         self._path = path
-        self._filter = KeyFilter(2 * sum(f.records for f in self._files.values()))
+        self._filter = KeyFilter(sum(f.records for f in self._files.values()) * 3 // 2)
         self._next_filter: KeyFilter | None = None
         self._fill_in_background(self._filter)
         self._flusher = threading.Thread(
@@ -527,7 +527,7 @@ class StoreIndex:
         if self._next_filter is not None:
             self._next_filter.add_all(keys)
         elif self._filter.count > self._filter.capacity:
-            bigger = self._next_filter = KeyFilter(2 * self._filter.count)
+            bigger = self._next_filter = KeyFilter(self._filter.count * 2)
             # Rows not yet on disk are not in what the new filter is filled from.
             bigger.add_all(keys)
             for pending in (self._pending, self._flushing):

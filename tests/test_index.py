@@ -32,7 +32,7 @@ def test_keys_of_uuids_and_of_other_ids_are_stable_and_positive() -> None:
 def test_the_filter_finds_every_id_while_it_grows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(KeyFilter, "MIN_BITS", 1 << 11)  # room for 128 keys
+    monkeypatch.setattr(KeyFilter, "MIN_CAPACITY", 128)
     index = StoreIndex(tmp_path)
     wait_ready(index)
     first_capacity = index._filter.capacity
