@@ -332,6 +332,26 @@ def record_message_fields(obj: object, sequence: int) -> dict[str, Any]:
         event_from_json(event)  # raises the DecodeError that says what is wrong
         raise AssertionError("unreachable")
     fields = _FAST_JSON_TO_PROTO[event_cls](event, f"event.{part_type}")
+    return _record_fields_of(
+        {part_type: fields},
+        record_id=record_id,
+        sequence=sequence,
+        session_id=session_id,
+        parent_id=parent_id,
+        timestamp_ns=timestamp_ns,
+    )
+
+
+def _record_fields_of(
+    event: Any,
+    *,
+    record_id: str,
+    sequence: int,
+    session_id: str,
+    parent_id: str | None,
+    timestamp_ns: int,
+) -> dict[str, Any]:
+    """An EventRecord message's fields as the nested dict its constructor takes."""
     seconds, nanos = divmod(timestamp_ns, _NS)
     return {
         "id": record_id,
@@ -339,7 +359,7 @@ def record_message_fields(obj: object, sequence: int) -> dict[str, Any]:
         "session_id": session_id,
         "parent_id": parent_id,
         "timestamp": {"seconds": seconds, "nanos": nanos},
-        "event": {part_type: fields},
+        "event": event,
     }
 
 
@@ -602,15 +622,14 @@ def appended_fields(
         event: Any = sent
     else:
         event = {part_type: _JSON_TO_PROTO_BY_PART[part_type](event_json, "event")}
-    seconds, nanos = divmod(timestamp_ns, _NS)
-    return {
-        "id": record_id,
-        "sequence": sequence,
-        "session_id": session_id,
-        "parent_id": parent_id,
-        "timestamp": {"seconds": seconds, "nanos": nanos},
-        "event": event,
-    }
+    return _record_fields_of(
+        event,
+        record_id=record_id,
+        sequence=sequence,
+        session_id=session_id,
+        parent_id=parent_id,
+        timestamp_ns=timestamp_ns,
+    )
 
 
 def record_from_proto(message: pb.EventRecord, event: AgentEvent | None = None) -> EventRecord:

@@ -106,16 +106,6 @@ class KeyFilter:
         self.count = 0
         self.ready = False
 
-    def add(self, key: int) -> None:
-        bits, nbits, step = self._bits, self._nbits, (key >> 31) | 1
-        bit = key % nbits
-        bits[bit >> 3] |= 1 << (bit & 7)
-        bit = (key + step) % nbits
-        bits[bit >> 3] |= 1 << (bit & 7)
-        bit = (key + 2 * step) % nbits
-        bits[bit >> 3] |= 1 << (bit & 7)
-        self.count += 1
-
     def add_all(self, keys: Iterable[int]) -> None:
         bits, nbits = self._bits, self._nbits
         count = 0
