@@ -71,6 +71,8 @@ CREATE TABLE IF NOT EXISTS marks (
 ) WITHOUT ROWID;
 """
 _BLOCK = 4 << 20
+# Rows indexed from files per transaction, when many files are indexed at once.
+_ROWS_A_TRANSACTION = 1 << 18
 # A row of an append: (id, parent_id, sequence, byte offset of its line, key_of(id)).
 Row = tuple[str, str | None, int, int, int]
 
@@ -195,11 +197,13 @@ class StoreIndex:
         self._dirty: set[str] = set()  # files entries changed since the last flush
         self._uncommitted_keys: list[int] = []  # of the rows a catch_up is writing
         self._stop = threading.Event()
-        # Every id key the index holds, for "certainly absent" without a query.
+        # Every id key the index holds, for "certainly absent" without a query; from
+        # start_filter() on (until then, and until it is filled, lookups query).
         self._path = path
-        self._filter = KeyFilter(sum(f.records for f in self._files.values()) * 3 // 2)
+        self._filter = KeyFilter(0)
+        self._filter_started = False
         self._next_filter: KeyFilter | None = None
-        self._fill_in_background(self._filter)
+        self._fillers: list[threading.Thread] = []
         self._flusher = threading.Thread(
             target=self._flush_periodically, name="agentlog-index", daemon=True
         )
@@ -211,7 +215,8 @@ class StoreIndex:
         # Derived data: WAL with synchronous=NORMAL never corrupts, and a crash
         # only loses rows the files still hold (re-indexed at the next open).
         db.executescript(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-32768;"
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536; "
+            "PRAGMA wal_autocheckpoint=16384;"
         )
         return db
 
@@ -322,7 +327,8 @@ class StoreIndex:
         """Write rows (hold the write lock); `new_keys`: their ids are new to the filter."""
         rows = list(rows)
         db = self._db
-        ids = [(key, session, seq, offset) for _, _, seq, offset, key in rows]
+        # In key order: a B-tree takes keys in order with far fewer page writes.
+        ids = sorted((key, session, seq, offset) for _, _, seq, offset, key in rows)
         if new_keys:
             with self._lock:
                 keys = [key for key, _, _, _ in ids]
@@ -357,36 +363,62 @@ class StoreIndex:
         """Index what the file holds beyond what was indexed (all of it if it shrank or
         was replaced); drop the session if the file is gone. Returns what is indexed:
         whole record lines up to the first that does not parse (reads report it)."""
+        return self.catch_up_all([(session_id, path)])[session_id]
+
+    def catch_up_all(self, files: Iterable[tuple[str, Path]]) -> dict[str, IndexedFile | None]:
+        """catch_up for many files, in transactions of many files each (at open)."""
+        indexed: dict[str, IndexedFile | None] = {}
         with self._write_lock:
             # First what waits in memory: a file's entry is never written ahead of its rows.
             self._flush()
+            written: list[tuple[str, IndexedFile]] = []
+            rows = 0
             try:
-                stat = path.stat()
-            except FileNotFoundError:
-                self.forget(session_id)
-                return None
-            with self._lock:
-                entry = self._files.get(session_id)
-                if entry is None or entry.inode != stat.st_ino or stat.st_size < entry.size:
-                    entry = self._new_entry(session_id, stat.st_ino)
-                current = IndexedFile(*_fields(entry))
-            if stat.st_size == current.size:
-                return current
-            try:
-                with _transaction(self._db):
+                for session_id, path in files:
+                    try:
+                        stat = path.stat()
+                    except FileNotFoundError:
+                        self.forget(session_id)
+                        indexed[session_id] = None
+                        continue
+                    with self._lock:
+                        entry = self._files.get(session_id)
+                        if entry is None or entry.inode != stat.st_ino or stat.st_size < entry.size:
+                            entry = self._new_entry(session_id, stat.st_ino)
+                        current = IndexedFile(*_fields(entry))
+                    indexed[session_id] = current
+                    if stat.st_size == current.size:
+                        continue
+                    if not written:
+                        self._db.execute("BEGIN")
+                    before = current.records
                     self._index_file(path, current)
                     self._set(session_id, current)
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO meta VALUES ('next_session', ?)",
-                        (self._next_session,),
-                    )
+                    written.append((session_id, current))
+                    rows += current.records - before
+                    if rows >= _ROWS_A_TRANSACTION:
+                        self._commit_catch_up(written)
+                        written, rows = [], 0
+                if written:
+                    self._commit_catch_up(written)
+                    written = []
             finally:
+                if written:
+                    self._db.execute("ROLLBACK")
                 with self._lock:
                     self._uncommitted_keys.clear()
-            with self._lock:
+        return indexed
+
+    def _commit_catch_up(self, written: list[tuple[str, IndexedFile]]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('next_session', ?)", (self._next_session,)
+        )
+        self._db.execute("COMMIT")
+        with self._lock:
+            for session_id, current in written:
                 if session_id in self._files:
                     self._files[session_id] = IndexedFile(*_fields(current))
-            return current
+            self._uncommitted_keys.clear()
 
     def _index_file(self, path: Path, entry: IndexedFile) -> None:
         """Index complete lines from `entry.size` on, updating `entry`; stops at a line
@@ -511,8 +543,20 @@ class StoreIndex:
 
     # --- the key filter ---
 
+    def start_filter(self) -> None:
+        """Fill the key filter from the index, in the background, and keep it up to date
+        from now on (after the bulk indexing of an open: one fill instead of many)."""
+        with self._lock:
+            if self._filter_started:
+                return
+            self._filter_started = True
+            self._filter = KeyFilter(sum(f.records for f in self._files.values()) * 3 // 2)
+            self._fill_in_background(self._filter)
+
     def _add_keys(self, keys: list[int]) -> None:
         """Put keys in the filter (hold the lock); grow it when it is full."""
+        if not self._filter_started:
+            return  # start_filter() fills it from the index
         self._filter.add_all(keys)
         if self._next_filter is not None:
             self._next_filter.add_all(keys)
@@ -530,7 +574,7 @@ class StoreIndex:
         thread = threading.Thread(
             target=self._fill, args=(target,), name="agentlog-index-filter", daemon=True
         )
-        self._fillers = [t for t in getattr(self, "_fillers", []) if t.is_alive()] + [thread]
+        self._fillers = [t for t in self._fillers if t.is_alive()] + [thread]
         thread.start()
 
     def _fill(self, target: KeyFilter) -> None:

@@ -287,8 +287,8 @@ class JsonlSessionRepository(_semantics.Store):
         self._index = StoreIndex(self.root)
         present = self._sessions_in_order()
         self._index.forget_missing(set(present))
-        for session_id in present:
-            self._index.catch_up(session_id, self._path(session_id))
+        self._index.catch_up_all((s, self._path(s)) for s in present)
+        self._index.start_filter()
         clean = self.root / CLEAN_FILE
         if clean.exists():
             # Closed cleanly: everything was synced, the feed matches the files.

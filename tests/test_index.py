@@ -34,6 +34,7 @@ def test_the_filter_finds_every_id_while_it_grows(
 ) -> None:
     monkeypatch.setattr(KeyFilter, "MIN_CAPACITY", 128)
     index = StoreIndex(tmp_path)
+    index.start_filter()
     wait_ready(index)
     first_capacity = index._filter.capacity
     ids: list[str] = []
