@@ -389,10 +389,15 @@ class StoreIndex:
                     indexed[session_id] = current
                     if stat.st_size == current.size:
                         continue
-                    if not written:
+                    if not self._db.in_transaction:
                         self._db.execute("BEGIN")
                     before = current.records
-                    self._index_file(path, current)
+                    try:
+                        self._index_file(path, current)
+                    except FileNotFoundError:  # removed since: nothing to index
+                        self.forget(session_id)
+                        indexed[session_id] = None
+                        continue
                     self._set(session_id, current)
                     written.append((session_id, current))
                     rows += current.records - before
@@ -403,7 +408,7 @@ class StoreIndex:
                     self._commit_catch_up(written)
                     written = []
             finally:
-                if written:
+                if self._db.in_transaction:  # cut short by an error
                     self._db.execute("ROLLBACK")
                 with self._lock:
                     self._uncommitted_keys.clear()
