@@ -384,7 +384,9 @@ class JsonlSessionRepository(_semantics.Store):
             self._close_file(session_id)
             return None
         if identity == _MISSING and self._index.indexed(session_id) is None:
-            self._install(session_id, _Session(path))  # a new session: nothing to read
+            # A new session: nothing to read. (Not evicting here: that could drop a
+            # state readied for this same append; acknowledging evicts.)
+            self._states[session_id] = _Session(path)
             return identity
         return None
 
@@ -838,13 +840,14 @@ class JsonlSessionRepository(_semantics.Store):
             self._close_file(session_id)
         try:
             fd = os.open(state.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            inode = os.fstat(fd).st_ino
+            stat = os.fstat(fd)
         except OSError as exc:
             raise storage_error(exc, state.path) from None
-        if state.identity != _MISSING and inode != state.identity[0]:
-            os.close(fd)  # replaced between our check and now
+        inode = stat.st_ino
+        if (inode, stat.st_size) != (state.identity[0] or inode, state.written_end):
+            os.close(fd)  # replaced, or created or grown by someone else, since our check
             raise DataLossError(
-                f"{state.path} was replaced while agentlog was appending to it; retry the append",
+                f"{state.path} changed while agentlog was appending to it; retry the append",
                 reason="CONCURRENT_WRITER",
                 metadata={"file": str(state.path)},
             )
@@ -1337,6 +1340,11 @@ class JsonlSessionRepository(_semantics.Store):
             with self._lock:
                 self._closing = True
                 self._cond.notify_all()
+                # Under interval and never, appends held and not yet released.
+                finished = (
+                    [] if self.sync_policy is SyncPolicy.ALWAYS else self._write_and_acknowledge()
+                )
+            _finish(finished)
             if self._sync_thread is not None:
                 self._sync_thread.join()
             clean = self._halted is None

@@ -6,9 +6,11 @@ import errno
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -484,3 +486,71 @@ def test_a_failed_sync_stops_appends_until_a_restart_and_loses_nothing(
     assert reopened.append(AppendEvent(session_id="s", event=delta("s", "x"))).sequence == 2
     assert [f.record.sequence for f in reopened.read_all(1)] == [1, 2]
     reopened.close()
+
+
+def test_reads_never_see_an_append_before_it_is_durable(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = JsonlSessionRepository(data)
+    first = repo.append(AppendEvent(session_id="s", event=started("s")))
+    syncing, go_on = threading.Event(), threading.Event()
+    real_sync = repo._syncer.sync
+
+    def slow_sync(*args: Any, **kwargs: Any) -> None:
+        syncing.set()
+        assert go_on.wait(10)
+        real_sync(*args, **kwargs)
+
+    monkeypatch.setattr(repo._syncer, "sync", slow_sync)
+    retry = AppendEvent(session_id="s", event=delta("s", "late"), id=str(uuid.uuid4()))
+    answers: list[Any] = []
+    writer = threading.Thread(target=lambda: answers.append(repo.append(retry)))
+    writer.start()
+    assert syncing.wait(10)
+    # Written, not yet durable: not read, not the head, not in the feed, not counted.
+    assert repo.load_session("s") == [first]
+    assert repo.head("s") == first
+    assert [f.record for f in repo.read_all(1)] == [first]
+    assert repo.list_sessions().sessions[0].event_count == 1
+    # A retry of it meanwhile waits for the same sync and gets the same record.
+    retried: list[Any] = []
+    retrier = threading.Thread(target=lambda: retried.append(repo.append(retry)))
+    retrier.start()
+    go_on.set()
+    writer.join(10)
+    retrier.join(10)
+    assert answers == retried
+    assert [r.sequence for r in repo.load_session("s")] == [1, 2]
+    assert repo.head("s") == answers[0]
+    repo.close()
+
+
+@pytest.mark.parametrize("sync", ["always", "never"])
+def test_held_appends_are_answered_when_released(data: Path, sync: str) -> None:
+    repo = JsonlSessionRepository(data, sync=sync)
+    answered: list[Any] = []
+    for i in range(3):
+        pending = repo.prepare_append(AppendEvent(session_id="s", event=delta("s", str(i))))
+        assert repo.submit([pending], answered.extend, hold=True)
+    time.sleep(0.2)
+    assert answered == []  # held: not synced, not acknowledged, not visible
+    assert repo.load_session("s") == []
+    repo.release()
+    deadline = time.monotonic() + 10
+    while len(answered) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [a.first_sequence for a in answered] == [1, 2, 3]
+    assert [r.sequence for r in repo.load_session("s")] == [1, 2, 3]
+    repo.close()
+
+
+def test_appends_held_at_close_are_kept(data: Path) -> None:
+    repo = JsonlSessionRepository(data, sync="never")
+    pending = repo.prepare_append(AppendEvent(session_id="s", event=started("s")))
+    answered: list[Any] = []
+    repo.submit([pending], answered.extend, hold=True)
+    repo.close()
+    assert [a.first_sequence for a in answered] == [1]
+    with JsonlSessionRepository(data) as reopened:
+        assert [f.record.sequence for f in reopened.read_all(1)] == [1]
