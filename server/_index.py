@@ -326,27 +326,22 @@ class StoreIndex:
     def _insert(self, session: int, rows: Iterable[Row], *, new_keys: bool = False) -> None:
         """Write rows (hold the write lock); `new_keys`: their ids are new to the filter."""
         rows = list(rows)
-        db = self._db
-        # In key order: a B-tree takes keys in order with far fewer page writes.
-        ids = sorted((key, session, seq, offset) for _, _, seq, offset, key in rows)
+        ids = [(key, session, seq, offset) for _, _, seq, offset, key in rows]
+        children = [
+            (key_of(parent), session, seq, offset)
+            for _, parent, seq, offset, _ in rows
+            if parent is not None
+        ]
+        marks = [(session, seq, offset) for _, _, seq, offset, _ in rows if seq % MARK_EVERY == 1]
         if new_keys:
             with self._lock:
                 keys = [key for key, _, _, _ in ids]
                 self._add_keys(keys)
                 self._uncommitted_keys.extend(keys)
+        db = self._db
         db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?)", ids)
-        db.executemany(
-            "INSERT OR REPLACE INTO children VALUES (?, ?, ?, ?)",
-            [
-                (key_of(parent), session, seq, offset)
-                for _, parent, seq, offset, _ in rows
-                if parent is not None
-            ],
-        )
-        db.executemany(
-            "INSERT OR REPLACE INTO marks VALUES (?, ?, ?)",
-            [(session, seq, offset) for _, _, seq, offset, _ in rows if seq % MARK_EVERY == 1],
-        )
+        db.executemany("INSERT OR REPLACE INTO children VALUES (?, ?, ?, ?)", children)
+        db.executemany("INSERT OR REPLACE INTO marks VALUES (?, ?, ?)", marks)
 
     def _set(self, session_id: str, entry: IndexedFile) -> None:
         self._db.execute(
@@ -428,32 +423,37 @@ class StoreIndex:
     def _index_file(self, path: Path, entry: IndexedFile) -> None:
         """Index complete lines from `entry.size` on, updating `entry`; stops at a line
         that does not parse."""
-        position, count = entry.size, entry.records
-        with path.open("rb") as file:
-            file.seek(position)
-            carry = b""
-            while block := file.read(_BLOCK):
-                data = carry + block
-                cut = data.rfind(b"\n") + 1
-                rows: list[Row] = []
-                for line in data[:cut].split(b"\n")[:-1]:
-                    if line.strip():
-                        try:
-                            obj = orjson.loads(line)
-                            record_id, parent = obj["id"], obj.get("parent_id")
-                            if not isinstance(record_id, str):
-                                raise TypeError
-                        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-                            self._insert(entry.session, rows, new_keys=True)
-                            return
-                        count += 1
-                        parent = parent if isinstance(parent, str) else None
-                        rows.append((record_id, parent, count, position, key_of(record_id)))
-                        entry.records, entry.last_offset = count, position
-                    position += len(line) + 1
-                    entry.size = position
-                self._insert(entry.session, rows, new_keys=True)
-                carry = data[cut:]
+        position, count, last = entry.size, entry.records, entry.last_offset
+        loads = orjson.loads
+        try:
+            with path.open("rb") as file:
+                file.seek(position)
+                carry = b""
+                while block := file.read(_BLOCK):
+                    data = carry + block
+                    cut = data.rfind(b"\n") + 1
+                    carry = data[cut:]
+                    rows: list[Row] = []
+                    append = rows.append
+                    for line in data[:cut].split(b"\n")[:-1]:
+                        if line[:1] == b"{" or line.strip():
+                            try:
+                                obj = loads(line)
+                                record_id, parent = obj["id"], obj.get("parent_id")
+                                if type(record_id) is not str:
+                                    raise TypeError
+                            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                                self._insert(entry.session, rows, new_keys=True)
+                                return
+                            count += 1
+                            if parent is not None and type(parent) is not str:
+                                parent = None
+                            append((record_id, parent, count, position, key_of(record_id)))
+                            last = position
+                        position += len(line) + 1
+                    self._insert(entry.session, rows, new_keys=True)
+        finally:
+            entry.size, entry.records, entry.last_offset = position, count, last
 
     def forget(self, session_id: str) -> None:
         """Drop what is indexed of a session whose file is gone."""
