@@ -20,6 +20,7 @@ import hashlib
 import logging
 import sqlite3
 import threading
+import time
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import orjson
 log = logging.getLogger("agentlog.server")
 
 INDEX_FILE = ".agentlog.index"
+KEYS_FILE = ".agentlog.keys"  # the id filter, kept from a clean close to the next open
 # A session's every MARK_EVERY-th record (1, 1 + MARK_EVERY, ...) has its byte
 # offset indexed, so a read from any sequence seeks, then skips fewer records.
 MARK_EVERY = 64
@@ -107,6 +109,17 @@ class KeyFilter:
         self._nbits = size * 8
         self.count = 0
         self.ready = False
+
+    def twin(self) -> KeyFilter:
+        """An empty filter of the same size, to fill apart and `merge` back."""
+        return KeyFilter(self.capacity)
+
+    def merge(self, other: KeyFilter) -> None:
+        """Add every key of a twin."""
+        size = len(self._bits)
+        merged = int.from_bytes(self._bits) | int.from_bytes(other._bits)
+        self._bits[:] = merged.to_bytes(size)
+        self.count += other.count
 
     def add_all(self, keys: Iterable[int]) -> None:
         bits, nbits = self._bits, self._nbits
@@ -198,10 +211,11 @@ class StoreIndex:
         self._uncommitted_keys: list[int] = []  # of the rows a catch_up is writing
         self._stop = threading.Event()
         # Every id key the index holds, for "certainly absent" without a query; from
-        # start_filter() on (until then, and until it is filled, lookups query).
+        # open_filter() on (until then, and until it is filled, lookups query).
         self._path = path
         self._filter = KeyFilter(0)
         self._filter_started = False
+        self._had_rows = True  # rows the filter was not built with (see open_filter)
         self._next_filter: KeyFilter | None = None
         self._fillers: list[threading.Thread] = []
         self._flusher = threading.Thread(
@@ -418,6 +432,8 @@ class StoreIndex:
             for session_id, current in written:
                 if session_id in self._files:
                     self._files[session_id] = IndexedFile(*_fields(current))
+                    if session_id not in self._pending:
+                        self._dirty.discard(session_id)  # written: no flush needed
             self._uncommitted_keys.clear()
 
     def _index_file(self, path: Path, entry: IndexedFile) -> None:
@@ -548,20 +564,81 @@ class StoreIndex:
 
     # --- the key filter ---
 
-    def start_filter(self) -> None:
-        """Fill the key filter from the index, in the background, and keep it up to date
-        from now on (after the bulk indexing of an open: one fill instead of many)."""
+    def open_filter(self, expected_keys: int) -> None:
+        """Start the key filter, before the files are indexed at open (the store then
+        calls `filter_indexed`). It is the one a clean close saved, if the index is as
+        it was then; otherwise a new one for `expected_keys`, to which indexing adds."""
+        saved = self._load_filter()
+        with _transaction(self._db):  # a saved filter is good for one open only
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('filter_generation', ?)",
+                (self._filter_generation() + 1,),
+            )
         with self._lock:
-            if self._filter_started:
-                return
             self._filter_started = True
-            self._filter = KeyFilter(sum(f.records for f in self._files.values()) * 3 // 2)
-            self._fill_in_background(self._filter)
+            if saved is not None:
+                self._filter = saved
+                self._filter.ready = True
+            else:
+                self._had_rows = bool(self._files)
+                self._filter = KeyFilter(max(expected_keys, 1) * 3 // 2)
+
+    def filter_indexed(self) -> None:
+        """The open's indexing is done: if the index held rows the filter does not
+        (rows from before this open, unless saved), fill it from the index in the
+        background; else it is complete."""
+        with self._lock:
+            if self._filter.ready:
+                return
+            if self._had_rows:
+                self._fill_in_background(self._filter)
+            else:
+                self._filter.ready = True
+
+    def _filter_generation(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'filter_generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _load_filter(self) -> KeyFilter | None:
+        path = self._path.with_name(KEYS_FILE)
+        try:
+            data = path.read_bytes()
+            path.unlink()
+        except FileNotFoundError:
+            return None
+        header, _, bits = data.partition(b"\n")
+        try:
+            generation, capacity, count = (int(x) for x in header.split())
+        except ValueError:
+            return None
+        if generation != self._filter_generation():
+            return None  # the index changed since (a crash, or another version)
+        saved = KeyFilter(capacity)
+        if len(bits) != len(saved._bits):
+            return None
+        saved._bits[:] = bits
+        saved.count = count
+        return saved
+
+    def _save_filter(self) -> None:
+        """Keep the filter for the next open (at a clean close, everything flushed)."""
+        with self._lock:
+            kept = self._filter if self._filter.ready and self._next_filter is None else None
+        if kept is None:
+            return
+        generation = self._filter_generation()
+        path = self._path.with_name(KEYS_FILE)
+        try:
+            with path.open("wb") as file:
+                file.write(f"{generation} {kept.capacity} {kept.count}\n".encode())
+                file.write(kept._bits)
+        except OSError as exc:
+            log.warning("%s: could not keep the id filter for the next start: %s", path, exc)
 
     def _add_keys(self, keys: list[int]) -> None:
         """Put keys in the filter (hold the lock); grow it when it is full."""
         if not self._filter_started:
-            return  # start_filter() fills it from the index
+            return  # open_filter() comes before any key
         self._filter.add_all(keys)
         if self._next_filter is not None:
             self._next_filter.add_all(keys)
@@ -583,13 +660,18 @@ class StoreIndex:
         thread.start()
 
     def _fill(self, target: KeyFilter) -> None:
-        """Add every key the index holds on disk to `target`, then put it in use."""
+        """Add every key the index holds on disk to `target`, then put it in use.
+
+        The keys go into a twin of its own first (the others add to `target` meanwhile,
+        holding the lock only for that), merged in at the end.
+        """
         db = self._connect(self._path)
+        apart = target.twin()
         try:
             cursor = db.execute("SELECT key FROM ids")
-            while not self._stop.is_set() and (rows := cursor.fetchmany(1 << 16)):
-                with self._lock:
-                    target.add_all(key for (key,) in rows)
+            while not self._stop.is_set() and (rows := cursor.fetchmany(1 << 11)):
+                apart.add_all(key for (key,) in rows)
+                time.sleep(0)  # about a millisecond at a time: calls being served go first
         except sqlite3.Error:
             log.exception("filling the index's key filter failed; lookups query the index")
             return
@@ -598,6 +680,7 @@ class StoreIndex:
         with self._lock:
             if self._stop.is_set():
                 return
+            target.merge(apart)
             target.ready = True
             if target is self._next_filter:
                 self._filter, self._next_filter = target, None
@@ -617,6 +700,7 @@ class StoreIndex:
         for filler in self._fillers:
             filler.join()
         self.flush()
+        self._save_filter()
         with self._write_lock:
             self._db.close()
         with self._read_lock:

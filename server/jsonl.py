@@ -287,8 +287,10 @@ class JsonlSessionRepository(_semantics.Store):
         self._index = StoreIndex(self.root)
         present = self._sessions_in_order()
         self._index.forget_missing(set(present))
+        # About 200 bytes a line: a first guess at how many ids the files hold.
+        self._index.open_filter(sum(_identity(self._path(s))[1] for s in present) // 200)
         self._index.catch_up_all((s, self._path(s)) for s in present)
-        self._index.start_filter()
+        self._index.filter_indexed()
         clean = self.root / CLEAN_FILE
         if clean.exists():
             # Closed cleanly: everything was synced, the feed matches the files.

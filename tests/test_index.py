@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -34,7 +36,8 @@ def test_the_filter_finds_every_id_while_it_grows(
 ) -> None:
     monkeypatch.setattr(KeyFilter, "MIN_CAPACITY", 128)
     index = StoreIndex(tmp_path)
-    index.start_filter()
+    index.open_filter(0)
+    index.filter_indexed()
     wait_ready(index)
     first_capacity = index._filter.capacity
     ids: list[str] = []
@@ -69,3 +72,31 @@ def test_ids_of_an_earlier_run_are_known_once_the_filter_is_filled(tmp_path: Pat
         with pytest.raises(AlreadyExistsError, match="already used by session 'b'"):
             repo.append(AppendEvent(session_id="a", event=delta("a", "x"), id=taken))
         assert [r.sequence for r in repo.load_session("a")] == [1]
+
+
+def test_a_clean_close_keeps_the_filter_and_a_crash_does_not(tmp_path: Path) -> None:
+    with JsonlSessionRepository(tmp_path) as repo:
+        assert repo._index._filter.ready  # built while the (empty) directory was indexed
+        first = repo.append(AppendEvent(session_id="a", event=started("a")))
+    assert (tmp_path / ".agentlog.keys").exists()
+    with JsonlSessionRepository(tmp_path) as repo:
+        assert repo._index._filter.ready  # loaded, not refilled
+        assert not (tmp_path / ".agentlog.keys").exists()  # good for one open only
+        assert repo._index._filter.might_hold(key_of(first.id))
+    # A process that dies without closing leaves nothing to load.
+    crash = (
+        "import os, sys; from agentlog import AppendEvent; "
+        "from agentlog.server import JsonlSessionRepository; from tests.contract import delta; "
+        f"repo = JsonlSessionRepository({str(tmp_path)!r}); "
+        "print(repo.append(AppendEvent(session_id='a', event=delta('a', 'x'))).id, flush=True); "
+        "os._exit(0)"
+    )
+    done = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, check=True)
+    second_id = done.stdout.strip()
+    assert not (tmp_path / ".agentlog.keys").exists()
+    with JsonlSessionRepository(tmp_path) as repo:
+        wait_ready(repo._index)  # filled from the index again
+        for record_id in (first.id, second_id):
+            assert repo._index._filter.might_hold(key_of(record_id))
+        with pytest.raises(AlreadyExistsError):
+            repo.append(AppendEvent(session_id="b", event=started("b"), id=second_id))
