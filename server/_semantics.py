@@ -37,9 +37,7 @@ from agentlog._records import (
     new_record_ids,
 )
 from agentlog._validation import (
-    CANONICAL_UUID as _UUID,
-)
-from agentlog._validation import (
+    CANONICAL_UUID,
     check_count,
     check_event_id,
     check_record_id,
@@ -185,7 +183,7 @@ def prepare_batch_request(request: pb.AppendBatchRequest) -> PendingAppend:
     _check_append_fields(request.session_id, expected, request.events)
     prepared: list[Prepared] = []
     seen: dict[str, int] = {}
-    is_event_id = _UUID.fullmatch
+    is_event_id = CANONICAL_UUID.fullmatch
     for index, item in enumerate(request.events):
         record_id = item.id
         parent_id = item.parent_id if item.HasField("parent_id") else None

@@ -166,11 +166,8 @@ class _Session:
             scan.started_here,
         )
 
-    def view(self, *, written: bool = False) -> _View:
-        """What a read may see (hold the store's lock): acknowledged records, or with
-        `written` the unacknowledged ones too (deciding a retry)."""
-        if written:
-            return _View(self.path, self.marks, self.written, self.written_end)
+    def view(self) -> _View:
+        """What a read may see: the acknowledged records (hold the store's lock)."""
         return _View(self.path, self.marks, self.count, self.end)
 
 
