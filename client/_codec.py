@@ -39,7 +39,13 @@ from agentlog._records import (
     parse_timestamp,
     utc_seconds,
 )
-from agentlog._validation import check_count, check_event_id, check_record_id, check_session_id
+from agentlog._validation import (
+    check_count,
+    check_event_id,
+    check_record_id,
+    check_session_id,
+    check_stored_session_id,
+)
 from agentlog.errors import InvalidArgumentError
 from agentlog.v1 import session_pb2 as pb
 
@@ -156,7 +162,10 @@ def _invalid(path: str, problem: str) -> InvalidArgumentError:
     return InvalidArgumentError(f"{path}: {problem}", field=path, reason="INVALID_EVENT")
 
 
-def _scalar_to_json(value: object, field: _Field, path: str) -> object:
+def _scalar_to_json(value: object, field: _Field, path: str, *, closed: bool = True) -> object:
+    """A checked scalar; `closed`: a string must be one of its field's closed
+    vocabulary, if it has one (what an append may say; reads serve any string
+    arcan wrote, since arcan's own types are free strings)."""
     expected = field.py_type
     if expected is int:
         if not isinstance(value, int) or isinstance(value, bool):
@@ -172,7 +181,7 @@ def _scalar_to_json(value: object, field: _Field, path: str) -> object:
             value.encode()
         except UnicodeEncodeError:
             raise _invalid(path, "is not valid Unicode (lone surrogate)") from None
-        if field.allowed is not None and value not in field.allowed:
+        if closed and field.allowed is not None and value not in field.allowed:
             raise _invalid(path, f"{value!r} is not one of {', '.join(sorted(field.allowed))}")
     return value
 
@@ -276,7 +285,7 @@ def _from_json(obj: object, plan: _Plan, path: str) -> Any:
             continue
         if kind == _SCALAR:
             try:
-                kwargs[field.name] = _scalar_to_json(value, field, where)
+                kwargs[field.name] = _scalar_to_json(value, field, where, closed=False)
             except InvalidArgumentError as exc:
                 raise DecodeError(str(exc)) from None
         elif kind == _ENUM:
@@ -764,7 +773,7 @@ def read_from_proto(request: pb.LoadSessionRequest) -> tuple[str, int, int | Non
         raise InvalidArgumentError(
             f"direction: unknown value {request.direction}", field="direction"
         )
-    session_id = check_session_id(request.session_id)
+    session_id = check_stored_session_id(request.session_id)
     return session_id, request.from_sequence, request.limit or None, direction
 
 
@@ -825,15 +834,18 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _scalar_check(field: _Field, value: str, names: dict[str, object]) -> str:
-    """A Python expression true when `value` passes `_scalar_to_json` for `field`."""
+def _scalar_check(
+    field: _Field, value: str, names: dict[str, object], *, closed: bool = True
+) -> str:
+    """A Python expression true when `value` passes `_scalar_to_json` for `field`
+    (with the same `closed`)."""
     expected = field.py_type
     if expected is int:
         low, high = field.int_range or (-(2**63), 2**64 - 1)
         check = f"type({value}) is int and {low} <= {value} <= {high}"
     elif expected is str:
         check = f"type({value}) is str and ({value}.isascii() or _encodable({value}))"
-        if field.allowed is not None:
+        if closed and field.allowed is not None:
             names[f"A_{id(field)}"] = field.allowed
             check += f" and {value} in A_{id(field)}"
     else:
@@ -1017,9 +1029,11 @@ def _compile_plans() -> dict[str, dict[type, Callable[..., Any]]]:
             if field.kind == _SCALAR:
                 check = _scalar_check(field, v, names)
                 check = f"({v} is None or ({check}))" if field.optional else check
+                from_check = _scalar_check(field, v, names, closed=False)
+                from_check = f"({v} is None or ({from_check}))" if field.optional else from_check
                 to_json_checks.append(check)
                 to_json_out.append((key, v, None))
-                from_json_checks.append(check)
+                from_json_checks.append(from_check)
                 from_json_args.append(f"{name}={v}")
                 json_to_proto_args.append(f"{name}={v}")
                 to_proto_args.append(f"{name}=obj.{name}")

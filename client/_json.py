@@ -24,26 +24,57 @@ JsonValue: TypeAlias = (
 
 I64_MIN = -(2**63)
 U64_MAX = 2**64 - 1
+# How deep arrays and objects may nest inside one value. arcan's reader
+# (serde_json) stops at 128 levels in a whole line, of which the record, its
+# event and the event's own messages take a few; every path (the clients, an
+# in-process append, the server's parser) applies this one limit.
+MAX_DEPTH = 100
+# Digits an integer in range can have (U64_MAX has 20): longer text is refused
+# before Python converts it (which it refuses itself past 4,300 digits).
+_MAX_INT_DIGITS = 20
+
+
+def _too_deep(path: str, field: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"{path}: arrays and objects are nested more than {MAX_DEPTH} levels deep, more than "
+        "arcan can read back",
+        field=field,
+        reason="INVALID_JSON",
+    )
+
+
+def _out_of_range(path: str, field: str, number: int | str) -> InvalidArgumentError:
+    text = number if isinstance(number, str) else None
+    if text is None:
+        # Huge integers are not spelled out (Python refuses past 4,300 digits).
+        text = str(number) if abs(number) < 10**40 else f"of {number.bit_length()} bits"
+    elif len(text) > 40:
+        text = f"{text[:20]}... ({len(text)} digits)"
+    return InvalidArgumentError(
+        f"{path}: the integer {text} is outside the 64-bit range [{I64_MIN}, {U64_MAX}] that "
+        "arcan can store exactly",
+        field=field,
+        reason="INVALID_JSON",
+    )
 
 
 def check_json(value: object, field: str) -> None:
     """Raise InvalidArgumentError unless `value` is JSON arcan can hold exactly."""
-    stack: list[tuple[object, str]] = [(value, field)]
+    stack: list[tuple[object, str, int]] = [(value, field, 0)]
     while stack:
-        item, path = stack.pop()
+        item, path, depth = stack.pop()
         if item is None or isinstance(item, bool):
             continue
         if isinstance(item, str):
             _check_text(item, path, field)
             continue
+        if isinstance(item, dict | list | tuple):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _too_deep(path, field)
         if isinstance(item, int):
             if not I64_MIN <= item <= U64_MAX:
-                raise InvalidArgumentError(
-                    f"{path}: the integer {item} is outside the 64-bit range "
-                    f"[{I64_MIN}, {U64_MAX}] that arcan can store exactly",
-                    field=field,
-                    reason="INVALID_JSON",
-                )
+                raise _out_of_range(path, field, item)
         elif isinstance(item, float):
             if not math.isfinite(item):
                 raise InvalidArgumentError(
@@ -60,9 +91,9 @@ def check_json(value: object, field: str) -> None:
                         reason="INVALID_JSON",
                     )
                 _check_text(key, path, field)
-                stack.append((child, f"{path}.{key}"))
+                stack.append((child, f"{path}.{key}", depth))
         elif isinstance(item, list | tuple):
-            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+            stack.extend((child, f"{path}[{i}]", depth) for i, child in enumerate(item))
         else:
             raise InvalidArgumentError(
                 f"{path}: a {type(item).__name__} is not a JSON value",
@@ -102,14 +133,11 @@ def parse_strict(text: str, field: str) -> JsonValue:
         )
 
     def checked_int(digits: str) -> int:
+        if len(digits) - digits.startswith("-") > _MAX_INT_DIGITS:
+            raise _out_of_range(field, field, digits)
         number = int(digits)
         if not I64_MIN <= number <= U64_MAX:
-            raise InvalidArgumentError(
-                f"{field}: the integer {digits} is outside the 64-bit range that arcan "
-                "can store exactly",
-                field=field,
-                reason="INVALID_JSON",
-            )
+            raise _out_of_range(field, field, digits)
         return number
 
     def unique_keys(pairs: list[tuple[str, JsonValue]]) -> dict[str, JsonValue]:
@@ -138,8 +166,6 @@ def parse_strict(text: str, field: str) -> JsonValue:
             reason="INVALID_JSON",
         ) from None
     except RecursionError:
-        raise InvalidArgumentError(
-            f"{field}: the JSON value is nested too deeply", field=field, reason="INVALID_JSON"
-        ) from None
+        raise _too_deep(field, field) from None
     check_json(value, field)  # floats overflowing to inf, lone surrogates
     return value

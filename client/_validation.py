@@ -64,6 +64,53 @@ def _check_session_id(session_id: object, field: str) -> str:
     return session_id
 
 
+# The longest file name most file systems take, less the ".jsonl" suffix.
+MAX_STORED_SESSION_ID_BYTES = 255 - len(".jsonl")
+
+
+def check_stored_session_id(session_id: object, field: str = "session_id") -> str:
+    """Return `session_id` if it may name a session file that exists, else raise
+    InvalidArgumentError: what reads accept.
+
+    Looser than `check_session_id` (what a new session may be called): arcan
+    names files without escaping, so a session it wrote may have a long id, a
+    tab or a backslash in it, and must still be served. Only ids that cannot
+    be a file's name inside the data directory, and hidden names, are refused.
+    """
+    if type(session_id) is str and session_id in _VALID_SESSION_IDS:
+        return session_id
+
+    def refuse(rule: str) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"{field} {session_id!r} cannot name a session: {rule}",
+            field=field,
+            reason="INVALID_SESSION_ID",
+        )
+
+    if not isinstance(session_id, str):
+        raise InvalidArgumentError(
+            f"{field} must be a string, not {type(session_id).__name__}",
+            field=field,
+            reason="INVALID_SESSION_ID",
+        )
+    if not session_id:
+        raise refuse("it is empty")
+    try:
+        size = len(session_id.encode())
+    except UnicodeEncodeError:
+        raise refuse("it is not valid Unicode") from None
+    if size > MAX_STORED_SESSION_ID_BYTES:
+        raise refuse(
+            f"it is {size} bytes long, and no session file name can be longer than "
+            f"{MAX_STORED_SESSION_ID_BYTES} bytes before its .jsonl"
+        )
+    if "/" in session_id or "\x00" in session_id:
+        raise refuse("it contains a path separator ('/') or a NUL character")
+    if session_id.startswith("."):
+        raise refuse("it starts with '.' (dot-files are the store's own, or hidden)")
+    return session_id
+
+
 def check_record_id(record_id: object, field: str) -> str:
     """Return a parent or record id if it is a non-empty string, else raise InvalidArgumentError."""
     if not isinstance(record_id, str):
@@ -77,6 +124,20 @@ def check_record_id(record_id: object, field: str) -> str:
     except UnicodeEncodeError:
         raise InvalidArgumentError(f"{field} is not valid Unicode", field=field) from None
     return record_id
+
+
+def check_parent_query(parent_id: object) -> str:
+    """Return the parent id LoadChildren asks about: any string, the empty one
+    included (arcan can store `"parent_id": ""`, and its children must be found)."""
+    if not isinstance(parent_id, str):
+        raise InvalidArgumentError(
+            f"parent_id must be a string, not {type(parent_id).__name__}", field="parent_id"
+        )
+    try:
+        parent_id.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgumentError("parent_id is not valid Unicode", field="parent_id") from None
+    return parent_id
 
 
 CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

@@ -4,11 +4,13 @@ errors a file can cause."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import re
+import secrets
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,8 @@ from agentlog.errors import (
 log = logging.getLogger("agentlog.server")
 
 LOCK_FILE = ".agentlog.lock"
+KEY_FILE = ".agentlog.key"
+KEY_BYTES = 32
 _BLOCK = 4 << 20
 _TAIL_BLOCK = 1 << 12
 _NEWLINE = re.compile(b"\n")
@@ -51,6 +55,36 @@ def lock_directory(root: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def page_token_key(root: Path) -> bytes:
+    """The key that signs page tokens, kept in the data directory so that tokens
+    outlive a restart (a new one if it cannot be read or kept)."""
+    path = root / KEY_FILE
+    try:
+        key = path.read_bytes()
+        if len(key) == KEY_BYTES:
+            return key
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("%s: cannot read the page token key (%s); using a new one", path, exc)
+    key = secrets.token_bytes(KEY_BYTES)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        # Tokens given out now stop working at the next start: a nuisance, not a loss.
+        log.warning(
+            "%s: cannot keep the page token key (%s); tokens last until a restart", path, exc
+        )
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return key
 
 
 def storage_error(exc: OSError, path: Path) -> AgentlogError:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
+import secrets
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -349,24 +351,47 @@ def read_range(from_sequence: int, limit: int | None, direction: ReadDirection |
     return ReadRange(from_sequence, limit, direction == ReadDirection.BACKWARDS)
 
 
-def encode_page_token(last_session_id: str) -> str:
-    """An opaque token meaning "the sessions after this one"."""
-    return base64.urlsafe_b64encode(last_session_id.encode()).decode().rstrip("=")
+class PageTokens:
+    """Opaque ListSessions page tokens: the last session id of a page, signed
+    (HMAC-SHA256) with the store's key, so a token the server did not give out
+    is refused rather than taken as a place to start."""
 
+    VERSION = b"\x01"
+    MAC_BYTES = 16
 
-def decode_page_token(token: str | None) -> str | None:
-    """The session id a page token continues after; None for the first page."""
-    if not token:
-        return None
-    try:
-        session_id = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        return check_session_id(session_id, "page_token")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidArgumentError(
-            "page_token is not a token this server gave out; pass next_page_token unchanged",
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self._key, self.VERSION + body, hashlib.sha256).digest()[: self.MAC_BYTES]
+
+    def encode(self, last_session_id: str) -> str:
+        """A token meaning "the sessions after this one"."""
+        body = last_session_id.encode()
+        token = self.VERSION + self._mac(body) + body
+        return base64.urlsafe_b64encode(token).decode().rstrip("=")
+
+    def decode(self, token: str | None) -> str | None:
+        """The session id a page token continues after; None for the first page."""
+        if not token:
+            return None
+        refused = InvalidArgumentError(
+            "page_token is not a token this server gave out; pass next_page_token unchanged, "
+            "or leave it empty for the first page",
             field="page_token",
             reason="INVALID_PAGE_TOKEN",
-        ) from None
+        )
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            raise refused from None
+        version, mac, body = raw[:1], raw[1 : 1 + self.MAC_BYTES], raw[1 + self.MAC_BYTES :]
+        if version != self.VERSION or not hmac.compare_digest(mac, self._mac(body)):
+            raise refused
+        try:
+            return body.decode()
+        except UnicodeDecodeError:
+            raise refused from None
 
 
 Listener = Callable[[Appended, int], None]
@@ -390,6 +415,8 @@ class Store(ABC):
         self._last_published: dict[str, int] = {}
         self._last_position = 0
         self._listeners: list[Listener] = []
+        # A backend whose tokens must outlive the process replaces this.
+        self.page_tokens = PageTokens(secrets.token_bytes(32))
 
     def add_listener(self, listener: Listener) -> None:
         """Be told after each append; it runs on the writer's thread, so it must not block."""

@@ -62,8 +62,8 @@ from agentlog._records import (
 from agentlog._validation import (
     check_count,
     check_page_size,
-    check_record_id,
-    check_session_id,
+    check_parent_query,
+    check_stored_session_id,
 )
 from agentlog.errors import (
     AgentlogError,
@@ -82,6 +82,7 @@ from agentlog.server._files import (
     last_line,
     line_number,
     lock_directory,
+    page_token_key,
     read_line,
     scan_file,
     storage_error,
@@ -272,6 +273,7 @@ class JsonlSessionRepository(_semantics.Store):
                 f"sync must be one of {', '.join(SyncPolicy)}, not {sync!r}", field="sync"
             ) from None
         self._directory_lock = lock_directory(self.root)
+        self.page_tokens = _semantics.PageTokens(page_token_key(self.root))
         self._lock = threading.Lock()  # the store's: states, writing, acknowledging
         self._cond = threading.Condition(self._lock)
         self._halted: AgentlogError | None = None
@@ -942,7 +944,7 @@ class JsonlSessionRepository(_semantics.Store):
         direction: ReadDirection,
         decoder: _Decoder[T],
     ) -> Iterator[list[T]]:
-        check_session_id(session_id)
+        check_stored_session_id(session_id)
         selected = _semantics.read_range(from_sequence, limit, direction)
         view = self._view(session_id)
         # A snapshot: appends made while the caller iterates are not part of this read.
@@ -1062,7 +1064,7 @@ class JsonlSessionRepository(_semantics.Store):
         return offset
 
     def head(self, session_id: str) -> EventRecord | None:
-        check_session_id(session_id)
+        check_stored_session_id(session_id)
         with self._lock:
             cached = session_id in self._states
         if not cached:
@@ -1158,7 +1160,7 @@ class JsonlSessionRepository(_semantics.Store):
             return self._feed.last_position
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
-        check_record_id(parent_id, "parent_id")
+        check_parent_query(parent_id)
         children: list[EventRecord] = []
         views: dict[str, _View] = {}
         for place in self._index.children(parent_id):
@@ -1189,7 +1191,7 @@ class JsonlSessionRepository(_semantics.Store):
         self, *, page_size: int | None = None, page_token: str | None = None
     ) -> SessionPage:
         size = check_page_size(page_size)
-        after = _semantics.decode_page_token(page_token)
+        after = self.page_tokens.decode(page_token)
         catalog = self._sessions_in_order()
         start = 0 if after is None else bisect.bisect_right(catalog, after.encode(), key=str.encode)
         infos: list[SessionInfo] = []
@@ -1211,7 +1213,7 @@ class JsonlSessionRepository(_semantics.Store):
                     )
                 )
         more = index < len(catalog)
-        token = _semantics.encode_page_token(catalog[index - 1]) if more and infos else None
+        token = self.page_tokens.encode(catalog[index - 1]) if more and infos else None
         return SessionPage(sessions=infos, next_page_token=token)
 
     def session_ids(self) -> list[str]:
@@ -1309,9 +1311,11 @@ class JsonlSessionRepository(_semantics.Store):
                     if not name.endswith(SUFFIX) or not entry.is_file():
                         continue
                     try:
-                        ids.append(check_session_id(name[: -len(SUFFIX)]))
+                        ids.append(check_stored_session_id(name[: -len(SUFFIX)]))
                     except AgentlogError:
-                        continue  # not a file agentlog could have written or served
+                        # Not UTF-8: no id a client can send names it.
+                        log.warning("%s: skipped, its name is not UTF-8", self.root / name)
+                        continue
             self._catalog = sorted(ids, key=str.encode)
             self._catalog_mtime = mtime
         return self._catalog
@@ -1324,8 +1328,8 @@ class JsonlSessionRepository(_semantics.Store):
             self._catalog_mtime = os.stat(self.root).st_mtime_ns
 
     def _path(self, session_id: str) -> Path:
-        # check_session_id has refused separators, NUL and dot-names, so this
-        # is always a direct child of root.
+        # check_stored_session_id has refused '/' and NUL, and the suffix keeps
+        # '.' and '..' from naming directories: always a direct child of root.
         return self.root / f"{session_id}{SUFFIX}"
 
     # --- closing ---

@@ -14,8 +14,8 @@ from agentlog._records import EventRecord, FeedRecord, SessionInfo, SessionPage
 from agentlog._validation import (
     check_count,
     check_page_size,
-    check_record_id,
-    check_session_id,
+    check_parent_query,
+    check_stored_session_id,
 )
 from agentlog.server import _semantics
 from agentlog.server._semantics import Appended, Prepared
@@ -79,7 +79,7 @@ class MemorySessionRepository(_semantics.Store):
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
     ) -> Iterator[EventRecord]:
-        check_session_id(session_id)
+        check_stored_session_id(session_id)
         selected = _semantics.read_range(from_sequence, limit, direction)
         with self._lock:
             session = self._sessions.get(session_id)
@@ -107,14 +107,14 @@ class MemorySessionRepository(_semantics.Store):
             return len(self._feed)
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
-        check_record_id(parent_id, "parent_id")
+        check_parent_query(parent_id)
         with self._lock:
             children = list(self._children.get(parent_id, ()))
         # Sorting is stable, so each session keeps its append order.
         return sorted(children, key=lambda r: r.session_id.encode())
 
     def head(self, session_id: str) -> EventRecord | None:
-        check_session_id(session_id)
+        check_stored_session_id(session_id)
         with self._lock:
             session = self._sessions.get(session_id)
             return session.records[-1] if session else None
@@ -123,7 +123,7 @@ class MemorySessionRepository(_semantics.Store):
         self, *, page_size: int | None = None, page_token: str | None = None
     ) -> SessionPage:
         size = check_page_size(page_size)
-        after = _semantics.decode_page_token(page_token)
+        after = self.page_tokens.decode(page_token)
         with self._lock:
             start = (
                 0
@@ -144,7 +144,7 @@ class MemorySessionRepository(_semantics.Store):
                         head_id=records[-1].id,
                     )
                 )
-        token = _semantics.encode_page_token(ids[-1]) if more and ids else None
+        token = self.page_tokens.encode(ids[-1]) if more and ids else None
         return SessionPage(sessions=infos, next_page_token=token)
 
     def close(self) -> None:

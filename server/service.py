@@ -18,7 +18,7 @@ import grpc
 from agentlog import _codec
 from agentlog._records import CaughtUp, EventRecord
 from agentlog._status import to_grpc_status
-from agentlog._validation import check_record_id, check_session_id
+from agentlog._validation import check_parent_query, check_stored_session_id
 from agentlog.errors import AgentlogError, ServerError
 from agentlog.server._semantics import (
     MESSAGE_BYTES,
@@ -190,15 +190,13 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     async def LoadChildren(
         self, request: pb.LoadChildrenRequest, context: Any
     ) -> AsyncIterator[pb.LoadChildrenResponse]:
-        records = await self._repository.load_children(
-            check_record_id(request.parent_id, "parent_id")
-        )
+        records = await self._repository.load_children(check_parent_query(request.parent_id))
         async for chunk in chunk_records(_each(records)):
             yield pb.LoadChildrenResponse(records=chunk)
 
     @_translate_errors
     async def Head(self, request: pb.HeadRequest, context: Any) -> pb.HeadResponse:
-        record = await self._repository.head(check_session_id(request.session_id))
+        record = await self._repository.head(check_stored_session_id(request.session_id))
         if record is None:
             return pb.HeadResponse()
         return pb.HeadResponse(record=_codec.record_to_proto(record))
@@ -207,7 +205,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     async def SubscribeSession(
         self, request: pb.SubscribeSessionRequest, context: Any
     ) -> AsyncIterator[pb.SubscribeSessionResponse]:
-        session_id = check_session_id(request.session_id)
+        session_id = check_stored_session_id(request.session_id)
         start = request.from_sequence if request.HasField("from_sequence") else None
         async for item in self._repository.subscribe_chunks(session_id, from_sequence=start):
             if isinstance(item, CaughtUp):

@@ -188,18 +188,41 @@ class SessionRepositoryContract:
             ("é" * 101, "202 bytes"),
         ],
     )
-    def test_unsafe_session_ids_are_refused(
+    def test_unsafe_session_ids_are_refused_for_appends(
         self, repo: SessionRepository, session_id: str, rule: str
     ) -> None:
-        for call in (
-            lambda: repo.append(AppendEvent(session_id=session_id, event=started("s"))),
-            lambda: repo.load_session(session_id),
-            lambda: repo.head(session_id),
-        ):
+        with pytest.raises(InvalidArgumentError, match=re.escape(rule)) as caught:
+            repo.append(AppendEvent(session_id=session_id, event=started("s")))
+        assert caught.value.reason == "INVALID_SESSION_ID"
+        assert caught.value.field == "session_id"
+
+    @pytest.mark.parametrize(
+        ("session_id", "rule"),
+        [
+            ("", "empty"),
+            ("a/b", "path separator"),
+            ("../escape", "path separator"),
+            ("nul\x00byte", "NUL"),
+            ("..", "starts with '.'"),
+            (".", "starts with '.'"),
+            ("x" * 250, "250 bytes"),
+        ],
+    )
+    def test_reads_refuse_only_ids_that_cannot_name_a_file(
+        self, repo: SessionRepository, session_id: str, rule: str
+    ) -> None:
+        for call in (lambda: repo.load_session(session_id), lambda: repo.head(session_id)):
             with pytest.raises(InvalidArgumentError, match=re.escape(rule)) as caught:
                 call()
             assert caught.value.reason == "INVALID_SESSION_ID"
             assert caught.value.field == "session_id"
+
+    @pytest.mark.parametrize("session_id", ["a\\b", "tab\there", "x" * 249])
+    def test_reads_of_ids_arcan_could_have_written_are_answered(
+        self, repo: SessionRepository, session_id: str
+    ) -> None:
+        assert repo.load_session(session_id) == []
+        assert repo.head(session_id) is None
 
     def test_longest_session_id_is_accepted(self, repo: SessionRepository) -> None:
         session = "x" * 200
@@ -334,13 +357,14 @@ class SessionRepositoryContract:
         with pytest.raises(InvalidArgumentError, match="AgentEvent classes"):
             repo.append(AppendEvent(session_id=new_session(), event="hello"))  # type: ignore[arg-type]
 
-    def test_empty_parent_id_is_refused(self, repo: SessionRepository) -> None:
+    def test_empty_parent_id_is_refused_for_appends_but_can_be_asked_about(
+        self, repo: SessionRepository
+    ) -> None:
         session = new_session()
         with pytest.raises(InvalidArgumentError, match="parent_id must not be empty"):
             repo.append(AppendEvent(session_id=session, parent_id="", event=started(session)))
-        with pytest.raises(InvalidArgumentError, match="parent_id must not be empty"):
-            repo.load_children("")
         assert repo.load_session(session) == []
+        assert repo.load_children("") == []  # arcan can store "", so it can be asked about
 
     def test_enum_members_compare_as_arcan_strings(self, repo: SessionRepository) -> None:
         session = new_session()

@@ -180,7 +180,7 @@ def test_reads_validate_their_ids(stub: Any) -> None:
     for method, request_ in [
         (stub.LoadSession, pb.LoadSessionRequest(session_id="a/b")),
         (stub.Head, pb.HeadRequest(session_id="")),
-        (stub.LoadChildren, pb.LoadChildrenRequest(parent_id="")),
+        (stub.SubscribeSession, pb.SubscribeSessionRequest(session_id="x\x00y")),
     ]:
         error: Any = call_error(method, request_)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
