@@ -126,6 +126,40 @@ class Appended:
 # size limit.
 MESSAGE_RECORDS = 256
 MESSAGE_BYTES = 1 << 20
+# What a gRPC client receives by default in one message is 4 MiB: every record
+# stored must fit in one (a read's message, a feed record, an append's answer),
+# with room for the message around it.
+MAX_RECORD_BYTES = (4 << 20) - (16 << 10)
+
+
+def check_record_size(size: int, index: int | None) -> None:
+    """Refuse a record whose stored line is `size` bytes if a default client could
+    not receive it back (a record's message is never larger than its JSON line).
+    `index`: its place in a batch."""
+    if size > MAX_RECORD_BYTES:
+        where = "" if index is None else f"events[{index}]."
+        raise InvalidArgumentError(
+            f"{where}event: the record would be {size} bytes, more than the "
+            f"{MAX_RECORD_BYTES} a record may have so that every client can read it back "
+            "(4 MiB is gRPC's default message limit); store large payloads elsewhere and "
+            "refer to them",
+            field=f"{where}event",
+            reason="RECORD_TOO_LARGE",
+        )
+
+
+def check_answer_size(request: pb.AppendBatchRequest) -> None:
+    """Refuse a batch whose answer, with its events, a default client could not
+    receive (ask with omit_events, or send smaller batches)."""
+    size = request.ByteSize() + len(request.events) * (len(request.session_id) + 48)
+    if size > MAX_RECORD_BYTES:
+        raise InvalidArgumentError(
+            f"events: the answer to this batch would be about {size} bytes, more than a "
+            "client receives by default; send smaller batches, or set omit_events",
+            field="events",
+            reason="ANSWER_TOO_LARGE",
+        )
+
 
 Outcome: TypeAlias = tuple[Appended, int | None] | Exception
 """What storing one PendingAppend came to: (what was appended, its first feed
@@ -183,6 +217,8 @@ def prepare_batch_request(request: pb.AppendBatchRequest) -> PendingAppend:
     """Check an AppendBatchRequest as `prepare` checks a batch, without Python events."""
     expected = request.expected_sequence if request.HasField("expected_sequence") else None
     _check_append_fields(request.session_id, expected, request.events)
+    if not request.omit_events:
+        check_answer_size(request)
     prepared: list[Prepared] = []
     seen: dict[str, int] = {}
     is_event_id = CANONICAL_UUID.fullmatch

@@ -39,8 +39,8 @@ from agentlog.server._semantics import (
     start_position,
     start_sequence,
 )
-from agentlog.server.service import SessionRepositoryService
-from agentlog.v1 import session_pb2, session_pb2_grpc
+from agentlog.server.service import SessionRepositoryService, add_to_server
+from agentlog.v1 import session_pb2
 
 log = logging.getLogger("agentlog.server")
 
@@ -559,8 +559,7 @@ def create_server(
     )
     executor = ThreadPoolExecutor(storage_threads, thread_name_prefix="agentlog-storage")
     threaded = ThreadedRepository(repository, executor)
-    service = SessionRepositoryService(threaded)
-    session_pb2_grpc.add_SessionRepositoryServicer_to_server(service, server)
+    add_to_server(SessionRepositoryService(threaded), server)
 
     health_service = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack aio
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)

@@ -538,7 +538,10 @@ class JsonlSessionRepository(_semantics.Store):
             }
             if batch_end is not None:
                 fields["batch_end"] = batch_end
-            lines.append(record_line(fields))
+            line = record_line(fields)
+            if len(line) > _semantics.MAX_RECORD_BYTES:
+                _semantics.check_record_size(len(line), sequence - last - 1 if batch_end else None)
+            lines.append(line)
         data = b"".join(lines)
         new_file = state.identity == _MISSING
         fd = self._file(session_id, state)

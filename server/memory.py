@@ -9,6 +9,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import orjson
+
 from agentlog._events import ReadDirection
 from agentlog._records import EventRecord, FeedRecord, SessionInfo, SessionPage
 from agentlog._validation import (
@@ -56,6 +58,10 @@ class MemorySessionRepository(_semantics.Store):
             if stored is not None:
                 records = [session.records[sequence - 1] for sequence in stored]
                 return Appended.stored(session_id, batch, records), None
+            for index, item in enumerate(batch):
+                # The size of its line in a JSONL store, near enough.
+                size = len(orjson.dumps(item.event_json)) + len(session_id) + 200
+                _semantics.check_record_size(size, index if len(batch) > 1 else None)
             if session_id not in self._sessions:
                 self._sessions[session_id] = session
                 bisect.insort(self._session_ids, session_id, key=str.encode)

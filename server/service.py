@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from agentlog import _codec
 from agentlog._records import CaughtUp, EventRecord
 from agentlog._status import to_grpc_status
 from agentlog._validation import check_parent_query, check_stored_session_id
-from agentlog.errors import AgentlogError, ServerError
+from agentlog.errors import AgentlogError, InvalidArgumentError, ServerError
 from agentlog.server._semantics import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
@@ -52,6 +53,60 @@ def _unexpected(method: str, exc: BaseException) -> AgentlogError:
     )
 
 
+class _Malformed:
+    """A request whose bytes did not parse as its message (see `add_to_server`)."""
+
+    def __init__(self, message_name: str, error: Exception) -> None:
+        self.error = InvalidArgumentError(
+            f"the request is not a valid {message_name} message ({error}); "
+            "it may come from a client built from another .proto",
+            reason="MALFORMED_REQUEST",
+        )
+
+
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that hands bytes which do not parse to the method as
+    `_Malformed`, so they are answered INVALID_ARGUMENT rather than grpc's UNKNOWN."""
+    name = message_class.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return _Malformed(name, exc)
+
+    return deserialize
+
+
+def _serialize(message: Any) -> bytes:
+    """A response's bytes; a response already encoded (shared by many streams) as is."""
+    if isinstance(message, bytes):
+        return message
+    data: bytes = message.SerializeToString()
+    return data
+
+
+def add_to_server(service: SessionRepositoryService, server: grpc.aio.Server) -> None:
+    """Register the service's methods, as the generated `add_..._to_server` does, but
+    with the deserializer and serializer above."""
+    descriptor = pb.DESCRIPTOR.services_by_name["SessionRepository"]
+    handlers = {}
+    for method in descriptor.methods:
+        request_class = getattr(pb, method.input_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=_lenient(request_class),
+            response_serializer=_serialize,
+        )
+    generic = grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+
+
 def _translate_errors(method: F) -> F:
     """Turn AgentlogError into its status, and anything else into INTERNAL (logged)."""
     name = method.__name__
@@ -59,6 +114,9 @@ def _translate_errors(method: F) -> F:
 
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            if isinstance(request, _Malformed):
+                await _abort(context, request.error)
+                return
             try:
                 async for item in method(self, request, context):
                     yield item
@@ -71,6 +129,8 @@ def _translate_errors(method: F) -> F:
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: Any) -> Any:
+        if isinstance(request, _Malformed):
+            await _abort(context, request.error)
         try:
             return await method(self, request, context)
         except AgentlogError as exc:
