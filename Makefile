@@ -7,13 +7,15 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 BUF := node_modules/.bin/buf
 PROTO := agentlog/v1/session.proto
-ADDR ?= 127.0.0.1:50051
-DATA_DIR ?= ./data
+# Unset, `agentlog serve` takes AGENTLOG_ADDR / AGENTLOG_DATA_DIR from the
+# environment, else its defaults (127.0.0.1:50051, ./data).
+ADDR ?=
+DATA_DIR ?=
 
 .PHONY: serve test install proto proto-check lint typecheck buf-lint pytest bench clean
 
 serve: $(INSTALLED)
-	$(BIN)/agentlog serve --addr $(ADDR) --data-dir $(DATA_DIR)
+	$(BIN)/agentlog serve $(if $(ADDR),--addr $(ADDR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 test: $(INSTALLED) $(BUF) lint typecheck buf-lint proto-check pytest
 

@@ -193,6 +193,15 @@ class AgentlogClient:
         """Close the channel; calls in flight are cancelled."""
         self._channel.close()
 
+    def wait_for_server(self, timeout: float) -> bool:
+        """Whether a connection to the server is up within `timeout` seconds (it keeps
+        being tried meanwhile); calls do not need this, it is for telling a person."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
+
     def _unary(self, method: Any, request: Any) -> Any:
         attempt = 0
         while True:
@@ -359,6 +368,15 @@ class AsyncAgentlogClient:
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
         await self._channel.close(None)
+
+    async def wait_for_server(self, seconds: float) -> bool:
+        """Whether a connection to the server is up within `seconds` (see
+        AgentlogClient.wait_for_server)."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def _unary(self, method: Any, request: Any) -> Any:
         attempt = 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import itertools
 import logging
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -502,6 +504,7 @@ class Server(NamedTuple):
     port: int
     health: Any
     repository: ThreadedRepository
+    service: SessionRepositoryService
 
     async def start(self) -> None:
         """Start serving and report SERVING to health checks."""
@@ -512,20 +515,28 @@ class Server(NamedTuple):
     async def stop(self, grace: float | None) -> None:
         """Report NOT_SERVING, refuse new calls, let calls in flight finish within `grace`.
 
-        Subscriptions keep delivering during the grace period (appends in flight
-        still reach them) and end with UNAVAILABLE just before it runs out,
-        rather than with the CANCELLED that grpc gives calls it cuts off.
+        Subscriptions keep delivering while other calls are in flight (appends
+        whose records they would deliver), then end with UNAVAILABLE, at the
+        latest just before the grace period runs out, rather than with the
+        CANCELLED that grpc gives calls it cuts off.
         """
         await self.health.enter_graceful_shutdown()
-        loop = asyncio.get_running_loop()
         margin = min(0.5, (grace or 0) / 2)
-        ending = loop.call_later(max((grace or 0) - margin, 0), self.repository.close_subscriptions)
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.service.in_flight.quiet(), max((grace or 0) - margin, 0))
         try:
-            await self.server.stop(grace)
+            self.repository.close_subscriptions()
+            await stopping
         finally:
-            ending.cancel()
             self.repository.close_subscriptions()
             self.repository.stop_writing()
+
+    async def stop_now(self) -> None:
+        """Cut every call in flight off now (a second signal). Appends already
+        acknowledged are durable; those cut off were never acknowledged."""
+        self.repository.close_subscriptions()
+        await self.server.stop(0)
 
 
 def create_server(
@@ -559,7 +570,8 @@ def create_server(
     )
     executor = ThreadPoolExecutor(storage_threads, thread_name_prefix="agentlog-storage")
     threaded = ThreadedRepository(repository, executor)
-    add_to_server(SessionRepositoryService(threaded), server)
+    service = SessionRepositoryService(threaded)
+    add_to_server(service, server)
 
     health_service = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack aio
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
@@ -571,13 +583,60 @@ def create_server(
         ],
         server,
     )
+    port = bind(server, address)
+    return Server(server, port, health_service, threaded, service)
+
+
+def bind(server: grpc.aio.Server, address: str) -> int:
+    """Listen on `address` ("host:port"); the port bound. OSError unless every address
+    the host names is bound: grpc binds what it can of a name (both 127.0.0.1 and ::1
+    for localhost) and only warns about the rest, so each is bound here on its own."""
+    host, colon, port_text = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not port_text.isdigit() or int(port_text) > 65535:
+        raise OSError(f"cannot listen on {address!r}: give HOST:PORT, e.g. 127.0.0.1:50051")
+    targets = [address]
+    if host and not _is_ip_literal(host):
+        try:
+            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise OSError(
+                f"cannot listen on {address}: {host!r} does not resolve ({exc.strerror})"
+            ) from None
+        ips = list(dict.fromkeys(str(info[4][0]) for info in found))
+        if host == "localhost":  # grpc, like most servers, takes it as both loopbacks
+            ips += [ip for ip in ("127.0.0.1", "::1") if ip not in ips and _can_bind(ip)]
+        targets = [f"[{ip}]" if ":" in ip else ip for ip in ips]
+    port = int(port_text)
+    for index, target in enumerate(targets):
+        where = target if index == 0 and target == address else f"{target}:{port}"
+        try:
+            bound = server.add_insecure_port(where)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {where}: {exc}") from None
+        if bound == 0:
+            raise OSError(f"cannot listen on {where}: the address is in use or invalid")
+        port = bound  # port 0: every other address takes the port the first got
+    return port
+
+
+def _can_bind(ip: str) -> bool:
+    """Whether this host has the address `ip` (IPv6 may be switched off)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {address}: {exc}") from None
-    if port == 0:
-        raise OSError(f"cannot listen on {address}: the address is in use or invalid")
-    return Server(server, port, health_service, threaded)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def serve(
@@ -594,11 +653,37 @@ async def serve(
     from agentlog.server.jsonl import JsonlSessionRepository
 
     repository = JsonlSessionRepository(data_dir, sync=sync, sync_interval_ms=sync_interval_ms)
-    built = create_server(address, repository, max_message_bytes=max_message_bytes)
+    try:
+        built = create_server(address, repository, max_message_bytes=max_message_bytes)
+    except BaseException:
+        repository.close()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    signals: list[str] = []
+
+    def on_signal(signum: signal.Signals) -> None:
+        signals.append(signum.name)
+        if len(signals) == 1:
+            in_flight = built.service.in_flight
+            log.info(
+                "%s received: stopping. New calls are refused; %d call(s) in flight get up to "
+                "%.1f s to finish, and %d subscription(s) end once they have. Send %s again "
+                "to stop at once (nothing acknowledged is lost).",
+                signum.name,
+                in_flight.calls,
+                grace,
+                in_flight.subscriptions,
+                signum.name,
+            )
+            stop.set()
+        elif len(signals) == 2:
+            log.warning("%s received again: stopping now, cutting off calls in flight", signum.name)
+            hurry.append(asyncio.ensure_future(built.stop_now()))
+
+    hurry: list[asyncio.Future[None]] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     await built.start()
     started = time.monotonic()
     host = address.rsplit(":", 1)[0]
@@ -614,6 +699,9 @@ async def serve(
         await stop.wait()
     finally:
         await built.stop(grace)
+        for task in hurry:
+            await task
+        log.info("calls ended; syncing and closing the data directory")
         repository.close()
         log.info(
             "agentlog stopped after %.1f s of service (grace for calls in flight: %.1f s)",

@@ -6,15 +6,19 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from agentlog.errors import AgentlogError
 from agentlog.server.app import DEFAULT_GRACE_SECONDS, DEFAULT_MAX_MESSAGE_BYTES, serve
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = "./data"
+# How often `tail` says it is still trying to reach the server.
+CONNECT_REPORT_SECONDS = 5.0
 
 
 def _version() -> str:
@@ -140,8 +144,19 @@ def tail(args: argparse.Namespace) -> int:
     if args.all == (args.session_id is not None):
         print("agentlog tail: name one SESSION, or --all", file=sys.stderr)
         return 2
-    if args.all:
-        with AgentlogClient(args.addr, retries=1_000_000) as client:
+    if not args.all and (args.prefix or args.kind):
+        print(
+            "agentlog tail: --prefix and --kind filter --all; with a SESSION, drop them",
+            file=sys.stderr,
+        )
+        return 2
+    problem = _unresolvable(args.addr)
+    if problem is not None:
+        print(f"agentlog tail: {problem}", file=sys.stderr)
+        return 2
+    with AgentlogClient(args.addr, retries=1_000_000) as client:
+        _connect(client, args.addr)
+        if args.all:
             feed = client.subscribe_all(
                 from_position=args.from_sequence,
                 session_id_prefix=args.prefix,
@@ -151,8 +166,7 @@ def tail(args: argparse.Namespace) -> int:
                 line = describe(entry)
                 if line is not None:
                     print(line[: args.width], flush=True)
-        return 0
-    with AgentlogClient(args.addr, retries=1_000_000) as client:
+            return 0
         start = args.from_sequence
         if start is None:
             head = client.head(args.session_id)
@@ -162,6 +176,35 @@ def tail(args: argparse.Namespace) -> int:
             if line is not None:
                 print(line[: args.width], flush=True)
     return 0
+
+
+def _unresolvable(address: str) -> str | None:
+    """Why `address` can never be reached (not HOST:PORT, or a host that does not
+    resolve), or None: worth connecting to and retrying."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        return f"--addr {address!r} is not HOST:PORT (e.g. 127.0.0.1:50051)"
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"cannot resolve {host!r} in --addr {address}: {exc}"
+    return None
+
+
+def _connect(client: Any, address: str) -> None:
+    """Wait for the server, saying on stderr that it is being tried."""
+    print(f"agentlog tail: connecting to {address} ...", file=sys.stderr, flush=True)
+    waited = 0.0
+    while not client.wait_for_server(CONNECT_REPORT_SECONDS):
+        waited += CONNECT_REPORT_SECONDS
+        print(
+            f"agentlog tail: no answer from {address} after {waited:.0f} s; still retrying "
+            "(Ctrl-C to give up)",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(f"agentlog tail: connected to {address}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

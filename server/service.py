@@ -7,6 +7,7 @@ errors become gRPC statuses, so no method formats an error of its own.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -107,9 +108,46 @@ def add_to_server(service: SessionRepositoryService, server: grpc.aio.Server) ->
     server.add_generic_rpc_handlers((generic,))
 
 
+class CallsInFlight:
+    """How many calls the service is serving, subscriptions apart: at shutdown,
+    subscriptions end once the other calls (appends whose records they would
+    deliver) are done."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.subscriptions = 0
+        self._quiet: asyncio.Event | None = None
+
+    def started(self, subscription: bool) -> None:
+        if subscription:
+            self.subscriptions += 1
+        else:
+            self.calls += 1
+            if self._quiet is not None:
+                self._quiet.clear()
+
+    def ended(self, subscription: bool) -> None:
+        if subscription:
+            self.subscriptions -= 1
+        else:
+            self.calls -= 1
+            if self.calls == 0 and self._quiet is not None:
+                self._quiet.set()
+
+    async def quiet(self) -> None:
+        """Return once no call but subscriptions is in flight."""
+        if self._quiet is None:
+            self._quiet = asyncio.Event()
+        if self.calls == 0:
+            self._quiet.set()
+        await self._quiet.wait()
+
+
 def _translate_errors(method: F) -> F:
-    """Turn AgentlogError into its status, and anything else into INTERNAL (logged)."""
+    """Turn AgentlogError into its status, and anything else into INTERNAL (logged);
+    count the call in flight meanwhile."""
     name = method.__name__
+    subscription = name.startswith("Subscribe")
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
@@ -117,6 +155,7 @@ def _translate_errors(method: F) -> F:
             if isinstance(request, _Malformed):
                 await _abort(context, request.error)
                 return
+            self.in_flight.started(subscription)
             try:
                 async for item in method(self, request, context):
                     yield item
@@ -124,6 +163,8 @@ def _translate_errors(method: F) -> F:
                 await _abort(context, exc)
             except Exception as exc:
                 await _abort(context, _unexpected(name, exc))
+            finally:
+                self.in_flight.ended(subscription)
 
         return stream  # type: ignore[return-value]
 
@@ -131,12 +172,15 @@ def _translate_errors(method: F) -> F:
     async def unary(self: Any, request: Any, context: Any) -> Any:
         if isinstance(request, _Malformed):
             await _abort(context, request.error)
+        self.in_flight.started(subscription)
         try:
             return await method(self, request, context)
         except AgentlogError as exc:
             await _abort(context, exc)
         except Exception as exc:
             await _abort(context, _unexpected(name, exc))
+        finally:
+            self.in_flight.ended(subscription)
 
     return unary  # type: ignore[return-value]
 
@@ -216,6 +260,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
 
     def __init__(self, repository: ThreadedRepository) -> None:
         self._repository = repository
+        self.in_flight = CallsInFlight()
 
     @_translate_errors
     async def Append(self, request: pb.AppendRequest, context: Any) -> pb.AppendResponse:

@@ -19,14 +19,14 @@ def test_the_readme_opens_with_the_two_commands() -> None:
     assert any(line.startswith("make test") for line in head)
 
 
-def test_the_python_examples_run(tmp_path: Path) -> None:
+def test_the_python_examples_run_each_on_its_own(tmp_path: Path) -> None:
     examples = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert len(examples) == 2
-    namespace: dict[str, object] = {}
     output = io.StringIO()
     with running_server(JsonlSessionRepository(tmp_path)) as target:
         for example in examples:
             code = example.replace("127.0.0.1:50051", target)
+            namespace: dict[str, object] = {}  # each as if pasted alone
             with contextlib.redirect_stdout(output):
                 exec(compile(code, "README.md", "exec"), namespace)
     lines = output.getvalue().splitlines()
