@@ -22,9 +22,10 @@ import sqlite3
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 
@@ -73,6 +74,7 @@ CREATE TABLE IF NOT EXISTS marks (
 ) WITHOUT ROWID;
 """
 _BLOCK = 4 << 20
+T = TypeVar("T")
 # Rows indexed from files per transaction, when many files are indexed at once.
 _ROWS_A_TRANSACTION = 1 << 18
 # A row of an append: (id, parent_id, sequence, byte offset of its line, key_of(id)).
@@ -176,33 +178,34 @@ class StoreIndex:
     write (SQLite's WAL mode).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self, root: Path, files: Callable[[], Iterable[tuple[str, Path]]] = lambda: ()
+    ) -> None:
         path = root / INDEX_FILE
+        self._path = path
+        self._files_source = files  # every session file, for a rebuild
         self._write_lock = threading.Lock()
-        self._db = self._connect(path)
-        if self._db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
-            # Derived data in an older layout: start over, it is rebuilt from the files.
-            self._db.close()
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{path}{suffix}").unlink(missing_ok=True)
-            self._db = self._connect(path)
-            with self._db:
-                self._db.executescript(_SCHEMA)
-                self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         self._read_lock = threading.Lock()
-        self._reader = self._connect(path)
         self._lock = threading.Lock()  # guards what follows
         self._files: dict[str, IndexedFile] = {}
         self._names: dict[int, str] = {}
-        for session, session_id, inode, size, records, last in self._db.execute(
-            "SELECT session, session_id, inode, indexed_bytes, indexed_records, last_offset "
-            "FROM files"
-        ):
-            self._files[session_id] = IndexedFile(session, inode, size, records, last)
-            self._names[session] = session_id
-        # Session numbers are never reused: rows of a dropped file keep theirs.
-        stored = self._db.execute("SELECT value FROM meta WHERE name = 'next_session'").fetchone()
-        self._next_session = max(max(self._names, default=0) + 1, stored[0] if stored else 1)
+        # Files found shorter than indexed (same inode): session -> (indexed, found) bytes.
+        self._shrunk: dict[str, tuple[int, int]] = {}
+        # Whether the last catch-up could not be written (a full disk): then the index
+        # may not know every id in the files, and appends must wait for it.
+        self.behind = False
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):
+                raise
+            log.warning(
+                "%s is damaged (%s); it is derived data, so it is rebuilt from the session files",
+                path,
+                exc,
+            )
+            self._wipe()
+            self._open()
         # Acknowledged rows not yet written: by session id, and by id / parent id.
         self._pending: dict[str, list[Row]] = {}
         self._flushing: dict[str, list[Row]] = {}  # being written: not on disk yet
@@ -212,7 +215,6 @@ class StoreIndex:
         self._stop = threading.Event()
         # Every id key the index holds, for "certainly absent" without a query; from
         # open_filter() on (until then, and until it is filled, lookups query).
-        self._path = path
         self._filter = KeyFilter(0)
         self._filter_started = False
         self._had_rows = True  # rows the filter was not built with (see open_filter)
@@ -222,6 +224,82 @@ class StoreIndex:
             target=self._flush_periodically, name="agentlog-index", daemon=True
         )
         self._flusher.start()
+
+    def _open(self) -> None:
+        """Open both connections and load what the index holds of files (DatabaseError
+        if the file is damaged)."""
+        path = self._path
+        self._db = self._connect(path)
+        try:
+            if self._db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                # Derived data in an older layout: start over, it is rebuilt from the files.
+                self._db.close()
+                self._wipe()
+                self._db = self._connect(path)
+                with self._db:
+                    self._db.executescript(_SCHEMA)
+                    self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            self._reader = self._connect(path)
+            files: dict[str, IndexedFile] = {}
+            names: dict[int, str] = {}
+            for session, session_id, inode, size, records, last in self._db.execute(
+                "SELECT session, session_id, inode, indexed_bytes, indexed_records, last_offset "
+                "FROM files"
+            ):
+                files[session_id] = IndexedFile(session, inode, size, records, last)
+                names[session] = session_id
+            # Session numbers are never reused: rows of a dropped file keep theirs.
+            stored = self._db.execute(
+                "SELECT value FROM meta WHERE name = 'next_session'"
+            ).fetchone()
+        except sqlite3.DatabaseError:
+            self._close_connections()
+            raise
+        self._files, self._names = files, names
+        self._next_session = max(max(names, default=0) + 1, stored[0] if stored else 1)
+
+    def _close_connections(self) -> None:
+        for name in ("_db", "_reader"):
+            db = getattr(self, name, None)
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+
+    def _wipe(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self._path}{suffix}").unlink(missing_ok=True)
+
+    def _rebuild(self, exc: sqlite3.DatabaseError) -> None:
+        """Start the index over from the session files, after finding it damaged at
+        run time (hold no index lock). Queries wait meanwhile; none is answered from
+        the damaged file."""
+        with self._write_lock:
+            log.error(
+                "%s is damaged (%s); rebuilding it from the session files (derived data: "
+                "nothing is lost, and queries wait until it is done)",
+                self._path,
+                exc,
+            )
+            with self._read_lock:
+                self._close_connections()
+                self._wipe()
+                with self._lock:
+                    self._pending, self._flushing, self._pending_children = {}, {}, {}
+                    self._dirty = set()
+                    self._shrunk = {}
+                self._open()
+            self._catch_up_all(self._files_source())
+        log.warning("%s: rebuilt", self._path)
+
+    def _queried(self, run: Callable[[], T]) -> T:
+        """`run()`'s answer; a damaged index is rebuilt once and asked again."""
+        try:
+            return run()
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):
+                raise
+            self._rebuild(exc)
+        return run()
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -294,8 +372,11 @@ class StoreIndex:
         while not self._stop.wait(FLUSH_SECONDS):
             try:
                 self.flush()
-            except sqlite3.Error:
-                log.exception("writing the index failed; it is rebuilt from the files if needed")
+            except sqlite3.DatabaseError as exc:
+                if _is_damage(exc):
+                    self._rebuild(exc)
+                else:  # a full disk, say: the rows wait in memory for the next try
+                    log.warning("writing %s failed (%s); trying again", self._path, exc)
 
     def flush(self) -> None:
         """Write the rows waiting in memory."""
@@ -375,53 +456,83 @@ class StoreIndex:
         return self.catch_up_all([(session_id, path)])[session_id]
 
     def catch_up_all(self, files: Iterable[tuple[str, Path]]) -> dict[str, IndexedFile | None]:
-        """catch_up for many files, in transactions of many files each (at open)."""
+        """catch_up for many files, in transactions of many files each (at open). A
+        failure to write (a full disk) leaves `behind` set, and raises."""
+        try:
+            with self._write_lock:
+                found = self._catch_up_all(files)
+        except sqlite3.OperationalError:
+            self.behind = True
+            raise
+        return found
+
+    def _catch_up_all(self, files: Iterable[tuple[str, Path]]) -> dict[str, IndexedFile | None]:
         indexed: dict[str, IndexedFile | None] = {}
-        with self._write_lock:
-            # First what waits in memory: a file's entry is never written ahead of its rows.
-            self._flush()
-            written: list[tuple[str, IndexedFile]] = []
-            rows = 0
-            try:
-                for session_id, path in files:
+        # First what waits in memory: a file's entry is never written ahead of its rows.
+        self._flush()
+        written: list[tuple[str, IndexedFile]] = []
+        rows = 0
+        try:
+            for session_id, path in files:
+                with self._lock:
+                    # The file's size and its entry at one moment: an append's lines
+                    # are written before its rows are recorded (under this lock), so
+                    # the file is never found shorter than the entry unless it shrank.
                     try:
                         stat = path.stat()
                     except FileNotFoundError:
-                        self.forget(session_id)
-                        indexed[session_id] = None
-                        continue
-                    with self._lock:
-                        entry = self._files.get(session_id)
-                        if entry is None or entry.inode != stat.st_ino or stat.st_size < entry.size:
-                            entry = self._new_entry(session_id, stat.st_ino)
-                        current = IndexedFile(*_fields(entry))
-                    indexed[session_id] = current
-                    if stat.st_size == current.size:
-                        continue
-                    if not self._db.in_transaction:
-                        self._db.execute("BEGIN")
-                    before = current.records
-                    try:
-                        self._index_file(path, current)
-                    except FileNotFoundError:  # removed since: nothing to index
-                        self.forget(session_id)
-                        indexed[session_id] = None
-                        continue
-                    self._set(session_id, current)
-                    written.append((session_id, current))
-                    rows += current.records - before
-                    if rows >= _ROWS_A_TRANSACTION:
-                        self._commit_catch_up(written)
-                        written, rows = [], 0
-                if written:
-                    self._commit_catch_up(written)
-                    written = []
-            finally:
-                if self._db.in_transaction:  # cut short by an error
-                    self._db.execute("ROLLBACK")
+                        stat = None
+                    entry = self._files.get(session_id)
+                    if stat is not None and entry is not None and entry.inode == stat.st_ino:
+                        if stat.st_size < entry.size:
+                            self._shrunk[session_id] = (entry.size, stat.st_size)
+                            indexed[session_id] = IndexedFile(*_fields(entry))
+                            continue
+                        self._shrunk.pop(session_id, None)
+                if stat is None:
+                    self.forget(session_id)
+                    indexed[session_id] = None
+                    continue
                 with self._lock:
-                    self._uncommitted_keys.clear()
+                    entry = self._files.get(session_id)
+                    if entry is None or entry.inode != stat.st_ino:
+                        self._shrunk.pop(session_id, None)
+                        entry = self._new_entry(session_id, stat.st_ino)
+                    current = IndexedFile(*_fields(entry))
+                indexed[session_id] = current
+                if stat.st_size == current.size:
+                    continue
+                if not self._db.in_transaction:
+                    self._db.execute("BEGIN")
+                before = current.records
+                try:
+                    self._index_file(path, current)
+                except FileNotFoundError:  # removed since: nothing to index
+                    self.forget(session_id)
+                    indexed[session_id] = None
+                    continue
+                self._set(session_id, current)
+                written.append((session_id, current))
+                rows += current.records - before
+                if rows >= _ROWS_A_TRANSACTION:
+                    self._commit_catch_up(written)
+                    written, rows = [], 0
+            if written:
+                self._commit_catch_up(written)
+                written = []
+        finally:
+            if self._db.in_transaction:  # cut short by an error
+                self._db.execute("ROLLBACK")
+            with self._lock:
+                self._uncommitted_keys.clear()
+        self.behind = False
         return indexed
+
+    def shrunk(self, session_id: str) -> tuple[int, int] | None:
+        """(bytes indexed, bytes found) if the session's file was last found shorter
+        than the index knew it: cut behind agentlog's back."""
+        with self._lock:
+            return self._shrunk.get(session_id)
 
     def _commit_catch_up(self, written: list[tuple[str, IndexedFile]]) -> None:
         self._db.execute(
@@ -438,8 +549,11 @@ class StoreIndex:
 
     def _index_file(self, path: Path, entry: IndexedFile) -> None:
         """Index complete lines from `entry.size` on, updating `entry`; stops at a line
-        that does not parse."""
+        that is no record in its place, and before a batch whose last line is missing
+        (never acknowledged: start-up recovery or an operator cuts it off)."""
         position, count, last = entry.size, entry.records, entry.last_offset
+        done = (position, count, last)  # whole records and whole batches up to here
+        held: list[Row] = []  # the rows of a batch not seen whole yet
         loads = orjson.loads
         try:
             with path.open("rb") as file:
@@ -458,18 +572,33 @@ class StoreIndex:
                                 record_id, parent = obj["id"], obj.get("parent_id")
                                 if type(record_id) is not str:
                                     raise TypeError
+                                stated = obj.get("sequence", count + 1)
+                                if stated != count + 1 or type(stated) is not int:
+                                    raise TypeError  # a line out of place: reads say so
+                                batch_end = obj.get("batch_end")
                             except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
                                 self._insert(entry.session, rows, new_keys=True)
                                 return
                             count += 1
                             if parent is not None and type(parent) is not str:
                                 parent = None
-                            append((record_id, parent, count, position, key_of(record_id)))
+                            row = (record_id, parent, count, position, key_of(record_id))
                             last = position
-                        position += len(line) + 1
+                            position += len(line) + 1
+                            if type(batch_end) is int and batch_end > count:
+                                held.append(row)
+                                continue
+                            if held:
+                                rows.extend(held)
+                                held.clear()
+                            append(row)
+                        else:
+                            position += len(line) + 1
+                        if not held:
+                            done = (position, count, last)
                     self._insert(entry.session, rows, new_keys=True)
         finally:
-            entry.size, entry.records, entry.last_offset = position, count, last
+            entry.size, entry.records, entry.last_offset = done
 
     def forget(self, session_id: str) -> None:
         """Drop what is indexed of a session whose file is gone."""
@@ -554,12 +683,15 @@ class StoreIndex:
             found = {
                 r[2]: r[3] for r in self._pending.get(session_id, ()) if r[2] % MARK_EVERY == 1
             }
-        with self._read_lock:
-            rows = self._reader.execute(
-                "SELECT sequence, offset FROM marks WHERE session = ? AND sequence <= ?",
-                (session, records),
-            ).fetchall()
-        found.update(rows)
+
+        def query() -> list[tuple[int, int]]:
+            with self._read_lock:
+                return self._reader.execute(
+                    "SELECT sequence, offset FROM marks WHERE session = ? AND sequence <= ?",
+                    (session, records),
+                ).fetchall()
+
+        found.update(self._queried(query))
         return array("Q", (found[sequence] for sequence in sorted(found)))
 
     # --- the key filter ---
@@ -568,12 +700,15 @@ class StoreIndex:
         """Start the key filter, before the files are indexed at open (the store then
         calls `filter_indexed`). It is the one a clean close saved, if the index is as
         it was then; otherwise a new one for `expected_keys`, to which indexing adds."""
-        saved = self._load_filter()
-        with _transaction(self._db):  # a saved filter is good for one open only
-            self._db.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('filter_generation', ?)",
-                (self._filter_generation() + 1,),
-            )
+        saved = self._load_filter()  # a saved filter is good for one open only
+        try:
+            with _transaction(self._db):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('filter_generation', ?)",
+                    (self._filter_generation() + 1,),
+                )
+        except sqlite3.OperationalError as exc:  # a full disk: its file is gone anyway
+            log.warning("%s: could not count this open (%s)", self._path, exc)
         with self._lock:
             self._filter_started = True
             if saved is not None:
@@ -686,25 +821,38 @@ class StoreIndex:
                 self._filter, self._next_filter = target, None
 
     def _query(self, sql: str, keys: list[int]) -> list[tuple[int, int, int, int]]:
-        found: list[tuple[int, int, int, int]] = []
-        with self._read_lock:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                found.extend(self._reader.execute(f"{sql}({marks})", chunk))
-        return found
+        def query() -> list[tuple[int, int, int, int]]:
+            found: list[tuple[int, int, int, int]] = []
+            with self._read_lock:
+                for start in range(0, len(keys), 500):
+                    chunk = keys[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    found.extend(self._reader.execute(f"{sql}({marks})", chunk))
+            return found
+
+        return self._queried(query)
 
     def close(self) -> None:
+        """Write what waits in memory and close. A failure to write (a full disk) is
+        logged, not raised: the rows are in the session files, and the next open
+        indexes them again."""
         self._stop.set()
         self._flusher.join()
         for filler in self._fillers:
             filler.join()
-        self.flush()
-        self._save_filter()
-        with self._write_lock:
-            self._db.close()
-        with self._read_lock:
-            self._reader.close()
+        try:
+            self.flush()
+        except sqlite3.Error as exc:
+            log.warning(
+                "%s: could not write the last rows (%s); the next start indexes them from "
+                "the session files",
+                self._path,
+                exc,
+            )
+        else:
+            self._save_filter()
+        with self._write_lock, self._read_lock:
+            self._close_connections()
 
 
 @contextlib.contextmanager
@@ -716,6 +864,13 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """Whether an error says the index file is damaged (not busy, full or read-only)."""
+    return getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or (
+        "malformed" in str(exc) or "not a database" in str(exc)
+    )
 
 
 def _fields(entry: IndexedFile) -> tuple[int, int, int, int, int]:

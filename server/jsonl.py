@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import itertools
 import logging
 import os
+import sqlite3
 import threading
 import time
 from array import array
@@ -70,6 +72,7 @@ from agentlog.errors import (
     DataLossError,
     FailedPreconditionError,
     InvalidArgumentError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from agentlog.server import _semantics
@@ -118,6 +121,9 @@ T = TypeVar("T")
 # change behind the store's back (a rewrite to the very same size is not seen).
 Identity = tuple[int, int]
 _MISSING: Identity = (0, 0)
+_STALE: Identity = (0, -1)  # matches no file: the state is rebuilt before it is used
+# Every byte but the newline as a space: lines to blank out in place.
+_BLANKED = bytes(10 if byte == 10 else 32 for byte in range(256))
 
 
 @dataclass(eq=False)
@@ -147,6 +153,9 @@ class _Session:
     record belongs in the feed, even if a crash kept the first from it."""
     unacked: int = 0
     """Appends written and not yet acknowledged: the state stays in memory meanwhile."""
+    sealed: DataLossError | None = None
+    """Why the file takes no more appends though its first records can be read: a
+    damaged line in it (an append after it would bury it)."""
 
     @classmethod
     def of(cls, path: Path, identity: Identity, scan: FileScan) -> _Session:
@@ -281,22 +290,37 @@ class JsonlSessionRepository(_semantics.Store):
         self._catalog: list[str] | None = None
         self._catalog_mtime = -1
         self._syncer = Syncer(self.root, use_syncfs=use_syncfs)
+        self.recovered_sessions: list[Path] = []  # session files cut at this open
         self.recovered = self._recover_tails()
         self._feed = Feed(self.root / FEED_FILE)
-        self._index = StoreIndex(self.root)
+        self._index = StoreIndex(self.root, files=self._session_files)
         present = self._sessions_in_order()
         self._index.forget_missing(set(present))
+        for path in self.recovered_sessions:
+            self._index.forget(path.name[: -len(SUFFIX)])  # cut here: index it anew
         # About 200 bytes a line: a first guess at how many ids the files hold.
         self._index.open_filter(sum(_identity(self._path(s))[1] for s in present) // 200)
-        self._index.catch_up_all((s, self._path(s)) for s in present)
+        try:
+            self._index.catch_up_all((s, self._path(s)) for s in present)
+        except sqlite3.OperationalError as exc:
+            log.warning(
+                "%s: the index could not be brought up to date (%s); reads are served, "
+                "appends wait until it can be written",
+                self.root,
+                exc,
+            )
         self._index.filter_indexed()
         clean = self.root / CLEAN_FILE
         if clean.exists():
             # Closed cleanly: everything was synced, the feed matches the files.
             clean.unlink()
             fsync_path(self.root)
-        elif self._feed.cut_beyond(self._record_counts()) is not None:
-            fsync_path(self._feed.path)
+        else:
+            try:
+                if self._feed.cut_beyond(self._record_counts()) is not None:
+                    fsync_path(self._feed.path)
+            except (AgentlogError, OSError) as exc:  # a full disk
+                log.warning("%s: could not check the feed against the files: %s", self.root, exc)
         self._builders: dict[str, threading.Lock] = {}
         # The states of the sessions used most recently (see MAX_CACHED_SESSIONS).
         self._states: OrderedDict[str, _Session] = OrderedDict()
@@ -350,6 +374,10 @@ class JsonlSessionRepository(_semantics.Store):
         waits for `release()`: a caller that has more appends at hand submits them all,
         then releases them, and they share one sync."""
         sessions = {append.session_id for append in appends}
+        if self._index.behind:
+            if not block:
+                return False
+            self._catch_up_index()
         while True:
             with self._lock:
                 if self._closing:
@@ -370,6 +398,18 @@ class JsonlSessionRepository(_semantics.Store):
                 self._state(session_id)
         _finish(finished)
         return True
+
+    def _catch_up_index(self) -> None:
+        """Bring the index up to date before an append (it fell behind on a full disk):
+        until it knows every id in the files, a retried id could be stored twice."""
+        try:
+            self._index.catch_up_all(self._session_files())
+        except sqlite3.OperationalError as exc:
+            raise ResourceExhaustedError(
+                f"no space to update the index in {self.root} ({exc}): appends are refused "
+                "until there is; free disk space, then retry (reads are served meanwhile)",
+                reason="DISK_FULL",
+            ) from None
 
     def _ready(self, session_id: str) -> Identity | None:
         """The file's identity if the session's state is at hand to append to; None if
@@ -442,6 +482,8 @@ class JsonlSessionRepository(_semantics.Store):
         state = self._states[session_id]
         if state.damage is not None:
             raise state.damage  # never append after damage: it would bury it
+        if state.sealed is not None:
+            raise state.sealed
         if identities[session_id] != state.identity:
             # Another writer appended while our own appends were in flight.
             raise DataLossError(
@@ -547,13 +589,21 @@ class JsonlSessionRepository(_semantics.Store):
         fd = self._file(session_id, state)
         start = state.written_end
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            if os.fstat(fd).st_size != start:
+                raise _concurrent_writer(state.path)  # appended to since it was checked
+            count = os.write(fd, data)
+            end = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: where this write ended
+            if count < len(data) and end - count == start:
+                raise OSError(errno.ENOSPC, "a short write")  # a full disk, say
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)  # never leave part of an append behind
             raise storage_error(exc, state.path) from None
+        if end - count != start:
+            # Another process appended between the check and the write, so these
+            # lines landed after its lines and state the wrong sequences.
+            self._blank_misplaced(session_id, state, end - count, data[:count])
+            raise _concurrent_writer(state.path)
         rows: list[Row] = []
         offset, keys = start, staging.keys
         for sequence, (item, line) in enumerate(zip(batch, lines, strict=True), last + 1):
@@ -588,6 +638,30 @@ class JsonlSessionRepository(_semantics.Store):
         self._dirty.add(state.path)
         if new_file:
             self._dirty.add(self.root)  # the new directory entry
+
+    def _blank_misplaced(self, session_id: str, state: _Session, offset: int, data: bytes) -> None:
+        """Turn lines this store just wrote at `offset`, after another writer's, into
+        blank lines (which every reader skips), in place: cutting them off could cut
+        that writer's next lines too. The append is then refused (hold the lock)."""
+        log.warning(
+            "%s: another process appended while agentlog did; its %d bytes at offset %d are "
+            "blanked and the append is refused",
+            state.path,
+            len(data),
+            offset,
+        )
+        self._close_file(session_id)
+        state.identity = _STALE  # rebuilt from the file before the next append
+        try:
+            fd = os.open(state.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, data.translate(_BLANKED), offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("%s: could not blank the misplaced lines: %s", state.path, exc)
+            state.sealed = _concurrent_writer(state.path)
 
     def _stage_feed_catch_up(self, staging: _Staging, session_id: str, state: _Session) -> None:
         """Give feed positions to records of a feed session that the feed lacks (hold
@@ -882,15 +956,22 @@ class JsonlSessionRepository(_semantics.Store):
             if cut is None:
                 continue
             side_dir = self.root / RECOVERED_DIR
-            side_dir.mkdir(exist_ok=True)
             side = side_dir / f"{path.name}.{cut}"
-            with path.open("rb") as file:
-                file.seek(cut)
-                side.write_bytes(file.read())
-            fsync_path(side)
+            try:
+                side_dir.mkdir(exist_ok=True)
+                with path.open("rb") as file:
+                    file.seek(cut)
+                    side.write_bytes(file.read())
+                fsync_path(side)
+            except OSError as exc:
+                # Not cut without a copy: the session refuses reads and appends until
+                # a start with room for the copy.
+                log.error("%s: cannot keep %s in %s (%s); not cut", path, why, side_dir, exc)
+                continue
             os.truncate(path, cut)
             fsync_path(path)
             fsync_path(side_dir)
+            self.recovered_sessions.append(path)
             log.warning(
                 "%s: cut %s at byte offset %d off the file (never acknowledged); "
                 "the bytes are kept in %s",
@@ -908,7 +989,11 @@ class JsonlSessionRepository(_semantics.Store):
         for session_id in self._sessions_in_order():
             path = self._path(session_id)
             identity, indexed = _identity(path), self._index.indexed(session_id)
-            if indexed is not None and (indexed.inode, indexed.size) == identity:
+            if indexed is not None and (
+                (indexed.inode, indexed.size) == identity or self._index.shrunk(session_id)
+            ):
+                # A file cut behind agentlog's back keeps its feed entries: they are
+                # reported as lost when read, not dropped unseen.
                 counts[session_id] = indexed.records
             else:
                 counts[session_id] = scan_file(path, MARK_EVERY).count
@@ -1000,7 +1085,9 @@ class JsonlSessionRepository(_semantics.Store):
                     except DecodeError as exc:
                         offset = self._offset_of(view, number)
                         line_no = line_number(view.path, offset)
-                        raise corrupt_line(view.path, line_no, str(exc), number, offset) from None
+                        error = corrupt_line(view.path, line_no, str(exc), number, offset)
+                        self._seal(view.path, error)
+                        raise error from None
                 raise
 
     def _lines(
@@ -1098,7 +1185,16 @@ class JsonlSessionRepository(_semantics.Store):
             return record_from_line(line, sequence)
         except DecodeError as exc:
             number = line_number(view.path, offset)
-            raise corrupt_line(view.path, number, str(exc), sequence, offset) from None
+            error = corrupt_line(view.path, number, str(exc), sequence, offset)
+            self._seal(view.path, error)
+            raise error from None
+
+    def _seal(self, path: Path, error: DataLossError) -> None:
+        """Refuse appends to a session a read found a damaged line in."""
+        with self._lock:
+            state = self._states.get(path.name[: -len(SUFFIX)])
+            if state is not None and state.path == path and state.sealed is None:
+                state.sealed = error
 
     def _head_from_index(self, session_id: str) -> EventRecord | None:
         """The last record, read backwards from the end, when the index vouches for the file.
@@ -1255,9 +1351,25 @@ class JsonlSessionRepository(_semantics.Store):
         """A session's state from the index, which vouches for a file it indexed to its
         end, reading only the first and last lines; else from a scan of the file."""
         identity = _identity(path)
-        indexed = self._index.catch_up(session_id, path)
+        try:
+            indexed = self._index.catch_up(session_id, path)
+        except sqlite3.OperationalError as exc:  # a full disk: read the file itself
+            log.warning("%s: not indexed (%s); reading it whole", path, exc)
+            return _Session.of(path, identity, scan_file(path, MARK_EVERY))
         if identity == _MISSING or indexed is None:
             return _Session(path)
+        shrunk = self._index.shrunk(session_id)
+        if shrunk is not None:
+            state = _Session.of(path, identity, scan_file(path, MARK_EVERY))
+            state.damage = _shrunk_error(path, *shrunk)
+            return state
+        if indexed.inode == identity[0] and indexed.size < identity[1]:
+            # The index stopped before the end: at a line that is no record (or a
+            # torn last line, which the scan reports).
+            state = _Session.of(path, identity, scan_file(path, MARK_EVERY))
+            if state.damage is None:
+                state.sealed = _unindexable_line(path, indexed.size, indexed.records + 1)
+            return state
         if (indexed.inode, indexed.size) == identity:
             marks = self._index.marks(session_id)
             if len(marks) == (indexed.records + MARK_EVERY - 1) // MARK_EVERY:
@@ -1329,6 +1441,9 @@ class JsonlSessionRepository(_semantics.Store):
             if index == len(self._catalog) or self._catalog[index] != session_id:
                 self._catalog = [*self._catalog[:index], session_id, *self._catalog[index:]]
             self._catalog_mtime = os.stat(self.root).st_mtime_ns
+
+    def _session_files(self) -> list[tuple[str, Path]]:
+        return [(s, self._path(s)) for s in self._sessions_in_order()]
 
     def _path(self, session_id: str) -> Path:
         # check_stored_session_id has refused '/' and NUL, and the suffix keeps
@@ -1405,6 +1520,41 @@ def _finish(stagings: list[_Staging]) -> None:
                 if outcome is not None
             ]
         )
+
+
+def _concurrent_writer(path: Path) -> DataLossError:
+    return DataLossError(
+        f"{path} changed while agentlog was appending to it; retry the append",
+        reason="CONCURRENT_WRITER",
+        metadata={"file": str(path)},
+    )
+
+
+def _shrunk_error(path: Path, indexed: int, found: int) -> DataLossError:
+    return DataLossError(
+        f"{path} is {found} bytes long but held {indexed} bytes of acknowledged records: it "
+        "was cut or rewritten behind agentlog's back. Its reads and appends are refused so "
+        "that no sequence or id is handed out twice; restore the file (or, to accept it as it "
+        "is now, stop agentlog and delete .agentlog.index, which is rebuilt from the files)",
+        reason="FILE_SHRANK",
+        metadata={"file": str(path), "indexed_bytes": str(indexed), "found_bytes": str(found)},
+    )
+
+
+def _unindexable_line(path: Path, offset: int, sequence: int) -> DataLossError:
+    """Why a file whose line at `offset` is no record takes no appends."""
+    try:
+        with path.open("rb") as file:
+            line = read_line(file, offset, offset + (1 << 20))
+        record_from_line(line, sequence)
+        why = "it does not parse"
+    except DecodeError as exc:
+        why = str(exc)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    error = corrupt_line(path, line_number(path, offset), why, sequence, offset)
+    error.message += "; appends to it are refused meanwhile"
+    return error
 
 
 def _identity(path: Path) -> Identity:

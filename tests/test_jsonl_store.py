@@ -53,7 +53,8 @@ def test_a_line_that_does_not_parse_fails_only_its_session(
     write_session(client, "bad", 3)
     path = data / "bad.jsonl"
     lines = path.read_bytes().split(b"\n")
-    lines[1] = b'{"id": "broken", this is not json'
+    # Damaged in place, the file's length kept (a shorter file is one cut short).
+    lines[1] = b'{"id": "broken", this is not json'.ljust(len(lines[1]))
     path.write_bytes(b"\n".join(lines))
     before = path.read_bytes()
 
@@ -182,13 +183,17 @@ def test_an_unusable_data_directory_is_a_clear_error(tmp_path: Path) -> None:
         JsonlSessionRepository(blocker / "data")
 
 
-def test_a_batch_cut_short_is_never_served_in_part(client: AgentlogClient, data: Path) -> None:
-    client.append(AppendEvent(session_id="cut", event=started("cut")))
-    client.append_batch("cut", [NewEvent(event=delta("cut", str(i))) for i in range(3)])
-    path = data / "cut.jsonl"
-    lines = path.read_bytes().splitlines(keepends=True)
+def test_a_batch_cut_short_is_never_served_in_part(
+    client: AgentlogClient, data: Path, tmp_path: Path
+) -> None:
+    with JsonlSessionRepository(tmp_path / "elsewhere") as elsewhere:
+        elsewhere.append(AppendEvent(session_id="cut", event=started("cut")))
+        elsewhere.append_batch("cut", [NewEvent(event=delta("cut", str(i))) for i in range(3)])
+    lines = (tmp_path / "elsewhere" / "cut.jsonl").read_bytes().splitlines(keepends=True)
     assert [json.loads(line).get("batch_end") for line in lines] == [None, 4, 4, 4]
-    path.write_bytes(b"".join(lines[:3]))  # a crash after two of the batch's three lines
+    path = data / "cut.jsonl"
+    # Copied in behind the server's back: a crash after two of the batch's three lines.
+    path.write_bytes(b"".join(lines[:3]))
     with pytest.raises(DataLossError, match="sequences 2 to 4 was cut short after sequence 3"):
         client.load_session("cut")
     with pytest.raises(DataLossError, match="cut short"):
