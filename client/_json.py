@@ -44,12 +44,13 @@ def _too_deep(path: str, field: str) -> InvalidArgumentError:
 
 
 def _out_of_range(path: str, field: str, number: int | str) -> InvalidArgumentError:
-    text = number if isinstance(number, str) else None
-    if text is None:
+    if isinstance(number, int):
         # Huge integers are not spelled out (Python refuses past 4,300 digits).
         text = str(number) if abs(number) < 10**40 else f"of {number.bit_length()} bits"
-    elif len(text) > 40:
-        text = f"{text[:20]}... ({len(text)} digits)"
+    elif len(number) > 40:
+        text = f"{number[:20]}... ({len(number)} digits)"
+    else:
+        text = number
     return InvalidArgumentError(
         f"{path}: the integer {text} is outside the 64-bit range [{I64_MIN}, {U64_MAX}] that "
         "arcan can store exactly",

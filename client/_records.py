@@ -77,6 +77,19 @@ class FeedRecord:
     record: EventRecord
 
 
+@dataclass(frozen=True, slots=True)
+class FeedGap:
+    """Feed positions `first_position`..`last_position`, all of session `session_id`,
+    that could not be delivered: the session's file is damaged (`reason`, as its own
+    reads report it, and `message`). The feed goes on after them."""
+
+    first_position: int
+    last_position: int
+    session_id: str
+    reason: str
+    message: str
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SessionInfo:
     """A summary of one session, as ListSessions gives it."""

@@ -34,6 +34,7 @@ from agentlog._records import (
     AppendEvent,
     CaughtUp,
     EventRecord,
+    FeedGap,
     FeedRecord,
     NewEvent,
     SessionPage,
@@ -126,12 +127,20 @@ class _FeedResume(_Reconnects):
             part_types=self.part_types,
         )
 
-    def items(self, response: pb.SubscribeAllResponse) -> list[FeedRecord | CaughtUp]:
+    def items(self, response: pb.SubscribeAllResponse) -> list[FeedRecord | FeedGap | CaughtUp]:
         self.attempt = 0
         if response.HasField("caught_up"):
             position = response.caught_up.position
             self.next_position = position + 1
             return [CaughtUp(position=position)]
+        if response.HasField("gap"):
+            gap = response.gap
+            self.next_position = gap.last_position + 1
+            return [
+                FeedGap(
+                    gap.first_position, gap.last_position, gap.session_id, gap.reason, gap.message
+                )
+            ]
         items = [
             FeedRecord(f.position, _codec.record_from_proto(f.record))
             for f in response.records.records
@@ -300,8 +309,10 @@ class AgentlogClient:
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
-    ) -> Generator[FeedRecord | CaughtUp, None, None]:
-        """Every session's records in commit order, as FeedRecord(position, record).
+    ) -> Generator[FeedRecord | FeedGap | CaughtUp, None, None]:
+        """Every session's records in commit order, as FeedRecord(position, record);
+        a FeedGap where records of a followed session could not be read (its file is
+        damaged: the feed goes on after them).
 
         Stored ones from `from_position` (None: only new ones), CaughtUp, then live
         ones; optionally only sessions whose id starts with `session_id_prefix`
@@ -475,7 +486,7 @@ class AsyncAgentlogClient:
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
-    ) -> AsyncGenerator[FeedRecord | CaughtUp, None]:
+    ) -> AsyncGenerator[FeedRecord | FeedGap | CaughtUp, None]:
         """Every session's records in commit order; see AgentlogClient.subscribe_all."""
         resume = _FeedResume(from_position, session_id_prefix, part_types)
         while True:

@@ -17,6 +17,7 @@ from agentlog._records import (
     AppendEvent,
     CaughtUp,
     EventRecord,
+    FeedGap,
     FeedRecord,
     NewEvent,
     SessionPage,
@@ -110,7 +111,7 @@ class SessionRepository(Protocol):
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
-    ) -> Iterator[FeedRecord | CaughtUp]:
+    ) -> Iterator[FeedRecord | FeedGap | CaughtUp]:
         """Follow every session: FeedRecord(position, record) in commit order, stored
         ones from `from_position` (None: only new ones), CaughtUp, then live ones.
 
@@ -187,6 +188,6 @@ class AsyncSessionRepository(Protocol):
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
-    ) -> AsyncIterator[FeedRecord | CaughtUp]:
+    ) -> AsyncIterator[FeedRecord | FeedGap | CaughtUp]:
         """Follow every session in commit order; see SessionRepository.subscribe_all."""
         ...

@@ -33,6 +33,7 @@ from agentlog._records import (
     AppendEvent,
     CaughtUp,
     EventRecord,
+    FeedGap,
     FeedRecord,
     NewEvent,
     SessionPage,
@@ -615,8 +616,11 @@ class Store(ABC):
                     self._waiting -= 1
 
     @abstractmethod
-    def read_all(self, from_position: int, limit: int | None = None) -> Iterator[FeedRecord]:
-        """The feed of every session from `from_position`, in commit order."""
+    def read_all(
+        self, from_position: int, limit: int | None = None
+    ) -> Iterator[FeedRecord | FeedGap]:
+        """The feed of every session from `from_position`, in commit order; a FeedGap
+        for positions whose records cannot be read (a damaged session file)."""
 
     @abstractmethod
     def last_position(self) -> int:
@@ -628,16 +632,17 @@ class Store(ABC):
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
-    ) -> Iterator[FeedRecord | CaughtUp]:
+    ) -> Iterator[FeedRecord | FeedGap | CaughtUp]:
         """Every session's records in commit order from `from_position` (None: only new
-        ones), CaughtUp, then live ones; optionally only some sessions or event kinds."""
+        ones), CaughtUp, then live ones; optionally only some sessions or event kinds.
+        A FeedGap stands for records of a kept session that could not be read."""
         keep = FeedFilter.of(session_id_prefix, part_types)
         next_position = start_position(self.last_position(), from_position)
         caught_up = False
         while True:
             for item in self.read_all(next_position):
-                next_position = item.position + 1
-                if keep(item.record):
+                next_position = feed_end(item) + 1
+                if keep(item):
                     yield item
             if not caught_up:
                 caught_up = True
@@ -740,7 +745,17 @@ class FeedFilter:
             )
         return cls(session_id_prefix, frozenset(part_types))
 
-    def __call__(self, record: EventRecord) -> bool:
+    def __call__(self, item: FeedRecord | FeedGap) -> bool:
+        """Whether the subscriber wants a record, or hears of a gap (any gap of a session
+        it follows: what was lost may have been of the kinds it wants)."""
+        if isinstance(item, FeedGap):
+            return item.session_id.startswith(self.session_id_prefix)
+        record = item.record
         return record.session_id.startswith(self.session_id_prefix) and (
             not self.part_types or record.event.part_type in self.part_types
         )
+
+
+def feed_end(item: FeedRecord | FeedGap) -> int:
+    """The last position a feed item covers."""
+    return item.last_position if isinstance(item, FeedGap) else item.position

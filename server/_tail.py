@@ -5,19 +5,24 @@ from __future__ import annotations
 import json
 
 from agentlog._codec import event_to_json
-from agentlog._records import CaughtUp, EventRecord, FeedRecord, format_timestamp
+from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord, format_timestamp
 
 # Every event has these; the line shows the session once, in the heading of `tail`.
 _OMITTED = {"part_type", "run_id", "session_id"}
 
 
-def describe(item: EventRecord | FeedRecord | CaughtUp) -> str | None:
+def describe(item: EventRecord | FeedRecord | FeedGap | CaughtUp) -> str | None:
     """`#12  01:33:38.853  tool_call_requested  run=run-1 iteration=1 call={...}`.
 
     A feed record is prefixed with its position and session: `@41 chat-7 #12 ...`.
     """
     if isinstance(item, CaughtUp):
         return None
+    if isinstance(item, FeedGap):
+        return (
+            f"@{item.first_position}-{item.last_position} {item.session_id} "
+            f"NOT DELIVERED ({item.reason}): {item.message}"
+        )
     if isinstance(item, FeedRecord):
         return f"@{item.position} {item.record.session_id} {describe(item.record)}"
     fields = event_to_json(item.event)

@@ -27,6 +27,7 @@ from agentlog._records import (
     AppendEvent,
     CaughtUp,
     EventRecord,
+    FeedGap,
     FeedRecord,
     NewEvent,
     SessionPage,
@@ -38,6 +39,7 @@ from agentlog.server._semantics import (
     FeedFilter,
     PendingAppend,
     Store,
+    feed_end,
     start_position,
     start_sequence,
 )
@@ -190,11 +192,12 @@ class ThreadedRepository:
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
-    ) -> AsyncIterator[list[FeedRecord] | CaughtUp]:
-        """The all-sessions feed as runs of kept records and CaughtUp markers.
+    ) -> AsyncIterator[list[FeedRecord | FeedGap] | CaughtUp]:
+        """The all-sessions feed as runs of kept records (and gaps) and CaughtUp markers.
 
         A CaughtUp also follows every run of records the filters dropped, so a
-        client always knows how far it has been served.
+        client always knows how far it has been served. Stored records are read a
+        run at a time, so a subscriber catching up holds one run, not the feed.
         """
         self._bind_loop()
         keep = FeedFilter.of(session_id_prefix, part_types)
@@ -210,21 +213,22 @@ class ThreadedRepository:
             while True:
                 waiter.clear()
                 recent = self._recent_feed  # contiguous: cleared at any gap
+                runs: AsyncIterator[list[FeedRecord | FeedGap]]
                 if (
                     caught_up
                     and recent
                     and recent[0].position <= next_position <= recent[-1].position
                 ):
-                    runs = [
+                    runs = _once(
                         list(itertools.islice(recent, next_position - recent[0].position, None))
-                    ]
+                    )
                 else:
-                    runs = [c async for c in self._feed_chunks(next_position)]
-                for run in runs:
+                    runs = self._feed_chunks(next_position)
+                async for run in runs:
                     if not run:
                         continue
-                    next_position = run[-1].position + 1
-                    kept = [item for item in run if keep(item.record)]
+                    next_position = feed_end(run[-1]) + 1
+                    kept = [item for item in run if keep(item)]
                     yield kept if kept else CaughtUp(position=next_position - 1)
                 if not caught_up:
                     caught_up = True
@@ -241,8 +245,10 @@ class ThreadedRepository:
         finally:
             self._feed_waiters.discard(waiter)
 
-    async def _feed_chunks(self, position: int) -> AsyncIterator[list[FeedRecord]]:
-        records: Iterator[FeedRecord] = await self._run(self._repository.read_all, position)
+    async def _feed_chunks(self, position: int) -> AsyncIterator[list[FeedRecord | FeedGap]]:
+        records: Iterator[FeedRecord | FeedGap] = await self._run(
+            self._repository.read_all, position
+        )
         while chunk := await self._run(_take, records, READ_CHUNK):
             yield chunk
 
@@ -252,7 +258,7 @@ class ThreadedRepository:
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
-    ) -> AsyncIterator[FeedRecord | CaughtUp]:
+    ) -> AsyncIterator[FeedRecord | FeedGap | CaughtUp]:
         chunks = self.subscribe_all_chunks(
             from_position=from_position,
             session_id_prefix=session_id_prefix,
@@ -491,6 +497,10 @@ class ThreadedRepository:
         )
         page: SessionPage = await self._run(call)
         return page
+
+
+async def _once(run: list[T]) -> AsyncIterator[list[T]]:
+    yield run
 
 
 def _take(records: Iterator[T], count: int) -> list[T]:

@@ -56,6 +56,7 @@ from agentlog._codec import (
 from agentlog._events import ReadDirection
 from agentlog._records import (
     EventRecord,
+    FeedGap,
     FeedRecord,
     SessionInfo,
     SessionPage,
@@ -75,7 +76,7 @@ from agentlog.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from agentlog.server import _semantics
+from agentlog.server import _semantics, metrics
 from agentlog.server._durability import Syncer, SyncPolicy, fsync_path
 from agentlog.server._feed import FEED_FILE, Entry, Feed
 from agentlog.server._files import (
@@ -322,6 +323,7 @@ class JsonlSessionRepository(_semantics.Store):
             except (AgentlogError, OSError) as exc:  # a full disk
                 log.warning("%s: could not check the feed against the files: %s", self.root, exc)
         self._builders: dict[str, threading.Lock] = {}
+        self._reported_gaps: set[tuple[str, str]] = set()  # (session, reason) logged
         # The states of the sessions used most recently (see MAX_CACHED_SESSIONS).
         self._states: OrderedDict[str, _Session] = OrderedDict()
         self.max_cached_sessions = MAX_CACHED_SESSIONS
@@ -1226,13 +1228,18 @@ class JsonlSessionRepository(_semantics.Store):
         except (orjson.JSONDecodeError, DecodeError, AttributeError):
             return None
 
-    def read_all(self, from_position: int, limit: int | None = None) -> Iterator[FeedRecord]:
+    def read_all(
+        self, from_position: int, limit: int | None = None
+    ) -> Iterator[FeedRecord | FeedGap]:
         check_count(from_position, "from_position")
         if limit is not None:
             check_count(limit, "limit", minimum=1)
         return self._read_all(max(from_position, 1), limit)
 
-    def _read_all(self, position: int, limit: int | None) -> Iterator[FeedRecord]:
+    def _read_all(self, position: int, limit: int | None) -> Iterator[FeedRecord | FeedGap]:
+        """The feed from `position`: each entry's records read from its session file.
+        A session that cannot be read is that session's loss alone: its positions
+        become a FeedGap and the feed goes on."""
         remaining = limit
         for entry_position, session_id, sequence, count, offset in self._feed.entries_from(
             position
@@ -1243,16 +1250,38 @@ class JsonlSessionRepository(_semantics.Store):
             first, last = sequence + skip, sequence + count - 1
             if remaining is not None:
                 last = min(last, first + remaining - 1)
-            view = self._view(session_id)
-            last = min(last, view.count)
-            start = (offset, sequence) if offset >= 0 else None
-            for run in self._forward(view, first, last, _RECORDS, start):
-                for record in run:
-                    yield FeedRecord(entry_position + record.sequence - sequence, record)
-            if remaining is not None:
-                remaining -= max(last - first + 1, 0)
-                if remaining <= 0:
-                    return
+                remaining -= last - first + 1
+            shift = entry_position - sequence  # a record's position less its sequence
+            delivered = first - 1
+            try:
+                view = self._view(session_id)
+                if view.count < last:
+                    raise _missing_records(view.path, view.count, last)
+                start = (offset, sequence) if offset >= 0 else None
+                for run in self._forward(view, first, last, _RECORDS, start):
+                    for record in run:
+                        yield FeedRecord(shift + record.sequence, record)
+                    delivered = run[-1].sequence
+            except DataLossError as exc:
+                yield self._gap(shift + delivered + 1, shift + last, session_id, exc)
+            if remaining is not None and remaining <= 0:
+                return
+
+    def _gap(self, first: int, last: int, session_id: str, error: DataLossError) -> FeedGap:
+        """What the feed says in place of records it could not read; logged once a
+        session and reason, counted every time."""
+        reason = error.reason or "DATA_LOSS"
+        metrics.FEED_UNDELIVERED.labels(reason=reason).inc(last - first + 1)
+        if (session_id, reason) not in self._reported_gaps:
+            self._reported_gaps.add((session_id, reason))
+            log.error(
+                "the all-sessions feed skips positions %d to %d (session %r): %s",
+                first,
+                last,
+                session_id,
+                error.message,
+            )
+        return FeedGap(first, last, session_id, reason, error.message)
 
     def last_position(self) -> int:
         with self._lock:
@@ -1520,6 +1549,15 @@ def _finish(stagings: list[_Staging]) -> None:
                 if outcome is not None
             ]
         )
+
+
+def _missing_records(path: Path, count: int, wanted: int) -> DataLossError:
+    return DataLossError(
+        f"{path} holds {count} records, but the feed names record {wanted} of it: records "
+        "acknowledged earlier are missing from the file",
+        reason="MISSING_RECORDS",
+        metadata={"file": str(path), "records": str(count)},
+    )
 
 
 def _concurrent_writer(path: Path) -> DataLossError:

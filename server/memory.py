@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, FeedRecord, SessionInfo, SessionPage
+from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionInfo, SessionPage
 from agentlog._validation import (
     check_count,
     check_page_size,
@@ -100,7 +100,9 @@ class MemorySessionRepository(_semantics.Store):
 
         return elsewhere
 
-    def read_all(self, from_position: int, limit: int | None = None) -> Iterator[FeedRecord]:
+    def read_all(
+        self, from_position: int, limit: int | None = None
+    ) -> Iterator[FeedRecord | FeedGap]:
         check_count(from_position, "from_position")
         start = max(from_position, 1)
         with self._lock:

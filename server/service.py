@@ -11,14 +11,14 @@ import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from agentlog import _codec
-from agentlog._records import CaughtUp, EventRecord
+from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord
 from agentlog._status import to_grpc_status
 from agentlog._validation import check_parent_query, check_stored_session_id
 from agentlog.errors import AgentlogError, InvalidArgumentError, ServerError
@@ -332,12 +332,24 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         async for item in chunks:
             if isinstance(item, CaughtUp):
                 yield pb.SubscribeAllResponse(caught_up=pb.CaughtUp(position=item.position))
-            else:
-                records = [
-                    pb.FeedRecord(position=f.position, record=_codec.record_to_proto(f.record))
-                    for f in item
-                ]
-                yield pb.SubscribeAllResponse(records=pb.FeedBatch(records=records))
+                continue
+            for run in _feed_runs(item):
+                if isinstance(run, FeedGap):
+                    yield pb.SubscribeAllResponse(
+                        gap=pb.FeedGap(
+                            first_position=run.first_position,
+                            last_position=run.last_position,
+                            session_id=run.session_id,
+                            reason=run.reason,
+                            message=run.message,
+                        )
+                    )
+                else:
+                    records = [
+                        pb.FeedRecord(position=f.position, record=_codec.record_to_proto(f.record))
+                        for f in run
+                    ]
+                    yield pb.SubscribeAllResponse(records=pb.FeedBatch(records=records))
 
     @_translate_errors
     async def ListSessions(
@@ -347,3 +359,18 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
             page_size=request.page_size or None, page_token=request.page_token or None
         )
         return _codec.page_to_proto(page)
+
+
+def _feed_runs(items: list[FeedRecord | FeedGap]) -> Iterator[list[FeedRecord] | FeedGap]:
+    """Feed items as runs of records, each gap on its own."""
+    run: list[FeedRecord] = []
+    for item in items:
+        if isinstance(item, FeedGap):
+            if run:
+                yield run
+                run = []
+            yield item
+        else:
+            run.append(item)
+    if run:
+        yield run

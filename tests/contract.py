@@ -9,7 +9,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ from agentlog import (
     AppendEvent,
     CaughtUp,
     EventRecord,
+    FeedGap,
     FeedRecord,
     InvalidArgumentError,
     IterationStarted,
@@ -42,6 +43,14 @@ from agentlog import (
 from tests.samples import every_event
 
 UUID_V4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def records_only(feed: Iterable[FeedRecord | FeedGap]) -> list[FeedRecord]:
+    """The feed's items, every one a record (a FeedGap fails the test)."""
+    items = list(feed)
+    gaps = [item for item in items if isinstance(item, FeedGap)]
+    assert not gaps, f"the feed skipped records: {gaps}"
+    return [item for item in items if isinstance(item, FeedRecord)]
 
 
 def new_session() -> str:

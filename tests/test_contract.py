@@ -14,6 +14,7 @@ from agentlog import (
     AsyncAgentlogClient,
     CaughtUp,
     EventRecord,
+    FeedGap,
     FeedRecord,
     NewEvent,
     SessionPage,
@@ -104,7 +105,7 @@ class BlockingAsyncClient:
             self.client.subscribe_session(session_id, from_sequence=from_sequence)
         )
 
-    def subscribe_all(self, **kwargs: Any) -> Iterator[FeedRecord | CaughtUp]:
+    def subscribe_all(self, **kwargs: Any) -> Iterator[FeedRecord | FeedGap | CaughtUp]:
         return self._blocking(self.client.subscribe_all(**kwargs))
 
     def _blocking(self, items: AsyncGenerator[T, None]) -> Iterator[T]:

@@ -26,7 +26,7 @@ from agentlog import (
     WrongExpectedSequence,
 )
 from agentlog.server import JsonlSessionRepository, MemorySessionRepository, _durability
-from tests.contract import delta, started
+from tests.contract import delta, records_only, started
 from tests.servers import running_server
 
 
@@ -222,7 +222,10 @@ def test_one_process_writes_a_data_directory_at_a_time(data: Path) -> None:
 
 
 def feed_of(repo: JsonlSessionRepository, start: int = 1) -> list[tuple[int, str, int]]:
-    return [(f.position, f.record.session_id, f.record.sequence) for f in repo.read_all(start)]
+    return [
+        (f.position, f.record.session_id, f.record.sequence)
+        for f in records_only(repo.read_all(start))
+    ]
 
 
 def test_feed_positions_survive_a_restart(data: Path) -> None:
@@ -404,7 +407,9 @@ def test_listeners_are_told_the_feed_positions(data: Path, backend: str) -> None
     repo.append(AppendEvent(session_id="x", event=started("x")))
     repo.append(AppendEvent(session_id="s", event=started("s")))
     repo.append_batch("s", [NewEvent(event=delta("s", str(i))) for i in range(2)])
-    feed = {(f.record.session_id, f.record.sequence): f.position for f in repo.read_all(1)}
+    feed = {
+        (f.record.session_id, f.record.sequence): f.position for f in records_only(repo.read_all(1))
+    }
     assert feed == {("x", 1): 1, ("s", 1): 2, ("s", 2): 3, ("s", 3): 4}
     assert told == [("x", [1], 1), ("s", [1], 2), ("s", [2, 3], 3)]
     assert repo.last_position() == 4
@@ -445,7 +450,7 @@ def test_a_group_commit_decides_each_append_as_if_alone_and_in_order(
     assert repo.load_session("c") == []
     # Feed positions follow the order of the appends; the retry adds none.
     assert told == [("a", 1, 2), ("b", 2, 3), ("a", 2, 4)]
-    assert [(f.position, f.record.session_id) for f in repo.read_all(1)] == [
+    assert [(f.position, f.record.session_id) for f in records_only(repo.read_all(1))] == [
         (1, "b"),
         (2, "a"),
         (3, "b"),
@@ -489,7 +494,7 @@ def test_a_failed_sync_stops_appends_until_a_restart_and_loses_nothing(
     reopened = JsonlSessionRepository(data)
     assert reopened.load_session("s") == [kept]
     assert reopened.append(AppendEvent(session_id="s", event=delta("s", "x"))).sequence == 2
-    assert [f.record.sequence for f in reopened.read_all(1)] == [1, 2]
+    assert [f.record.sequence for f in records_only(reopened.read_all(1))] == [1, 2]
     reopened.close()
 
 
@@ -515,7 +520,7 @@ def test_reads_never_see_an_append_before_it_is_durable(
     # Written, not yet durable: not read, not the head, not in the feed, not counted.
     assert repo.load_session("s") == [first]
     assert repo.head("s") == first
-    assert [f.record for f in repo.read_all(1)] == [first]
+    assert [f.record for f in records_only(repo.read_all(1))] == [first]
     assert repo.list_sessions().sessions[0].event_count == 1
     # A retry of it meanwhile waits for the same sync and gets the same record.
     retried: list[Any] = []
@@ -558,4 +563,4 @@ def test_appends_held_at_close_are_kept(data: Path) -> None:
     repo.close()
     assert [a.first_sequence for a in answered] == [1]
     with JsonlSessionRepository(data) as reopened:
-        assert [f.record.sequence for f in reopened.read_all(1)] == [1]
+        assert [f.record.sequence for f in records_only(reopened.read_all(1))] == [1]

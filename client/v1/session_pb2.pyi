@@ -252,12 +252,28 @@ class SubscribeAllRequest(_message.Message):
     def __init__(self, from_position: _Optional[int] = ..., session_id_prefix: _Optional[str] = ..., part_types: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubscribeAllResponse(_message.Message):
-    __slots__ = ("records", "caught_up")
+    __slots__ = ("records", "caught_up", "gap")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
+    GAP_FIELD_NUMBER: _ClassVar[int]
     records: FeedBatch
     caught_up: CaughtUp
-    def __init__(self, records: _Optional[_Union[FeedBatch, _Mapping]] = ..., caught_up: _Optional[_Union[CaughtUp, _Mapping]] = ...) -> None: ...
+    gap: FeedGap
+    def __init__(self, records: _Optional[_Union[FeedBatch, _Mapping]] = ..., caught_up: _Optional[_Union[CaughtUp, _Mapping]] = ..., gap: _Optional[_Union[FeedGap, _Mapping]] = ...) -> None: ...
+
+class FeedGap(_message.Message):
+    __slots__ = ("first_position", "last_position", "session_id", "reason", "message")
+    FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
+    LAST_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    first_position: int
+    last_position: int
+    session_id: str
+    reason: str
+    message: str
+    def __init__(self, first_position: _Optional[int] = ..., last_position: _Optional[int] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class FeedBatch(_message.Message):
     __slots__ = ("records",)
