@@ -528,6 +528,19 @@ class StoreIndex:
         self.behind = False
         return indexed
 
+    def distrust(self, session_id: str, offset: int, records: int) -> None:
+        """Vouch for a session's file only up to byte `offset`, its first `records`
+        records: a damaged line starts there. Kept on disk, so the session stays
+        sealed across restarts until the line is repaired (and indexed again)."""
+        with self._lock:
+            entry = self._files.get(session_id)
+            if entry is None or entry.size <= offset:
+                return
+            entry.size, entry.records = offset, min(entry.records, records)
+            if entry.last_offset >= offset:
+                entry.last_offset = 0
+            self._dirty.add(session_id)
+
     def shrunk(self, session_id: str) -> tuple[int, int] | None:
         """(bytes indexed, bytes found) if the session's file was last found shorter
         than the index knew it: cut behind agentlog's back."""

@@ -657,6 +657,7 @@ async def serve(
     grace: float = DEFAULT_GRACE_SECONDS,
     sync: str = "always",
     sync_interval_ms: int = 100,
+    metrics_address: str | None = None,
     version: str = "",
 ) -> None:
     """Run the JSONL-backed server until SIGTERM or SIGINT, then stop gracefully."""
@@ -696,6 +697,15 @@ async def serve(
         loop.add_signal_handler(signum, on_signal, signum)
     await built.start()
     started = time.monotonic()
+    if metrics_address is not None:
+        from agentlog.server.metrics import serve_metrics
+
+        try:
+            metrics_port = serve_metrics(metrics_address)
+        except (OSError, ValueError) as exc:
+            await built.stop(0)
+            repository.close()
+            raise OSError(f"cannot serve metrics on {metrics_address}: {exc}") from None
     host = address.rsplit(":", 1)[0]
     log.info(
         "agentlog %s serving on %s:%d, data dir %s, sync %s",
@@ -705,6 +715,8 @@ async def serve(
         repository.root,
         repository.sync_policy,
     )
+    if metrics_address is not None:
+        log.info("metrics at http://%s:%d/metrics", metrics_address.rsplit(":", 1)[0], metrics_port)
     try:
         await stop.wait()
     finally:

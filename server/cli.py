@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --sync interval: how often to sync (env AGENTLOG_SYNC_INTERVAL_MS)",
     )
     serve_cmd.add_argument(
+        "--metrics-addr",
+        default=os.environ.get("AGENTLOG_METRICS_ADDR") or None,
+        help="host:port to serve Prometheus metrics on, at /metrics; unset: not served "
+        "(env AGENTLOG_METRICS_ADDR)",
+    )
+    serve_cmd.add_argument(
         "--grace",
         type=float,
         default=float(os.environ.get("AGENTLOG_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)),
@@ -229,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 grace=args.grace,
                 sync=args.sync,
                 sync_interval_ms=args.sync_interval_ms,
+                metrics_address=args.metrics_addr,
                 version=_version(),
             )
         )

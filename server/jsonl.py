@@ -1088,7 +1088,7 @@ class JsonlSessionRepository(_semantics.Store):
                         offset = self._offset_of(view, number)
                         line_no = line_number(view.path, offset)
                         error = corrupt_line(view.path, line_no, str(exc), number, offset)
-                        self._seal(view.path, error)
+                        self._seal(view.path, error, number, offset)
                         raise error from None
                 raise
 
@@ -1188,15 +1188,18 @@ class JsonlSessionRepository(_semantics.Store):
         except DecodeError as exc:
             number = line_number(view.path, offset)
             error = corrupt_line(view.path, number, str(exc), sequence, offset)
-            self._seal(view.path, error)
+            self._seal(view.path, error, sequence, offset)
             raise error from None
 
-    def _seal(self, path: Path, error: DataLossError) -> None:
-        """Refuse appends to a session a read found a damaged line in."""
+    def _seal(self, path: Path, error: DataLossError, sequence: int, offset: int) -> None:
+        """Refuse appends to a session a read found a damaged line in (record
+        `sequence`, at byte `offset`), from now on and after a restart."""
+        session_id = path.name[: -len(SUFFIX)]
         with self._lock:
-            state = self._states.get(path.name[: -len(SUFFIX)])
+            state = self._states.get(session_id)
             if state is not None and state.path == path and state.sealed is None:
                 state.sealed = error
+        self._index.distrust(session_id, offset, sequence - 1)
 
     def _head_from_index(self, session_id: str) -> EventRecord | None:
         """The last record, read backwards from the end, when the index vouches for the file.

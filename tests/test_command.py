@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,25 @@ def test_a_second_signal_stops_at_once_and_keeps_what_was_acknowledged(tmp_path:
 
 def test_make_is_there() -> None:
     assert shutil.which("make") is not None
+
+
+def test_metrics_are_served_where_asked(tmp_path: Path) -> None:
+    process = agentlog(
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(tmp_path),
+        "--metrics-addr",
+        "127.0.0.1:0",
+    )
+    try:
+        wait_for_port(process)
+        assert process.stderr is not None
+        found = re.search(r"metrics at (http://\S+)", process.stderr.readline())
+        assert found
+        with urllib.request.urlopen(found.group(1), timeout=10) as response:
+            text = response.read().decode()
+        assert "agentlog_feed_undelivered_records" in text
+    finally:
+        stop(process)
