@@ -10,6 +10,7 @@ import fcntl
 import logging
 import os
 import re
+import resource
 import secrets
 from array import array
 from dataclasses import dataclass, field
@@ -87,12 +88,41 @@ def page_token_key(root: Path) -> bytes:
     return key
 
 
+def open_files_budget() -> int:
+    """How many session files to keep open for appending: an eighth of the process's
+    open-file limit, at most 256, leaving the rest to connections, reads and SQLite."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(4, min(256, soft // 8))
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-file limit to the hard one (each connection and open file
+    takes one); the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, wanted, exc)
+    return soft
+
+
 def storage_error(exc: OSError, path: Path) -> AgentlogError:
     """The agentlog error for a failed file operation; re-raises ones it has no status for."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhaustedError(
             f"no space left to write {path}: free disk space, then retry",
             reason="DISK_FULL",
+        )
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return ResourceExhaustedError(
+            f"cannot open {path}: the server has too many files open ({exc.strerror}); retry "
+            "shortly, and raise the server's open-file limit (ulimit -n) if this persists",
+            reason="TOO_MANY_OPEN_FILES",
         )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return FailedPreconditionError(

@@ -661,8 +661,10 @@ async def serve(
     version: str = "",
 ) -> None:
     """Run the JSONL-backed server until SIGTERM or SIGINT, then stop gracefully."""
+    from agentlog.server._files import raise_open_files_limit
     from agentlog.server.jsonl import JsonlSessionRepository
 
+    raise_open_files_limit()
     repository = JsonlSessionRepository(data_dir, sync=sync, sync_interval_ms=sync_interval_ms)
     try:
         built = create_server(address, repository, max_message_bytes=max_message_bytes)

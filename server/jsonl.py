@@ -86,6 +86,7 @@ from agentlog.server._files import (
     last_line,
     line_number,
     lock_directory,
+    open_files_budget,
     page_token_key,
     read_line,
     scan_file,
@@ -112,8 +113,6 @@ CLEAN_FILE = ".agentlog.clean"
 # Sessions whose state is kept in memory (a few hundred bytes each, plus 8
 # bytes per MARK_EVERY records); an evicted one is rebuilt when next used.
 MAX_CACHED_SESSIONS = 4096
-# Session files kept open for appending.
-MAX_OPEN_FILES = 256
 # Entries of _unacked_ids beyond which the stale ones are dropped.
 MAX_UNACKED_IDS = 1 << 16
 _BLOCK = 1 << 20
@@ -328,6 +327,7 @@ class JsonlSessionRepository(_semantics.Store):
         self._states: OrderedDict[str, _Session] = OrderedDict()
         self.max_cached_sessions = MAX_CACHED_SESSIONS
         self._files: OrderedDict[str, tuple[int, int]] = OrderedDict()  # session: (fd, inode)
+        self.max_open_files = open_files_budget()  # session files kept open for appending
         self._elsewhere: set[Path] = set()  # session files on another file system
         # Ids of staged appends, to find a retry of one still in flight (an entry
         # whose append is no longer live is stale; cleared when nothing is staged).
@@ -552,12 +552,15 @@ class JsonlSessionRepository(_semantics.Store):
 
     def _record_at(self, place: Located) -> EventRecord | None:
         """The record an index row points at, if it is still there."""
+        path = self._path(place.session_id)
         try:
-            with self._path(place.session_id).open("rb") as file:
+            with path.open("rb") as file:
                 line = read_line(file, place.offset, file.seek(0, os.SEEK_END))
             return record_from_line(line, place.sequence)
-        except (OSError, DecodeError):
+        except (FileNotFoundError, DecodeError):
             return None
+        except OSError as exc:  # not "absent": a retry must not be taken for a new id
+            raise storage_error(exc, path) from None
 
     def _write_lines(
         self, staging: _Staging, index: int, session_id: str, state: _Session, batch: list[Prepared]
@@ -934,7 +937,7 @@ class JsonlSessionRepository(_semantics.Store):
         if not self._syncer.on_this_device(fd):
             self._elsewhere.add(state.path)
         self._files[session_id] = (fd, inode)
-        while len(self._files) > MAX_OPEN_FILES:
+        while len(self._files) > self.max_open_files:
             self._close_file(next(iter(self._files)))
         return fd
 

@@ -317,11 +317,15 @@ def agentlog(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[
 
 
 def wait_for_port(process: subprocess.Popen[str]) -> tuple[int, str]:
+    """The port from the "serving on" line (warnings at start may come before it)."""
     assert process.stderr is not None
-    line = process.stderr.readline()
-    found = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
-    assert found, line
-    return int(found.group(1)), line
+    seen = []
+    while line := process.stderr.readline():
+        found = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+        if found:
+            return int(found.group(1)), line
+        seen.append(line)
+    raise AssertionError(f"the server did not start: {''.join(seen)}")
 
 
 def test_help_explains_every_setting() -> None:

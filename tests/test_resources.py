@@ -1,0 +1,197 @@
+"""Running out of a resource is a clear status, never a crash or a lost acknowledgement:
+a full disk (a real, small tmpfs) and too few file descriptors (a real rlimit)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agentlog import AgentlogClient, AppendEvent, ResourceExhaustedError
+from tests.contract import delta
+from tests.test_server import wait_for_port
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB file system of its own (tmpfs; the tests run as root, as CI does)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.fail("the full-disk tests mount a tmpfs, which needs root (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def serve(data: Path) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agentlog.server",
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    port, _ = wait_for_port(process)
+    return process, f"127.0.0.1:{port}"
+
+
+def fill(disk: Path) -> None:
+    """Take every byte left."""
+    with (disk / "filler").open("ab", buffering=0) as file:
+        try:
+            while True:
+                file.write(b"\0" * 65536)
+        except OSError:
+            pass
+        try:
+            while True:
+                file.write(b"\0")
+        except OSError:
+            pass
+
+
+def test_a_full_disk_stops_cleanly_starts_for_reads_and_refuses_appends_until_freed(
+    small_disk: Path,
+) -> None:
+    data = small_disk / "data"
+    (small_disk / "filler").write_bytes(b"\0" * (1 << 20))  # freed later
+    process, target = serve(data)
+    acknowledged = []
+    try:
+        with AgentlogClient(target, retries=0) as client:
+            with pytest.raises(ResourceExhaustedError) as caught:
+                for i in range(1000):
+                    event = delta(f"s{i % 3}", "x" * 20_000)
+                    acknowledged.append(
+                        client.append(AppendEvent(session_id=f"s{i % 3}", event=event))
+                    )
+            assert caught.value.reason == "DISK_FULL"
+            fill(small_disk)
+            with pytest.raises(ResourceExhaustedError):
+                client.append(AppendEvent(session_id="s0", event=delta("s0", "y" * 20_000)))
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert len(acknowledged) > 10
+
+    process, target = serve(data)  # the disk is still full
+    try:
+        with AgentlogClient(target, retries=0) as client:
+            stored = {r.id for s in ("s0", "s1", "s2") for r in client.load_session(s)}
+            assert {r.id for r in acknowledged} <= stored
+            with pytest.raises(ResourceExhaustedError) as caught:
+                for i in range(50):
+                    client.append(AppendEvent(session_id="s0", event=delta("s0", "z" * 20_000)))
+            assert caught.value.reason == "DISK_FULL"
+            (small_disk / "filler").unlink()
+            record = client.append(AppendEvent(session_id="s0", event=delta("s0", "room")))
+            assert client.head("s0") == record
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+
+
+def test_too_few_file_descriptors_is_resource_exhausted_and_the_server_stays_reachable(
+    tmp_path: Path,
+) -> None:
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agentlog.server",
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=low_limit,
+    )
+    try:
+        port, _ = wait_for_port(process)
+        with AgentlogClient(f"127.0.0.1:{port}", retries=0) as client:
+            for i in range(300):  # more sessions than descriptors
+                session = f"fd-{i}"
+                client.append(AppendEvent(session_id=session, event=delta(session, "x")))
+            for i in range(0, 300, 7):
+                assert len(client.load_session(f"fd-{i}")) == 1
+            # Hold many connections open: the server must still answer a new client.
+            extra = [AgentlogClient(f"127.0.0.1:{port}", retries=0) for _ in range(60)]
+            answered = 0
+            refused = 0
+            for other in extra:
+                try:
+                    other.head("fd-1")
+                    answered += 1
+                except ResourceExhaustedError:
+                    refused += 1
+            with AgentlogClient(f"127.0.0.1:{port}", retries=0, timeout=10) as late:
+                assert late.head("fd-2") is not None
+            for other in extra:
+                other.close()
+            assert answered > 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    assert process.returncode == 0
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.fail(f"this test needs a finite hard limit above 256, not {hard}")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agentlog.server",
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=low_soft_limit,
+    )
+    try:
+        wait_for_port(process)
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        assert line.split()[3] == str(hard), line
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
