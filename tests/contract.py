@@ -822,6 +822,22 @@ class FeedContract(SubscriptionContract):
         # Skipped records still move the resume point forward.
         assert all(isinstance(i, CaughtUp) for i in items if not isinstance(i, FeedRecord))
 
+    def test_the_prefix_filter_matches_the_start_of_the_id_only(
+        self, repo: SessionRepository
+    ) -> None:
+        prefix = f"p{uuid.uuid4().hex[:8]}"
+        inside, starts = f"x-{prefix}-in-the-middle", f"{prefix}-at-the-start"
+        follower = Follower(
+            repo.subscribe_all(session_id_prefix=prefix),
+            10,
+            until=lambda item: isinstance(item, FeedRecord),
+        )
+        follower.wait_for(1)
+        repo.append(AppendEvent(session_id=inside, event=started(inside)))
+        wanted = repo.append(AppendEvent(session_id=starts, event=started(starts)))
+        items = follower.finish()
+        assert [i.record for i in items if isinstance(i, FeedRecord)] == [wanted]
+
     def test_resuming_the_feed_from_a_position(self, repo: SessionRepository) -> None:
         session = new_session()
         follower = self.feed(repo, 1)

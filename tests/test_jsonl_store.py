@@ -564,3 +564,54 @@ def test_appends_held_at_close_are_kept(data: Path) -> None:
     assert [a.first_sequence for a in answered] == [1]
     with JsonlSessionRepository(data) as reopened:
         assert [f.record.sequence for f in records_only(reopened.read_all(1))] == [1]
+
+
+@pytest.mark.parametrize("sync", ["always", "interval"])
+def test_held_and_released_appends_are_answered_only_once_durable(
+    data: Path, monkeypatch: pytest.MonkeyPatch, sync: str
+) -> None:
+    # The server's own path: submit(hold=True) from the event loop, then release().
+    repo = JsonlSessionRepository(data, sync=sync, sync_interval_ms=20)
+    syncing, go_on = threading.Event(), threading.Event()
+    real_sync = repo._syncer.sync
+
+    def slow_sync(*args: Any, **kwargs: Any) -> None:
+        syncing.set()
+        assert go_on.wait(10)
+        real_sync(*args, **kwargs)
+
+    monkeypatch.setattr(repo._syncer, "sync", slow_sync)
+    answered: list[Any] = []
+    pending = repo.prepare_append(AppendEvent(session_id="s", event=started("s")))
+    assert repo.submit([pending], answered.extend, block=False, hold=True)
+    repo.release()
+    if sync == "always":
+        assert syncing.wait(10)
+        time.sleep(0.1)
+        assert answered == []  # not before the sync has returned
+        assert repo.load_session("s") == []
+    go_on.set()
+    deadline = time.monotonic() + 10
+    while not answered:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [a.first_sequence for a in answered] == [1]
+    repo.close()
+
+
+def test_an_append_that_needs_a_file_read_first_is_declined_without_blocking(
+    data: Path,
+) -> None:
+    with JsonlSessionRepository(data) as repo:
+        repo.append(AppendEvent(session_id="s", event=started("s")))
+    with JsonlSessionRepository(data) as repo:  # "s" is on disk, not in memory
+        pending = repo.prepare_append(AppendEvent(session_id="s", event=delta("s", "x")))
+        answered: list[Any] = []
+        assert repo.submit([pending], answered.extend, block=False) is False
+        assert answered == []
+        assert repo.submit([pending], answered.extend) is True  # blocking: reads, then stores
+        deadline = time.monotonic() + 10
+        while not answered:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert [a.first_sequence for a in answered] == [2]
