@@ -392,6 +392,8 @@ class ThreadedRepository:
 
     @staticmethod
     def _answers_soon(loop: asyncio.AbstractEventLoop, acknowledge: Callable[[], None]) -> bool:
+        if not loop.is_running():
+            return False  # stopped: it would never run (the store acknowledges instead)
         try:
             loop.call_soon_threadsafe(acknowledge)
         except RuntimeError:  # the loop is closed
@@ -402,6 +404,11 @@ class ThreadedRepository:
         """Refuse appends from now on (at shutdown); those in flight still finish."""
         self._stopping = True
         self._repository.on_durable(None)  # the loop is going: the store answers itself
+
+    def close(self) -> None:
+        """Let the storage threads go (after the server stopped): queued work is
+        dropped, a call still running ends on its own."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def load_children(self, parent_id: str) -> list[EventRecord]:
         records: list[EventRecord] = await self._run(self._repository.load_children, parent_id)
@@ -541,6 +548,7 @@ class Server(NamedTuple):
         finally:
             self.repository.close_subscriptions()
             self.repository.stop_writing()
+            self.repository.close()
 
     async def stop_now(self) -> None:
         """Cut every call in flight off now (a second signal). Appends already

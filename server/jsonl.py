@@ -1503,6 +1503,12 @@ class JsonlSessionRepository(_semantics.Store):
             _finish(finished)
             if self._sync_thread is not None:
                 self._sync_thread.join()
+            with self._lock:
+                # Made durable, but handed to an event loop that stopped before it
+                # acknowledged them: acknowledge them here, so no caller waits on.
+                self._on_durable = None
+                finished = self._acknowledge_durable()
+            _finish(finished)
             clean = self._halted is None
             try:
                 paths, self._dirty = self._dirty, set()

@@ -10,10 +10,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agentlog import AgentlogClient, AppendEvent, ResourceExhaustedError
+from agentlog import AgentlogClient, AgentlogError, AppendEvent, ResourceExhaustedError
 from tests.contract import delta
 from tests.test_server import wait_for_port
 
@@ -67,22 +68,40 @@ def fill(disk: Path) -> None:
             pass
 
 
+def append_until_refused(client: AgentlogClient, acknowledged: list[Any]) -> AgentlogError:
+    """Append 20 kB events to three sessions until refused; the refusal."""
+    for i in range(1000):
+        event = delta(f"s{i % 3}", "x" * 20_000)
+        try:
+            acknowledged.append(client.append(AppendEvent(session_id=f"s{i % 3}", event=event)))
+        except ResourceExhaustedError as exc:
+            return exc
+    raise AssertionError("the disk never filled")
+
+
+def limited(soft: int, hard: int | None, *args: str) -> subprocess.Popen[str]:
+    """`agentlog` with an open-file limit (through the shell's ulimit)."""
+    limits = f"ulimit -Hn {hard}; " if hard is not None else ""
+    command = f'{limits}ulimit -Sn {soft}; exec "$@"'
+    return subprocess.Popen(
+        ["bash", "-c", command, "agentlog", sys.executable, "-m", "agentlog.server", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_a_full_disk_stops_cleanly_starts_for_reads_and_refuses_appends_until_freed(
     small_disk: Path,
 ) -> None:
     data = small_disk / "data"
     (small_disk / "filler").write_bytes(b"\0" * (1 << 20))  # freed later
     process, target = serve(data)
-    acknowledged = []
+    acknowledged: list[Any] = []
     try:
         with AgentlogClient(target, retries=0) as client:
-            with pytest.raises(ResourceExhaustedError) as caught:
-                for i in range(1000):
-                    event = delta(f"s{i % 3}", "x" * 20_000)
-                    acknowledged.append(
-                        client.append(AppendEvent(session_id=f"s{i % 3}", event=event))
-                    )
-            assert caught.value.reason == "DISK_FULL"
+            refused = append_until_refused(client, acknowledged)
+            assert refused.reason == "DISK_FULL"
             fill(small_disk)
             with pytest.raises(ResourceExhaustedError):
                 client.append(AppendEvent(session_id="s0", event=delta("s0", "y" * 20_000)))
@@ -98,10 +117,8 @@ def test_a_full_disk_stops_cleanly_starts_for_reads_and_refuses_appends_until_fr
         with AgentlogClient(target, retries=0) as client:
             stored = {r.id for s in ("s0", "s1", "s2") for r in client.load_session(s)}
             assert {r.id for r in acknowledged} <= stored
-            with pytest.raises(ResourceExhaustedError) as caught:
-                for i in range(50):
-                    client.append(AppendEvent(session_id="s0", event=delta("s0", "z" * 20_000)))
-            assert caught.value.reason == "DISK_FULL"
+            refused = append_until_refused(client, [])
+            assert refused.reason == "DISK_FULL"
             (small_disk / "filler").unlink()
             record = client.append(AppendEvent(session_id="s0", event=delta("s0", "room")))
             assert client.head("s0") == record
@@ -115,25 +132,7 @@ def test_a_full_disk_stops_cleanly_starts_for_reads_and_refuses_appends_until_fr
 def test_too_few_file_descriptors_is_resource_exhausted_and_the_server_stays_reachable(
     tmp_path: Path,
 ) -> None:
-    def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentlog.server",
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=low_limit,
-    )
+    process = limited(128, 128, "serve", "--addr", "127.0.0.1:0", "--data-dir", str(tmp_path))
     try:
         port, _ = wait_for_port(process)
         with AgentlogClient(f"127.0.0.1:{port}", retries=0) as client:
@@ -164,29 +163,10 @@ def test_too_few_file_descriptors_is_resource_exhausted_and_the_server_stays_rea
 
 
 def test_the_open_file_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard <= 256:
         pytest.fail(f"this test needs a finite hard limit above 256, not {hard}")
-
-    def low_soft_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentlog.server",
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=low_soft_limit,
-    )
+    process = limited(256, None, "serve", "--addr", "127.0.0.1:0", "--data-dir", str(tmp_path))
     try:
         wait_for_port(process)
         limits = Path(f"/proc/{process.pid}/limits").read_text()
