@@ -464,6 +464,106 @@ def bench_live(tmp: Path, results: Results, scale: int) -> None:
         bench_feed(target, results, scale)
 
 
+FANOUT_SESSIONS = 20
+# Subscribers in a process of their own, taking messages as bytes: the cost
+# measured is the server's, not a client's decoding.
+FANOUT_SUBSCRIBERS = """
+import asyncio, sys, grpc
+from agentlog.v1 import session_pb2 as pb
+target, sessions, each, from_start = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+async def follow(channel, session, ready):
+    call = channel.unary_stream(
+        "/agentlog.v1.SessionRepository/SubscribeSession",
+        request_serializer=pb.SubscribeSessionRequest.SerializeToString,
+        response_deserializer=lambda data: data,
+    )(pb.SubscribeSessionRequest(
+        session_id=session, from_sequence=1 if from_start == "1" else None
+    ))
+    first = True
+    async for _ in call:
+        if first:
+            first = False
+            ready.append(1)
+            if len(ready) == sessions * each:
+                print("ready", flush=True)
+async def main():
+    local = [("grpc.use_local_subchannel_pool", 1)]  # a connection each
+    channels = [grpc.aio.insecure_channel(target, options=local) for _ in range(50)]
+    ready = []
+    await asyncio.gather(*(
+        follow(channels[(s * each + k) % 50], f"fan-{s}", ready)
+        for s in range(sessions) for k in range(each)
+    ))
+asyncio.run(main())
+"""
+
+
+def fanout_rate(target: str, seconds: float) -> float:
+    """Appends per second from 8 concurrent writers over FANOUT_SESSIONS sessions."""
+
+    async def run() -> float:
+        async with AsyncAgentlogClient(target) as client:
+            count = 0
+            end = time.perf_counter() + seconds
+
+            async def writer(n: int) -> None:
+                nonlocal count
+                i = n
+                while time.perf_counter() < end:
+                    session = f"fan-{i % FANOUT_SESSIONS}"
+                    await client.append(AppendEvent(session_id=session, event=delta(session, i)))
+                    count += 1
+                    i += 8
+
+            start = time.perf_counter()
+            await asyncio.gather(*(writer(n) for n in range(8)))
+            return count / (time.perf_counter() - start)
+
+    return asyncio.run(run())
+
+
+def bench_fanout(tmp: Path, results: Results, subscribers: int) -> None:
+    """Append rate with no subscriber and with `subscribers` SubscribeSession streams
+    (spread over FANOUT_SESSIONS sessions, each taking every new record), and the
+    server's memory with streams that start from sequence 1."""
+    with server(tmp / "fanout", "--sync", "never") as (target, process):
+        fanout_rate(target, 2)  # warm up, and give every session history
+        results["fanout_append_rps_0_subscribers"] = (fanout_rate(target, 5), "1/s")
+        for from_start in ("0", "1"):
+            # Two processes of subscribers, as many clients would be.
+            processes = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        FANOUT_SUBSCRIBERS,
+                        target,
+                        str(FANOUT_SESSIONS),
+                        str(subscribers // FANOUT_SESSIONS // 2),
+                        from_start,
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(2)
+            ]
+            try:
+                for followers in processes:
+                    assert followers.stdout is not None
+                    ready = followers.stdout.readline().strip()
+                    assert ready == "ready", "subscribers did not start"
+                name = "from_start" if from_start == "1" else "live"
+                rps = fanout_rate(target, 5)
+                results[f"fanout_append_rps_{subscribers}_subscribers_{name}"] = (rps, "1/s")
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                rss_kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+                results[f"fanout_server_rss_mb_{name}"] = (rss_kb / 1024, "MB")
+            finally:
+                for followers in processes:
+                    followers.kill()
+                    followers.wait()
+
+
 def bench_listing(tmp: Path, results: Results, sessions: int) -> None:
     data = tmp / "listing"
     data.mkdir()
@@ -512,6 +612,8 @@ CEILINGS = {
     "seed_head_ms_1m_events": "head_ms_1m_events",
     "load_session_records_per_s": "stream_ceiling_records_per_s",
     "feed_delivered_events_per_s_16_writers": "feed_writers_events_per_s_16",
+    "fanout_append_rps_2000_subscribers_live": "fanout_append_rps_0_subscribers",
+    "fanout_append_rps_2000_subscribers_from_start": "fanout_append_rps_0_subscribers",
 }
 
 
@@ -526,7 +628,9 @@ def main() -> None:
         "--sessions", type=int, default=100_000, help="sessions for listing/children"
     )
     parser.add_argument("--large", action="store_true", help="add the 10M-event figures")
-    parser.add_argument("--only", help="run one group: appends, reads, children, live, listing")
+    parser.add_argument(
+        "--only", help="run one group: appends, reads, children, live, fanout, listing"
+    )
     args = parser.parse_args()
     results: Results = {}
     groups: dict[str, Callable[[Path], None]] = {
@@ -534,6 +638,7 @@ def main() -> None:
         "reads": lambda tmp: bench_reads(tmp, results, args.big),
         "children": lambda tmp: bench_children(tmp, results, args.sessions),
         "live": lambda tmp: bench_live(tmp, results, args.scale),
+        "fanout": lambda tmp: bench_fanout(tmp, results, 2000),
         "listing": lambda tmp: bench_listing(tmp, results, args.sessions),
     }
     if args.large:

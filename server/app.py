@@ -33,6 +33,7 @@ from agentlog._records import (
     SessionPage,
 )
 from agentlog.errors import UnavailableError
+from agentlog.server._fanout import Waiter, WakeRounds
 from agentlog.server._semantics import (
     Answer,
     Appended,
@@ -56,6 +57,13 @@ DEFAULT_GRACE_SECONDS = 10.0
 DEFAULT_STORAGE_THREADS = 16
 T = TypeVar("T")
 READ_CHUNK = 256
+# New calls grpc may hold for the server to take up, before it cancels them.
+MAX_PENDING_CALLS = 20_000
+# Records read from storage at once by all subscribers catching up together,
+# about (each reads smaller chunks when many do): bounds their memory.
+CATCH_UP_RECORDS = 8192
+# Storage reads for subscribers catching up, at once.
+CATCH_UP_READS = 4
 RECENT_RECORDS = 1024
 # How long appends may wait for others before their sync starts (see _release).
 MAX_HOLD_SECONDS = 0.005
@@ -110,16 +118,19 @@ class ThreadedRepository:
         self._answers: _Answers | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = -1
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters: dict[str, set[Waiter]] = {}
         self._published: dict[str, int] = {}
         # The latest records of sessions that have subscribers, consecutive by
         # sequence, so that a new record fans out without a storage read each.
         self._recent: dict[str, deque[EventRecord]] = {}
         # The same for the all-sessions feed, while it has subscribers.
-        self._feed_waiters: set[asyncio.Event] = set()
+        self._feed_waiters: set[Waiter] = set()
         self._recent_feed: deque[FeedRecord] = deque(maxlen=RECENT_RECORDS)
         self._published_position = 0
         self._closing = False
+        self._rounds = WakeRounds(lambda s: self._waiters.get(s, ()), lambda: self._feed_waiters)
+        self._catching_up = 0  # subscribers reading stored records
+        self._catch_up_slots: asyncio.Semaphore | None = None  # made on the loop
         repository.add_listener(self._on_append)
 
     def _bind_loop(self) -> None:
@@ -167,17 +178,16 @@ class ThreadedRepository:
             if recent and recent[-1].position + 1 != position:
                 recent.clear()  # listeners called out of order: storage is the truth
             recent.extend(FeedRecord(position + i, r) for i, r in enumerate(records))
-            for waiter in self._feed_waiters:
-                waiter.set()
+            self._rounds.grew(None)
         waiters = self._waiters.get(session_id)
-        if not waiters:
-            return  # nobody follows this session (a subscriber reads storage when it starts)
-        last_sequence = records[-1].sequence
-        if last_sequence > self._published.get(session_id, 0):
-            self._published[session_id] = last_sequence
-        self._remember(session_id, records)
-        for waiter in waiters:
-            waiter.set()
+        if waiters:
+            last_sequence = records[-1].sequence
+            if last_sequence > self._published.get(session_id, 0):
+                self._published[session_id] = last_sequence
+            self._remember(session_id, records)
+            self._rounds.grew(session_id)
+        # (Nobody follows this session otherwise: a subscriber reads storage first.)
+        self._rounds.wake()
 
     def close_subscriptions(self) -> None:
         """End every subscription with UNAVAILABLE (at shutdown)."""
@@ -201,7 +211,7 @@ class ThreadedRepository:
         """
         self._bind_loop()
         keep = FeedFilter.of(session_id_prefix, part_types)
-        waiter = asyncio.Event()
+        waiter = Waiter()
         if not self._feed_waiters:
             self._recent_feed.clear()  # nobody kept it up to date
         self._feed_waiters.add(waiter)
@@ -233,6 +243,7 @@ class ThreadedRepository:
                 if not caught_up:
                     caught_up = True
                     yield CaughtUp(position=next_position - 1)
+                self._rounds.back(waiter)
                 if not self._closing and self._published_position < next_position:
                     await waiter.wait()
                 if self._closing:
@@ -244,6 +255,7 @@ class ThreadedRepository:
                     )
         finally:
             self._feed_waiters.discard(waiter)
+            self._rounds.back(waiter)
 
     async def _feed_chunks(self, position: int) -> AsyncIterator[list[FeedRecord | FeedGap]]:
         records: Iterator[FeedRecord | FeedGap] = await self._run(
@@ -277,7 +289,7 @@ class ThreadedRepository:
         """The subscription as runs of records (each at most READ_CHUNK long) and CaughtUp."""
         self._bind_loop()
         next_sequence = start_sequence(await self.head(session_id), from_sequence)
-        waiter = asyncio.Event()
+        waiter = Waiter()
         self._waiters.setdefault(session_id, set()).add(waiter)
         self._recent.setdefault(session_id, deque(maxlen=RECENT_RECORDS))
         try:
@@ -289,12 +301,24 @@ class ThreadedRepository:
                     yield cached
                     next_sequence = cached[-1].sequence + 1
                 else:
-                    async for chunk in self._read_chunks(session_id, from_sequence=next_sequence):
-                        yield chunk
-                        next_sequence = chunk[-1].sequence + 1
+                    # A bounded read at a time, no file or iterator held between:
+                    # thousands of subscribers catching up hold little memory.
+                    self._catching_up += 1
+                    try:
+                        while True:
+                            size = self._catch_up_chunk()
+                            chunk = await self._catch_up_read(session_id, next_sequence, size)
+                            if chunk:
+                                yield chunk
+                                next_sequence = chunk[-1].sequence + 1
+                            if len(chunk) < size:
+                                break
+                    finally:
+                        self._catching_up -= 1
                 if not caught_up:
                     caught_up = True
                     yield CaughtUp(next_sequence - 1)
+                self._rounds.back(waiter)
                 if not self._closing and self._published.get(session_id, 0) < next_sequence:
                     await waiter.wait()
                 if self._closing:
@@ -305,6 +329,7 @@ class ThreadedRepository:
                         metadata={"session_id": session_id, "next_sequence": str(next_sequence)},
                     )
         finally:
+            self._rounds.back(waiter)
             waiters = self._waiters.get(session_id)
             if waiters is not None:
                 waiters.discard(waiter)
@@ -452,6 +477,7 @@ class ThreadedRepository:
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
     ) -> AsyncIterator[list[EventRecord]]:
+        """A read's records, READ_CHUNK records at a time, each read on a storage thread."""
         open_read = functools.partial(
             self._repository.read_session,
             session_id,
@@ -460,8 +486,26 @@ class ThreadedRepository:
             direction=direction,
         )
         records: Iterator[EventRecord] = await self._run(open_read)
-        while chunk := await self._run(_take, records, READ_CHUNK):
-            yield chunk
+        while run := await self._run(_take, records, READ_CHUNK):
+            yield run
+
+    async def _catch_up_read(
+        self, session_id: str, from_sequence: int, limit: int
+    ) -> list[EventRecord]:
+        """Stored records for a subscriber catching up; a few such reads at a time, so
+        that appends keep their storage threads."""
+        if self._catch_up_slots is None:
+            self._catch_up_slots = asyncio.Semaphore(CATCH_UP_READS)
+        read = functools.partial(
+            self._repository.read_session, session_id, from_sequence=from_sequence, limit=limit
+        )
+        async with self._catch_up_slots:
+            records: list[EventRecord] = await self._run(lambda: list(read()))
+        return records
+
+    def _catch_up_chunk(self) -> int:
+        """Records a subscriber catching up reads at once: fewer when many do."""
+        return max(16, min(READ_CHUNK, CATCH_UP_RECORDS // max(self._catching_up, 1)))
 
     async def read_session_chunks(
         self,
@@ -584,6 +628,10 @@ def create_server(
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
+            # grpc cancels calls beyond 1,000 that arrive faster than the asyncio
+            # server takes them up (a burst of reconnecting subscribers, say).
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         ]
     )
     executor = ThreadPoolExecutor(storage_threads, thread_name_prefix="agentlog-storage")

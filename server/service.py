@@ -11,6 +11,7 @@ import asyncio
 import functools
 import inspect
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -261,6 +262,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     def __init__(self, repository: ThreadedRepository) -> None:
         self._repository = repository
         self.in_flight = CallsInFlight()
+        self._encoded = EncodedRuns()
 
     @_translate_errors
     async def Append(self, request: pb.AppendRequest, context: Any) -> pb.AppendResponse:
@@ -309,20 +311,19 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     @_translate_errors
     async def SubscribeSession(
         self, request: pb.SubscribeSessionRequest, context: Any
-    ) -> AsyncIterator[pb.SubscribeSessionResponse]:
+    ) -> AsyncIterator[pb.SubscribeSessionResponse | bytes]:
         session_id = check_stored_session_id(request.session_id)
         start = request.from_sequence if request.HasField("from_sequence") else None
         async for item in self._repository.subscribe_chunks(session_id, from_sequence=start):
             if isinstance(item, CaughtUp):
                 yield pb.SubscribeSessionResponse(caught_up=pb.CaughtUp(sequence=item.sequence))
             else:
-                records = [_codec.record_to_proto(record) for record in item]
-                yield pb.SubscribeSessionResponse(records=pb.RecordBatch(records=records))
+                yield self._encoded.get(("s", session_id), item, _session_message)
 
     @_translate_errors
     async def SubscribeAll(
         self, request: pb.SubscribeAllRequest, context: Any
-    ) -> AsyncIterator[pb.SubscribeAllResponse]:
+    ) -> AsyncIterator[pb.SubscribeAllResponse | bytes]:
         start = request.from_position if request.HasField("from_position") else None
         chunks = self._repository.subscribe_all_chunks(
             from_position=start,
@@ -345,11 +346,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
                         )
                     )
                 else:
-                    records = [
-                        pb.FeedRecord(position=f.position, record=_codec.record_to_proto(f.record))
-                        for f in run
-                    ]
-                    yield pb.SubscribeAllResponse(records=pb.FeedBatch(records=records))
+                    yield self._encoded.get(("a",), run, _feed_message)
 
     @_translate_errors
     async def ListSessions(
@@ -359,6 +356,49 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
             page_size=request.page_size or None, page_token=request.page_token or None
         )
         return _codec.page_to_proto(page)
+
+
+def _session_message(records: list[EventRecord]) -> bytes:
+    records_pb = [_codec.record_to_proto(record) for record in records]
+    message = pb.SubscribeSessionResponse(records=pb.RecordBatch(records=records_pb))
+    return message.SerializeToString()
+
+
+def _feed_message(run: list[FeedRecord]) -> bytes:
+    records = [
+        pb.FeedRecord(position=f.position, record=_codec.record_to_proto(f.record)) for f in run
+    ]
+    return pb.SubscribeAllResponse(records=pb.FeedBatch(records=records)).SerializeToString()
+
+
+class EncodedRuns:
+    """The encoded stream messages of the latest runs of records, shared by every
+    subscriber sent the same run: a new record is encoded once, not once a
+    subscriber. (Sent as bytes: see `_serialize`.)"""
+
+    SIZE = 256  # runs kept: a wake-up of every subscriber hands them the same few
+
+    def __init__(self) -> None:
+        self._runs: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+
+    def get(self, scope: tuple[Any, ...], run: list[Any], encode: Callable[[Any], bytes]) -> bytes:
+        """`encode(run)`, from the cache if the same run was encoded lately. A run is
+        named by its first and last records (ids, and sequences or positions):
+        records once acknowledged never change."""
+        first, last = run[0], run[-1]
+        key = (*scope, len(run), _name(first), _name(last))
+        found = self._runs.get(key)
+        if found is None:
+            found = self._runs[key] = encode(run)
+            if len(self._runs) > self.SIZE:
+                self._runs.popitem(last=False)
+        return found
+
+
+def _name(item: EventRecord | FeedRecord) -> tuple[Any, ...]:
+    if isinstance(item, FeedRecord):
+        return (item.position, item.record.id)
+    return (item.sequence, item.id)
 
 
 def _feed_runs(items: list[FeedRecord | FeedGap]) -> Iterator[list[FeedRecord] | FeedGap]:

@@ -1,0 +1,122 @@
+"""Waking live subscribers in paced rounds, so that however many there are, they
+take at most about a quarter of the event loop and appends keep the rest.
+
+A round wakes every subscriber of every session (and of the feed) that grew
+since the last round, then lasts until each has sent what it was woken for and
+waits again (or MAX_ROUND_SECONDS). The next round starts no sooner than three times
+the last one's length after it ended, unless the loop had nothing else to do
+meanwhile: with few subscribers, or no appends waiting, rounds take
+microseconds and records go out at once; with thousands, each message carries
+every record since the subscriber's last one, and the cost of a new record no
+longer grows with the number of subscribers waiting on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+
+# The pause after a round, as a multiple of the round's length.
+IDLE_FACTOR = 3.0
+# A loop that runs a callback this soon after it was asked has nothing else to
+# do: then the next round need not wait.
+IDLE_LAG_SECONDS = 0.0005
+# A round is over by then even if a subscriber has not come back (a slow client).
+MAX_ROUND_SECONDS = 0.25
+
+
+class Waiter(asyncio.Event):
+    """A subscriber's wake-up call; `round` is the round that last woke it."""
+
+    round = 0
+
+
+class WakeRounds:
+    """Which subscribers are due a wake-up, and when the next round may start.
+    Used on the event loop only."""
+
+    def __init__(
+        self,
+        session_waiters: Callable[[str], Iterable[Waiter]],
+        feed_waiters: Callable[[], Iterable[Waiter]],
+    ) -> None:
+        self._session_waiters = session_waiters
+        self._feed_waiters = feed_waiters
+        self._due: set[str] = set()
+        self._feed_due = False
+        self._round = 0
+        self._ended = 0  # the last round that ended
+        self._pending = 0  # subscribers of the round in progress not back yet
+        self._started = 0.0
+        self._next_at = 0.0
+        self._scheduled = False
+
+    def grew(self, session_id: str | None) -> None:
+        """A session (None: the feed) has new records for its subscribers (then call
+        `wake`)."""
+        if session_id is None:
+            self._feed_due = True
+        else:
+            self._due.add(session_id)
+
+    def wake(self) -> None:
+        """Start a round for what grew now, if the pace allows, else when it does."""
+        if self._due or self._feed_due:
+            self._maybe_start(asyncio.get_running_loop())
+
+    def back(self, waiter: Waiter) -> None:
+        """A subscriber woken in a round has sent what it was woken for (or left)."""
+        if waiter.round == self._round and self._pending > 0:
+            waiter.round = 0
+            self._pending -= 1
+            if self._pending == 0:
+                self._end(asyncio.get_running_loop(), self._round)
+
+    def _maybe_start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._pending > 0 or self._scheduled:
+            return  # the round in progress, or the one scheduled, takes it
+        if loop.time() >= self._next_at:
+            self._start(loop)
+        else:
+            self._scheduled = True
+            loop.call_at(self._next_at, self._start, loop)
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._scheduled = False
+        self._round += 1
+        woken = 0
+        for session_id in self._due:
+            for waiter in self._session_waiters(session_id):
+                waiter.round = self._round
+                waiter.set()
+                woken += 1
+        self._due.clear()
+        if self._feed_due:
+            self._feed_due = False
+            for waiter in self._feed_waiters():
+                waiter.round = self._round
+                waiter.set()
+                woken += 1
+        self._started = loop.time()
+        self._pending = woken
+        if woken:
+            loop.call_later(MAX_ROUND_SECONDS, self._end, loop, self._round)
+        else:
+            self._end(loop, self._round)
+
+    def _end(self, loop: asyncio.AbstractEventLoop, round_: int) -> None:
+        if round_ != self._round or round_ == self._ended:
+            return  # an earlier round, or this one ended already
+        self._ended = round_
+        self._pending = 0
+        now = loop.time()
+        self._next_at = now + IDLE_FACTOR * (now - self._started)
+        loop.call_soon(self._probe, loop, round_, now)
+
+    def _probe(self, loop: asyncio.AbstractEventLoop, round_: int, asked: float) -> None:
+        """After a round: if the loop had nothing else waiting (this ran at once), no
+        pause is needed; subscribers may be woken again straight away."""
+        if round_ == self._round and loop.time() - asked < IDLE_LAG_SECONDS:
+            self._next_at = 0.0
+        if not self._scheduled and (self._due or self._feed_due):
+            self._maybe_start(loop)
