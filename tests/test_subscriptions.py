@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -180,3 +182,55 @@ def test_subscribers_that_join_drop_and_resume_at_random_see_exactly_one_to_n(
     assert errors == []
     for sequences in seen:
         assert sequences == list(range(1, total + 1))
+
+
+SUBSCRIBERS_SCRIPT = """
+import asyncio, sys, grpc
+from agentlog.v1 import session_pb2 as pb
+target, count, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+async def follow(channel, n):
+    call = channel.unary_stream(
+        "/agentlog.v1.SessionRepository/SubscribeSession",
+        request_serializer=pb.SubscribeSessionRequest.SerializeToString,
+        response_deserializer=pb.SubscribeSessionResponse.FromString,
+    )(pb.SubscribeSessionRequest(session_id=f"s{n % 10}", from_sequence=1))
+    seen = 0
+    async for message in call:
+        for record in message.records.records:
+            assert record.sequence == seen + 1, (record.sequence, seen)
+            seen = record.sequence
+        if seen == last:
+            return
+async def main():
+    local = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(target, options=local) for _ in range(30)]
+    await asyncio.wait_for(
+        asyncio.gather(*(follow(channels[n % 30], n) for n in range(count))), 120
+    )
+    print("all", count, flush=True)
+asyncio.run(main())
+"""
+
+
+def test_fifteen_hundred_subscribers_at_once_each_get_every_record_in_order(
+    tmp_path: Path,
+) -> None:
+    repo = JsonlSessionRepository(tmp_path, sync="never")
+    with served(repo) as (built, _), AgentlogClient(f"127.0.0.1:{built.port}") as client:
+        target = f"127.0.0.1:{built.port}"
+        for i in range(10):
+            client.append_batch(f"s{i}", [NewEvent(event=delta(f"s{i}", str(k))) for k in range(5)])
+        followers = subprocess.Popen(
+            [sys.executable, "-c", SUBSCRIBERS_SCRIPT, target, "1500", "25"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2)  # while they start and catch up, the sessions grow
+        for k in range(20):
+            for i in range(10):
+                client.append(AppendEvent(session_id=f"s{i}", event=delta(f"s{i}", f"new-{k}")))
+        out, err = followers.communicate(timeout=150)
+    repo.close()
+    assert followers.returncode == 0, err[-2000:]
+    assert out.strip() == "all 1500"
