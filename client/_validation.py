@@ -28,15 +28,9 @@ def check_session_id(session_id: object, field: str = "session_id") -> str:
     return checked
 
 
-def _check_session_id(session_id: object, field: str) -> str:
-
-    def refuse(rule: str) -> InvalidArgumentError:
-        return InvalidArgumentError(
-            f"{field} {session_id!r} is not a valid session id: {rule}",
-            field=field,
-            reason="INVALID_SESSION_ID",
-        )
-
+def _session_id_bytes(session_id: object, field: str, problem: str) -> tuple[str, int]:
+    """`session_id` and its UTF-8 size, if it is a non-empty string of valid Unicode;
+    else InvalidArgumentError, worded "<field> <id> <problem>: <rule>"."""
     if not isinstance(session_id, str):
         raise InvalidArgumentError(
             f"{field} must be a string, not {type(session_id).__name__}",
@@ -44,24 +38,39 @@ def _check_session_id(session_id: object, field: str) -> str:
             reason="INVALID_SESSION_ID",
         )
     if not session_id:
-        raise refuse("it is empty")
+        raise _refused(session_id, field, problem, "it is empty")
     try:
-        size = len(session_id.encode())
+        return session_id, len(session_id.encode())
     except UnicodeEncodeError:
-        raise refuse("it is not valid Unicode") from None
+        raise _refused(session_id, field, problem, "it is not valid Unicode") from None
+
+
+def _refused(session_id: str, field: str, problem: str, rule: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"{field} {session_id!r} {problem}: {rule}", field=field, reason="INVALID_SESSION_ID"
+    )
+
+
+def _check_session_id(session_id: object, field: str) -> str:
+    problem = "is not a valid session id"
+    text, size = _session_id_bytes(session_id, field, problem)
+
+    def refuse(rule: str) -> InvalidArgumentError:
+        return _refused(text, field, problem, rule)
+
     if size > MAX_SESSION_ID_BYTES:
         raise refuse(f"it is {size} bytes long; the limit is {MAX_SESSION_ID_BYTES} bytes of UTF-8")
-    if "/" in session_id or "\\" in session_id:
+    if "/" in text or "\\" in text:
         raise refuse("it contains a path separator ('/' or '\\')")
-    if "\x00" in session_id:
+    if "\x00" in text:
         raise refuse("it contains a NUL character")
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in session_id):
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text):
         raise refuse("it contains a control character")
-    if session_id.startswith("."):
+    if text.startswith("."):
         raise refuse(
             "it starts with '.' ('.' and '..' name directories, and dot-files are the store's own)"
         )
-    return session_id
+    return text
 
 
 # The longest file name most file systems take, less the ".jsonl" suffix.
@@ -79,36 +88,23 @@ def check_stored_session_id(session_id: object, field: str = "session_id") -> st
     """
     if type(session_id) is str and session_id in _VALID_SESSION_IDS:
         return session_id
-
-    def refuse(rule: str) -> InvalidArgumentError:
-        return InvalidArgumentError(
-            f"{field} {session_id!r} cannot name a session: {rule}",
-            field=field,
-            reason="INVALID_SESSION_ID",
-        )
-
-    if not isinstance(session_id, str):
-        raise InvalidArgumentError(
-            f"{field} must be a string, not {type(session_id).__name__}",
-            field=field,
-            reason="INVALID_SESSION_ID",
-        )
-    if not session_id:
-        raise refuse("it is empty")
-    try:
-        size = len(session_id.encode())
-    except UnicodeEncodeError:
-        raise refuse("it is not valid Unicode") from None
+    problem = "cannot name a session"
+    text, size = _session_id_bytes(session_id, field, problem)
     if size > MAX_STORED_SESSION_ID_BYTES:
-        raise refuse(
+        raise _refused(
+            text,
+            field,
+            problem,
             f"it is {size} bytes long, and no session file name can be longer than "
-            f"{MAX_STORED_SESSION_ID_BYTES} bytes before its .jsonl"
+            f"{MAX_STORED_SESSION_ID_BYTES} bytes before its .jsonl",
         )
-    if "/" in session_id or "\x00" in session_id:
-        raise refuse("it contains a path separator ('/') or a NUL character")
-    if session_id.startswith("."):
-        raise refuse("it starts with '.' (dot-files are the store's own, or hidden)")
-    return session_id
+    if "/" in text or "\x00" in text:
+        raise _refused(
+            text, field, problem, "it contains a path separator ('/') or a NUL character"
+        )
+    if text.startswith("."):
+        raise _refused(text, field, problem, "it starts with '.' (dot-files are the store's own)")
+    return text
 
 
 def check_record_id(record_id: object, field: str) -> str:

@@ -8,7 +8,6 @@ all-sessions feed names every stored record once, in increasing positions.
 from __future__ import annotations
 
 import random
-import re
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 from agentlog import AgentlogClient, AgentlogError, AppendEvent, NewEvent
 from agentlog.server import JsonlSessionRepository
 from tests.contract import delta, records_only
+from tests.test_server import wait_for_port
 
 ROUNDS = 24
 SESSIONS = [f"crash-{n}" for n in range(4)]
@@ -41,11 +41,8 @@ def start_server(data: Path) -> tuple[subprocess.Popen[str], str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert process.stderr is not None
-    line = process.stderr.readline()
-    found = re.search(r"serving on (127\.0\.0\.1:\d+)", line)
-    assert found, line
-    return process, found.group(1)
+    port, _ = wait_for_port(process)
+    return process, f"127.0.0.1:{port}"
 
 
 def test_sigkill_at_random_moments_loses_no_acknowledged_event(tmp_path: Path) -> None:

@@ -498,11 +498,10 @@ def test_a_failed_sync_stops_appends_until_a_restart_and_loses_nothing(
     reopened.close()
 
 
-def test_reads_never_see_an_append_before_it_is_durable(
-    data: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    repo = JsonlSessionRepository(data)
-    first = repo.append(AppendEvent(session_id="s", event=started("s")))
+def held_syncs(
+    repo: JsonlSessionRepository, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
+    """Make the store's syncs wait: (set when one starts, set to let them go on)."""
     syncing, go_on = threading.Event(), threading.Event()
     real_sync = repo._syncer.sync
 
@@ -512,6 +511,15 @@ def test_reads_never_see_an_append_before_it_is_durable(
         real_sync(*args, **kwargs)
 
     monkeypatch.setattr(repo._syncer, "sync", slow_sync)
+    return syncing, go_on
+
+
+def test_reads_never_see_an_append_before_it_is_durable(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = JsonlSessionRepository(data)
+    first = repo.append(AppendEvent(session_id="s", event=started("s")))
+    syncing, go_on = held_syncs(repo, monkeypatch)
     retry = AppendEvent(session_id="s", event=delta("s", "late"), id=str(uuid.uuid4()))
     answers: list[Any] = []
     writer = threading.Thread(target=lambda: answers.append(repo.append(retry)))
@@ -572,15 +580,7 @@ def test_held_and_released_appends_are_answered_only_once_durable(
 ) -> None:
     # The server's own path: submit(hold=True) from the event loop, then release().
     repo = JsonlSessionRepository(data, sync=sync, sync_interval_ms=20)
-    syncing, go_on = threading.Event(), threading.Event()
-    real_sync = repo._syncer.sync
-
-    def slow_sync(*args: Any, **kwargs: Any) -> None:
-        syncing.set()
-        assert go_on.wait(10)
-        real_sync(*args, **kwargs)
-
-    monkeypatch.setattr(repo._syncer, "sync", slow_sync)
+    syncing, go_on = held_syncs(repo, monkeypatch)
     answered: list[Any] = []
     pending = repo.prepare_append(AppendEvent(session_id="s", event=started("s")))
     assert repo.submit([pending], answered.extend, block=False, hold=True)

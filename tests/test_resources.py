@@ -16,7 +16,7 @@ import pytest
 
 from agentlog import AgentlogClient, AgentlogError, AppendEvent, ResourceExhaustedError
 from tests.contract import delta
-from tests.test_server import wait_for_port
+from tests.test_server import agentlog, wait_for_port
 
 
 @pytest.fixture
@@ -34,21 +34,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def serve(data: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentlog.server",
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = agentlog("serve", "--addr", "127.0.0.1:0", "--data-dir", str(data))
     port, _ = wait_for_port(process)
     return process, f"127.0.0.1:{port}"
 
