@@ -93,7 +93,8 @@ from agentlog.server._files import (
     storage_error,
     torn_tail,
 )
-from agentlog.server._index import MARK_EVERY, Located, Row, StoreIndex, key_of
+from agentlog.server._index import MARK_EVERY, Located, Row, StoreIndex
+from agentlog.server._keys import key_of
 from agentlog.server._semantics import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
