@@ -34,7 +34,7 @@ $(BUF): package.json package-lock.json
 
 # Regenerate the committed stubs (protobuf, type stubs, gRPC) and the Python
 # event types from the proto. OUT lets proto-check generate elsewhere.
-OUT ?= client
+OUT ?= src/agentlog
 proto: $(INSTALLED)
 	rm -rf build/proto && mkdir -p build/proto $(OUT)/v1
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=build/proto \
@@ -50,7 +50,7 @@ proto-check: $(INSTALLED)
 	rm -rf build/proto-check && mkdir -p build/proto-check
 	$(MAKE) --no-print-directory proto OUT=build/proto-check
 	for f in v1/__init__.py v1/session_pb2.py v1/session_pb2.pyi v1/session_pb2_grpc.py _events.py; do \
-		cmp -s build/proto-check/$$f client/$$f || { echo "client/$$f is stale: run 'make proto' and commit"; exit 1; }; \
+		cmp -s build/proto-check/$$f src/agentlog/$$f || { echo "src/agentlog/$$f is stale: run 'make proto' and commit"; exit 1; }; \
 	done
 	@echo "generated code is up to date"
 
@@ -58,15 +58,8 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# mypy sees the installed layout (agentlog = client/, agentlog.server = server/)
-# through a tree of links, since it cannot follow setuptools' editable finder.
 typecheck: $(INSTALLED)
-	rm -rf build/mypy && mkdir -p build/mypy/agentlog
-	for f in client/*; do ln -s ../../../$$f build/mypy/agentlog/; done
-	ln -s ../../../server build/mypy/agentlog/server
-	ln -s ../../tests build/mypy/tests
-	ln -s ../../bench build/mypy/bench
-	cd build/mypy && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p agentlog -p tests -p bench
+	$(BIN)/mypy -p agentlog -p tests -p bench
 
 buf-lint: $(BUF)
 	$(BUF) lint

@@ -40,7 +40,7 @@ from agentlog import (
     TextDelta,
 )
 from agentlog._codec import record_from_line, record_to_proto
-from agentlog.server._semantics import MESSAGE_RECORDS
+from agentlog.server._rules import MESSAGE_RECORDS
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
 

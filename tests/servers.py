@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from agentlog.server import Server, create_server
-from agentlog.server._semantics import Store
+from agentlog.server.blocking import BlockingStore
 
 T = TypeVar("T")
 
@@ -32,7 +32,9 @@ class LoopThread:
 
 
 @contextmanager
-def served(repository: Store, port: int = 0, **options: Any) -> Iterator[tuple[Server, LoopThread]]:
+def served(
+    repository: BlockingStore, port: int = 0, **options: Any
+) -> Iterator[tuple[Server, LoopThread]]:
     """Serve `repository` on 127.0.0.1:`port` (0: a free one); yields the server and its loop."""
     loop = LoopThread()
 
@@ -50,7 +52,7 @@ def served(repository: Store, port: int = 0, **options: Any) -> Iterator[tuple[S
 
 
 @contextmanager
-def running_server(repository: Store, **options: Any) -> Iterator[str]:
+def running_server(repository: BlockingStore, **options: Any) -> Iterator[str]:
     """Serve `repository` on 127.0.0.1:<free port>; yields the target "127.0.0.1:PORT"."""
     with served(repository, **options) as (built, _):
         yield f"127.0.0.1:{built.port}"

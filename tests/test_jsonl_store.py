@@ -25,7 +25,8 @@ from agentlog import (
     UnavailableError,
     WrongExpectedSequence,
 )
-from agentlog.server import JsonlSessionRepository, MemorySessionRepository, _durability
+from agentlog.server import JsonlSessionRepository, MemorySessionRepository
+from agentlog.server.jsonl import durability as _durability
 from tests.contract import delta, records_only, started
 from tests.servers import running_server
 

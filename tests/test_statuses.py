@@ -23,7 +23,7 @@ from agentlog import (
 )
 from agentlog._json import MAX_DEPTH
 from agentlog.server import JsonlSessionRepository, MemorySessionRepository
-from agentlog.server._semantics import MAX_RECORD_BYTES
+from agentlog.server._rules import MAX_RECORD_BYTES
 from agentlog.v1 import session_pb2 as pb
 from tests.servers import running_server
 

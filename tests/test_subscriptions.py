@@ -14,6 +14,7 @@ import pytest
 
 from agentlog import AgentlogClient, AppendEvent, CaughtUp, FeedRecord, NewEvent
 from agentlog.server import JsonlSessionRepository
+from agentlog.server._live import RECENT_RECORDS
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
 from tests.contract import Follower, delta
@@ -50,9 +51,9 @@ def test_a_subscriber_that_leaves_frees_its_resources_at_once(tmp_path: Path) ->
     with served(repo) as (built, _), AgentlogClient(f"127.0.0.1:{built.port}") as client:
         items = client.subscribe_session("s")
         assert next(items) == CaughtUp(0)
-        assert len(built.repository._waiters.get("s", ())) == 1
+        assert built.live.subscribers_of("s") == 1
         items.close()
-        wait_until(lambda: "s" not in built.repository._waiters)
+        wait_until(lambda: built.live.subscribers_of("s") == 0 and not built.live.recent_of("s"))
 
 
 def test_the_client_resumes_across_a_server_restart(tmp_path: Path) -> None:
@@ -92,8 +93,8 @@ def test_a_stalled_subscriber_neither_blocks_writers_nor_grows_memory(tmp_path: 
         batch = [NewEvent(event=delta("busy", "x" * 200)) for _ in range(100)]
         for _ in range(total // 100):
             client.append_batch("busy", batch)  # would hang here if writers waited on readers
-        recent = built.repository._recent["busy"]
-        assert len(recent) == recent.maxlen == 1024  # the only per-session buffer, bounded
+        recent = built.live.recent_of("busy")
+        assert len(recent) == RECENT_RECORDS == 1024  # the only per-session buffer, bounded
         assert recent[-1].sequence == total
         # The stalled subscriber resumes reading and sees everything, in order, once.
         sequences = []

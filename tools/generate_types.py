@@ -1,9 +1,9 @@
-"""Generate client/_events.py, the public Python event types, from the proto.
+"""Generate src/agentlog/_events.py, the public Python event types, from the proto.
 
 The .proto is the single source of the schema: this script reads its
 descriptors (with source comments, for docstrings) and writes one frozen
 dataclass per message reachable from AgentEvent and one StrEnum per enum.
-The runtime codec (client/_codec.py) pairs these classes with the protobuf
+The runtime codec (src/agentlog/_codec.py) pairs these classes with the protobuf
 descriptors, so a new AgentEvent variant is: edit the proto, `make proto`.
 
 Usage: python tools/generate_types.py PROTO_ROOT PROTO_FILE OUTPUT

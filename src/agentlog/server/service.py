@@ -1,7 +1,7 @@
 """The SessionRepository gRPC service: requests in, storage calls, records out.
 
-Each method only converts (client/_codec.py) and delegates to an
-AsyncSessionRepository; `_translate_errors` is the one place where storage
+Each method only converts (`agentlog._codec`) and delegates to the `Backend`
+(or, for subscriptions, to `LiveSubscriptions`); `_translate_errors` is the one place where storage
 errors become gRPC statuses, so no method formats an error of its own.
 """
 
@@ -13,7 +13,7 @@ import inspect
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -23,18 +23,17 @@ from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord
 from agentlog._status import to_grpc_status
 from agentlog._validation import check_parent_query, check_stored_session_id
 from agentlog.errors import AgentlogError, InvalidArgumentError, ServerError
-from agentlog.server._semantics import (
+from agentlog.server._live import LiveSubscriptions
+from agentlog.server._rules import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
     Appended,
     prepare_batch_request,
     prepare_request,
 )
+from agentlog.server.backend import Backend
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
-
-if TYPE_CHECKING:
-    from agentlog.server.app import ThreadedRepository
 
 log = logging.getLogger("agentlog.server")
 
@@ -257,10 +256,11 @@ async def _each(records: list[EventRecord]) -> AsyncIterator[EventRecord]:
 
 
 class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
-    """Serves an AsyncSessionRepository over gRPC."""
+    """Serves a Backend over gRPC."""
 
-    def __init__(self, repository: ThreadedRepository) -> None:
-        self._repository = repository
+    def __init__(self, backend: Backend, live: LiveSubscriptions) -> None:
+        self._backend = backend
+        self._live = live
         self.in_flight = CallsInFlight()
         self._encoded = EncodedRuns()
 
@@ -269,7 +269,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         # The answer may copy the request's event (see appended_fields), less
         # fields this server does not know: they are not stored.
         request.DiscardUnknownFields()
-        appended = await self._repository.submit(prepare_request(request))
+        appended = await self._backend.append(prepare_request(request))
         sent = None if request.omit_event else [request.event]
         return pb.AppendResponse(record=_answer(appended, sent)[0])
 
@@ -278,7 +278,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         self, request: pb.AppendBatchRequest, context: Any
     ) -> pb.AppendBatchResponse:
         request.DiscardUnknownFields()  # as in Append
-        appended = await self._repository.submit(prepare_batch_request(request))
+        appended = await self._backend.append(prepare_batch_request(request))
         sent = None if request.omit_events else [item.event for item in request.events]
         return pb.AppendBatchResponse(records=_answer(appended, sent))
 
@@ -287,7 +287,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         self, request: pb.LoadSessionRequest, context: Any
     ) -> AsyncIterator[pb.LoadSessionResponse]:
         session_id, from_sequence, limit, direction = _codec.read_from_proto(request)
-        chunks = self._repository.read_session_chunks(
+        chunks = self._backend.read_session_chunks(
             session_id, from_sequence=from_sequence, limit=limit, direction=direction
         )
         async for chunk in chunks:
@@ -297,13 +297,13 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     async def LoadChildren(
         self, request: pb.LoadChildrenRequest, context: Any
     ) -> AsyncIterator[pb.LoadChildrenResponse]:
-        records = await self._repository.load_children(check_parent_query(request.parent_id))
+        records = await self._backend.load_children(check_parent_query(request.parent_id))
         async for chunk in chunk_records(_each(records)):
             yield pb.LoadChildrenResponse(records=chunk)
 
     @_translate_errors
     async def Head(self, request: pb.HeadRequest, context: Any) -> pb.HeadResponse:
-        record = await self._repository.head(check_stored_session_id(request.session_id))
+        record = await self._backend.head(check_stored_session_id(request.session_id))
         if record is None:
             return pb.HeadResponse()
         return pb.HeadResponse(record=_codec.record_to_proto(record))
@@ -314,7 +314,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     ) -> AsyncIterator[pb.SubscribeSessionResponse | bytes]:
         session_id = check_stored_session_id(request.session_id)
         start = request.from_sequence if request.HasField("from_sequence") else None
-        async for item in self._repository.subscribe_chunks(session_id, from_sequence=start):
+        async for item in self._live.session_chunks(session_id, from_sequence=start):
             if isinstance(item, CaughtUp):
                 yield pb.SubscribeSessionResponse(caught_up=pb.CaughtUp(sequence=item.sequence))
             else:
@@ -325,7 +325,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         self, request: pb.SubscribeAllRequest, context: Any
     ) -> AsyncIterator[pb.SubscribeAllResponse | bytes]:
         start = request.from_position if request.HasField("from_position") else None
-        chunks = self._repository.subscribe_all_chunks(
+        chunks = self._live.feed_chunks(
             from_position=start,
             session_id_prefix=request.session_id_prefix,
             part_types=list(request.part_types),
@@ -352,7 +352,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Any
     ) -> pb.ListSessionsResponse:
-        page = await self._repository.list_sessions(
+        page = await self._backend.list_sessions(
             page_size=request.page_size or None, page_token=request.page_token or None
         )
         return _codec.page_to_proto(page)

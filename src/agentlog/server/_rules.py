@@ -12,12 +12,9 @@ import base64
 import binascii
 import hashlib
 import hmac
-import secrets
-import threading
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any
 
 import orjson
 
@@ -26,17 +23,13 @@ from agentlog._codec import (
     event_json_from_proto,
     event_to_json,
     make_record,
-    record_to_proto,
 )
 from agentlog._events import EVENT_TYPES, AgentEvent, ReadDirection
 from agentlog._records import (
-    AppendEvent,
-    CaughtUp,
     EventRecord,
     FeedGap,
     FeedRecord,
     NewEvent,
-    SessionPage,
     new_record_ids,
 )
 from agentlog._validation import (
@@ -160,17 +153,6 @@ def check_answer_size(request: pb.AppendBatchRequest) -> None:
             field="events",
             reason="ANSWER_TOO_LARGE",
         )
-
-
-Outcome: TypeAlias = tuple[Appended, int | None] | Exception
-"""What storing one PendingAppend came to: (what was appended, its first feed
-position; None for a retry) or the error it failed with."""
-
-Answer: TypeAlias = Appended | Exception
-"""What a submitted append is answered (see `Store.submit`)."""
-
-Result: TypeAlias = list[EventRecord] | Exception
-"""What `Store.commit` gives for one append: its records, or the error."""
 
 
 def content_digest(parent_id: str | None, event_json: object) -> bytes:
@@ -429,283 +411,6 @@ class PageTokens:
             return body.decode()
         except UnicodeDecodeError:
             raise refused from None
-
-
-Listener = Callable[[Appended, int], None]
-"""Called after every append that stored records, with its first feed position."""
-
-
-class Store(ABC):
-    """What the in-process backends share: appends, list reads and subscriptions.
-
-    A backend implements `_append` (decide with `check_append`, then store), or
-    `commit` and `submit` if it stores appends in groups, and `read_session`; the
-    rest of the SessionRepository protocol is theirs to fill.
-    Subscribers never hold records of their own: they read from the store by
-    sequence and only wait for word that a session has grown, so they cannot
-    miss, repeat or reorder a record, and a slow one costs writers nothing.
-    """
-
-    def __init__(self) -> None:
-        self._grown = threading.Condition()
-        self._waiting = 0  # subscribers waiting on _grown
-        self._last_published: dict[str, int] = {}
-        self._last_position = 0
-        self._listeners: list[Listener] = []
-        # A backend whose tokens must outlive the process replaces this.
-        self.page_tokens = PageTokens(secrets.token_bytes(32))
-
-    def add_listener(self, listener: Listener) -> None:
-        """Be told after each append; it runs on the writer's thread, so it must not block."""
-        self._listeners.append(listener)
-
-    def _publish(self, appended: Appended, position: int | None) -> None:
-        if position is None:
-            return  # a retry: nothing new was stored
-        session_id, last = appended.session_id, appended.last_sequence
-        # Publishers are serialized by the backend; subscribers count themselves
-        # in `_waiting` before they look, so one that waits is always woken.
-        self._last_published[session_id] = max(last, self._last_published.get(session_id, 0))
-        self._last_position = max(position + len(appended.batch) - 1, self._last_position)
-        if self._waiting:
-            with self._grown:
-                self._grown.notify_all()
-        for listener in self._listeners:
-            listener(appended, position)
-
-    def append(self, event: AppendEvent) -> EventRecord:
-        return self.commit_one(self.prepare_append(event))[0]
-
-    def append_batch(
-        self,
-        session_id: str,
-        events: Sequence[NewEvent],
-        *,
-        expected_sequence: int | None = None,
-    ) -> list[EventRecord]:
-        return self.commit_one(self.prepare_batch(session_id, events, expected_sequence))
-
-    @staticmethod
-    def prepare_append(event: AppendEvent) -> PendingAppend:
-        """Check an append (no storage is touched); InvalidArgumentError if malformed."""
-        item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)
-        batch = prepare(event.session_id, [item], event.expected_sequence, batch=False)
-        return PendingAppend(event.session_id, batch, event.expected_sequence)
-
-    @staticmethod
-    def prepare_batch(
-        session_id: str, events: Sequence[NewEvent], expected_sequence: int | None
-    ) -> PendingAppend:
-        """Check a batch (no storage is touched); InvalidArgumentError if malformed."""
-        batch = prepare(session_id, events, expected_sequence, batch=True)
-        return PendingAppend(session_id, batch, expected_sequence)
-
-    def submit(
-        self,
-        appends: Sequence[PendingAppend],
-        done: Callable[[list[Answer]], None],
-        *,
-        block: bool = True,
-        hold: bool = False,
-    ) -> bool:
-        """Store checked appends, each as if alone and in this order, and call
-        `done(answers)` once they are acknowledged: at once, or later from another
-        thread (a backend that makes them durable first).
-
-        With block=False, a backend may decline (False, nothing done) when storing
-        would first mean slow work, such as reading a session's file: a caller on
-        an event loop then submits from a thread instead. With hold=True, a backend
-        that syncs may wait for `release()` before it syncs these appends, so that
-        more that the caller has at hand share the sync.
-        """
-        done(self._answers(appends))
-        return True
-
-    def release(self) -> None:  # noqa: B027 - nothing to do for a backend that does not sync
-        """Start making appends submitted with hold=True durable."""
-
-    def on_durable(self, acknowledge: Callable[[], bool] | None) -> None:  # noqa: B027
-        """Have `acknowledge()` called when appends are durable, for the caller to run
-        `acknowledge_durable()` where it wants the answers (a backend that syncs); it
-        returns False if it cannot."""
-
-    def acknowledge_durable(self) -> None:  # noqa: B027
-        """Acknowledge appends made durable (see `on_durable`)."""
-
-    def commit(self, appends: Sequence[PendingAppend]) -> list[Result]:
-        """Store checked appends, each as if alone and in this order: for each, its
-        records or the error it failed with."""
-        return [
-            answer if isinstance(answer, Exception) else answer.records()
-            for answer in self._answers(appends)
-        ]
-
-    def _answers(self, appends: Sequence[PendingAppend]) -> list[Answer]:
-        answers: list[Answer] = []
-        for outcome in self._commit(appends):
-            if isinstance(outcome, Exception):
-                answers.append(outcome)
-                continue
-            appended, position = outcome
-            self._publish(appended, position)
-            answers.append(appended)
-        return answers
-
-    def commit_one(self, append: PendingAppend) -> list[EventRecord]:
-        """Store one checked append; its records, or raise what it failed with."""
-        [result] = self.commit([append])
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    def _commit(self, appends: Sequence[PendingAppend]) -> list[Outcome]:
-        """Store appends in order, one at a time (see `_append`)."""
-        outcomes: list[Outcome] = []
-        for append in appends:
-            try:
-                outcomes.append(self._append(append.session_id, append.batch, append.expected))
-            except Exception as exc:  # each append fails alone
-                outcomes.append(exc)
-        return outcomes
-
-    def _append(
-        self, session_id: str, batch: list[Prepared], expected: int | None
-    ) -> tuple[Appended, int | None]:
-        """Store a checked batch: what was appended and the feed position of the first;
-        for a retry, the stored records and None. (A backend that overrides `commit`
-        and `submit` need not implement it.)"""
-        raise NotImplementedError
-
-    @abstractmethod
-    def head(self, session_id: str) -> EventRecord | None:
-        """A session's latest record."""
-
-    @abstractmethod
-    def load_children(self, parent_id: str) -> list[EventRecord]:
-        """Every record whose parent_id is `parent_id`."""
-
-    @abstractmethod
-    def list_sessions(
-        self, *, page_size: int | None = None, page_token: str | None = None
-    ) -> SessionPage:
-        """One page of sessions."""
-
-    def subscribe_session(
-        self, session_id: str, *, from_sequence: int | None = None
-    ) -> Iterator[EventRecord | CaughtUp]:
-        """Stored records from `from_sequence` (None: only new ones), CaughtUp, then live ones.
-
-        The iterator blocks while it waits for new records; close it (or leave
-        the loop) to end the subscription.
-        """
-        next_sequence = start_sequence(self.head(session_id), from_sequence)
-        caught_up = False
-        while True:
-            for record in self.read_session(session_id, from_sequence=next_sequence):
-                yield record
-                next_sequence = record.sequence + 1
-            if not caught_up:
-                caught_up = True
-                yield CaughtUp(next_sequence - 1)
-            with self._grown:
-                self._waiting += 1
-                try:
-                    while self._last_published.get(session_id, 0) < next_sequence:
-                        self._grown.wait()
-                finally:
-                    self._waiting -= 1
-
-    @abstractmethod
-    def read_all(
-        self, from_position: int, limit: int | None = None
-    ) -> Iterator[FeedRecord | FeedGap]:
-        """The feed of every session from `from_position`, in commit order; a FeedGap
-        for positions whose records cannot be read (a damaged session file)."""
-
-    @abstractmethod
-    def last_position(self) -> int:
-        """The feed's last position (0: nothing appended yet)."""
-
-    def subscribe_all(
-        self,
-        *,
-        from_position: int | None = None,
-        session_id_prefix: str = "",
-        part_types: Collection[str] = (),
-    ) -> Iterator[FeedRecord | FeedGap | CaughtUp]:
-        """Every session's records in commit order from `from_position` (None: only new
-        ones), CaughtUp, then live ones; optionally only some sessions or event kinds.
-        A FeedGap stands for records of a kept session that could not be read."""
-        keep = FeedFilter.of(session_id_prefix, part_types)
-        next_position = start_position(self.last_position(), from_position)
-        caught_up = False
-        while True:
-            for item in self.read_all(next_position):
-                next_position = feed_end(item) + 1
-                if keep(item):
-                    yield item
-            if not caught_up:
-                caught_up = True
-                yield CaughtUp(position=next_position - 1)
-            with self._grown:
-                self._waiting += 1
-                try:
-                    while self._last_position < next_position:
-                        self._grown.wait()
-                finally:
-                    self._waiting -= 1
-
-    @abstractmethod
-    def read_session(
-        self,
-        session_id: str,
-        *,
-        from_sequence: int = 0,
-        limit: int | None = None,
-        direction: ReadDirection = ReadDirection.FORWARDS,
-    ) -> Iterator[EventRecord]:
-        """Stream a range of a session's records."""
-
-    def read_session_chunks(
-        self,
-        session_id: str,
-        *,
-        from_sequence: int = 0,
-        limit: int | None = None,
-        direction: ReadDirection = ReadDirection.FORWARDS,
-    ) -> Iterator[list[Any]]:
-        """read_session's records as the EventRecord messages (or the dicts of their
-        fields) LoadSession sends, in runs of at most MESSAGE_RECORDS records and
-        (unless one record is larger) MESSAGE_BYTES. A backend that keeps JSON can
-        make them without building the Python records."""
-        records = self.read_session(
-            session_id, from_sequence=from_sequence, limit=limit, direction=direction
-        )
-        run: list[Any] = []
-        size = 0
-        for message in map(record_to_proto, records):
-            length = message.ByteSize()
-            if run and (len(run) == MESSAGE_RECORDS or size + length > MESSAGE_BYTES):
-                yield run
-                run, size = [], 0
-            run.append(message)
-            size += length
-        if run:
-            yield run
-
-    def load_session(
-        self,
-        session_id: str,
-        *,
-        from_sequence: int = 0,
-        limit: int | None = None,
-        direction: ReadDirection = ReadDirection.FORWARDS,
-    ) -> list[EventRecord]:
-        return list(
-            self.read_session(
-                session_id, from_sequence=from_sequence, limit=limit, direction=direction
-            )
-        )
 
 
 def start_sequence(head: EventRecord | None, from_sequence: int | None) -> int:

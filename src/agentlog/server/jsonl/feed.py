@@ -22,7 +22,7 @@ from pathlib import Path
 
 import orjson
 
-from agentlog.server._files import storage_error
+from agentlog.server.jsonl.files import storage_error
 
 log = logging.getLogger("agentlog.server")
 

@@ -28,7 +28,7 @@ from typing import TypeVar
 
 import orjson
 
-from agentlog.server._keys import KeyFilter, key_of
+from agentlog.server.jsonl.keys import KeyFilter, key_of
 
 log = logging.getLogger("agentlog.server")
 

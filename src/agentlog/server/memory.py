@@ -19,8 +19,9 @@ from agentlog._validation import (
     check_parent_query,
     check_stored_session_id,
 )
-from agentlog.server import _semantics
-from agentlog.server._semantics import Appended, Prepared
+from agentlog.server import _rules
+from agentlog.server._rules import Appended, Prepared
+from agentlog.server.blocking import BlockingStore
 
 
 @dataclass
@@ -29,7 +30,7 @@ class _Session:
     by_id: dict[str, tuple[int, bytes]] = field(default_factory=dict)
 
 
-class MemorySessionRepository(_semantics.Store):
+class MemorySessionRepository(BlockingStore):
     """Holds every record in process memory; safe to share between threads."""
 
     def __init__(self) -> None:
@@ -47,7 +48,7 @@ class MemorySessionRepository(_semantics.Store):
         with self._lock:
             session = self._sessions.get(session_id) or _Session()
             last = len(session.records)
-            stored = _semantics.check_append(
+            stored = _rules.check_append(
                 session_id,
                 batch,
                 expected,
@@ -61,7 +62,7 @@ class MemorySessionRepository(_semantics.Store):
             for index, item in enumerate(batch):
                 # The size of its line in a JSONL store, near enough.
                 size = len(orjson.dumps(item.event_json)) + len(session_id) + 200
-                _semantics.check_record_size(size, index if len(batch) > 1 else None)
+                _rules.check_record_size(size, index if len(batch) > 1 else None)
             if session_id not in self._sessions:
                 self._sessions[session_id] = session
                 bisect.insort(self._session_ids, session_id, key=str.encode)
@@ -86,7 +87,7 @@ class MemorySessionRepository(_semantics.Store):
         direction: ReadDirection = ReadDirection.FORWARDS,
     ) -> Iterator[EventRecord]:
         check_stored_session_id(session_id)
-        selected = _semantics.read_range(from_sequence, limit, direction)
+        selected = _rules.read_range(from_sequence, limit, direction)
         with self._lock:
             session = self._sessions.get(session_id)
             records = session.records if session else []

@@ -39,9 +39,10 @@ import time
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 import orjson
 
@@ -76,10 +77,18 @@ from agentlog.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from agentlog.server import _semantics, metrics
-from agentlog.server._durability import Syncer, SyncPolicy, fsync_path
-from agentlog.server._feed import FEED_FILE, Entry, Feed
-from agentlog.server._files import (
+from agentlog.server import _rules, metrics
+from agentlog.server._rules import (
+    MESSAGE_BYTES,
+    MESSAGE_RECORDS,
+    Appended,
+    PendingAppend,
+    Prepared,
+)
+from agentlog.server.blocking import BlockingStore, Outcome
+from agentlog.server.jsonl.durability import Syncer, SyncPolicy, fsync_path
+from agentlog.server.jsonl.feed import FEED_FILE, Entry, Feed
+from agentlog.server.jsonl.files import (
     FileScan,
     corrupt_line,
     describe,
@@ -93,20 +102,16 @@ from agentlog.server._files import (
     storage_error,
     torn_tail,
 )
-from agentlog.server._index import MARK_EVERY, Located, Row, StoreIndex
-from agentlog.server._keys import key_of
-from agentlog.server._semantics import (
-    MESSAGE_BYTES,
-    MESSAGE_RECORDS,
-    Answer,
-    Appended,
-    Outcome,
-    PendingAppend,
-    Prepared,
-    Result,
-)
+from agentlog.server.jsonl.index import MARK_EVERY, Located, Row, StoreIndex
+from agentlog.server.jsonl.keys import key_of
+
+if TYPE_CHECKING:
+    from agentlog.server.backend import Backend
 
 log = logging.getLogger("agentlog.server")
+
+Answer: TypeAlias = Appended | Exception
+"""What a submitted append is answered (see `JsonlSessionRepository.submit`)."""
 
 SUFFIX = ".jsonl"
 RECOVERED_DIR = ".agentlog-recovered"
@@ -242,7 +247,7 @@ _RECORDS = _Decoder(_records_from_lines, record_from_line)
 _FIELDS = _Decoder(record_fields_from_lines, record_fields_from_line)
 
 
-class JsonlSessionRepository(_semantics.Store):
+class JsonlSessionRepository(BlockingStore):
     """Sessions as arcan JSONL files under one directory.
 
     `sync` says when appends reach the disk (`agentlog.server.SyncPolicy`):
@@ -283,7 +288,7 @@ class JsonlSessionRepository(_semantics.Store):
                 f"sync must be one of {', '.join(SyncPolicy)}, not {sync!r}", field="sync"
             ) from None
         self._directory_lock = lock_directory(self.root)
-        self.page_tokens = _semantics.PageTokens(page_token_key(self.root))
+        self.page_tokens = _rules.PageTokens(page_token_key(self.root))
         self._lock = threading.Lock()  # the store's: states, writing, acknowledging
         self._cond = threading.Condition(self._lock)
         self._halted: AgentlogError | None = None
@@ -353,7 +358,7 @@ class JsonlSessionRepository(_semantics.Store):
 
     # --- writing ---
 
-    def commit(self, appends: Sequence[PendingAppend]) -> list[Result]:
+    def commit_answers(self, appends: Sequence[PendingAppend]) -> list[Answer]:
         done = threading.Event()
         box: list[list[Answer]] = []
 
@@ -363,7 +368,12 @@ class JsonlSessionRepository(_semantics.Store):
 
         self.submit(appends, finished)
         done.wait()
-        return [a if isinstance(a, Exception) else a.records() for a in box[0]]
+        return box[0]
+
+    def backend(self, executor: ThreadPoolExecutor) -> Backend:
+        from agentlog.server.jsonl.backend import JsonlBackend
+
+        return JsonlBackend(self, executor)
 
     def submit(
         self,
@@ -373,9 +383,16 @@ class JsonlSessionRepository(_semantics.Store):
         block: bool = True,
         hold: bool = False,
     ) -> bool:
-        """See Store.submit. With hold=True, the sync that makes these appends durable
-        waits for `release()`: a caller that has more appends at hand submits them all,
-        then releases them, and they share one sync."""
+        """Store checked appends, each as if alone and in this order, and call
+        `done(answers)` once they are acknowledged: at once, or later from another
+        thread (the sync thread, or the one `on_durable` names).
+
+        With block=False, decline (False, nothing done) when storing would first
+        mean slow work, such as reading a session's file or catching the index up: a
+        caller on an event loop then submits from a thread instead. With hold=True,
+        the sync that makes these appends durable waits for `release()`: a caller
+        that has more appends at hand submits them all, then releases them, and they
+        share one sync (group commit)."""
         sessions = {append.session_id for append in appends}
         if self._index.behind:
             if not block:
@@ -497,7 +514,7 @@ class JsonlSessionRepository(_semantics.Store):
         mine, others = self._holdings(session_id, batch, holders)
         if not mine and not others:  # new ids, the common case: only the expectation
             if append.expected is not None and append.expected != state.written:
-                raise _semantics.wrong_expected_sequence(session_id, append.expected, state.written)
+                raise _rules.wrong_expected_sequence(session_id, append.expected, state.written)
             self._write_lines(staging, index, session_id, state, batch)
             identities[session_id] = state.identity
             return None
@@ -506,10 +523,10 @@ class JsonlSessionRepository(_semantics.Store):
             record = mine.get(record_id)
             if record is None:
                 return None
-            digest = _semantics.content_digest(record.parent_id, event_to_json(record.event))
+            digest = _rules.content_digest(record.parent_id, event_to_json(record.event))
             return record.sequence, digest
 
-        retried = _semantics.check_append(
+        retried = _rules.check_append(
             session_id,
             batch,
             append.expected,
@@ -587,8 +604,8 @@ class JsonlSessionRepository(_semantics.Store):
             if batch_end is not None:
                 fields["batch_end"] = batch_end
             line = record_line(fields)
-            if len(line) > _semantics.MAX_RECORD_BYTES:
-                _semantics.check_record_size(len(line), sequence - last - 1 if batch_end else None)
+            if len(line) > _rules.MAX_RECORD_BYTES:
+                _rules.check_record_size(len(line), sequence - last - 1 if batch_end else None)
             lines.append(line)
         data = b"".join(lines)
         new_file = state.identity == _MISSING
@@ -1039,7 +1056,7 @@ class JsonlSessionRepository(_semantics.Store):
         decoder: _Decoder[T],
     ) -> Iterator[list[T]]:
         check_stored_session_id(session_id)
-        selected = _semantics.read_range(from_sequence, limit, direction)
+        selected = _rules.read_range(from_sequence, limit, direction)
         view = self._view(session_id)
         # A snapshot: appends made while the caller iterates are not part of this read.
         return self._chunks(view, selected.sequences(view.count), decoder)

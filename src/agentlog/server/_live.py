@@ -1,0 +1,274 @@
+"""Live subscriptions: SubscribeSession and SubscribeAll over any `Backend`.
+
+Subscribers never hold records of their own: each reads from the backend by
+sequence (or feed position) and then waits, on the event loop, for `Growth`
+past where it is. So a subscriber cannot miss, repeat or reorder a record, and
+a slow one costs writers nothing. The latest records of followed sessions (and
+of the feed) are kept here, contiguous, so a new record fans out to thousands
+of subscribers without a storage read each; anything not contiguous is read
+from the backend instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Collection, Sequence
+from typing import TypeVar
+
+from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord
+from agentlog.errors import UnavailableError
+from agentlog.server._fanout import Waiter, WakeRounds
+from agentlog.server._rules import FeedFilter, feed_end, start_position, start_sequence
+from agentlog.server.backend import Backend, Growth
+
+T = TypeVar("T")
+READ_CHUNK = 256
+# Records read from storage at once by all subscribers catching up together,
+# about (each reads smaller chunks when many do): bounds their memory.
+CATCH_UP_RECORDS = 8192
+# Storage reads for subscribers catching up, at once: appends keep their share
+# of the backend (its threads or connections).
+CATCH_UP_READS = 4
+RECENT_RECORDS = 1024
+
+
+class LiveSubscriptions:
+    """Every live subscription of one server, fed by its backend's `Growth`."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._watching = False
+        self._waiters: dict[str, set[Waiter]] = {}
+        self._published: dict[str, int] = {}
+        # The latest records of sessions that have subscribers, consecutive by
+        # sequence, so that a new record fans out without a storage read each.
+        self._recent: dict[str, deque[EventRecord]] = {}
+        # The same for the all-sessions feed, while it has subscribers.
+        self._feed_waiters: set[Waiter] = set()
+        self._recent_feed: deque[FeedRecord] = deque(maxlen=RECENT_RECORDS)
+        self._published_position = 0
+        self._closing = False
+        self._rounds = WakeRounds(lambda s: self._waiters.get(s, ()), lambda: self._feed_waiters)
+        self._catching_up = 0  # subscribers reading stored records
+        self._catch_up_slots: asyncio.Semaphore | None = None  # made on the loop
+        # Who follows what, for `_following`, which the backend may call from its
+        # threads: counted under a lock of its own (taken after any store lock).
+        self._follow_lock = threading.Lock()
+        self._followers: dict[str, int] = {}
+        self._feed_followers = 0
+
+    def _watch(self) -> None:
+        if not self._watching:
+            self._watching = True
+            self._backend.watch(self._grew, self._following)
+
+    def _following(self, session_id: str) -> bool:
+        with self._follow_lock:
+            return self._feed_followers > 0 or session_id in self._followers
+
+    def _follow(self, session_id: str | None, change: int) -> None:
+        """Count a subscriber of a session (None: of the feed) in or out."""
+        with self._follow_lock:
+            if session_id is None:
+                self._feed_followers += change
+                return
+            count = self._followers.get(session_id, 0) + change
+            if count:
+                self._followers[session_id] = count
+            else:
+                del self._followers[session_id]
+
+    def _grew(self, growth: Growth) -> None:
+        """A backend's word that a session and the feed grew (on the loop)."""
+        records = growth.records
+        if self._feed_waiters:
+            self._published_position = max(self._published_position, growth.last_position)
+            recent = self._recent_feed
+            if records is None or (recent and recent[-1].position + 1 != growth.first_position):
+                recent.clear()  # not contiguous: storage is the truth
+            if records is not None:
+                first = growth.first_position
+                recent.extend(FeedRecord(first + i, r) for i, r in enumerate(records))
+            self._rounds.grew(None)
+        session_id = growth.session_id
+        if self._waiters.get(session_id):
+            if growth.last_sequence > self._published.get(session_id, 0):
+                self._published[session_id] = growth.last_sequence
+            self._remember(session_id, records)
+            self._rounds.grew(session_id)
+        # (Nobody follows this session otherwise: a subscriber reads storage first.)
+        self._rounds.wake()
+
+    def _remember(self, session_id: str, records: Sequence[EventRecord] | None) -> None:
+        recent = self._recent.get(session_id)
+        if recent is None:
+            return  # nobody is subscribed
+        if records is None or (recent and recent[-1].sequence + 1 != records[0].sequence):
+            # Word out of order, or without records: storage is the truth.
+            recent.clear()
+        if records is not None:
+            recent.extend(records)
+
+    def _cached(self, session_id: str, next_sequence: int) -> list[EventRecord] | None:
+        recent = self._recent.get(session_id)
+        if not recent or not recent[0].sequence <= next_sequence <= recent[-1].sequence:
+            return None
+        return list(itertools.islice(recent, next_sequence - recent[0].sequence, None))
+
+    def close(self) -> None:
+        """End every subscription with UNAVAILABLE (at shutdown)."""
+        self._closing = True
+        for waiters in [*self._waiters.values(), self._feed_waiters]:
+            for waiter in waiters:
+                waiter.set()
+
+    @property
+    def followed_sessions(self) -> int:
+        return len(self._waiters)
+
+    def subscribers_of(self, session_id: str) -> int:
+        return len(self._waiters.get(session_id, ()))
+
+    def recent_of(self, session_id: str) -> list[EventRecord]:
+        """The records kept for a followed session (for tests and metrics)."""
+        return list(self._recent.get(session_id, ()))
+
+    async def feed_chunks(
+        self,
+        *,
+        from_position: int | None = None,
+        session_id_prefix: str = "",
+        part_types: Collection[str] = (),
+    ) -> AsyncIterator[list[FeedRecord | FeedGap] | CaughtUp]:
+        """The all-sessions feed as runs of kept records (and gaps) and CaughtUp markers.
+
+        A CaughtUp also follows every run of records the filters dropped, so a
+        client always knows how far it has been served. Stored records are read a
+        run at a time, so a subscriber catching up holds one run, not the feed.
+        """
+        self._watch()
+        keep = FeedFilter.of(session_id_prefix, part_types)
+        waiter = Waiter()
+        if not self._feed_waiters:
+            self._recent_feed.clear()  # nobody kept it up to date
+        self._feed_waiters.add(waiter)
+        self._follow(None, 1)
+        try:
+            last = await self._backend.last_position()
+            self._published_position = max(self._published_position, last)
+            next_position = start_position(last, from_position)
+            caught_up = False
+            while True:
+                waiter.clear()
+                recent = self._recent_feed  # contiguous: cleared at any gap
+                runs: AsyncIterator[list[FeedRecord | FeedGap]]
+                if (
+                    caught_up
+                    and recent
+                    and recent[0].position <= next_position <= recent[-1].position
+                ):
+                    runs = _once(
+                        list(itertools.islice(recent, next_position - recent[0].position, None))
+                    )
+                else:
+                    runs = self._backend.read_feed(next_position)
+                async for run in runs:
+                    if not run:
+                        continue
+                    next_position = feed_end(run[-1]) + 1
+                    kept = [item for item in run if keep(item)]
+                    yield kept if kept else CaughtUp(position=next_position - 1)
+                if not caught_up:
+                    caught_up = True
+                    yield CaughtUp(position=next_position - 1)
+                self._rounds.back(waiter)
+                if not self._closing and self._published_position < next_position:
+                    await waiter.wait()
+                if self._closing:
+                    raise UnavailableError(
+                        "the server is shutting down; subscribe again (here when it is back, "
+                        f"or elsewhere) from position {next_position}",
+                        reason="SHUTTING_DOWN",
+                        metadata={"next_position": str(next_position)},
+                    )
+        finally:
+            self._feed_waiters.discard(waiter)
+            self._follow(None, -1)
+            self._rounds.back(waiter)
+
+    async def session_chunks(
+        self, session_id: str, *, from_sequence: int | None = None
+    ) -> AsyncIterator[list[EventRecord] | CaughtUp]:
+        """A session's records as runs (each at most READ_CHUNK long) and CaughtUp."""
+        self._watch()
+        next_sequence = start_sequence(await self._backend.head(session_id), from_sequence)
+        waiter = Waiter()
+        self._waiters.setdefault(session_id, set()).add(waiter)
+        self._recent.setdefault(session_id, deque(maxlen=RECENT_RECORDS))
+        self._follow(session_id, 1)
+        try:
+            caught_up = False
+            while True:
+                waiter.clear()
+                cached = self._cached(session_id, next_sequence) if caught_up else None
+                if cached:
+                    yield cached
+                    next_sequence = cached[-1].sequence + 1
+                else:
+                    # A bounded read at a time, nothing held between: thousands of
+                    # subscribers catching up hold little memory.
+                    self._catching_up += 1
+                    try:
+                        while True:
+                            size = self._catch_up_chunk()
+                            chunk = await self._catch_up_read(session_id, next_sequence, size)
+                            if chunk:
+                                yield chunk
+                                next_sequence = chunk[-1].sequence + 1
+                            if len(chunk) < size:
+                                break
+                    finally:
+                        self._catching_up -= 1
+                if not caught_up:
+                    caught_up = True
+                    yield CaughtUp(next_sequence - 1)
+                self._rounds.back(waiter)
+                if not self._closing and self._published.get(session_id, 0) < next_sequence:
+                    await waiter.wait()
+                if self._closing:
+                    raise UnavailableError(
+                        "the server is shutting down; subscribe again (here when it is back, "
+                        f"or elsewhere) from sequence {next_sequence}",
+                        reason="SHUTTING_DOWN",
+                        metadata={"session_id": session_id, "next_sequence": str(next_sequence)},
+                    )
+        finally:
+            self._follow(session_id, -1)
+            self._rounds.back(waiter)
+            waiters = self._waiters.get(session_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[session_id]
+                    self._recent.pop(session_id, None)
+                    self._published.pop(session_id, None)
+
+    async def _catch_up_read(
+        self, session_id: str, from_sequence: int, limit: int
+    ) -> list[EventRecord]:
+        """Stored records for a subscriber catching up; a few such reads at a time."""
+        if self._catch_up_slots is None:
+            self._catch_up_slots = asyncio.Semaphore(CATCH_UP_READS)
+        async with self._catch_up_slots:
+            return await self._backend.read_records(session_id, from_sequence, limit)
+
+    def _catch_up_chunk(self) -> int:
+        """Records a subscriber catching up reads at once: fewer when many do."""
+        return max(16, min(READ_CHUNK, CATCH_UP_RECORDS // max(self._catching_up, 1)))
+
+
+async def _once(run: list[T]) -> AsyncIterator[list[T]]:
+    yield run

@@ -1,0 +1,162 @@
+"""`ThreadedBackend`: a blocking store (memory, JSONL) as a `Backend`.
+
+Its blocking calls run on a thread pool, so the event loop serves other calls
+meanwhile; a long read is advanced a run at a time, so it holds one run in
+memory, not the session. The store's append listener becomes `Growth`, handed
+to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from agentlog._events import ReadDirection
+from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionPage
+from agentlog.errors import UnavailableError
+from agentlog.server._rules import Appended, PendingAppend
+from agentlog.server.backend import Backend, Growth, GrowthListener
+from agentlog.server.blocking import BlockingStore
+
+T = TypeVar("T")
+# Records read from storage in one step on a storage thread.
+READ_CHUNK = 256
+
+
+class ThreadedBackend(Backend):
+    """A BlockingStore behind the Backend interface."""
+
+    def __init__(self, store: BlockingStore, executor: ThreadPoolExecutor) -> None:
+        self.store = store
+        self._executor = executor
+        self._stopping = False
+        self._listener: GrowthListener | None = None
+        self._following: Callable[[str], bool] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = -1
+        store.add_listener(self._on_append)
+
+    def watch(
+        self, listener: GrowthListener, following: Callable[[str], bool] | None = None
+    ) -> None:
+        # Growth nobody follows is not handed over. (A subscriber registers before it
+        # reads storage, so one that registers just after that check still reads
+        # those records.)
+        self._listener, self._following = listener, following
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+
+    def _on_append(self, appended: Appended, position: int) -> None:
+        # Runs on the thread that acknowledged the append.
+        listener, loop = self._listener, self._loop
+        if listener is None or loop is None or loop.is_closed():
+            return
+        if self._following is not None and not self._following(appended.session_id):
+            return
+        records = appended.records()
+        growth = Growth(
+            appended.session_id,
+            appended.last_sequence,
+            position,
+            position + len(records) - 1,
+            records,
+        )
+        if threading.get_ident() == self._loop_thread:
+            # On the loop (a store that acknowledges there): subscribers are woken
+            # before the writer is answered, so a record reaches them no later.
+            listener(growth)
+        else:
+            loop.call_soon_threadsafe(listener, growth)
+
+    async def _run(self, function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def _check_writing(self) -> None:
+        if self._stopping:
+            raise UnavailableError(
+                "the server is shutting down; retry the append (here when it is back, or "
+                "elsewhere)",
+                reason="SHUTTING_DOWN",
+            )
+
+    async def append(self, append: PendingAppend) -> Appended:
+        self._check_writing()
+        answer: Appended | Exception = await self._run(self._commit_one, append)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def _commit_one(self, append: PendingAppend) -> Appended | Exception:
+        return self.store.commit_answers([append])[0]
+
+    async def read_session_chunks(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> AsyncIterator[list[Any]]:
+        open_read = functools.partial(
+            self.store.read_session_chunks,
+            session_id,
+            from_sequence=from_sequence,
+            limit=limit,
+            direction=direction,
+        )
+        chunks: Iterator[list[Any]] = await self._run(open_read)
+        while chunk := await self._run(next, chunks, None):
+            yield chunk
+
+    async def read_records(
+        self, session_id: str, from_sequence: int, limit: int
+    ) -> list[EventRecord]:
+        read = functools.partial(
+            self.store.read_session, session_id, from_sequence=from_sequence, limit=limit
+        )
+        records: list[EventRecord] = await self._run(lambda: list(read()))
+        return records
+
+    async def head(self, session_id: str) -> EventRecord | None:
+        record: EventRecord | None = await self._run(self.store.head, session_id)
+        return record
+
+    async def load_children(self, parent_id: str) -> list[EventRecord]:
+        records: list[EventRecord] = await self._run(self.store.load_children, parent_id)
+        return records
+
+    async def list_sessions(
+        self, *, page_size: int | None = None, page_token: str | None = None
+    ) -> SessionPage:
+        call = functools.partial(
+            self.store.list_sessions, page_size=page_size, page_token=page_token
+        )
+        page: SessionPage = await self._run(call)
+        return page
+
+    async def read_feed(self, from_position: int) -> AsyncIterator[list[FeedRecord | FeedGap]]:
+        items: Iterator[FeedRecord | FeedGap] = await self._run(self.store.read_all, from_position)
+        while chunk := await self._run(_take, items, READ_CHUNK):
+            yield chunk
+
+    async def last_position(self) -> int:
+        position: int = await self._run(self.store.last_position)
+        return position
+
+    def stop_writing(self) -> None:
+        self._stopping = True
+
+    async def close(self) -> None:
+        """Let the storage threads go (after the server stopped): queued work is
+        dropped, a call still running ends on its own."""
+        self._listener = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _take(items: Iterator[T], count: int) -> list[T]:
+    return list(itertools.islice(items, count))

@@ -1,0 +1,275 @@
+"""Assembling and running the agentlog gRPC server: the service, health,
+reflection and live subscriptions over one backend, bound to its addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agentlog.server._live import LiveSubscriptions
+from agentlog.server.backend import Backend
+from agentlog.server.blocking import BlockingStore
+from agentlog.server.service import SessionRepositoryService, add_to_server
+from agentlog.v1 import session_pb2
+
+log = logging.getLogger("agentlog.server")
+
+SERVICE_NAME: str = session_pb2.DESCRIPTOR.services_by_name["SessionRepository"].full_name
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_GRACE_SECONDS = 10.0
+# A blocking store's calls (file I/O, fsync) run on these threads so the
+# event loop keeps serving other calls meanwhile.
+DEFAULT_STORAGE_THREADS = 16
+# New calls grpc may hold for the server to take up, before it cancels them.
+MAX_PENDING_CALLS = 20_000
+
+
+class Server(NamedTuple):
+    """A built server: the grpc.aio server, its bound port, health service, backend,
+    live subscriptions and service."""
+
+    server: grpc.aio.Server
+    port: int
+    health: Any
+    backend: Backend
+    live: LiveSubscriptions
+    service: SessionRepositoryService
+
+    async def start(self) -> None:
+        """Start serving and report SERVING to health checks."""
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None) -> None:
+        """Report NOT_SERVING, refuse new calls, let calls in flight finish within `grace`.
+
+        Subscriptions keep delivering while other calls are in flight (appends
+        whose records they would deliver), then end with UNAVAILABLE, at the
+        latest just before the grace period runs out, rather than with the
+        CANCELLED that grpc gives calls it cuts off.
+        """
+        await self.health.enter_graceful_shutdown()
+        margin = min(0.5, (grace or 0) / 2)
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.service.in_flight.quiet(), max((grace or 0) - margin, 0))
+        try:
+            self.live.close()
+            await stopping
+        finally:
+            self.live.close()
+            self.backend.stop_writing()
+            await self.backend.close()
+
+    async def stop_now(self) -> None:
+        """Cut every call in flight off now (a second signal). Appends already
+        acknowledged are durable; those cut off were never acknowledged."""
+        self.live.close()
+        await self.server.stop(0)
+
+
+def create_server(
+    address: str,
+    repository: BlockingStore | Backend,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    storage_threads: int = DEFAULT_STORAGE_THREADS,
+) -> Server:
+    """Build (not start: see `Server.start`) a server for `repository`: a Backend, or a
+    blocking store (memory, JSONL), whose calls then run on `storage_threads` threads.
+
+    `address` is "host:port"; port 0 picks a free port, returned in `Server.port`.
+
+    Registers the SessionRepository service, grpc.health.v1 (SERVING once
+    started, since the repository is already open) and server reflection. Requests larger than
+    `max_message_bytes` are refused with RESOURCE_EXHAUSTED.
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+            # grpc shares a busy port by default (SO_REUSEPORT): refuse instead.
+            ("grpc.so_reuseport", 0),
+            # Keep idle connections (and, later, long streams) alive through
+            # proxies: accept client pings every 10 s even without calls.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            # grpc cancels calls beyond 1,000 that arrive faster than the asyncio
+            # server takes them up (a burst of reconnecting subscribers, say).
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+        ]
+    )
+    if isinstance(repository, Backend):
+        backend = repository
+    else:
+        executor = ThreadPoolExecutor(storage_threads, thread_name_prefix="agentlog-storage")
+        backend = repository.backend(executor)
+    live = LiveSubscriptions(backend)
+    service = SessionRepositoryService(backend, live)
+    add_to_server(service, server)
+
+    health_service = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack aio
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    reflection.enable_server_reflection(
+        [
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    port = bind(server, address)
+    return Server(server, port, health_service, backend, live, service)
+
+
+def bind(server: grpc.aio.Server, address: str) -> int:
+    """Listen on `address` ("host:port"); the port bound. OSError unless every address
+    the host names is bound: grpc binds what it can of a name (both 127.0.0.1 and ::1
+    for localhost) and only warns about the rest, so each is bound here on its own."""
+    host, colon, port_text = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not port_text.isdigit() or int(port_text) > 65535:
+        raise OSError(f"cannot listen on {address!r}: give HOST:PORT, e.g. 127.0.0.1:50051")
+    targets = [address]
+    if host and not _is_ip_literal(host):
+        try:
+            found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise OSError(
+                f"cannot listen on {address}: {host!r} does not resolve ({exc.strerror})"
+            ) from None
+        ips = list(dict.fromkeys(str(info[4][0]) for info in found))
+        if host == "localhost":  # grpc, like most servers, takes it as both loopbacks
+            ips += [ip for ip in ("127.0.0.1", "::1") if ip not in ips and _can_bind(ip)]
+        targets = [f"[{ip}]" if ":" in ip else ip for ip in ips]
+    port = int(port_text)
+    for index, target in enumerate(targets):
+        where = target if index == 0 and target == address else f"{target}:{port}"
+        try:
+            bound = server.add_insecure_port(where)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {where}: {exc}") from None
+        if bound == 0:
+            raise OSError(f"cannot listen on {where}: the address is in use or invalid")
+        port = bound  # port 0: every other address takes the port the first got
+    return port
+
+
+def _can_bind(ip: str) -> bool:
+    """Whether this host has the address `ip` (IPv6 may be switched off)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def serve(
+    address: str,
+    data_dir: Path,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    grace: float = DEFAULT_GRACE_SECONDS,
+    sync: str = "always",
+    sync_interval_ms: int = 100,
+    metrics_address: str | None = None,
+    version: str = "",
+) -> None:
+    """Run the JSONL-backed server until SIGTERM or SIGINT, then stop gracefully."""
+    from agentlog.server.jsonl import JsonlSessionRepository
+    from agentlog.server.jsonl.files import raise_open_files_limit
+
+    raise_open_files_limit()
+    repository = JsonlSessionRepository(data_dir, sync=sync, sync_interval_ms=sync_interval_ms)
+    try:
+        built = create_server(address, repository, max_message_bytes=max_message_bytes)
+    except BaseException:
+        repository.close()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals: list[str] = []
+
+    def on_signal(signum: signal.Signals) -> None:
+        signals.append(signum.name)
+        if len(signals) == 1:
+            in_flight = built.service.in_flight
+            log.info(
+                "%s received: stopping. New calls are refused; %d call(s) in flight get up to "
+                "%.1f s to finish, and %d subscription(s) end once they have. Send %s again "
+                "to stop at once (nothing acknowledged is lost).",
+                signum.name,
+                in_flight.calls,
+                grace,
+                in_flight.subscriptions,
+                signum.name,
+            )
+            stop.set()
+        elif len(signals) == 2:
+            log.warning("%s received again: stopping now, cutting off calls in flight", signum.name)
+            hurry.append(asyncio.ensure_future(built.stop_now()))
+
+    hurry: list[asyncio.Future[None]] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await built.start()
+    started = time.monotonic()
+    if metrics_address is not None:
+        from agentlog.server.metrics import serve_metrics
+
+        try:
+            metrics_port = serve_metrics(metrics_address)
+        except (OSError, ValueError) as exc:
+            await built.stop(0)
+            repository.close()
+            raise OSError(f"cannot serve metrics on {metrics_address}: {exc}") from None
+    host = address.rsplit(":", 1)[0]
+    log.info(
+        "agentlog %s serving on %s:%d, data dir %s, sync %s",
+        version,
+        host,
+        built.port,
+        repository.root,
+        repository.sync_policy,
+    )
+    if metrics_address is not None:
+        log.info("metrics at http://%s:%d/metrics", metrics_address.rsplit(":", 1)[0], metrics_port)
+    try:
+        await stop.wait()
+    finally:
+        await built.stop(grace)
+        for task in hurry:
+            await task
+        log.info("calls ended; syncing and closing the data directory")
+        repository.close()
+        log.info(
+            "agentlog stopped after %.1f s of service (grace for calls in flight: %.1f s)",
+            time.monotonic() - started,
+            grace,
+        )

@@ -1,0 +1,131 @@
+"""The backend interface: what the gRPC service needs from a store.
+
+The service (`service.py`) and the live subscriptions (`_live.py`) talk to a
+store only through `Backend`. Every backend implements it: the in-process
+stores (`MemorySessionRepository`, `JsonlSessionRepository`) through
+`ThreadedBackend`, which runs their blocking calls on a thread pool, and a
+backend on a shared database directly, with its driver's own asyncio API.
+
+Every method is called on the server's event loop. What a backend must keep:
+
+- Appends decide retries, id conflicts and expectations as `_rules.check_append`
+  says, atomically per append (a batch is stored whole or not at all), and give
+  every stored record the session's next sequence and the feed's next position,
+  in commit order: a record is readable (by `read_session`, `read_feed`, `head`)
+  as soon as `append` returns it, and never before it is durable as the backend
+  promises.
+- Reads are snapshots of acknowledged records; errors are `AgentlogError`s
+  (`agentlog.errors`), which the service turns into gRPC statuses in one place.
+  A backend translates its driver's or the file system's errors where they
+  arise, once.
+
+How subscribers learn of new records: a backend calls the listener given to
+`watch` with a `Growth` whenever a session and the feed grew, naming the new
+last sequence and feed positions. It carries the new records only when they are
+at hand in this process (a hint that saves a read); otherwise subscribers read
+them from the backend by sequence or position. Since subscribers always read
+up to what a `Growth` names and no further, word that arrives late, twice or out
+of order costs a read, never a record: a backend shared by several processes
+may send `Growth` from a notification channel (e.g. PostgreSQL LISTEN/NOTIFY)
+and, to bound the delay when one is lost, from a periodic look at the feed's
+last position.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agentlog._events import ReadDirection
+from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionPage
+from agentlog.server._rules import Appended, PendingAppend
+
+
+@dataclass(frozen=True, slots=True)
+class Growth:
+    """Word that session `session_id` now ends at `last_sequence` and the feed at
+    `last_position` (an append placed the session's records from `first_position`)."""
+
+    session_id: str
+    last_sequence: int
+    first_position: int
+    last_position: int
+    records: Sequence[EventRecord] | None = None
+    """The new records (sequences last_sequence - len + 1 .. last_sequence, positions
+    first_position ..), when the backend has them at hand; None: read them."""
+
+
+GrowthListener = Callable[[Growth], None]
+
+
+class Backend(ABC):
+    """A store as the server uses it. Methods are called on the server's event loop."""
+
+    @abstractmethod
+    def watch(
+        self, listener: GrowthListener, following: Callable[[str], bool] | None = None
+    ) -> None:
+        """Have `listener` called on the event loop (with no lock held) with a `Growth`
+        whenever records are appended; one listener at a time (the server's). Called
+        on the loop. `following(session_id)`, if given, says whether anyone follows
+        that session or the feed; a backend may skip growth nobody follows."""
+
+    @abstractmethod
+    async def append(self, append: PendingAppend) -> Appended:
+        """Store a checked append (see `_rules.prepare_request`) once durable; what was
+        appended, or for a retry of a stored append the records as stored. Raises an
+        AgentlogError: AlreadyExistsError, WrongExpectedSequence, DataLossError, ..."""
+
+    @abstractmethod
+    def read_session_chunks(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> AsyncIterator[list[Any]]:
+        """A ranged read as LoadSession sends it: runs of at most MESSAGE_RECORDS records
+        and (unless one is larger) MESSAGE_BYTES, each a list of `pb.EventRecord`
+        messages or of dicts of their fields. The range is checked here."""
+
+    @abstractmethod
+    async def read_records(
+        self, session_id: str, from_sequence: int, limit: int
+    ) -> list[EventRecord]:
+        """Up to `limit` records of a session from `from_sequence` on (a subscriber
+        catching up reads in bounded steps)."""
+
+    @abstractmethod
+    async def head(self, session_id: str) -> EventRecord | None:
+        """A session's latest record; None if it has none."""
+
+    @abstractmethod
+    async def load_children(self, parent_id: str) -> list[EventRecord]:
+        """Every record, of any session, whose parent_id is `parent_id`."""
+
+    @abstractmethod
+    async def list_sessions(
+        self, *, page_size: int | None = None, page_token: str | None = None
+    ) -> SessionPage:
+        """One page of sessions in byte order of their ids; tokens are opaque and signed."""
+
+    @abstractmethod
+    def read_feed(self, from_position: int) -> AsyncIterator[list[FeedRecord | FeedGap]]:
+        """The all-sessions feed from `from_position` to its current end, in runs; a
+        FeedGap stands for positions whose records cannot be read."""
+
+    @abstractmethod
+    async def last_position(self) -> int:
+        """The feed's last position (0: nothing appended yet)."""
+
+    @abstractmethod
+    def stop_writing(self) -> None:
+        """Refuse appends from now on (UNAVAILABLE); those in flight still finish."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release what the backend holds for the server (threads, connections). The
+        store under it, if it was handed in open, is closed by its owner."""

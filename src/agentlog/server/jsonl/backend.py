@@ -1,0 +1,135 @@
+"""`JsonlBackend`: the JSONL store as a `Backend`, with group commit on the event loop.
+
+Appends are staged from the event loop itself when that needs no slow work
+(`JsonlSessionRepository.submit(block=False)`): their lines are written at
+once and their sync is *held* for a moment, so that appends arriving together
+share one sync (see `_release`). The sync thread makes them durable and hands
+the acknowledgement back to the loop, where the answers go out. Appends that
+need slow work first (reading a session's file) are submitted from a storage
+thread instead. Reads are those of every `ThreadedBackend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from agentlog.server._rules import Appended, PendingAppend
+from agentlog.server._threaded import ThreadedBackend
+from agentlog.server.jsonl.store import Answer, JsonlSessionRepository
+
+# How long appends may wait for others before their sync starts (see _release).
+MAX_HOLD_SECONDS = 0.005
+
+
+class _Answers:
+    """Settles appends' futures on the event loop from the thread that acknowledged
+    them, with one wake-up of the loop for all that a sync round finished."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[tuple[asyncio.Future[Answer], Answer]] = []
+        self._scheduled = False
+
+    def add(self, future: asyncio.Future[Answer], answer: Answer) -> None:
+        with self._lock:
+            self._ready.append((future, answer))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self._settle)
+
+    def _settle(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+            self._scheduled = False
+        for future, answer in ready:
+            if not future.cancelled():  # else the call went away; its append stands
+                future.set_result(answer)
+
+
+class JsonlBackend(ThreadedBackend):
+    """A JsonlSessionRepository behind the Backend interface."""
+
+    def __init__(self, store: JsonlSessionRepository, executor: ThreadPoolExecutor) -> None:
+        super().__init__(store, executor)
+        self._jsonl = store
+        self._release_scheduled = False
+        self._held_since = 0.0
+        self._held = 0  # appends held since the last release
+        self._held_seen = 0  # of those, how many the last look at them saw
+        self._last_group = 0  # appends the last release let go
+        self._answers: _Answers | None = None
+
+    async def append(self, append: PendingAppend) -> Appended:
+        self._check_writing()
+        loop = asyncio.get_running_loop()
+        if self._answers is None:
+            self._answers = _Answers(loop)
+            # Acknowledge durable appends here, on the loop, where they are answered.
+            acknowledge = self._jsonl.acknowledge_durable
+            self._jsonl.on_durable(lambda: _answers_soon(loop, acknowledge))
+        answers, on_loop = self._answers, threading.get_ident()
+        future: asyncio.Future[Answer] = loop.create_future()
+
+        def done(results: list[Answer]) -> None:
+            if threading.get_ident() == on_loop:
+                future.set_result(results[0])  # acknowledged at once
+            else:
+                answers.add(future, results[0])
+
+        if self._jsonl.submit([append], done, block=False, hold=True):
+            self._held += 1
+            if not self._release_scheduled:
+                self._release_scheduled = True
+                self._held_since = loop.time()
+                self._held_seen = 0
+                loop.call_soon(self._release, loop)
+        else:
+            submit = functools.partial(self._jsonl.submit, [append], done)
+            await loop.run_in_executor(self._executor, submit)
+        answer = await future
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Let the appends held since `_held_since` be synced (group commit).
+
+        At once, unless appends have been arriving together (the last group had
+        more than one) and more arrived since the last look: then look again a
+        little later, until a look finds none new or MAX_HOLD_SECONDS have passed
+        since the first. A server under concurrent appends syncs many at once; one
+        with a single writer, or idle, syncs each at once. (Only public asyncio:
+        the count of appends that arrived is what says the loop is busy with them.)
+        """
+        waited = loop.time() - self._held_since
+        arrived = self._held - self._held_seen
+        self._held_seen = self._held
+        if self._last_group > 1 and arrived > 0 and waited < MAX_HOLD_SECONDS:
+            later = min(MAX_HOLD_SECONDS / 4, MAX_HOLD_SECONDS - waited)
+            loop.call_later(later, self._release, loop)
+            return
+        self._release_scheduled = False
+        self._last_group, self._held = self._held, 0
+        self._jsonl.release()
+
+    def stop_writing(self) -> None:
+        super().stop_writing()
+        self._jsonl.on_durable(None)  # the loop is going: the store answers itself
+
+
+def _answers_soon(loop: asyncio.AbstractEventLoop, acknowledge: Callable[[], None]) -> bool:
+    if not loop.is_running():
+        return False  # stopped: it would never run (the store acknowledges instead)
+    try:
+        loop.call_soon_threadsafe(acknowledge)
+    except RuntimeError:  # the loop is closed
+        return False
+    return True
