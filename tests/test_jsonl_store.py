@@ -466,7 +466,7 @@ def test_a_group_commit_decides_each_append_as_if_alone_and_in_order(
 def test_a_failed_sync_stops_appends_until_a_restart_and_loses_nothing(
     data: Path, monkeypatch: pytest.MonkeyPatch, use_syncfs: bool
 ) -> None:
-    if use_syncfs and _durability._SYNCFS is None:
+    if use_syncfs and not _durability.syncfs_available():
         pytest.fail("syncfs(2) with error reporting (Linux 5.8+) is expected on this machine")
     repo = JsonlSessionRepository(data, use_syncfs=use_syncfs)
     assert repo._syncer.method == ("syncfs" if use_syncfs else "fsync")

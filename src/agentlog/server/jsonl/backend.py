@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from agentlog.server._rules import Appended, PendingAppend
 from agentlog.server._threaded import ThreadedBackend
-from agentlog.server.jsonl.store import Answer, JsonlSessionRepository
+from agentlog.server.jsonl._commit import Answer
+from agentlog.server.jsonl.store import JsonlSessionRepository
 
 # How long appends may wait for others before their sync starts (see _release).
 MAX_HOLD_SECONDS = 0.005

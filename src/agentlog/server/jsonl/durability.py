@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import functools
 import logging
 import os
 import platform
@@ -52,7 +54,10 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
 def _libc_syncfs() -> ctypes._NamedFuncPointer | None:
+    """libc's syncfs, where the kernel reports write-back errors through it; looked
+    up on first use, not at import."""
     if sys.platform != "linux":
         return None
     try:
@@ -65,13 +70,17 @@ def _libc_syncfs() -> ctypes._NamedFuncPointer | None:
     return function if release >= (5, 8) else None
 
 
-_SYNCFS = _libc_syncfs()
+def syncfs_available() -> bool:
+    """Whether syncs can be one syncfs(2) here (Linux 5.8 or later)."""
+    return _libc_syncfs() is not None
 
 
 def _syncfs(fd: int) -> None:
-    """syncfs(2) (ctypes releases the GIL around the call)."""
-    assert _SYNCFS is not None
-    if _SYNCFS(fd) != 0:
+    """syncfs(2); the calling thread alone waits for it (ctypes lets others run)."""
+    function = _libc_syncfs()
+    if function is None:
+        raise OSError(errno.ENOSYS, "syncfs(2) is not available here")
+    if function(fd) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 
@@ -82,7 +91,7 @@ class Syncer:
     def __init__(self, root: Path, *, use_syncfs: bool | None = None) -> None:
         self.root = root
         if use_syncfs is None:
-            use_syncfs = _SYNCFS is not None
+            use_syncfs = syncfs_available()
         self.method = "syncfs" if use_syncfs else "fsync"
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._device = os.fstat(self._root_fd).st_dev

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,11 +35,13 @@ Entry = tuple[int, str, int, int, int]
 
 
 class Feed:
-    """The commit log. Not thread-safe: the store calls it under its lock, except
-    `entries_from`, which may run beside the writer (it copies under the GIL)."""
+    """The commit log. The store calls it under its lock, except `entries_from`,
+    which runs beside the writer: the columns it reads are appended to and read
+    under `_columns`, a lock of their own (the innermost: nothing is taken under it)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._columns = threading.Lock()
         self.positions = array("Q")
         self.sequences = array("Q")
         self.counts = array("Q")
@@ -117,11 +120,12 @@ class Feed:
         """Serve a written entry: its append is acknowledged."""
         position, session_id, sequence, count, offset = entry
         session_id = sys.intern(session_id)
-        self.positions.append(position)
-        self.sessions.append(session_id)
-        self.sequences.append(sequence)
-        self.counts.append(count)
-        self.offsets.append(offset)
+        with self._columns:
+            self.positions.append(position)
+            self.sessions.append(session_id)
+            self.sequences.append(sequence)
+            self.counts.append(count)
+            self.offsets.append(offset)
         self.last_position = position + count - 1
 
     def abandon(self) -> None:
@@ -164,9 +168,10 @@ class Feed:
         first_dropped, last_dropped = self.positions[keep], self.last_position
         with self.path.open("rb") as file:
             offset = sum(len(file.readline()) for _ in range(keep))
-        for column in (self.positions, self.sequences, self.counts, self.offsets):
-            del column[keep:]
-        del self.sessions[keep:]
+        with self._columns:
+            for column in (self.positions, self.sequences, self.counts, self.offsets):
+                del column[keep:]
+            del self.sessions[keep:]
         self.last_position = first_dropped - 1
         self.acknowledged_size = offset
         self.abandon()
@@ -180,19 +185,21 @@ class Feed:
 
     def entries_from(self, position: int) -> Iterator[Entry]:
         """The acknowledged entries holding `position` and after."""
-        index = max(bisect.bisect_right(self.positions, position) - 1, 0)
-        end = len(self.positions)
+        with self._columns:
+            index = max(bisect.bisect_right(self.positions, position) - 1, 0)
+            end = len(self.positions)
         while index < end:
-            batch = [
-                (
-                    self.positions[i],
-                    self.sessions[i],
-                    self.sequences[i],
-                    self.counts[i],
-                    self.offsets[i],
-                )
-                for i in range(index, min(index + _READ_CHUNK, end))
-            ]
+            with self._columns:  # a run at a time: the writer waits for one copy at most
+                batch = [
+                    (
+                        self.positions[i],
+                        self.sessions[i],
+                        self.sequences[i],
+                        self.counts[i],
+                        self.offsets[i],
+                    )
+                    for i in range(index, min(index + _READ_CHUNK, end))
+                ]
             for entry in batch:
                 if entry[0] + entry[3] > position:
                     yield entry

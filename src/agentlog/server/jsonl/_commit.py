@@ -1,0 +1,614 @@
+"""The JSONL store's commit path: staging, acknowledging, group commit."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from agentlog._codec import (
+    DecodeError,
+    event_to_json,
+    record_from_line,
+    record_line,
+)
+from agentlog._records import (
+    EventRecord,
+    format_timestamp,
+)
+from agentlog.errors import (
+    AgentlogError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from agentlog.server import _rules
+from agentlog.server._rules import (
+    Appended,
+    PendingAppend,
+    Prepared,
+)
+from agentlog.server.blocking import Outcome
+from agentlog.server.jsonl._reader import Reader
+from agentlog.server.jsonl._state import (
+    MISSING,
+    STALE,
+    Identity,
+    SessionState,
+    concurrent_writer,
+    file_identity,
+)
+from agentlog.server.jsonl.durability import SyncPolicy
+from agentlog.server.jsonl.feed import Entry
+from agentlog.server.jsonl.files import (
+    read_line,
+    storage_error,
+)
+from agentlog.server.jsonl.index import MARK_EVERY, Located, Row
+from agentlog.server.jsonl.keys import key_of
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("agentlog.server")
+
+Answer: TypeAlias = Appended | Exception
+"""What a submitted append is answered (see `JsonlSessionRepository.submit`)."""
+
+MAX_UNACKED_IDS = 1 << 16
+_BLANKED = bytes(10 if byte == 10 else 32 for byte in range(256))
+
+
+@dataclass(slots=True)
+class Written:
+    """A staged append's lines (or, with no state, a feed entry alone)."""
+
+    index: int  # its place in the staging's appends
+    session_id: str
+    state: SessionState | None
+    appended: Appended | None
+    entry: Entry  # its feed entry
+    rows: list[Row]
+    start: int  # where its lines start
+    end: int  # and end
+    last_offset: int
+    previous_last_offset: int
+    inode: int
+    new_file: bool
+    live: bool = True  # staged, neither acknowledged nor taken back
+
+
+@dataclass(slots=True)
+class Staging:
+    """Appends staged together, acknowledged together."""
+
+    ticket: int
+    outcomes: list[Outcome | None]
+    done: Callable[[list[Answer]], None]
+    written: list[Written] = field(default_factory=list)
+    keys: dict[str, int] = field(default_factory=dict)  # the index keys of its ids
+
+
+class CommitPath(Reader):
+    """Appends: staged under the lock in arrival order (decided, written with one
+    O_APPEND write, given feed positions), then acknowledged in order once
+    durable as the policy promises, which makes them visible and publishes them."""
+
+    sync_policy: SyncPolicy
+    # Ids of staged appends, to find a retry of one still in flight (an entry
+    # whose append is no longer live is stale; cleared when nothing is staged).
+    _unacked_ids: dict[str, Written]
+    # Staged and not yet acknowledged, in order. Under `always`, those up to
+    # ticket `_released` may be synced, those up to `_durable` are.
+    _queue: deque[Staging]
+    _on_durable: Callable[[], bool] | None
+    _dirty: set[Path]  # written since the last sync
+    _tickets: int
+    _released: int
+    _durable: int
+    _feed_durable_size: int
+
+    def commit_answers(self, appends: Sequence[PendingAppend]) -> list[Answer]:
+        done = threading.Event()
+        box: list[list[Answer]] = []
+
+        def finished(answers: list[Answer]) -> None:
+            box.append(answers)
+            done.set()
+
+        self.submit(appends, finished)
+        done.wait()
+        return box[0]
+
+    def submit(
+        self,
+        appends: Sequence[PendingAppend],
+        done: Callable[[list[Answer]], None],
+        *,
+        block: bool = True,
+        hold: bool = False,
+    ) -> bool:
+        """Store checked appends, each as if alone and in this order, and call
+        `done(answers)` once they are acknowledged: at once, or later from another
+        thread (the sync thread, or the one `on_durable` names).
+
+        With block=False, decline (False, nothing done) when storing would first
+        mean slow work, such as reading a session's file or catching the index up: a
+        caller on an event loop then submits from a thread instead. With hold=True,
+        the sync that makes these appends durable waits for `release()`: a caller
+        that has more appends at hand submits them all, then releases them, and they
+        share one sync (group commit)."""
+        sessions = {append.session_id for append in appends}
+        if self._index.behind:
+            if not block:
+                return False
+            self._catch_up_index()
+        while True:
+            with self._lock:
+                if self._closing:
+                    raise UnavailableError(
+                        "the store is closing; retry the append (here when it is back, or "
+                        "elsewhere)",
+                        reason="SHUTTING_DOWN",
+                    )
+                identities = {s: self._ready(s) for s in sessions}
+                missing = [s for s, identity in identities.items() if identity is None]
+                if not missing:
+                    staging = self._stage(appends, done, identities)  # type: ignore[arg-type]
+                    finished = self._settle(staging, hold=hold)
+                    break
+            if not block:
+                return False
+            for session_id in missing:
+                self._state(session_id)
+        finish(finished)
+        return True
+
+    def _catch_up_index(self) -> None:
+        """Bring the index up to date before an append (it fell behind on a full disk):
+        until it knows every id in the files, a retried id could be stored twice."""
+        try:
+            self._index.catch_up_all(self._session_files())
+        except sqlite3.OperationalError as exc:
+            raise ResourceExhaustedError(
+                f"no space to update the index in {self.root} ({exc}): appends are refused "
+                "until there is; free disk space, then retry (reads are served meanwhile)",
+                reason="DISK_FULL",
+            ) from None
+
+    def _ready(self, session_id: str) -> Identity | None:
+        """The file's identity if the session's state is at hand to append to; None if
+        it must be loaded first (hold the lock)."""
+        state = self._states.get(session_id)
+        path = state.path if state is not None else self._path(session_id)
+        identity = self._identity_for_writing(session_id, path)
+        if state is not None:
+            if state.unacked or state.identity == identity:
+                self._states.move_to_end(session_id)
+                return identity
+            del self._states[session_id]  # changed behind our back: rebuild it
+            self._close_file(session_id)
+            return None
+        if identity == MISSING and self._index.indexed(session_id) is None:
+            # A new session: nothing to read. (Not evicting here: that could drop a
+            # state readied for this same append; acknowledging evicts.)
+            self._states[session_id] = SessionState(path)
+            return identity
+        return None
+
+    def _identity_for_writing(self, session_id: str, path: Path) -> Identity:
+        """The file's identity, from its open descriptor if there is one (cheaper than
+        by path; a file replaced or removed since it was opened has no links left)."""
+        cached = self._files.get(session_id)
+        if cached is not None:
+            try:
+                stat = os.fstat(cached[0])
+            except OSError as exc:
+                raise storage_error(exc, path) from None
+            if stat.st_nlink > 0:
+                return (stat.st_ino, stat.st_size)
+            self._close_file(session_id)
+        return file_identity(path)
+
+    def _stage(
+        self,
+        appends: Sequence[PendingAppend],
+        done: Callable[[list[Answer]], None],
+        identities: dict[str, Identity],
+    ) -> Staging:
+        """Decide each append, in order, and write its lines (hold the lock)."""
+        self._tickets += 1
+        staging = Staging(self._tickets, [None] * len(appends), done)
+        ids = [item.id for append in appends for item in append.batch]
+        keys = [key_of(record_id) for record_id in ids]
+        holders = self._index.holders(ids, keys)
+        staging.keys = dict(zip(ids, keys, strict=True))
+        for index, append in enumerate(appends):
+            try:
+                outcome = self._stage_one(staging, index, append, holders, identities)
+            except Exception as exc:  # this append fails alone
+                outcome = exc
+            if outcome is not None:
+                staging.outcomes[index] = outcome
+        return staging
+
+    def _stage_one(
+        self,
+        staging: Staging,
+        index: int,
+        append: PendingAppend,
+        holders: dict[str, list[Located]],
+        identities: dict[str, Identity],
+    ) -> Outcome | None:
+        """Decide one append and write its lines; None once written (acknowledged later)."""
+        if self._halted is not None:
+            raise self._halted
+        session_id, batch = append.session_id, append.batch
+        state = self._states[session_id]
+        if state.damage is not None:
+            raise state.damage  # never append after damage: it would bury it
+        if state.sealed is not None:
+            raise state.sealed
+        if identities[session_id] != state.identity:
+            # Another writer appended while our own appends were in flight.
+            raise concurrent_writer(state.path)
+        mine, others = self._holdings(session_id, batch, holders)
+        if not mine and not others:  # new ids, the common case: only the expectation
+            if append.expected is not None and append.expected != state.written:
+                raise _rules.wrong_expected_sequence(session_id, append.expected, state.written)
+            self._write_lines(staging, index, session_id, state, batch)
+            identities[session_id] = state.identity
+            return None
+
+        def stored(record_id: str) -> tuple[int, bytes] | None:
+            record = mine.get(record_id)
+            if record is None:
+                return None
+            digest = _rules.content_digest(record.parent_id, event_to_json(record.event))
+            return record.sequence, digest
+
+        retried = _rules.check_append(
+            session_id,
+            batch,
+            append.expected,
+            state.written,
+            stored=stored,
+            elsewhere=lambda ids: {i: others[i] for i in ids if i in others},
+        )
+        if retried is not None:
+            # If the first attempt stopped between the session file and the feed
+            # (a crash), the feed learns of its records now.
+            self._stage_feed_catch_up(staging, session_id, state)
+            return Appended.stored(session_id, batch, [mine[item.id] for item in batch]), None
+        self._write_lines(staging, index, session_id, state, batch)
+        identities[session_id] = state.identity
+        return None
+
+    def _holdings(
+        self, session_id: str, batch: list[Prepared], holders: dict[str, list[Located]]
+    ) -> tuple[dict[str, EventRecord], dict[str, str]]:
+        """The records this session holds with the batch's ids, and the session that
+        holds each of the others, confirmed by reading them (rare: retries, reuse)."""
+        mine: dict[str, EventRecord] = {}
+        others: dict[str, str] = {}
+        if not holders and not self._unacked_ids:
+            return mine, others
+        for item in batch:
+            places = list(holders.get(item.id, ()))
+            staged = self._unacked_ids.get(item.id)
+            if staged is not None and staged.live:
+                sequence, offset = next((r[2], r[3]) for r in staged.rows if r[0] == item.id)
+                places.append(Located(staged.session_id, sequence, offset))
+            for place in places:
+                record = self._record_at(place)
+                if record is None or record.id != item.id:
+                    continue  # a key collision, or a row of a file since changed
+                if place.session_id == session_id:
+                    mine[item.id] = record
+                else:
+                    others.setdefault(item.id, place.session_id)
+        return mine, others
+
+    def _record_at(self, place: Located) -> EventRecord | None:
+        """The record an index row points at, if it is still there."""
+        path = self._path(place.session_id)
+        try:
+            with path.open("rb") as file:
+                line = read_line(file, place.offset, file.seek(0, os.SEEK_END))
+            return record_from_line(line, place.sequence)
+        except (FileNotFoundError, DecodeError):
+            return None
+        except OSError as exc:  # not "absent": a retry must not be taken for a new id
+            raise storage_error(exc, path) from None
+
+    def _write_lines(
+        self,
+        staging: Staging,
+        index: int,
+        session_id: str,
+        state: SessionState,
+        batch: list[Prepared],
+    ) -> None:
+        last = state.written
+        # Lines of a multi-event batch name the batch's last sequence, so a
+        # batch cut short by a crash is recognised and never served in part.
+        batch_end = last + len(batch) if len(batch) > 1 else None
+        # One timestamp for the whole batch: it is one commit.
+        timestamp_ns = time.time_ns()
+        timestamp = format_timestamp(timestamp_ns)
+        appended = Appended(session_id, batch, last + 1, timestamp_ns)
+        lines = []
+        for sequence, item in enumerate(batch, last + 1):
+            fields: dict[str, Any] = {
+                "id": item.id,
+                "session_id": session_id,
+                "parent_id": item.parent_id,
+                "timestamp": timestamp,
+                "event": item.event_json,
+                "sequence": sequence,
+            }
+            if batch_end is not None:
+                fields["batch_end"] = batch_end
+            line = record_line(fields)
+            if len(line) > _rules.MAX_RECORD_BYTES:
+                _rules.check_record_size(len(line), sequence - last - 1 if batch_end else None)
+            lines.append(line)
+        data = b"".join(lines)
+        new_file = state.identity == MISSING
+        fd = self._file(session_id, state)
+        start = state.written_end
+        try:
+            if os.fstat(fd).st_size != start:
+                raise concurrent_writer(state.path)  # appended to since it was checked
+            count = os.write(fd, data)
+            end = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: where this write ended
+            if count < len(data) and end - count == start:
+                raise OSError(errno.ENOSPC, "a short write")  # a full disk, say
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)  # never leave part of an append behind
+            raise storage_error(exc, state.path) from None
+        if end - count != start:
+            # Another process appended between the check and the write, so these
+            # lines landed after its lines and state the wrong sequences.
+            self._blank_misplaced(session_id, state, end - count, data[:count])
+            raise concurrent_writer(state.path)
+        rows: list[Row] = []
+        offset, keys = start, staging.keys
+        for sequence, (item, line) in enumerate(zip(batch, lines, strict=True), last + 1):
+            if sequence % MARK_EVERY == 1:
+                state.marks.append(offset)
+            rows.append((item.id, item.parent_id, sequence, offset, keys[item.id]))
+            offset += len(line)
+        previous_last = state.written_last_offset
+        inode = self._files[session_id][1]
+        state.identity = (inode, offset)
+        state.written += len(batch)
+        state.written_end = offset
+        state.written_last_offset = offset - len(lines[-1])
+        state.unacked += 1
+        entry = self._feed.reserve(session_id, last + 1, len(batch), start)
+        written = Written(
+            index,
+            session_id,
+            state,
+            appended,
+            entry,
+            rows,
+            start,
+            offset,
+            state.written_last_offset,
+            previous_last,
+            inode,
+            new_file,
+        )
+        staging.written.append(written)
+        self._unacked_ids.update(dict.fromkeys([item.id for item in batch], written))
+        self._dirty.add(state.path)
+        if new_file:
+            self._dirty.add(self.root)  # the new directory entry
+
+    def _blank_misplaced(
+        self, session_id: str, state: SessionState, offset: int, data: bytes
+    ) -> None:
+        """Turn lines this store just wrote at `offset`, after another writer's, into
+        blank lines (which every reader skips), in place: cutting them off could cut
+        that writer's next lines too. The append is then refused (hold the lock)."""
+        log.warning(
+            "%s: another process appended while agentlog did; its %d bytes at offset %d are "
+            "blanked and the append is refused",
+            state.path,
+            len(data),
+            offset,
+        )
+        self._close_file(session_id)
+        state.identity = STALE  # rebuilt from the file before the next append
+        try:
+            fd = os.open(state.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, data.translate(_BLANKED), offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("%s: could not blank the misplaced lines: %s", state.path, exc)
+            state.sealed = concurrent_writer(state.path)
+
+    def _stage_feed_catch_up(self, staging: Staging, session_id: str, state: SessionState) -> None:
+        """Give feed positions to records of a feed session that the feed lacks (hold
+        the lock): an append a crash cut short between its session lines and its feed
+        line, or lines another writer (arcan) added to a session agentlog writes.
+
+        A session is in the feed once the feed knows it or if agentlog started it
+        (sessions only arcan wrote are not).
+        """
+        covered = self._feed.covered(session_id)
+        known = covered > 0 or state.started_here
+        if known and covered < state.count and state.damage is None:
+            entry = self._feed.reserve(session_id, covered + 1, state.count - covered, -1)
+            staging.written.append(
+                Written(-1, session_id, None, None, entry, [], 0, 0, 0, 0, 0, False)
+            )
+
+    def _feed_catch_up(self, session_id: str, state: SessionState) -> None:
+        """Stage feed positions for records of the session the feed lacks, and wait."""
+        done = threading.Event()
+        with self._lock:
+            if self._halted is not None or self._closing:
+                return
+            self._tickets += 1
+            staging = Staging(self._tickets, [], lambda _: done.set())
+            self._stage_feed_catch_up(staging, session_id, state)
+            if not staging.written:
+                return
+            finished = self._settle(staging)
+        finish(finished)
+        done.wait()
+
+    def _fail(self, stagings: list[Staging], error: Exception) -> None:
+        """Take back the lines of unacknowledged stagings (the newest there are) and
+        fail their appends (hold the lock)."""
+        for staging in reversed(stagings):
+            for written in reversed(staging.written):
+                self._take_back(written)
+            staging.written.clear()
+            staging.outcomes = [error] * len(staging.outcomes)
+        self._feed.abandon()
+
+    def _take_back(self, written: Written) -> None:
+        """Cut a staged append's lines back off its file (the newest of its session)."""
+        state = written.state
+        if state is None:
+            return
+        written.live = False
+        state.written = written.entry[2] - 1
+        state.written_end = written.start
+        state.written_last_offset = written.previous_last_offset
+        del state.marks[(state.written + MARK_EVERY - 1) // MARK_EVERY :]
+        state.unacked -= 1
+        try:
+            os.truncate(state.path, written.start)
+        except OSError as exc:
+            log.error("%s: could not cut unacknowledged lines off: %s", state.path, exc)
+        state.identity = file_identity(state.path)
+        self._close_file(written.session_id)
+
+    def _settle(self, staging: Staging, *, hold: bool = False) -> list[Staging]:
+        """Queue a staging, to be acknowledged in order once its lines are durable as
+        the policy promises (hold the lock). Returns the stagings finished now (to
+        answer once the lock is released)."""
+        self._queue.append(staging)
+        if self.sync_policy is SyncPolicy.ALWAYS:
+            if not hold:
+                self._release()
+            return []
+        return [] if hold else self._write_and_acknowledge()
+
+    def release(self) -> None:
+        """Let appends submitted with hold=True be made durable and acknowledged."""
+        with self._lock:
+            if self.sync_policy is SyncPolicy.ALWAYS:
+                self._release()
+                return
+            finished = self._write_and_acknowledge()
+        finish(finished)
+
+    def _release(self) -> None:
+        if self._released < self._tickets:
+            self._released = self._tickets
+            self._cond.notify_all()
+
+    def _write_and_acknowledge(self) -> list[Staging]:
+        """Under `interval` and `never`: write the feed lines of what is queued, in one
+        write, and acknowledge it (hold the lock). Returns the stagings finished."""
+        finished = list(self._queue)
+        self._queue.clear()
+        entries = [w.entry for staging in finished for w in staging.written]
+        if entries:
+            try:
+                self._feed.write(entries)
+            except AgentlogError as exc:  # a full disk, say: these appends fail
+                self._fail(finished, exc)
+                return finished
+            self._dirty.add(self._feed.path)
+        for staging in finished:
+            self._acknowledge(staging)
+        self._feed.acknowledged_size = self._feed.size
+        return finished
+
+    def on_durable(self, acknowledge: Callable[[], bool] | None) -> None:
+        """Under `always`, have `acknowledge()` called (from the sync thread) when staged
+        appends are durable, instead of acknowledging them on that thread; if it
+        returns True, it sees to it that `acknowledge_durable()` runs. A server uses
+        this to acknowledge on its event loop, where the answers go."""
+        with self._lock:
+            self._on_durable = acknowledge
+
+    def acknowledge_durable(self) -> None:
+        """Acknowledge, in order, the queued appends the last syncs made durable."""
+        with self._lock:
+            finished = self._acknowledge_durable()
+        finish(finished)
+
+    def _acknowledge_durable(self) -> list[Staging]:
+        finished = []
+        while self._queue and self._queue[0].ticket <= self._durable:
+            staging = self._queue.popleft()
+            self._acknowledge(staging)
+            finished.append(staging)
+        if finished:
+            self._feed.acknowledged_size = self._feed_durable_size
+        return finished
+
+    def _acknowledge(self, staging: Staging) -> None:
+        """Make a staging's appends visible, in order, and tell listeners (hold the lock)."""
+        for written in staging.written:
+            self._feed.add(written.entry)
+            state = written.state
+            if state is None:
+                continue  # a feed entry alone
+            appended = written.appended
+            assert appended is not None
+            position, session_id = written.entry[:2]
+            state.count = appended.last_sequence
+            state.end = written.end
+            state.last_offset = written.last_offset
+            if appended.first_sequence == 1:
+                state.first_timestamp_ns = appended.timestamp_ns
+                state.started_here = True
+            state.last_timestamp_ns = appended.timestamp_ns
+            state.head_id = appended.batch[-1].id
+            state.unacked -= 1
+            self._index.record(
+                session_id, written.rows, written.inode, written.end, state.last_offset
+            )
+            written.live = False
+            staging.outcomes[written.index] = (appended, position)
+            self._publish(appended, position)
+            if written.new_file:
+                self._add_to_catalog(session_id)
+        if not self._queue:
+            self._unacked_ids.clear()  # nothing staged: every entry is stale
+        elif len(self._unacked_ids) > MAX_UNACKED_IDS:
+            self._unacked_ids = {i: w for i, w in self._unacked_ids.items() if w.live}
+        self._evict()
+
+
+def finish(stagings: list[Staging]) -> None:
+    """Answer finished stagings (without the store's lock: `done` may take others)."""
+    for staging in stagings:
+        staging.done(
+            [
+                outcome if isinstance(outcome, Exception) else outcome[0]
+                for outcome in staging.outcomes
+                if outcome is not None
+            ]
+        )

@@ -1,0 +1,466 @@
+"""Reading the JSONL store: sessions, heads, children, listings and the feed."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import os
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import orjson
+
+from agentlog._codec import (
+    DecodeError,
+    record_fields_from_line,
+    record_fields_from_lines,
+    record_from_line,
+)
+from agentlog._events import ReadDirection
+from agentlog._records import (
+    EventRecord,
+    FeedGap,
+    FeedRecord,
+    SessionInfo,
+    SessionPage,
+)
+from agentlog._validation import (
+    check_count,
+    check_page_size,
+    check_parent_query,
+    check_stored_session_id,
+)
+from agentlog.errors import (
+    DataLossError,
+)
+from agentlog.server import _rules, metrics
+from agentlog.server._rules import (
+    MESSAGE_BYTES,
+    MESSAGE_RECORDS,
+)
+from agentlog.server.jsonl._recovery import Recovery
+from agentlog.server.jsonl._state import (
+    SUFFIX,
+    View,
+    file_identity,
+    missing_records,
+)
+from agentlog.server.jsonl.files import (
+    corrupt_line,
+    last_line,
+    line_number,
+    read_line,
+    storage_error,
+)
+from agentlog.server.jsonl.index import MARK_EVERY
+
+log = logging.getLogger("agentlog.server")
+
+_BLOCK = 1 << 20
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoder(Generic[T]):
+    """Turns a run of lines into records or messages; `one` words a line's error."""
+
+    run: Callable[[list[bytes], int], list[T]]
+    one: Callable[[bytes, int], T]
+
+
+def _records_from_lines(lines: list[bytes], first: int) -> list[EventRecord]:
+    return [record_from_line(line, first + k) for k, line in enumerate(lines)]
+
+
+_RECORDS = _Decoder(_records_from_lines, record_from_line)
+_FIELDS = _Decoder(record_fields_from_lines, record_fields_from_line)
+
+
+class Reader(Recovery):
+    """Ranged reads, heads, children, listing and the feed, from the files: each read
+    takes a snapshot (`View`) of a session under the lock and reads without it."""
+
+    _reported_gaps: set[tuple[str, str]]  # (session, reason) logged
+
+    def read_session(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> Iterator[EventRecord]:
+        chunks = self._read(session_id, from_sequence, limit, direction, _RECORDS)
+        return itertools.chain.from_iterable(chunks)
+
+    def read_session_chunks(
+        self,
+        session_id: str,
+        *,
+        from_sequence: int = 0,
+        limit: int | None = None,
+        direction: ReadDirection = ReadDirection.FORWARDS,
+    ) -> Iterator[list[Any]]:
+        # Straight from each line's JSON to the message's fields: no Python
+        # records or messages between.
+        return self._read(session_id, from_sequence, limit, direction, _FIELDS)
+
+    def _read(
+        self,
+        session_id: str,
+        from_sequence: int,
+        limit: int | None,
+        direction: ReadDirection,
+        decoder: _Decoder[T],
+    ) -> Iterator[list[T]]:
+        check_stored_session_id(session_id)
+        selected = _rules.read_range(from_sequence, limit, direction)
+        view = self._view(session_id)
+        # A snapshot: appends made while the caller iterates are not part of this read.
+        return self._chunks(view, selected.sequences(view.count), decoder)
+
+    def _view(self, session_id: str) -> View:
+        """What reads may see of a session now; DataLossError if it is damaged."""
+        state = self._state(session_id)
+        if state.damage is not None:
+            raise state.damage
+        with self._lock:
+            return state.view()
+
+    def _chunks(self, view: View, sequences: range, decoder: _Decoder[T]) -> Iterator[list[T]]:
+        """The records of `sequences`, in their order, in runs of at most MESSAGE_RECORDS
+        records and (unless one record is larger) MESSAGE_BYTES of lines."""
+        if not sequences:
+            return
+        if sequences.step > 0:
+            yield from self._forward(view, sequences[0], sequences[-1], decoder)
+            return
+        high, low = sequences[0], sequences[-1]
+        while high >= low:
+            start = max(low, high - MESSAGE_RECORDS + 1)
+            for run in reversed(list(self._forward(view, start, high, decoder))):
+                yield run[::-1]
+            high = start - 1
+
+    def _forward(
+        self,
+        view: View,
+        low: int,
+        high: int,
+        decoder: _Decoder[T],
+        start: tuple[int, int] | None = None,
+    ) -> Iterator[list[T]]:
+        """Records `low` to `high` in order: one seek to the mark before `low` (or to
+        `start`, the known (offset, sequence) of a record at or before it), then
+        reading on, a block at a time."""
+        if low > high:
+            return
+        runs = _runs(self._lines(view, low, high, start))
+        for first, lines in runs:
+            try:
+                yield decoder.run(lines, first)
+            except DecodeError:
+                for number, line in enumerate(lines, first):
+                    try:
+                        decoder.one(line, number)
+                    except DecodeError as exc:
+                        offset = self._offset_of(view, number)
+                        line_no = line_number(view.path, offset)
+                        error = corrupt_line(view.path, line_no, str(exc), number, offset)
+                        self._seal(view.path, error, number, offset)
+                        raise error from None
+                raise
+
+    def _lines(
+        self, view: View, low: int, high: int, start: tuple[int, int] | None
+    ) -> Iterator[tuple[int, list[bytes]]]:
+        """(sequence of the first, lines) for records `low` to `high`, a block at a time."""
+        mark = (low - 1) // MARK_EVERY
+        offset, sequence = view.marks[mark] if view.marks else 0, mark * MARK_EVERY + 1
+        if start is not None and sequence <= start[1] <= low:
+            offset, sequence = start
+        # Read no further than the mark after `high`: a short read reads little.
+        following = (high - 1) // MARK_EVERY + 1
+        if following < len(view.marks) and following * MARK_EVERY + 1 <= view.count:
+            stop = view.marks[following]
+        else:
+            stop = view.end
+        try:
+            file = view.path.open("rb")
+        except OSError as exc:
+            raise storage_error(exc, view.path) from None
+        with file:
+            file.seek(offset)
+            left = stop - offset
+            carry = b""
+            while sequence <= high:
+                block = file.read(min(_BLOCK, left))
+                if not block:
+                    raise DataLossError(
+                        f"{view.path} ends before record {sequence}, which it held: it was "
+                        "cut or replaced behind agentlog's back; read it again",
+                        reason="CONCURRENT_WRITER",
+                        metadata={"file": str(view.path)},
+                    )
+                left -= len(block)
+                data = carry + block if carry else block
+                cut = data.rfind(b"\n") + 1
+                lines = data[:cut].split(b"\n")
+                lines.pop()
+                carry = data[cut:]
+                if data[:1] != b"{" or data.count(b"\n{", 0, cut) != len(lines) - 1:
+                    # Blank lines between records are no records.
+                    lines = [line for line in lines if line[:1] == b"{" or line.strip()]
+                if sequence < low:
+                    skip = min(low - sequence, len(lines))
+                    del lines[:skip]
+                    sequence += skip
+                del lines[high - sequence + 1 :]
+                if lines:
+                    yield sequence, lines
+                    sequence += len(lines)
+
+    def _offset_of(self, view: View, sequence: int) -> int:
+        """Where record `sequence` starts (on the error path only)."""
+        mark = (sequence - 1) // MARK_EVERY
+        offset, number = view.marks[mark], mark * MARK_EVERY + 1
+        with view.path.open("rb") as file:
+            file.seek(offset)
+            for line in file:
+                if line[:1] == b"{" or line.strip():
+                    if number == sequence:
+                        return offset
+                    number += 1
+                offset += len(line)
+        return offset
+
+    def head(self, session_id: str) -> EventRecord | None:
+        check_stored_session_id(session_id)
+        with self._lock:
+            cached = session_id in self._states
+        if not cached:
+            # Without the session's state at hand, read only the last line.
+            found = self._head_from_index(session_id)
+            if found is not None:
+                return found
+        view = self._view(session_id)
+        if view.count == 0:
+            return None
+        return self._at(view, view.count, self._last_offset(session_id, view))
+
+    def _last_offset(self, session_id: str, view: View) -> int:
+        with self._lock:
+            state = self._states.get(session_id)
+            if state is not None and state.count == view.count:
+                return state.last_offset
+        return self._offset_of(view, view.count)
+
+    def _at(self, view: View, sequence: int, offset: int) -> EventRecord:
+        """The record `sequence`, whose line starts at `offset`."""
+        try:
+            with view.path.open("rb") as file:
+                line = read_line(file, offset, view.end)
+        except OSError as exc:
+            raise storage_error(exc, view.path) from None
+        try:
+            return record_from_line(line, sequence)
+        except DecodeError as exc:
+            number = line_number(view.path, offset)
+            error = corrupt_line(view.path, number, str(exc), sequence, offset)
+            self._seal(view.path, error, sequence, offset)
+            raise error from None
+
+    def _seal(self, path: Path, error: DataLossError, sequence: int, offset: int) -> None:
+        """Refuse appends to a session a read found a damaged line in (record
+        `sequence`, at byte `offset`), from now on and after a restart."""
+        session_id = path.name[: -len(SUFFIX)]
+        with self._lock:
+            state = self._states.get(session_id)
+            if state is not None and state.path == path and state.sealed is None:
+                state.sealed = error
+        self._index.distrust(session_id, offset, sequence - 1)
+
+    def _head_from_index(self, session_id: str) -> EventRecord | None:
+        """The last record, read backwards from the end, when the index vouches for the file.
+
+        None (use the full path) unless the file is exactly as last indexed and its
+        last line is a whole record that does not end a batch cut short.
+        """
+        path = self._path(session_id)
+        indexed = self._index.indexed(session_id)
+        if indexed is None or indexed.records == 0:
+            return None
+        try:
+            with path.open("rb") as file:
+                if os.fstat(file.fileno()).st_ino != indexed.inode:
+                    return None
+                if file.seek(0, os.SEEK_END) != indexed.size:
+                    return None
+                line = last_line(file, indexed.size)
+        except OSError:
+            return None
+        if line is None:
+            return None
+        try:
+            obj = orjson.loads(line)
+            batch_end = obj.get("batch_end")
+            if isinstance(batch_end, int) and batch_end > indexed.records:
+                return None
+            return record_from_line(line, indexed.records)
+        except (orjson.JSONDecodeError, DecodeError, AttributeError):
+            return None
+
+    def read_all(
+        self, from_position: int, limit: int | None = None
+    ) -> Iterator[FeedRecord | FeedGap]:
+        check_count(from_position, "from_position")
+        if limit is not None:
+            check_count(limit, "limit", minimum=1)
+        return self._read_all(max(from_position, 1), limit)
+
+    def _read_all(self, position: int, limit: int | None) -> Iterator[FeedRecord | FeedGap]:
+        """The feed from `position`: each entry's records read from its session file.
+        A session that cannot be read is that session's loss alone: its positions
+        become a FeedGap and the feed goes on."""
+        remaining = limit
+        for entry_position, session_id, sequence, count, offset in self._feed.entries_from(
+            position
+        ):
+            if not session_id:
+                continue  # a gap
+            skip = max(position - entry_position, 0)
+            first, last = sequence + skip, sequence + count - 1
+            if remaining is not None:
+                last = min(last, first + remaining - 1)
+                remaining -= last - first + 1
+            shift = entry_position - sequence  # a record's position less its sequence
+            delivered = first - 1
+            try:
+                view = self._view(session_id)
+                if view.count < last:
+                    raise missing_records(view.path, view.count, last)
+                start = (offset, sequence) if offset >= 0 else None
+                for run in self._forward(view, first, last, _RECORDS, start):
+                    for record in run:
+                        yield FeedRecord(shift + record.sequence, record)
+                    delivered = run[-1].sequence
+            except DataLossError as exc:
+                yield self._gap(shift + delivered + 1, shift + last, session_id, exc)
+            if remaining is not None and remaining <= 0:
+                return
+
+    def _gap(self, first: int, last: int, session_id: str, error: DataLossError) -> FeedGap:
+        """What the feed says in place of records it could not read; logged once a
+        session and reason, counted every time."""
+        reason = error.reason or "DATA_LOSS"
+        metrics.FEED_UNDELIVERED.labels(reason=reason).inc(last - first + 1)
+        if (session_id, reason) not in self._reported_gaps:
+            self._reported_gaps.add((session_id, reason))
+            log.error(
+                "the all-sessions feed skips positions %d to %d (session %r): %s",
+                first,
+                last,
+                session_id,
+                error.message,
+            )
+        return FeedGap(first, last, session_id, reason, error.message)
+
+    def last_position(self) -> int:
+        with self._lock:
+            return self._feed.last_position
+
+    def load_children(self, parent_id: str) -> list[EventRecord]:
+        check_parent_query(parent_id)
+        children: list[EventRecord] = []
+        views: dict[str, View] = {}
+        for place in self._index.children(parent_id):
+            view = views.get(place.session_id)
+            if view is None:
+                view = views[place.session_id] = self._children_view(place.session_id)
+            if place.sequence > view.count:
+                continue  # the index ran ahead of a file cut since: nothing to serve
+            record = self._at(view, place.sequence, place.offset)
+            if record.parent_id == parent_id:
+                children.append(record)
+        return children
+
+    def _children_view(self, session_id: str) -> View:
+        """A view for reading records at offsets the index gave: the session's state if
+        at hand, or just what the index holds if it vouches for the file."""
+        path = self._path(session_id)
+        with self._lock:
+            state = self._states.get(session_id)
+            if state is not None and (state.unacked or state.identity == file_identity(path)):
+                return state.view()
+        indexed = self._index.indexed(session_id)
+        if indexed is not None and (indexed.inode, indexed.size) == file_identity(path):
+            return View(path, array("Q"), indexed.records, indexed.size)
+        return self._view(session_id)
+
+    def list_sessions(
+        self, *, page_size: int | None = None, page_token: str | None = None
+    ) -> SessionPage:
+        size = check_page_size(page_size)
+        after = self.page_tokens.decode(page_token)
+        catalog = self._sessions_in_order()
+        start = 0 if after is None else bisect.bisect_right(catalog, after.encode(), key=str.encode)
+        infos: list[SessionInfo] = []
+        index = start
+        while index < len(catalog) and len(infos) < size:
+            session_id = catalog[index]
+            index += 1
+            state = self._state(session_id)
+            with self._lock:
+                if state.count == 0:
+                    continue  # an empty or vanished file is no session
+                infos.append(
+                    SessionInfo(
+                        session_id=session_id,
+                        event_count=state.count,
+                        first_timestamp_ns=state.first_timestamp_ns,
+                        last_timestamp_ns=state.last_timestamp_ns,
+                        head_id=state.head_id,
+                    )
+                )
+        more = index < len(catalog)
+        token = self.page_tokens.encode(catalog[index - 1]) if more and infos else None
+        return SessionPage(sessions=infos, next_page_token=token)
+
+    def session_ids(self) -> list[str]:
+        """Ids of the sessions that have a file, in byte order."""
+        return list(self._sessions_in_order())
+
+
+def _runs(blocks: Iterator[tuple[int, list[bytes]]]) -> Iterator[tuple[int, list[bytes]]]:
+    """Blocks of lines regrouped into runs of at most MESSAGE_RECORDS lines and
+    (unless one line is larger) MESSAGE_BYTES."""
+    pending: list[bytes] = []
+    first = 0
+    for sequence, lines in blocks:
+        if not pending:
+            first = sequence
+        pending.extend(lines)
+        while len(pending) >= MESSAGE_RECORDS:
+            run = pending[:MESSAGE_RECORDS]
+            del pending[:MESSAGE_RECORDS]
+            yield from _by_size(first, run)
+            first += len(run)
+    if pending:
+        yield from _by_size(first, pending)
+
+
+def _by_size(first: int, lines: list[bytes]) -> Iterator[tuple[int, list[bytes]]]:
+    if sum(map(len, lines)) <= MESSAGE_BYTES:
+        yield first, lines
+        return
+    start, size = 0, 0
+    for index, line in enumerate(lines):
+        if index > start and size + len(line) > MESSAGE_BYTES:
+            yield first + start, lines[start:index]
+            start, size = index, 0
+        size += len(line)
+    yield first + start, lines[start:]
