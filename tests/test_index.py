@@ -12,8 +12,8 @@ import pytest
 
 from agentlog import AlreadyExistsError, AppendEvent, NewEvent
 from agentlog.server import JsonlSessionRepository
-from agentlog.server.jsonl.index import Row, StoreIndex
-from agentlog.server.jsonl.keys import KeyFilter, key_of
+from agentlog.server.jsonl.index import StoreIndex
+from agentlog.server.jsonl.keys import KeyFilter, Row, key_of
 from tests.contract import delta, started
 
 

@@ -52,8 +52,8 @@ from agentlog.server.jsonl.files import (
     read_line,
     storage_error,
 )
-from agentlog.server.jsonl.index import MARK_EVERY, Located, Row
-from agentlog.server.jsonl.keys import key_of
+from agentlog.server.jsonl.index import MARK_EVERY, Located
+from agentlog.server.jsonl.keys import Row, key_of
 
 if TYPE_CHECKING:
     pass

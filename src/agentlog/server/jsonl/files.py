@@ -1,6 +1,6 @@
 """What the JSONL store knows of files as bytes: taking the data directory, cutting
-torn tails at open, scanning a file for its records, reading one line, and the
-errors a file can cause."""
+torn tails at open, scanning a file for its records or for the index's rows,
+reading one line, and the errors a file can cause."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import re
 import resource
 import secrets
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,6 +27,7 @@ from agentlog.errors import (
     FailedPreconditionError,
     ResourceExhaustedError,
 )
+from agentlog.server.jsonl.keys import Row, key_of
 
 log = logging.getLogger("agentlog.server")
 
@@ -372,3 +374,59 @@ def torn_tail(path: Path) -> tuple[int | None, str]:
             if obj.get("sequence", 0) <= first:
                 break
         return max(position, 0), f"a batch cut short (sequences up to {batch_end} expected)"
+
+
+def index_lines(
+    path: Path, start: tuple[int, int, int], insert: Callable[[list[Row]], None]
+) -> tuple[int, int, int]:
+    """Index a session file's complete lines from `start` (byte offset, records before
+    it, offset of the last of those) on, handing the rows to `insert` a block at a
+    time. Returns where indexing stopped, in the same terms: at a line that is no
+    record in its place, or before a batch whose last line is missing (never
+    acknowledged: start-up recovery or an operator cuts it off)."""
+    position, count, last = start
+    done = (position, count, last)  # whole records and whole batches up to here
+    held: list[Row] = []  # the rows of a batch not seen whole yet
+    loads = orjson.loads
+    with path.open("rb") as file:
+        file.seek(position)
+        carry = b""
+        while block := file.read(_BLOCK):
+            data = carry + block
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            rows: list[Row] = []
+            append = rows.append
+            for line in data[:cut].split(b"\n")[:-1]:
+                if line[:1] == b"{" or line.strip():
+                    try:
+                        obj = loads(line)
+                        record_id, parent = obj["id"], obj.get("parent_id")
+                        if type(record_id) is not str:
+                            raise TypeError
+                        stated = obj.get("sequence", count + 1)
+                        if stated != count + 1 or type(stated) is not int:
+                            raise TypeError  # a line out of place: reads say so
+                        batch_end = obj.get("batch_end")
+                    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                        insert(rows)
+                        return done
+                    count += 1
+                    if parent is not None and type(parent) is not str:
+                        parent = None
+                    row = (record_id, parent, count, position, key_of(record_id))
+                    last = position
+                    position += len(line) + 1
+                    if type(batch_end) is int and batch_end > count:
+                        held.append(row)
+                        continue
+                    if held:
+                        rows.extend(held)
+                        held.clear()
+                    append(row)
+                else:
+                    position += len(line) + 1
+                if not held:
+                    done = (position, count, last)
+            insert(rows)
+    return done

@@ -16,24 +16,22 @@ record, so a collision costs a read, never a wrong answer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sqlite3
 import threading
-import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import orjson
-
-from agentlog.server.jsonl.keys import KeyFilter, key_of
+from agentlog.server.jsonl.files import index_lines
+from agentlog.server.jsonl.keys import FilteredIds, KeyFilter, Row, key_of
 
 log = logging.getLogger("agentlog.server")
 
 INDEX_FILE = ".agentlog.index"
-KEYS_FILE = ".agentlog.keys"  # the id filter, kept from a clean close to the next open
 # A session's every MARK_EVERY-th record (1, 1 + MARK_EVERY, ...) has its byte
 # offset indexed, so a read from any sequence seeks, then skips fewer records.
 MARK_EVERY = 64
@@ -78,8 +76,6 @@ _BLOCK = 4 << 20
 T = TypeVar("T")
 # Rows indexed from files per transaction, when many files are indexed at once.
 _ROWS_A_TRANSACTION = 1 << 18
-# A row of an append: (id, parent_id, sequence, byte offset of its line, key_of(id)).
-Row = tuple[str, str | None, int, int, int]
 
 
 @dataclass(slots=True)
@@ -102,7 +98,7 @@ class Located:
     offset: int
 
 
-class StoreIndex:
+class StoreIndex(FilteredIds):
     """Where records are, kept in step with the files.
 
     Rows of acknowledged appends wait in memory, where every query sees them,
@@ -499,57 +495,11 @@ class StoreIndex:
             self._uncommitted_keys.clear()
 
     def _index_file(self, path: Path, entry: IndexedFile) -> None:
-        """Index complete lines from `entry.size` on, updating `entry`; stops at a line
-        that is no record in its place, and before a batch whose last line is missing
-        (never acknowledged: start-up recovery or an operator cuts it off)."""
-        position, count, last = entry.size, entry.records, entry.last_offset
-        done = (position, count, last)  # whole records and whole batches up to here
-        held: list[Row] = []  # the rows of a batch not seen whole yet
-        loads = orjson.loads
-        try:
-            with path.open("rb") as file:
-                file.seek(position)
-                carry = b""
-                while block := file.read(_BLOCK):
-                    data = carry + block
-                    cut = data.rfind(b"\n") + 1
-                    carry = data[cut:]
-                    rows: list[Row] = []
-                    append = rows.append
-                    for line in data[:cut].split(b"\n")[:-1]:
-                        if line[:1] == b"{" or line.strip():
-                            try:
-                                obj = loads(line)
-                                record_id, parent = obj["id"], obj.get("parent_id")
-                                if type(record_id) is not str:
-                                    raise TypeError
-                                stated = obj.get("sequence", count + 1)
-                                if stated != count + 1 or type(stated) is not int:
-                                    raise TypeError  # a line out of place: reads say so
-                                batch_end = obj.get("batch_end")
-                            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-                                self._insert(entry.session, rows, new_keys=True)
-                                return
-                            count += 1
-                            if parent is not None and type(parent) is not str:
-                                parent = None
-                            row = (record_id, parent, count, position, key_of(record_id))
-                            last = position
-                            position += len(line) + 1
-                            if type(batch_end) is int and batch_end > count:
-                                held.append(row)
-                                continue
-                            if held:
-                                rows.extend(held)
-                                held.clear()
-                            append(row)
-                        else:
-                            position += len(line) + 1
-                        if not held:
-                            done = (position, count, last)
-                    self._insert(entry.session, rows, new_keys=True)
-        finally:
-            entry.size, entry.records, entry.last_offset = done
+        """Index `path`'s complete records from `entry.size` on (see `index_lines`),
+        updating `entry`."""
+        start = (entry.size, entry.records, entry.last_offset)
+        rows = functools.partial(self._insert, entry.session, new_keys=True)
+        entry.size, entry.records, entry.last_offset = index_lines(path, start, rows)
 
     def forget(self, session_id: str) -> None:
         """Drop what is indexed of a session whose file is gone."""
@@ -644,132 +594,6 @@ class StoreIndex:
 
         found.update(self._queried(query))
         return array("Q", (found[sequence] for sequence in sorted(found)))
-
-    # --- the key filter ---
-
-    def open_filter(self, expected_keys: int) -> None:
-        """Start the key filter, before the files are indexed at open (the store then
-        calls `filter_indexed`). It is the one a clean close saved, if the index is as
-        it was then; otherwise a new one for `expected_keys`, to which indexing adds."""
-        saved = self._load_filter()  # a saved filter is good for one open only
-        try:
-            with _transaction(self._db):
-                self._db.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('filter_generation', ?)",
-                    (self._filter_generation() + 1,),
-                )
-        except sqlite3.OperationalError as exc:  # a full disk: its file is gone anyway
-            log.warning("%s: could not count this open (%s)", self._path, exc)
-        with self._lock:
-            self._filter_started = True
-            if saved is not None:
-                self._filter = saved
-                self._filter.ready = True
-            else:
-                self._had_rows = bool(self._files)
-                self._filter = KeyFilter(max(expected_keys, 1) * 3 // 2)
-
-    def filter_indexed(self) -> None:
-        """The open's indexing is done: if the index held rows the filter does not
-        (rows from before this open, unless saved), fill it from the index in the
-        background; else it is complete."""
-        with self._lock:
-            if self._filter.ready:
-                return
-            if self._had_rows:
-                self._fill_in_background(self._filter)
-            else:
-                self._filter.ready = True
-
-    def _filter_generation(self) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE name = 'filter_generation'").fetchone()
-        return int(row[0]) if row else 0
-
-    def _load_filter(self) -> KeyFilter | None:
-        path = self._path.with_name(KEYS_FILE)
-        try:
-            data = path.read_bytes()
-            path.unlink()
-        except FileNotFoundError:
-            return None
-        header, _, bits = data.partition(b"\n")
-        try:
-            generation, capacity, count = (int(x) for x in header.split())
-        except ValueError:
-            return None
-        if generation != self._filter_generation():
-            return None  # the index changed since (a crash, or another version)
-        saved = KeyFilter(capacity)
-        if len(bits) != len(saved._bits):
-            return None
-        saved._bits[:] = bits
-        saved.count = count
-        return saved
-
-    def _save_filter(self) -> None:
-        """Keep the filter for the next open (at a clean close, everything flushed)."""
-        with self._lock:
-            kept = self._filter if self._filter.ready and self._next_filter is None else None
-        if kept is None:
-            return
-        generation = self._filter_generation()
-        path = self._path.with_name(KEYS_FILE)
-        try:
-            with path.open("wb") as file:
-                file.write(f"{generation} {kept.capacity} {kept.count}\n".encode())
-                file.write(kept._bits)
-        except OSError as exc:
-            log.warning("%s: could not keep the id filter for the next start: %s", path, exc)
-
-    def _add_keys(self, keys: list[int]) -> None:
-        """Put keys in the filter (hold the lock); grow it when it is full."""
-        if not self._filter_started:
-            return  # open_filter() comes before any key
-        self._filter.add_all(keys)
-        if self._next_filter is not None:
-            self._next_filter.add_all(keys)
-        elif self._filter.count > self._filter.capacity:
-            bigger = self._next_filter = KeyFilter(self._filter.count * 2)
-            # Rows not yet on disk are not in what the new filter is filled from.
-            bigger.add_all(keys)
-            for pending in (self._pending, self._flushing):
-                for rows in pending.values():
-                    bigger.add_all([row[4] for row in rows])
-            bigger.add_all(self._uncommitted_keys)  # a catch_up's, being written
-            self._fill_in_background(bigger)
-
-    def _fill_in_background(self, target: KeyFilter) -> None:
-        thread = threading.Thread(
-            target=self._fill, args=(target,), name="agentlog-index-filter", daemon=True
-        )
-        self._fillers = [t for t in self._fillers if t.is_alive()] + [thread]
-        thread.start()
-
-    def _fill(self, target: KeyFilter) -> None:
-        """Add every key the index holds on disk to `target`, then put it in use.
-
-        The keys go into a twin of its own first (the others add to `target` meanwhile,
-        holding the lock only for that), merged in at the end.
-        """
-        db = self._connect(self._path)
-        apart = target.twin()
-        try:
-            cursor = db.execute("SELECT key FROM ids")
-            while not self._stop.is_set() and (rows := cursor.fetchmany(1 << 11)):
-                apart.add_all(key for (key,) in rows)
-                time.sleep(0)  # about a millisecond at a time: calls being served go first
-        except sqlite3.Error:
-            log.exception("filling the index's key filter failed; lookups query the index")
-            return
-        finally:
-            db.close()
-        with self._lock:
-            if self._stop.is_set():
-                return
-            target.merge(apart)
-            target.ready = True
-            if target is self._next_filter:
-                self._filter, self._next_filter = target, None
 
     def _query(self, sql: str, keys: list[int]) -> list[tuple[int, int, int, int]]:
         def query() -> list[tuple[int, int, int, int]]:
