@@ -32,8 +32,9 @@ $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# Regenerate the committed stubs (protobuf, type stubs, gRPC) and the Python
-# event types from the proto. OUT lets proto-check generate elsewhere.
+# Regenerate the committed stubs (protobuf, type stubs, gRPC), the Python
+# event types and the codec's straight-line conversions from the proto.
+# OUT lets proto-check generate elsewhere.
 OUT ?= src/agentlog
 proto: $(INSTALLED)
 	rm -rf build/proto && mkdir -p build/proto $(OUT)/v1
@@ -43,13 +44,14 @@ proto: $(INSTALLED)
 		build/proto/agentlog/v1/session_pb2_grpc.py $(OUT)/v1/
 	touch $(OUT)/v1/__init__.py
 	$(BIN)/python tools/generate_types.py protos $(PROTO) $(OUT)/_events.py
-	$(BIN)/ruff format --quiet --no-respect-gitignore $(OUT)/_events.py
+	$(BIN)/python tools/generate_converters.py $(OUT)/_converters.py
+	$(BIN)/ruff format --quiet --no-respect-gitignore $(OUT)/_events.py $(OUT)/_converters.py
 
 # Fails when the committed generated code differs from what the proto gives.
 proto-check: $(INSTALLED)
 	rm -rf build/proto-check && mkdir -p build/proto-check
 	$(MAKE) --no-print-directory proto OUT=build/proto-check
-	for f in v1/__init__.py v1/session_pb2.py v1/session_pb2.pyi v1/session_pb2_grpc.py _events.py; do \
+	for f in v1/__init__.py v1/session_pb2.py v1/session_pb2.pyi v1/session_pb2_grpc.py _events.py _converters.py; do \
 		cmp -s build/proto-check/$$f src/agentlog/$$f || { echo "src/agentlog/$$f is stale: run 'make proto' and commit"; exit 1; }; \
 	done
 	@echo "generated code is up to date"

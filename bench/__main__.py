@@ -39,7 +39,12 @@ from agentlog import (
     NewEvent,
     TextDelta,
 )
-from agentlog._codec import record_from_line, record_to_proto
+from agentlog._codec import (
+    record_to_proto,
+)
+from agentlog._lines import (
+    record_from_line,
+)
 from agentlog.server._rules import MESSAGE_RECORDS
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from agentlog import AgentlogClient, AppendEvent, TextDelta
-from agentlog._codec import record_to_json
+from agentlog._codec import (
+    record_to_json,
+)
 from agentlog.server import JsonlSessionRepository
 from tests.servers import running_server
 

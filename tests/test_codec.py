@@ -10,25 +10,37 @@ from typing import Any
 
 import pytest
 
-from agentlog import _codec
+from agentlog import _codec, _plans
 from agentlog._codec import (
-    _FAST_CHECKED_FIELDS,
-    _FAST_FROM_JSON,
-    _FAST_FROM_PROTO,
-    _FAST_PROTO_TO_JSON,
-    _FAST_TO_JSON,
-    _FAST_TO_PROTO,
-    _PLANS,
-    _from_json,
-    _from_proto,
-    _to_json,
-    _to_proto,
+    record_to_json,
+    record_to_proto,
+)
+from agentlog._converters import CHECKED_FIELDS as _FAST_CHECKED_FIELDS
+from agentlog._converters import FROM_JSON as _FAST_FROM_JSON
+from agentlog._converters import FROM_PROTO as _FAST_FROM_PROTO
+from agentlog._converters import PROTO_TO_JSON as _FAST_PROTO_TO_JSON
+from agentlog._converters import TO_JSON as _FAST_TO_JSON
+from agentlog._converters import TO_PROTO as _FAST_TO_PROTO
+from agentlog._lines import (
     record_fields_from_line,
     record_fields_from_lines,
     record_from_line,
     record_proto_from_line,
-    record_to_json,
-    record_to_proto,
+)
+from agentlog._plans import (
+    PLANS as _PLANS,
+)
+from agentlog._plans import (
+    from_json as _from_json,
+)
+from agentlog._plans import (
+    from_proto as _from_proto,
+)
+from agentlog._plans import (
+    to_json as _to_json,
+)
+from agentlog._plans import (
+    to_proto as _to_proto,
 )
 from agentlog._records import EventRecord
 from tests.samples import every_event
@@ -119,21 +131,21 @@ def test_messages_from_clients_are_refused_alike(event: Any) -> None:
     for field in plan.fields:
         message = _to_proto(event, plan)
         odd: list[Any] = []
-        if field.kind == _codec._ENUM:
+        if field.kind == _plans.ENUM:
             odd = [0, 99]
-        elif field.kind == _codec._JSON:
+        elif field.kind == _plans.JSON:
             odd = ["{", "NaN", "1e999", '"\\ud800"', "[1,]", "null", '{"a": 1}']
         elif field.allowed is not None:
             odd = ["", "LOW", "x"]
         for value in odd:
             message = _to_proto(event, plan)
-            if field.kind == _codec._JSON:
+            if field.kind == _plans.JSON:
                 getattr(message, field.name).json = value
             else:
                 setattr(message, field.name, value)
             fast = outcome(_FAST_PROTO_TO_JSON[cls], message, "e")
             assert fast == outcome(walk_from_client, message, plan)
-        if field.kind == _codec._MESSAGE:
+        if field.kind == _plans.MESSAGE:
             message = _to_proto(event, plan)
             message.ClearField(field.name)
             fast = outcome(_FAST_PROTO_TO_JSON[cls], message, "e")

@@ -28,7 +28,7 @@ from typing import Any, Self
 
 import grpc
 
-from agentlog import _codec
+from agentlog import _codec, _requests
 from agentlog._events import ReadDirection
 from agentlog._records import (
     AppendEvent,
@@ -234,7 +234,7 @@ class AgentlogClient:
             call.cancel()  # a no-op when the stream ended; frees it when the caller stopped early
 
     def append(self, event: AppendEvent) -> EventRecord:
-        response = self._unary(self._stub.Append, _codec.append_to_proto(event))
+        response = self._unary(self._stub.Append, _requests.append_to_proto(event))
         return _codec.record_from_proto(response.record, event.event)
 
     def append_batch(
@@ -244,7 +244,7 @@ class AgentlogClient:
         *,
         expected_sequence: int | None = None,
     ) -> list[EventRecord]:
-        request = _codec.batch_to_proto(session_id, events, expected_sequence)
+        request = _requests.batch_to_proto(session_id, events, expected_sequence)
         response = self._unary(self._stub.AppendBatch, request)
         return _codec.appended_from_proto(response.records, [e.event for e in events])
 
@@ -256,7 +256,7 @@ class AgentlogClient:
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
     ) -> Iterator[EventRecord]:
-        request = _codec.read_to_proto(session_id, from_sequence, limit, direction)
+        request = _requests.read_to_proto(session_id, from_sequence, limit, direction)
         return self._stream(self._stub.LoadSession, request)
 
     def load_session(
@@ -279,7 +279,7 @@ class AgentlogClient:
         request = pb.ListSessionsRequest(
             page_size=check_page_size(page_size), page_token=page_token or ""
         )
-        return _codec.page_from_proto(self._unary(self._stub.ListSessions, request))
+        return _requests.page_from_proto(self._unary(self._stub.ListSessions, request))
 
     def subscribe_session(
         self, session_id: str, *, from_sequence: int | None = None
@@ -412,7 +412,7 @@ class AsyncAgentlogClient:
             call.cancel()
 
     async def append(self, event: AppendEvent) -> EventRecord:
-        request = _codec.append_to_proto(event)
+        request = _requests.append_to_proto(event)
         response = await self._unary(self._stub.Append, request)
         return _codec.record_from_proto(response.record, event.event)
 
@@ -423,7 +423,7 @@ class AsyncAgentlogClient:
         *,
         expected_sequence: int | None = None,
     ) -> list[EventRecord]:
-        request = _codec.batch_to_proto(session_id, events, expected_sequence)
+        request = _requests.batch_to_proto(session_id, events, expected_sequence)
         response = await self._unary(self._stub.AppendBatch, request)
         return _codec.appended_from_proto(response.records, [e.event for e in events])
 
@@ -435,7 +435,7 @@ class AsyncAgentlogClient:
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
     ) -> AsyncIterator[EventRecord]:
-        request = _codec.read_to_proto(session_id, from_sequence, limit, direction)
+        request = _requests.read_to_proto(session_id, from_sequence, limit, direction)
         return self._stream(self._stub.LoadSession, request)
 
     async def load_session(
@@ -457,7 +457,7 @@ class AsyncAgentlogClient:
         request = pb.ListSessionsRequest(
             page_size=check_page_size(page_size), page_token=page_token or ""
         )
-        return _codec.page_from_proto(await self._unary(self._stub.ListSessions, request))
+        return _requests.page_from_proto(await self._unary(self._stub.ListSessions, request))
 
     async def subscribe_session(
         self, session_id: str, *, from_sequence: int | None = None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from agentlog._codec import event_to_json
+from agentlog._codec import (
+    event_to_json,
+)
 from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord, format_timestamp
 
 # Every event has these; the line shows the session once, in the heading of `tail`.

@@ -15,7 +15,9 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from agentlog._codec import record_to_proto
+from agentlog._codec import (
+    record_to_proto,
+)
 from agentlog._events import ReadDirection
 from agentlog._records import (
     AppendEvent,

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from agentlog import _codec
+from agentlog import _codec, _requests
 from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord
 from agentlog._status import to_grpc_status
 from agentlog._validation import check_parent_query, check_stored_session_id
@@ -286,7 +286,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     async def LoadSession(
         self, request: pb.LoadSessionRequest, context: Any
     ) -> AsyncIterator[pb.LoadSessionResponse]:
-        session_id, from_sequence, limit, direction = _codec.read_from_proto(request)
+        session_id, from_sequence, limit, direction = _requests.read_from_proto(request)
         chunks = self._backend.read_session_chunks(
             session_id, from_sequence=from_sequence, limit=limit, direction=direction
         )
@@ -355,7 +355,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         page = await self._backend.list_sessions(
             page_size=request.page_size or None, page_token=request.page_token or None
         )
-        return _codec.page_to_proto(page)
+        return _requests.page_to_proto(page)
 
 
 def _session_message(records: list[EventRecord]) -> bytes:

@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from agentlog._codec import (
-    DecodeError,
     event_to_json,
-    record_from_line,
     record_line,
+)
+from agentlog._lines import (
+    record_from_line,
+)
+from agentlog._plans import (
+    DecodeError,
 )
 from agentlog._records import (
     EventRecord,
@@ -572,11 +576,9 @@ class CommitPath(Reader):
         """Make a staging's appends visible, in order, and tell listeners (hold the lock)."""
         for written in staging.written:
             self._feed.add(written.entry)
-            state = written.state
-            if state is None:
-                continue  # a feed entry alone
-            appended = written.appended
-            assert appended is not None
+            state, appended = written.state, written.appended
+            if state is None or appended is None:
+                continue  # a feed entry alone (both or neither are set)
             position, session_id = written.entry[:2]
             state.count = appended.last_sequence
             state.end = written.end

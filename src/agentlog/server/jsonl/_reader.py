@@ -14,13 +14,15 @@ from typing import Any, Generic, TypeVar
 
 import orjson
 
-from agentlog._codec import (
-    DecodeError,
+from agentlog._events import ReadDirection
+from agentlog._lines import (
     record_fields_from_line,
     record_fields_from_lines,
     record_from_line,
 )
-from agentlog._events import ReadDirection
+from agentlog._plans import (
+    DecodeError,
+)
 from agentlog._records import (
     EventRecord,
     FeedGap,

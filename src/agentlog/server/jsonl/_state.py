@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from agentlog._codec import (
-    DecodeError,
+from agentlog._lines import (
     record_from_line,
+)
+from agentlog._plans import (
+    DecodeError,
 )
 from agentlog.errors import (
     DataLossError,

@@ -1,0 +1,163 @@
+"""The messages of requests and of listings: what the clients send (checked as
+every backend checks it) and what a ListSessions call answers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agentlog._codec import (
+    checked_event_fields,
+    timestamp_fields,
+)
+from agentlog._events import ReadDirection
+from agentlog._plans import NS
+from agentlog._records import (
+    AppendEvent,
+    NewEvent,
+    SessionInfo,
+    SessionPage,
+    new_record_ids,
+)
+from agentlog._validation import (
+    check_count,
+    check_event_id,
+    check_record_id,
+    check_session_id,
+    check_stored_session_id,
+)
+from agentlog.errors import InvalidArgumentError
+from agentlog.v1 import session_pb2 as pb
+
+
+def append_to_proto(append: AppendEvent) -> pb.AppendRequest:
+    """The AppendRequest for an append, checked as every backend checks it.
+
+    An append without an id gets a new one here, so that a retry of the
+    request is recognised as the same append. The answer leaves the event out:
+    the caller has it.
+    """
+    if not isinstance(append, AppendEvent):
+        raise InvalidArgumentError(
+            f"append takes an AppendEvent, not {type(append).__name__}", reason="INVALID_EVENT"
+        )
+    check_session_id(append.session_id)
+    if append.parent_id is not None:
+        check_record_id(append.parent_id, "parent_id")
+    if append.id is not None:
+        check_event_id(append.id)
+    if append.expected_sequence is not None:
+        check_count(append.expected_sequence, "expected_sequence")
+    return pb.AppendRequest(
+        session_id=append.session_id,
+        parent_id=append.parent_id,
+        event=checked_event_fields(append.event),
+        id=append.id if append.id is not None else new_record_ids(1)[0],
+        expected_sequence=append.expected_sequence,
+        omit_event=True,
+    )
+
+
+def batch_to_proto(
+    session_id: str, events: Sequence[NewEvent], expected_sequence: int | None
+) -> pb.AppendBatchRequest:
+    """The AppendBatchRequest for a batch, each event checked as every backend checks it.
+
+    Events without an id get new ones here (see append_to_proto).
+    """
+    check_session_id(session_id)
+    if expected_sequence is not None:
+        check_count(expected_sequence, "expected_sequence")
+    fresh = iter(new_record_ids(sum(1 for item in events if item.id is None)))
+    items = []
+    for index, item in enumerate(events):
+        if not isinstance(item, NewEvent):
+            raise InvalidArgumentError(
+                f"events[{index}]: must be a NewEvent, not {type(item).__name__}",
+                reason="INVALID_EVENT",
+            )
+        if item.parent_id is not None:
+            check_record_id(item.parent_id, f"events[{index}].parent_id")
+        if item.id is not None:
+            check_event_id(item.id, f"events[{index}].id")
+        items.append(
+            {
+                "id": item.id if item.id is not None else next(fresh),
+                "parent_id": item.parent_id,
+                "event": checked_event_fields(item.event, f"events[{index}].event"),
+            }
+        )
+    return pb.AppendBatchRequest(
+        session_id=session_id, expected_sequence=expected_sequence, events=items, omit_events=True
+    )
+
+
+_DIRECTIONS = {
+    pb.READ_DIRECTION_UNSPECIFIED: ReadDirection.FORWARDS,
+    pb.READ_DIRECTION_FORWARDS: ReadDirection.FORWARDS,
+    pb.READ_DIRECTION_BACKWARDS: ReadDirection.BACKWARDS,
+}
+
+
+def read_to_proto(
+    session_id: str, from_sequence: int, limit: int | None, direction: ReadDirection
+) -> pb.LoadSessionRequest:
+    """The LoadSessionRequest for a ranged read (limit None: no limit)."""
+    check_count(from_sequence, "from_sequence")
+    if limit is not None:
+        check_count(limit, "limit", minimum=1)
+    backwards = direction == ReadDirection.BACKWARDS
+    if not backwards and direction != ReadDirection.FORWARDS:
+        raise InvalidArgumentError(
+            f"direction must be 'forwards' or 'backwards', not {direction!r}", field="direction"
+        )
+    return pb.LoadSessionRequest(
+        session_id=session_id,
+        from_sequence=from_sequence,
+        limit=limit or 0,
+        direction=pb.READ_DIRECTION_BACKWARDS if backwards else pb.READ_DIRECTION_FORWARDS,
+    )
+
+
+def read_from_proto(request: pb.LoadSessionRequest) -> tuple[str, int, int | None, ReadDirection]:
+    """The session, start, limit and direction a LoadSessionRequest asks for."""
+    direction = _DIRECTIONS.get(request.direction)
+    if direction is None:
+        raise InvalidArgumentError(
+            f"direction: unknown value {request.direction}", field="direction"
+        )
+    session_id = check_stored_session_id(request.session_id)
+    return session_id, request.from_sequence, request.limit or None, direction
+
+
+def page_to_proto(page: SessionPage) -> pb.ListSessionsResponse:
+    """The ListSessionsResponse for a page of sessions."""
+    return pb.ListSessionsResponse(
+        sessions=[
+            pb.SessionInfo(
+                session_id=info.session_id,
+                event_count=info.event_count,
+                first_timestamp=timestamp_fields(info.first_timestamp_ns),
+                last_timestamp=timestamp_fields(info.last_timestamp_ns),
+                head_id=info.head_id,
+            )
+            for info in page.sessions
+        ],
+        next_page_token=page.next_page_token or "",
+    )
+
+
+def page_from_proto(response: pb.ListSessionsResponse) -> SessionPage:
+    """The page of sessions a ListSessionsResponse holds."""
+    return SessionPage(
+        sessions=[
+            SessionInfo(
+                session_id=info.session_id,
+                event_count=info.event_count,
+                first_timestamp_ns=info.first_timestamp.seconds * NS + info.first_timestamp.nanos,
+                last_timestamp_ns=info.last_timestamp.seconds * NS + info.last_timestamp.nanos,
+                head_id=info.head_id,
+            )
+            for info in response.sessions
+        ],
+        next_page_token=response.next_page_token or None,
+    )
