@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,48 +20,50 @@ from agentlog import (
     SessionPage,
 )
 from agentlog.protocol import AsyncSessionRepository
-from agentlog.server import JsonlSessionRepository, MemorySessionRepository
+from agentlog.server import BlockingStore, JsonlSessionRepository, MemorySessionRepository
 from tests.contract import FeedContract
 from tests.servers import LoopThread, running_server
 
 T = TypeVar("T")
 
 
-class TestMemory(FeedContract):
+# Every backend the contract is run against, in one place: each runs the whole
+# suite in process and through both clients over a real server. A new backend
+# is one line here.
+BACKENDS: dict[str, Callable[[Path], BlockingStore]] = {
+    "memory": lambda _: MemorySessionRepository(),
+    "jsonl": JsonlSessionRepository,
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockingStore]:
+    opened = BACKENDS[request.param](tmp_path)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture(scope="module", params=list(BACKENDS))
+def target(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A real server on a free port over one of the backends, shared by a module's tests."""
+    opened = BACKENDS[request.param](tmp_path_factory.mktemp(request.param))
+    with running_server(opened) as address:
+        yield address
+    opened.close()
+
+
+class TestInProcess(FeedContract):
     @pytest.fixture
-    def repo(self) -> MemorySessionRepository:
-        return MemorySessionRepository()
+    def repo(self, store: BlockingStore) -> BlockingStore:
+        return store
 
 
-class TestJsonl(FeedContract):
+class TestClient(FeedContract):
     @pytest.fixture
-    def repo(self, tmp_path: Path) -> JsonlSessionRepository:
-        return JsonlSessionRepository(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def jsonl_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_server(JsonlSessionRepository(tmp_path_factory.mktemp("data"))) as target:
-        yield target
-
-
-@pytest.fixture(scope="module")
-def memory_target() -> Iterator[str]:
-    with running_server(MemorySessionRepository()) as target:
-        yield target
-
-
-class TestClientOverJsonl(FeedContract):
-    @pytest.fixture
-    def repo(self, jsonl_target: str) -> Iterator[AgentlogClient]:
-        with AgentlogClient(jsonl_target) as client:
-            yield client
-
-
-class TestClientOverMemory(FeedContract):
-    @pytest.fixture
-    def repo(self, memory_target: str) -> Iterator[AgentlogClient]:
-        with AgentlogClient(memory_target) as client:
+    def repo(self, target: str) -> Iterator[AgentlogClient]:
+        with AgentlogClient(target) as client:
             yield client
 
 
@@ -127,13 +129,13 @@ class BlockingAsyncClient:
         return self._loop.run(self.client.list_sessions(page_size=page_size, page_token=page_token))
 
 
-class TestAsyncClientOverJsonl(FeedContract):
+class TestAsyncClient(FeedContract):
     @pytest.fixture
-    def repo(self, jsonl_target: str) -> Iterator[Any]:
+    def repo(self, target: str) -> Iterator[Any]:
         loop = LoopThread()
 
         async def connect() -> AsyncAgentlogClient:
-            return AsyncAgentlogClient(jsonl_target)
+            return AsyncAgentlogClient(target)
 
         client = loop.run(connect())
         assert isinstance(client, AsyncSessionRepository)

@@ -13,7 +13,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
 from agentlog._codec import (
     record_to_proto,
@@ -122,6 +122,16 @@ class BlockingStore(ABC):
         """Check a batch (no storage is touched); InvalidArgumentError if malformed."""
         batch = prepare(session_id, events, expected_sequence, batch=True)
         return PendingAppend(session_id, batch, expected_sequence)
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the store holds (files, threads, locks). Idempotent."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def backend(self, executor: ThreadPoolExecutor) -> Backend:
         """This store as a `Backend` for the server, its blocking calls run on `executor`."""

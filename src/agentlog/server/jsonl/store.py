@@ -242,9 +242,3 @@ class JsonlSessionRepository(SyncLoops):
             with contextlib.suppress(OSError):
                 clean.unlink(missing_ok=True)  # the next open checks instead
             log.warning("%s: could not record a clean stop: %s", self.root, exc)
-
-    def __enter__(self) -> JsonlSessionRepository:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
