@@ -64,7 +64,7 @@ class Prepared:
 
 @dataclass(frozen=True, slots=True)
 class PendingAppend:
-    """A checked append or batch, waiting to be stored (see `Store.commit`)."""
+    """A checked append or batch, waiting to be stored (see `Backend.append`)."""
 
     session_id: str
     batch: list[Prepared]

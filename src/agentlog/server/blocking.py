@@ -181,8 +181,8 @@ class BlockingStore(ABC):
         self, session_id: str, batch: list[Prepared], expected: int | None
     ) -> tuple[Appended, int | None]:
         """Store a checked batch: what was appended and the feed position of the first;
-        for a retry, the stored records and None. (A backend that overrides `commit`
-        and `submit` need not implement it.)"""
+        for a retry, the stored records and None. (A store that overrides
+        `commit_answers` need not implement it.)"""
         raise NotImplementedError
 
     @abstractmethod

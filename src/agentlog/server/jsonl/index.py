@@ -156,48 +156,51 @@ class StoreIndex(FilteredIds):
 
     def _open(self) -> None:
         """Open both connections and load what the index holds of files (DatabaseError
-        if the file is damaged)."""
+        if the file is damaged; then nothing stays open)."""
         path = self._path
-        self._db = self._connect(path)
+        opened: list[sqlite3.Connection] = []
         try:
-            if self._db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+            db = self._connect(path)
+            opened.append(db)
+            if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
                 # Derived data in an older layout: start over, it is rebuilt from the files.
-                self._db.close()
+                db.close()
                 self._wipe()
-                self._db = self._connect(path)
-                with self._db:
-                    self._db.executescript(_SCHEMA)
-                    self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                db = self._connect(path)
+                opened.append(db)
+                with db:
+                    db.executescript(_SCHEMA)
+                    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             # Damage that no query has met yet would give wrong rows, not errors:
             # check every page now (about 0.2 s a million records).
-            problems = self._db.execute("PRAGMA quick_check(1)").fetchone()
+            problems = db.execute("PRAGMA quick_check(1)").fetchone()
             if problems is None or problems[0] != "ok":
                 raise sqlite3.DatabaseError(f"database disk image is malformed: {problems}")
-            self._reader = self._connect(path)
+            reader = self._connect(path)
+            opened.append(reader)
             files: dict[str, IndexedFile] = {}
             names: dict[int, str] = {}
-            for session, session_id, inode, size, records, last in self._db.execute(
+            for session, session_id, inode, size, records, last in db.execute(
                 "SELECT session, session_id, inode, indexed_bytes, indexed_records, last_offset "
                 "FROM files"
             ):
                 files[session_id] = IndexedFile(session, inode, size, records, last)
                 names[session] = session_id
             # Session numbers are never reused: rows of a dropped file keep theirs.
-            stored = self._db.execute(
-                "SELECT value FROM meta WHERE name = 'next_session'"
-            ).fetchone()
+            stored = db.execute("SELECT value FROM meta WHERE name = 'next_session'").fetchone()
         except sqlite3.DatabaseError:
-            self._close_connections()
+            for connection in opened:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.close()
             raise
+        self._db, self._reader = db, reader
         self._files, self._names = files, names
         self._next_session = max(max(names, default=0) + 1, stored[0] if stored else 1)
 
     def _close_connections(self) -> None:
-        for name in ("_db", "_reader"):
-            db = getattr(self, name, None)
-            if db is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    db.close()
+        for db in (self._db, self._reader):
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
 
     def _wipe(self) -> None:
         for suffix in ("", "-wal", "-shm"):
