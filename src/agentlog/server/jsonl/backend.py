@@ -25,6 +25,7 @@ from agentlog.server.jsonl.store import JsonlSessionRepository
 
 # How long appends may wait for others before their sync starts (see _release).
 MAX_HOLD_SECONDS = 0.005
+HOLD_STEP_SECONDS = 0.00025
 
 
 class _Answers:
@@ -64,7 +65,6 @@ class JsonlBackend(ThreadedBackend):
         self._release_scheduled = False
         self._held_since = 0.0
         self._held = 0  # appends held since the last release
-        self._held_seen = 0  # of those, how many the last look at them saw
         self._last_group = 0  # appends the last release let go
         self._answers: _Answers | None = None
 
@@ -90,7 +90,6 @@ class JsonlBackend(ThreadedBackend):
             if not self._release_scheduled:
                 self._release_scheduled = True
                 self._held_since = loop.time()
-                self._held_seen = 0
                 loop.call_soon(self._release, loop)
         else:
             submit = functools.partial(self._jsonl.submit, [append], done)
@@ -103,19 +102,16 @@ class JsonlBackend(ThreadedBackend):
     def _release(self, loop: asyncio.AbstractEventLoop) -> None:
         """Let the appends held since `_held_since` be synced (group commit).
 
-        At once, unless appends have been arriving together (the last group had
-        more than one) and more arrived since the last look: then look again a
-        little later, until a look finds none new or MAX_HOLD_SECONDS have passed
-        since the first. A server under concurrent appends syncs many at once; one
-        with a single writer, or idle, syncs each at once. (Only public asyncio:
-        the count of appends that arrived is what says the loop is busy with them.)
+        The writers of the last group are likely to append again once answered:
+        hold until as many appends have arrived as that group had, looking again
+        every HOLD_STEP_SECONDS, at most MAX_HOLD_SECONDS after the first. A server
+        under concurrent appends syncs many at once; one with a single writer, or
+        idle, syncs each at once; a writer that went away costs one hold. (Only
+        public asyncio: what says more appends are coming is how many came last.)
         """
         waited = loop.time() - self._held_since
-        arrived = self._held - self._held_seen
-        self._held_seen = self._held
-        if self._last_group > 1 and arrived > 0 and waited < MAX_HOLD_SECONDS:
-            later = min(MAX_HOLD_SECONDS / 4, MAX_HOLD_SECONDS - waited)
-            loop.call_later(later, self._release, loop)
+        if self._held < self._last_group and waited < MAX_HOLD_SECONDS:
+            loop.call_later(min(HOLD_STEP_SECONDS, MAX_HOLD_SECONDS - waited), self._release, loop)
             return
         self._release_scheduled = False
         self._last_group, self._held = self._held, 0
