@@ -25,7 +25,8 @@ from agentlog.server._rules import FeedFilter, feed_end, start_position, start_s
 from agentlog.server.backend import Backend, Growth
 
 T = TypeVar("T")
-READ_CHUNK = 256
+# Records a subscriber catching up reads from storage in one step, at most.
+CATCH_UP_STEP = 256
 # Records read from storage at once by all subscribers catching up together,
 # about (each reads smaller chunks when many do): bounds their memory.
 CATCH_UP_RECORDS = 8192
@@ -125,10 +126,6 @@ class LiveSubscriptions:
             for waiter in waiters:
                 waiter.set()
 
-    @property
-    def followed_sessions(self) -> int:
-        return len(self._waiters)
-
     def subscribers_of(self, session_id: str) -> int:
         return len(self._waiters.get(session_id, ()))
 
@@ -202,7 +199,7 @@ class LiveSubscriptions:
     async def session_chunks(
         self, session_id: str, *, from_sequence: int | None = None
     ) -> AsyncIterator[list[EventRecord] | CaughtUp]:
-        """A session's records as runs (each at most READ_CHUNK long) and CaughtUp."""
+        """A session's records as runs (each at most CATCH_UP_STEP long) and CaughtUp."""
         self._watch()
         next_sequence = start_sequence(await self._backend.head(session_id), from_sequence)
         waiter = Waiter()
@@ -267,7 +264,7 @@ class LiveSubscriptions:
 
     def _catch_up_chunk(self) -> int:
         """Records a subscriber catching up reads at once: fewer when many do."""
-        return max(16, min(READ_CHUNK, CATCH_UP_RECORDS // max(self._catching_up, 1)))
+        return max(16, min(CATCH_UP_STEP, CATCH_UP_RECORDS // max(self._catching_up, 1)))
 
 
 async def _once(run: list[T]) -> AsyncIterator[list[T]]:
