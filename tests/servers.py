@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from agentlog.server import Server, create_server
+from agentlog.server.backend import Backend
 from agentlog.server.blocking import BlockingStore
+
+# What a test serves: a blocking store, or (a backend bound to the server's event
+# loop, such as PostgreSQL's) a coroutine function that opens one on that loop.
+Servable = BlockingStore | Callable[[], Awaitable[Backend]]
 
 T = TypeVar("T")
 
@@ -33,13 +38,14 @@ class LoopThread:
 
 @contextmanager
 def served(
-    repository: BlockingStore, port: int = 0, **options: Any
+    repository: Servable, port: int = 0, **options: Any
 ) -> Iterator[tuple[Server, LoopThread]]:
     """Serve `repository` on 127.0.0.1:`port` (0: a free one); yields the server and its loop."""
     loop = LoopThread()
 
     async def start() -> Server:
-        built = create_server(f"127.0.0.1:{port}", repository, **options)
+        opened = repository if isinstance(repository, BlockingStore) else await repository()
+        built = create_server(f"127.0.0.1:{port}", opened, **options)
         await built.start()
         return built
 
@@ -52,7 +58,7 @@ def served(
 
 
 @contextmanager
-def running_server(repository: BlockingStore, **options: Any) -> Iterator[str]:
+def running_server(repository: Servable, **options: Any) -> Iterator[str]:
     """Serve `repository` on 127.0.0.1:<free port>; yields the target "127.0.0.1:PORT"."""
     with served(repository, **options) as (built, _):
         yield f"127.0.0.1:{built.port}"

@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 from agentlog import AgentlogClient, AppendEvent, NewEvent, WrongExpectedSequence
 from agentlog.protocol import SessionRepository
 from agentlog.server import JsonlSessionRepository, MemorySessionRepository
+from agentlog.server.postgres import PostgresBackend
 from tests.contract import delta
+from tests.pg import database
 from tests.servers import running_server
 
 # Each writer runs a list of operations:
@@ -118,10 +120,22 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentlogClient]
         yield client
 
 
-BACKENDS: dict[str, Callable[[Path, Any], SessionRepository]] = {
-    "memory": lambda tmp, client: MemorySessionRepository(),
-    "jsonl": lambda tmp, client: JsonlSessionRepository(tmp / f"d-{uuid.uuid4()}", sync=False),
-    "client": lambda tmp, client: client,
+@pytest.fixture(scope="module")
+def postgres_client() -> Iterator[AgentlogClient]:
+    with database() as url:
+
+        async def open_backend() -> PostgresBackend:
+            return await PostgresBackend.open(url)
+
+        with running_server(open_backend) as target, AgentlogClient(target) as client:
+            yield client
+
+
+BACKENDS: dict[str, Callable[[Path, Any, Any], SessionRepository]] = {
+    "memory": lambda tmp, client, pg: MemorySessionRepository(),
+    "jsonl": lambda tmp, client, pg: JsonlSessionRepository(tmp / f"d-{uuid.uuid4()}", sync=False),
+    "client": lambda tmp, client, pg: client,
+    "postgresql": lambda tmp, client, pg: pg,
 }
 
 
@@ -133,6 +147,10 @@ BACKENDS: dict[str, Callable[[Path, Any], SessionRepository]] = {
 )
 @given(plans=st.lists(operations, min_size=2, max_size=6))
 def test_concurrent_appends_keep_every_invariant(
-    backend: str, plans: list[list[tuple[str, int]]], tmp_path: Path, client: AgentlogClient
+    backend: str,
+    plans: list[list[tuple[str, int]]],
+    tmp_path: Path,
+    client: AgentlogClient,
+    postgres_client: AgentlogClient,
 ) -> None:
-    interleave(BACKENDS[backend](tmp_path, client), plans)
+    interleave(BACKENDS[backend](tmp_path, client, postgres_client), plans)

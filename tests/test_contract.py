@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,18 +23,48 @@ from agentlog import (
 )
 from agentlog.protocol import AsyncSessionRepository
 from agentlog.server import BlockingStore, JsonlSessionRepository, MemorySessionRepository
+from agentlog.server.postgres import PostgresBackend
 from tests.contract import FeedContract
+from tests.pg import database
 from tests.servers import LoopThread, running_server
 
 T = TypeVar("T")
 
 
-# Every backend the contract is run against, in one place: each runs the whole
-# suite in process and through both clients over a real server. A new backend
-# is one line here.
+# Every backend the contract is run against, in one place. Each runs the whole
+# suite through both clients over a real server; the in-process stores also
+# run it called directly. A new backend is one line here.
 BACKENDS: dict[str, Callable[[Path], BlockingStore]] = {
     "memory": lambda _: MemorySessionRepository(),
     "jsonl": JsonlSessionRepository,
+}
+
+
+@contextmanager
+def _served_blocking(name: str, root: Path) -> Iterator[str]:
+    opened = BACKENDS[name](root)
+    try:
+        with running_server(opened) as address:
+            yield address
+    finally:
+        opened.close()
+
+
+@contextmanager
+def _served_postgres(_: Path) -> Iterator[str]:
+    """A server on PostgresBackend over a new database of the machine's PostgreSQL."""
+    with database() as url:
+
+        async def open_backend() -> PostgresBackend:
+            return await PostgresBackend.open(url)
+
+        with running_server(open_backend) as address:
+            yield address
+
+
+SERVED_BACKENDS: dict[str, Callable[[Path], AbstractContextManager[str]]] = {
+    **{name: functools.partial(_served_blocking, name) for name in BACKENDS},
+    "postgresql": _served_postgres,
 }
 
 
@@ -43,15 +75,13 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockingSt
     opened.close()
 
 
-@pytest.fixture(scope="module", params=list(BACKENDS))
+@pytest.fixture(scope="module", params=list(SERVED_BACKENDS))
 def target(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """A real server on a free port over one of the backends, shared by a module's tests."""
-    opened = BACKENDS[request.param](tmp_path_factory.mktemp(request.param))
-    with running_server(opened) as address:
+    with SERVED_BACKENDS[request.param](tmp_path_factory.mktemp(request.param)) as address:
         yield address
-    opened.close()
 
 
 class TestInProcess(FeedContract):

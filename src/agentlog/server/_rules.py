@@ -69,6 +69,9 @@ class PendingAppend:
     session_id: str
     batch: list[Prepared]
     expected: int | None
+    timestamp_ns: int | None = None
+    """The records' timestamp when copying them from another store (`agentlog copy`,
+    which the JSONL and PostgreSQL stores honour); None: the time of the commit."""
 
 
 @dataclass(slots=True)

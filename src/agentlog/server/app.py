@@ -36,6 +36,10 @@ DEFAULT_STORAGE_THREADS = 16
 MAX_PENDING_CALLS = 20_000
 
 
+# Health updates under way (asyncio keeps only weak references to tasks).
+_health_updates: set[asyncio.Future[None]] = set()
+
+
 class Server(NamedTuple):
     """A built server: the grpc.aio server, its bound port, health service, backend,
     live subscriptions and service."""
@@ -48,10 +52,25 @@ class Server(NamedTuple):
     service: SessionRepositoryService
 
     async def start(self) -> None:
-        """Start serving and report SERVING to health checks."""
+        """Start serving and report SERVING to health checks (NOT_SERVING while the
+        backend cannot reach its storage, e.g. a database that is down)."""
         await self.server.start()
+        self.backend.on_availability(self._report)
+        await self._set_health(self.backend.available)
+
+    def _report(self, available: bool) -> None:
+        task = asyncio.ensure_future(self._set_health(available))
+        _health_updates.add(task)
+        task.add_done_callback(_health_updates.discard)
+
+    async def _set_health(self, available: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if available
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, status)
 
     async def stop(self, grace: float | None) -> None:
         """Report NOT_SERVING, refuse new calls, let calls in flight finish within `grace`.
@@ -194,23 +213,50 @@ async def serve(
     address: str,
     data_dir: Path,
     *,
+    store: str | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     grace: float = DEFAULT_GRACE_SECONDS,
     sync: str = "always",
     sync_interval_ms: int = 100,
+    pool_size: int = 10,
+    statement_timeout_ms: int = 30_000,
+    connect_timeout: float = 30.0,
     metrics_address: str | None = None,
     version: str = "",
 ) -> None:
-    """Run the JSONL-backed server until SIGTERM or SIGINT, then stop gracefully."""
-    from agentlog.server.jsonl import JsonlSessionRepository
-    from agentlog.server.jsonl.files import raise_open_files_limit
+    """Run the server until SIGTERM or SIGINT, then stop gracefully: on the PostgreSQL
+    database `store` names (a postgresql:// URL), else on the JSONL directory
+    `store` (or `data_dir`)."""
+    from agentlog.server.postgres import PostgresBackend, is_postgres_url
 
-    raise_open_files_limit()
-    repository = JsonlSessionRepository(data_dir, sync=sync, sync_interval_ms=sync_interval_ms)
+    repository: BlockingStore | None = None
+    served: BlockingStore | Backend
+    if store is not None and is_postgres_url(store):
+        from agentlog.server.postgres._errors import redact
+
+        served = await PostgresBackend.open(
+            store,
+            pool_size=pool_size,
+            statement_timeout_ms=statement_timeout_ms,
+            connect_timeout=connect_timeout,
+        )
+        where = f"PostgreSQL {redact(store)} (pool of {pool_size})"
+    else:
+        from agentlog.server.jsonl import JsonlSessionRepository
+        from agentlog.server.jsonl.files import raise_open_files_limit
+
+        raise_open_files_limit()
+        root = Path(store) if store else data_dir
+        jsonl = JsonlSessionRepository(root, sync=sync, sync_interval_ms=sync_interval_ms)
+        repository = served = jsonl
+        where = f"data dir {jsonl.root}, sync {jsonl.sync_policy}"
     try:
-        built = create_server(address, repository, max_message_bytes=max_message_bytes)
+        built = create_server(address, served, max_message_bytes=max_message_bytes)
     except BaseException:
-        repository.close()
+        if repository is not None:
+            repository.close()
+        elif isinstance(served, Backend):
+            await served.close()
         raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -247,17 +293,11 @@ async def serve(
             metrics_port = serve_metrics(metrics_address)
         except (OSError, ValueError) as exc:
             await built.stop(0)
-            repository.close()
+            if repository is not None:
+                repository.close()
             raise OSError(f"cannot serve metrics on {metrics_address}: {exc}") from None
     host = address.rsplit(":", 1)[0]
-    log.info(
-        "agentlog %s serving on %s:%d, data dir %s, sync %s",
-        version,
-        host,
-        built.port,
-        repository.root,
-        repository.sync_policy,
-    )
+    log.info("agentlog %s serving on %s:%d, %s", version, host, built.port, where)
     if metrics_address is not None:
         log.info("metrics at http://%s:%d/metrics", metrics_address.rsplit(":", 1)[0], metrics_port)
     try:
@@ -266,8 +306,9 @@ async def serve(
         await built.stop(grace)
         for task in hurry:
             await task
-        log.info("calls ended; syncing and closing the data directory")
-        repository.close()
+        if repository is not None:
+            log.info("calls ended; syncing and closing the data directory")
+            repository.close()
         log.info(
             "agentlog stopped after %.1f s of service (grace for calls in flight: %.1f s)",
             time.monotonic() - started,

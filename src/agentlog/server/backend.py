@@ -121,6 +121,16 @@ class Backend(ABC):
     async def last_position(self) -> int:
         """The feed's last position (0: nothing appended yet)."""
 
+    @property
+    def available(self) -> bool:
+        """Whether the backend can serve now (a database backend: whether it can reach
+        the database); health checks report NOT_SERVING while it cannot."""
+        return True
+
+    def on_availability(self, callback: Callable[[bool], None]) -> None:  # noqa: B027
+        """Have `callback(available)` called on the loop whenever `available` changes.
+        A backend that is always available never calls it."""
+
     @abstractmethod
     def stop_writing(self) -> None:
         """Refuse appends from now on (UNAVAILABLE); those in flight still finish."""

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("AGENTLOG_DATA_DIR", DEFAULT_DATA_DIR),
         help="directory of <session_id>.jsonl files, created if missing (env AGENTLOG_DATA_DIR)",
     )
+    _add_store_options(serve_cmd)
     serve_cmd.add_argument(
         "--max-message-bytes",
         type=_positive_int,
@@ -96,6 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(os.environ.get("AGENTLOG_GRACE_SECONDS", DEFAULT_GRACE_SECONDS)),
         help="seconds calls in flight may take to finish at shutdown (env AGENTLOG_GRACE_SECONDS)",
     )
+    migrate_cmd = commands.add_parser(
+        "migrate",
+        help="create or update the schema of a PostgreSQL store",
+        description=(
+            "Bring the agentlog schema of a PostgreSQL database up to date, as every "
+            "replica also does at start: run it before a rollout to migrate once, ahead "
+            "of the replicas. Safe to run while replicas start or serve."
+        ),
+    )
+    migrate_cmd.add_argument(
+        "--store",
+        default=os.environ.get("AGENTLOG_STORE") or None,
+        help="postgresql://USER@HOST:PORT/DB (env AGENTLOG_STORE); the password from the "
+        "URL or libpq's environment (PGPASSWORD, PGPASSFILE, PGSERVICEFILE)",
+    )
+    copy_cmd = commands.add_parser(
+        "copy",
+        help="copy every session from one store to another",
+        description=(
+            "Copy every record from FROM to TO, each a JSONL data directory or a "
+            "postgresql:// URL, keeping ids, sequences, parents, timestamps and JSON "
+            "values. Sessions TO already holds are continued, not repeated: run it again "
+            "after an interruption to finish. Neither store may be served meanwhile "
+            "(a JSONL directory is locked; a PostgreSQL one must not be written)."
+        ),
+    )
+    copy_cmd.add_argument("source", metavar="FROM")
+    copy_cmd.add_argument("destination", metavar="TO")
     tail_cmd = commands.add_parser(
         "tail",
         help="print a session's events as they happen",
@@ -141,6 +170,64 @@ def build_parser() -> argparse.ArgumentParser:
         "--width", type=_positive_int, default=160, help="cut lines longer than this"
     )
     return parser
+
+
+def _add_store_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--store",
+        default=os.environ.get("AGENTLOG_STORE") or None,
+        help="where records live: postgresql://USER@HOST:PORT/DB for PostgreSQL (many "
+        "replicas may share it; the password from the URL or libpq's environment), or a "
+        "JSONL directory; unset: the JSONL store at --data-dir (env AGENTLOG_STORE)",
+    )
+    command.add_argument(
+        "--pool-size",
+        type=_positive_int,
+        default=os.environ.get("AGENTLOG_POOL_SIZE", "10"),
+        help="with PostgreSQL: connections this replica keeps at most (env AGENTLOG_POOL_SIZE)",
+    )
+    command.add_argument(
+        "--statement-timeout-ms",
+        type=_positive_int,
+        default=os.environ.get("AGENTLOG_STATEMENT_TIMEOUT_MS", "30000"),
+        help="with PostgreSQL: a statement running longer is cancelled and its call "
+        "answered UNAVAILABLE (env AGENTLOG_STATEMENT_TIMEOUT_MS)",
+    )
+    command.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=float(os.environ.get("AGENTLOG_CONNECT_TIMEOUT", "30")),
+        help="with PostgreSQL: seconds to wait for the database at start "
+        "(env AGENTLOG_CONNECT_TIMEOUT)",
+    )
+
+
+def migrate(args: argparse.Namespace) -> int:
+    from agentlog.server.postgres import is_postgres_url, migrate_database
+    from agentlog.server.postgres._errors import redact
+
+    if args.store is None or not is_postgres_url(args.store):
+        print(
+            "agentlog migrate: give --store postgresql://USER@HOST:PORT/DB (or set "
+            "AGENTLOG_STORE); a JSONL directory needs no migration",
+            file=sys.stderr,
+        )
+        return 2
+    before, after = asyncio.run(migrate_database(args.store))
+    where = redact(args.store)
+    if before == after:
+        print(f"agentlog migrate: {where} is at schema version {after}; nothing to do")
+    else:
+        print(f"agentlog migrate: {where} migrated from schema version {before} to {after}")
+    return 0
+
+
+def copy(args: argparse.Namespace) -> int:
+    from agentlog.server.copying import copy_store
+
+    summary = asyncio.run(copy_store(args.source, args.destination, progress=sys.stderr))
+    print(summary.describe())
+    return 0
 
 
 def tail(args: argparse.Namespace) -> int:
@@ -226,11 +313,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command in ("migrate", "copy"):
+        try:
+            return migrate(args) if args.command == "migrate" else copy(args)
+        except KeyboardInterrupt:
+            print(f"agentlog {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except (AgentlogError, OSError) as exc:
+            print(f"agentlog {args.command}: {exc}", file=sys.stderr)
+            return 1
     try:
         asyncio.run(
             serve(
                 args.addr,
                 args.data_dir,
+                store=args.store,
+                pool_size=args.pool_size,
+                statement_timeout_ms=args.statement_timeout_ms,
+                connect_timeout=args.connect_timeout,
                 max_message_bytes=args.max_message_bytes,
                 grace=args.grace,
                 sync=args.sync,

@@ -268,7 +268,7 @@ class CommitPath(Reader):
         if not mine and not others:  # new ids, the common case: only the expectation
             if append.expected is not None and append.expected != state.written:
                 raise _rules.wrong_expected_sequence(session_id, append.expected, state.written)
-            self._write_lines(staging, index, session_id, state, batch)
+            self._write_lines(staging, index, session_id, state, batch, kept_ns=append.timestamp_ns)
             identities[session_id] = state.identity
             return None
 
@@ -292,7 +292,7 @@ class CommitPath(Reader):
             # (a crash), the feed learns of its records now.
             self._stage_feed_catch_up(staging, session_id, state)
             return Appended.stored(session_id, batch, [mine[item.id] for item in batch]), None
-        self._write_lines(staging, index, session_id, state, batch)
+        self._write_lines(staging, index, session_id, state, batch, kept_ns=append.timestamp_ns)
         identities[session_id] = state.identity
         return None
 
@@ -340,13 +340,15 @@ class CommitPath(Reader):
         session_id: str,
         state: SessionState,
         batch: list[Prepared],
+        *,
+        kept_ns: int | None = None,
     ) -> None:
         last = state.written
         # Lines of a multi-event batch name the batch's last sequence, so a
         # batch cut short by a crash is recognised and never served in part.
         batch_end = last + len(batch) if len(batch) > 1 else None
         # One timestamp for the whole batch: it is one commit.
-        timestamp_ns = time.time_ns()
+        timestamp_ns = time.time_ns() if kept_ns is None else kept_ns
         timestamp = format_timestamp(timestamp_ns)
         appended = Appended(session_id, batch, last + 1, timestamp_ns)
         lines = []

@@ -1,0 +1,10 @@
+"""The PostgreSQL backend: many stateless replicas on one database.
+
+- `PostgresBackend.open(url)`: connect, migrate, serve (see `backend.py`).
+- `migrate_database(url)`: bring a database's schema up to date (`agentlog migrate`).
+"""
+
+from agentlog.server.postgres.backend import PostgresBackend, is_postgres_url
+from agentlog.server.postgres.setup import migrate_database
+
+__all__ = ["PostgresBackend", "is_postgres_url", "migrate_database"]

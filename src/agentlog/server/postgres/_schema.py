@@ -1,0 +1,167 @@
+"""The PostgreSQL schema, as versioned migrations, and applying them.
+
+Every replica migrates at start and operators may run `agentlog migrate` before
+a rollout: migrations run in one transaction under an advisory lock, so
+replicas starting together apply each migration once, and the others wait and
+find nothing left to do. A database migrated by a newer agentlog is refused
+rather than written with an older understanding of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from agentlog.errors import FailedPreconditionError
+
+# Taken for the length of a migration: any constant other programs are unlikely
+# to pick ("agentlog" in ASCII).
+MIGRATION_LOCK = 0x6167656E746C6F67
+
+# Each migration once, in order; never edit one that has shipped, add another.
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        r"""
+-- One row: the feed's last position, which appends advance under this row's lock
+-- (the serialised allocator that keeps the feed in commit order, without holes),
+-- and the key that signs ListSessions page tokens, shared by every replica.
+CREATE TABLE agentlog_meta (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    last_position bigint NOT NULL,
+    page_key bytea NOT NULL
+);
+INSERT INTO agentlog_meta (last_position, page_key)
+VALUES (0, decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'));
+
+-- Every record. `event` is the event's JSON text exactly as the JSONL store
+-- writes it (jsonb would reorder keys, drop duplicates and round numbers);
+-- `parent_id` is bytea because a parent id may hold any character, NUL too;
+-- timestamps are nanoseconds since the epoch (timestamptz holds microseconds).
+CREATE TABLE agentlog_events (
+    position bigint PRIMARY KEY,
+    session_id text COLLATE "C" NOT NULL,
+    sequence bigint NOT NULL,
+    id text COLLATE "C" NOT NULL UNIQUE,
+    parent_id bytea,
+    timestamp_ns bigint NOT NULL,
+    part_type text NOT NULL,
+    event bytea NOT NULL,
+    digest bytea NOT NULL,
+    UNIQUE (session_id, sequence)
+);
+CREATE INDEX agentlog_events_children ON agentlog_events (parent_id, session_id, sequence)
+    WHERE parent_id IS NOT NULL;
+
+-- One row per session, for ListSessions and for the append's checks.
+CREATE TABLE agentlog_sessions (
+    session_id text COLLATE "C" PRIMARY KEY,
+    last_sequence bigint NOT NULL,
+    first_timestamp_ns bigint NOT NULL,
+    last_timestamp_ns bigint NOT NULL,
+    head_id text NOT NULL
+);
+
+-- Appends, several at once (a replica's group commit), in one round trip.
+-- Appends are decided in order; each is stored whole, or found to repeat ids
+-- already stored (outcome 1: the caller tells a retry from a conflict), or
+-- refused by its expectation (outcome 2). The lock on agentlog_meta is held to
+-- the commit, so positions are given out in commit order and never skipped.
+-- Session timestamps never go backwards, whichever replica's clock is behind
+-- (unless kept from another store by `agentlog copy`: p_kept_ns).
+CREATE FUNCTION agentlog_append(
+    p_sessions text[], p_expected bigint[], p_counts integer[],
+    p_ids text[], p_parents bytea[], p_part_types text[], p_events bytea[],
+    p_digests bytea[], p_now_ns bigint, p_kept_ns bigint[]
+) RETURNS TABLE (outcome smallint, first_sequence bigint, first_position bigint, stored_ns bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_position bigint;
+    v_offset integer := 0;
+    v_count integer;
+    v_last bigint;
+    v_last_ns bigint;
+    v_ns bigint;
+    v_session text;
+BEGIN
+    SELECT m.last_position INTO v_position FROM agentlog_meta m FOR UPDATE;
+    FOR i IN 1 .. coalesce(array_length(p_sessions, 1), 0) LOOP
+        v_session := p_sessions[i];
+        v_count := p_counts[i];
+        SELECT s.last_sequence, s.last_timestamp_ns INTO v_last, v_last_ns
+            FROM agentlog_sessions s WHERE s.session_id = v_session;
+        IF NOT FOUND THEN
+            v_last := 0;
+            v_last_ns := 0;
+        END IF;
+        IF EXISTS (SELECT 1 FROM agentlog_events e
+                   WHERE e.id = ANY (p_ids[v_offset + 1 : v_offset + v_count])) THEN
+            outcome := 1; first_sequence := v_last; first_position := 0; stored_ns := 0;
+        ELSIF p_expected[i] IS NOT NULL AND p_expected[i] <> v_last THEN
+            outcome := 2; first_sequence := v_last; first_position := 0; stored_ns := 0;
+        ELSE
+            v_ns := coalesce(p_kept_ns[i], greatest(p_now_ns, v_last_ns));
+            INSERT INTO agentlog_events (position, session_id, sequence, id, parent_id,
+                                         timestamp_ns, part_type, event, digest)
+            SELECT v_position + k, v_session, v_last + k, p_ids[v_offset + k],
+                   p_parents[v_offset + k], v_ns, p_part_types[v_offset + k],
+                   p_events[v_offset + k], p_digests[v_offset + k]
+            FROM generate_series(1, v_count) AS k;
+            INSERT INTO agentlog_sessions AS s
+                (session_id, last_sequence, first_timestamp_ns, last_timestamp_ns, head_id)
+            VALUES (v_session, v_last + v_count, v_ns, v_ns, p_ids[v_offset + v_count])
+            ON CONFLICT (session_id) DO UPDATE SET
+                last_sequence = excluded.last_sequence,
+                last_timestamp_ns = excluded.last_timestamp_ns,
+                head_id = excluded.head_id;
+            PERFORM pg_notify('agentlog_feed', concat_ws(' ', v_position + 1, v_position + v_count,
+                                                         v_last + v_count, v_session));
+            outcome := 0; first_sequence := v_last + 1; first_position := v_position + 1;
+            stored_ns := v_ns;
+            v_position := v_position + v_count;
+        END IF;
+        v_offset := v_offset + v_count;
+        RETURN NEXT;
+    END LOOP;
+    UPDATE agentlog_meta SET last_position = v_position;
+END
+$$;
+""",
+    ),
+]
+LATEST = MIGRATIONS[-1][0]
+
+
+async def migrate(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> tuple[int, int]:
+    """Bring the schema up to date; (version before, version after). `conn` must be
+    in autocommit mode (the migration makes its own transaction)."""
+    encoding = await (await conn.execute("SHOW server_encoding")).fetchone()
+    if encoding is None or str(encoding[0]).upper() not in ("UTF8", "UTF-8"):
+        raise FailedPreconditionError(
+            f"the database's encoding is {encoding[0] if encoding else '?'}, not UTF8: session "
+            "ids are ordered by their UTF-8 bytes; create the database with ENCODING 'UTF8'",
+            reason="DATABASE_ENCODING",
+        )
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS agentlog_schema ("
+            " version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        row = await (
+            await conn.execute("SELECT coalesce(max(version), 0) FROM agentlog_schema")
+        ).fetchone()
+        before = int(row[0]) if row else 0
+        if before > LATEST:
+            raise FailedPreconditionError(
+                f"the database's agentlog schema is version {before}, newer than this "
+                f"agentlog understands (up to {LATEST}); run a newer agentlog",
+                reason="SCHEMA_TOO_NEW",
+            )
+        for version, sql in MIGRATIONS:
+            if version > before:
+                await conn.execute(sql.encode())
+                await conn.execute("INSERT INTO agentlog_schema (version) VALUES (%s)", (version,))
+    return before, LATEST

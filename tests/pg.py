@@ -1,0 +1,57 @@
+"""A real PostgreSQL for tests: the machine's server, one new database per use.
+
+Tests never mock the database. Each database is created here and dropped
+afterwards (its connections cut off), so runs do not see each other's data.
+`AGENTLOG_TEST_POSTGRES` names the server (a URL of its maintenance database).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+ADMIN_URL = os.environ.get(
+    "AGENTLOG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _admin() -> psycopg.Connection[tuple[object, ...]]:
+    try:
+        return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"no PostgreSQL answers at {ADMIN_URL} ({exc}); the PostgreSQL tests need one. "
+            "Start it (pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main "
+            "start) or point AGENTLOG_TEST_POSTGRES at one",
+            pytrace=False,
+        )
+
+
+def url_of(name: str) -> str:
+    """The URL of database `name` on the test server."""
+    params = conninfo_to_dict(ADMIN_URL)
+    host, port, user = params.get("host", "127.0.0.1"), params.get("port", 5432), params["user"]
+    return f"postgresql://{user}@{host}:{port}/{name}"
+
+
+@contextmanager
+def database() -> Iterator[str]:
+    """A new, empty UTF-8 database; yields its URL and drops it afterwards."""
+    name = f"agentlog_test_{uuid.uuid4().hex[:16]}"
+    with _admin() as admin:
+        admin.execute(f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' TEMPLATE template0")
+    try:
+        yield url_of(name)
+    finally:
+        with _admin() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def conninfo(url: str) -> str:
+    return make_conninfo(url)
