@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from agentlog import AgentlogClient, AppendEvent, ToolCall, ToolCallRequested
 from agentlog._records import format_timestamp, new_record_ids, parse_timestamp
 from agentlog.server import JsonlSessionRepository
+from agentlog.server.postgres import PostgresBackend
+from tests.pg import database
 from tests.servers import running_server
 from tests.test_arcan_fixtures import identical
 
@@ -30,11 +32,22 @@ json_values = st.recursive(
 )
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentlogClient]:
-    repo = JsonlSessionRepository(tmp_path_factory.mktemp("data"), sync=False)
-    with running_server(repo) as target, AgentlogClient(target) as client:
-        yield client
+@pytest.fixture(scope="module", params=["jsonl", "postgresql"])
+def client(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AgentlogClient]:
+    if request.param == "jsonl":
+        repo = JsonlSessionRepository(tmp_path_factory.mktemp("data"), sync=False)
+        with running_server(repo) as target, AgentlogClient(target) as client:
+            yield client
+        return
+    with database() as url:
+
+        async def open_backend() -> PostgresBackend:
+            return await PostgresBackend.open(url)
+
+        with running_server(open_backend) as target, AgentlogClient(target) as client:
+            yield client
 
 
 @settings(

@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     copy_cmd.add_argument("source", metavar="FROM")
     copy_cmd.add_argument("destination", metavar="TO")
+    for command in (migrate_cmd, copy_cmd):
+        command.add_argument(
+            "--connect-timeout",
+            type=float,
+            default=float(os.environ.get("AGENTLOG_CONNECT_TIMEOUT", "30")),
+            help="seconds to wait for PostgreSQL (env AGENTLOG_CONNECT_TIMEOUT)",
+        )
     tail_cmd = commands.add_parser(
         "tail",
         help="print a session's events as they happen",
@@ -213,7 +220,7 @@ def migrate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    before, after = asyncio.run(migrate_database(args.store))
+    before, after = asyncio.run(migrate_database(args.store, connect_timeout=args.connect_timeout))
     where = redact(args.store)
     if before == after:
         print(f"agentlog migrate: {where} is at schema version {after}; nothing to do")
@@ -225,7 +232,14 @@ def migrate(args: argparse.Namespace) -> int:
 def copy(args: argparse.Namespace) -> int:
     from agentlog.server.copying import copy_store
 
-    summary = asyncio.run(copy_store(args.source, args.destination, progress=sys.stderr))
+    summary = asyncio.run(
+        copy_store(
+            args.source,
+            args.destination,
+            progress=sys.stderr,
+            connect_timeout=args.connect_timeout,
+        )
+    )
     print(summary.describe())
     return 0
 

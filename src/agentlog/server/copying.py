@@ -52,12 +52,14 @@ class CopySummary:
 
 
 @asynccontextmanager
-async def open_store(where: str, *, must_exist: bool) -> AsyncIterator[Backend]:
+async def open_store(
+    where: str, *, must_exist: bool, connect_timeout: float = 30.0
+) -> AsyncIterator[Backend]:
     """The store `where` names (a postgresql:// URL or a JSONL directory), as a Backend."""
     from agentlog.server.postgres import PostgresBackend, is_postgres_url
 
     if is_postgres_url(where):
-        backend = await PostgresBackend.open(where)
+        backend = await PostgresBackend.open(where, connect_timeout=connect_timeout)
         try:
             yield backend
         finally:
@@ -126,15 +128,17 @@ class _Progress:
         self._out.flush()
 
 
-async def copy_store(source: str, destination: str, *, progress: TextIO | None) -> CopySummary:
+async def copy_store(
+    source: str, destination: str, *, progress: TextIO | None, connect_timeout: float = 30.0
+) -> CopySummary:
     """Copy every session of `source` into `destination`; what was copied."""
     if source.rstrip("/") == destination.rstrip("/"):
         raise InvalidArgumentError("FROM and TO are the same store")
     started = time.monotonic()
     summary = CopySummary()
     async with (
-        open_store(source, must_exist=True) as src,
-        open_store(destination, must_exist=False) as dst,
+        open_store(source, must_exist=True, connect_timeout=connect_timeout) as src,
+        open_store(destination, must_exist=False, connect_timeout=connect_timeout) as dst,
     ):
         infos = await _sessions(src)
         shown = _Progress(progress, len(infos))

@@ -26,6 +26,8 @@ from agentlog.server.postgres._errors import redact
 log = logging.getLogger("agentlog.postgres")
 
 CHANNEL = "agentlog_feed"
+# The listener's application_name, so operators (and tests) can tell it apart.
+LISTENER_NAME = "agentlog-listener"
 # Between reconnection attempts while the database is unreachable, at most.
 MAX_RECONNECT_SECONDS = 2.0
 
@@ -86,6 +88,7 @@ class FeedListener:
             try:
                 conn = await psycopg.AsyncConnection.connect(
                     self._conninfo,
+                    application_name=LISTENER_NAME,
                     autocommit=True,
                     connect_timeout=max(1, int(self._connect_timeout)),
                 )
@@ -113,6 +116,7 @@ class FeedListener:
             except (psycopg.Error, OSError) as exc:
                 if not self._closing:
                     log.warning("lost the notification connection (%s)", redact(str(exc)))
+                    await asyncio.sleep(delay)  # not a busy loop if the database keeps refusing
 
     def _notified(self, payload: str) -> None:
         try:

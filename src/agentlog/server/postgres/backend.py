@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -67,6 +68,7 @@ READ_ROWS = 1024
 GROUP_EVENTS = 2048
 GROUP_LANES = 2
 MAX_BIGINT = 2**63 - 1
+POOL_WAIT_SECONDS = 10.0
 
 _APPEND_SQL = (
     "SELECT outcome, first_sequence, first_position, stored_ns FROM agentlog_append("
@@ -136,7 +138,7 @@ class PostgresBackend(Backend):
         self._stopping = False
         self._available = True
         self._availability: list[Callable[[bool], None]] = []
-        self._queue: list[tuple[_Encoded, asyncio.Future[Appended]]] = []
+        self._queue: deque[tuple[_Encoded, asyncio.Future[Appended]]] = deque()
         self._lanes = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._feed = FeedListener(
@@ -168,7 +170,8 @@ class PostgresBackend(Backend):
             max_size=pool_size,
             kwargs={"autocommit": True},
             open=False,
-            timeout=connect_timeout,
+            # A call waits this long for a free connection, then is UNAVAILABLE.
+            timeout=min(connect_timeout, POOL_WAIT_SECONDS),
             reconnect_timeout=0,  # keep trying: the database comes back
             name="agentlog",
         )
@@ -249,6 +252,7 @@ class PostgresBackend(Backend):
                 "elsewhere)",
                 reason="SHUTTING_DOWN",
             )
+        self._check_reachable()
         encoded = _Encoded(append)
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._queue.append((encoded, future))
@@ -264,7 +268,7 @@ class PostgresBackend(Backend):
                 group: list[tuple[_Encoded, asyncio.Future[Appended]]] = []
                 events = 0
                 while self._queue and (not group or events < GROUP_EVENTS):
-                    item = self._queue.pop(0)
+                    item = self._queue.popleft()
                     group.append(item)
                     events += len(item[0].append.batch)
                 answers = await self._commit_group([encoded for encoded, _ in group])
@@ -389,7 +393,16 @@ class PostgresBackend(Backend):
 
     # -- reads ----------------------------------------------------------------
 
+    def _check_reachable(self) -> None:
+        """Fail at once, not after the pool's wait, while the database is known down."""
+        if not self._available:
+            raise UnavailableError(
+                "PostgreSQL is unreachable; this replica reconnects by itself: retry",
+                reason="DATABASE_UNAVAILABLE",
+            )
+
     async def _fetch(self, query: str, params: Sequence[Any]) -> list[Any]:
+        self._check_reachable()
         async with translated(), self._pool.connection() as conn:
             cursor = await conn.execute(query, params, binary=True)
             rows: list[Any] = await cursor.fetchall()

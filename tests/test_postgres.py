@@ -1,0 +1,453 @@
+"""The PostgreSQL backend beyond the contract suite: the feed's order across
+transactions, replicas on one database, faults, migrations and secrets.
+
+Everything runs against the machine's real PostgreSQL (see tests/pg.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import orjson
+import psycopg
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentlog import (
+    AgentlogClient,
+    AppendEvent,
+    CaughtUp,
+    FeedRecord,
+    NewEvent,
+    ToolCall,
+    ToolCallRequested,
+)
+from agentlog._codec import event_to_json
+from agentlog.server import JsonlSessionRepository, Server
+from agentlog.server._rules import content_digest
+from agentlog.server.postgres import PostgresBackend, migrate_database
+from agentlog.server.postgres._notify import LISTENER_NAME
+from agentlog.server.postgres._schema import LATEST
+from tests.contract import delta
+from tests.pg import database, url_of
+from tests.servers import LoopThread, served
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    with database() as made:
+        yield made
+
+
+@contextlib.contextmanager
+def replica(url: str, poll_seconds: float = 0.5) -> Iterator[tuple[str, Server]]:
+    """A server on PostgresBackend over `url`; yields its target and the server."""
+
+    async def open_backend() -> PostgresBackend:
+        return await PostgresBackend.open(url, poll_seconds=poll_seconds)
+
+    with served(open_backend) as (built, _):
+        yield f"127.0.0.1:{built.port}", built
+
+
+def health_of(target: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        return int(answer.status)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class Collector:
+    """Follows an iterator of a subscription on a thread, keeping what it yields."""
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self.items: list[Any] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True)
+        self._thread.start()
+
+    def _run(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                self.items.append(item)
+        except BaseException as exc:
+            self.error = exc
+
+    def records(self) -> list[Any]:
+        return [item for item in self.items if not isinstance(item, CaughtUp)]
+
+
+def raw_append(conn: psycopg.Connection[Any], session_id: str, text: str) -> int:
+    """Call the append function as a replica does, in `conn`'s transaction; the
+    first position it took."""
+    event_json = event_to_json(delta(session_id, text))
+    row = conn.execute(
+        "SELECT outcome, first_position FROM agentlog_append(%s::text[], %s::bigint[],"
+        " %s::integer[], %s::text[], %s::bytea[], %s::text[], %s::bytea[], %s::bytea[],"
+        " %s::bigint, %s::bigint[])",
+        (
+            [session_id],
+            [None],
+            [1],
+            [str(uuid.uuid4())],
+            [None],
+            ["text_delta"],
+            [orjson.dumps(event_json)],
+            [content_digest(None, event_json)],
+            time.time_ns(),
+            [None],
+        ),
+    ).fetchone()
+    assert row is not None
+    assert row[0] == 0
+    return int(row[1])
+
+
+def test_a_follower_never_skips_a_record_committed_late_at_a_lower_position(url: str) -> None:
+    with replica(url) as (target, _), AgentlogClient(target) as client:
+        client.append(AppendEvent(session_id="warm", event=delta("warm", "0")))
+        feed = Collector(client.subscribe_all(from_position=1))
+        wait_until(lambda: any(isinstance(i, CaughtUp) for i in feed.items), what="caught up")
+        # A transaction takes position 2 and stays open ...
+        with psycopg.connect(url) as held:
+            lower = raw_append(held, "slow", "lower")
+            assert lower == 2
+            # ... while other writers append.
+            later: list[Any] = []
+            writer = threading.Thread(
+                target=lambda: later.append(
+                    client.append(AppendEvent(session_id="fast", event=delta("fast", "x")))
+                )
+            )
+            writer.start()
+            time.sleep(1.0)
+            # Nothing past the open transaction is acknowledged or visible yet:
+            # a higher position cannot commit before a lower one.
+            assert later == []
+            assert [i.position for i in feed.records()] == [1]
+            held.commit()
+        writer.join(30)
+        assert len(later) == 1
+        assert later[0].sequence == 1
+        wait_until(lambda: len(feed.records()) == 3, what="both records")
+        records = feed.records()
+        assert [(r.position, r.record.session_id) for r in records] == [
+            (1, "warm"),
+            (2, "slow"),
+            (3, "fast"),
+        ]
+
+
+def test_a_subscriber_on_one_replica_gets_every_append_made_through_another(url: str) -> None:
+    with (
+        replica(url) as (target_a, _),
+        replica(url) as (target_b, _),
+        AgentlogClient(target_a) as writer,
+        AgentlogClient(target_b) as reader,
+    ):
+        session = f"shared-{uuid.uuid4()}"
+        follower = Collector(reader.subscribe_session(session, from_sequence=1))
+        feed = Collector(reader.subscribe_all(from_position=1))
+
+        def write(index: int) -> None:
+            for n in range(25):
+                if n % 5 == 4:
+                    events = [NewEvent(event=delta(session, f"{index}-{n}-{k}")) for k in range(3)]
+                    writer.append_batch(session, events)
+                else:
+                    writer.append(AppendEvent(session_id=session, event=delta(session, f"{n}")))
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        stored = writer.load_session(session)
+        assert len(stored) == 4 * (20 + 5 * 3)
+        wait_until(lambda: len(follower.records()) == len(stored), what="the session's records")
+        wait_until(lambda: len(feed.records()) == len(stored), what="the feed's records")
+        assert [r.id for r in follower.records()] == [r.id for r in stored]
+        positions = [item.position for item in feed.records()]
+        assert positions == list(range(1, len(stored) + 1))
+        assert sorted(item.record.id for item in feed.records()) == sorted(r.id for r in stored)
+        assert follower.error is None
+        assert feed.error is None
+
+
+def _listener_pids(admin: psycopg.Connection[Any], name: str) -> list[int]:
+    rows = admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+        (name, LISTENER_NAME),
+    ).fetchall()
+    return [int(row[0]) for row in rows]
+
+
+def test_a_lost_notification_costs_a_delay_never_a_record(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    with (
+        replica(url) as (target_a, _),
+        replica(url, poll_seconds=0.3) as (target_b, _),
+        AgentlogClient(target_a) as writer,
+        AgentlogClient(target_b) as reader,
+        psycopg.connect(url_of("postgres"), autocommit=True) as admin,
+    ):
+        session = f"lost-{uuid.uuid4()}"
+        follower = Collector(reader.subscribe_session(session, from_sequence=1))
+        wait_until(lambda: len(_listener_pids(admin, name)) == 2, what="both listeners")
+        wait_until(lambda: bool(follower.items), what="the subscription")
+        # Cut every listener off, again and again, while appending: the
+        # notifications sent while a listener is away reach nobody.
+        cutting = threading.Event()
+
+        def cut() -> None:
+            while not cutting.is_set():
+                for pid in _listener_pids(admin, name):
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                time.sleep(0.005)
+
+        cutter = threading.Thread(target=cut)
+        cutter.start()
+        try:
+            for n in range(40):
+                writer.append(AppendEvent(session_id=session, event=delta(session, f"{n}")))
+                time.sleep(0.01)
+        finally:
+            cutting.set()
+            cutter.join(30)
+        wait_until(lambda: len(follower.records()) == 40, what="every record")
+        assert [r.sequence for r in follower.records()] == list(range(1, 41))
+
+
+def test_killing_the_servers_connections_under_load_loses_nothing(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    with (
+        replica(url) as (target, _),
+        psycopg.connect(url_of("postgres"), autocommit=True) as admin,
+    ):
+        acknowledged: dict[str, int] = {}
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def write(index: int) -> None:
+            with AgentlogClient(target, retries=50) as client:
+                session = f"kill-{index}"
+                while not stop.is_set():
+                    try:
+                        if len(acknowledged) % 3 == 0:
+                            events = [NewEvent(event=delta(session, "b")) for _ in range(4)]
+                            records = client.append_batch(session, events)
+                        else:
+                            event = delta(session, "s")
+                            records = [client.append(AppendEvent(session_id=session, event=event))]
+                    except BaseException as exc:
+                        errors.append(exc)
+                        return
+                    for record in records:
+                        acknowledged[record.id] = record.sequence
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        killed = 0
+        for _ in range(5):
+            time.sleep(0.4)
+            killed += len(
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (name,),
+                ).fetchall()
+            )
+        time.sleep(0.5)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        assert killed >= 5
+        wait_until(lambda: health_of(target) == SERVING, what="SERVING again")
+        with AgentlogClient(target) as client:
+            stored = {r.id: r.sequence for i in range(6) for r in client.load_session(f"kill-{i}")}
+            for i in range(6):
+                sequences = [r.sequence for r in client.load_session(f"kill-{i}")]
+                assert sequences == list(range(1, len(sequences) + 1))
+        assert len(acknowledged) > 100
+        assert {i: stored.get(i) for i in acknowledged} == acknowledged  # each present once
+
+
+def _restart_postgres() -> None:
+    version = os.listdir("/etc/postgresql")[0]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def test_a_database_restart_is_survived_and_reported_by_health(url: str) -> None:
+    with replica(url) as (target, _), AgentlogClient(target, retries=100) as client:
+        session = f"restart-{uuid.uuid4()}"
+        feed = Collector(client.subscribe_all(from_position=1))
+        acknowledged: list[str] = []
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def write() -> None:
+            while not stop.is_set():
+                record = client.append(AppendEvent(session_id=session, event=delta(session, "r")))
+                acknowledged.append(record.id)
+
+        def watch_health() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(grpc.RpcError):
+                    statuses.append(health_of(target))
+                time.sleep(0.02)
+
+        workers = [threading.Thread(target=write), threading.Thread(target=watch_health)]
+        for worker in workers:
+            worker.start()
+        wait_until(lambda: len(acknowledged) > 20, what="appends before the restart")
+        _restart_postgres()
+        before = len(acknowledged)
+        wait_until(lambda: len(acknowledged) > before + 20, what="appends after the restart")
+        wait_until(lambda: statuses[-1:] == [SERVING], what="SERVING after the restart")
+        stop.set()
+        for worker in workers:
+            worker.join(60)
+        assert NOT_SERVING in statuses  # while the database was down
+        stored = [r.id for r in client.load_session(session)]
+        assert stored == acknowledged  # every acknowledged append, once, in order
+        wait_until(lambda: len(feed.records()) == len(stored), what="the feed to resume")
+        assert [i.record.id for i in feed.records()] == stored
+        assert [i.position for i in feed.records()] == list(range(1, len(stored) + 1))
+        assert all(isinstance(i, FeedRecord) for i in feed.records())
+
+
+def test_replicas_starting_together_migrate_once(url: str) -> None:
+    loop = LoopThread()
+    try:
+        results = loop.run(_migrate_together(url))
+    finally:
+        loop.close()
+    assert sorted(results) == [(0, LATEST)] + [(LATEST, LATEST)] * 5
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT version FROM agentlog_schema").fetchall()
+    assert rows == [(LATEST,)]
+
+
+async def _migrate_together(url: str) -> list[tuple[int, int]]:
+    import asyncio
+
+    return list(await asyncio.gather(*(migrate_database(url) for _ in range(6))))
+
+
+def test_a_schema_newer_than_this_agentlog_is_refused(url: str) -> None:
+    loop = LoopThread()
+    try:
+        loop.run(migrate_database(url))
+        with psycopg.connect(url) as conn:
+            conn.execute("INSERT INTO agentlog_schema (version) VALUES (%s)", (LATEST + 1,))
+        result = subprocess.run(
+            [sys.executable, "-m", "agentlog.server", "migrate", "--store", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        loop.close()
+    assert result.returncode == 1
+    assert f"schema is version {LATEST + 1}, newer than this agentlog" in result.stderr
+
+
+def test_migrate_command_says_what_it_did(url: str) -> None:
+    def migrate() -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "agentlog.server", "migrate"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**_env(), "AGENTLOG_STORE": url},
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert f"migrated from schema version 0 to {LATEST}" in migrate()
+    assert "nothing to do" in migrate()
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ)
+
+
+def test_passwords_never_appear_in_messages() -> None:
+    secret = "s3cret-Pa55"
+    store = f"postgresql://agentlog:{secret}@127.0.0.1:1/nothing"
+    for command in (
+        ["serve", "--addr", "127.0.0.1:0", "--store", store, "--connect-timeout", "1"],
+        ["migrate", "--store", store, "--connect-timeout", "1"],
+        ["copy", store, store + "x", "--connect-timeout", "1"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "agentlog.server", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 1, (command, result.stderr)
+        assert secret not in result.stderr + result.stdout
+        assert "PostgreSQL" in result.stderr
+        assert "127.0.0.1" in result.stderr  # says where it tried
+
+
+def test_json_is_stored_byte_for_byte_as_the_jsonl_store_writes_it(
+    url: str, tmp_path: Path
+) -> None:
+    value = {
+        "z": 18446744073709551615,
+        "a": [9007199254740993, -0.0, 1.5e300, None, {}, []],
+        "m": "nul \x00, line separator \u2028, é",
+        "b": {"nested": True, "n": -(2**63)},
+    }
+    session = "bytes"
+    event = ToolCallRequested(
+        run_id="r",
+        session_id=session,
+        iteration=0,
+        call=ToolCall(call_id="c", tool_name="t", input=value),
+    )
+    with JsonlSessionRepository(tmp_path / "data") as jsonl:
+        jsonl.append(AppendEvent(session_id=session, event=event))
+    line = (tmp_path / "data" / f"{session}.jsonl").read_bytes()
+    in_file = line[line.index(b'"event":') + len(b'"event":') : line.rindex(b',"sequence"')]
+    with replica(url) as (target, _), AgentlogClient(target) as client:
+        stored = client.append(AppendEvent(session_id=session, event=event))
+        assert client.load_session(session) == [stored]
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT event FROM agentlog_events").fetchone()
+    assert row is not None
+    assert bytes(row[0]) == in_file
+    assert list(orjson.loads(in_file)["call"]["input"]) == ["z", "a", "m", "b"]  # key order
