@@ -70,8 +70,10 @@ buf-lint: $(BUF)
 pytest: $(INSTALLED)
 	$(BIN)/python -m pytest
 
+# The PostgreSQL store is measured on this server too (BENCH_STORE= to leave it out).
+BENCH_STORE ?= postgresql://postgres@127.0.0.1:5432/postgres
 bench: $(INSTALLED)
-	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench $(if $(BENCH_STORE),--store $(BENCH_STORE)) $(BENCH_ARGS)
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache

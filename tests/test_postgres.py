@@ -6,6 +6,7 @@ Everything runs against the machine's real PostgreSQL (see tests/pg.py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -25,16 +26,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentlog import (
     AgentlogClient,
+    AlreadyExistsError,
     AppendEvent,
     CaughtUp,
     FeedRecord,
+    JsonValue,
     NewEvent,
     ToolCall,
     ToolCallRequested,
+    WrongExpectedSequence,
 )
 from agentlog._codec import event_to_json
 from agentlog.server import JsonlSessionRepository, Server
-from agentlog.server._rules import content_digest
+from agentlog.server._rules import PendingAppend, Prepared
 from agentlog.server.postgres import PostgresBackend, migrate_database
 from agentlog.server.postgres._notify import LISTENER_NAME
 from agentlog.server.postgres._schema import LATEST
@@ -104,19 +108,18 @@ def raw_append(conn: psycopg.Connection[Any], session_id: str, text: str) -> int
     event_json = event_to_json(delta(session_id, text))
     row = conn.execute(
         "SELECT outcome, first_position FROM agentlog_append(%s::text[], %s::bigint[],"
-        " %s::integer[], %s::text[], %s::bytea[], %s::text[], %s::bytea[], %s::bytea[],"
-        " %s::bigint, %s::bigint[])",
+        " %s::integer[], %s::bigint[], %s::integer[], %s::text[], %s::bytea[], %s::bytea[],"
+        " %s::bigint)",
         (
             [session_id],
             [None],
             [1],
+            [None],
+            [1],
             [str(uuid.uuid4())],
             [None],
-            ["text_delta"],
             [orjson.dumps(event_json)],
-            [content_digest(None, event_json)],
             time.time_ns(),
-            [None],
         ),
     ).fetchone()
     assert row is not None
@@ -426,7 +429,7 @@ def test_passwords_never_appear_in_messages() -> None:
 def test_json_is_stored_byte_for_byte_as_the_jsonl_store_writes_it(
     url: str, tmp_path: Path
 ) -> None:
-    value = {
+    value: JsonValue = {
         "z": 18446744073709551615,
         "a": [9007199254740993, -0.0, 1.5e300, None, {}, []],
         "m": "nul \x00, line separator \u2028, é",
@@ -451,3 +454,46 @@ def test_json_is_stored_byte_for_byte_as_the_jsonl_store_writes_it(
     assert row is not None
     assert bytes(row[0]) == in_file
     assert list(orjson.loads(in_file)["call"]["input"]) == ["z", "a", "m", "b"]  # key order
+
+
+def test_appends_committed_together_are_each_decided_alone(url: str) -> None:
+    async def scenario() -> list[Any]:
+        backend = await PostgresBackend.open(url)
+        try:
+            taken = str(uuid.uuid4())
+            await backend.append(_pending("elsewhere", [taken]))
+            first = str(uuid.uuid4())
+            appends = [
+                _pending("s1", [first]),
+                _pending("s1", [str(uuid.uuid4())], expected=0),  # s1 has 1 by then
+                _pending("s1", [first]),  # a retry of the first, sent with it
+                _pending("s2", [str(uuid.uuid4()), taken]),  # an id of another session
+                _pending("s2", [str(uuid.uuid4()) for _ in range(3)], expected=0),
+                _pending("s1", [str(uuid.uuid4())], expected=2**64 - 1),
+            ]
+            return list(
+                await asyncio.gather(*(backend.append(a) for a in appends), return_exceptions=True)
+            )
+        finally:
+            await backend.close()
+
+    loop = LoopThread()
+    try:
+        stored, refused, retried, conflict, batch, impossible = loop.run(scenario())
+    finally:
+        loop.close()
+    assert stored.first_sequence == 1
+    assert isinstance(refused, WrongExpectedSequence)
+    assert refused.actual_sequence == 1
+    assert retried.records()[0].id == stored.records()[0].id
+    assert retried.first_sequence == 1
+    assert isinstance(conflict, AlreadyExistsError)
+    assert conflict.metadata["session_id"] == "elsewhere"
+    assert [r.sequence for r in batch.records()] == [1, 2, 3]
+    assert isinstance(impossible, WrongExpectedSequence)
+    assert impossible.expected_sequence == 2**64 - 1
+
+
+def _pending(session_id: str, ids: list[str], expected: int | None = None) -> PendingAppend:
+    event_json = event_to_json(delta(session_id, "g"))
+    return PendingAppend(session_id, [Prepared(i, None, event_json) for i in ids], expected)

@@ -46,9 +46,7 @@ CREATE TABLE agentlog_events (
     id text COLLATE "C" NOT NULL UNIQUE,
     parent_id bytea,
     timestamp_ns bigint NOT NULL,
-    part_type text NOT NULL,
     event bytea NOT NULL,
-    digest bytea NOT NULL,
     UNIQUE (session_id, sequence)
 );
 CREATE INDEX agentlog_events_children ON agentlog_events (parent_id, session_id, sequence)
@@ -70,22 +68,42 @@ CREATE TABLE agentlog_sessions (
 -- the commit, so positions are given out in commit order and never skipped.
 -- Session timestamps never go backwards, whichever replica's clock is behind
 -- (unless kept from another store by `agentlog copy`: p_kept_ns).
+-- Per append: p_sessions, p_expected, p_counts, p_kept_ns. Per event: p_append_of
+-- (its append's number, from 1), p_ids, p_parents, p_events. No id may repeat
+-- within one call (the caller splits groups there).
+-- The events are inserted in one statement at the end: indexing the event
+-- arrays inside the loop would copy them for every append.
 CREATE FUNCTION agentlog_append(
-    p_sessions text[], p_expected bigint[], p_counts integer[],
-    p_ids text[], p_parents bytea[], p_part_types text[], p_events bytea[],
-    p_digests bytea[], p_now_ns bigint, p_kept_ns bigint[]
+    p_sessions text[], p_expected bigint[], p_counts integer[], p_kept_ns bigint[],
+    p_append_of integer[], p_ids text[], p_parents bytea[], p_events bytea[], p_now_ns bigint
 ) RETURNS TABLE (outcome smallint, first_sequence bigint, first_position bigint, stored_ns bigint)
-LANGUAGE plpgsql AS $$
+-- Its plans are made once per connection, often while the tables are still
+-- small: keep them on the indexes, which stay right at any size (and without
+-- JIT, which the cost of a refused sequential scan would otherwise set off).
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_position bigint;
-    v_offset integer := 0;
+    v_known integer[];
     v_count integer;
     v_last bigint;
     v_last_ns bigint;
     v_ns bigint;
     v_session text;
+    v_heads text[];
+    v_stored integer[] := '{}';
+    v_first_positions bigint[] := '{}';
+    v_first_sequences bigint[] := '{}';
+    v_timestamps bigint[] := '{}';
 BEGIN
-    SELECT m.last_position INTO v_position FROM agentlog_meta m FOR UPDATE;
+    SELECT m.last_position INTO v_position FROM agentlog_meta m WHERE m.singleton FOR UPDATE;
+    -- Which appends name an id already stored, in one look at the id index.
+    SELECT coalesce(array_agg(DISTINCT u.a), '{}') INTO v_known
+        FROM unnest(p_append_of, p_ids) AS u(a, id)
+        WHERE u.id = ANY (ARRAY(SELECT e.id FROM agentlog_events e WHERE e.id = ANY (p_ids)));
+    -- Each append's last id: the session's new head.
+    SELECT array_agg(u.id ORDER BY u.a) INTO v_heads FROM (
+        SELECT DISTINCT ON (a) a, id FROM unnest(p_append_of, p_ids) WITH ORDINALITY AS x(a, id, k)
+        ORDER BY a, k DESC) AS u;
     FOR i IN 1 .. coalesce(array_length(p_sessions, 1), 0) LOOP
         v_session := p_sessions[i];
         v_count := p_counts[i];
@@ -95,22 +113,19 @@ BEGIN
             v_last := 0;
             v_last_ns := 0;
         END IF;
-        IF EXISTS (SELECT 1 FROM agentlog_events e
-                   WHERE e.id = ANY (p_ids[v_offset + 1 : v_offset + v_count])) THEN
+        IF i = ANY (v_known) THEN
             outcome := 1; first_sequence := v_last; first_position := 0; stored_ns := 0;
         ELSIF p_expected[i] IS NOT NULL AND p_expected[i] <> v_last THEN
             outcome := 2; first_sequence := v_last; first_position := 0; stored_ns := 0;
         ELSE
             v_ns := coalesce(p_kept_ns[i], greatest(p_now_ns, v_last_ns));
-            INSERT INTO agentlog_events (position, session_id, sequence, id, parent_id,
-                                         timestamp_ns, part_type, event, digest)
-            SELECT v_position + k, v_session, v_last + k, p_ids[v_offset + k],
-                   p_parents[v_offset + k], v_ns, p_part_types[v_offset + k],
-                   p_events[v_offset + k], p_digests[v_offset + k]
-            FROM generate_series(1, v_count) AS k;
+            v_stored := v_stored || i;
+            v_first_positions := v_first_positions || (v_position + 1);
+            v_first_sequences := v_first_sequences || (v_last + 1);
+            v_timestamps := v_timestamps || v_ns;
             INSERT INTO agentlog_sessions AS s
                 (session_id, last_sequence, first_timestamp_ns, last_timestamp_ns, head_id)
-            VALUES (v_session, v_last + v_count, v_ns, v_ns, p_ids[v_offset + v_count])
+            VALUES (v_session, v_last + v_count, v_ns, v_ns, v_heads[i])
             ON CONFLICT (session_id) DO UPDATE SET
                 last_sequence = excluded.last_sequence,
                 last_timestamp_ns = excluded.last_timestamp_ns,
@@ -121,10 +136,19 @@ BEGIN
             stored_ns := v_ns;
             v_position := v_position + v_count;
         END IF;
-        v_offset := v_offset + v_count;
         RETURN NEXT;
     END LOOP;
-    UPDATE agentlog_meta SET last_position = v_position;
+    INSERT INTO agentlog_events (position, session_id, sequence, id, parent_id,
+                                 timestamp_ns, event)
+    SELECT d.first_position + (u.k - f.k), p_sessions[d.a], d.first_sequence + (u.k - f.k),
+           u.id, u.parent, d.ns, u.event
+    FROM unnest(v_stored, v_first_positions, v_first_sequences, v_timestamps)
+             AS d(a, first_position, first_sequence, ns)
+    JOIN (SELECT x.a, min(x.k) AS k FROM unnest(p_append_of) WITH ORDINALITY AS x(a, k)
+          GROUP BY x.a) AS f ON f.a = d.a
+    JOIN unnest(p_append_of, p_ids, p_parents, p_events)
+             WITH ORDINALITY AS u(a, id, parent, event, k) ON u.a = d.a;
+    UPDATE agentlog_meta SET last_position = v_position WHERE singleton;
 END
 $$;
 """,
