@@ -9,10 +9,11 @@ database share the machine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def bench_database(server_url: str) -> Iterator[str]:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def _as_url(params: dict[str, object]) -> str:
+def _as_url(params: Mapping[str, object]) -> str:
     user = params.get("user", "postgres")
     password = f":{params['password']}" if params.get("password") else ""
     host, port = params.get("host", "127.0.0.1"), params.get("port", 5432)
@@ -171,10 +172,8 @@ def bench_postgres_children(tmp: Path, results: Results, server_url: str, sessio
         with bench_database(server_url) as url:
             copy_in(data, url)
             with pg_server(tmp, url) as target, AgentlogClient(target, timeout=600) as client:
-                results[f"pg_children_ms_{name}"] = (
-                    timed_ms(lambda c=client: c.load_children(parent), 5),
-                    "ms",
-                )
+                children = functools.partial(client.load_children, parent)
+                results[f"pg_children_ms_{name}"] = (timed_ms(children, 5), "ms")
                 if count == sessions:
                     token = client.list_sessions(page_size=100).next_page_token
                     timings = []

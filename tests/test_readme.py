@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import signal
+import subprocess
+import uuid
 from pathlib import Path
 
+import psycopg
+
+from agentlog import AgentlogClient, AppendEvent
 from agentlog.server import JsonlSessionRepository
+from tests.contract import delta
+from tests.pg import ADMIN_URL
 from tests.servers import running_server
+from tests.test_command import free_port
+from tests.test_server import wait_for_port
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -33,3 +44,38 @@ def test_the_python_examples_run_each_on_its_own(tmp_path: Path) -> None:
     assert [line.split()[1] for line in lines[:2]] == ["run_started", "tool_call_requested"]
     assert (tmp_path / "demo.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "chat.jsonl").read_text().count("\n") == 4
+
+
+def test_the_postgresql_commands_run_as_written(tmp_path: Path) -> None:
+    section = README.read_text().split("## Many replicas on PostgreSQL", 1)[1]
+    commands = re.findall(r"```sh\n(.*?)```", section, re.S)[0].strip().splitlines()
+    assert len(commands) == 2
+    name = f"agentlog_readme_{uuid.uuid4().hex[:12]}"
+    create, serve = (command.replace("/agentlog", f"/{name}") for command in commands)
+    create = create.replace("DATABASE agentlog", f"DATABASE {name}")
+    port = free_port()
+    subprocess.run(create, shell=True, check=True, capture_output=True, timeout=60)
+    env = {**os.environ, "AGENTLOG_ADDR": f"127.0.0.1:{port}"}
+    env.pop("MAKEFLAGS", None)
+    process = subprocess.Popen(
+        serve,
+        shell=True,
+        cwd=README.parent,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, line = wait_for_port(process)
+        assert f"127.0.0.1:{port}" in line
+        assert "PostgreSQL" in line
+        with AgentlogClient(f"127.0.0.1:{port}") as client:
+            client.append(AppendEvent(session_id="pg", event=delta("pg", "x")))
+            assert len(client.load_session("pg")) == 1
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.communicate(timeout=30)
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

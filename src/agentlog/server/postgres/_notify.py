@@ -117,6 +117,9 @@ class FeedListener:
                 if not self._closing:
                     log.warning("lost the notification connection (%s)", redact(str(exc)))
                     await asyncio.sleep(delay)  # not a busy loop if the database keeps refusing
+            except Exception:  # a bug here must not end live updates for good
+                log.exception("the notification listener failed; starting it again")
+                await asyncio.sleep(MAX_RECONNECT_SECONDS)
 
     def _notified(self, payload: str) -> None:
         try:

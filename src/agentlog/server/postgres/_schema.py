@@ -80,7 +80,7 @@ CREATE FUNCTION agentlog_append(
 -- Its plans are made once per connection, often while the tables are still
 -- small: keep them on the indexes, which stay right at any size (and without
 -- JIT, which the cost of a refused sequential scan would otherwise set off).
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off AS $$
 DECLARE
     v_position bigint;
     v_known integer[];

@@ -92,13 +92,16 @@ def is_postgres_url(store: str | None) -> bool:
 
 def connection_string(url: str, statement_timeout_ms: int) -> str:
     """The libpq connection string for the store's URL, with agentlog's settings."""
-    # Every query agentlog makes is answered by an index: keep plans made while
-    # the tables were small on them, and leave JIT (a cost for short queries) off.
+    # Every query agentlog makes is answered by walking an index in order: keep
+    # plans on that path (not sequential or bitmap scans, which a plan made while
+    # the tables were small, or a wide range, would pick), and leave JIT (a cost
+    # for short queries) off.
     return make_conninfo(
         url,
         application_name="agentlog",
         options=(
-            f"-c statement_timeout={int(statement_timeout_ms)} -c enable_seqscan=off -c jit=off"
+            f"-c statement_timeout={int(statement_timeout_ms)}"
+            " -c enable_seqscan=off -c enable_bitmapscan=off -c jit=off"
         ),
     )
 
