@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections import deque
@@ -125,6 +126,27 @@ class _Encoded:
         expected = append.expected
         # An expectation past bigint's range can never hold: -1 never does either.
         self.expected = None if expected is None else (expected if expected <= MAX_BIGINT else -1)
+
+
+def _closing() -> UnavailableError:
+    return UnavailableError(
+        "the server is shutting down; retry the append (here when it is back, or elsewhere)",
+        reason="SHUTTING_DOWN",
+    )
+
+
+def _settle(
+    group: list[tuple[_Encoded, asyncio.Future[Appended]]],
+    answers: Sequence[Appended | Exception],
+) -> None:
+    """Answer each waiting caller (each error its own copy: they are raised apart)."""
+    for (_, future), answer in zip(group, answers, strict=True):
+        if future.done():
+            continue  # the caller gave up (its deadline)
+        if isinstance(answer, Exception):
+            future.set_exception(copy.copy(answer))
+        else:
+            future.set_result(answer)
 
 
 class PostgresBackend(Backend):
@@ -256,11 +278,7 @@ class PostgresBackend(Backend):
 
     async def append(self, append: PendingAppend) -> Appended:
         if self._stopping:
-            raise UnavailableError(
-                "the server is shutting down; retry the append (here when it is back, or "
-                "elsewhere)",
-                reason="SHUTTING_DOWN",
-            )
+            raise _closing()
         self._check_reachable()
         encoded = _Encoded(append)
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
@@ -284,14 +302,16 @@ class PostgresBackend(Backend):
                     ids.update(item.id for item in batch)
                     group.append(self._queue.popleft())
                     events += len(batch)
-                answers = await self._commit_group([encoded for encoded, _ in group])
-                for (_, future), answer in zip(group, answers, strict=True):
-                    if future.done():
-                        continue  # the caller gave up (its deadline)
-                    if isinstance(answer, BaseException):
-                        future.set_exception(answer)
-                    else:
-                        future.set_result(answer)
+                # If this task is cancelled (closing), its callers hear UNAVAILABLE.
+                answers: Sequence[Appended | Exception] = [_closing()] * len(group)
+                try:
+                    answers = await self._commit_group([encoded for encoded, _ in group])
+                except Exception as exc:  # a bug: fail these appends, never strand them
+                    log.exception("storing a group of appends failed")
+                    failed = ServerError(f"the append failed inside the server ({exc!r})")
+                    answers = [failed] * len(group)
+                finally:
+                    _settle(group, answers)
         finally:
             self._lanes -= 1
 
