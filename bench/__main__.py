@@ -24,15 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 import orjson
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentlog import (
     AgentlogClient,
     AppendEvent,
     AsyncAgentlogClient,
-    NewEvent,
 )
 from agentlog._lines import (
     record_from_line,
@@ -44,13 +41,13 @@ from bench.common import (
     append_call,
     bench_feed,
     bench_subscriptions,
-    concurrent_batches,
     concurrent_rate,
     delta,
     empty_call,
     percentile,
     rate,
     server,
+    single_client_figures,
     stream_ceiling,
     timed_ms,
     write_arcan_session,
@@ -71,31 +68,14 @@ def bench_appends(tmp: Path, results: Results, scale: int, rounds: int) -> None:
             _,
         ),
     ):
-        with grpc.insecure_channel(target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            ping = health_pb2.HealthCheckRequest(service="")
-            health.Check(ping, timeout=10)
-            results["empty_unary_rps_c1"] = (rate(scale, lambda: health.Check(ping)), "1/s")
-        with AgentlogClient(target) as client:
-            latencies = []
-            for n in range(scale):
-                start = time.perf_counter()
-                client.append(AppendEvent(session_id="single", event=delta("single", n)))
-                latencies.append((time.perf_counter() - start) * 1000)
-            results["append_rps_c1_always"] = (1000 * len(latencies) / sum(latencies), "1/s")
-            results["append_p50_ms_c1_always"] = (percentile(latencies, 0.5), "ms")
-            results["append_p99_ms_c1_always"] = (percentile(latencies, 0.99), "ms")
-            batch = [NewEvent(event=delta("batched", n)) for n in range(100)]
-            batches = max(scale // 5, 10)
-            client.append_batch("batched", batch)
-            results["append_batch_events_per_s_always"] = (
-                rate(batches, lambda: client.append_batch("batched", batch)) * len(batch),
-                "1/s",
-            )
-        results["append_batch_events_per_s_always_c8"] = (
-            concurrent_batches(target, 8, batches),
-            "1/s",
-        )
+
+        def jsonl_name(figure: str) -> str:
+            if figure.startswith("empty"):
+                return figure
+            # The JSONL figures name the sync policy: "..._c1_always", "..._always_c8".
+            return figure.replace("_c1", "_c1_always").replace("_per_s", "_per_s_always")
+
+        single_client_figures(target, results, scale, jsonl_name)
         calls = scale * 4
         for warm in (target, never_target):
             concurrent_rate(warm, 64, calls // 4, append_call)

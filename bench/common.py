@@ -334,3 +334,36 @@ def bench_feed(
         total / (delivered[-1] - start),
         "1/s",
     )
+
+
+def single_client_figures(
+    target: str, results: Results, scale: int, name: Callable[[str], str]
+) -> int:
+    """An empty unary RPC and Appends from one client (rate, p50, p99), AppendBatch of 100
+    from 1 and 8 writers, stored under `name(figure)`; the number of batches sent."""
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        ping = health_pb2.HealthCheckRequest(service="")
+        health.Check(ping, timeout=10)
+        results[name("empty_unary_rps_c1")] = (rate(scale, lambda: health.Check(ping)), "1/s")
+    with AgentlogClient(target) as client:
+        latencies = []
+        for n in range(scale):
+            start = time.perf_counter()
+            client.append(AppendEvent(session_id="single", event=delta("single", n)))
+            latencies.append((time.perf_counter() - start) * 1000)
+        results[name("append_rps_c1")] = (1000 * len(latencies) / sum(latencies), "1/s")
+        results[name("append_p50_ms_c1")] = (percentile(latencies, 0.5), "ms")
+        results[name("append_p99_ms_c1")] = (percentile(latencies, 0.99), "ms")
+        batch = [NewEvent(event=delta("batched", n)) for n in range(100)]
+        batches = max(scale // 5, 10)
+        client.append_batch("batched", batch)
+        results[name("append_batch_events_per_s")] = (
+            rate(batches, lambda: client.append_batch("batched", batch)) * len(batch),
+            "1/s",
+        )
+    results[name("append_batch_events_per_s_c8")] = (
+        concurrent_batches(target, 8, batches),
+        "1/s",
+    )
+    return batches

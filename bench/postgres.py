@@ -17,25 +17,21 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import grpc
 import psycopg
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg.conninfo import conninfo_to_dict
 
-from agentlog import AgentlogClient, AppendEvent, NewEvent
+from agentlog import AgentlogClient
 from agentlog.server.copying import copy_store
 from bench.common import (
     Results,
     append_call,
     bench_feed,
     bench_subscriptions,
-    concurrent_batches,
     concurrent_rate,
-    delta,
     empty_call,
     percentile,
-    rate,
     server,
+    single_client_figures,
     stream_ceiling,
     timed_ms,
     write_arcan_session,
@@ -104,31 +100,7 @@ def bench_postgres_appends(
     tmp: Path, results: Results, server_url: str, scale: int, rounds: int
 ) -> None:
     with bench_database(server_url) as url, pg_server(tmp, url) as target:
-        with grpc.insecure_channel(target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            ping = health_pb2.HealthCheckRequest(service="")
-            health.Check(ping, timeout=10)
-            results["pg_empty_unary_rps_c1"] = (rate(scale, lambda: health.Check(ping)), "1/s")
-        with AgentlogClient(target) as client:
-            latencies = []
-            for n in range(scale):
-                start = time.perf_counter()
-                client.append(AppendEvent(session_id="single", event=delta("single", n)))
-                latencies.append((time.perf_counter() - start) * 1000)
-            results["pg_append_rps_c1"] = (1000 * len(latencies) / sum(latencies), "1/s")
-            results["pg_append_p50_ms_c1"] = (percentile(latencies, 0.5), "ms")
-            results["pg_append_p99_ms_c1"] = (percentile(latencies, 0.99), "ms")
-            batch = [NewEvent(event=delta("batched", n)) for n in range(100)]
-            batches = max(scale // 5, 10)
-            client.append_batch("batched", batch)
-            results["pg_append_batch_events_per_s"] = (
-                rate(batches, lambda: client.append_batch("batched", batch)) * len(batch),
-                "1/s",
-            )
-        results["pg_append_batch_events_per_s_c8"] = (
-            concurrent_batches(target, 8, batches),
-            "1/s",
-        )
+        batches = single_client_figures(target, results, scale, lambda figure: f"pg_{figure}")
         results["pg_raw_batch_rows_per_s"] = (raw_batch_rows_per_s(url, batches), "1/s")
         calls = scale * 4
         concurrent_rate(target, 64, calls // 4, append_call)

@@ -22,14 +22,18 @@ from tests.test_arcan_fixtures import FIXTURE_DIRS, identical, raw_lines
 ARCAN_KEYS = ["id", "session_id", "parent_id", "timestamp", "event"]
 
 
-def copy(source: Path | str, destination: Path | str) -> str:
-    result = subprocess.run(
+def run_copy(source: Path | str, destination: Path | str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "agentlog.server", "copy", str(source), str(destination)],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def copy(source: Path | str, destination: Path | str) -> str:
+    result = run_copy(source, destination)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -115,24 +119,12 @@ def test_a_destination_written_by_others_is_refused(tmp_path: Path) -> None:
 
     with JsonlSessionRepository(destination) as other:
         other.append(AppendEvent(session_id=session, event=delta(session, "not from a")))
-    result = subprocess.run(
-        [sys.executable, "-m", "agentlog.server", "copy", str(source), str(destination)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_copy(source, destination)
     assert result.returncode == 1
     assert "written by something other than this copy" in result.stderr
 
 
 def test_copy_refuses_a_missing_source(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "agentlog.server", "copy", str(tmp_path / "nope"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_copy(tmp_path / "nope", tmp_path)
     assert result.returncode == 1
     assert "no such data directory" in result.stderr

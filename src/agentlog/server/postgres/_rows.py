@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 
 from agentlog import _converters
-from agentlog._codec import EVENT_PATHS, event_from_json, make_record
-from agentlog._plans import NS, DecodeError
+from agentlog._codec import EVENT_PATHS, event_from_json, make_record, record_fields_of
+from agentlog._plans import DecodeError
 from agentlog._records import EventRecord
 from agentlog.errors import DataLossError
 
@@ -67,15 +67,14 @@ def message_fields_of(row: Sequence[Any]) -> dict[str, Any]:
         parent_id = _parent(parent)
     except (DecodeError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _damaged(row, exc) from None
-    seconds, nanos = divmod(timestamp_ns, NS)
-    return {
-        "id": record_id,
-        "sequence": sequence,
-        "session_id": session_id,
-        "parent_id": parent_id,
-        "timestamp": {"seconds": seconds, "nanos": nanos},
-        "event": {part_type: fields},
-    }
+    return record_fields_of(
+        {part_type: fields},
+        record_id=record_id,
+        sequence=sequence,
+        session_id=session_id,
+        parent_id=parent_id,
+        timestamp_ns=timestamp_ns,
+    )
 
 
 def row_bytes(row: Sequence[Any]) -> int:
