@@ -34,6 +34,7 @@ from agentlog import (
     NewEvent,
     ToolCall,
     ToolCallRequested,
+    UnavailableError,
     WrongExpectedSequence,
 )
 from agentlog._codec import event_to_json
@@ -57,11 +58,15 @@ def url() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def replica(url: str, poll_seconds: float = 0.5) -> Iterator[tuple[str, Server]]:
+def replica(
+    url: str, poll_seconds: float = 0.5, statement_timeout_ms: int = 30_000
+) -> Iterator[tuple[str, Server]]:
     """A server on PostgresBackend over `url`; yields its target and the server."""
 
     async def open_backend() -> PostgresBackend:
-        return await PostgresBackend.open(url, poll_seconds=poll_seconds)
+        return await PostgresBackend.open(
+            url, poll_seconds=poll_seconds, statement_timeout_ms=statement_timeout_ms
+        )
 
     with served(open_backend) as (built, _):
         yield f"127.0.0.1:{built.port}", built
@@ -250,7 +255,17 @@ def test_killing_the_servers_connections_under_load_loses_nothing(url: str) -> N
     ):
         acknowledged: dict[str, int] = {}
         errors: list[BaseException] = []
+        unretried: list[BaseException] = []  # what a client that never retries saw
         stop = threading.Event()
+
+        def write_once(index: int) -> None:
+            with AgentlogClient(target, retries=0) as client:
+                session = f"once-{index}"
+                while not stop.is_set():
+                    try:
+                        client.append(AppendEvent(session_id=session, event=delta(session, "o")))
+                    except Exception as exc:
+                        unretried.append(exc)
 
         def write(index: int) -> None:
             with AgentlogClient(target, retries=50) as client:
@@ -270,6 +285,7 @@ def test_killing_the_servers_connections_under_load_loses_nothing(url: str) -> N
                         acknowledged[record.id] = record.sequence
 
         threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+        threads += [threading.Thread(target=write_once, args=(i,)) for i in range(2)]
         for thread in threads:
             thread.start()
         killed = 0
@@ -288,6 +304,9 @@ def test_killing_the_servers_connections_under_load_loses_nothing(url: str) -> N
             thread.join(60)
         assert errors == []
         assert killed >= 5
+        # Appends cut off fail UNAVAILABLE (retryable), never UNKNOWN or INTERNAL.
+        assert unretried, "no append was in flight when its connection was killed"
+        assert {type(exc) for exc in unretried} == {UnavailableError}
         wait_until(lambda: health_of(target) == SERVING, what="SERVING again")
         with AgentlogClient(target) as client:
             stored = {r.id: r.sequence for i in range(6) for r in client.load_session(f"kill-{i}")}
@@ -497,3 +516,19 @@ def test_appends_committed_together_are_each_decided_alone(url: str) -> None:
 def _pending(session_id: str, ids: list[str], expected: int | None = None) -> PendingAppend:
     event_json = event_to_json(delta(session_id, "g"))
     return PendingAppend(session_id, [Prepared(i, None, event_json) for i in ids], expected)
+
+
+def test_a_statement_past_its_timeout_is_unavailable_and_stores_nothing(url: str) -> None:
+    with replica(url, statement_timeout_ms=300) as (target, _), AgentlogClient(target) as warm:
+        warm.append(AppendEvent(session_id="t", event=delta("t", "0")))
+        with psycopg.connect(url) as blocker, AgentlogClient(target, retries=0) as client:
+            # Another transaction holds the feed's lock for longer than the timeout.
+            blocker.execute("SELECT * FROM agentlog_meta FOR UPDATE")
+            with pytest.raises(UnavailableError) as refused:
+                client.append(AppendEvent(session_id="t", event=delta("t", "late")))
+            blocker.rollback()
+        assert refused.value.reason == "DATABASE_TIMEOUT"
+        assert "statement timeout" in str(refused.value)
+        assert [r.event for r in warm.load_session("t")] == [delta("t", "0")]
+        warm.append(AppendEvent(session_id="t", event=delta("t", "1")))  # and it recovers
+        assert warm.head("t").sequence == 2  # type: ignore[union-attr]
