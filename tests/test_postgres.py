@@ -29,6 +29,8 @@ from agentlog import (
     AlreadyExistsError,
     AppendEvent,
     CaughtUp,
+    DataLossError,
+    FeedGap,
     FeedRecord,
     JsonValue,
     NewEvent,
@@ -532,3 +534,40 @@ def test_a_statement_past_its_timeout_is_unavailable_and_stores_nothing(url: str
         assert [r.event for r in warm.load_session("t")] == [delta("t", "0")]
         warm.append(AppendEvent(session_id="t", event=delta("t", "1")))  # and it recovers
         assert warm.head("t").sequence == 2  # type: ignore[union-attr]
+
+
+def test_a_row_changed_by_hand_harms_only_its_own_session(url: str) -> None:
+    with replica(url) as (target, _), AgentlogClient(target) as client:
+        for n in range(3):
+            for session in ("good", "bad"):
+                client.append(AppendEvent(session_id=session, event=delta(session, f"{n}")))
+        with psycopg.connect(url) as conn:
+            conn.execute(
+                "UPDATE agentlog_events SET event = %s WHERE session_id = 'bad' AND sequence >= 2",
+                (b'{"part_type": "no_such_kind"}',),
+            )
+        with pytest.raises(DataLossError) as damaged:
+            client.load_session("bad")
+        assert damaged.value.metadata["session_id"] == "bad"
+        assert "changed outside agentlog" in str(damaged.value)
+        assert len(client.load_session("good")) == 3
+        feed = []
+        for item in client.subscribe_all(from_position=1):
+            if isinstance(item, CaughtUp):
+                break
+            feed.append(item)
+        # Positions 4 and 6 hold bad's damaged records: gaps, and the feed goes on.
+        assert [type(i).__name__ for i in feed] == [
+            "FeedRecord",
+            "FeedRecord",
+            "FeedRecord",
+            "FeedGap",
+            "FeedRecord",
+            "FeedGap",
+        ]
+        gaps = [i for i in feed if isinstance(i, FeedGap)]
+        assert [(g.first_position, g.last_position, g.session_id) for g in gaps] == [
+            (4, 4, "bad"),
+            (6, 6, "bad"),
+        ]
+        assert gaps[0].reason == "DAMAGED_RECORD"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -34,8 +35,8 @@ from agentlog._validation import (
     check_parent_query,
     check_stored_session_id,
 )
-from agentlog.errors import AgentlogError, ServerError, UnavailableError
-from agentlog.server import _rules
+from agentlog.errors import AgentlogError, DataLossError, ServerError, UnavailableError
+from agentlog.server import _rules, metrics
 from agentlog.server._rules import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
@@ -172,6 +173,7 @@ class PostgresBackend(Backend):
         self._queue: deque[tuple[_Encoded, asyncio.Future[Appended]]] = deque()
         self._lanes = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reported_gaps: set[tuple[str, str]] = set()
         self._feed = FeedListener(
             conninfo,
             self._announce,
@@ -553,8 +555,34 @@ class PostgresBackend(Backend):
             rows = await self._fetch(query, (low, high))
             if not rows:
                 return
-            yield [FeedRecord(int(row[0]), record_of(row[1:])) for row in rows]
+            yield self._feed_items(rows)
             low = int(rows[-1][0]) + 1
+
+    def _feed_items(self, rows: list[Any]) -> list[FeedRecord | FeedGap]:
+        """Feed rows as records; a row that does not decode becomes a FeedGap (joined
+        with the gap before it when of the same session), so one damaged record never
+        stops the feed for everyone, as in the JSONL store."""
+        items: list[FeedRecord | FeedGap] = []
+        for row in rows:
+            position = int(row[0])
+            try:
+                items.append(FeedRecord(position, record_of(row[1:])))
+            except DataLossError as exc:
+                last = items[-1] if items else None
+                if (
+                    isinstance(last, FeedGap)
+                    and last.session_id == row[1]
+                    and last.last_position == position - 1
+                ):
+                    items[-1] = dataclasses.replace(last, last_position=position)
+                    continue
+                reason = exc.reason or "DATA_LOSS"
+                if (row[1], reason) not in self._reported_gaps:
+                    self._reported_gaps.add((row[1], reason))
+                    log.error("the feed skips position %d (session %r): %s", position, row[1], exc)
+                items.append(FeedGap(position, position, row[1], reason, exc.message))
+                metrics.FEED_UNDELIVERED.labels(reason=reason).inc()
+        return items
 
     async def last_position(self) -> int:
         rows = await self._fetch("SELECT last_position FROM agentlog_meta", ())
