@@ -56,6 +56,7 @@ class FeedListener:
         # First positions of appends made here and announced with their records:
         # their notifications would only repeat them.
         self._local: set[int] = set()
+        self._local_horizon = 0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -136,6 +137,10 @@ class FeedListener:
 
     async def _poll(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
         """Announce appends committed past what has been heard (lost notifications)."""
+        # A local append's notification may have come before its answer (then its
+        # entry would wait forever): forget entries older than a poll interval.
+        self._local = {first for first in self._local if first > self._local_horizon}
+        self._local_horizon = self.heard
         row = await (await conn.execute("SELECT last_position FROM agentlog_meta")).fetchone()
         last = int(row[0]) if row else 0
         if last <= self.heard:
@@ -150,4 +155,3 @@ class FeedListener:
             self._announce(Growth(str(session_id), int(sequence), int(first), int(end)))
         self.heard = last
         self._ahead = {f: e for f, e in self._ahead.items() if f > last}
-        self._local = {f for f in self._local if f > last}
