@@ -168,9 +168,9 @@ async def _copy_session(src: Backend, dst: Backend, info: SessionInfo) -> int:
     session_id, last = info.session_id, info.event_count
     head = await dst.head(session_id)
     held = head.sequence if head is not None else 0
-    if held:
+    if head is not None:
         mine = await src.read_records(session_id, held, 1)
-        if held > last or not mine or mine[0].id != head.id:  # type: ignore[union-attr]
+        if held > last or not mine or mine[0].id != head.id:
             raise FailedPreconditionError(
                 f"session {session_id!r}: the destination holds {held} record(s) that are not "
                 "the source's first ones; it was written by something other than this copy",

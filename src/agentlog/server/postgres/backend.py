@@ -375,7 +375,8 @@ class PostgresBackend(Backend):
         )
         async with self._pool.connection() as conn:
             cursor = await conn.execute(_APPEND_SQL, params, binary=True)
-            return [tuple(map(int, row)) for row in await cursor.fetchall()]  # type: ignore[misc]
+            rows = await cursor.fetchall()
+        return [(int(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
 
     def _stored(self, appended: Appended, first_position: int) -> None:
         """Announce an append stored here, records at hand, before its caller hears."""
