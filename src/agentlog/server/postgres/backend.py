@@ -3,8 +3,8 @@
 A replica holds nothing but a connection pool and a listener: every record,
 session and the feed's position counter live in the database, so replicas can
 be added, killed and replaced freely. Appends from concurrent calls are sent
-together (one round trip, one transaction, one commit: a group commit) to
-`agentlog_append` (see `_schema`), which takes the feed's counter row lock,
+together (one round trip, one transaction, one commit: a group commit, see
+`_appends`) to `agentlog_append` (see `_schema`), which takes the feed's counter row lock,
 decides each append and stores it. Holding that lock to the commit gives the
 feed positions in commit order without holes, and gapless session sequences.
 Reads are plain indexed queries on immutable rows, paged by key.
@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import dataclasses
 import logging
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-import orjson
 import psycopg_pool
 from psycopg.conninfo import make_conninfo
 
-from agentlog._codec import event_to_json
 from agentlog._events import ReadDirection
 from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionInfo, SessionPage
 from agentlog._validation import (
@@ -35,7 +30,7 @@ from agentlog._validation import (
     check_parent_query,
     check_stored_session_id,
 )
-from agentlog.errors import AgentlogError, DataLossError, ServerError, UnavailableError
+from agentlog.errors import DataLossError, ServerError, UnavailableError
 from agentlog.server import _rules, metrics
 from agentlog.server._rules import (
     MESSAGE_BYTES,
@@ -43,11 +38,9 @@ from agentlog.server._rules import (
     Appended,
     PageTokens,
     PendingAppend,
-    check_append,
-    content_digest,
-    wrong_expected_sequence,
 )
 from agentlog.server.backend import Backend, Growth, GrowthListener
+from agentlog.server.postgres._appends import MAX_BIGINT, GroupCommit, closing_error
 from agentlog.server.postgres._errors import redact, translated
 from agentlog.server.postgres._notify import FeedListener
 from agentlog.server.postgres._rows import (
@@ -66,21 +59,7 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_POLL_SECONDS = 0.5
 # Rows one read query fetches; reads page through longer ranges by key.
 READ_ROWS = 1024
-# A group commit sends at most this many events, and this many groups go to
-# the database at once (the counter lock serialises them there; two keep one
-# being prepared while the other commits).
-GROUP_EVENTS = 2048
-GROUP_LANES = 2
-MAX_BIGINT = 2**63 - 1
 POOL_WAIT_SECONDS = 10.0
-
-# Parameters in binary (%b): a third of the time text arrays of bytes take.
-_APPEND_SQL = (
-    "SELECT outcome, first_sequence, first_position, stored_ns FROM agentlog_append("
-    "%b::text[], %b::bigint[], %b::integer[], %b::bigint[], %b::integer[], %b::text[], "
-    "%b::bytea[], %b::bytea[], %b::bigint)"
-)
-STORED, KNOWN, NOT_EXPECTED = 0, 1, 2
 
 
 def _is_url(store: str) -> bool:
@@ -108,48 +87,6 @@ def connection_string(url: str, statement_timeout_ms: int) -> str:
     )
 
 
-class _Encoded:
-    """A checked append as the append function's arrays take it."""
-
-    __slots__ = ("append", "events", "expected", "parents")
-
-    def __init__(self, append: PendingAppend) -> None:
-        self.append = append
-        batch = append.batch
-        self.events = [orjson.dumps(item.event_json) for item in batch]
-        self.parents = [None if i.parent_id is None else i.parent_id.encode() for i in batch]
-        overhead = len(orjson.dumps(append.session_id)) + 180
-        for index, (item, event) in enumerate(zip(batch, self.events, strict=True)):
-            # The size of its line in a JSONL store, so both refuse the same records.
-            size = len(event) + overhead + (len(item.parent_id) if item.parent_id else 0)
-            if size > _rules.MAX_RECORD_BYTES:
-                _rules.check_record_size(size, index if len(batch) > 1 else None)
-        expected = append.expected
-        # An expectation past bigint's range can never hold: -1 never does either.
-        self.expected = None if expected is None else (expected if expected <= MAX_BIGINT else -1)
-
-
-def _closing() -> UnavailableError:
-    return UnavailableError(
-        "the server is shutting down; retry the append (here when it is back, or elsewhere)",
-        reason="SHUTTING_DOWN",
-    )
-
-
-def _settle(
-    group: list[tuple[_Encoded, asyncio.Future[Appended]]],
-    answers: Sequence[Appended | Exception],
-) -> None:
-    """Answer each waiting caller (each error its own copy: they are raised apart)."""
-    for (_, future), answer in zip(group, answers, strict=True):
-        if future.done():
-            continue  # the caller gave up (its deadline)
-        if isinstance(answer, Exception):
-            future.set_exception(copy.copy(answer))
-        else:
-            future.set_result(answer)
-
-
 class PostgresBackend(Backend):
     """The Backend over PostgreSQL; open with `PostgresBackend.open(url)`."""
 
@@ -170,8 +107,6 @@ class PostgresBackend(Backend):
         self._stopping = False
         self._available = True
         self._availability: list[Callable[[bool], None]] = []
-        self._queue: deque[tuple[_Encoded, asyncio.Future[Appended]]] = deque()
-        self._lanes = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reported_gaps: set[tuple[str, str]] = set()
         self._feed = FeedListener(
@@ -182,6 +117,9 @@ class PostgresBackend(Backend):
             connect_timeout=connect_timeout,
         )
         self._feed.start(last_position)
+        self._appends = GroupCommit(
+            pool, stored=self._stored, read_records=self.read_records, spawn=self._spawn
+        )
 
     @classmethod
     async def open(
@@ -280,103 +218,9 @@ class PostgresBackend(Backend):
 
     async def append(self, append: PendingAppend) -> Appended:
         if self._stopping:
-            raise _closing()
+            raise closing_error()
         self._check_reachable()
-        encoded = _Encoded(append)
-        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
-        self._queue.append((encoded, future))
-        if self._lanes < GROUP_LANES:
-            self._lanes += 1
-            self._spawn(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        """Send what is queued, a group at a time, until nothing is."""
-        try:
-            while self._queue:
-                group: list[tuple[_Encoded, asyncio.Future[Appended]]] = []
-                events = 0
-                ids: set[str] = set()
-                while self._queue and (not group or events < GROUP_EVENTS):
-                    batch = self._queue[0][0].append.batch
-                    if any(item.id in ids for item in batch):
-                        break  # an id twice in one call: the later append goes next
-                    ids.update(item.id for item in batch)
-                    group.append(self._queue.popleft())
-                    events += len(batch)
-                # If this task is cancelled (closing), its callers hear UNAVAILABLE.
-                answers: Sequence[Appended | Exception] = [_closing()] * len(group)
-                try:
-                    answers = await self._commit_group([encoded for encoded, _ in group])
-                except Exception as exc:  # a bug: fail these appends, never strand them
-                    log.exception("storing a group of appends failed")
-                    failed = ServerError(f"the append failed inside the server ({exc!r})")
-                    answers = [failed] * len(group)
-                finally:
-                    _settle(group, answers)
-        finally:
-            self._lanes -= 1
-
-    async def _commit_group(self, group: list[_Encoded]) -> list[Appended | Exception]:
-        try:
-            async with translated():
-                rows = await self._call_append(group)
-        except AgentlogError as exc:
-            if len(group) == 1 or isinstance(exc, UnavailableError):
-                return [exc] * len(group)
-            # Something in one append upset the database: decide each on its
-            # own, so that only that append fails.
-            return [answer for encoded in group for answer in await self._commit_group([encoded])]
-        answers: list[Appended | Exception] = []
-        for encoded, (outcome, first_sequence, first_position, stored_ns) in zip(
-            group, rows, strict=True
-        ):
-            append = encoded.append
-            if outcome == STORED:
-                appended = Appended(append.session_id, append.batch, first_sequence, stored_ns)
-                self._stored(appended, first_position)
-                answers.append(appended)
-            elif outcome == NOT_EXPECTED:
-                expected = append.expected if append.expected is not None else 0
-                answers.append(wrong_expected_sequence(append.session_id, expected, first_sequence))
-            else:
-                try:
-                    answers.append(await self._known(append, first_sequence))
-                except AgentlogError as exc:
-                    answers.append(exc)
-        return answers
-
-    async def _call_append(self, group: list[_Encoded]) -> list[tuple[int, int, int, int]]:
-        sessions, expected, counts, kept = [], [], [], []
-        append_of: list[int] = []
-        ids: list[str] = []
-        parents: list[bytes | None] = []
-        events: list[bytes] = []
-        for number, encoded in enumerate(group, 1):
-            append = encoded.append
-            sessions.append(append.session_id)
-            expected.append(encoded.expected)
-            counts.append(len(append.batch))
-            kept.append(append.timestamp_ns)
-            append_of.extend([number] * len(append.batch))
-            ids.extend(item.id for item in append.batch)
-            parents.extend(encoded.parents)
-            events.extend(encoded.events)
-        params = (
-            sessions,
-            expected,
-            counts,
-            kept,
-            append_of,
-            ids,
-            parents,
-            events,
-            time.time_ns(),
-        )
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute(_APPEND_SQL, params, binary=True)
-            rows = await cursor.fetchall()
-        return [(int(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
+        return await self._appends.submit(append)
 
     def _stored(self, appended: Appended, first_position: int) -> None:
         """Announce an append stored here, records at hand, before its caller hears."""
@@ -396,41 +240,6 @@ class PostgresBackend(Backend):
                 appended.records(),
             )
         )
-
-    async def _known(self, append: PendingAppend, last_sequence: int) -> Appended:
-        """An append some of whose ids are stored: a retry (answer the stored records)
-        or a conflict, as `_rules.check_append` decides. Stored rows never change, so
-        deciding after the transaction that found them decides the same."""
-        ids = [item.id for item in append.batch]
-        async with translated(), self._pool.connection() as conn:
-            cursor = await conn.execute(
-                f"SELECT {RECORD_COLUMNS} FROM agentlog_events WHERE id = ANY(%s)",
-                (ids,),
-                binary=True,
-            )
-            found = [record_of(row) for row in await cursor.fetchall()]
-        session_id = append.session_id
-        # "The same content" as the JSONL store decides it: parent and event, re-encoded.
-        here = {
-            r.id: (r.sequence, content_digest(r.parent_id, event_to_json(r.event)))
-            for r in found
-            if r.session_id == session_id
-        }
-        there = {r.id: r.session_id for r in found if r.session_id != session_id}
-        stored = check_append(
-            append.session_id,
-            append.batch,
-            append.expected,
-            last_sequence,
-            stored=here.get,
-            elsewhere=lambda wanted: {i: there[i] for i in wanted if i in there},
-        )
-        if stored is None:  # cannot happen: an id was found, so check_append raised or matched
-            raise ServerError("an append found its ids stored, then not")
-        records = await self.read_records(append.session_id, stored[0], len(stored))
-        return Appended.stored(append.session_id, append.batch, records)
-
-    # -- reads ----------------------------------------------------------------
 
     def _check_reachable(self) -> None:
         """Fail at once, not after the pool's wait, while the database is known down."""
