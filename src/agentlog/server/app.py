@@ -29,6 +29,7 @@ log = logging.getLogger("agentlog.server")
 SERVICE_NAME: str = session_pb2.DESCRIPTOR.services_by_name["SessionRepository"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_GRACE_SECONDS = 10.0
+DEFAULT_CONNECTION_AGE_GRACE = 30.0
 # A blocking store's calls (file I/O, fsync) run on these threads so the
 # event loop keeps serving other calls meanwhile.
 DEFAULT_STORAGE_THREADS = 16
@@ -106,6 +107,8 @@ def create_server(
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     storage_threads: int = DEFAULT_STORAGE_THREADS,
+    max_connection_age: float | None = None,
+    max_connection_age_grace: float = DEFAULT_CONNECTION_AGE_GRACE,
 ) -> Server:
     """Build (not start: see `Server.start`) a server for `repository`: a Backend, or a
     blocking store (memory, JSONL), whose calls then run on `storage_threads` threads.
@@ -115,7 +118,18 @@ def create_server(
     Registers the SessionRepository service, grpc.health.v1 (SERVING once
     started, since the repository is already open) and server reflection. Requests larger than
     `max_message_bytes` are refused with RESOURCE_EXHAUSTED.
+
+    With `max_connection_age` (seconds), a connection is asked to go away (HTTP/2 GOAWAY)
+    once that old, so that long-lived clients move to other replicas behind an L4
+    balancer; calls in flight get `max_connection_age_grace` more seconds, then end with
+    UNAVAILABLE (subscriptions of the agentlog clients resume where they were).
     """
+    age_options = []
+    if max_connection_age is not None:
+        age_options = [
+            ("grpc.max_connection_age_ms", max(1, int(max_connection_age * 1000))),
+            ("grpc.max_connection_age_grace_ms", max(0, int(max_connection_age_grace * 1000))),
+        ]
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -132,6 +146,7 @@ def create_server(
             # server takes them up (a burst of reconnecting subscribers, say).
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+            *age_options,
         ]
     )
     if isinstance(repository, Backend):
@@ -221,6 +236,8 @@ async def serve(
     pool_size: int = 10,
     statement_timeout_ms: int = 30_000,
     connect_timeout: float = 30.0,
+    max_connection_age: float | None = None,
+    max_connection_age_grace: float = DEFAULT_CONNECTION_AGE_GRACE,
     metrics_address: str | None = None,
     version: str = "",
 ) -> None:
@@ -251,7 +268,13 @@ async def serve(
         repository = served = jsonl
         where = f"data dir {jsonl.root}, sync {jsonl.sync_policy}"
     try:
-        built = create_server(address, served, max_message_bytes=max_message_bytes)
+        built = create_server(
+            address,
+            served,
+            max_message_bytes=max_message_bytes,
+            max_connection_age=max_connection_age,
+            max_connection_age_grace=max_connection_age_grace,
+        )
     except BaseException:
         if repository is not None:
             repository.close()

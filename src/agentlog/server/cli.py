@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from agentlog.errors import AgentlogError
-from agentlog.server.app import DEFAULT_GRACE_SECONDS, DEFAULT_MAX_MESSAGE_BYTES, serve
+from agentlog.server.app import (
+    DEFAULT_CONNECTION_AGE_GRACE,
+    DEFAULT_GRACE_SECONDS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    serve,
+)
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = "./data"
@@ -26,6 +31,13 @@ def _version() -> str:
         return version("agentlog")
     except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
         return "unknown"
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -64,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of <session_id>.jsonl files, created if missing (env AGENTLOG_DATA_DIR)",
     )
     _add_store_options(serve_cmd)
+    serve_cmd.add_argument(
+        "--max-connection-age",
+        type=_positive_float,
+        # A string default goes through `type` too: a bad value is a usage error.
+        default=os.environ.get("AGENTLOG_MAX_CONNECTION_AGE") or None,
+        help="seconds after which a client connection is asked to go away (GOAWAY), so "
+        "long-lived clients move to other replicas behind an L4 balancer; unset: never "
+        "(env AGENTLOG_MAX_CONNECTION_AGE)",
+    )
+    serve_cmd.add_argument(
+        "--max-connection-age-grace",
+        type=_positive_float,
+        default=os.environ.get("AGENTLOG_MAX_CONNECTION_AGE_GRACE")
+        or str(DEFAULT_CONNECTION_AGE_GRACE),
+        help="seconds calls in flight on such a connection may go on; then they end with "
+        "UNAVAILABLE and subscriptions resume elsewhere (env AGENTLOG_MAX_CONNECTION_AGE_GRACE)",
+    )
     serve_cmd.add_argument(
         "--max-message-bytes",
         type=_positive_int,
@@ -132,6 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
             default=float(os.environ.get("AGENTLOG_CONNECT_TIMEOUT", "30")),
             help="seconds to wait for PostgreSQL (env AGENTLOG_CONNECT_TIMEOUT)",
         )
+    health_cmd = commands.add_parser(
+        "health",
+        help="check a server's health: exit 0 if SERVING, 1 otherwise",
+        description=(
+            "Ask a server's grpc.health.v1 service, as an exec probe or a container health "
+            "check does: prints the status and exits 0 when it is SERVING, 1 when it is "
+            "anything else or does not answer within --timeout."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    health_cmd.add_argument(
+        "--addr",
+        default=os.environ.get("AGENTLOG_ADDR", DEFAULT_ADDR),
+        help="the server's host:port (env AGENTLOG_ADDR)",
+    )
+    health_cmd.add_argument(
+        "--service",
+        default="",
+        help="the service to ask about; empty: the server as a whole "
+        "(agentlog.v1.SessionRepository: the store's service)",
+    )
+    health_cmd.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for an answer"
+    )
     tail_cmd = commands.add_parser(
         "tail",
         help="print a session's events as they happen",
@@ -244,6 +297,32 @@ def copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    problem = _unresolvable(args.addr)
+    if problem is not None:
+        print(f"agentlog health: {problem}", file=sys.stderr)
+        return 1
+    request = health_pb2.HealthCheckRequest(service=args.service)
+    with grpc.insecure_channel(args.addr) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            # The error a channel raises is also a grpc.Call: its code and details.
+            text = str(exc)
+            code: Any = getattr(exc, "code", lambda: None)()
+            details: Any = getattr(exc, "details", lambda: text)()
+            name = code.name if code is not None else "UNKNOWN"
+            why = "no answer in time" if code == grpc.StatusCode.DEADLINE_EXCEEDED else details
+            print(f"agentlog health: {args.addr}: {name}: {why}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{args.addr}{' ' + args.service if args.service else ''}: {status}")
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def tail(args: argparse.Namespace) -> int:
     from agentlog.client import AgentlogClient
     from agentlog.server._tail import describe
@@ -316,6 +395,8 @@ def _connect(client: Any, address: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "health":
+        return health(args)
     if args.command == "tail":
         try:
             return tail(args)
@@ -345,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                 pool_size=args.pool_size,
                 statement_timeout_ms=args.statement_timeout_ms,
                 connect_timeout=args.connect_timeout,
+                max_connection_age=args.max_connection_age,
+                max_connection_age_grace=args.max_connection_age_grace,
                 max_message_bytes=args.max_message_bytes,
                 grace=args.grace,
                 sync=args.sync,
