@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agentlog.server._live import LiveSubscriptions
+from agentlog.server._observe import CallObserver
 from agentlog.server.backend import Backend
 from agentlog.server.blocking import BlockingStore
 from agentlog.server.service import SessionRepositoryService, add_to_server
@@ -109,6 +110,7 @@ def create_server(
     storage_threads: int = DEFAULT_STORAGE_THREADS,
     max_connection_age: float | None = None,
     max_connection_age_grace: float = DEFAULT_CONNECTION_AGE_GRACE,
+    access_log: bool = False,
 ) -> Server:
     """Build (not start: see `Server.start`) a server for `repository`: a Backend, or a
     blocking store (memory, JSONL), whose calls then run on `storage_threads` threads.
@@ -123,6 +125,9 @@ def create_server(
     once that old, so that long-lived clients move to other replicas behind an L4
     balancer; calls in flight get `max_connection_age_grace` more seconds, then end with
     UNAVAILABLE (subscriptions of the agentlog clients resume where they were).
+
+    Every call is counted and timed (`grpc_server_*` metrics); with `access_log`, each is
+    also logged on `agentlog.access` when it ends (method, status, duration, peer).
     """
     age_options = []
     if max_connection_age is not None:
@@ -131,6 +136,7 @@ def create_server(
             ("grpc.max_connection_age_grace_ms", max(0, int(max_connection_age_grace * 1000))),
         ]
     server = grpc.aio.server(
+        interceptors=[CallObserver(access_log=access_log)],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
@@ -147,7 +153,7 @@ def create_server(
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
             *age_options,
-        ]
+        ],
     )
     if isinstance(repository, Backend):
         backend = repository
@@ -238,6 +244,7 @@ async def serve(
     connect_timeout: float = 30.0,
     max_connection_age: float | None = None,
     max_connection_age_grace: float = DEFAULT_CONNECTION_AGE_GRACE,
+    access_log: bool = False,
     metrics_address: str | None = None,
     version: str = "",
 ) -> None:
@@ -274,6 +281,7 @@ async def serve(
             max_message_bytes=max_message_bytes,
             max_connection_age=max_connection_age,
             max_connection_age_grace=max_connection_age_grace,
+            access_log=access_log,
         )
     except BaseException:
         if repository is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import socket
 import sys
@@ -119,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("AGENTLOG_METRICS_ADDR") or None,
         help="host:port to serve Prometheus metrics on, at /metrics; unset: not served "
         "(env AGENTLOG_METRICS_ADDR)",
+    )
+    serve_cmd.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("AGENTLOG_LOG_FORMAT", "text"),
+        help="logs on stderr as text lines, or one JSON object per line (env AGENTLOG_LOG_FORMAT)",
+    )
+    serve_cmd.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("AGENTLOG_ACCESS_LOG", "").lower() in ("1", "true", "yes", "on"),
+        help="log every call when it ends: method, status, duration, peer "
+        "(env AGENTLOG_ACCESS_LOG=1)",
     )
     serve_cmd.add_argument(
         "--grace",
@@ -405,9 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         except AgentlogError as exc:
             print(f"agentlog tail: {exc}", file=sys.stderr)
             return 1
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from agentlog.server._logs import configure
+
+    configure(getattr(args, "log_format", "text"))
     if args.command in ("migrate", "copy"):
         try:
             return migrate(args) if args.command == "migrate" else copy(args)
@@ -428,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 connect_timeout=args.connect_timeout,
                 max_connection_age=args.max_connection_age,
                 max_connection_age_grace=args.max_connection_age_grace,
+                access_log=args.access_log,
                 max_message_bytes=args.max_message_bytes,
                 grace=args.grace,
                 sync=args.sync,

@@ -6,13 +6,32 @@ The metrics live in prometheus_client's default registry; `agentlog serve
 
 from __future__ import annotations
 
-from prometheus_client import Counter, start_http_server
+from prometheus_client import Counter, Histogram, start_http_server
 
 FEED_UNDELIVERED = Counter(
     "agentlog_feed_undelivered_records",
     "Records the all-sessions feed skipped because their session's file is damaged, "
     "counted each time a reader skipped them, by the reason the session reports.",
     ["reason"],
+)
+
+# Per call, under the names of go-grpc-prometheus / grpc-ecosystem, which
+# dashboards and alerts for gRPC services already use.
+_CALL = ["grpc_type", "grpc_service", "grpc_method"]
+GRPC_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", _CALL)
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, whatever their status.",
+    [*_CALL, "grpc_code"],
+)
+GRPC_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from an RPC's start to its end on the server (streams: their whole life).",
+    _CALL,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60),
+)
+GRPC_SENT = Counter(
+    "grpc_server_msg_sent_total", "Messages the server sent (stream messages each).", _CALL
 )
 
 

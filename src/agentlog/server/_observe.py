@@ -1,0 +1,140 @@
+"""What every call does, seen from outside the service: Prometheus metrics under the
+names gRPC users know, and an optional access log. A server interceptor, so health
+and reflection calls count too, and no method of the service has to remember it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from agentlog.server import metrics
+
+access = logging.getLogger("agentlog.access")
+
+
+def _names(full_method: str) -> tuple[str, str]:
+    """("agentlog.v1.SessionRepository", "Append") for "/agentlog.v1.SessionRepository/Append"."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service or "unknown", method or "unknown"
+
+
+if TYPE_CHECKING:  # generic in its stubs only
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class CallObserver(_Interceptor):
+    """Counts and times every call; logs each one when `access_log` is on."""
+
+    def __init__(self, *, access_log: bool = False) -> None:
+        self.access_log = access_log
+        # Each method's metric children, looked up once: labels() costs a lookup a call.
+        self._children: dict[tuple[str, str, str], _MethodMetrics] = {}
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        service, method = _names(details.method)
+        codecs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            observed = self._unary(handler.unary_unary, service, method)
+            return grpc.unary_unary_rpc_method_handler(observed, **codecs)
+        if handler.unary_stream is not None:
+            observed = self._stream(handler.unary_stream, service, method)
+            return grpc.unary_stream_rpc_method_handler(observed, **codecs)
+        return handler  # no client- or bidi-streaming methods here
+
+    def _begin(self, kind: str, service: str, method: str, context: Any) -> list[int]:
+        """Count a call in and arrange for its end to be counted; its message count."""
+        key = (kind, service, method)
+        counted = self._children.get(key)
+        if counted is None:
+            counted = self._children[key] = _MethodMetrics(*key)
+        counted.started.inc()
+        started = time.perf_counter()
+        sent = [0]
+
+        def done(finished: Any) -> None:
+            code = finished.code()
+            if code is None:
+                code = grpc.StatusCode.CANCELLED if finished.cancelled() else grpc.StatusCode.OK
+            seconds = time.perf_counter() - started
+            counted.handled(code.name).inc()
+            counted.seconds.observe(seconds)
+            if sent[0]:
+                counted.sent.inc(sent[0])
+            if self.access_log:
+                _log_access(service, method, code.name, seconds, finished, sent=sent[0])
+
+        context.add_done_callback(done)
+        return sent
+
+    def _unary(self, behavior: Any, service: str, method: str) -> Any:
+        async def observed(request: Any, context: Any) -> Any:
+            sent = self._begin("unary", service, method, context)
+            answer = await behavior(request, context)
+            sent[0] = 1
+            return answer
+
+        return observed
+
+    def _stream(self, behavior: Any, service: str, method: str) -> Any:
+        async def observed(request: Any, context: Any) -> AsyncIterator[Any]:
+            sent = self._begin("server_stream", service, method, context)
+            async for message in behavior(request, context):
+                sent[0] += 1
+                yield message
+
+        return observed
+
+
+class _MethodMetrics:
+    """One method's children of the per-call metrics."""
+
+    def __init__(self, kind: str, service: str, method: str) -> None:
+        self._labels = (kind, service, method)
+        self.started = metrics.GRPC_STARTED.labels(*self._labels)
+        self.seconds = metrics.GRPC_SECONDS.labels(*self._labels)
+        self.sent = metrics.GRPC_SENT.labels(*self._labels)
+        self._handled: dict[str, Any] = {}
+
+    def handled(self, code: str) -> Any:
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = metrics.GRPC_HANDLED.labels(*self._labels, code)
+        return child
+
+
+def _log_access(
+    service: str, method: str, code: str, seconds: float, context: Any, *, sent: int
+) -> None:
+    metadata = dict(context.invocation_metadata() or ())
+    access.info(
+        "%s/%s %s %.1f ms from %s",
+        service,
+        method,
+        code,
+        seconds * 1000,
+        context.peer(),
+        extra={
+            "access": {
+                "method": f"/{service}/{method}",
+                "code": code,
+                "duration_ms": round(seconds * 1000, 3),
+                "peer": context.peer(),
+                "user_agent": metadata.get("user-agent"),
+                "messages_sent": sent,
+            }
+        },
+    )

@@ -1,0 +1,113 @@
+"""What an operator sees: gRPC metrics scraped over HTTP during real traffic, and
+logs as JSON lines with an access log."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agentlog import AgentlogClient, AppendEvent, InvalidArgumentError, NewEvent
+from tests.contract import delta
+from tests.test_command import stop
+from tests.test_server import agentlog, wait_for_port
+
+SERVICE = "agentlog.v1.SessionRepository"
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
+    """`agentlog serve` with metrics, JSON logs and the access log; (target, metrics URL)."""
+    process = agentlog(
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(tmp_path),
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--access-log",
+    )
+    try:
+        port, _ = wait_for_port(process)
+        assert process.stderr is not None
+        found = re.search(r"metrics at (http://\S+?)\"", process.stderr.readline())
+        assert found
+        yield f"127.0.0.1:{port}", found.group(1), process
+    finally:
+        if process.poll() is None:
+            stop(process)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
+
+
+def test_grpc_metrics_move_with_the_calls(served: tuple[str, str, subprocess.Popen[str]]) -> None:
+    target, url, _ = served
+    with AgentlogClient(target, retries=0) as client:
+        client.append(AppendEvent(session_id="m", event=delta("m", "warm")))
+        before = scrape(url)
+        for n in range(5):
+            client.append(AppendEvent(session_id="m", event=delta("m", f"{n}")))
+        with pytest.raises(InvalidArgumentError):
+            client.append_batch("m", [])
+        client.append_batch("m", [NewEvent(event=delta("m", "b")) for _ in range(600)])
+        loaded = client.load_session("m")  # 606 records: 3 stream messages of at most 256
+        after = scrape(url)
+    assert len(loaded) == 606
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    append = {"grpc_service": SERVICE, "grpc_method": "Append", "grpc_type": "unary"}
+    assert moved("grpc_server_started_total", **append) == 5
+    assert moved("grpc_server_handled_total", grpc_code="OK", **append) == 5
+    assert moved("grpc_server_handling_seconds_count", **append) == 5
+    assert moved("grpc_server_handling_seconds_sum", **append) > 0
+    batch = {"grpc_service": SERVICE, "grpc_method": "AppendBatch"}
+    assert moved("grpc_server_handled_total", grpc_code="INVALID_ARGUMENT", **batch) == 1
+    assert moved("grpc_server_handled_total", grpc_code="OK", **batch) == 1
+    load = {"grpc_service": SERVICE, "grpc_method": "LoadSession", "grpc_type": "server_stream"}
+    assert moved("grpc_server_handled_total", grpc_code="OK", **load) == 1
+    assert moved("grpc_server_msg_sent_total", **load) == 3
+
+
+def test_json_logs_carry_an_access_log(served: tuple[str, str, subprocess.Popen[str]]) -> None:
+    target, _, process = served
+    with AgentlogClient(target, retries=0) as client:
+        client.append(AppendEvent(session_id="logged", event=delta("logged", "x")))
+        with pytest.raises(InvalidArgumentError):
+            client.head("")
+    log = stop(process)
+    entries = [json.loads(line) for line in log.splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    access = [e for e in entries if e["logger"] == "agentlog.access"]
+    by_method = {e["method"]: e for e in access}
+    appended = by_method[f"/{SERVICE}/Append"]
+    assert appended["code"] == "OK"
+    assert appended["duration_ms"] > 0
+    assert appended["peer"].startswith("ipv4:127.0.0.1:")
+    assert by_method[f"/{SERVICE}/Head"]["code"] == "INVALID_ARGUMENT"
+    assert any("stopped after" in e["message"] for e in entries)  # the server's own lines too
