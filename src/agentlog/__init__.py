@@ -41,6 +41,7 @@ from agentlog._records import (
     SessionInfo,
     SessionPage,
 )
+from agentlog._tls import TlsConfig
 from agentlog.client import AgentlogClient, AsyncAgentlogClient
 from agentlog.errors import (
     AgentlogError,
@@ -99,6 +100,7 @@ __all__ = [
     "StatePatchSource",
     "StatePatched",
     "TextDelta",
+    "TlsConfig",
     "TokenUsage",
     "ToolCall",
     "ToolCallCompleted",

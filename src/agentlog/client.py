@@ -40,6 +40,7 @@ from agentlog._records import (
     SessionPage,
 )
 from agentlog._status import from_rpc_error
+from agentlog._tls import TlsConfig
 from agentlog._validation import check_page_size
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
@@ -155,8 +156,14 @@ def _open_channel(
     target: str,
     credentials: grpc.ChannelCredentials | None,
     extra_options: Sequence[tuple[str, Any]],
+    tls: TlsConfig | None = None,
 ) -> Any:
     """A channel from `channels` (the grpc or grpc.aio module): both have the same factories."""
+    if tls is not None:
+        if credentials is not None:
+            raise ValueError("give tls or credentials, not both")
+        credentials = tls.credentials()
+        extra_options = [*tls.options(), *extra_options]
     given = {name for name, _ in extra_options}
     options = [opt for opt in _CHANNEL_OPTIONS if opt[0] not in given] + list(extra_options)
     if credentials is not None:
@@ -168,7 +175,8 @@ class AgentlogClient:
     """A blocking client; use it as a context manager or call `close()`.
 
     `target` is "host:port" (or any gRPC target string); `credentials` turns on
-    TLS; `timeout` is each call's deadline in seconds (None: no deadline);
+    TLS (or `tls`, a `TlsConfig` of files: the server's CA, a client certificate);
+    `timeout` is each call's deadline in seconds (None: no deadline);
     `retries` bounds the retries after UNAVAILABLE or DEADLINE_EXCEEDED;
     `options` are extra gRPC channel options.
     """
@@ -180,9 +188,10 @@ class AgentlogClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: TlsConfig | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self._channel: grpc.Channel = _open_channel(grpc, target, credentials, options)
+        self._channel: grpc.Channel = _open_channel(grpc, target, credentials, options, tls)
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
         self.timeout = timeout
         self.retries = retries
@@ -358,9 +367,10 @@ class AsyncAgentlogClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: TlsConfig | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self._channel: grpc.aio.Channel = _open_channel(grpc.aio, target, credentials, options)
+        self._channel: grpc.aio.Channel = _open_channel(grpc.aio, target, credentials, options, tls)
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
         self.timeout = timeout
         self.retries = retries

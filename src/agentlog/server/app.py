@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from agentlog.server._live import LiveSubscriptions
 from agentlog.server._observe import CallObserver
+from agentlog.server._tls import TlsFiles, server_credentials
 from agentlog.server.backend import Backend
 from agentlog.server.blocking import BlockingStore
 from agentlog.server.service import SessionRepositoryService, add_to_server
@@ -111,6 +112,7 @@ def create_server(
     max_connection_age: float | None = None,
     max_connection_age_grace: float = DEFAULT_CONNECTION_AGE_GRACE,
     access_log: bool = False,
+    tls: TlsFiles | None = None,
 ) -> Server:
     """Build (not start: see `Server.start`) a server for `repository`: a Backend, or a
     blocking store (memory, JSONL), whose calls then run on `storage_threads` threads.
@@ -128,6 +130,9 @@ def create_server(
 
     Every call is counted and timed (`grpc_server_*` metrics); with `access_log`, each is
     also logged on `agentlog.access` when it ends (method, status, duration, peer).
+
+    With `tls`, it speaks only TLS, from certificate files re-read when they are rotated
+    (and, with `tls.client_ca`, requires client certificates that CA signed: mTLS).
     """
     age_options = []
     if max_connection_age is not None:
@@ -174,11 +179,13 @@ def create_server(
         ],
         server,
     )
-    port = bind(server, address)
+    port = bind(server, address, server_credentials(tls) if tls is not None else None)
     return Server(server, port, health_service, backend, live, service)
 
 
-def bind(server: grpc.aio.Server, address: str) -> int:
+def bind(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
     """Listen on `address` ("host:port"); the port bound. OSError unless every address
     the host names is bound: grpc binds what it can of a name (both 127.0.0.1 and ::1
     for localhost) and only warns about the rest, so each is bound here on its own."""
@@ -202,7 +209,10 @@ def bind(server: grpc.aio.Server, address: str) -> int:
     for index, target in enumerate(targets):
         where = target if index == 0 and target == address else f"{target}:{port}"
         try:
-            bound = server.add_insecure_port(where)
+            if credentials is None:
+                bound = server.add_insecure_port(where)
+            else:
+                bound = server.add_secure_port(where, credentials)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {where}: {exc}") from None
         if bound == 0:
@@ -245,6 +255,7 @@ async def serve(
     max_connection_age: float | None = None,
     max_connection_age_grace: float = DEFAULT_CONNECTION_AGE_GRACE,
     access_log: bool = False,
+    tls: TlsFiles | None = None,
     metrics_address: str | None = None,
     version: str = "",
 ) -> None:
@@ -282,6 +293,7 @@ async def serve(
             max_connection_age=max_connection_age,
             max_connection_age_grace=max_connection_age_grace,
             access_log=access_log,
+            tls=tls,
         )
     except BaseException:
         if repository is not None:
@@ -328,7 +340,8 @@ async def serve(
                 repository.close()
             raise OSError(f"cannot serve metrics on {metrics_address}: {exc}") from None
     host = address.rsplit(":", 1)[0]
-    log.info("agentlog %s serving on %s:%d, %s", version, host, built.port, where)
+    security = "plaintext" if tls is None else ("mTLS" if tls.client_ca else "TLS")
+    log.info("agentlog %s serving on %s:%d (%s), %s", version, host, built.port, security, where)
     if metrics_address is not None:
         log.info("metrics at http://%s:%d/metrics", metrics_address.rsplit(":", 1)[0], metrics_port)
     try:

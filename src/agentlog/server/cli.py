@@ -120,6 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
         "(env AGENTLOG_METRICS_ADDR)",
     )
     serve_cmd.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=os.environ.get("AGENTLOG_TLS_CERT") or None,
+        help="serve TLS with this PEM certificate chain (with --tls-key); re-read when the "
+        "file changes, without a restart (env AGENTLOG_TLS_CERT)",
+    )
+    serve_cmd.add_argument(
+        "--tls-key",
+        type=Path,
+        default=os.environ.get("AGENTLOG_TLS_KEY") or None,
+        help="the PEM private key of --tls-cert (env AGENTLOG_TLS_KEY)",
+    )
+    serve_cmd.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=os.environ.get("AGENTLOG_TLS_CLIENT_CA") or None,
+        help="require client certificates signed by this PEM CA (mTLS) "
+        "(env AGENTLOG_TLS_CLIENT_CA)",
+    )
+    serve_cmd.add_argument(
         "--log-format",
         choices=["text", "json"],
         default=os.environ.get("AGENTLOG_LOG_FORMAT", "text"),
@@ -197,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     health_cmd.add_argument(
         "--timeout", type=float, default=5.0, help="seconds to wait for an answer"
     )
+    _add_client_tls_options(health_cmd)
     tail_cmd = commands.add_parser(
         "tail",
         help="print a session's events as they happen",
@@ -238,10 +259,55 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="start at this sequence instead (with --all: at this position; default: now)",
     )
+    _add_client_tls_options(tail_cmd)
     tail_cmd.add_argument(
         "--width", type=_positive_int, default=160, help="cut lines longer than this"
     )
     return parser
+
+
+def _add_client_tls_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--tls-ca",
+        default=os.environ.get("AGENTLOG_TLS_CA") or None,
+        help="speak TLS, trusting the server's certificate if this PEM CA signed it "
+        "(env AGENTLOG_TLS_CA)",
+    )
+    command.add_argument(
+        "--tls-client-cert",
+        default=os.environ.get("AGENTLOG_TLS_CLIENT_CERT") or None,
+        help="with mTLS: this client's PEM certificate (env AGENTLOG_TLS_CLIENT_CERT)",
+    )
+    command.add_argument(
+        "--tls-client-key",
+        default=os.environ.get("AGENTLOG_TLS_CLIENT_KEY") or None,
+        help="with mTLS: its PEM private key (env AGENTLOG_TLS_CLIENT_KEY)",
+    )
+
+
+def _client_tls(args: argparse.Namespace) -> Any:
+    """The TlsConfig the client flags ask for, or None (plaintext)."""
+    from agentlog import TlsConfig
+
+    if not (args.tls_ca or args.tls_client_cert or args.tls_client_key):
+        return None
+    return TlsConfig(ca=args.tls_ca, cert=args.tls_client_cert, key=args.tls_client_key)
+
+
+def _server_tls(args: argparse.Namespace) -> Any:
+    """The TlsFiles the serve flags ask for, or None (plaintext)."""
+    from agentlog.server._tls import TlsFiles
+
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise OSError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS)")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise OSError("give both --tls-cert and --tls-key to serve TLS")
+    for path in (args.tls_cert, args.tls_key, args.tls_client_ca):
+        if path is not None and not path.is_file():
+            raise OSError(f"{path}: no such file (a TLS setting)")
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
 def _add_store_options(command: argparse.ArgumentParser) -> None:
@@ -318,7 +384,17 @@ def health(args: argparse.Namespace) -> int:
         print(f"agentlog health: {problem}", file=sys.stderr)
         return 1
     request = health_pb2.HealthCheckRequest(service=args.service)
-    with grpc.insecure_channel(args.addr) as channel:
+    try:
+        tls = _client_tls(args)
+        channel = (
+            grpc.insecure_channel(args.addr)
+            if tls is None
+            else grpc.secure_channel(args.addr, tls.credentials(), options=tls.options())
+        )
+    except (OSError, ValueError) as exc:
+        print(f"agentlog health: {exc}", file=sys.stderr)
+        return 1
+    with channel:
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
         except grpc.RpcError as exc:
@@ -352,7 +428,13 @@ def tail(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"agentlog tail: {problem}", file=sys.stderr)
         return 2
-    with AgentlogClient(args.addr, retries=1_000_000) as client:
+    try:
+        tls = _client_tls(args)
+        client = AgentlogClient(args.addr, retries=1_000_000, tls=tls)
+    except (OSError, ValueError) as exc:
+        print(f"agentlog tail: {exc}", file=sys.stderr)
+        return 2
+    with client:
         _connect(client, args.addr)
         if args.all:
             feed = client.subscribe_all(
@@ -441,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_connection_age=args.max_connection_age,
                 max_connection_age_grace=args.max_connection_age_grace,
                 access_log=args.access_log,
+                tls=_server_tls(args),
                 max_message_bytes=args.max_message_bytes,
                 grace=args.grace,
                 sync=args.sync,
