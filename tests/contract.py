@@ -822,6 +822,42 @@ class FeedContract(SubscriptionContract):
         # Skipped records still move the resume point forward.
         assert all(isinstance(i, CaughtUp) for i in items if not isinstance(i, FeedRecord))
 
+    def test_subscribers_with_other_filters_each_get_only_their_records(
+        self, repo: SessionRepository
+    ) -> None:
+        prefix = new_session()
+        first, other, unrelated = f"{prefix}-a", f"{prefix}-b", f"x{prefix}"
+        now = iter(repo.subscribe_all())
+        caught_up = next(now)  # from now on: says where the feed ends
+        assert isinstance(caught_up, CaughtUp)
+        start = caught_up.position + 1
+        close = getattr(now, "close", None)
+        if close is not None:
+            close()
+        repo.append(AppendEvent(session_id=first, event=delta(first, "1")))
+        repo.append(AppendEvent(session_id=other, event=started(other)))
+        repo.append(AppendEvent(session_id=unrelated, event=delta(unrelated, "3")))
+        repo.append(AppendEvent(session_id=first, event=delta(first, "4")))
+
+        def feed(**filters: Any) -> list[tuple[int, str]]:
+            kept: list[tuple[int, str]] = []
+            for item in repo.subscribe_all(from_position=start, **filters):
+                if isinstance(item, CaughtUp):
+                    return kept
+                assert isinstance(item, FeedRecord)
+                kept.append((item.position, item.record.session_id))
+            raise AssertionError("the feed ended")
+
+        # The same first and last record, different ones between: each its own.
+        assert feed(session_id_prefix=prefix) == [
+            (start, first),
+            (start + 1, other),
+            (start + 3, first),
+        ]
+        by_kind = feed(part_types=["text_delta"])
+        assert (start + 1, other) not in by_kind
+        assert [p for p, s in by_kind if s in (first, unrelated)] == [start, start + 2, start + 3]
+
     def test_the_prefix_filter_matches_the_start_of_the_id_only(
         self, repo: SessionRepository
     ) -> None:

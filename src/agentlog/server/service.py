@@ -330,6 +330,9 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
             session_id_prefix=request.session_id_prefix,
             part_types=list(request.part_types),
         )
+        # Encoded runs are shared only between subscribers with the same filters: two
+        # filters can keep different records between the same first and last.
+        scope = ("a", request.session_id_prefix, *sorted(set(request.part_types)))
         async for item in chunks:
             if isinstance(item, CaughtUp):
                 yield pb.SubscribeAllResponse(caught_up=pb.CaughtUp(position=item.position))
@@ -346,7 +349,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
                         )
                     )
                 else:
-                    yield self._encoded.get(("a",), run, _feed_message)
+                    yield self._encoded.get(scope, run, _feed_message)
 
     @_translate_errors
     async def ListSessions(
