@@ -52,8 +52,10 @@ from agentlog.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     ServerError,
+    UnauthenticatedError,
     UnavailableError,
     WrongExpectedSequence,
 )
@@ -85,6 +87,7 @@ __all__ = [
     "ModelStopReason",
     "NewEvent",
     "NotFoundError",
+    "PermissionDeniedError",
     "ReadDirection",
     "ResourceExhaustedError",
     "RunErrored",
@@ -107,6 +110,7 @@ __all__ = [
     "ToolCallFailed",
     "ToolCallRequested",
     "ToolResultSummary",
+    "UnauthenticatedError",
     "UnavailableError",
     "WrongExpectedSequence",
 ]

@@ -29,6 +29,7 @@ from typing import Any, Self
 import grpc
 
 from agentlog import _codec, _requests
+from agentlog._auth import BearerToken, Token, aio_interceptors
 from agentlog._events import ReadDirection
 from agentlog._records import (
     AppendEvent,
@@ -156,9 +157,13 @@ def _open_channel(
     target: str,
     credentials: grpc.ChannelCredentials | None,
     extra_options: Sequence[tuple[str, Any]],
+    *,
     tls: TlsConfig | None = None,
+    aio_token: Token | None = None,
 ) -> Any:
-    """A channel from `channels` (the grpc or grpc.aio module): both have the same factories."""
+    """A channel from `channels` (the grpc or grpc.aio module): both have the same factories
+    (an asyncio channel takes its bearer-token interceptors here; a blocking one is
+    wrapped by the caller)."""
     if tls is not None:
         if credentials is not None:
             raise ValueError("give tls or credentials, not both")
@@ -166,9 +171,12 @@ def _open_channel(
         extra_options = [*tls.options(), *extra_options]
     given = {name for name, _ in extra_options}
     options = [opt for opt in _CHANNEL_OPTIONS if opt[0] not in given] + list(extra_options)
+    extra: dict[str, Any] = {}
+    if aio_token is not None:
+        extra["interceptors"] = aio_interceptors(aio_token)
     if credentials is not None:
-        return channels.secure_channel(target, credentials, options=options)
-    return channels.insecure_channel(target, options=options)
+        return channels.secure_channel(target, credentials, options=options, **extra)
+    return channels.insecure_channel(target, options=options, **extra)
 
 
 class AgentlogClient:
@@ -176,6 +184,8 @@ class AgentlogClient:
 
     `target` is "host:port" (or any gRPC target string); `credentials` turns on
     TLS (or `tls`, a `TlsConfig` of files: the server's CA, a client certificate);
+    `token` is sent as `authorization: Bearer <token>` on every call (a callable is
+    asked for it each time, so it may refresh an expiring one);
     `timeout` is each call's deadline in seconds (None: no deadline);
     `retries` bounds the retries after UNAVAILABLE or DEADLINE_EXCEEDED;
     `options` are extra gRPC channel options.
@@ -189,9 +199,12 @@ class AgentlogClient:
         retries: int = DEFAULT_RETRIES,
         credentials: grpc.ChannelCredentials | None = None,
         tls: TlsConfig | None = None,
+        token: Token | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self._channel: grpc.Channel = _open_channel(grpc, target, credentials, options, tls)
+        self._channel: grpc.Channel = _open_channel(grpc, target, credentials, options, tls=tls)
+        if token is not None:
+            self._channel = grpc.intercept_channel(self._channel, BearerToken(token))
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
         self.timeout = timeout
         self.retries = retries
@@ -368,9 +381,12 @@ class AsyncAgentlogClient:
         retries: int = DEFAULT_RETRIES,
         credentials: grpc.ChannelCredentials | None = None,
         tls: TlsConfig | None = None,
+        token: Token | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self._channel: grpc.aio.Channel = _open_channel(grpc.aio, target, credentials, options, tls)
+        self._channel: grpc.aio.Channel = _open_channel(
+            grpc.aio, target, credentials, options, tls=tls, aio_token=token
+        )
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
         self.timeout = timeout
         self.retries = retries

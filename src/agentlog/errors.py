@@ -94,6 +94,18 @@ class ResourceExhaustedError(AgentlogError):
     status_name = "RESOURCE_EXHAUSTED"
 
 
+class UnauthenticatedError(AgentlogError):
+    """The call carried no credential the server accepts (missing, unknown, expired)."""
+
+    status_name = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(AgentlogError, PermissionError):
+    """The caller is known but may not do this (to this session)."""
+
+    status_name = "PERMISSION_DENIED"
+
+
 class UnavailableError(AgentlogError, ConnectionError):
     """The server cannot be reached or is shutting down; retrying may succeed."""
 
@@ -127,6 +139,8 @@ ERRORS_BY_STATUS: dict[str, type[AgentlogError]] = {
         FailedPreconditionError,
         DataLossError,
         ResourceExhaustedError,
+        UnauthenticatedError,
+        PermissionDeniedError,
         UnavailableError,
         DeadlineExceededError,
         CancelledError,

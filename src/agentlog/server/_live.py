@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import TypeVar
 
 from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord
@@ -139,6 +139,7 @@ class LiveSubscriptions:
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
+        visible: Callable[[str], bool] | None = None,
     ) -> AsyncIterator[list[FeedRecord | FeedGap] | CaughtUp]:
         """The all-sessions feed as runs of kept records (and gaps) and CaughtUp markers.
 
@@ -147,7 +148,7 @@ class LiveSubscriptions:
         run at a time, so a subscriber catching up holds one run, not the feed.
         """
         self._watch()
-        keep = FeedFilter.of(session_id_prefix, part_types)
+        keep = FeedFilter.of(session_id_prefix, part_types, visible)
         waiter = Waiter()
         if not self._feed_waiters:
             self._recent_feed.clear()  # nobody kept it up to date

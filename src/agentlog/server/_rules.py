@@ -436,9 +436,16 @@ class FeedFilter:
 
     session_id_prefix: str
     part_types: frozenset[str]
+    visible: Callable[[str], bool] | None = None
+    """Which sessions the subscriber may see at all (its credential's scope); None: all."""
 
     @classmethod
-    def of(cls, session_id_prefix: str, part_types: Collection[str]) -> FeedFilter:
+    def of(
+        cls,
+        session_id_prefix: str,
+        part_types: Collection[str],
+        visible: Callable[[str], bool] | None = None,
+    ) -> FeedFilter:
         if not isinstance(session_id_prefix, str) or len(session_id_prefix.encode()) > 200:
             raise InvalidArgumentError(
                 "session_id_prefix must be a string of at most 200 bytes",
@@ -451,11 +458,15 @@ class FeedFilter:
                 f"(known: {', '.join(EVENT_TYPES)})",
                 field="part_types",
             )
-        return cls(session_id_prefix, frozenset(part_types))
+        return cls(session_id_prefix, frozenset(part_types), visible)
 
     def __call__(self, item: FeedRecord | FeedGap) -> bool:
         """Whether the subscriber wants a record, or hears of a gap (any gap of a session
         it follows: what was lost may have been of the kinds it wants)."""
+        if self.visible is not None:
+            session_id = item.session_id if isinstance(item, FeedGap) else item.record.session_id
+            if not self.visible(session_id):
+                return False
         if isinstance(item, FeedGap):
             return item.session_id.startswith(self.session_id_prefix)
         record = item.record

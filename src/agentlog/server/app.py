@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from agentlog.server._auth import Authenticator
 from agentlog.server._live import LiveSubscriptions
 from agentlog.server._observe import CallObserver
 from agentlog.server._tls import TlsFiles, server_credentials
@@ -113,6 +114,8 @@ def create_server(
     max_connection_age_grace: float = DEFAULT_CONNECTION_AGE_GRACE,
     access_log: bool = False,
     tls: TlsFiles | None = None,
+    authenticator: Authenticator | None = None,
+    reflection_enabled: bool = True,
 ) -> Server:
     """Build (not start: see `Server.start`) a server for `repository`: a Backend, or a
     blocking store (memory, JSONL), whose calls then run on `storage_threads` threads.
@@ -133,6 +136,8 @@ def create_server(
 
     With `tls`, it speaks only TLS, from certificate files re-read when they are rotated
     (and, with `tls.client_ca`, requires client certificates that CA signed: mTLS).
+    With `authenticator`, every SessionRepository call needs a credential and is held
+    to its scopes (health stays open); `reflection_enabled=False` leaves reflection out.
     """
     age_options = []
     if max_connection_age is not None:
@@ -166,19 +171,20 @@ def create_server(
         executor = ThreadPoolExecutor(storage_threads, thread_name_prefix="agentlog-storage")
         backend = repository.backend(executor)
     live = LiveSubscriptions(backend)
-    service = SessionRepositoryService(backend, live)
+    service = SessionRepositoryService(backend, live, authenticator)
     add_to_server(service, server)
 
     health_service = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack aio
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    reflection.enable_server_reflection(
-        [
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
+    if reflection_enabled:
+        reflection.enable_server_reflection(
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
     port = bind(server, address, server_credentials(tls) if tls is not None else None)
     return Server(server, port, health_service, backend, live, service)
 
@@ -232,6 +238,16 @@ def _can_bind(ip: str) -> bool:
     return True
 
 
+def _is_loopback(host: str) -> bool:
+    host = host.removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _is_ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -256,6 +272,8 @@ async def serve(
     max_connection_age_grace: float = DEFAULT_CONNECTION_AGE_GRACE,
     access_log: bool = False,
     tls: TlsFiles | None = None,
+    authenticator: Authenticator | None = None,
+    reflection_enabled: bool = True,
     metrics_address: str | None = None,
     version: str = "",
 ) -> None:
@@ -294,6 +312,8 @@ async def serve(
             max_connection_age_grace=max_connection_age_grace,
             access_log=access_log,
             tls=tls,
+            authenticator=authenticator,
+            reflection_enabled=reflection_enabled,
         )
     except BaseException:
         if repository is not None:
@@ -341,6 +361,12 @@ async def serve(
             raise OSError(f"cannot serve metrics on {metrics_address}: {exc}") from None
     host = address.rsplit(":", 1)[0]
     security = "plaintext" if tls is None else ("mTLS" if tls.client_ca else "TLS")
+    if authenticator is None and not _is_loopback(host):
+        log.warning(
+            "no authentication is set up (--auth-file, --jwks-file) and the server listens "
+            "on %s, not only loopback: anyone who reaches it may read and write every session",
+            host or "every address",
+        )
     log.info("agentlog %s serving on %s:%d (%s), %s", version, host, built.port, security, where)
     if metrics_address is not None:
         log.info("metrics at http://%s:%d/metrics", metrics_address.rsplit(":", 1)[0], metrics_port)

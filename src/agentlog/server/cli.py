@@ -140,6 +140,37 @@ def build_parser() -> argparse.ArgumentParser:
         "(env AGENTLOG_TLS_CLIENT_CA)",
     )
     serve_cmd.add_argument(
+        "--auth-file",
+        type=Path,
+        default=os.environ.get("AGENTLOG_AUTH_FILE") or None,
+        help="require credentials: a JSON file of callers (SHA-256 of each bearer token, or "
+        "an mTLS identity), their permissions and session-id prefixes; re-read when it "
+        "changes (env AGENTLOG_AUTH_FILE)",
+    )
+    serve_cmd.add_argument(
+        "--jwks-file",
+        type=Path,
+        default=os.environ.get("AGENTLOG_JWKS_FILE") or None,
+        help="require credentials, taking bearer JWTs signed by a key of this JWKS file "
+        "(env AGENTLOG_JWKS_FILE)",
+    )
+    serve_cmd.add_argument(
+        "--jwt-issuer",
+        default=os.environ.get("AGENTLOG_JWT_ISSUER") or None,
+        help="the `iss` a JWT must carry (env AGENTLOG_JWT_ISSUER)",
+    )
+    serve_cmd.add_argument(
+        "--jwt-audience",
+        default=os.environ.get("AGENTLOG_JWT_AUDIENCE") or None,
+        help="the `aud` a JWT must carry (env AGENTLOG_JWT_AUDIENCE)",
+    )
+    serve_cmd.add_argument(
+        "--reflection",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("AGENTLOG_REFLECTION", "1").lower() not in ("0", "false", "no"),
+        help="serve gRPC server reflection (env AGENTLOG_REFLECTION=0 to turn it off)",
+    )
+    serve_cmd.add_argument(
         "--log-format",
         choices=["text", "json"],
         default=os.environ.get("AGENTLOG_LOG_FORMAT", "text"),
@@ -283,6 +314,11 @@ def _add_client_tls_options(command: argparse.ArgumentParser) -> None:
         default=os.environ.get("AGENTLOG_TLS_CLIENT_KEY") or None,
         help="with mTLS: its PEM private key (env AGENTLOG_TLS_CLIENT_KEY)",
     )
+    command.add_argument(
+        "--token",
+        default=os.environ.get("AGENTLOG_TOKEN") or None,
+        help="a bearer token (or JWT) to send with every call (env AGENTLOG_TOKEN)",
+    )
 
 
 def _client_tls(args: argparse.Namespace) -> Any:
@@ -308,6 +344,23 @@ def _server_tls(args: argparse.Namespace) -> Any:
         if path is not None and not path.is_file():
             raise OSError(f"{path}: no such file (a TLS setting)")
     return TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+def _authenticator(args: argparse.Namespace) -> Any:
+    """The Authenticator the serve flags ask for, or None (no authentication)."""
+    from agentlog.server._auth import Authenticator, JwtSettings
+
+    if args.auth_file is None and args.jwks_file is None:
+        return None
+    jwt_settings = None
+    if args.jwks_file is not None:
+        jwt_settings = JwtSettings(args.jwks_file, args.jwt_issuer, args.jwt_audience)
+    import jwt
+
+    try:
+        return Authenticator(args.auth_file, jwt_settings)
+    except (ValueError, KeyError, jwt.PyJWTError) as exc:
+        raise OSError(f"the authentication settings do not load: {exc}") from None
 
 
 def _add_store_options(command: argparse.ArgumentParser) -> None:
@@ -396,7 +449,10 @@ def health(args: argparse.Namespace) -> int:
         return 1
     with channel:
         try:
-            answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
+            metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                request, timeout=args.timeout, metadata=metadata
+            )
         except grpc.RpcError as exc:
             # The error a channel raises is also a grpc.Call: its code and details.
             text = str(exc)
@@ -430,7 +486,7 @@ def tail(args: argparse.Namespace) -> int:
         return 2
     try:
         tls = _client_tls(args)
-        client = AgentlogClient(args.addr, retries=1_000_000, tls=tls)
+        client = AgentlogClient(args.addr, retries=1_000_000, tls=tls, token=args.token)
     except (OSError, ValueError) as exc:
         print(f"agentlog tail: {exc}", file=sys.stderr)
         return 2
@@ -524,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
                 max_connection_age_grace=args.max_connection_age_grace,
                 access_log=args.access_log,
                 tls=_server_tls(args),
+                authenticator=_authenticator(args),
+                reflection_enabled=args.reflection,
                 max_message_bytes=args.max_message_bytes,
                 grace=args.grace,
                 sync=args.sync,

@@ -19,10 +19,11 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from agentlog import _codec, _requests
-from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord
+from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord, SessionPage
 from agentlog._status import to_grpc_status
 from agentlog._validation import check_parent_query, check_stored_session_id
 from agentlog.errors import AgentlogError, InvalidArgumentError, ServerError
+from agentlog.server._auth import EVERYONE, Authenticator, Grant, Permission, peer_identities
 from agentlog.server._live import LiveSubscriptions
 from agentlog.server._rules import (
     MESSAGE_BYTES,
@@ -258,9 +259,15 @@ async def _each(records: list[EventRecord]) -> AsyncIterator[EventRecord]:
 class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     """Serves a Backend over gRPC."""
 
-    def __init__(self, backend: Backend, live: LiveSubscriptions) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        live: LiveSubscriptions,
+        authenticator: Authenticator | None = None,
+    ) -> None:
         self._backend = backend
         self._live = live
+        self._authenticator = authenticator
         self.in_flight = CallsInFlight()
         self._encoded = EncodedRuns()
 
@@ -269,7 +276,10 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         # The answer may copy the request's event (see appended_fields), less
         # fields this server does not know: they are not stored.
         request.DiscardUnknownFields()
-        appended = await self._backend.append(prepare_request(request))
+        caller = self._caller(context)
+        pending = prepare_request(request)
+        caller.require(Permission.APPEND, pending.session_id)
+        appended = await self._backend.append(pending)
         sent = None if request.omit_event else [request.event]
         return pb.AppendResponse(record=_answer(appended, sent)[0])
 
@@ -278,7 +288,10 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         self, request: pb.AppendBatchRequest, context: Any
     ) -> pb.AppendBatchResponse:
         request.DiscardUnknownFields()  # as in Append
-        appended = await self._backend.append(prepare_batch_request(request))
+        caller = self._caller(context)
+        pending = prepare_batch_request(request)
+        caller.require(Permission.APPEND, pending.session_id)
+        appended = await self._backend.append(pending)
         sent = None if request.omit_events else [item.event for item in request.events]
         return pb.AppendBatchResponse(records=_answer(appended, sent))
 
@@ -286,7 +299,9 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     async def LoadSession(
         self, request: pb.LoadSessionRequest, context: Any
     ) -> AsyncIterator[pb.LoadSessionResponse]:
+        caller = self._caller(context)
         session_id, from_sequence, limit, direction = _requests.read_from_proto(request)
+        caller.require(Permission.READ, session_id)
         chunks = self._backend.read_session_chunks(
             session_id, from_sequence=from_sequence, limit=limit, direction=direction
         )
@@ -297,13 +312,19 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     async def LoadChildren(
         self, request: pb.LoadChildrenRequest, context: Any
     ) -> AsyncIterator[pb.LoadChildrenResponse]:
+        caller = self._caller(context)
         records = await self._backend.load_children(check_parent_query(request.parent_id))
+        if not caller.reads_everything:  # only the children it may see
+            records = [r for r in records if caller.may_read(r.session_id)]
         async for chunk in chunk_records(_each(records)):
             yield pb.LoadChildrenResponse(records=chunk)
 
     @_translate_errors
     async def Head(self, request: pb.HeadRequest, context: Any) -> pb.HeadResponse:
-        record = await self._backend.head(check_stored_session_id(request.session_id))
+        caller = self._caller(context)
+        session_id = check_stored_session_id(request.session_id)
+        caller.require(Permission.READ, session_id)
+        record = await self._backend.head(session_id)
         if record is None:
             return pb.HeadResponse()
         return pb.HeadResponse(record=_codec.record_to_proto(record))
@@ -312,7 +333,9 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     async def SubscribeSession(
         self, request: pb.SubscribeSessionRequest, context: Any
     ) -> AsyncIterator[pb.SubscribeSessionResponse | bytes]:
+        caller = self._caller(context)
         session_id = check_stored_session_id(request.session_id)
+        caller.require(Permission.READ, session_id)
         start = request.from_sequence if request.HasField("from_sequence") else None
         async for item in self._live.session_chunks(session_id, from_sequence=start):
             if isinstance(item, CaughtUp):
@@ -324,15 +347,23 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     async def SubscribeAll(
         self, request: pb.SubscribeAllRequest, context: Any
     ) -> AsyncIterator[pb.SubscribeAllResponse | bytes]:
+        caller = self._caller(context)
+        everything = caller.reads_everything
         start = request.from_position if request.HasField("from_position") else None
         chunks = self._live.feed_chunks(
             from_position=start,
             session_id_prefix=request.session_id_prefix,
             part_types=list(request.part_types),
+            visible=None if everything else caller.may_read,  # only sessions it may read
         )
-        # Encoded runs are shared only between subscribers with the same filters: two
-        # filters can keep different records between the same first and last.
-        scope = ("a", request.session_id_prefix, *sorted(set(request.part_types)))
+        # Encoded runs are shared only between subscribers with the same filters (and
+        # scope): two filters can keep different records between the same first and last.
+        scope = (
+            "a",
+            request.session_id_prefix,
+            tuple(sorted(set(request.part_types))),
+            None if everything else (caller.permissions, caller.prefixes),
+        )
         async for item in chunks:
             if isinstance(item, CaughtUp):
                 yield pb.SubscribeAllResponse(caught_up=pb.CaughtUp(position=item.position))
@@ -355,10 +386,22 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Any
     ) -> pb.ListSessionsResponse:
+        caller = self._caller(context)
         page = await self._backend.list_sessions(
             page_size=request.page_size or None, page_token=request.page_token or None
         )
+        if not caller.reads_everything:  # only the sessions it may see
+            visible = [info for info in page.sessions if caller.may_read(info.session_id)]
+            page = SessionPage(sessions=visible, next_page_token=page.next_page_token)
         return _requests.page_to_proto(page)
+
+    def _caller(self, context: Any) -> Grant:
+        """Who is calling (UnauthenticatedError if the call carries no credential this
+        server accepts); with no authentication set up, anyone may do anything."""
+        if self._authenticator is None:
+            return EVERYONE
+        metadata = {key: value for key, value in context.invocation_metadata() or ()}
+        return self._authenticator.grant(metadata, peer_identities(context.auth_context()))
 
 
 def _session_message(records: list[EventRecord]) -> bytes:
