@@ -92,6 +92,28 @@ def test_grpc_metrics_move_with_the_calls(served: tuple[str, str, subprocess.Pop
     load = {"grpc_service": SERVICE, "grpc_method": "LoadSession", "grpc_type": "server_stream"}
     assert moved("grpc_server_handled_total", grpc_code="OK", **load) == 1
     assert moved("grpc_server_msg_sent_total", **load) == 3
+    # The store: events and bytes appended, syncs and the appends each made durable.
+    assert moved("agentlog_appended_events_total") == 5 + 600
+    assert moved("agentlog_appended_bytes_total") > 600 * 50
+    assert moved("agentlog_sync_seconds_count") >= 1
+    assert moved("agentlog_sync_group_appends_sum") == 6
+    assert value(after, "agentlog_subscribers", kind="session") == 0
+
+
+def test_the_subscriber_gauges_follow_live_subscriptions(
+    served: tuple[str, str, subprocess.Popen[str]],
+) -> None:
+    target, url, _ = served
+    with AgentlogClient(target) as client:
+        feed = iter(client.subscribe_all())
+        sessions = [iter(client.subscribe_session(f"g{n}")) for n in range(3)]
+        for stream in [feed, *sessions]:
+            next(stream)  # CaughtUp: the subscription is live
+        during = scrape(url)
+        for stream in [feed, *sessions]:
+            stream.close()
+    assert value(during, "agentlog_subscribers", kind="session") == 3
+    assert value(during, "agentlog_subscribers", kind="feed") == 1
 
 
 def test_json_logs_carry_an_access_log(served: tuple[str, str, subprocess.Popen[str]]) -> None:

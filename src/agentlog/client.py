@@ -29,7 +29,7 @@ from typing import Any, Self
 import grpc
 
 from agentlog import _codec, _requests
-from agentlog._auth import BearerToken, Token, aio_interceptors
+from agentlog._call_metadata import CallMetadata, Token, aio_interceptors
 from agentlog._events import ReadDirection
 from agentlog._records import (
     AppendEvent,
@@ -172,7 +172,7 @@ def _open_channel(
     given = {name for name, _ in extra_options}
     options = [opt for opt in _CHANNEL_OPTIONS if opt[0] not in given] + list(extra_options)
     extra: dict[str, Any] = {}
-    if aio_token is not None:
+    if channels is grpc.aio:
         extra["interceptors"] = aio_interceptors(aio_token)
     if credentials is not None:
         return channels.secure_channel(target, credentials, options=options, **extra)
@@ -202,9 +202,8 @@ class AgentlogClient:
         token: Token | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self._channel: grpc.Channel = _open_channel(grpc, target, credentials, options, tls=tls)
-        if token is not None:
-            self._channel = grpc.intercept_channel(self._channel, BearerToken(token))
+        channel = _open_channel(grpc, target, credentials, options, tls=tls)
+        self._channel: grpc.Channel = grpc.intercept_channel(channel, CallMetadata(token))
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
         self.timeout = timeout
         self.retries = retries

@@ -126,6 +126,11 @@ class LiveSubscriptions:
             for waiter in waiters:
                 waiter.set()
 
+    def subscribers(self) -> tuple[int, int]:
+        """How many session subscriptions and feed subscriptions there are."""
+        with self._follow_lock:
+            return sum(self._followers.values()), self._feed_followers
+
     def subscribers_of(self, session_id: str) -> int:
         return len(self._waiters.get(session_id, ()))
 

@@ -88,6 +88,8 @@ class Appended:
     first_sequence: int
     timestamp_ns: int
     known: list[EventRecord] | None = None
+    retried: bool = False
+    """True when the append was a retry of one already stored (nothing was written)."""
 
     @property
     def last_sequence(self) -> int:
@@ -115,7 +117,7 @@ class Appended:
     ) -> Appended:
         """A retry's answer: the records as the store holds them."""
         first = records[0]
-        return cls(session_id, batch, first.sequence, first.timestamp_ns, records)
+        return cls(session_id, batch, first.sequence, first.timestamp_ns, records, retried=True)
 
 
 # A stream message holds at most this many records, and no more than this many

@@ -20,6 +20,7 @@ from agentlog._events import ReadDirection
 from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionPage
 from agentlog.errors import UnavailableError
 from agentlog.server._rules import Appended, PendingAppend
+from agentlog.server._tracing import store_span
 from agentlog.server.backend import Backend, Growth, GrowthListener
 from agentlog.server.blocking import BlockingStore
 
@@ -86,7 +87,8 @@ class ThreadedBackend(Backend):
 
     async def append(self, append: PendingAppend) -> Appended:
         self._check_writing()
-        answer: Appended | Exception = await self._run(self._commit_one, append)
+        with store_span("agentlog.store.write", **{"agentlog.events": len(append.batch)}):
+            answer: Appended | Exception = await self._run(self._commit_one, append)
         if isinstance(answer, Exception):
             raise answer
         return answer

@@ -17,11 +17,14 @@ from typing import Any, NamedTuple
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 
+from agentlog.server import metrics
 from agentlog.server._auth import Authenticator
 from agentlog.server._live import LiveSubscriptions
 from agentlog.server._observe import CallObserver
 from agentlog.server._tls import TlsFiles, server_credentials
+from agentlog.server._tracing import TracingInterceptor, configure_from_environment
 from agentlog.server.backend import Backend
 from agentlog.server.blocking import BlockingStore
 from agentlog.server.service import SessionRepositoryService, add_to_server
@@ -116,6 +119,7 @@ def create_server(
     tls: TlsFiles | None = None,
     authenticator: Authenticator | None = None,
     reflection_enabled: bool = True,
+    tracer_provider: TracerProvider | None = None,
 ) -> Server:
     """Build (not start: see `Server.start`) a server for `repository`: a Backend, or a
     blocking store (memory, JSONL), whose calls then run on `storage_threads` threads.
@@ -138,6 +142,8 @@ def create_server(
     (and, with `tls.client_ca`, requires client certificates that CA signed: mTLS).
     With `authenticator`, every SessionRepository call needs a credential and is held
     to its scopes (health stays open); `reflection_enabled=False` leaves reflection out.
+    With `tracer_provider`, each call gets a server span (joined to the caller's trace)
+    and the store's write and sync spans beneath it.
     """
     age_options = []
     if max_connection_age is not None:
@@ -146,7 +152,10 @@ def create_server(
             ("grpc.max_connection_age_grace_ms", max(0, int(max_connection_age_grace * 1000))),
         ]
     server = grpc.aio.server(
-        interceptors=[CallObserver(access_log=access_log)],
+        interceptors=[
+            *([TracingInterceptor(tracer_provider)] if tracer_provider is not None else []),
+            CallObserver(access_log=access_log),
+        ],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
@@ -171,6 +180,8 @@ def create_server(
         executor = ThreadPoolExecutor(storage_threads, thread_name_prefix="agentlog-storage")
         backend = repository.backend(executor)
     live = LiveSubscriptions(backend)
+    metrics.SUBSCRIBERS.labels("session").set_function(lambda: live.subscribers()[0])
+    metrics.SUBSCRIBERS.labels("feed").set_function(lambda: live.subscribers()[1])
     service = SessionRepositoryService(backend, live, authenticator)
     add_to_server(service, server)
 
@@ -282,6 +293,7 @@ async def serve(
     `store` (or `data_dir`)."""
     from agentlog.server.postgres import PostgresBackend, is_postgres_url
 
+    tracer_provider = configure_from_environment()
     repository: BlockingStore | None = None
     served: BlockingStore | Backend
     if store is not None and is_postgres_url(store):
@@ -314,6 +326,7 @@ async def serve(
             tls=tls,
             authenticator=authenticator,
             reflection_enabled=reflection_enabled,
+            tracer_provider=tracer_provider,
         )
     except BaseException:
         if repository is not None:
@@ -368,6 +381,8 @@ async def serve(
             host or "every address",
         )
     log.info("agentlog %s serving on %s:%d (%s), %s", version, host, built.port, security, where)
+    if tracer_provider is not None:
+        log.info("tracing: spans exported as the OTEL_* settings say")
     if metrics_address is not None:
         log.info("metrics at http://%s:%d/metrics", metrics_address.rsplit(":", 1)[0], metrics_port)
     try:
@@ -379,6 +394,9 @@ async def serve(
         if repository is not None:
             log.info("calls ended; syncing and closing the data directory")
             repository.close()
+        shutdown = getattr(tracer_provider, "shutdown", None)
+        if shutdown is not None:
+            shutdown()  # export the spans still buffered
         log.info(
             "agentlog stopped after %.1f s of service (grace for calls in flight: %.1f s)",
             time.monotonic() - started,

@@ -6,7 +6,7 @@ The metrics live in prometheus_client's default registry; `agentlog serve
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 FEED_UNDELIVERED = Counter(
     "agentlog_feed_undelivered_records",
@@ -32,6 +32,33 @@ GRPC_SECONDS = Histogram(
 )
 GRPC_SENT = Counter(
     "grpc_server_msg_sent_total", "Messages the server sent (stream messages each).", _CALL
+)
+
+# The store, whichever backend.
+APPENDED_EVENTS = Counter("agentlog_appended_events_total", "Events stored by appends.")
+APPENDED_BYTES = Counter(
+    "agentlog_appended_bytes_total", "Bytes of the append requests that stored events."
+)
+SUBSCRIBERS = Gauge(
+    "agentlog_subscribers", "Live subscriptions, by kind (session or feed).", ["kind"]
+)
+# The JSONL store's syncs (group commit: each sync makes a group of appends durable).
+SYNC_SECONDS = Histogram(
+    "agentlog_sync_seconds",
+    "Time one sync of the JSONL store took (feed lines written, files synced).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1),
+)
+SYNC_GROUP = Histogram(
+    "agentlog_sync_group_appends",
+    "Appends one sync of the JSONL store made durable together.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+)
+# The PostgreSQL store's connection pool (psycopg_pool's own statistics).
+POSTGRES_POOL = Gauge(
+    "agentlog_postgres_pool_connections",
+    "The PostgreSQL pool: connections open (size), idle (available), and calls "
+    "waiting for one (waiting).",
+    ["state"],
 )
 
 

@@ -23,6 +23,7 @@ from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord, Sessio
 from agentlog._status import to_grpc_status
 from agentlog._validation import check_parent_query, check_stored_session_id
 from agentlog.errors import AgentlogError, InvalidArgumentError, ServerError
+from agentlog.server import metrics
 from agentlog.server._auth import EVERYONE, Authenticator, Grant, Permission, peer_identities
 from agentlog.server._live import LiveSubscriptions
 from agentlog.server._rules import (
@@ -280,6 +281,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         pending = prepare_request(request)
         caller.require(Permission.APPEND, pending.session_id)
         appended = await self._backend.append(pending)
+        _count_appended(appended, request)
         sent = None if request.omit_event else [request.event]
         return pb.AppendResponse(record=_answer(appended, sent)[0])
 
@@ -292,6 +294,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         pending = prepare_batch_request(request)
         caller.require(Permission.APPEND, pending.session_id)
         appended = await self._backend.append(pending)
+        _count_appended(appended, request)
         sent = None if request.omit_events else [item.event for item in request.events]
         return pb.AppendBatchResponse(records=_answer(appended, sent))
 
@@ -402,6 +405,12 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
             return EVERYONE
         metadata = {key: value for key, value in context.invocation_metadata() or ()}
         return self._authenticator.grant(metadata, peer_identities(context.auth_context()))
+
+
+def _count_appended(appended: Appended, request: Any) -> None:
+    if not appended.retried:  # stored now, not a retry's answer
+        metrics.APPENDED_EVENTS.inc(len(appended.batch))
+        metrics.APPENDED_BYTES.inc(request.ByteSize())
 
 
 def _session_message(records: list[EventRecord]) -> bytes:

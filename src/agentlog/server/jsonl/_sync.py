@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from agentlog.errors import (
     AgentlogError,
     UnavailableError,
 )
+from agentlog.server import metrics
 from agentlog.server.jsonl._commit import CommitPath, Staging, finish
 
 log = logging.getLogger("agentlog.server")
@@ -44,12 +46,15 @@ class SyncLoops(CommitPath):
                 elsewhere = paths & self._elsewhere
             failed: AgentlogError | None = None
             error: OSError | None = None
+            started = time.perf_counter()
             try:
                 if entries:
                     self._feed.write(entries)
                     paths.add(self._feed.path)
                 if paths:
                     self._syncer.sync(paths, elsewhere=elsewhere)
+                metrics.SYNC_SECONDS.observe(time.perf_counter() - started)
+                metrics.SYNC_GROUP.observe(upto - after)
             except AgentlogError as exc:  # the feed could not be written (a full disk)
                 failed = exc
             except OSError as exc:

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from agentlog.server._rules import Appended, PendingAppend
 from agentlog.server._threaded import ThreadedBackend
+from agentlog.server._tracing import store_span
 from agentlog.server.jsonl._commit import Answer
 from agentlog.server.jsonl.store import JsonlSessionRepository
 
@@ -85,16 +86,18 @@ class JsonlBackend(ThreadedBackend):
             else:
                 answers.add(future, results[0])
 
-        if self._jsonl.submit([append], done, block=False, hold=True):
-            self._held += 1
-            if not self._release_scheduled:
-                self._release_scheduled = True
-                self._held_since = loop.time()
-                loop.call_soon(self._release, loop)
-        else:
-            submit = functools.partial(self._jsonl.submit, [append], done)
-            await loop.run_in_executor(self._executor, submit)
-        answer = await future
+        with store_span("agentlog.store.write", **{"agentlog.events": len(append.batch)}):
+            if self._jsonl.submit([append], done, block=False, hold=True):
+                self._held += 1
+                if not self._release_scheduled:
+                    self._release_scheduled = True
+                    self._held_since = loop.time()
+                    loop.call_soon(self._release, loop)
+            else:
+                submit = functools.partial(self._jsonl.submit, [append], done)
+                await loop.run_in_executor(self._executor, submit)
+        with store_span("agentlog.store.sync", **{"agentlog.sync": self._jsonl.sync_policy}):
+            answer = await future
         if isinstance(answer, Exception):
             raise answer
         return answer

@@ -39,6 +39,7 @@ from agentlog.server._rules import (
     PageTokens,
     PendingAppend,
 )
+from agentlog.server._tracing import store_span
 from agentlog.server.backend import Backend, Growth, GrowthListener
 from agentlog.server.postgres._appends import MAX_BIGINT, GroupCommit, closing_error
 from agentlog.server.postgres._errors import redact, translated
@@ -87,6 +88,10 @@ def connection_string(url: str, statement_timeout_ms: int) -> str:
     )
 
 
+def _pool_stat(pool: psycopg_pool.AsyncConnectionPool[Any], key: str) -> Callable[[], float]:
+    return lambda: float(pool.get_stats().get(key, 0))
+
+
 class PostgresBackend(Backend):
     """The Backend over PostgreSQL; open with `PostgresBackend.open(url)`."""
 
@@ -117,6 +122,12 @@ class PostgresBackend(Backend):
             connect_timeout=connect_timeout,
         )
         self._feed.start(last_position)
+        for state, key in (
+            ("size", "pool_size"),
+            ("available", "pool_available"),
+            ("waiting", "requests_waiting"),
+        ):
+            metrics.POSTGRES_POOL.labels(state).set_function(_pool_stat(pool, key))
         self._appends = GroupCommit(
             pool, stored=self._stored, read_records=self.read_records, spawn=self._spawn
         )
@@ -220,7 +231,10 @@ class PostgresBackend(Backend):
         if self._stopping:
             raise closing_error()
         self._check_reachable()
-        return await self._appends.submit(append)
+        # The write and the sync are one commit of the database's.
+        attributes = {"db.system": "postgresql", "agentlog.events": len(append.batch)}
+        with store_span("agentlog.store.commit", **attributes):
+            return await self._appends.submit(append)
 
     def _stored(self, appended: Appended, first_position: int) -> None:
         """Announce an append stored here, records at hand, before its caller hears."""

@@ -1,6 +1,7 @@
-"""Client side of authentication: a bearer token on every call, streams and their
-resumes included, from a fixed string or a callable asked each time (a token that
-expires is refreshed by the callable)."""
+"""What the clients add to every call's metadata, streams and their resumes included:
+the caller's trace context (W3C `traceparent`, from the current OpenTelemetry
+context, so the server's span joins the caller's trace) and a bearer token, fixed
+or from a callable asked each time (a token that expires is refreshed by it)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from opentelemetry.propagate import inject
 
 if TYPE_CHECKING:  # generic in their stubs only
     _Unary = grpc.UnaryUnaryClientInterceptor[Any, Any]
@@ -23,10 +25,14 @@ else:
 Token = str | Callable[[], str]
 
 
-def _metadata(token: Token, metadata: Any) -> tuple[tuple[str, str], ...]:
-    value = token() if callable(token) else token
-    kept = tuple((k, v) for k, v in (metadata or ()) if k != "authorization")
-    return (*kept, ("authorization", f"Bearer {value}"))
+def _metadata(token: Token | None, metadata: Any) -> tuple[tuple[str, str], ...]:
+    added: dict[str, str] = {}
+    inject(added)  # traceparent (and tracestate) when a span is current
+    if token is not None:
+        value = token() if callable(token) else token
+        added["authorization"] = f"Bearer {value}"
+    kept = tuple((k, v) for k, v in (metadata or ()) if k not in added)
+    return (*kept, *added.items())
 
 
 class _Details(grpc.ClientCallDetails):
@@ -39,10 +45,10 @@ class _Details(grpc.ClientCallDetails):
         self.compression = getattr(details, "compression", None)
 
 
-class BearerToken(_Unary, _Stream):
-    """Adds `authorization: Bearer <token>` to each call of a blocking channel."""
+class CallMetadata(_Unary, _Stream):
+    """Adds the trace context and the token to each call of a blocking channel."""
 
-    def __init__(self, token: Token) -> None:
+    def __init__(self, token: Token | None) -> None:
         self._token = token
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
@@ -52,7 +58,7 @@ class BearerToken(_Unary, _Stream):
         return continuation(_Details(details, _metadata(self._token, details.metadata)), request)
 
 
-def aio_interceptors(token: Token) -> list[Any]:
+def aio_interceptors(token: Token | None) -> list[Any]:
     """The same for an asyncio channel."""
 
     class Unary(_AioUnary):
