@@ -344,7 +344,7 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="add the 10M-event figures")
     parser.add_argument(
         "--only",
-        help="run one group: appends, reads, children, live, fanout, listing, postgres",
+        help="run one group: appends, reads, children, live, fanout, listing, security, postgres",
     )
     parser.add_argument(
         "--store",
@@ -363,6 +363,10 @@ def main() -> None:
     }
     if args.large:
         groups["large"] = lambda tmp: bench_large(tmp, results)
+    from bench import security
+
+    groups["security"] = lambda tmp: security.run(results, args.scale, args.rounds)
+    CEILINGS.update(security.CEILINGS)
     if args.store:
         from bench import postgres
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import statistics
 import subprocess
@@ -40,7 +41,9 @@ DELTA_TEXT = "token of a longer streamed answer, with some text to give each lin
 
 
 @contextmanager
-def server(data_dir: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def server(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     process = subprocess.Popen(
         [
             sys.executable,
@@ -56,11 +59,15 @@ def server(data_dir: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[s
             *args,
         ],
         stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     try:
         assert process.stderr is not None
         found = re.search(r"serving on (127\.0\.0\.1:\d+)", process.stderr.readline())
+        # Keep reading the log, so that a full pipe never stalls the server.
+        threading.Thread(target=process.stderr.read, daemon=True).start()
         assert found, "the server did not start"
         yield found.group(1), process
     finally:

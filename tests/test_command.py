@@ -53,8 +53,10 @@ def test_make_serve_listens_where_the_environment_says(tmp_path: Path) -> None:
     )
     try:
         assert process.stderr is not None
-        line = process.stderr.readline()
-        assert f"serving on 127.0.0.1:{port}" in line, line
+        seen: list[str] = []  # make may install first (pyproject.toml changed): skip that
+        while (line := process.stderr.readline()) and "serving on" not in line:
+            seen.append(line)
+        assert f"serving on 127.0.0.1:{port}" in line, "".join([*seen, line])
         assert str(tmp_path / "data") in line
         with AgentlogClient(f"127.0.0.1:{port}") as client:
             client.append(AppendEvent(session_id="m", event=delta("m", "x")))

@@ -3,6 +3,7 @@ are beneath that; off unless OTEL_* settings ask for it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,17 @@ def named(spans: tuple[ReadableSpan, ...], name: str) -> ReadableSpan:
     found = [span for span in spans if span.name == name]
     assert len(found) == 1, [span.name for span in spans]
     return found[0]
+
+
+def finished(exporter: InMemorySpanExporter, *names: str) -> tuple[ReadableSpan, ...]:
+    """The finished spans once those named are among them: a server span ends just
+    after its answer is sent, so the client may be answered first."""
+    deadline = time.monotonic() + 10
+    while True:
+        spans = exporter.get_finished_spans()
+        if {span.name for span in spans} >= set(names) or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.01)
 
 
 def check_family(spans: tuple[ReadableSpan, ...], store_spans: list[str]) -> None:
@@ -74,7 +86,7 @@ def test_a_client_span_is_the_parent_of_the_server_span_and_the_store_spans(
         exporter.clear()
         with tracer.start_as_current_span("agent-step"):
             client.append(AppendEvent(session_id="t", event=delta("t", "x")))
-    check_family(exporter.get_finished_spans(), ["agentlog.store.write", "agentlog.store.sync"])
+    check_family(finished(exporter, APPEND), ["agentlog.store.write", "agentlog.store.sync"])
 
 
 def test_the_async_client_propagates_the_context_too(
@@ -94,7 +106,7 @@ def test_the_async_client_propagates_the_context_too(
         loop.run(call())
     finally:
         loop.close()
-    check_family(exporter.get_finished_spans(), ["agentlog.store.write"])
+    check_family(finished(exporter, APPEND), ["agentlog.store.write"])
 
 
 def test_postgres_appends_have_a_commit_span(
@@ -114,7 +126,7 @@ def test_postgres_appends_have_a_commit_span(
             exporter.clear()
             with tracer.start_as_current_span("agent-step"):
                 client.append(AppendEvent(session_id="t", event=delta("t", "z")))
-    check_family(exporter.get_finished_spans(), ["agentlog.store.commit"])
+    check_family(finished(exporter, APPEND), ["agentlog.store.commit"])
 
 
 def test_a_failed_call_marks_its_span(
@@ -125,7 +137,8 @@ def test_a_failed_call_marks_its_span(
         exporter.clear()
         with pytest.raises(ValueError, match="session_id"):
             client.head("")
-    span = named(exporter.get_finished_spans(), "agentlog.v1.SessionRepository/Head")
+    head = "agentlog.v1.SessionRepository/Head"
+    span = named(finished(exporter, head), head)
     assert span.status.status_code.name == "ERROR"
     assert span.attributes is not None
     assert span.attributes["rpc.grpc.status_code"] == 3  # INVALID_ARGUMENT
