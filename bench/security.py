@@ -1,8 +1,9 @@
 """What security and observability cost (`python -m bench --only security`).
 
 Append at 64 clients and LoadSession on the same kind of server, plain and with each
-of: TLS, bearer tokens checked against an access file, metrics served and traces
-exported (OTLP, to a sink in this process), and all of them together. The
+of: TLS, bearer tokens checked against an access file, metrics served, every trace
+exported (OTLP, to a sink in this process), one trace in ten exported, and TLS,
+tokens, metrics and every trace together. The
 configurations are measured in interleaved rounds and each figure is the median of
 its rounds, so a machine whose speed drifts affects them alike.
 """
@@ -97,12 +98,20 @@ def run(results: Results, scale: int, rounds: int) -> None:
         tls_args = ["--tls-cert", str(issued.cert), "--tls-key", str(issued.key)]
         observe_args = ["--metrics-addr", "127.0.0.1:0"]
         traces = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+        # The SDK's standard sampler settings: keep one trace in ten (a caller's
+        # sampling decision, when it sends one, is followed).
+        sampled = {
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.1",
+        }
         tls_client = {"tls": TlsConfig(ca=ca.pem, server_name="localhost")}
         setups: dict[str, tuple[list[str], dict[str, str], dict[str, Any]]] = {
             "plain": ([], {}, {}),
             "tls": (tls_args, {}, tls_client),
             "tokens": (["--auth-file", str(access)], {}, {"token": TOKEN}),
-            "observed": (observe_args, traces, {}),
+            "metrics": (observe_args, {}, {}),
+            "traced": ([], traces, {}),
+            "traced_10pct": ([], {**traces, **sampled}, {}),
             "all": (
                 [*tls_args, "--auth-file", str(access), *observe_args],
                 traces,
@@ -137,10 +146,10 @@ def run(results: Results, scale: int, rounds: int) -> None:
 CEILINGS = {
     **{
         f"security_append_rps_c64_{name}": "security_append_rps_c64_plain"
-        for name in ("tls", "tokens", "observed", "all")
+        for name in ("tls", "tokens", "metrics", "traced", "traced_10pct", "all")
     },
     **{
         f"security_load_session_records_per_s_{name}": "security_load_session_records_per_s_plain"
-        for name in ("tls", "tokens", "observed", "all")
+        for name in ("tls", "tokens", "metrics", "traced", "traced_10pct", "all")
     },
 }
