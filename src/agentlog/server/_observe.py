@@ -28,6 +28,22 @@ else:
     _Interceptor = grpc.aio.ServerInterceptor
 
 
+def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], Any]) -> Any:
+    """`handler` (a method's, or None) with its behavior wrapped by `unary` or `stream`,
+    as the method is unary or server-streaming (the only kinds this server has)."""
+    if handler is None:
+        return None
+    codecs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **codecs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **codecs)
+    return handler
+
+
 class CallObserver(_Interceptor):
     """Counts and times every call; logs each one when `access_log` is on."""
 
@@ -39,21 +55,12 @@ class CallObserver(_Interceptor):
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
     ) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return None
         service, method = _names(details.method)
-        codecs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            observed = self._unary(handler.unary_unary, service, method)
-            return grpc.unary_unary_rpc_method_handler(observed, **codecs)
-        if handler.unary_stream is not None:
-            observed = self._stream(handler.unary_stream, service, method)
-            return grpc.unary_stream_rpc_method_handler(observed, **codecs)
-        return handler  # no client- or bidi-streaming methods here
+        return rewrap(
+            await continuation(details),
+            lambda behavior: self._unary(behavior, service, method),
+            lambda behavior: self._stream(behavior, service, method),
+        )
 
     def _begin(self, kind: str, service: str, method: str, context: Any) -> list[int]:
         """Count a call in and arrange for its end to be counted; its message count."""

@@ -18,6 +18,8 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from agentlog.server._observe import rewrap
+
 if TYPE_CHECKING:  # generic in its stubs only
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
@@ -48,23 +50,12 @@ class TracingInterceptor(_Interceptor):
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
     ) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        codecs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
         name = details.method.lstrip("/")
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, name), **codecs
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, name), **codecs
-            )
-        return handler
+        return rewrap(
+            await continuation(details),
+            lambda behavior: self._unary(behavior, name),
+            lambda behavior: self._stream(behavior, name),
+        )
 
     @contextlib.contextmanager
     def _span(self, name: str, context: Any) -> Iterator[trace.Span]:
