@@ -1,17 +1,18 @@
-"""The `agentlog` command."""
+"""The `agentlog` command: its arguments (every flag with an AGENTLOG_* variable) and
+`serve`; the other subcommands are in `_commands.py`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
-import socket
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from agentlog.errors import AgentlogError
+from agentlog.server._commands import copy, health, migrate, tail
 from agentlog.server.app import (
     DEFAULT_CONNECTION_AGE_GRACE,
     DEFAULT_GRACE_SECONDS,
@@ -21,8 +22,6 @@ from agentlog.server.app import (
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = "./data"
-# How often `tail` says it is still trying to reach the server.
-CONNECT_REPORT_SECONDS = 5.0
 
 
 def _version() -> str:
@@ -321,15 +320,6 @@ def _add_client_tls_options(command: argparse.ArgumentParser) -> None:
     )
 
 
-def _client_tls(args: argparse.Namespace) -> Any:
-    """The TlsConfig the client flags ask for, or None (plaintext)."""
-    from agentlog import TlsConfig
-
-    if not (args.tls_ca or args.tls_client_cert or args.tls_client_key):
-        return None
-    return TlsConfig(ca=args.tls_ca, cert=args.tls_client_cert, key=args.tls_client_key)
-
-
 def _server_tls(args: argparse.Namespace) -> Any:
     """The TlsFiles the serve flags ask for, or None (plaintext)."""
     from agentlog.server._tls import TlsFiles
@@ -391,156 +381,6 @@ def _add_store_options(command: argparse.ArgumentParser) -> None:
         help="with PostgreSQL: seconds to wait for the database at start "
         "(env AGENTLOG_CONNECT_TIMEOUT)",
     )
-
-
-def migrate(args: argparse.Namespace) -> int:
-    from agentlog.server.postgres import is_postgres_url, migrate_database
-    from agentlog.server.postgres._errors import redact
-
-    if args.store is None or not is_postgres_url(args.store):
-        print(
-            "agentlog migrate: give --store postgresql://USER@HOST:PORT/DB (or set "
-            "AGENTLOG_STORE); a JSONL directory needs no migration",
-            file=sys.stderr,
-        )
-        return 2
-    before, after = asyncio.run(migrate_database(args.store, connect_timeout=args.connect_timeout))
-    where = redact(args.store)
-    if before == after:
-        print(f"agentlog migrate: {where} is at schema version {after}; nothing to do")
-    else:
-        print(f"agentlog migrate: {where} migrated from schema version {before} to {after}")
-    return 0
-
-
-def copy(args: argparse.Namespace) -> int:
-    from agentlog.server.copying import copy_store
-
-    summary = asyncio.run(
-        copy_store(
-            args.source,
-            args.destination,
-            progress=sys.stderr,
-            connect_timeout=args.connect_timeout,
-        )
-    )
-    print(summary.describe())
-    return 0
-
-
-def health(args: argparse.Namespace) -> int:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    problem = _unresolvable(args.addr)
-    if problem is not None:
-        print(f"agentlog health: {problem}", file=sys.stderr)
-        return 1
-    request = health_pb2.HealthCheckRequest(service=args.service)
-    try:
-        tls = _client_tls(args)
-        channel = (
-            grpc.insecure_channel(args.addr)
-            if tls is None
-            else grpc.secure_channel(args.addr, tls.credentials(), options=tls.options())
-        )
-    except (OSError, ValueError) as exc:
-        print(f"agentlog health: {exc}", file=sys.stderr)
-        return 1
-    with channel:
-        try:
-            metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
-            answer = health_pb2_grpc.HealthStub(channel).Check(
-                request, timeout=args.timeout, metadata=metadata
-            )
-        except grpc.RpcError as exc:
-            # The error a channel raises is also a grpc.Call: its code and details.
-            text = str(exc)
-            code: Any = getattr(exc, "code", lambda: None)()
-            details: Any = getattr(exc, "details", lambda: text)()
-            name = code.name if code is not None else "UNKNOWN"
-            why = "no answer in time" if code == grpc.StatusCode.DEADLINE_EXCEEDED else details
-            print(f"agentlog health: {args.addr}: {name}: {why}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
-    print(f"{args.addr}{' ' + args.service if args.service else ''}: {status}")
-    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
-
-
-def tail(args: argparse.Namespace) -> int:
-    from agentlog.client import AgentlogClient
-    from agentlog.server._tail import describe
-
-    if args.all == (args.session_id is not None):
-        print("agentlog tail: name one SESSION, or --all", file=sys.stderr)
-        return 2
-    if not args.all and (args.prefix or args.kind):
-        print(
-            "agentlog tail: --prefix and --kind filter --all; with a SESSION, drop them",
-            file=sys.stderr,
-        )
-        return 2
-    problem = _unresolvable(args.addr)
-    if problem is not None:
-        print(f"agentlog tail: {problem}", file=sys.stderr)
-        return 2
-    try:
-        tls = _client_tls(args)
-        client = AgentlogClient(args.addr, retries=1_000_000, tls=tls, token=args.token)
-    except (OSError, ValueError) as exc:
-        print(f"agentlog tail: {exc}", file=sys.stderr)
-        return 2
-    with client:
-        _connect(client, args.addr)
-        if args.all:
-            feed = client.subscribe_all(
-                from_position=args.from_sequence,
-                session_id_prefix=args.prefix,
-                part_types=args.kind,
-            )
-            for entry in feed:
-                line = describe(entry)
-                if line is not None:
-                    print(line[: args.width], flush=True)
-            return 0
-        start = args.from_sequence
-        if start is None:
-            head = client.head(args.session_id)
-            start = max((head.sequence if head else 0) - max(args.lines, 0), 0) + 1
-        for item in client.subscribe_session(args.session_id, from_sequence=start):
-            line = describe(item)
-            if line is not None:
-                print(line[: args.width], flush=True)
-    return 0
-
-
-def _unresolvable(address: str) -> str | None:
-    """Why `address` can never be reached (not HOST:PORT, or a host that does not
-    resolve), or None: worth connecting to and retrying."""
-    host, colon, port = address.rpartition(":")
-    if not colon or not host or not port.isdigit():
-        return f"--addr {address!r} is not HOST:PORT (e.g. 127.0.0.1:50051)"
-    host = host.removeprefix("[").removesuffix("]")
-    try:
-        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        return f"cannot resolve {host!r} in --addr {address}: {exc}"
-    return None
-
-
-def _connect(client: Any, address: str) -> None:
-    """Wait for the server, saying on stderr that it is being tried."""
-    print(f"agentlog tail: connecting to {address} ...", file=sys.stderr, flush=True)
-    waited = 0.0
-    while not client.wait_for_server(CONNECT_REPORT_SECONDS):
-        waited += CONNECT_REPORT_SECONDS
-        print(
-            f"agentlog tail: no answer from {address} after {waited:.0f} s; still retrying "
-            "(Ctrl-C to give up)",
-            file=sys.stderr,
-            flush=True,
-        )
-    print(f"agentlog tail: connected to {address}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
