@@ -169,7 +169,7 @@ class GroupCommit:
             elif outcome == NOT_EXPECTED:
                 expected = append.expected if append.expected is not None else 0
                 answers.append(wrong_expected_sequence(append.session_id, expected, first_sequence))
-            else:
+            else:  # KNOWN: ids already stored, a retry or a conflict
                 try:
                     answers.append(await self._known(append, first_sequence))
                 except AgentlogError as exc:

@@ -63,13 +63,9 @@ READ_ROWS = 1024
 POOL_WAIT_SECONDS = 10.0
 
 
-def _is_url(store: str) -> bool:
-    return store.startswith(("postgresql://", "postgres://"))
-
-
 def is_postgres_url(store: str | None) -> bool:
     """Whether `--store` names a PostgreSQL database (else it is a JSONL directory)."""
-    return store is not None and _is_url(store)
+    return store is not None and store.startswith(("postgresql://", "postgres://"))
 
 
 def connection_string(url: str, statement_timeout_ms: int) -> str:
@@ -217,13 +213,17 @@ class PostgresBackend(Backend):
     ) -> None:
         self._listener, self._following = listener, following
 
-    def _announce(self, growth: Growth) -> None:
+    def _listener_for(self, session_id: str) -> GrowthListener | None:
+        """The listener, if anyone follows the session (or the feed)."""
         listener = self._listener
-        if listener is None:
-            return
-        if self._following is not None and not self._following(growth.session_id):
-            return
-        listener(growth)
+        if listener is None or (self._following is not None and not self._following(session_id)):
+            return None
+        return listener
+
+    def _announce(self, growth: Growth) -> None:
+        listener = self._listener_for(growth.session_id)
+        if listener is not None:
+            listener(growth)
 
     # -- appends --------------------------------------------------------------
 
@@ -240,11 +240,9 @@ class PostgresBackend(Backend):
         """Announce an append stored here, records at hand, before its caller hears."""
         last_position = first_position + len(appended.batch) - 1
         self._feed.note(first_position, last_position, local=True)
-        listener = self._listener
+        listener = self._listener_for(appended.session_id)
         if listener is None:
-            return
-        if self._following is not None and not self._following(appended.session_id):
-            return
+            return  # nobody follows it: its records need not be built
         listener(
             Growth(
                 appended.session_id,
