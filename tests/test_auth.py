@@ -263,3 +263,27 @@ def test_no_authentication_beyond_loopback_is_warned_about(tmp_path: Path) -> No
         process.terminate()
         process.communicate(timeout=30)
     assert any("no authentication is set up" in line for line in lines), lines
+
+
+def test_a_listed_token_shaped_like_a_jwt_is_still_a_token(
+    tmp_path: Path, access: tuple[Path, JwtSettings], keys: rsa.RSAPrivateKey
+) -> None:
+    path, settings = access
+    document = json.loads(path.read_text())
+    TOKENS["dotted"] = "opaque.with.dots"
+    document["callers"].append(entry("dotted", ["read"], [""]))
+    path.write_text(json.dumps(document))
+    with running_server(
+        MemorySessionRepository(), authenticator=Authenticator(path, settings)
+    ) as target:
+        with client(target, "dotted") as dotted:
+            assert dotted.head("any") is None
+        odd_kid = jwt.encode(
+            {"exp": int(time.time()) + 60}, keys, algorithm="RS256", headers={"kid": "nope"}
+        )
+        with (
+            AgentlogClient(target, token=odd_kid, retries=0) as caller,
+            pytest.raises(UnauthenticatedError) as refused,
+        ):
+            caller.head("any")
+        assert refused.value.reason == "INVALID_JWT"

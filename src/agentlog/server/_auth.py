@@ -211,13 +211,14 @@ class Authenticator:
         )
 
     def _bearer(self, credential: str) -> Grant:
-        if credential.count(".") == 2 and self._keys is not None:
-            return self._from_jwt(credential)
+        # A listed token first: an opaque token may have two dots as a JWT does.
         if self._access is not None:
             digest = hashlib.sha256(credential.encode()).hexdigest()
             grant = self._access.current().tokens.get(digest)
             if grant is not None:
                 return grant
+        if credential.count(".") == 2 and self._keys is not None:
+            return self._from_jwt(credential)
         raise _refused("the bearer token is not one this server knows", "UNKNOWN_TOKEN")
 
     def _from_jwt(self, token: str) -> Grant:
@@ -235,7 +236,7 @@ class Authenticator:
                 audience=settings.audience,
                 options={"require": ["exp"]},
             )
-        except (jwt.PyJWTError, KeyError) as exc:
+        except (jwt.PyJWTError, KeyError, IndexError, TypeError) as exc:
             raise _refused(f"the JWT was refused: {exc}", "INVALID_JWT") from None
         scopes = claims.get("scope", claims.get("scp", []))
         values = scopes.split() if isinstance(scopes, str) else scopes
