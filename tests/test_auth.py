@@ -287,3 +287,31 @@ def test_a_listed_token_shaped_like_a_jwt_is_still_a_token(
         ):
             caller.head("any")
         assert refused.value.reason == "INVALID_JWT"
+
+
+def test_a_remembered_jwt_still_expires_and_a_rotated_jwks_is_picked_up(
+    target: str, access: tuple[Path, JwtSettings], keys: rsa.RSAPrivateKey
+) -> None:
+    short = a_jwt(keys, exp=int(time.time()) + 2)
+    with AgentlogClient(target, token=short, retries=0) as caller:
+        assert caller.head("any") is None  # verified, then remembered
+        assert caller.head("any") is None
+        time.sleep(2.5)
+        with pytest.raises(UnauthenticatedError) as expired:
+            caller.head("any")
+        assert expired.value.reason == "INVALID_JWT"
+    old = a_jwt(keys)
+    with AgentlogClient(target, token=old, retries=0) as caller:
+        assert caller.head("any") is None  # remembered under the old keys
+    _, settings = access
+    rotated = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = json.loads(RSAAlgorithm.to_jwk(rotated.public_key()))
+    settings.jwks_file.write_text(json.dumps({"keys": [{**public, "kid": "k1", "alg": "RS256"}]}))
+    time.sleep(RELOAD_CHECK_SECONDS + 0.2)
+    with (
+        AgentlogClient(target, token=old, retries=0) as caller,
+        pytest.raises(UnauthenticatedError),
+    ):
+        caller.head("any")  # the key that signed it is gone
+    with AgentlogClient(target, token=a_jwt(rotated), retries=0) as caller:
+        assert caller.head("any") is None

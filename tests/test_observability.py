@@ -3,9 +3,11 @@ logs as JSON lines with an access log."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentlog import AgentlogClient, AppendEvent, InvalidArgumentError, NewEvent
+from agentlog import (
+    AgentlogClient,
+    AppendEvent,
+    CaughtUp,
+    InvalidArgumentError,
+    NewEvent,
+    UnauthenticatedError,
+)
 from tests.contract import delta
 from tests.test_command import stop
 from tests.test_server import agentlog, wait_for_port
@@ -133,3 +142,104 @@ def test_json_logs_carry_an_access_log(served: tuple[str, str, subprocess.Popen[
     assert appended["peer"].startswith("ipv4:127.0.0.1:")
     assert by_method[f"/{SERVICE}/Head"]["code"] == "INVALID_ARGUMENT"
     assert any("stopped after" in e["message"] for e in entries)  # the server's own lines too
+
+
+def test_the_store_gauges_show_the_feed_head_cache_and_files(
+    served: tuple[str, str, subprocess.Popen[str]],
+) -> None:
+    target, url, _ = served
+    with AgentlogClient(target, retries=0) as client:
+        before = scrape(url)
+        for n in range(4):
+            client.append_batch(f"s{n}", [NewEvent(event=delta(f"s{n}", "x")) for _ in range(3)])
+        after = scrape(url)
+        deadline = time.monotonic() + 10
+        while value(scrape(url), "agentlog_index_flush_seconds_count") == 0:
+            assert time.monotonic() < deadline, "the index was never flushed"
+            time.sleep(0.05)
+    assert value(before, "agentlog_feed_head_position") == 0
+    assert value(after, "agentlog_feed_head_position") == 12
+    assert value(after, "agentlog_cached_sessions") == 4
+    assert value(after, "agentlog_open_session_files") == 4
+
+
+def test_the_lag_gauges_show_a_subscriber_that_stopped_reading(
+    served: tuple[str, str, subprocess.Popen[str]],
+) -> None:
+    target, url, _ = served
+    text = "z" * 4000
+    with AgentlogClient(target) as client:
+        feed = iter(client.subscribe_all())
+        follower = iter(client.subscribe_session("lagging"))
+        assert isinstance(next(feed), CaughtUp)
+        assert isinstance(next(follower), CaughtUp)
+        for _ in range(40):  # 8 MB: more than the transport buffers for a stream
+            client.append_batch("lagging", [NewEvent(event=delta("lagging", text))] * 50)
+        deadline = time.monotonic() + 10
+        while True:  # the subscriptions fill their windows, then stop
+            behind = scrape(url)
+            if (
+                value(behind, "agentlog_subscriber_lag_records", kind="feed") > 0
+                and value(behind, "agentlog_subscriber_lag_records", kind="session") > 0
+            ):
+                break
+            assert time.monotonic() < deadline, "no lag while nobody reads"
+            time.sleep(0.05)
+        for stream in (feed, follower):
+            received = 0
+            while received < 2000:
+                item = next(stream)
+                received += 0 if isinstance(item, CaughtUp) else 1
+        caught_up = scrape(url)
+        feed.close()
+        follower.close()
+    assert value(behind, "agentlog_subscriber_lag_records", kind="feed") <= 2000
+    assert value(caught_up, "agentlog_subscriber_lag_records", kind="feed") == 0
+    assert value(caught_up, "agentlog_subscriber_lag_records", kind="session") == 0
+
+
+def test_the_access_log_names_the_caller(tmp_path: Path) -> None:
+    token = "an-agent-token"
+    access = tmp_path / "access.json"
+    access.write_text(
+        json.dumps(
+            {
+                "callers": [
+                    {
+                        "name": "agent-7",
+                        "token_sha256": hashlib.sha256(token.encode()).hexdigest(),
+                        "permissions": ["read", "append"],
+                        "sessions": [""],
+                    }
+                ]
+            }
+        )
+    )
+    process = agentlog(
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--auth-file",
+        str(access),
+        "--log-format",
+        "json",
+        "--access-log",
+    )
+    try:
+        port, _ = wait_for_port(process)
+        with AgentlogClient(f"127.0.0.1:{port}", token=token, retries=0) as client:
+            client.append(AppendEvent(session_id="who", event=delta("who", "x")))
+        with (
+            AgentlogClient(f"127.0.0.1:{port}", retries=0) as stranger,
+            pytest.raises(UnauthenticatedError),
+        ):
+            stranger.head("who")
+    finally:
+        log = stop(process)
+    entries = [json.loads(line) for line in log.splitlines() if line.strip()]
+    by_method = {e["method"]: e for e in entries if e["logger"] == "agentlog.access"}
+    assert by_method[f"/{SERVICE}/Append"]["caller"] == "agent-7"
+    assert by_method[f"/{SERVICE}/Head"]["caller"] is None
+    assert by_method[f"/{SERVICE}/Head"]["code"] == "UNAUTHENTICATED"

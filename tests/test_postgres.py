@@ -42,12 +42,14 @@ from agentlog import (
 from agentlog._codec import event_to_json
 from agentlog.server import JsonlSessionRepository, Server
 from agentlog.server._rules import PendingAppend, Prepared
+from agentlog.server.metrics import serve_metrics
 from agentlog.server.postgres import PostgresBackend, migrate_database
 from agentlog.server.postgres._notify import LISTENER_NAME
 from agentlog.server.postgres._schema import LATEST
 from tests.contract import delta
 from tests.pg import database, url_of
 from tests.servers import LoopThread, served
+from tests.test_observability import scrape, value
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -576,3 +578,22 @@ def test_a_row_changed_by_hand_harms_only_its_own_session(url: str) -> None:
             (6, 6, "bad"),
         ]
         assert gaps[0].reason == "DAMAGED_RECORD"
+
+
+def test_the_metrics_show_the_pool_and_the_feed_head(url: str) -> None:
+    with replica(url) as (target, _), AgentlogClient(target, retries=0) as client:
+        port = serve_metrics("127.0.0.1:0")
+        before = scrape(f"http://127.0.0.1:{port}/metrics")
+        client.append_batch("metered", [NewEvent(event=delta("metered", "x"))] * 5)
+        after = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert value(after, "agentlog_postgres_pool_connections", state="size") >= 1
+    assert value(after, "agentlog_postgres_pool_connections", state="waiting") == 0
+    assert (
+        value(after, "agentlog_feed_head_position") - value(before, "agentlog_feed_head_position")
+        == 5
+    )
+    assert (
+        value(after, "agentlog_appended_events_total")
+        - value(before, "agentlog_appended_events_total")
+        == 5
+    )

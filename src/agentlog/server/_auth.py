@@ -9,7 +9,7 @@ A caller is known by one of:
 - under mTLS, its certificate's identity (a SPIFFE URI or a DNS name) listed in the
   access file.
 
-The access file (JSON) is re-read when it changes:
+The access file (JSON) and the JWKS file are re-read when they change:
 
     {"callers": [
       {"name": "agent-a", "token_sha256": "<hex>", "permissions": ["read", "append"],
@@ -29,11 +29,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jwt
 import orjson
@@ -42,8 +43,13 @@ from agentlog.errors import PermissionDeniedError, UnauthenticatedError
 
 log = logging.getLogger("agentlog.server")
 
-# How often the access file's identity is looked at (it is re-read when it changed).
+# How often the access and JWKS files' identities are looked at (each is re-read
+# when it changed).
 RELOAD_CHECK_SECONDS = 1.0
+# Verified JWTs remembered (until they expire or the keys change).
+VERIFIED_JWTS = 4096
+
+T = TypeVar("T")
 
 
 class Permission(StrEnum):
@@ -91,6 +97,24 @@ class Grant:
 
 EVERYONE = Grant("anonymous", frozenset(Permission), ("",))
 
+# Where the access log learns who called: the call's interceptor opens a slot in
+# the call's context, the service writes the caller's name into it once known.
+_caller_slot: ContextVar[list[str] | None] = ContextVar("agentlog_caller_slot", default=None)
+
+
+def open_caller_slot() -> list[str]:
+    """A slot, in the current call's context, that `name_caller` fills."""
+    slot = [""]
+    _caller_slot.set(slot)
+    return slot
+
+
+def name_caller(grant: Grant) -> Grant:
+    slot = _caller_slot.get()
+    if slot is not None:
+        slot[0] = grant.name
+    return grant
+
 
 def _permissions(values: Iterable[object], where: str) -> frozenset[Permission]:
     found = set()
@@ -108,46 +132,67 @@ def _prefixes(value: object, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-class _AccessFile:
-    """The access file, re-read when it changes; the last good one is kept if a new
-    one does not parse."""
+class _WatchedFile(Generic[T]):
+    """A file's parsed content, re-read when the file changes (looked at once every
+    RELOAD_CHECK_SECONDS at most); the last good content is kept if a new one does
+    not parse. A bad file at start is an error."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, parse: Callable[[bytes, Path], T]) -> None:
         self._path = path
+        self._parse = parse
         self._lock = threading.Lock()
-        self._checked = 0.0
-        self._stamp: tuple[int, int, int] | None = None
-        self.tokens: dict[str, Grant] = {}
-        self.identities: dict[str, Grant] = {}
-        self._load(initial=True)
-
-    def _load(self, *, initial: bool = False) -> None:
-        info = os.stat(self._path)
-        stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
-        if stamp == self._stamp:
-            return
+        self._checked = time.monotonic()
+        self._stamp = self._stamp_now()
         try:
-            tokens, identities = _parse(orjson.loads(self._path.read_bytes()), self._path)
-        except (ValueError, OSError) as exc:
-            if initial:
-                raise ValueError(f"{self._path}: {exc}") from None
-            log.error("%s: not re-read (%s); keeping the last good access file", self._path, exc)
-            self._stamp = stamp
-            return
-        self.tokens, self.identities, self._stamp = tokens, identities, stamp
-        if not initial:
-            log.info("%s changed: %d caller(s) now", self._path, len(tokens) + len(identities))
+            self.value: T = parse(path.read_bytes(), path)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
-    def current(self) -> _AccessFile:
+    def _stamp_now(self) -> tuple[int, int, int]:
+        info = os.stat(self._path)
+        return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+    def current(self) -> T:
         now = time.monotonic()
         if now - self._checked >= RELOAD_CHECK_SECONDS:
             with self._lock:
-                self._checked = now
-                try:
-                    self._load()
-                except OSError as exc:
-                    log.error("%s: %s; keeping the last good access file", self._path, exc)
-        return self
+                if now - self._checked >= RELOAD_CHECK_SECONDS:
+                    self._checked = now
+                    self._reload()
+        return self.value
+
+    def _reload(self) -> None:
+        try:
+            stamp = self._stamp_now()
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+            self.value = self._parse(self._path.read_bytes(), self._path)
+        except (ValueError, OSError) as exc:
+            log.error("%s: not re-read (%s); keeping the last good one", self._path, exc)
+            return
+        log.info("%s changed: re-read", self._path)
+
+
+@dataclass(frozen=True)
+class _Access:
+    tokens: dict[str, Grant]  # by the SHA-256 (hex) of the token
+    identities: dict[str, Grant]  # by certificate identity
+
+
+def _parse_access(text: bytes, path: Path) -> _Access:
+    try:
+        document = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    return _Access(*_parse(document, path))
+
+
+def _parse_jwks(text: bytes, path: Path) -> jwt.PyJWKSet:
+    try:
+        return jwt.PyJWKSet.from_json(text.decode())
+    except (jwt.PyJWTError, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a JWKS ({exc})") from None
 
 
 def _parse(document: Any, path: Path) -> tuple[dict[str, Grant], dict[str, Grant]]:
@@ -185,11 +230,12 @@ class Authenticator:
     """Turns a call's metadata (and TLS peer) into a Grant, or refuses it."""
 
     def __init__(self, access_file: Path | None, jwt_settings: JwtSettings | None) -> None:
-        self._access = _AccessFile(access_file) if access_file is not None else None
+        self._access = _WatchedFile(access_file, _parse_access) if access_file else None
         self._jwt = jwt_settings
-        self._keys: jwt.PyJWKSet | None = None
-        if jwt_settings is not None:
-            self._keys = jwt.PyJWKSet.from_json(jwt_settings.jwks_file.read_text())
+        self._keys = _WatchedFile(jwt_settings.jwks_file, _parse_jwks) if jwt_settings else None
+        # JWTs verified lately, so that one sent on every call costs one signature
+        # check: token -> (the key set that verified it, its grant, its expiry).
+        self._verified: dict[str, tuple[jwt.PyJWKSet, Grant, float]] = {}
 
     def grant(self, metadata: Mapping[str, str], peer_identities: Iterable[str]) -> Grant:
         authorization = metadata.get("authorization")
@@ -218,12 +264,26 @@ class Authenticator:
             if grant is not None:
                 return grant
         if credential.count(".") == 2 and self._keys is not None:
-            return self._from_jwt(credential)
+            return self._jwt_grant(credential)
         raise _refused("the bearer token is not one this server knows", "UNKNOWN_TOKEN")
 
-    def _from_jwt(self, token: str) -> Grant:
-        settings, keys = self._jwt, self._keys
-        if settings is None or keys is None:
+    def _jwt_grant(self, token: str) -> Grant:
+        if self._keys is None:
+            raise _refused("this server takes no JWTs", "UNKNOWN_TOKEN")
+        keys = self._keys.current()
+        known = self._verified.get(token)
+        if known is not None and known[0] is keys and time.time() < known[2]:
+            return known[1]
+        grant, expires = self._from_jwt(token, keys)
+        if len(self._verified) >= VERIFIED_JWTS:
+            self._verified.clear()  # simpler than LRU, and as good for a working set
+        self._verified[token] = (keys, grant, expires)
+        return grant
+
+    def _from_jwt(self, token: str, keys: jwt.PyJWKSet) -> tuple[Grant, float]:
+        """The grant of a JWT verified against `keys`, and when it expires."""
+        settings = self._jwt
+        if settings is None:
             raise _refused("this server takes no JWTs", "UNKNOWN_TOKEN")
         try:
             header = jwt.get_unverified_header(token)
@@ -246,7 +306,7 @@ class Authenticator:
             prefixes = _prefixes(claims.get("agentlog_sessions", [""]), "JWT agentlog_sessions")
         except ValueError as exc:
             raise _refused(str(exc), "INVALID_JWT") from None
-        return Grant(str(claims.get("sub", "jwt")), permissions, prefixes)
+        return Grant(str(claims.get("sub", "jwt")), permissions, prefixes), float(claims["exp"])
 
 
 def _refused(message: str, reason: str) -> UnauthenticatedError:

@@ -60,6 +60,10 @@ class LiveSubscriptions:
         self._follow_lock = threading.Lock()
         self._followers: dict[str, int] = {}
         self._feed_followers = 0
+        # What each subscription has been sent up to (for the lag metric, read by
+        # the metrics thread): feed positions, and (session, sequence).
+        self._feed_sent: dict[Waiter, int] = {}
+        self._session_sent: dict[Waiter, tuple[str, int]] = {}
 
     def _watch(self) -> None:
         if not self._watching:
@@ -131,6 +135,24 @@ class LiveSubscriptions:
         with self._follow_lock:
             return sum(self._followers.values()), self._feed_followers
 
+    def lag(self) -> tuple[int, int]:
+        """How far the furthest-behind session subscription and feed subscription are
+        behind what this server has heard was stored (records; positions)."""
+        with self._follow_lock:
+            sessions = [
+                self._published.get(session_id, sent) - sent
+                for session_id, sent in self._session_sent.values()
+            ]
+            feed = [self._published_position - sent for sent in self._feed_sent.values()]
+        return max(sessions, default=0), max(feed, default=0)
+
+    def _sent(self, waiter: Waiter, session_id: str | None, upto: int) -> None:
+        with self._follow_lock:
+            if session_id is None:
+                self._feed_sent[waiter] = upto
+            else:
+                self._session_sent[waiter] = (session_id, upto)
+
     def subscribers_of(self, session_id: str) -> int:
         return len(self._waiters.get(session_id, ()))
 
@@ -163,6 +185,7 @@ class LiveSubscriptions:
             last = await self._backend.last_position()
             self._published_position = max(self._published_position, last)
             next_position = start_position(last, from_position)
+            self._sent(waiter, None, next_position - 1)
             caught_up = False
             while True:
                 waiter.clear()
@@ -184,6 +207,7 @@ class LiveSubscriptions:
                     next_position = feed_end(run[-1]) + 1
                     kept = [item for item in run if keep(item)]
                     yield kept if kept else CaughtUp(position=next_position - 1)
+                    self._sent(waiter, None, next_position - 1)
                 if not caught_up:
                     caught_up = True
                     yield CaughtUp(position=next_position - 1)
@@ -200,6 +224,8 @@ class LiveSubscriptions:
         finally:
             self._feed_waiters.discard(waiter)
             self._follow(None, -1)
+            with self._follow_lock:
+                self._feed_sent.pop(waiter, None)
             self._rounds.back(waiter)
 
     async def session_chunks(
@@ -207,11 +233,15 @@ class LiveSubscriptions:
     ) -> AsyncIterator[list[EventRecord] | CaughtUp]:
         """A session's records as runs (each at most CATCH_UP_STEP long) and CaughtUp."""
         self._watch()
-        next_sequence = start_sequence(await self._backend.head(session_id), from_sequence)
+        head = await self._backend.head(session_id)
+        next_sequence = start_sequence(head, from_sequence)
         waiter = Waiter()
         self._waiters.setdefault(session_id, set()).add(waiter)
+        if head is not None and head.sequence > self._published.get(session_id, 0):
+            self._published[session_id] = head.sequence  # stored: what lag counts up to
         self._recent.setdefault(session_id, deque(maxlen=RECENT_RECORDS))
         self._follow(session_id, 1)
+        self._sent(waiter, session_id, next_sequence - 1)
         try:
             caught_up = False
             while True:
@@ -220,6 +250,7 @@ class LiveSubscriptions:
                 if cached:
                     yield cached
                     next_sequence = cached[-1].sequence + 1
+                    self._sent(waiter, session_id, next_sequence - 1)
                 else:
                     # A bounded read at a time, nothing held between: thousands of
                     # subscribers catching up hold little memory.
@@ -231,6 +262,7 @@ class LiveSubscriptions:
                             if chunk:
                                 yield chunk
                                 next_sequence = chunk[-1].sequence + 1
+                                self._sent(waiter, session_id, next_sequence - 1)
                             if len(chunk) < size:
                                 break
                     finally:
@@ -250,6 +282,8 @@ class LiveSubscriptions:
                     )
         finally:
             self._follow(session_id, -1)
+            with self._follow_lock:
+                self._session_sent.pop(waiter, None)
             self._rounds.back(waiter)
             waiters = self._waiters.get(session_id)
             if waiters is not None:

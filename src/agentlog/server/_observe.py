@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from agentlog.server import metrics
+from agentlog.server._auth import open_caller_slot
 
 access = logging.getLogger("agentlog.access")
 
@@ -71,6 +72,7 @@ class CallObserver(_Interceptor):
         counted.started.inc()
         started = time.perf_counter()
         sent = [0]
+        caller = open_caller_slot() if self.access_log else None
 
         def done(finished: Any) -> None:
             code = finished.code()
@@ -81,8 +83,10 @@ class CallObserver(_Interceptor):
             counted.seconds.observe(seconds)
             if sent[0]:
                 counted.sent.inc(sent[0])
-            if self.access_log:
-                _log_access(service, method, code.name, seconds, finished, sent=sent[0])
+            if caller is not None:
+                _log_access(
+                    service, method, code.name, seconds, finished, sent=sent[0], caller=caller[0]
+                )
 
         context.add_done_callback(done)
         return sent
@@ -124,22 +128,24 @@ class _MethodMetrics:
 
 
 def _log_access(
-    service: str, method: str, code: str, seconds: float, context: Any, *, sent: int
+    service: str, method: str, code: str, seconds: float, context: Any, *, sent: int, caller: str
 ) -> None:
     metadata = dict(context.invocation_metadata() or ())
     access.info(
-        "%s/%s %s %.1f ms from %s",
+        "%s/%s %s %.1f ms from %s (%s)",
         service,
         method,
         code,
         seconds * 1000,
         context.peer(),
+        caller or "-",
         extra={
             "access": {
                 "method": f"/{service}/{method}",
                 "code": code,
                 "duration_ms": round(seconds * 1000, 3),
                 "peer": context.peer(),
+                "caller": caller or None,
                 "user_agent": metadata.get("user-agent"),
                 "messages_sent": sent,
             }

@@ -21,7 +21,7 @@ from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionPage
 from agentlog.errors import UnavailableError
 from agentlog.server._rules import Appended, PendingAppend
 from agentlog.server._tracing import store_span
-from agentlog.server.backend import Backend, Growth, GrowthListener
+from agentlog.server.backend import Backend, Growth, GrowthListener, StoreFigures
 from agentlog.server.blocking import BlockingStore
 
 T = TypeVar("T")
@@ -149,6 +149,9 @@ class ThreadedBackend(Backend):
     async def last_position(self) -> int:
         position: int = await self._run(self.store.last_position)
         return position
+
+    def figures(self) -> StoreFigures:
+        return self.store.figures()
 
     def stop_writing(self) -> None:
         self._stopping = True

@@ -180,8 +180,7 @@ def create_server(
         executor = ThreadPoolExecutor(storage_threads, thread_name_prefix="agentlog-storage")
         backend = repository.backend(executor)
     live = LiveSubscriptions(backend)
-    metrics.SUBSCRIBERS.labels("session").set_function(lambda: live.subscribers()[0])
-    metrics.SUBSCRIBERS.labels("feed").set_function(lambda: live.subscribers()[1])
+    metrics.watch_server(backend, live)
     service = SessionRepositoryService(backend, live, authenticator)
     add_to_server(service, server)
 

@@ -60,6 +60,19 @@ class Growth:
 GrowthListener = Callable[[Growth], None]
 
 
+@dataclass(frozen=True, slots=True)
+class StoreFigures:
+    """What a store can say about itself for metrics, cheaply; None: it does not know
+    or does not have such a thing."""
+
+    feed_head: int | None = None
+    """The feed's last position as this process knows it."""
+    cached_sessions: int | None = None
+    """Sessions whose state is held in memory."""
+    open_files: int | None = None
+    """Session files kept open for appending."""
+
+
 class Backend(ABC):
     """A store as the server uses it. Methods are called on the server's event loop."""
 
@@ -130,6 +143,10 @@ class Backend(ABC):
     def on_availability(self, callback: Callable[[bool], None]) -> None:  # noqa: B027
         """Have `callback(available)` called on the loop whenever `available` changes.
         A backend that is always available never calls it."""
+
+    def figures(self) -> StoreFigures:
+        """Figures for a metrics scrape: no I/O, callable from any thread."""
+        return StoreFigures()
 
     @abstractmethod
     def stop_writing(self) -> None:

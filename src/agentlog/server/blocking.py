@@ -41,6 +41,7 @@ from agentlog.server._rules import (
     start_position,
     start_sequence,
 )
+from agentlog.server.backend import StoreFigures
 
 if TYPE_CHECKING:
     from agentlog.server.backend import Backend
@@ -234,6 +235,10 @@ class BlockingStore(ABC):
     @abstractmethod
     def last_position(self) -> int:
         """The feed's last position (0: nothing appended yet)."""
+
+    def figures(self) -> StoreFigures:
+        """Figures for a metrics scrape (see `Backend.figures`); from any thread."""
+        return StoreFigures(feed_head=self.last_position())
 
     def subscribe_all(
         self,

@@ -6,7 +6,14 @@ The metrics live in prometheus_client's default registry; `agentlog serve
 
 from __future__ import annotations
 
+import functools
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from agentlog.server._live import LiveSubscriptions
+    from agentlog.server.backend import Backend
 
 FEED_UNDELIVERED = Counter(
     "agentlog_feed_undelivered_records",
@@ -42,6 +49,27 @@ APPENDED_BYTES = Counter(
 SUBSCRIBERS = Gauge(
     "agentlog_subscribers", "Live subscriptions, by kind (session or feed).", ["kind"]
 )
+SUBSCRIBER_LAG = Gauge(
+    "agentlog_subscriber_lag_records",
+    "How far the furthest-behind live subscription of each kind is behind what is "
+    "stored: records of its session (session) or feed positions (feed) not yet sent.",
+    ["kind"],
+)
+FEED_HEAD = Gauge(
+    "agentlog_feed_head_position",
+    "The all-sessions feed's last position as this server knows it.",
+)
+CACHED_SESSIONS = Gauge(
+    "agentlog_cached_sessions", "Sessions whose state the JSONL store holds in memory."
+)
+OPEN_FILES = Gauge(
+    "agentlog_open_session_files", "Session files the JSONL store keeps open for appending."
+)
+INDEX_FLUSH_SECONDS = Histogram(
+    "agentlog_index_flush_seconds",
+    "Time one flush of the JSONL store's index (SQLite) took.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
 # The JSONL store's syncs (group commit: each sync makes a group of appends durable).
 SYNC_SECONDS = Histogram(
     "agentlog_sync_seconds",
@@ -60,6 +88,28 @@ POSTGRES_POOL = Gauge(
     "waiting for one (waiting).",
     ["state"],
 )
+
+
+def watch_server(backend: Backend, live: LiveSubscriptions) -> None:
+    """Have the gauges read this server's subscriptions and store at each scrape (the
+    last server made in a process wins: one server a process is the rule)."""
+    SUBSCRIBERS.labels("session").set_function(lambda: live.subscribers()[0])
+    SUBSCRIBERS.labels("feed").set_function(lambda: live.subscribers()[1])
+    SUBSCRIBER_LAG.labels("session").set_function(lambda: live.lag()[0])
+    SUBSCRIBER_LAG.labels("feed").set_function(lambda: live.lag()[1])
+    known = backend.figures()
+    for gauge, name in (
+        (FEED_HEAD, "feed_head"),
+        (CACHED_SESSIONS, "cached_sessions"),
+        (OPEN_FILES, "open_files"),
+    ):
+        if getattr(known, name) is not None:  # a store without such a thing leaves it out
+            gauge.set_function(functools.partial(_figure, backend, name))
+
+
+def _figure(backend: Backend, name: str) -> float:
+    value = getattr(backend.figures(), name)
+    return float(value) if value is not None else 0.0
 
 
 def serve_metrics(address: str) -> int:

@@ -24,7 +24,14 @@ from agentlog._status import to_grpc_status
 from agentlog._validation import check_parent_query, check_stored_session_id
 from agentlog.errors import AgentlogError, InvalidArgumentError, ServerError
 from agentlog.server import metrics
-from agentlog.server._auth import EVERYONE, Authenticator, Grant, Permission, peer_identities
+from agentlog.server._auth import (
+    EVERYONE,
+    Authenticator,
+    Grant,
+    Permission,
+    name_caller,
+    peer_identities,
+)
 from agentlog.server._live import LiveSubscriptions
 from agentlog.server._rules import (
     MESSAGE_BYTES,
@@ -404,7 +411,8 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         if self._authenticator is None:
             return EVERYONE
         metadata = {key: value for key, value in context.invocation_metadata() or ()}
-        return self._authenticator.grant(metadata, peer_identities(context.auth_context()))
+        grant = self._authenticator.grant(metadata, peer_identities(context.auth_context()))
+        return name_caller(grant)
 
 
 def _count_appended(appended: Appended, request: Any) -> None:

@@ -44,6 +44,7 @@ from agentlog.server._rules import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
 )
+from agentlog.server.backend import StoreFigures
 from agentlog.server.jsonl._recovery import Recovery
 from agentlog.server.jsonl._state import (
     SUFFIX,
@@ -374,6 +375,14 @@ class Reader(Recovery):
     def last_position(self) -> int:
         with self._lock:
             return self._feed.last_position
+
+    def figures(self) -> StoreFigures:
+        with self._lock:
+            return StoreFigures(
+                feed_head=self._feed.last_position,
+                cached_sessions=len(self._states),
+                open_files=len(self._files),
+            )
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
         check_parent_query(parent_id)

@@ -20,12 +20,14 @@ import functools
 import logging
 import sqlite3
 import threading
+import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from agentlog.server import metrics
 from agentlog.server.jsonl.files import index_lines
 from agentlog.server.jsonl.keys import FilteredIds, KeyFilter, Row, key_of
 
@@ -330,6 +332,7 @@ class StoreIndex(FilteredIds):
             next_session = self._next_session
         try:
             if entries or gone:
+                started = time.perf_counter()
                 with _transaction(self._db) as db:
                     for session_id, rows in pending.items():
                         entry = entries.get(session_id)
@@ -342,6 +345,7 @@ class StoreIndex(FilteredIds):
                     db.execute(
                         "INSERT OR REPLACE INTO meta VALUES ('next_session', ?)", (next_session,)
                     )
+                metrics.INDEX_FLUSH_SECONDS.observe(time.perf_counter() - started)
         except BaseException:
             with self._lock:  # not written: they wait for the next flush
                 for session_id, rows in pending.items():

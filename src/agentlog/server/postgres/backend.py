@@ -40,7 +40,7 @@ from agentlog.server._rules import (
     PendingAppend,
 )
 from agentlog.server._tracing import store_span
-from agentlog.server.backend import Backend, Growth, GrowthListener
+from agentlog.server.backend import Backend, Growth, GrowthListener, StoreFigures
 from agentlog.server.postgres._appends import MAX_BIGINT, GroupCommit, closing_error
 from agentlog.server.postgres._errors import redact, translated
 from agentlog.server.postgres._notify import FeedListener
@@ -409,6 +409,9 @@ class PostgresBackend(Backend):
     async def last_position(self) -> int:
         rows = await self._fetch("SELECT last_position FROM agentlog_meta", ())
         return int(rows[0][0]) if rows else 0
+
+    def figures(self) -> StoreFigures:
+        return StoreFigures(feed_head=self._feed.heard)  # the last position heard of
 
     # -- lifecycle ------------------------------------------------------------
 
