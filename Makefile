@@ -5,19 +5,23 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+NODE_INSTALLED := node_modules/.installed
 BUF := node_modules/.bin/buf
+TS := clients/typescript
+# The contract as last released: `buf breaking` compares the proto with it.
+BASELINE := protos/released/agentlog-v1.binpb
 PROTO := agentlog/v1/session.proto
 # Unset, `agentlog serve` takes AGENTLOG_ADDR / AGENTLOG_DATA_DIR from the
 # environment, else its defaults (127.0.0.1:50051, ./data).
 ADDR ?=
 DATA_DIR ?=
 
-.PHONY: serve test install proto proto-check lint typecheck buf-lint pytest bench clean
+.PHONY: serve test install proto proto-check lint typecheck buf-lint buf-breaking pytest ts-test release-contract bench clean
 
 serve: $(INSTALLED)
 	$(BIN)/agentlog serve $(if $(ADDR),--addr $(ADDR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-test: $(INSTALLED) $(BUF) lint typecheck buf-lint proto-check pytest
+test: $(INSTALLED) $(NODE_INSTALLED) lint typecheck buf-lint buf-breaking proto-check pytest ts-test
 
 install: $(INSTALLED)
 
@@ -28,15 +32,17 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(BUF): package.json package-lock.json
+# buf, and the TypeScript client's packages (an npm workspace), from the npm registry.
+$(NODE_INSTALLED): package.json package-lock.json $(TS)/package.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
+$(BUF): $(NODE_INSTALLED)
 
 # Regenerate the committed stubs (protobuf, type stubs, gRPC), the Python
 # event types and the codec's straight-line conversions from the proto.
 # OUT lets proto-check generate elsewhere.
 OUT ?= src/agentlog
-proto: $(INSTALLED)
+proto: $(INSTALLED) $(NODE_INSTALLED)
 	rm -rf build/proto && mkdir -p build/proto $(OUT)/v1
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=build/proto \
 		--pyi_out=build/proto --grpc_python_out=build/proto protos/$(PROTO)
@@ -46,14 +52,16 @@ proto: $(INSTALLED)
 	$(BIN)/python tools/generate_types.py protos $(PROTO) $(OUT)/_events.py
 	$(BIN)/python tools/generate_converters.py $(OUT)/_converters.py
 	$(BIN)/ruff format --quiet --no-respect-gitignore $(OUT)/_events.py $(OUT)/_converters.py
+	cd $(TS) && ../../$(BUF) generate --template buf.gen.yaml $(if $(TS_OUT),--output $(TS_OUT))
 
 # Fails when the committed generated code differs from what the proto gives.
-proto-check: $(INSTALLED)
-	rm -rf build/proto-check && mkdir -p build/proto-check
-	$(MAKE) --no-print-directory proto OUT=build/proto-check
+proto-check: $(INSTALLED) $(NODE_INSTALLED)
+	rm -rf build/proto-check build/ts-proto-check && mkdir -p build/proto-check
+	$(MAKE) --no-print-directory proto OUT=build/proto-check TS_OUT=../../build/ts-proto-check
 	for f in v1/__init__.py v1/session_pb2.py v1/session_pb2.pyi v1/session_pb2_grpc.py _events.py _converters.py; do \
 		cmp -s build/proto-check/$$f src/agentlog/$$f || { echo "src/agentlog/$$f is stale: run 'make proto' and commit"; exit 1; }; \
 	done
+	diff -r build/ts-proto-check/src/gen $(TS)/src/gen >/dev/null || { echo "$(TS)/src/gen is stale: run 'make proto' and commit"; exit 1; }
 	@echo "generated code is up to date"
 
 lint: $(INSTALLED)
@@ -66,6 +74,19 @@ typecheck: $(INSTALLED)
 buf-lint: $(BUF)
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
+
+# Fails on a change that would break code generated from the released contract
+# (see "Compatibility" in the README).
+buf-breaking: $(BUF)
+	$(BUF) breaking --against $(BASELINE)
+
+# At a release: record the contract as released (commit the file).
+release-contract: $(BUF)
+	$(BUF) build -o $(BASELINE)
+
+# The TypeScript client's tests, against real servers (Node's test runner).
+ts-test: $(INSTALLED) $(NODE_INSTALLED)
+	bash $(TS)/test/run.sh
 
 pytest: $(INSTALLED)
 	$(BIN)/python -m pytest

@@ -1,0 +1,478 @@
+/**
+ * The agentlog client for Node.js: every SessionRepository call, with client-made
+ * ids and retries for appends, typed errors, and subscriptions that resume where
+ * they stood after UNAVAILABLE. Speaks gRPC over HTTP/2 (Connect's Node transport).
+ */
+
+import { randomUUID } from "node:crypto";
+
+import { create } from "@bufbuild/protobuf";
+import {
+  type CallOptions,
+  type Client,
+  Code,
+  ConnectError,
+  createClient,
+  type Interceptor,
+} from "@connectrpc/connect";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+
+import {
+  type AgentEvent,
+  eventFromMessage,
+  eventToMessage,
+  InvalidEventError,
+  toU64,
+} from "./events.js";
+import { AgentlogError, toAgentlogError } from "./errors.js";
+import {
+  AppendBatchRequestSchema,
+  AppendRequestSchema,
+  BatchEventSchema,
+  ReadDirection,
+  SessionRepository,
+  type SubscribeAllResponse,
+  type SubscribeSessionResponse,
+} from "./gen/agentlog/v1/session_pb.js";
+import {
+  CaughtUp,
+  type EventRecord,
+  FeedGap,
+  FeedRecord,
+  recordFromMessage,
+  type SessionPage,
+  sessionFromMessage,
+} from "./records.js";
+
+export const DEFAULT_TARGET = "127.0.0.1:50051";
+const DEFAULT_TIMEOUT_MS = 30_000;
+const DEFAULT_RETRIES = 3;
+const BACKOFF_BASE_MS = 50;
+const BACKOFF_CAP_MS = 2_000;
+const RETRYABLE = new Set(["UNAVAILABLE", "DEADLINE_EXCEEDED"]);
+
+/** TLS settings: PEM text or bytes (read the files yourself, e.g. with readFileSync). */
+export interface TlsOptions {
+  /** The CA that signed the server's certificate (default: the system's CAs). */
+  ca?: string | Buffer;
+  /** A client certificate and its key, for servers that require mTLS. */
+  cert?: string | Buffer;
+  key?: string | Buffer;
+  /** The name to check the server's certificate against, when not the target's host. */
+  serverName?: string;
+}
+
+export interface ClientOptions {
+  /** Each call's deadline in milliseconds (null: none). Subscriptions have none. */
+  timeoutMs?: number | null;
+  /** Retries after UNAVAILABLE or DEADLINE_EXCEEDED (appends keep their ids, so a
+   * retry never stores an event twice); a subscription's reconnects in a row. */
+  retries?: number;
+  /** Speak TLS (true: with the system's CAs). */
+  tls?: TlsOptions | boolean;
+  /** Sent as `authorization: Bearer <token>`; a function is asked on every call. */
+  token?: string | (() => string | Promise<string>);
+}
+
+export interface AppendInput {
+  sessionId: string;
+  event: AgentEvent;
+  /** The record this one follows; absent or null for a root. */
+  parentId?: string | null;
+  /** A canonical UUID; made here when absent, so that a retry is stored once. */
+  id?: string;
+  /** The session's last sequence must be this (0: no events yet), or nothing is written. */
+  expectedSequence?: bigint | number;
+}
+
+export interface NewEvent {
+  event: AgentEvent;
+  parentId?: string | null;
+  id?: string;
+}
+
+export interface ReadOptions {
+  /** The first sequence (0: the first record forwards, the last backwards). */
+  fromSequence?: bigint | number;
+  /** The most records (absent: all). */
+  limit?: bigint | number;
+  direction?: "forwards" | "backwards";
+}
+
+export interface SubscribeOptions {
+  /** Ends the subscription (the iterator returns). Breaking out of the loop does too. */
+  signal?: AbortSignal;
+}
+
+export interface SubscribeAllOptions extends SubscribeOptions {
+  /** The first position to deliver (1n: the beginning); absent: only new records. */
+  fromPosition?: bigint | number;
+  /** Only sessions whose id starts with this. */
+  sessionIdPrefix?: string;
+  /** Only events of these kinds, e.g. ["run_finished"]. */
+  partTypes?: AgentEvent["part_type"][];
+}
+
+function backoffMs(attempt: number): number {
+  return Math.random() * Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** attempt);
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    function done(): void {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", done);
+      resolve();
+    }
+    signal?.addEventListener("abort", done, { once: true });
+  });
+}
+
+function checkId(id: string | undefined, where: string): string {
+  if (id === undefined || id === "") return randomUUID();
+  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(id)) {
+    throw new InvalidEventError(`${where}: ${JSON.stringify(id)} is not a canonical UUID`);
+  }
+  return id;
+}
+
+/**
+ * A client of one agentlog server. `target` is "host:port"; close it with `close()`
+ * when done (calls in flight are cancelled).
+ */
+export class AgentlogClient {
+  readonly timeoutMs: number | null;
+  readonly retries: number;
+  private readonly sessions: Http2SessionManager;
+  private readonly client: Client<typeof SessionRepository>;
+  private closed = false;
+
+  constructor(target: string = DEFAULT_TARGET, options: ClientOptions = {}) {
+    this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.timeoutMs;
+    this.retries = options.retries ?? DEFAULT_RETRIES;
+    const tls = options.tls === true ? {} : options.tls || undefined;
+    const baseUrl = `${tls ? "https" : "http"}://${target}`;
+    const nodeOptions = tls
+      ? {
+          ...(tls.ca !== undefined && { ca: tls.ca }),
+          ...(tls.cert !== undefined && { cert: tls.cert }),
+          ...(tls.key !== undefined && { key: tls.key }),
+          ...(tls.serverName !== undefined && { servername: tls.serverName }),
+        }
+      : {};
+    // Our own session manager, so that close() ends the connection.
+    this.sessions = new Http2SessionManager(
+      baseUrl,
+      { pingIntervalMs: 30_000, pingTimeoutMs: 10_000 },
+      nodeOptions,
+    );
+    const interceptors: Interceptor[] = [];
+    const token = options.token;
+    if (token !== undefined) {
+      interceptors.push((next) => async (request) => {
+        const value = typeof token === "function" ? await token() : token;
+        request.header.set("authorization", `Bearer ${value}`);
+        return next(request);
+      });
+    }
+    const transport = createGrpcTransport({
+      baseUrl,
+      sessionManager: this.sessions,
+      interceptors,
+      // Records come back with an id and timestamp added: a reply may be a little
+      // larger than the largest request a server accepts.
+      readMaxBytes: 64 * 1024 * 1024,
+    });
+    this.client = createClient(SessionRepository, transport);
+  }
+
+  /** Close the connection; calls in flight fail with CancelledError or UnavailableError. */
+  close(): void {
+    if (!this.closed) {
+      this.closed = true;
+      this.sessions.abort();
+    }
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    this.close();
+    return Promise.resolve();
+  }
+
+  private options(signal?: AbortSignal): CallOptions {
+    return {
+      ...(this.timeoutMs !== null && { timeoutMs: this.timeoutMs }),
+      ...(signal !== undefined && { signal }),
+    };
+  }
+
+  /** A unary call, retried after UNAVAILABLE or DEADLINE_EXCEEDED. */
+  private async unary<T>(call: (options: CallOptions) => Promise<T>): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await call(this.options());
+      } catch (error) {
+        const failure = toAgentlogError(error, this.closed);
+        if (attempt >= this.retries || !RETRYABLE.has(failure.status) || this.closed) {
+          throw failure;
+        }
+      }
+      await sleep(backoffMs(attempt));
+    }
+  }
+
+  /** Store one event at the end of a session; the record as stored. */
+  async append(input: AppendInput): Promise<EventRecord> {
+    const event = eventToMessage(input.event);
+    const request = create(AppendRequestSchema, {
+      sessionId: input.sessionId,
+      event,
+      id: checkId(input.id, "id"),
+      omitEvent: true, // the answer leaves out the event this client already has
+      ...(input.parentId != null && { parentId: input.parentId }),
+      ...(input.expectedSequence !== undefined && {
+        expectedSequence: toU64(input.expectedSequence, "expectedSequence"),
+      }),
+    });
+    const response = await this.unary((options) => this.client.append(request, options));
+    if (response.record === undefined) throw new AgentlogError("the server sent no record");
+    return recordFromMessage(response.record, eventFromMessage(event));
+  }
+
+  /** Store several events at the end of one session, all or none; the records. */
+  async appendBatch(
+    sessionId: string,
+    events: NewEvent[],
+    options: { expectedSequence?: bigint | number } = {},
+  ): Promise<EventRecord[]> {
+    const messages = events.map((item, index) =>
+      create(BatchEventSchema, {
+        id: checkId(item.id, `events[${index}].id`),
+        event: eventToMessage(item.event),
+        ...(item.parentId != null && { parentId: item.parentId }),
+      }),
+    );
+    const request = create(AppendBatchRequestSchema, {
+      sessionId,
+      events: messages,
+      omitEvents: true,
+      ...(options.expectedSequence !== undefined && {
+        expectedSequence: toU64(options.expectedSequence, "expectedSequence"),
+      }),
+    });
+    const response = await this.unary((call) => this.client.appendBatch(request, call));
+    return response.records.map((record, index) =>
+      recordFromMessage(record, eventFromMessage(messages[index]?.event)),
+    );
+  }
+
+  /** A range of a session's records as they stream in. */
+  async *readSession(sessionId: string, options: ReadOptions = {}): AsyncGenerator<EventRecord> {
+    const request = {
+      sessionId,
+      fromSequence: toU64(options.fromSequence ?? 0, "fromSequence"),
+      limit: toU64(options.limit ?? 0, "limit"),
+      direction:
+        options.direction === "backwards" ? ReadDirection.BACKWARDS : ReadDirection.FORWARDS,
+    };
+    if (options.limit !== undefined && request.limit === 0n) {
+      throw new InvalidEventError("limit must be at least 1 (leave it out for no limit)");
+    }
+    yield* this.records((options) => this.client.loadSession(request, options));
+  }
+
+  /** A range of a session's records (every record by default). */
+  async loadSession(sessionId: string, options: ReadOptions = {}): Promise<EventRecord[]> {
+    return collect(this.readSession(sessionId, options));
+  }
+
+  /** The children of a record (of any session) as they stream in. */
+  async *iterChildren(parentId: string): AsyncGenerator<EventRecord> {
+    yield* this.records((options) => this.client.loadChildren({ parentId }, options));
+  }
+
+  /** Every record, of any session, whose parentId is `parentId`. */
+  async loadChildren(parentId: string): Promise<EventRecord[]> {
+    return collect(this.iterChildren(parentId));
+  }
+
+  private async *records(
+    open: (options: CallOptions) => AsyncIterable<{ records: Parameters<typeof recordFromMessage>[0][] }>,
+  ): AsyncGenerator<EventRecord> {
+    // The deadline is kept here rather than by Connect (whose timer outlives a stream
+    // the caller stopped reading early, holding the process open until it fires);
+    // the server still learns it from grpc-timeout.
+    const call = new AbortController();
+    const timeoutMs = this.timeoutMs;
+    const deadline =
+      timeoutMs === null
+        ? undefined
+        : setTimeout(
+            () => call.abort(new ConnectError("the deadline passed", Code.DeadlineExceeded)),
+            timeoutMs,
+          );
+    const options: CallOptions = {
+      signal: call.signal,
+      ...(timeoutMs !== null && { headers: { "grpc-timeout": `${Math.max(1, timeoutMs)}m` } }),
+    };
+    try {
+      for await (const response of open(options)) {
+        for (const record of response.records) yield recordFromMessage(record);
+      }
+    } catch (error) {
+      const aborted = call.signal.aborted; // by the deadline: its reason says so
+      throw toAgentlogError(aborted ? (call.signal.reason ?? error) : error, aborted);
+    } finally {
+      clearTimeout(deadline);
+      call.abort(); // a caller that stopped early frees the stream
+    }
+  }
+
+  /** A session's latest record; null when it has none. */
+  async head(sessionId: string): Promise<EventRecord | null> {
+    const response = await this.unary((options) => this.client.head({ sessionId }, options));
+    return response.record === undefined ? null : recordFromMessage(response.record);
+  }
+
+  /** One page of sessions in session id (byte) order. */
+  async listSessions(options: { pageSize?: number; pageToken?: string } = {}): Promise<SessionPage> {
+    const pageSize = options.pageSize ?? 0;
+    if (!Number.isInteger(pageSize) || pageSize < 0 || pageSize > 1000) {
+      throw new InvalidEventError("pageSize must be an integer from 1 to 1000");
+    }
+    const response = await this.unary((call) =>
+      this.client.listSessions({ pageSize, pageToken: options.pageToken ?? "" }, call),
+    );
+    return {
+      sessions: response.sessions.map(sessionFromMessage),
+      nextPageToken: response.nextPageToken || null,
+    };
+  }
+
+  /**
+   * Stored records from `fromSequence` (absent: only new ones), a CaughtUp, then live
+   * ones, with no deadline. After UNAVAILABLE it subscribes again from the sequence
+   * after the last one delivered (up to `retries` times in a row): no gap, no
+   * duplicate; a CaughtUp follows each reconnect.
+   */
+  async *subscribeSession(
+    sessionId: string,
+    options: SubscribeOptions & { fromSequence?: bigint | number } = {},
+  ): AsyncGenerator<EventRecord | CaughtUp> {
+    let next =
+      options.fromSequence === undefined ? undefined : toU64(options.fromSequence, "fromSequence");
+    yield* this.resuming(
+      (signal) =>
+        this.client.subscribeSession(
+          { sessionId, ...(next !== undefined && { fromSequence: next }) },
+          { signal },
+        ),
+      (response: SubscribeSessionResponse): (EventRecord | CaughtUp)[] => {
+        if (response.kind.case === "caughtUp") {
+          next = response.kind.value.sequence + 1n;
+          return [new CaughtUp(response.kind.value.sequence, 0n)];
+        }
+        const records = (response.kind.value?.records ?? []).map((r) => recordFromMessage(r));
+        const last = records.at(-1);
+        if (last !== undefined) next = last.sequence + 1n;
+        return records;
+      },
+      options.signal,
+    );
+  }
+
+  /**
+   * Every session's records in commit order, as FeedRecord(position, record); a
+   * FeedGap where records could not be read. Stored ones from `fromPosition`
+   * (absent: only new ones), a CaughtUp, then live ones; resumes after UNAVAILABLE
+   * from the position after the last one served, like `subscribeSession`.
+   */
+  async *subscribeAll(
+    options: SubscribeAllOptions = {},
+  ): AsyncGenerator<FeedRecord | FeedGap | CaughtUp> {
+    let next =
+      options.fromPosition === undefined ? undefined : toU64(options.fromPosition, "fromPosition");
+    const filters = {
+      sessionIdPrefix: options.sessionIdPrefix ?? "",
+      partTypes: options.partTypes ?? [],
+    };
+    yield* this.resuming(
+      (signal) =>
+        this.client.subscribeAll(
+          { ...filters, ...(next !== undefined && { fromPosition: next }) },
+          { signal },
+        ),
+      (response: SubscribeAllResponse): (FeedRecord | FeedGap | CaughtUp)[] => {
+        const kind = response.kind;
+        switch (kind.case) {
+          case "caughtUp":
+            next = kind.value.position + 1n;
+            return [new CaughtUp(0n, kind.value.position)];
+          case "gap":
+            next = kind.value.lastPosition + 1n;
+            return [
+              new FeedGap(
+                kind.value.firstPosition,
+                kind.value.lastPosition,
+                kind.value.sessionId,
+                kind.value.reason,
+                kind.value.message,
+              ),
+            ];
+          case "records": {
+            const items = kind.value.records.map(
+              (item) =>
+                new FeedRecord(
+                  item.position,
+                  recordFromMessage(item.record ?? ({} as never)),
+                ),
+            );
+            const last = items.at(-1);
+            if (last !== undefined) next = last.position + 1n;
+            return items;
+          }
+          default:
+            return [];
+        }
+      },
+      options.signal,
+    );
+  }
+
+  private async *resuming<R, T>(
+    open: (signal: AbortSignal) => AsyncIterable<R>,
+    items: (response: R) => T[],
+    outer?: AbortSignal,
+  ): AsyncGenerator<T> {
+    let attempt = 0;
+    while (!outer?.aborted) {
+      const call = new AbortController();
+      const stop = (): void => call.abort();
+      outer?.addEventListener("abort", stop, { once: true });
+      try {
+        for await (const response of open(call.signal)) {
+          attempt = 0; // the stream works again: a later failure gets all its retries
+          yield* items(response);
+        }
+        return;
+      } catch (error) {
+        if (outer?.aborted) return;
+        const failure = toAgentlogError(error, this.closed);
+        if (failure.status !== "UNAVAILABLE" || attempt >= this.retries || this.closed) {
+          throw failure;
+        }
+      } finally {
+        outer?.removeEventListener("abort", stop);
+        call.abort(); // frees the stream when the caller stopped early
+      }
+      await sleep(backoffMs(attempt++), outer);
+    }
+  }
+}
+
+async function collect<T>(items: AsyncIterable<T>): Promise<T[]> {
+  const all: T[] = [];
+  for await (const item of items) all.push(item);
+  return all;
+}

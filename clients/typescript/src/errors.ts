@@ -1,0 +1,163 @@
+/**
+ * One error class per gRPC status, as the Python clients have, built from the
+ * `google.rpc.ErrorInfo` and `BadRequest` details the server sends (in
+ * `grpc-status-details-bin`). No ConnectError leaves the client.
+ */
+
+import { Code, ConnectError } from "@connectrpc/connect";
+
+import { BadRequestSchema, ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
+
+/** The server's ErrorInfo domain. */
+export const DOMAIN = "agentlog";
+
+/** What every error of this client carries. */
+export class AgentlogError extends Error {
+  override name = "AgentlogError";
+  /** The gRPC status, e.g. "INVALID_ARGUMENT". */
+  readonly status: string;
+  /** What went wrong, for a program: the ErrorInfo reason, else the status. */
+  readonly reason: string;
+  /** The ErrorInfo metadata (e.g. `actual_sequence`). */
+  readonly metadata: Readonly<Record<string, string>>;
+  /** The request field at fault (BadRequest), when the server named one. */
+  readonly field: string | undefined;
+
+  constructor(
+    message: string,
+    options: {
+      status?: string | undefined;
+      reason?: string | undefined;
+      metadata?: Record<string, string> | undefined;
+      field?: string | undefined;
+      cause?: unknown;
+    } = {},
+  ) {
+    super(message, { cause: options.cause });
+    this.status = options.status ?? "UNKNOWN";
+    this.reason = options.reason || this.status;
+    this.metadata = options.metadata ?? {};
+    this.field = options.field;
+  }
+}
+
+export class InvalidArgumentError extends AgentlogError {
+  override name = "InvalidArgumentError";
+}
+export class NotFoundError extends AgentlogError {
+  override name = "NotFoundError";
+}
+export class AlreadyExistsError extends AgentlogError {
+  override name = "AlreadyExistsError";
+}
+export class FailedPreconditionError extends AgentlogError {
+  override name = "FailedPreconditionError";
+}
+/** An expectation (`expectedSequence`) did not hold; nothing was written. */
+export class WrongExpectedSequence extends FailedPreconditionError {
+  override name = "WrongExpectedSequence";
+  /** What the append expected the session's last sequence to be. */
+  get expectedSequence(): bigint {
+    return BigInt(this.metadata.expected_sequence ?? "0");
+  }
+  /** The session's last sequence when the append was refused. */
+  get actualSequence(): bigint {
+    return BigInt(this.metadata.actual_sequence ?? "0");
+  }
+}
+export class DataLossError extends AgentlogError {
+  override name = "DataLossError";
+}
+export class ResourceExhaustedError extends AgentlogError {
+  override name = "ResourceExhaustedError";
+}
+export class UnauthenticatedError extends AgentlogError {
+  override name = "UnauthenticatedError";
+}
+export class PermissionDeniedError extends AgentlogError {
+  override name = "PermissionDeniedError";
+}
+export class UnavailableError extends AgentlogError {
+  override name = "UnavailableError";
+}
+export class DeadlineExceededError extends AgentlogError {
+  override name = "DeadlineExceededError";
+}
+export class CancelledError extends AgentlogError {
+  override name = "CancelledError";
+}
+/** The server failed in a way the request did not cause (INTERNAL, UNKNOWN, ...). */
+export class ServerError extends AgentlogError {
+  override name = "ServerError";
+}
+
+type ErrorClass = new (message: string, options: ConstructorParameters<typeof AgentlogError>[1]) => AgentlogError;
+
+/** The class of each status; any other status is a ServerError. */
+const BY_STATUS: Partial<Record<Code, [string, ErrorClass]>> = {
+  [Code.InvalidArgument]: ["INVALID_ARGUMENT", InvalidArgumentError],
+  [Code.NotFound]: ["NOT_FOUND", NotFoundError],
+  [Code.AlreadyExists]: ["ALREADY_EXISTS", AlreadyExistsError],
+  [Code.FailedPrecondition]: ["FAILED_PRECONDITION", FailedPreconditionError],
+  [Code.DataLoss]: ["DATA_LOSS", DataLossError],
+  [Code.ResourceExhausted]: ["RESOURCE_EXHAUSTED", ResourceExhaustedError],
+  [Code.Unauthenticated]: ["UNAUTHENTICATED", UnauthenticatedError],
+  [Code.PermissionDenied]: ["PERMISSION_DENIED", PermissionDeniedError],
+  [Code.Unavailable]: ["UNAVAILABLE", UnavailableError],
+  [Code.DeadlineExceeded]: ["DEADLINE_EXCEEDED", DeadlineExceededError],
+  [Code.Canceled]: ["CANCELLED", CancelledError],
+};
+
+/** Subclasses an ErrorInfo reason selects. */
+const BY_REASON: Record<string, ErrorClass> = {
+  WRONG_EXPECTED_SEQUENCE: WrongExpectedSequence,
+};
+
+/** The status name of a gRPC code, e.g. "INVALID_ARGUMENT". */
+export function statusName(code: Code): string {
+  return (
+    BY_STATUS[code]?.[0] ??
+    Code[code]
+      .replace(/([a-z])([A-Z])/g, "$1_$2")
+      .toUpperCase()
+  );
+}
+
+/** The AgentlogError for anything a call threw. `cancelled`: whether this side
+ * cancelled the call; a cancellation it did not ask for is the connection failing
+ * under it (a TLS or protocol mismatch, a server going away), so UNAVAILABLE. */
+export function toAgentlogError(error: unknown, cancelled = false): AgentlogError {
+  if (error instanceof AgentlogError) return error;
+  let connect = ConnectError.from(error);
+  if (connect.code === Code.Canceled && !cancelled) {
+    connect = new ConnectError(
+      `the connection failed during the call (${connect.rawMessage}); is the server's ` +
+        "address, TLS setting and certificate right?",
+      Code.Unavailable,
+      undefined,
+      undefined,
+      error,
+    );
+  }
+  const status = statusName(connect.code);
+  let reason: string | undefined;
+  let metadata: Record<string, string> = {};
+  let field: string | undefined;
+  try {
+    for (const info of connect.findDetails(ErrorInfoSchema)) {
+      if (info.domain === DOMAIN) {
+        reason = info.reason;
+        metadata = { ...info.metadata };
+      }
+    }
+    field = connect.findDetails(BadRequestSchema)[0]?.fieldViolations[0]?.field;
+  } catch {
+    // details that do not decode: the status and message still say what happened
+  }
+  let errorClass: ErrorClass = BY_STATUS[connect.code]?.[1] ?? ServerError;
+  const specific = reason !== undefined ? BY_REASON[reason] : undefined;
+  if (specific !== undefined && specific.prototype instanceof errorClass) errorClass = specific;
+  let message = connect.rawMessage || status;
+  if (errorClass === ServerError && connect.code !== Code.Internal) message = `${status}: ${message}`;
+  return new errorClass(message, { status, reason, metadata, field, cause: error });
+}

@@ -1,0 +1,105 @@
+/** What the store gives back: records, subscription markers, pages of sessions. */
+
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+
+import type {
+  EventRecord as EventRecordMessage,
+  SessionInfo as SessionInfoMessage,
+} from "./gen/agentlog/v1/session_pb.js";
+import { type AgentEvent, eventFromMessage } from "./events.js";
+
+/** One stored event: a line of an arcan session file. */
+export interface EventRecord {
+  /** The record's id (a UUID). */
+  id: string;
+  sessionId: string;
+  /** The record this one follows in the event tree; null for a root. */
+  parentId: string | null;
+  /** When the store accepted the event (to the millisecond; `nanos` has the rest). */
+  timestamp: Date;
+  /** The nanoseconds within the timestamp's second (0 to 999,999,999). */
+  nanos: number;
+  /** The timestamp as nanoseconds since the Unix epoch. */
+  timestampNs: bigint;
+  /** The record's place in its session: 1, 2, 3, ... */
+  sequence: bigint;
+  event: AgentEvent;
+}
+
+/** Every stored record has been delivered; what follows is live. */
+export class CaughtUp {
+  constructor(
+    /** SubscribeSession: the last sequence delivered so far (0n: none). */
+    readonly sequence: bigint,
+    /** SubscribeAll: the last position examined so far (0n: none). */
+    readonly position: bigint,
+  ) {}
+}
+
+/** A record with its place in the all-sessions feed. */
+export class FeedRecord {
+  constructor(
+    readonly position: bigint,
+    readonly record: EventRecord,
+  ) {}
+}
+
+/** Feed positions, all of one session, that the server could not read (its file is
+ * damaged); the feed goes on after them. */
+export class FeedGap {
+  constructor(
+    readonly firstPosition: bigint,
+    readonly lastPosition: bigint,
+    readonly sessionId: string,
+    readonly reason: string,
+    readonly message: string,
+  ) {}
+}
+
+export interface SessionInfo {
+  sessionId: string;
+  /** How many events it holds, which is also its last sequence. */
+  eventCount: bigint;
+  firstTimestamp: Date;
+  lastTimestamp: Date;
+  /** The id of its last record. */
+  headId: string;
+}
+
+export interface SessionPage {
+  sessions: SessionInfo[];
+  /** Pass to `listSessions` for the next page; null on the last page. */
+  nextPageToken: string | null;
+}
+
+function toDate(timestamp: Timestamp | undefined): Date {
+  if (timestamp === undefined) return new Date(0);
+  return new Date(Number(timestamp.seconds) * 1000 + Math.floor(timestamp.nanos / 1_000_000));
+}
+
+/** A record from its message; `sent` stands in for an event the answer left out. */
+export function recordFromMessage(message: EventRecordMessage, sent?: AgentEvent): EventRecord {
+  const timestamp = message.timestamp;
+  const event = sent ?? eventFromMessage(message.event);
+  if (event === undefined) throw new TypeError(`record ${message.id} carries no event`);
+  return {
+    id: message.id,
+    sessionId: message.sessionId,
+    parentId: message.parentId ?? null,
+    timestamp: toDate(timestamp),
+    nanos: timestamp?.nanos ?? 0,
+    timestampNs: timestamp ? timestamp.seconds * 1_000_000_000n + BigInt(timestamp.nanos) : 0n,
+    sequence: message.sequence,
+    event,
+  };
+}
+
+export function sessionFromMessage(message: SessionInfoMessage): SessionInfo {
+  return {
+    sessionId: message.sessionId,
+    eventCount: message.eventCount,
+    firstTimestamp: toDate(message.firstTimestamp),
+    lastTimestamp: toDate(message.lastTimestamp),
+    headId: message.headId,
+  };
+}

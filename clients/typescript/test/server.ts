@@ -1,0 +1,91 @@
+/** Real agentlog servers for the tests: `python -m agentlog.server serve` from the
+ * repository's .venv, on a free loopback port, over a temporary directory. */
+
+import { type ChildProcess, execFileSync, spawn } from "node:child_process";
+import { cpSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+/** The repository's root (this file runs from clients/typescript/dist/test). */
+export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../../../..");
+export const PYTHON = process.env.AGENTLOG_PYTHON ?? join(ROOT, ".venv/bin/python");
+
+export interface Served {
+  target: string;
+  port: number;
+  dataDir: string;
+  stop(): Promise<void>;
+}
+
+export function temporaryDirectory(prefix = "agentlog-ts-"): string {
+  return mkdtempSync(join(tmpdir(), prefix));
+}
+
+/** A server on `dataDir` (a new temporary one by default); `port` 0 picks one. */
+export async function startServer(
+  options: { dataDir?: string; port?: number; args?: string[] } = {},
+): Promise<Served> {
+  const dataDir = options.dataDir ?? temporaryDirectory();
+  const child = spawn(
+    PYTHON,
+    [
+      "-m",
+      "agentlog.server",
+      "serve",
+      "--addr",
+      `127.0.0.1:${options.port ?? 0}`,
+      "--data-dir",
+      dataDir,
+      ...(options.args ?? []),
+    ],
+    { cwd: ROOT, stdio: ["ignore", "ignore", "pipe"] },
+  );
+  const port = await new Promise<number>((resolvePort, reject) => {
+    let seen = "";
+    const onData = (chunk: Buffer): void => {
+      seen += chunk.toString();
+      const found = /serving on 127\.0\.0\.1:(\d+)/.exec(seen);
+      if (found?.[1] !== undefined) {
+        child.stderr?.off("data", onData);
+        child.stderr?.resume(); // keep draining, so the server never blocks on a full pipe
+        resolvePort(Number(found[1]));
+      }
+    };
+    child.stderr?.on("data", onData);
+    child.once("exit", (code) => reject(new Error(`the server exited (${code}): ${seen}`)));
+  });
+  return {
+    target: `127.0.0.1:${port}`,
+    port,
+    dataDir,
+    stop: () => stopProcess(child),
+  };
+}
+
+function stopProcess(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
+  return new Promise((done) => {
+    child.once("exit", () => done());
+    child.kill("SIGTERM");
+  });
+}
+
+/** A copy of a fixture directory of `../shared/fixtures/arcan-jsonl`. */
+export function fixtureCopy(name: string): string {
+  const copy = temporaryDirectory("agentlog-fixture-");
+  cpSync(join(ROOT, "..", "shared", "fixtures", "arcan-jsonl", name), copy, { recursive: true });
+  return copy;
+}
+
+/** Run the Python bridge (test/bridge.py) and give its standard output. */
+export function python(script: string, ...args: string[]): string {
+  return execFileSync(PYTHON, [join("clients/typescript/test", script), ...args], {
+    cwd: ROOT,
+    encoding: "utf8",
+  });
+}
+
+export function removeDirectory(path: string): void {
+  rmSync(path, { recursive: true, force: true });
+}
