@@ -93,7 +93,8 @@ pytest: $(INSTALLED)
 
 # The PostgreSQL store is measured on this server too (BENCH_STORE= to leave it out).
 BENCH_STORE ?= postgresql://postgres@127.0.0.1:5432/postgres
-bench: $(INSTALLED)
+bench: $(INSTALLED) $(NODE_INSTALLED)
+	cd $(TS) && ../../node_modules/.bin/tsc -p .
 	$(BIN)/python -m bench $(if $(BENCH_STORE),--store $(BENCH_STORE)) $(BENCH_ARGS)
 
 clean:

@@ -344,7 +344,8 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="add the 10M-event figures")
     parser.add_argument(
         "--only",
-        help="run one group: appends, reads, children, live, fanout, listing, security, postgres",
+        help="run one group: appends, reads, children, live, fanout, listing, security, "
+        "typescript, postgres",
     )
     parser.add_argument(
         "--store",
@@ -367,6 +368,10 @@ def main() -> None:
 
     groups["security"] = lambda tmp: security.run(results, args.scale, args.rounds)
     CEILINGS.update(security.CEILINGS)
+    from bench import typescript
+
+    groups["typescript"] = lambda tmp: typescript.run(tmp, results, args.scale, args.rounds)
+    CEILINGS.update(typescript.CEILINGS)
     if args.store:
         from bench import postgres
 

@@ -75,6 +75,34 @@ def server(
         process.wait(60)
 
 
+def append_rate_c64(target: str, options: dict[str, Any], calls: int) -> float:
+    """Appends per second from 64 concurrent callers on one AsyncAgentlogClient."""
+
+    async def run() -> float:
+        async with AsyncAgentlogClient(target, **options) as client:
+            counter = iter(range(10**9))
+
+            async def caller() -> None:
+                for _ in range(calls // 64):
+                    n = next(counter)
+                    session = f"c-{n % 64}"
+                    await client.append(AppendEvent(session_id=session, event=delta(session, n)))
+
+            start = time.perf_counter()
+            await asyncio.gather(*(caller() for _ in range(64)))
+            return (calls // 64) * 64 / (time.perf_counter() - start)
+
+    return asyncio.run(run())
+
+
+def load_rate(target: str, options: dict[str, Any], session: str = "load") -> float:
+    """Records per second of one LoadSession of `session` through AgentlogClient."""
+    with AgentlogClient(target, timeout=600, **options) as client:
+        start = time.perf_counter()
+        count = sum(1 for _ in client.read_session(session))
+        return count / (time.perf_counter() - start)
+
+
 def delta(session: str, i: int) -> TextDelta:
     return TextDelta(run_id="bench", session_id=session, iteration=i % 1000, delta=DELTA_TEXT)
 

@@ -10,7 +10,6 @@ its rounds, so a machine whose speed drifts affects them alike.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import statistics
@@ -25,8 +24,8 @@ from typing import Any
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from agentlog import AgentlogClient, AppendEvent, AsyncAgentlogClient, NewEvent, TlsConfig
-from bench.common import Results, delta, server
+from agentlog import AgentlogClient, NewEvent, TlsConfig
+from bench.common import Results, append_rate_c64, delta, load_rate, server
 from tests.certs import CertificateAuthority
 
 TOKEN = "bench-token"
@@ -55,31 +54,6 @@ def otlp_sink() -> Iterator[tuple[str, _Sink]]:
         yield f"http://127.0.0.1:{port}", sink
     finally:
         sink_server.stop(1)
-
-
-def _append_rate(target: str, options: dict[str, Any], calls: int) -> float:
-    async def run() -> float:
-        async with AsyncAgentlogClient(target, **options) as client:
-            counter = iter(range(10**9))
-
-            async def caller() -> None:
-                for _ in range(calls // 64):
-                    n = next(counter)
-                    session = f"c-{n % 64}"
-                    await client.append(AppendEvent(session_id=session, event=delta(session, n)))
-
-            start = time.perf_counter()
-            await asyncio.gather(*(caller() for _ in range(64)))
-            return (calls // 64) * 64 / (time.perf_counter() - start)
-
-    return asyncio.run(run())
-
-
-def _load_rate(target: str, options: dict[str, Any]) -> float:
-    with AgentlogClient(target, timeout=600, **options) as client:
-        start = time.perf_counter()
-        count = sum(1 for _ in client.read_session("load"))
-        return count / (time.perf_counter() - start)
 
 
 def run(results: Results, scale: int, rounds: int) -> None:
@@ -126,13 +100,13 @@ def run(results: Results, scale: int, rounds: int) -> None:
                 events = [NewEvent(event=delta("load", n)) for n in range(500)]
                 for _ in range(LOAD_RECORDS // 500):
                     client.append_batch("load", events)
-            _append_rate(target, options, scale)  # warm
+            append_rate_c64(target, options, scale)  # warm
         appends: dict[str, list[float]] = {name: [] for name in setups}
         loads: dict[str, list[float]] = {name: [] for name in setups}
         for _ in range(rounds):
             for name, (_, _, options) in setups.items():
-                appends[name].append(_append_rate(targets[name], options, scale * 4))
-                loads[name].append(_load_rate(targets[name], options))
+                appends[name].append(append_rate_c64(targets[name], options, scale * 4))
+                loads[name].append(load_rate(targets[name], options))
         for name in setups:
             results[f"security_append_rps_c64_{name}"] = (statistics.median(appends[name]), "1/s")
             results[f"security_load_session_records_per_s_{name}"] = (

@@ -160,6 +160,11 @@ def tool_call(json_text: str) -> pb.AgentEvent:
             "not a JSON number",
         ),
         (
+            pb.AppendRequest(session_id="s", event=tool_call("")),
+            "event.tool_call_requested.call.input",
+            "json text is empty",
+        ),
+        (
             pb.AppendRequest(session_id="s", event=tool_call("1 2")),
             "event.tool_call_requested.call.input",
             "not valid JSON text",

@@ -153,6 +153,13 @@ def parse_strict(text: str, field: str) -> JsonValue:
             result[key] = value
         return result
 
+    if not text.strip():
+        raise InvalidArgumentError(
+            f"{field}: the JsonValue's json text is empty; it must hold the value as JSON "
+            'text (e.g. {"json": "{\\"path\\": \\"x\\"}"}), or leave the field unset for null',
+            field=field,
+            reason="INVALID_JSON",
+        )
     try:
         value: JsonValue = json.loads(
             text,

@@ -23,7 +23,8 @@ case and hands anything unusual to these walks, which word the errors.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -297,10 +298,7 @@ def from_proto(message: Any, plan: Plan, path: str, strict: bool) -> Any:
         elif kind == ENUM:
             member = field.members.get(value)
             if member is None:
-                problem = "must be set" if value == 0 else f"unknown value {value}"
-                raise invalid(
-                    where, f"{problem} (one of {', '.join(map(str, field.members.values()))})"
-                )
+                raise invalid(where, _enum_problem(value, field.members))
             kwargs[name] = member
         elif kind == MESSAGE:
             kwargs[name] = from_proto(value, field.sub, where, strict)
@@ -315,3 +313,19 @@ def holds_json(plan: Plan) -> bool:
     return any(
         f.kind == JSON or (f.message is not None and holds_json(f.message)) for f in plan.fields
     )
+
+
+def _enum_problem(value: int, members: Mapping[int, Any]) -> str:
+    """Why an enum number was refused, with every valid number and both spellings."""
+    spelled = []
+    for number, member in members.items():
+        prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", type(member).__name__).upper()
+        spelled.append(f"{number} = {prefix}_{str(member).upper()} ({member})")
+    valid = ", ".join(spelled)
+    if value == 0:
+        return (
+            f"must be set; 0 is the unspecified value, which a protobuf library also sends "
+            f"for a name it did not recognise (valid: {valid}; protobuf's JSON mapping takes "
+            "the upper-case names, arcan's JSON the lower-case ones)"
+        )
+    return f"unknown value {value} (valid: {valid})"

@@ -18,6 +18,7 @@ import {
   InvalidArgumentError,
   InvalidEventError,
   LosslessNumber,
+  ResourceExhaustedError,
   UnavailableError,
   WrongExpectedSequence,
 } from "../src/index.js";
@@ -375,6 +376,16 @@ describe("errors", () => {
     } finally {
       hasty.close();
     }
+  });
+
+  test("a request past the server's size limit is RESOURCE_EXHAUSTED and stores nothing", async () => {
+    const id = session("huge");
+    const refused = await client
+      .append({ sessionId: id, event: delta(id, "x".repeat(5 * 1024 * 1024)) })
+      .catch((error: unknown) => error);
+    assert.ok(refused instanceof ResourceExhaustedError, String(refused));
+    assert.equal(refused.status, "RESOURCE_EXHAUSTED");
+    assert.equal(await client.head(id), null);
   });
 
   test("no server is UNAVAILABLE after the retries", async () => {
