@@ -535,7 +535,8 @@ def test_appends_are_retried_until_the_server_comes_up(data: Path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     result: list[Any] = []
-    with AgentlogClient(f"127.0.0.1:{port}", timeout=2, retries=8) as client:
+    # Enough retries to outlast a slow start on a busy machine (the backoff is random).
+    with AgentlogClient(f"127.0.0.1:{port}", timeout=2, retries=100) as client:
         thread = threading.Thread(
             target=lambda: result.append(
                 client.append(AppendEvent(session_id="late", event=started("late")))
