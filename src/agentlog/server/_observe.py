@@ -29,6 +29,30 @@ else:
     _Interceptor = grpc.aio.ServerInterceptor
 
 
+class Rewraps:
+    """Each method's wrapped handler, made once: wrapping builds a new method handler,
+    which would otherwise cost every call. Only handlers the server has are kept (a
+    caller naming unknown methods cannot grow it)."""
+
+    def __init__(self, unary: Callable[[Any, str], Any], stream: Callable[[Any, str], Any]) -> None:
+        self._unary = unary
+        self._stream = stream
+        self._made: dict[str, tuple[Any, Any]] = {}
+
+    def of(self, method: str, handler: Any) -> Any:
+        made = self._made.get(method)
+        if made is not None and made[0] is handler:
+            return made[1]
+        wrapped = rewrap(
+            handler,
+            lambda behavior: self._unary(behavior, method),
+            lambda behavior: self._stream(behavior, method),
+        )
+        if handler is not None:
+            self._made[method] = (handler, wrapped)
+        return wrapped
+
+
 def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], Any]) -> Any:
     """`handler` (a method's, or None) with its behavior wrapped by `unary` or `stream`,
     as the method is unary or server-streaming (the only kinds this server has)."""
@@ -52,16 +76,15 @@ class CallObserver(_Interceptor):
         self.access_log = access_log
         # Each method's metric children, looked up once: labels() costs a lookup a call.
         self._children: dict[tuple[str, str, str], _MethodMetrics] = {}
+        self._rewraps = Rewraps(
+            lambda behavior, name: self._unary(behavior, *_names(name)),
+            lambda behavior, name: self._stream(behavior, *_names(name)),
+        )
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
     ) -> Any:
-        service, method = _names(details.method)
-        return rewrap(
-            await continuation(details),
-            lambda behavior: self._unary(behavior, service, method),
-            lambda behavior: self._stream(behavior, service, method),
-        )
+        return self._rewraps.of(details.method, await continuation(details))
 
     def _begin(self, kind: str, service: str, method: str, context: Any) -> list[int]:
         """Count a call in and arrange for its end to be counted; its message count."""

@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from agentlog.server._observe import rewrap
+from agentlog.server._observe import Rewraps
 
 if TYPE_CHECKING:  # generic in its stubs only
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -46,16 +46,15 @@ class TracingInterceptor(_Interceptor):
 
     def __init__(self, provider: trace.TracerProvider) -> None:
         self._tracer = provider.get_tracer("agentlog.server")
+        self._rewraps = Rewraps(
+            lambda behavior, method: self._unary(behavior, method.lstrip("/")),
+            lambda behavior, method: self._stream(behavior, method.lstrip("/")),
+        )
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
     ) -> Any:
-        name = details.method.lstrip("/")
-        return rewrap(
-            await continuation(details),
-            lambda behavior: self._unary(behavior, name),
-            lambda behavior: self._stream(behavior, name),
-        )
+        return self._rewraps.of(details.method, await continuation(details))
 
     @contextlib.contextmanager
     def _span(self, name: str, context: Any) -> Iterator[trace.Span]:
@@ -69,7 +68,9 @@ class TracingInterceptor(_Interceptor):
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            token = _current_tracer.set(self._tracer)
+            # The store's spans only under a span that is recorded: a call the sampler
+            # left out costs one span, not three.
+            token = _current_tracer.set(self._tracer if span.is_recording() else None)
             try:
                 yield span
             finally:
