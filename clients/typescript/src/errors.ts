@@ -159,5 +159,6 @@ export function toAgentlogError(error: unknown, cancelled = false): AgentlogErro
   if (specific !== undefined && specific.prototype instanceof errorClass) errorClass = specific;
   let message = connect.rawMessage || status;
   if (errorClass === ServerError && connect.code !== Code.Internal) message = `${status}: ${message}`;
-  return new errorClass(message, { status, reason, metadata, field, cause: error });
+  // No `cause`: the transport's error is not part of this client's API.
+  return new errorClass(message, { status, reason, metadata, field });
 }
