@@ -105,6 +105,38 @@ describe("append and read back", () => {
   });
 });
 
+describe("concurrency", () => {
+  test("64 appends in flight on one client get gapless, distinct sequences", async () => {
+    const id = session("many");
+    const records = await Promise.all(
+      Array.from({ length: 64 }, (_, n) => client.append({ sessionId: id, event: delta(id, `${n}`) })),
+    );
+    const sequences = records.map((r) => r.sequence).sort((a, b) => (a < b ? -1 : 1));
+    assert.deepEqual(sequences, Array.from({ length: 64 }, (_, n) => BigInt(n + 1)));
+    const stored = await client.loadSession(id);
+    assert.deepEqual(
+      stored.map((r) => r.id),
+      [...records].sort((a, b) => (a.sequence < b.sequence ? -1 : 1)).map((r) => r.id),
+    );
+  });
+
+  test("expectations let exactly one of several racing writers win", async () => {
+    const id = session("race");
+    const attempts = await Promise.allSettled(
+      Array.from({ length: 8 }, (_, n) =>
+        client.append({ sessionId: id, event: delta(id, `${n}`), expectedSequence: 0 }),
+      ),
+    );
+    assert.equal(attempts.filter((a) => a.status === "fulfilled").length, 1);
+    for (const attempt of attempts) {
+      if (attempt.status === "rejected") {
+        assert.ok(attempt.reason instanceof WrongExpectedSequence);
+        assert.equal(attempt.reason.actualSequence, 1n);
+      }
+    }
+  });
+});
+
 describe("ids and retries", () => {
   test("an append retried with the same id and content answers the stored record", async () => {
     const id = session("retry");

@@ -68,3 +68,31 @@ test("an append retried across a restart is stored once", async () => {
     await served.stop();
   }
 });
+
+test("subscriptions resume across the server's connection-age GOAWAY with no gap", async () => {
+  const served = await startServer({
+    args: ["--max-connection-age", "1", "--max-connection-age-grace", "0.5"],
+  });
+  const client = new AgentlogClient(served.target, { retries: 20 });
+  const id = `aged-${randomUUID().slice(0, 8)}`;
+  try {
+    const followed = client.subscribeSession(id, { fromSequence: 1 });
+    await followed.next(); // CaughtUp: live from here
+    const appended: bigint[] = [];
+    const deadline = Date.now() + 3500; // several connection lifetimes
+    while (Date.now() < deadline) {
+      appended.push((await client.append({ sessionId: id, event: delta(id, "x") })).sequence);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const seen: bigint[] = [];
+    while (seen.length < appended.length) {
+      const item = (await followed.next()).value;
+      if (item !== undefined && !(item instanceof CaughtUp)) seen.push(item.sequence);
+    }
+    assert.deepEqual(seen, appended);
+    await followed.return(undefined);
+  } finally {
+    client.close();
+    await served.stop();
+  }
+});
