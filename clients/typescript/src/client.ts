@@ -21,10 +21,9 @@ import {
   type AgentEvent,
   eventFromMessage,
   eventToMessage,
-  InvalidEventError,
   toU64,
 } from "./events.js";
-import { AgentlogError, toAgentlogError } from "./errors.js";
+import { AgentlogError, InvalidArgumentError, toAgentlogError } from "./errors.js";
 import {
   AppendBatchRequestSchema,
   AppendRequestSchema,
@@ -132,7 +131,10 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
 function checkId(id: string | undefined, where: string): string {
   if (id === undefined || id === "") return randomUUID();
   if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(id)) {
-    throw new InvalidEventError(`${where}: ${JSON.stringify(id)} is not a canonical UUID`);
+    throw new InvalidArgumentError(
+      `${where}: ${JSON.stringify(id)} is not a canonical UUID (lower-case, hyphenated)`,
+      { reason: "INVALID_ID", field: where },
+    );
   }
   return id;
 }
@@ -277,7 +279,9 @@ export class AgentlogClient {
         options.direction === "backwards" ? ReadDirection.BACKWARDS : ReadDirection.FORWARDS,
     };
     if (options.limit !== undefined && request.limit === 0n) {
-      throw new InvalidEventError("limit must be at least 1 (leave it out for no limit)");
+      throw new InvalidArgumentError("limit must be at least 1 (leave it out for no limit)", {
+        field: "limit",
+      });
     }
     yield* this.records((options) => this.client.loadSession(request, options));
   }
@@ -339,7 +343,9 @@ export class AgentlogClient {
   async listSessions(options: { pageSize?: number; pageToken?: string } = {}): Promise<SessionPage> {
     const pageSize = options.pageSize ?? 0;
     if (!Number.isInteger(pageSize) || pageSize < 0 || pageSize > 1000) {
-      throw new InvalidEventError("pageSize must be an integer from 1 to 1000");
+      throw new InvalidArgumentError("pageSize must be an integer from 1 to 1000", {
+        field: "pageSize",
+      });
     }
     const response = await this.unary((call) =>
       this.client.listSessions({ pageSize, pageToken: options.pageToken ?? "" }, call),

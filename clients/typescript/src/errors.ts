@@ -34,23 +34,31 @@ export class AgentlogError extends Error {
     } = {},
   ) {
     super(message, { cause: options.cause });
-    this.status = options.status ?? "UNKNOWN";
+    // A subclass made by hand (not from a call) still knows its status.
+    const byClass = (new.target as { defaultStatus?: string }).defaultStatus;
+    this.status = options.status ?? byClass ?? "UNKNOWN";
     this.reason = options.reason || this.status;
     this.metadata = options.metadata ?? {};
     this.field = options.field;
   }
 }
 
+/** A request the server refused as malformed, or one this client refused before
+ * sending it (then `reason` says which check: INVALID_EVENT, UNREPRESENTABLE_JSON, ...). */
 export class InvalidArgumentError extends AgentlogError {
+  static defaultStatus = "INVALID_ARGUMENT";
   override name = "InvalidArgumentError";
 }
 export class NotFoundError extends AgentlogError {
+  static defaultStatus = "NOT_FOUND";
   override name = "NotFoundError";
 }
 export class AlreadyExistsError extends AgentlogError {
+  static defaultStatus = "ALREADY_EXISTS";
   override name = "AlreadyExistsError";
 }
 export class FailedPreconditionError extends AgentlogError {
+  static defaultStatus = "FAILED_PRECONDITION";
   override name = "FailedPreconditionError";
 }
 /** An expectation (`expectedSequence`) did not hold; nothing was written. */
@@ -66,46 +74,57 @@ export class WrongExpectedSequence extends FailedPreconditionError {
   }
 }
 export class DataLossError extends AgentlogError {
+  static defaultStatus = "DATA_LOSS";
   override name = "DataLossError";
 }
 export class ResourceExhaustedError extends AgentlogError {
+  static defaultStatus = "RESOURCE_EXHAUSTED";
   override name = "ResourceExhaustedError";
 }
 export class UnauthenticatedError extends AgentlogError {
+  static defaultStatus = "UNAUTHENTICATED";
   override name = "UnauthenticatedError";
 }
 export class PermissionDeniedError extends AgentlogError {
+  static defaultStatus = "PERMISSION_DENIED";
   override name = "PermissionDeniedError";
 }
 export class UnavailableError extends AgentlogError {
+  static defaultStatus = "UNAVAILABLE";
   override name = "UnavailableError";
 }
 export class DeadlineExceededError extends AgentlogError {
+  static defaultStatus = "DEADLINE_EXCEEDED";
   override name = "DeadlineExceededError";
 }
 export class CancelledError extends AgentlogError {
+  static defaultStatus = "CANCELLED";
   override name = "CancelledError";
 }
 /** The server failed in a way the request did not cause (INTERNAL, UNKNOWN, ...). */
 export class ServerError extends AgentlogError {
+  static defaultStatus = "INTERNAL";
   override name = "ServerError";
 }
 
-type ErrorClass = new (message: string, options: ConstructorParameters<typeof AgentlogError>[1]) => AgentlogError;
+type ErrorClass = new (
+  message: string,
+  options: ConstructorParameters<typeof AgentlogError>[1],
+) => AgentlogError;
 
 /** The class of each status; any other status is a ServerError. */
-const BY_STATUS: Partial<Record<Code, [string, ErrorClass]>> = {
-  [Code.InvalidArgument]: ["INVALID_ARGUMENT", InvalidArgumentError],
-  [Code.NotFound]: ["NOT_FOUND", NotFoundError],
-  [Code.AlreadyExists]: ["ALREADY_EXISTS", AlreadyExistsError],
-  [Code.FailedPrecondition]: ["FAILED_PRECONDITION", FailedPreconditionError],
-  [Code.DataLoss]: ["DATA_LOSS", DataLossError],
-  [Code.ResourceExhausted]: ["RESOURCE_EXHAUSTED", ResourceExhaustedError],
-  [Code.Unauthenticated]: ["UNAUTHENTICATED", UnauthenticatedError],
-  [Code.PermissionDenied]: ["PERMISSION_DENIED", PermissionDeniedError],
-  [Code.Unavailable]: ["UNAVAILABLE", UnavailableError],
-  [Code.DeadlineExceeded]: ["DEADLINE_EXCEEDED", DeadlineExceededError],
-  [Code.Canceled]: ["CANCELLED", CancelledError],
+const BY_STATUS: Partial<Record<Code, ErrorClass>> = {
+  [Code.InvalidArgument]: InvalidArgumentError,
+  [Code.NotFound]: NotFoundError,
+  [Code.AlreadyExists]: AlreadyExistsError,
+  [Code.FailedPrecondition]: FailedPreconditionError,
+  [Code.DataLoss]: DataLossError,
+  [Code.ResourceExhausted]: ResourceExhaustedError,
+  [Code.Unauthenticated]: UnauthenticatedError,
+  [Code.PermissionDenied]: PermissionDeniedError,
+  [Code.Unavailable]: UnavailableError,
+  [Code.DeadlineExceeded]: DeadlineExceededError,
+  [Code.Canceled]: CancelledError,
 };
 
 /** Subclasses an ErrorInfo reason selects. */
@@ -113,14 +132,11 @@ const BY_REASON: Record<string, ErrorClass> = {
   WRONG_EXPECTED_SEQUENCE: WrongExpectedSequence,
 };
 
-/** The status name of a gRPC code, e.g. "INVALID_ARGUMENT". */
+/** The status name of a gRPC code, e.g. "INVALID_ARGUMENT" (Connect spells CANCELLED
+ * with one L, as `Canceled`; gRPC with two). */
 export function statusName(code: Code): string {
-  return (
-    BY_STATUS[code]?.[0] ??
-    Code[code]
-      .replace(/([a-z])([A-Z])/g, "$1_$2")
-      .toUpperCase()
-  );
+  if (code === Code.Canceled) return "CANCELLED";
+  return Code[code].replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
 }
 
 /** The AgentlogError for anything a call threw. `cancelled`: whether this side
@@ -154,7 +170,7 @@ export function toAgentlogError(error: unknown, cancelled = false): AgentlogErro
   } catch {
     // details that do not decode: the status and message still say what happened
   }
-  let errorClass: ErrorClass = BY_STATUS[connect.code]?.[1] ?? ServerError;
+  let errorClass: ErrorClass = BY_STATUS[connect.code] ?? ServerError;
   const specific = reason !== undefined ? BY_REASON[reason] : undefined;
   if (specific !== undefined && specific.prototype instanceof errorClass) errorClass = specific;
   let message = connect.rawMessage || status;

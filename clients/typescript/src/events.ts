@@ -13,6 +13,7 @@ import {
   AgentEventSchema,
   JsonValueSchema,
 } from "./gen/agentlog/v1/session_pb.js";
+import { InvalidArgumentError } from "./errors.js";
 import { type JsonValue, parseJson, stringifyJson } from "./json.js";
 
 export type ModelStopReason =
@@ -157,9 +158,13 @@ export const PART_TYPES: readonly AgentEvent["part_type"][] = AgentEventSchema.f
   (field) => field.name as AgentEvent["part_type"],
 );
 
-/** Thrown (before any call) for an event that does not fit the contract. */
-export class InvalidEventError extends TypeError {
+/** Thrown (before any call) for an event, or another request value, that does not fit
+ * the contract. */
+export class InvalidEventError extends InvalidArgumentError {
   override name = "InvalidEventError";
+  constructor(message: string) {
+    super(message, { reason: "INVALID_EVENT" });
+  }
 }
 
 type Plain = Record<string, unknown>;

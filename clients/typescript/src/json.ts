@@ -12,6 +12,8 @@
 
 import { isLosslessNumber, LosslessNumber, parse, stringify } from "lossless-json";
 
+import { InvalidArgumentError } from "./errors.js";
+
 export { LosslessNumber, isLosslessNumber };
 
 /** A JSON value as this client reads and writes it. */
@@ -30,14 +32,14 @@ const I64_MIN = -(2n ** 63n);
 const INTEGER = /^-?\d+$/;
 
 /** Thrown (before any call) for a value that JSON text cannot carry exactly. */
-export class UnrepresentableJsonError extends TypeError {
+export class UnrepresentableJsonError extends InvalidArgumentError {
   override name = "UnrepresentableJsonError";
   constructor(
     message: string,
     /** Where in the value, e.g. `$.rows[3]`. */
     readonly path: string,
   ) {
-    super(`${path}: ${message}`);
+    super(`${path}: ${message}`, { reason: "UNREPRESENTABLE_JSON", field: path });
   }
 }
 

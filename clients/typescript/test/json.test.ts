@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
 import {
+  InvalidArgumentError,
   LosslessNumber,
   parseJson,
   stringifyJson,
@@ -42,6 +43,7 @@ describe("JSON values", () => {
       () => stringifyJson({ n: 9007199254740993 }),
       (error: unknown) =>
         error instanceof UnrepresentableJsonError &&
+        error instanceof InvalidArgumentError && // one family with the server's refusals
         error.path === "$.n" &&
         /bigint/.test(error.message),
     );
