@@ -10,10 +10,20 @@ const DELTA_TEXT =
   "token of a longer streamed answer, with some text to give each line a realistic size.";
 
 function delta(session: string, n: number): AgentEvent {
-  return { part_type: "text_delta", run_id: "bench", session_id: session, iteration: n % 1000, delta: DELTA_TEXT };
+  return {
+    part_type: "text_delta",
+    run_id: "bench",
+    session_id: session,
+    iteration: n % 1000,
+    delta: DELTA_TEXT,
+  };
 }
 
-async function appendRate(client: AgentlogClient, calls: number, inFlight: number): Promise<number> {
+async function appendRate(
+  client: AgentlogClient,
+  calls: number,
+  inFlight: number,
+): Promise<number> {
   let next = 0;
   const caller = async (): Promise<void> => {
     for (let n = next++; n < calls; n = next++) {

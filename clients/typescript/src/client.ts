@@ -17,12 +17,7 @@ import {
 } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 
-import {
-  type AgentEvent,
-  eventFromMessage,
-  eventToMessage,
-  toU64,
-} from "./events.js";
+import { type AgentEvent, eventFromMessage, eventToMessage, toU64 } from "./events.js";
 import { AgentlogError, InvalidArgumentError, toAgentlogError } from "./errors.js";
 import {
   AppendBatchRequestSchema,
@@ -302,7 +297,9 @@ export class AgentlogClient {
   }
 
   private async *records(
-    open: (options: CallOptions) => AsyncIterable<{ records: Parameters<typeof recordFromMessage>[0][] }>,
+    open: (
+      options: CallOptions,
+    ) => AsyncIterable<{ records: Parameters<typeof recordFromMessage>[0][] }>,
   ): AsyncGenerator<EventRecord> {
     // The deadline is kept here rather than by Connect (whose timer outlives a stream
     // the caller stopped reading early, holding the process open until it fires);
@@ -340,7 +337,9 @@ export class AgentlogClient {
   }
 
   /** One page of sessions in session id (byte) order. */
-  async listSessions(options: { pageSize?: number; pageToken?: string } = {}): Promise<SessionPage> {
+  async listSessions(
+    options: { pageSize?: number; pageToken?: string } = {},
+  ): Promise<SessionPage> {
     const pageSize = options.pageSize ?? 0;
     if (!Number.isInteger(pageSize) || pageSize < 0 || pageSize > 1000) {
       throw new InvalidArgumentError("pageSize must be an integer from 1 to 1000", {
@@ -429,10 +428,7 @@ export class AgentlogClient {
           case "records": {
             const items = kind.value.records.map(
               (item) =>
-                new FeedRecord(
-                  item.position,
-                  recordFromMessage(item.record ?? ({} as never)),
-                ),
+                new FeedRecord(item.position, recordFromMessage(item.record ?? ({} as never))),
             );
             const last = items.at(-1);
             if (last !== undefined) next = last.position + 1n;

@@ -174,7 +174,8 @@ export function toAgentlogError(error: unknown, cancelled = false): AgentlogErro
   const specific = reason !== undefined ? BY_REASON[reason] : undefined;
   if (specific !== undefined && specific.prototype instanceof errorClass) errorClass = specific;
   let message = connect.rawMessage || status;
-  if (errorClass === ServerError && connect.code !== Code.Internal) message = `${status}: ${message}`;
+  if (errorClass === ServerError && connect.code !== Code.Internal)
+    message = `${status}: ${message}`;
   // No `cause`: the transport's error is not part of this client's API.
   return new errorClass(message, { status, reason, metadata, field });
 }

@@ -6,7 +6,13 @@
  * walking their descriptors, so a field added to the .proto needs no code here.
  */
 
-import { create, type DescEnumValue, type DescField, type DescMessage, ScalarType } from "@bufbuild/protobuf";
+import {
+  create,
+  type DescEnumValue,
+  type DescField,
+  type DescMessage,
+  ScalarType,
+} from "@bufbuild/protobuf";
 
 import {
   type AgentEvent as AgentEventMessage,
@@ -17,19 +23,9 @@ import { InvalidArgumentError } from "./errors.js";
 import { type JsonValue, parseJson, stringifyJson } from "./json.js";
 
 export type ModelStopReason =
-  | "end_turn"
-  | "tool_use"
-  | "needs_user"
-  | "max_tokens"
-  | "safety"
-  | "unknown";
+  "end_turn" | "tool_use" | "needs_user" | "max_tokens" | "safety" | "unknown";
 export type RunStopReason =
-  | "completed"
-  | "needs_user"
-  | "blocked_by_policy"
-  | "budget_exceeded"
-  | "cancelled"
-  | "error";
+  "completed" | "needs_user" | "blocked_by_policy" | "budget_exceeded" | "cancelled" | "error";
 export type StatePatchFormat = "json_patch" | "merge_patch";
 export type StatePatchSource = "model" | "tool" | "system";
 

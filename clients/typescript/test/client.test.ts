@@ -94,9 +94,20 @@ describe("append and read back", () => {
   test("a parent may be in another session, and loadChildren finds its children", async () => {
     const parentSession = session("parent");
     const childSession = session("child");
-    const root = await client.append({ sessionId: parentSession, event: delta(parentSession, "root") });
-    const near = await client.append({ sessionId: parentSession, event: delta(parentSession, "a"), parentId: root.id });
-    const far = await client.append({ sessionId: childSession, event: delta(childSession, "b"), parentId: root.id });
+    const root = await client.append({
+      sessionId: parentSession,
+      event: delta(parentSession, "root"),
+    });
+    const near = await client.append({
+      sessionId: parentSession,
+      event: delta(parentSession, "a"),
+      parentId: root.id,
+    });
+    const far = await client.append({
+      sessionId: childSession,
+      event: delta(childSession, "b"),
+      parentId: root.id,
+    });
     assert.equal(near.parentId, root.id);
     const children = await client.loadChildren(root.id);
     assert.deepEqual(new Set(children.map((r) => r.id)), new Set([near.id, far.id]));
@@ -108,10 +119,15 @@ describe("concurrency", () => {
   test("64 appends in flight on one client get gapless, distinct sequences", async () => {
     const id = session("many");
     const records = await Promise.all(
-      Array.from({ length: 64 }, (_, n) => client.append({ sessionId: id, event: delta(id, `${n}`) })),
+      Array.from({ length: 64 }, (_, n) =>
+        client.append({ sessionId: id, event: delta(id, `${n}`) }),
+      ),
     );
     const sequences = records.map((r) => r.sequence).sort((a, b) => (a < b ? -1 : 1));
-    assert.deepEqual(sequences, Array.from({ length: 64 }, (_, n) => BigInt(n + 1)));
+    assert.deepEqual(
+      sequences,
+      Array.from({ length: 64 }, (_, n) => BigInt(n + 1)),
+    );
     const stored = await client.loadSession(id);
     assert.deepEqual(
       stored.map((r) => r.id),
@@ -207,8 +223,14 @@ describe("batches", () => {
       id,
       ["a", "b", "c"].map((text) => ({ event: delta(id, text) })),
     );
-    assert.deepEqual(records.map((r) => r.sequence), [2n, 3n, 4n]);
-    assert.deepEqual(records.map((r) => (r.event as { delta: string }).delta), ["a", "b", "c"]);
+    assert.deepEqual(
+      records.map((r) => r.sequence),
+      [2n, 3n, 4n],
+    );
+    assert.deepEqual(
+      records.map((r) => (r.event as { delta: string }).delta),
+      ["a", "b", "c"],
+    );
   });
 
   test("a batch with one bad event stores none of them", async () => {
@@ -242,14 +264,23 @@ describe("ranged reads", () => {
 
   test("forwards from a sequence with a limit", async () => {
     const got = await client.loadSession(id, { fromSequence: 4, limit: 3 });
-    assert.deepEqual(got.map((r) => r.sequence), [4n, 5n, 6n]);
+    assert.deepEqual(
+      got.map((r) => r.sequence),
+      [4n, 5n, 6n],
+    );
   });
 
   test("backwards from the end and from a sequence", async () => {
     const last = await client.loadSession(id, { direction: "backwards", limit: 2 });
-    assert.deepEqual(last.map((r) => r.sequence), [10n, 9n]);
+    assert.deepEqual(
+      last.map((r) => r.sequence),
+      [10n, 9n],
+    );
     const from = await client.loadSession(id, { direction: "backwards", fromSequence: 3n });
-    assert.deepEqual(from.map((r) => r.sequence), [3n, 2n, 1n]);
+    assert.deepEqual(
+      from.map((r) => r.sequence),
+      [3n, 2n, 1n],
+    );
   });
 
   test("past the end is empty; the whole session by default", async () => {
@@ -290,7 +321,9 @@ describe("listing sessions", () => {
     const ours = seen.filter((s) => s.startsWith(prefix));
     const sorted = [...names].sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
     assert.deepEqual(ours, sorted);
-    const info = (await client.listSessions({ pageSize: 1000 })).sessions.find((s) => s.sessionId === names[0]);
+    const info = (await client.listSessions({ pageSize: 1000 })).sessions.find(
+      (s) => s.sessionId === names[0],
+    );
     assert.equal(info?.eventCount, 1n);
     assert.ok(info !== undefined && info.headId.length === 36);
   });
@@ -341,7 +374,10 @@ describe("subscriptions", () => {
     const [mine, other] = [`${prefix}-mine`, `${prefix}-other`];
     const finished = everyEvent(mine).filter((e) => e.part_type === "run_finished");
     const all = client.subscribeAll({ fromPosition: 1 });
-    const filtered = client.subscribeAll({ sessionIdPrefix: `${prefix}-mine`, partTypes: ["run_finished"] });
+    const filtered = client.subscribeAll({
+      sessionIdPrefix: `${prefix}-mine`,
+      partTypes: ["run_finished"],
+    });
     await take(filtered, 1); // CaughtUp: live from here
     await client.append({ sessionId: other, event: everyEvent(other).at(-1)! });
     await client.append({ sessionId: mine, event: delta(mine, "skipped") });
@@ -352,7 +388,10 @@ describe("subscriptions", () => {
       if (item instanceof FeedRecord) break; // the only record that passes
     }
     const records = items.filter((i): i is FeedRecord => i instanceof FeedRecord);
-    assert.deepEqual(records.map((r) => r.record), [kept]);
+    assert.deepEqual(
+      records.map((r) => r.record),
+      [kept],
+    );
     // What the filters dropped is announced as CaughtUp, so a client knows how far it got.
     assert.ok(items.slice(0, -1).every((i) => i instanceof CaughtUp));
     // The unfiltered feed: gapless positions from 1.
@@ -361,7 +400,10 @@ describe("subscriptions", () => {
       if (item instanceof FeedRecord) positions.push(item.position);
       if (item instanceof FeedRecord && item.record.id === kept.id) break;
     }
-    assert.deepEqual(positions, positions.map((_, n) => BigInt(n + 1)));
+    assert.deepEqual(
+      positions,
+      positions.map((_, n) => BigInt(n + 1)),
+    );
   });
 });
 
@@ -383,7 +425,11 @@ describe("errors", () => {
       run_id: "r",
       session_id: id,
       iteration: 1,
-      call: { call_id: "c", tool_name: "t", input: { n: new LosslessNumber("18446744073709551616") } },
+      call: {
+        call_id: "c",
+        tool_name: "t",
+        input: { n: new LosslessNumber("18446744073709551616") },
+      },
     };
     const refused = await client.append({ sessionId: id, event }).catch((error: unknown) => error);
     assert.ok(refused instanceof InvalidArgumentError);
@@ -403,7 +449,10 @@ describe("errors", () => {
 
   test("a deadline that passes is DEADLINE_EXCEEDED", async () => {
     const id = session("slow");
-    await client.appendBatch(id, Array.from({ length: 2000 }, () => ({ event: delta(id, "x".repeat(200)) })));
+    await client.appendBatch(
+      id,
+      Array.from({ length: 2000 }, () => ({ event: delta(id, "x".repeat(200)) })),
+    );
     const hasty = new AgentlogClient(served.target, { timeoutMs: 1, retries: 0 });
     try {
       await assert.rejects(hasty.loadSession(id), DeadlineExceededError);

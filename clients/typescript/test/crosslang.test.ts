@@ -43,7 +43,10 @@ describe("with the Python client", () => {
     python("bridge.py", "append-samples", served.target, fromPython);
     const records = await client.loadSession(fromPython);
     assert.ok(records.length >= 13);
-    await client.appendBatch(again, records.map((r) => ({ event: r.event })));
+    await client.appendBatch(
+      again,
+      records.map((r) => ({ event: r.event })),
+    );
     const original = python("bridge.py", "events", served.target, fromPython);
     const copied = python("bridge.py", "events", served.target, again);
     assert.equal(copied, original);

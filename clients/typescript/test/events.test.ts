@@ -47,8 +47,18 @@ describe("events", () => {
   });
 
   test("an unknown part_type or field is refused before sending", () => {
-    assert.throws(() => eventToMessage({ part_type: "nope" } as unknown as AgentEvent), /one of: run_started/);
-    const typo = { part_type: "text_delta", run_id: "r", session_id: "s", iteration: 1, delta: "x", detla: "y" };
+    assert.throws(
+      () => eventToMessage({ part_type: "nope" } as unknown as AgentEvent),
+      /one of: run_started/,
+    );
+    const typo = {
+      part_type: "text_delta",
+      run_id: "r",
+      session_id: "s",
+      iteration: 1,
+      delta: "x",
+      detla: "y",
+    };
     assert.throws(() => eventToMessage(typo as unknown as AgentEvent), /no field "detla"/);
   });
 
@@ -66,7 +76,8 @@ describe("events", () => {
     } as unknown as AgentEvent;
     assert.equal((eventFromMessage(eventToMessage(patched)) as { revision: bigint }).revision, 7n);
     assert.throws(
-      () => eventToMessage({ ...(patched as object), revision: 2n ** 64n } as unknown as AgentEvent),
+      () =>
+        eventToMessage({ ...(patched as object), revision: 2n ** 64n } as unknown as AgentEvent),
       InvalidEventError,
     );
   });

@@ -11,7 +11,9 @@ import {
 
 describe("JSON values", () => {
   test("integers past 2^53 are read as bigints and written back unchanged", () => {
-    const value = parseJson('{"big":9007199254740993,"u64":18446744073709551615,"i64":-9223372036854775808}');
+    const value = parseJson(
+      '{"big":9007199254740993,"u64":18446744073709551615,"i64":-9223372036854775808}',
+    );
     assert.deepEqual(value, {
       big: 9007199254740993n,
       u64: 18446744073709551615n,
@@ -34,7 +36,7 @@ describe("JSON values", () => {
   });
 
   test("text with NUL, U+2028 and control characters survives", () => {
-    const text = "a\u0000b\u2028c\u2029d\u0001e\"\\";
+    const text = 'a\u0000b\u2028c\u2029d\u0001e"\\';
     assert.deepEqual(parseJson(stringifyJson({ text })), { text });
   });
 
@@ -58,7 +60,10 @@ describe("JSON values", () => {
   test("bigints outside the 64-bit range are refused", () => {
     assert.throws(() => stringifyJson(2n ** 64n), UnrepresentableJsonError);
     assert.throws(() => stringifyJson(-(2n ** 63n) - 1n), UnrepresentableJsonError);
-    assert.equal(stringifyJson([2n ** 64n - 1n, -(2n ** 63n)]), "[18446744073709551615,-9223372036854775808]");
+    assert.equal(
+      stringifyJson([2n ** 64n - 1n, -(2n ** 63n)]),
+      "[18446744073709551615,-9223372036854775808]",
+    );
   });
 
   test("a value that contains itself is refused", () => {

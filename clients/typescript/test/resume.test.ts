@@ -15,7 +15,10 @@ test("subscriptions resume across a server restart with no gap or duplicate", as
   const client = new AgentlogClient(served.target, { retries: 50 });
   const id = `resume-${randomUUID().slice(0, 8)}`;
   try {
-    const before = await client.appendBatch(id, [0, 1, 2].map((n) => ({ event: delta(id, `b${n}`) })));
+    const before = await client.appendBatch(
+      id,
+      [0, 1, 2].map((n) => ({ event: delta(id, `b${n}`) })),
+    );
     const followed = client.subscribeSession(id, { fromSequence: 1 });
     const feed = client.subscribeAll({ fromPosition: 1 });
     const seen: EventRecord[] = [];
@@ -28,7 +31,10 @@ test("subscriptions resume across a server restart with no gap or duplicate", as
     }
     await served.stop(); // the streams end with UNAVAILABLE; the client reconnects
     served = await startServer({ dataDir, port: served.port });
-    const after = await client.appendBatch(id, [0, 1].map((n) => ({ event: delta(id, `a${n}`) })));
+    const after = await client.appendBatch(
+      id,
+      [0, 1].map((n) => ({ event: delta(id, `a${n}`) })),
+    );
     while (seen.length < 5) {
       const item = (await followed.next()).value;
       if (!(item instanceof CaughtUp) && item !== undefined) seen.push(item);

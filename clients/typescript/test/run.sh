@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Build the client and its tests, then run them with Node's own test runner
-# against real servers; a skipped or todo test fails the run.
+# Check the formatting, build the client and its tests (strict tsc), then run them
+# with Node's own test runner against real servers; a skipped or todo test fails
+# the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf dist
+../../node_modules/.bin/prettier --check --log-level warn src test bench
 ../../node_modules/.bin/tsc -p .
 node --test --test-concurrency=1 \
   --test-reporter=spec --test-reporter-destination=stdout \

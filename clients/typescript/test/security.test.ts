@@ -40,17 +40,31 @@ describe("TLS, mTLS and tokens", () => {
       access,
       JSON.stringify({
         callers: [
-          { name: "writer", token_sha256: sha256(tokens.writer), permissions: ["read", "append"], sessions: ["team-a-"] },
-          { name: "reader", token_sha256: sha256(tokens.reader), permissions: ["read"], sessions: [""] },
+          {
+            name: "writer",
+            token_sha256: sha256(tokens.writer),
+            permissions: ["read", "append"],
+            sessions: ["team-a-"],
+          },
+          {
+            name: "reader",
+            token_sha256: sha256(tokens.reader),
+            permissions: ["read"],
+            sessions: [""],
+          },
         ],
       }),
     );
     served = await startServer({
       args: [
-        "--tls-cert", certs.serverCert,
-        "--tls-key", certs.serverKey,
-        "--tls-client-ca", certs.ca,
-        "--auth-file", access,
+        "--tls-cert",
+        certs.serverCert,
+        "--tls-key",
+        certs.serverKey,
+        "--tls-client-ca",
+        certs.ca,
+        "--auth-file",
+        access,
       ],
     });
   });
@@ -106,8 +120,14 @@ describe("TLS, mTLS and tokens", () => {
       const refused = await nobody.head("team-a-1").catch((error: unknown) => error);
       assert.ok(refused instanceof UnauthenticatedError);
       assert.equal(refused.reason, "MISSING_CREDENTIAL");
-      await assert.rejects(writer.append({ sessionId: "team-b-1", event: delta("team-b-1", "x") }), PermissionDeniedError);
-      await assert.rejects(reader.append({ sessionId: "team-a-1", event: delta("team-a-1", "x") }), PermissionDeniedError);
+      await assert.rejects(
+        writer.append({ sessionId: "team-b-1", event: delta("team-b-1", "x") }),
+        PermissionDeniedError,
+      );
+      await assert.rejects(
+        reader.append({ sessionId: "team-a-1", event: delta("team-a-1", "x") }),
+        PermissionDeniedError,
+      );
       const stranger = client("wrong");
       await assert.rejects(stranger.head("x"), UnauthenticatedError);
       stranger.close();
