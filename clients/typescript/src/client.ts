@@ -266,12 +266,18 @@ export class AgentlogClient {
 
   /** A range of a session's records as they stream in. */
   async *readSession(sessionId: string, options: ReadOptions = {}): AsyncGenerator<EventRecord> {
+    const direction = options.direction ?? "forwards";
+    if (direction !== "forwards" && direction !== "backwards") {
+      throw new InvalidArgumentError(
+        `direction must be "forwards" or "backwards", not ${JSON.stringify(direction)}`,
+        { field: "direction" },
+      );
+    }
     const request = {
       sessionId,
       fromSequence: toU64(options.fromSequence ?? 0, "fromSequence"),
       limit: toU64(options.limit ?? 0, "limit"),
-      direction:
-        options.direction === "backwards" ? ReadDirection.BACKWARDS : ReadDirection.FORWARDS,
+      direction: direction === "backwards" ? ReadDirection.BACKWARDS : ReadDirection.FORWARDS,
     };
     if (options.limit !== undefined && request.limit === 0n) {
       throw new InvalidArgumentError("limit must be at least 1 (leave it out for no limit)", {

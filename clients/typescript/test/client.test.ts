@@ -16,6 +16,7 @@ import {
   type EventRecord,
   FeedRecord,
   InvalidArgumentError,
+  type ReadOptions,
   LosslessNumber,
   ResourceExhaustedError,
   UnavailableError,
@@ -297,8 +298,10 @@ describe("ranged reads", () => {
     assert.deepEqual(seen, [1n, 2n, 3n]);
   });
 
-  test("a zero limit is refused before sending", async () => {
+  test("a zero limit or an unknown direction is refused before sending", async () => {
     await assert.rejects(client.loadSession(id, { limit: 0 }), InvalidArgumentError);
+    const sideways = { direction: "sideways" } as unknown as ReadOptions;
+    await assert.rejects(client.loadSession(id, sideways), /direction must be/);
   });
 });
 
