@@ -44,7 +44,7 @@ from bench.common import (
     concurrent_rate,
     delta,
     empty_call,
-    percentile,
+    median_page_ms,
     rate,
     server,
     single_client_figures,
@@ -287,14 +287,8 @@ def bench_listing(tmp: Path, results: Results, sessions: int) -> None:
         start = time.perf_counter()
         page = client.list_sessions(page_size=100)
         results["list_first_page_ms_cold"] = ((time.perf_counter() - start) * 1000, "ms")
-        token = page.next_page_token
-        timings = []
-        for _ in range(50):
-            start = time.perf_counter()
-            page = client.list_sessions(page_size=100, page_token=token)
-            timings.append((time.perf_counter() - start) * 1000)
-            token = page.next_page_token
-        results[f"list_page_ms_{sessions // 1000}k_sessions"] = (percentile(timings, 0.5), "ms")
+        page_ms = median_page_ms(client, page.next_page_token)
+        results[f"list_page_ms_{sessions // 1000}k_sessions"] = (page_ms, "ms")
 
 
 def bench_large(tmp: Path, results: Results) -> None:

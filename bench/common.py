@@ -119,6 +119,17 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(int(len(ordered) * fraction), len(ordered) - 1)]
 
 
+def median_page_ms(client: AgentlogClient, token: str | None, pages: int = 50) -> float:
+    """The median time (ms) of ListSessions pages of 100, following `token` onwards."""
+    timings = []
+    for _ in range(pages):
+        start = time.perf_counter()
+        page = client.list_sessions(page_size=100, page_token=token)
+        timings.append((time.perf_counter() - start) * 1000)
+        token = page.next_page_token
+    return percentile(timings, 0.5)
+
+
 def concurrent_rate(
     target: str, clients: int, calls: int, make: Callable[[Any, int], Any]
 ) -> float:

@@ -29,7 +29,7 @@ from bench.common import (
     bench_subscriptions,
     concurrent_rate,
     empty_call,
-    percentile,
+    median_page_ms,
     server,
     single_client_figures,
     stream_ceiling,
@@ -148,13 +148,8 @@ def bench_postgres_children(tmp: Path, results: Results, server_url: str, sessio
                 results[f"pg_children_ms_{name}"] = (timed_ms(children, 5), "ms")
                 if count == sessions:
                     token = client.list_sessions(page_size=100).next_page_token
-                    timings = []
-                    for _ in range(50):
-                        start = time.perf_counter()
-                        page = client.list_sessions(page_size=100, page_token=token)
-                        timings.append((time.perf_counter() - start) * 1000)
-                        token = page.next_page_token
-                    results[f"pg_list_page_ms_{name}"] = (percentile(timings, 0.5), "ms")
+                    page_ms = median_page_ms(client, token)
+                    results[f"pg_list_page_ms_{name}"] = (page_ms, "ms")
 
 
 def bench_postgres_replicas(tmp: Path, results: Results, server_url: str, scale: int) -> None:
