@@ -432,10 +432,12 @@ export class AgentlogClient {
               ),
             ];
           case "records": {
-            const items = kind.value.records.map(
-              (item) =>
-                new FeedRecord(item.position, recordFromMessage(item.record ?? ({} as never))),
-            );
+            const items = kind.value.records.map((item) => {
+              if (item.record === undefined) {
+                throw new AgentlogError(`feed position ${item.position} came without its record`);
+              }
+              return new FeedRecord(item.position, recordFromMessage(item.record));
+            });
             const last = items.at(-1);
             if (last !== undefined) next = last.position + 1n;
             return items;

@@ -62,9 +62,7 @@ export function parseJson(text: string): JsonValue {
  * carry exactly. `path` names the value in the error. */
 export function stringifyJson(value: unknown, path = "$"): string {
   check(value, path, new Set());
-  const text = stringify(value, null, undefined, [
-    { test: (v) => typeof v === "bigint", stringify: (v) => String(v) },
-  ]);
+  const text = stringify(value); // bigints and LosslessNumbers as their digits
   if (text === undefined) throw new UnrepresentableJsonError("not a JSON value", path);
   return text;
 }
