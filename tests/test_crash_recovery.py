@@ -25,6 +25,12 @@ SESSIONS = [f"crash-{n}" for n in range(4)]
 
 
 def start_server(data: Path) -> tuple[subprocess.Popen[str], str]:
+    process, target, _ = start_server_logging(data)
+    return process, target
+
+
+def start_server_logging(data: Path) -> tuple[subprocess.Popen[str], str, str]:
+    """`agentlog serve` on `data`: the process, its target, and what it logged at start."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -41,8 +47,8 @@ def start_server(data: Path) -> tuple[subprocess.Popen[str], str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    port, _ = wait_for_port(process)
-    return process, f"127.0.0.1:{port}"
+    port, logged = wait_for_port(process)
+    return process, f"127.0.0.1:{port}", logged
 
 
 def test_sigkill_at_random_moments_loses_no_acknowledged_event(tmp_path: Path) -> None:

@@ -44,8 +44,11 @@ def test_the_filter_finds_every_id_while_it_grows(
     ids: list[str] = []
     for batch in range(40):
         new = [str(uuid.uuid4()) for _ in range(50)]
-        rows: list[Row] = [(i, None, len(ids) + n + 1, 0, key_of(i)) for n, i in enumerate(new)]
-        index.record("s", rows, inode=1, size=100, last=0)
+        # Each row a 100-byte line, after the ones before it.
+        rows: list[Row] = [
+            (i, None, len(ids) + n + 1, (len(ids) + n) * 100, key_of(i)) for n, i in enumerate(new)
+        ]
+        index.record("s", rows, inode=1, size=rows[-1][3] + 100, last=rows[-1][3])
         ids += [row[0] for row in rows]
         if batch % 3 == 0:
             index.flush()  # some on disk, some still in memory

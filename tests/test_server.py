@@ -322,14 +322,15 @@ def agentlog(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[
 
 
 def wait_for_port(process: subprocess.Popen[str]) -> tuple[int, str]:
-    """The port from the "serving on" line (warnings at start may come before it)."""
+    """The port from the "serving on" line, and every line logged up to it (warnings at
+    start come before it)."""
     assert process.stderr is not None
     seen = []
     while line := process.stderr.readline():
+        seen.append(line)
         found = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
         if found:
-            return int(found.group(1)), line
-        seen.append(line)
+            return int(found.group(1)), "".join(seen)
     raise AssertionError(f"the server did not start: {''.join(seen)}")
 
 

@@ -33,8 +33,11 @@ class _Session:
 class MemorySessionRepository(BlockingStore):
     """Holds every record in process memory; safe to share between threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], int] = time.time_ns) -> None:
+        """`clock` gives records their timestamps (nanoseconds since the epoch); a
+        session's never go backwards, whatever it says."""
         super().__init__()
+        self._clock = clock
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
         self._session_ids: list[str] = []  # sorted by bytes, for paging
@@ -66,7 +69,10 @@ class MemorySessionRepository(BlockingStore):
             if session_id not in self._sessions:
                 self._sessions[session_id] = session
                 bisect.insort(self._session_ids, session_id, key=str.encode)
-            appended = Appended(session_id, batch, last + 1, time.time_ns())
+            now = self._clock()
+            if session.records:
+                now = max(now, session.records[-1].timestamp_ns)
+            appended = Appended(session_id, batch, last + 1, now)
             records = appended.records()
             for item, record in zip(batch, records, strict=True):
                 session.records.append(record)

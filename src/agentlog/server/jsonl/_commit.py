@@ -8,7 +8,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from agentlog.errors import (
     UnavailableError,
 )
 from agentlog.server import _rules
+from agentlog.server._pauses import point
 from agentlog.server._rules import (
     Appended,
     PendingAppend,
@@ -107,6 +107,7 @@ class CommitPath(Reader):
     durable as the policy promises, which makes them visible and publishes them."""
 
     sync_policy: SyncPolicy
+    clock: Callable[[], int]  # the time now, in nanoseconds since the epoch
     # Ids of staged appends, to find a retry of one still in flight (an entry
     # whose append is no longer live is stale; cleared when nothing is staged).
     _unacked_ids: dict[str, Written]
@@ -173,6 +174,7 @@ class CommitPath(Reader):
                 return False
             for session_id in missing:
                 self._state(session_id)
+        point("commit.staged")
         finish(finished)
         return True
 
@@ -313,6 +315,12 @@ class CommitPath(Reader):
                 places.append(Located(staged.session_id, sequence, offset))
             for place in places:
                 record = self._record_at(place)
+                if record is None and place.session_id != session_id:
+                    if self._lost(place.session_id):
+                        # Its file was cut or removed behind our back: the id may be
+                        # there still, for all we can tell.
+                        others.setdefault(item.id, place.session_id)
+                    continue
                 if record is None or record.id != item.id:
                     continue  # a key collision, or a row of a file since changed
                 if place.session_id == session_id:
@@ -320,6 +328,16 @@ class CommitPath(Reader):
                 else:
                     others.setdefault(item.id, place.session_id)
         return mine, others
+
+    def _lost(self, session_id: str) -> bool:
+        """Whether a session's file was cut or removed behind agentlog's back (its index
+        entry still vouches for records the file no longer has)."""
+        if self._index.shrunk(session_id) is not None:
+            return True
+        return (
+            self._index.indexed(session_id) is not None
+            and file_identity(self._path(session_id)) == MISSING
+        )
 
     def _record_at(self, place: Located) -> EventRecord | None:
         """The record an index row points at, if it is still there."""
@@ -347,8 +365,9 @@ class CommitPath(Reader):
         # Lines of a multi-event batch name the batch's last sequence, so a
         # batch cut short by a crash is recognised and never served in part.
         batch_end = last + len(batch) if len(batch) > 1 else None
-        # One timestamp for the whole batch: it is one commit.
-        timestamp_ns = time.time_ns() if kept_ns is None else kept_ns
+        # One timestamp for the whole batch: it is one commit. A session's timestamps
+        # never go backwards, even when the clock steps back (kept ones are copied).
+        timestamp_ns = max(self.clock(), state.written_timestamp_ns) if kept_ns is None else kept_ns
         timestamp = format_timestamp(timestamp_ns)
         appended = Appended(session_id, batch, last + 1, timestamp_ns)
         lines = []
@@ -400,6 +419,7 @@ class CommitPath(Reader):
         state.written += len(batch)
         state.written_end = offset
         state.written_last_offset = offset - len(lines[-1])
+        state.written_timestamp_ns = max(state.written_timestamp_ns, timestamp_ns)
         state.unacked += 1
         entry = self._feed.reserve(session_id, last + 1, len(batch), start)
         written = Written(
@@ -421,6 +441,7 @@ class CommitPath(Reader):
         self._dirty.add(state.path)
         if new_file:
             self._dirty.add(self.root)  # the new directory entry
+        point("commit.written")
 
     def _blank_misplaced(
         self, session_id: str, state: SessionState, offset: int, data: bytes
@@ -504,6 +525,13 @@ class CommitPath(Reader):
             os.truncate(state.path, written.start)
         except OSError as exc:
             log.error("%s: could not cut unacknowledged lines off: %s", state.path, exc)
+        self._index.cut_back(
+            written.session_id,
+            written.inode,
+            written.start,
+            state.written,
+            written.previous_last_offset,
+        )
         state.identity = file_identity(state.path)
         self._close_file(written.session_id)
 
@@ -608,6 +636,8 @@ class CommitPath(Reader):
 
 def finish(stagings: list[Staging]) -> None:
     """Answer finished stagings (without the store's lock: `done` may take others)."""
+    if stagings:
+        point("commit.acknowledged")
     for staging in stagings:
         staging.done(
             [

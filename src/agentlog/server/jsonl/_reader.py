@@ -387,17 +387,38 @@ class Reader(Recovery):
     def load_children(self, parent_id: str) -> list[EventRecord]:
         check_parent_query(parent_id)
         children: list[EventRecord] = []
-        views: dict[str, View] = {}
+        views: dict[str, View | None] = {}
         for place in self._index.children(parent_id):
-            view = views.get(place.session_id)
-            if view is None:
-                view = views[place.session_id] = self._children_view(place.session_id)
-            if place.sequence > view.count:
-                continue  # the index ran ahead of a file cut since: nothing to serve
-            record = self._at(view, place.sequence, place.offset)
+            session_id = place.session_id
+            if session_id not in views:
+                try:
+                    views[session_id] = self._children_view(session_id)
+                except DataLossError as exc:
+                    views[session_id] = None
+                    self._skipped_children(session_id, exc)
+            view = views[session_id]
+            if view is None or place.sequence > view.count:
+                continue  # damaged, or the index ran ahead of a file cut since
+            try:
+                record = self._at(view, place.sequence, place.offset)
+            except DataLossError as exc:  # a damaged line: that session's loss alone
+                views[session_id] = None
+                self._skipped_children(session_id, exc)
+                continue
             if record.parent_id == parent_id:
                 children.append(record)
         return children
+
+    def _skipped_children(self, session_id: str, error: DataLossError) -> None:
+        """LoadChildren leaves out the children a damaged session holds (its own reads
+        say why): one damaged file harms no other session's answers. Logged once a
+        session and reason."""
+        reason = error.reason or "DATA_LOSS"
+        if (session_id, "children:" + reason) not in self._reported_gaps:
+            self._reported_gaps.add((session_id, "children:" + reason))
+            log.error(
+                "LoadChildren leaves out children in session %r: %s", session_id, error.message
+            )
 
     def _children_view(self, session_id: str) -> View:
         """A view for reading records at offsets the index gave: the session's state if

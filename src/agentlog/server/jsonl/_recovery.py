@@ -8,6 +8,7 @@ from pathlib import Path
 
 from agentlog.server.jsonl._sessions import SessionStates
 from agentlog.server.jsonl._state import (
+    MISSING,
     RECOVERED_DIR,
     file_identity,
 )
@@ -27,17 +28,21 @@ class Recovery(SessionStates):
     recovered_sessions: list[Path]
 
     def _recover_tails(self) -> list[Path]:
-        """Cut torn last lines and batches cut short off every session file (at open).
-
-        The cut bytes are kept in `.agentlog-recovered/` for inspection. Returns
-        the side files written.
-        """
+        """Finish what a crash left unfinished at the end of every session file (at
+        open), in one step: cut an incomplete last line and the rest of a batch cut
+        short (never acknowledged), keeping the bytes in `.agentlog-recovered/`, and
+        give a last record that lacks only its newline its newline. Returns the side
+        files written."""
         kept = []
         for session_id in self._sessions_in_order():
             path = self._path(session_id)
-            cut, why = torn_tail(path)
-            if cut is None:
+            tail = torn_tail(path)
+            if tail.complete:
+                self._complete_last_line(path)
                 continue
+            if tail.cut is None:
+                continue
+            cut, why = tail.cut, tail.why
             side_dir = self.root / RECOVERED_DIR
             side = side_dir / f"{path.name}.{cut}"
             try:
@@ -66,9 +71,30 @@ class Recovery(SessionStates):
             kept.append(side)
         return kept
 
+    def _complete_last_line(self, path: Path) -> None:
+        """End a file whose last line is a whole record without its newline (arcan died
+        between writing the record and the newline, and reads the record): with the
+        newline, the next line appended starts a line of its own."""
+        try:
+            with path.open("ab") as file:
+                file.write(b"\n")
+            fsync_path(path)
+        except OSError as exc:
+            log.error("%s: cannot end its last line with a newline (%s)", path, exc)
+            return
+        log.warning(
+            "%s: its last line is a whole record without the newline that ends it; added "
+            "the newline (the record is kept, as arcan reads it)",
+            path,
+        )
+
     def _record_counts(self) -> dict[str, int]:
         """How many records each session file holds (at an open after a crash)."""
         counts = {}
+        for session_id in self._index.session_ids():
+            indexed = self._index.indexed(session_id)
+            if indexed is not None and file_identity(self._path(session_id)) == MISSING:
+                counts[session_id] = indexed.records  # removed: reported as lost when read
         for session_id in self._sessions_in_order():
             path = self._path(session_id)
             identity, indexed = file_identity(path), self._index.indexed(session_id)

@@ -19,6 +19,7 @@ from agentlog._validation import (
 from agentlog.errors import (
     AgentlogError,
 )
+from agentlog.server._pauses import point
 from agentlog.server.blocking import BlockingStore
 from agentlog.server.jsonl._state import (
     MISSING,
@@ -84,6 +85,7 @@ class SessionStates(BlockingStore):
                     ):
                         return state
                 built = self._build(session_id, path)
+                point("states.built")
                 with self._lock:
                     current = self._states.get(session_id)
                     if current is not None and current.unacked:
@@ -104,13 +106,15 @@ class SessionStates(BlockingStore):
         except sqlite3.OperationalError as exc:  # a full disk: read the file itself
             log.warning("%s: not indexed (%s); reading it whole", path, exc)
             return SessionState.of(path, identity, scan_file(path, MARK_EVERY))
-        if identity == MISSING or indexed is None:
+        if indexed is None:
             return SessionState(path)
         shrunk = self._index.shrunk(session_id)
-        if shrunk is not None:
+        if shrunk is not None:  # cut short, or removed (a file cut to nothing)
             state = SessionState.of(path, identity, scan_file(path, MARK_EVERY))
-            state.damage = shrunk_error(path, *shrunk)
+            state.damage = shrunk_error(path, *shrunk, missing=identity == MISSING)
             return state
+        if identity == MISSING:
+            return SessionState(path)
         if indexed.inode == identity[0] and indexed.size < identity[1]:
             # The index stopped before the end: at a line that is no record (or a
             # torn last line, which the scan reports).

@@ -62,6 +62,8 @@ class SessionState:
     """Records in the file, acknowledged or not: what appends follow."""
     written_end: int = 0
     written_last_offset: int = 0
+    written_timestamp_ns: int = 0
+    """The latest timestamp of its records, acknowledged or not: new ones are no earlier."""
     marks: array[int] = field(default_factory=lambda: array("Q"))
     """Byte offsets of records 1, 1 + MARK_EVERY, ... (written ones included)."""
     first_timestamp_ns: int = 0
@@ -89,6 +91,7 @@ class SessionState:
             scan.count,
             scan.end,
             scan.last_offset,
+            scan.last_timestamp_ns,
             scan.marks,
             scan.first_timestamp_ns,
             scan.last_timestamp_ns,
@@ -133,12 +136,18 @@ def concurrent_writer(path: Path) -> DataLossError:
     )
 
 
-def shrunk_error(path: Path, indexed: int, found: int) -> DataLossError:
+def shrunk_error(path: Path, indexed: int, found: int, *, missing: bool = False) -> DataLossError:
+    what = (
+        "was removed behind agentlog's back, though it held"
+        if missing
+        else f"is {found} bytes long but held"
+    )
+    how = "cut, removed or rewritten" if missing else "cut or rewritten"
     return DataLossError(
-        f"{path} is {found} bytes long but held {indexed} bytes of acknowledged records: it "
-        "was cut or rewritten behind agentlog's back. Its reads and appends are refused so "
-        "that no sequence or id is handed out twice; restore the file (or, to accept it as it "
-        "is now, stop agentlog and delete .agentlog.index, which is rebuilt from the files)",
+        f"{path} {what} {indexed} bytes of acknowledged records: it was {how} outside "
+        "agentlog. Its reads and appends are refused so that no sequence or id is handed out "
+        "twice; restore the file (or, to accept it as it is now, stop agentlog and delete "
+        ".agentlog.index, which is rebuilt from the files)",
         reason="FILE_SHRANK",
         metadata={"file": str(path), "indexed_bytes": str(indexed), "found_bytes": str(found)},
     )

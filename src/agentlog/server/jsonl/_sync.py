@@ -12,6 +12,7 @@ from agentlog.errors import (
     UnavailableError,
 )
 from agentlog.server import metrics
+from agentlog.server._pauses import point
 from agentlog.server.jsonl._commit import CommitPath, Staging, finish
 
 log = logging.getLogger("agentlog.server")
@@ -46,6 +47,7 @@ class SyncLoops(CommitPath):
                 elsewhere = paths & self._elsewhere
             failed: AgentlogError | None = None
             error: OSError | None = None
+            point("commit.syncing")
             started = time.perf_counter()
             try:
                 if entries:

@@ -2,11 +2,14 @@
 
 Appends are staged from the event loop itself when that needs no slow work
 (`JsonlSessionRepository.submit(block=False)`): their lines are written at
-once and their sync is *held* for a moment, so that appends arriving together
-share one sync (see `_release`). The sync thread makes them durable and hands
-the acknowledgement back to the loop, where the answers go out. Appends that
-need slow work first (reading a session's file) are submitted from a storage
-thread instead. Reads are those of every `ThreadedBackend`.
+once, and those that arrive in one turn of the loop are released together
+(see `_release`). Under `always` the sync thread syncs whatever is released
+whenever it is free: while one sync runs, the next group forms and is written,
+so a group is as large as the appends that came during one sync, with no timed
+hold (a pipeline, as databases commit). It hands the acknowledgement back to
+the loop, where the answers go out. Appends that need slow work first (reading
+a session's file) are submitted from a storage thread instead. Reads are those
+of every `ThreadedBackend`.
 """
 
 from __future__ import annotations
@@ -23,10 +26,6 @@ from agentlog.server._threaded import ThreadedBackend
 from agentlog.server._tracing import store_span
 from agentlog.server.jsonl._commit import Answer
 from agentlog.server.jsonl.store import JsonlSessionRepository
-
-# How long appends may wait for others before their sync starts (see _release).
-MAX_HOLD_SECONDS = 0.005
-HOLD_STEP_SECONDS = 0.00025
 
 
 class _Answers:
@@ -64,9 +63,6 @@ class JsonlBackend(ThreadedBackend):
         super().__init__(store, executor)
         self._jsonl = store
         self._release_scheduled = False
-        self._held_since = 0.0
-        self._held = 0  # appends held since the last release
-        self._last_group = 0  # appends the last release let go
         self._answers: _Answers | None = None
 
     async def append(self, append: PendingAppend) -> Appended:
@@ -88,11 +84,9 @@ class JsonlBackend(ThreadedBackend):
 
         with store_span("agentlog.store.write", **{"agentlog.events": len(append.batch)}):
             if self._jsonl.submit([append], done, block=False, hold=True):
-                self._held += 1
                 if not self._release_scheduled:
                     self._release_scheduled = True
-                    self._held_since = loop.time()
-                    loop.call_soon(self._release, loop)
+                    loop.call_soon(self._release)
             else:
                 submit = functools.partial(self._jsonl.submit, [append], done)
                 await loop.run_in_executor(self._executor, submit)
@@ -102,22 +96,10 @@ class JsonlBackend(ThreadedBackend):
             raise answer
         return answer
 
-    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Let the appends held since `_held_since` be synced (group commit).
-
-        The writers of the last group are likely to append again once answered:
-        hold until as many appends have arrived as that group had, looking again
-        every HOLD_STEP_SECONDS, at most MAX_HOLD_SECONDS after the first. A server
-        under concurrent appends syncs many at once; one with a single writer, or
-        idle, syncs each at once; a writer that went away costs one hold. (Only
-        public asyncio: what says more appends are coming is how many came last.)
-        """
-        waited = loop.time() - self._held_since
-        if self._held < self._last_group and waited < MAX_HOLD_SECONDS:
-            loop.call_later(min(HOLD_STEP_SECONDS, MAX_HOLD_SECONDS - waited), self._release, loop)
-            return
+    def _release(self) -> None:
+        """Let the appends staged in this turn of the loop be synced (and, under
+        `interval` and `never`, acknowledged) together."""
         self._release_scheduled = False
-        self._last_group, self._held = self._held, 0
         self._jsonl.release()
 
     def stop_writing(self) -> None:

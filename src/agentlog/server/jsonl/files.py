@@ -325,55 +325,116 @@ def describe(path: Path, count: int, end: int, last_offset: int, marks: array[in
     return scan
 
 
-def torn_tail(path: Path) -> tuple[int | None, str]:
-    """Where a file's unfinished tail starts (None: it has none) and what it is."""
+@dataclass(frozen=True)
+class Tail:
+    """What start-up recovery does to the end of a session file (see `torn_tail`)."""
+
+    cut: int | None = None
+    """Where the never-acknowledged tail starts (cut it off there), or None."""
+    why: str = ""
+    """What the tail is, for the log."""
+    complete: bool = False
+    """The last line is a whole record that lacks only its newline (what arcan leaves
+    when it dies between the two writes, and reads as a record): add the newline."""
+
+
+def _whole_record(line: bytes) -> dict[str, Any] | None:
+    """The line's JSON if it is one whole arcan record (a torn line never is: no proper
+    prefix of one JSON object is itself one), else None."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict or type(obj.get("id")) is not str or "event" not in obj:
+        return None
+    return obj
+
+
+def torn_tail(path: Path) -> Tail:
+    """What a file's end needs after a crash, found in one look, so that one open
+    finishes recovery: an incomplete last line is cut, and so is the rest of a batch
+    cut short (one that line belonged to, or one whose last lines never landed),
+    never acknowledged since its last line is missing. A last line that is a whole
+    record without its newline is kept. A damaged line before the end is left to
+    reads to report."""
+    data = _tail_lines(path)
+    if data is None:
+        return Tail()
+    size, start, tail = data
+    cut: int | None = None
+    whys: list[str] = []
+    end = len(tail)  # the whole lines of `tail` end here
+    complete = False
+    if tail and not tail.endswith(b"\n"):
+        newline = tail.rfind(b"\n")
+        fragment = tail[newline + 1 :]
+        if fragment.strip() and _whole_record(fragment.strip()) is not None:
+            complete = True  # kept: arcan reads it
+        elif fragment.strip():
+            cut = start + newline + 1
+            whys.append("an incomplete last line")
+            end = newline + 1
+        else:
+            end = newline + 1  # trailing blanks
+    batch = _batch_cut_short(path, start, tail[:end] if not complete else tail + b"\n")
+    if batch is not None:
+        cut = batch if cut is None else min(cut, batch)
+        whys.append("the rest of a batch cut short (its last line never reached the disk)")
+        complete = False
+    if cut is None:
+        return Tail(complete=complete, why="a last record without its newline" if complete else "")
+    return Tail(cut=min(cut, size), why=" and ".join(whys))
+
+
+def _tail_lines(path: Path) -> tuple[int, int, bytes] | None:
+    """(file size, where the returned bytes start, the file's last bytes: enough to hold
+    its last line whole), or None for an empty file."""
     with path.open("rb") as file:
         size = file.seek(0, os.SEEK_END)
         if size == 0:
-            return None, ""
+            return None
         start = max(size - _TAIL_BLOCK, 0)
         file.seek(start)
         tail = file.read()
-        while not tail.rstrip(b" \t\r").endswith(b"\n") and b"\n" not in tail and start > 0:
-            start = max(start - _TAIL_BLOCK, 0)  # a long torn line: find where it starts
+        while start > 0 and tail.rstrip(b" \t\r\n").find(b"\n") < 0:
+            start = max(start - _TAIL_BLOCK, 0)  # a long last line: find where it starts
             file.seek(start)
             tail = file.read()
-        if not tail.endswith(b"\n") and tail.strip():
-            newline = tail.rfind(b"\n")
-            return start + newline + 1, "an incomplete last line"
-        # A batch cut short: its last line present names a later batch_end.
-        lines = tail.split(b"\n")
-        if start > 0:
-            lines = lines[1:]  # the first may be a fragment of a longer line
-        records = [line for line in lines if line.strip()]
-        if not records:
-            return None, ""
-        try:
-            last = orjson.loads(records[-1])
-            batch_end, sequence = last.get("batch_end"), last.get("sequence")
-        except (orjson.JSONDecodeError, AttributeError):
-            return None, ""  # a damaged line is reported by reads, not cut
-        if not isinstance(batch_end, int) or not isinstance(sequence, int):
-            return None, ""
-        if batch_end <= sequence:
-            return None, ""
-        first = sequence - (batch_end - sequence)  # a lower bound; find the batch's first line
-        data = path.read_bytes()
-        position = len(data)
-        for line in reversed(data[:-1].split(b"\n")):
-            position -= len(line) + 1
-            if not line.strip():
-                continue
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                break
-            if obj.get("batch_end") != batch_end:
-                position += len(line) + 1
-                break
-            if obj.get("sequence", 0) <= first:
-                break
-        return max(position, 0), f"a batch cut short (sequences up to {batch_end} expected)"
+        if start > 0:  # drop the first line: it may be a fragment of a longer one
+            first = tail.find(b"\n") + 1
+            start, tail = start + first, tail[first:]
+        return size, start, tail
+
+
+def _batch_cut_short(path: Path, start: int, tail: bytes) -> int | None:
+    """Where a batch cut short begins, if the last whole record of `tail` (bytes of the
+    file from offset `start`, ending with a newline) belongs to a batch whose last
+    line is missing; else None."""
+    lines = tail.split(b"\n")[:-1]
+    records = [line for line in lines if line.strip()]
+    if not records:
+        return None
+    last = _whole_record(records[-1].strip())
+    if last is None:
+        return None  # a damaged line is reported by reads, not cut
+    batch_end, sequence = last.get("batch_end"), last.get("sequence")
+    if type(batch_end) is not int or type(sequence) is not int or batch_end <= sequence:
+        return None
+    # Walk back over the lines of the same batch (they name the same batch_end, which
+    # no other batch of the session does).
+    data = path.read_bytes()[: start + len(tail)]
+    if not data.endswith(b"\n"):
+        data += b"\n"  # a whole last record without its newline
+    position = len(data)
+    for line in reversed(data[:-1].split(b"\n")):
+        position -= len(line) + 1
+        if not line.strip():
+            continue
+        obj = _whole_record(line.strip())
+        if obj is None or obj.get("batch_end") != batch_end:
+            position += len(line) + 1
+            break
+    return max(position, 0)
 
 
 def index_lines(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from agentlog.server import metrics
+from agentlog.server._pauses import point
 from agentlog.server.jsonl.files import index_lines
 from agentlog.server.jsonl.keys import FilteredIds, KeyFilter, Row, key_of
 
@@ -89,6 +90,32 @@ class IndexedFile:
     size: int  # bytes indexed: every whole record line up to here
     records: int
     last_offset: int  # where the last indexed record starts
+    ahead: tuple[int, int, int, int] | None = None
+    """Rows of acknowledged appends that do not follow on from `size` (start, end,
+    records, last offset): recorded while a catch-up or rebuild was reading the file's
+    earlier lines, joined to the rest when it commits. Memory only."""
+
+    @property
+    def known_records(self) -> int:
+        """Records whose rows the index holds (on disk or waiting in memory)."""
+        return self.records if self.ahead is None else max(self.records, self.ahead[2])
+
+    def extend(self, start: int, end: int, records: int, last_offset: int) -> None:
+        """The rows of the lines from byte `start` to `end` (the file's first `records`
+        records, the last at `last_offset`) are held now."""
+        if start <= self.size:
+            if end > self.size:
+                self.size, self.records, self.last_offset = end, records, last_offset
+        elif self.ahead is not None and self.ahead[1] == start:
+            self.ahead = (self.ahead[0], end, records, last_offset)
+        elif self.ahead is None or end > self.ahead[1]:
+            self.ahead = (start, end, records, last_offset)
+        if self.ahead is not None and self.ahead[0] <= self.size:
+            ahead, self.ahead = self.ahead, None
+            self.extend(self.size, *ahead[1:])
+
+    def copy(self) -> IndexedFile:
+        return IndexedFile(self.session, self.inode, self.size, self.records, self.last_offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,9 +222,10 @@ class StoreIndex(FilteredIds):
                 with contextlib.suppress(sqlite3.Error):
                     connection.close()
             raise
-        self._db, self._reader = db, reader
-        self._files, self._names = files, names
-        self._next_session = max(max(names, default=0) + 1, stored[0] if stored else 1)
+        with self._lock:
+            self._db, self._reader = db, reader
+            self._files, self._names = files, names
+            self._next_session = max(max(names, default=0) + 1, stored[0] if stored else 1)
 
     def _close_connections(self) -> None:
         for db in (self._db, self._reader):
@@ -210,8 +238,10 @@ class StoreIndex(FilteredIds):
 
     def _rebuild(self, exc: sqlite3.DatabaseError) -> None:
         """Start the index over from the session files, after finding it damaged at
-        run time (hold no index lock). Queries wait meanwhile; none is answered from
-        the damaged file."""
+        run time (hold no index lock). Queries wait until every file is read again:
+        none is answered from the damaged file or from a half-built one (a retried id
+        would look new). Appends acknowledged meanwhile keep their rows in memory
+        (`record`), and files known to have been cut or removed stay so."""
         with self._write_lock:
             log.error(
                 "%s is damaged (%s); rebuilding it from the session files (derived data: "
@@ -225,9 +255,21 @@ class StoreIndex(FilteredIds):
                 with self._lock:
                     self._pending, self._flushing, self._pending_children = {}, {}, {}
                     self._dirty = set()
+                    cut = {
+                        s: (self._files[s], found)
+                        for s, found in self._shrunk.items()
+                        if s in self._files
+                    }
                     self._shrunk = {}
                 self._open()
-            self._catch_up_all(self._files_source())
+                with self._lock:
+                    for session_id, (old, found) in cut.items():
+                        entry = self._new_entry(session_id, old.inode)
+                        entry.size, entry.records = old.size, old.records
+                        entry.last_offset = old.last_offset
+                        self._shrunk[session_id] = found
+                point("index.rebuild.wiped")
+                self._catch_up_all(self._files_source())
         log.warning("%s: rebuilt", self._path)
 
     def _queried(self, run: Callable[[], T]) -> T:
@@ -256,7 +298,7 @@ class StoreIndex(FilteredIds):
     def indexed(self, session_id: str) -> IndexedFile | None:
         with self._lock:
             found = self._files.get(session_id)
-            return None if found is None else IndexedFile(*_fields(found))
+            return None if found is None else found.copy()
 
     def session_ids(self) -> list[str]:
         with self._lock:
@@ -266,7 +308,12 @@ class StoreIndex(FilteredIds):
 
     def record(self, session_id: str, rows: list[Row], inode: int, size: int, last: int) -> None:
         """Add an acknowledged append's rows; the file now has `size` bytes, its last
-        record (sequence `rows[-1][2]`) starting at byte `last`."""
+        record (sequence `rows[-1][2]`) starting at byte `last`.
+
+        The entry advances only over lines that follow on from what it holds: an
+        append acknowledged while a catch-up (or a rebuild) is still reading the
+        file's earlier lines is kept `ahead`, joined when that catch-up commits, so
+        the entry never claims lines whose rows the index does not hold."""
         with self._lock:
             entry = self._files.get(session_id)
             if entry is None or entry.inode != inode:
@@ -277,8 +324,23 @@ class StoreIndex(FilteredIds):
             for _, parent_id, sequence, offset, _ in rows:
                 if parent_id is not None:
                     children.setdefault(parent_id, []).append(Located(session_id, sequence, offset))
-            entry.size, entry.records, entry.last_offset = size, rows[-1][2], last
+            entry.extend(rows[0][3], size, rows[-1][2], last)
             self._dirty.add(session_id)
+
+    def cut_back(self, session_id: str, inode: int, size: int, records: int, last: int) -> None:
+        """The session's file was cut back to `size` bytes (its first `records` records,
+        the last at `last`): lines written and never acknowledged were taken back. A
+        catch-up may have indexed them meanwhile; the entry forgets them, or the file
+        would seem to have shrunk behind agentlog's back."""
+        with self._lock:
+            entry = self._files.get(session_id)
+            if entry is None or entry.inode != inode:
+                return
+            if entry.size > size:
+                entry.size, entry.records, entry.last_offset = size, records, last
+                self._dirty.add(session_id)
+            if entry.ahead is not None and entry.ahead[1] > size:
+                entry.ahead = None
 
     def _new_entry(self, session_id: str, inode: int) -> IndexedFile:
         """A fresh numbering for a session (hold the lock): rows of an earlier file
@@ -327,9 +389,10 @@ class StoreIndex(FilteredIds):
             pending, self._pending = self._pending, {}
             self._flushing = pending
             dirty, self._dirty = self._dirty, set()
-            entries = {s: IndexedFile(*_fields(self._files[s])) for s in dirty if s in self._files}
+            entries = {s: self._files[s].copy() for s in dirty if s in self._files}
             gone = [s for s in dirty if s not in self._files]
             next_session = self._next_session
+        point("index.flush.taken")
         try:
             if entries or gone:
                 started = time.perf_counter()
@@ -415,51 +478,28 @@ class StoreIndex(FilteredIds):
         rows = 0
         try:
             for session_id, path in files:
-                with self._lock:
-                    # The file's size and its entry at one moment: an append's lines
-                    # are written before its rows are recorded (under this lock), so
-                    # the file is never found shorter than the entry unless it shrank.
-                    try:
-                        stat = path.stat()
-                    except FileNotFoundError:
-                        stat = None
-                    entry = self._files.get(session_id)
-                    if stat is not None and entry is not None and entry.inode == stat.st_ino:
-                        if stat.st_size < entry.size:
-                            self._shrunk[session_id] = (entry.size, stat.st_size)
-                            indexed[session_id] = IndexedFile(*_fields(entry))
-                            continue
-                        self._shrunk.pop(session_id, None)
-                if stat is None:
-                    self.forget(session_id)
-                    indexed[session_id] = None
-                    continue
-                with self._lock:
-                    entry = self._files.get(session_id)
-                    if entry is None or entry.inode != stat.st_ino:
-                        self._shrunk.pop(session_id, None)
-                        entry = self._new_entry(session_id, stat.st_ino)
-                    current = IndexedFile(*_fields(entry))
-                indexed[session_id] = current
-                if stat.st_size == current.size:
+                current = self._look(session_id, path, indexed)
+                point("index.catch_up.looked")
+                if current is None:
                     continue
                 if not self._db.in_transaction:
                     self._db.execute("BEGIN")
                 before = current.records
                 try:
                     self._index_file(path, current)
-                except FileNotFoundError:  # removed since: nothing to index
-                    self.forget(session_id)
-                    indexed[session_id] = None
+                except FileNotFoundError:  # removed since: look again
+                    self._look(session_id, path, indexed)
                     continue
                 self._set(session_id, current)
                 written.append((session_id, current))
                 rows += current.records - before
                 if rows >= _ROWS_A_TRANSACTION:
-                    self._commit_catch_up(written)
+                    point("index.catch_up.scanned")
+                    self._commit_catch_up(written, indexed)
                     written, rows = [], 0
             if written:
-                self._commit_catch_up(written)
+                point("index.catch_up.scanned")
+                self._commit_catch_up(written, indexed)
                 written = []
         finally:
             if self._db.in_transaction:  # cut short by an error
@@ -468,6 +508,41 @@ class StoreIndex(FilteredIds):
                 self._uncommitted_keys.clear()
         self.behind = False
         return indexed
+
+    def _look(
+        self, session_id: str, path: Path, indexed: dict[str, IndexedFile | None]
+    ) -> IndexedFile | None:
+        """Compare a file with its entry, at one moment (under the lock: an append's
+        lines are written before its rows are recorded, under this lock, so the file is
+        never found shorter than the entry unless it shrank). Returns a copy of the
+        entry to index the file's new lines into, or None (and sets `indexed`) when there
+        is nothing to index: the file is as indexed, cut short, or gone."""
+        with self._lock:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                stat = None
+            entry = self._files.get(session_id)
+            if stat is None:
+                if entry is not None and entry.known_records > 0:
+                    # Vanished: a file cut to nothing. Its ids stay known, and its
+                    # session refuses reads and appends, rather than starting over.
+                    self._shrunk[session_id] = (entry.size, 0)
+                    indexed[session_id] = entry.copy()
+                else:
+                    self._forget(session_id)
+                    indexed[session_id] = None
+                return None
+            if entry is not None and entry.inode == stat.st_ino:
+                if stat.st_size < entry.size:
+                    self._shrunk[session_id] = (entry.size, stat.st_size)
+                    indexed[session_id] = entry.copy()
+                    return None
+            else:
+                entry = self._new_entry(session_id, stat.st_ino)
+            self._shrunk.pop(session_id, None)
+            indexed[session_id] = entry.copy()
+            return entry.copy() if stat.st_size != entry.size else None
 
     def distrust(self, session_id: str, offset: int, records: int) -> None:
         """Vouch for a session's file only up to byte `offset`, its first `records`
@@ -488,17 +563,27 @@ class StoreIndex(FilteredIds):
         with self._lock:
             return self._shrunk.get(session_id)
 
-    def _commit_catch_up(self, written: list[tuple[str, IndexedFile]]) -> None:
+    def _commit_catch_up(
+        self, written: list[tuple[str, IndexedFile]], indexed: dict[str, IndexedFile | None]
+    ) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO meta VALUES ('next_session', ?)", (self._next_session,)
         )
         self._db.execute("COMMIT")
         with self._lock:
             for session_id, current in written:
-                if session_id in self._files:
-                    self._files[session_id] = IndexedFile(*_fields(current))
-                    if session_id not in self._pending:
-                        self._dirty.discard(session_id)  # written: no flush needed
+                live = self._files.get(session_id)
+                if live is None or live.session != current.session:
+                    continue  # forgotten or replaced since: these rows name nothing
+                # Appends may have been acknowledged while the file was read: the entry
+                # joins what was read to what they recorded, never going back.
+                before = (live.size, live.records)
+                live.extend(0, current.size, current.records, current.last_offset)
+                if (live.size, live.records) != before or session_id in self._pending:
+                    self._dirty.add(session_id)
+                elif live.size == current.size:
+                    self._dirty.discard(session_id)  # written: no flush needed
+                indexed[session_id] = live.copy()
             self._uncommitted_keys.clear()
 
     def _index_file(self, path: Path, entry: IndexedFile) -> None:
@@ -511,17 +596,15 @@ class StoreIndex(FilteredIds):
     def forget(self, session_id: str) -> None:
         """Drop what is indexed of a session whose file is gone."""
         with self._lock:
-            entry = self._files.pop(session_id, None)
-            if entry is not None:
-                self._names.pop(entry.session, None)
-                self._drop_pending(session_id)
-                self._dirty.add(session_id)
+            self._forget(session_id)
 
-    def forget_missing(self, present: set[str]) -> None:
-        """Drop what is indexed for session files that no longer exist."""
-        for session_id in self.session_ids():
-            if session_id not in present:
-                self.forget(session_id)
+    def _forget(self, session_id: str) -> None:
+        entry = self._files.pop(session_id, None)
+        if entry is not None:
+            self._names.pop(entry.session, None)
+            self._drop_pending(session_id)
+            self._dirty.add(session_id)
+        self._shrunk.pop(session_id, None)
 
     # --- queries ---
 
@@ -576,9 +659,10 @@ class StoreIndex(FilteredIds):
         with self._lock:
             session_id = self._names.get(session)
             entry = self._files.get(session_id) if session_id is not None else None
+            known = entry.known_records if entry is not None else 0
         # Rows of a file since replaced, or beyond what is indexed now (a file
         # cut short since), name nothing.
-        if entry is not None and session_id is not None and sequence <= entry.records:
+        if session_id is not None and sequence <= known:
             found.setdefault(name, []).append(Located(session_id, sequence, offset))
 
     def marks(self, session_id: str) -> array[int]:
@@ -653,7 +737,3 @@ def _is_damage(exc: sqlite3.DatabaseError) -> bool:
     return getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or (
         "malformed" in str(exc) or "not a database" in str(exc)
     )
-
-
-def _fields(entry: IndexedFile) -> tuple[int, int, int, int, int]:
-    return (entry.session, entry.inode, entry.size, entry.records, entry.last_offset)

@@ -32,6 +32,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,8 @@ class JsonlSessionRepository(SyncLoops):
     sharing syncs), "interval" (synced every `sync_interval_ms`), or "never".
     True and False mean "always" and "never". `use_syncfs` picks how a sync is
     done (None: syncfs(2) where the kernel reports its errors; see `Syncer`).
+    `clock` gives records their timestamps (nanoseconds since the epoch); a
+    session's never go backwards, whatever it says.
     """
 
     def __init__(
@@ -85,8 +88,10 @@ class JsonlSessionRepository(SyncLoops):
         sync: SyncPolicy | str | bool = SyncPolicy.ALWAYS,
         sync_interval_ms: int = 100,
         use_syncfs: bool | None = None,
+        clock: Callable[[], int] = time.time_ns,
     ) -> None:
         super().__init__()
+        self.clock = clock
         self.root = Path(root).resolve()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -129,7 +134,8 @@ class JsonlSessionRepository(SyncLoops):
             self._index = StoreIndex(self.root, files=self._session_files)
             undo.callback(self._index.close)
             present = self._sessions_in_order()
-            self._index.forget_missing(set(present))
+            # Files the index knows that are gone stay known (a file cut to nothing: its
+            # session is refused, not started over; see StoreIndex._look).
             for path in self.recovered_sessions:
                 self._index.forget(path.name[: -len(SUFFIX)])  # cut here: index it anew
             # About 200 bytes a line: a first guess at how many ids the files hold.

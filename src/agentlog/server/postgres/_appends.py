@@ -102,8 +102,10 @@ class GroupCommit:
         stored: Callable[[Appended, int], None],
         read_records: Callable[[str, int, int], Awaitable[list[EventRecord]]],
         spawn: Callable[[Any], None],
+        clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self._pool = pool
+        self._clock = clock  # the replica's time: the database never lets it go back
         self._stored = stored  # called with each stored append and its first position
         self._read_records = read_records
         self._spawn = spawn
@@ -201,7 +203,7 @@ class GroupCommit:
             ids,
             parents,
             events,
-            time.time_ns(),
+            self._clock(),
         )
         async with self._pool.connection() as conn:
             cursor = await conn.execute(_APPEND_SQL, params, binary=True)

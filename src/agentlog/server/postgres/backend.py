@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -100,6 +101,7 @@ class PostgresBackend(Backend):
         *,
         poll_seconds: float,
         connect_timeout: float,
+        clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self._pool = pool
         self.page_tokens = PageTokens(page_key)
@@ -125,7 +127,11 @@ class PostgresBackend(Backend):
         ):
             metrics.POSTGRES_POOL.labels(state).set_function(_pool_stat(pool, key))
         self._appends = GroupCommit(
-            pool, stored=self._stored, read_records=self.read_records, spawn=self._spawn
+            pool,
+            stored=self._stored,
+            read_records=self.read_records,
+            spawn=self._spawn,
+            clock=clock,
         )
 
     @classmethod
@@ -137,10 +143,13 @@ class PostgresBackend(Backend):
         statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
+        clock: Callable[[], int] = time.time_ns,
     ) -> PostgresBackend:
         """Connect (waiting up to `connect_timeout` seconds for the database), migrate
         the schema, and start listening. UnavailableError if the database does not
-        answer in time; FailedPreconditionError if its schema is newer than ours."""
+        answer in time; FailedPreconditionError if its schema is newer than ours.
+        `clock` is this replica's time for new records' timestamps (nanoseconds); a
+        session's never go backwards, whichever replica's clock is behind."""
         conninfo = connection_string(url, statement_timeout_ms)
         pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
             conninfo,
@@ -181,6 +190,7 @@ class PostgresBackend(Backend):
             int(row[1]),
             poll_seconds=poll_seconds,
             connect_timeout=connect_timeout,
+            clock=clock,
         )
 
     # -- health ---------------------------------------------------------------
