@@ -70,28 +70,32 @@ class CertificateAuthority:
         uris: tuple[str, ...] = (),
         client: bool = False,
         into: Issued | None = None,
+        valid_seconds: float = 86400,
     ) -> Issued:
-        """A certificate for `name` (files `<name>.pem`, `<name>.key`, or replacing
-        `into`'s files in place, as a rotation does)."""
+        """A certificate for `name` (its subject's common name; files `<name-safe>.pem`,
+        `.key`, or replacing `into`'s files in place, as a rotation does), valid for
+        `valid_seconds` from now; with no DNS, IP or URI name, it has no SAN at all."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         names += [x509.UniformResourceIdentifier(u) for u in uris]
         usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-        certificate = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
             .issuer_name(self.certificate.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .not_valid_after(now + datetime.timedelta(seconds=valid_seconds))
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .sign(self.key, hashes.SHA256())
         )
-        issued = into or Issued(self.directory / f"{name}.pem", self.directory / f"{name}.key")
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        certificate = builder.sign(self.key, hashes.SHA256())
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        issued = into or Issued(self.directory / f"{safe}.pem", self.directory / f"{safe}.key")
         _replace(issued.key, _key_pem(key))
         _replace(issued.cert, certificate.public_bytes(serialization.Encoding.PEM))
         return issued

@@ -15,6 +15,7 @@ from agentlog import (
     AppendEvent,
     AsyncAgentlogClient,
     CaughtUp,
+    Checkpoint,
     EventRecord,
     FeedGap,
     FeedRecord,
@@ -137,7 +138,9 @@ class BlockingAsyncClient:
             self.client.subscribe_session(session_id, from_sequence=from_sequence)
         )
 
-    def subscribe_all(self, **kwargs: Any) -> Iterator[FeedRecord | FeedGap | CaughtUp]:
+    def subscribe_all(
+        self, **kwargs: Any
+    ) -> Iterator[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
         return self._blocking(self.client.subscribe_all(**kwargs))
 
     def _blocking(self, items: AsyncGenerator[T, None]) -> Iterator[T]:

@@ -7,12 +7,15 @@ import hashlib
 import json
 import re
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentlog import (
@@ -23,7 +26,9 @@ from agentlog import (
     NewEvent,
     UnauthenticatedError,
 )
+from agentlog.server import MemorySessionRepository
 from tests.contract import delta
+from tests.servers import running_server
 from tests.test_command import stop
 from tests.test_server import agentlog, wait_for_port
 
@@ -243,3 +248,45 @@ def test_the_access_log_names_the_caller(tmp_path: Path) -> None:
     assert by_method[f"/{SERVICE}/Append"]["caller"] == "agent-7"
     assert by_method[f"/{SERVICE}/Head"]["caller"] is None
     assert by_method[f"/{SERVICE}/Head"]["code"] == "UNAUTHENTICATED"
+
+
+def test_idle_and_slow_connections_to_the_metrics_port_cost_the_service_nothing() -> None:
+    import socket as sockets
+
+    from agentlog.server.metrics import METRICS_TIMEOUT_SECONDS, serve_metrics
+
+    metrics_server = serve_metrics("127.0.0.1:0")
+    threads_before = threading.active_count()
+    idle = []
+    try:
+        with running_server(MemorySessionRepository()) as target:
+            for _ in range(500):  # each sends half a request, then nothing
+                connection = sockets.create_connection(("127.0.0.1", metrics_server.port))
+                connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                idle.append(connection)
+            with grpc.insecure_channel(target) as channel:
+                started = time.monotonic()
+                answer = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+                assert time.monotonic() - started < 1.0
+            assert threading.active_count() <= threads_before + 8
+            time.sleep(METRICS_TIMEOUT_SECONDS + 1)  # the slow ones are let go
+            for connection in idle:
+                connection.close()
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    with urllib.request.urlopen(
+                        f"http://127.0.0.1:{metrics_server.port}/metrics", timeout=5
+                    ) as scraped:
+                        assert b"grpc_server_started_total" in scraped.read()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the metrics port did not recover"
+                    time.sleep(0.5)
+    finally:
+        for connection in idle:
+            connection.close()
+        metrics_server.close()

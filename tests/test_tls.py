@@ -166,3 +166,52 @@ def test_tls_settings_that_cannot_work_are_refused_at_start(tmp_path: Path) -> N
         )
         assert result.returncode == 1
         assert said in result.stderr
+
+
+def test_a_half_written_client_ca_keeps_the_last_good_one(
+    ca: CertificateAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = ca.server()
+    agent = ca.client()
+    files = TlsFiles(server.cert, server.key, client_ca=ca.pem)
+    good = ca.pem.read_bytes()
+    trusted = ca.pem.with_name("trusted.pem")  # the client's own copy of the CA
+    trusted.write_bytes(good)
+    with running_server(MemorySessionRepository(), tls=files) as target:
+        mtls = TlsConfig(ca=trusted, cert=agent.cert, key=agent.key)
+        assert appends(target, mtls)
+        ca.pem.write_bytes(good[: len(good) // 2])  # a rotation caught half-written
+        for _ in range(5):  # each new connection reads the files again
+            assert appends(target, mtls)
+        assert f"{ca.pem} is not a PEM CA certificate" in caplog.text
+        ca.pem.write_bytes(good)
+
+
+def test_an_expired_server_certificate_is_logged_at_start(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    expired = ca.issue("old", dns=("localhost",), ips=("127.0.0.1",), valid_seconds=-60)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agentlog.server",
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--tls-cert",
+            str(expired.cert),
+            "--tls-key",
+            str(expired.key),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, logged = wait_for_port(process)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    assert "expired at" in logged

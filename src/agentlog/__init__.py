@@ -34,6 +34,7 @@ from agentlog._json import JsonValue
 from agentlog._records import (
     AppendEvent,
     CaughtUp,
+    Checkpoint,
     EventRecord,
     FeedGap,
     FeedRecord,
@@ -73,6 +74,7 @@ __all__ = [
     "AsyncSessionRepository",
     "CancelledError",
     "CaughtUp",
+    "Checkpoint",
     "ContextCompacted",
     "DataLossError",
     "DeadlineExceededError",

@@ -70,6 +70,15 @@ class CaughtUp:
 
 
 @dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """How far a filtered all-sessions feed has been examined: no record up to `position`
+    passed the filters since the last item delivered. A consumer may store it as its
+    last position and resume after it."""
+
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
 class FeedRecord:
     """A record of the all-sessions feed with its global position (commit order)."""
 

@@ -18,15 +18,35 @@ from agentlog.errors import ERRORS_BY_REASON, ERRORS_BY_STATUS, AgentlogError, S
 DOMAIN = "agentlog"
 
 
+# A status travels in the call's trailers (gRPC refuses more than 8 KiB of them by
+# default, and a client then sees RESOURCE_EXHAUSTED instead of the error): its
+# message and each detail are cut to these lengths, whatever the error quotes.
+MAX_MESSAGE_CHARS = 1000
+MAX_METADATA_CHARS = 200
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def to_grpc_status(error: AgentlogError) -> Any:
     """A grpc.Status (code, message, trailing metadata with the rich details)."""
     code = grpc.StatusCode[error.status_name]
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
-    status = status_pb2.Status(code=code.value[0], message=error.message)
+    message = _cut(error.message, MAX_MESSAGE_CHARS)
+    metadata = {
+        _cut(key, 64): _cut(value, MAX_METADATA_CHARS)
+        for key, value in list(error.metadata.items())[:16]
+    }
+    info = error_details_pb2.ErrorInfo(
+        reason=_cut(error.reason, 64), domain=DOMAIN, metadata=metadata
+    )
+    status = status_pb2.Status(code=code.value[0], message=message)
     status.details.add().Pack(info)
     if error.field is not None:
         bad_request = error_details_pb2.BadRequest()
-        bad_request.field_violations.add(field=error.field, description=error.message)
+        bad_request.field_violations.add(
+            field=_cut(error.field, MAX_METADATA_CHARS), description=message
+        )
         status.details.add().Pack(bad_request)
     return rpc_status.to_status(status)
 

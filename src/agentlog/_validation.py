@@ -45,9 +45,18 @@ def _session_id_bytes(session_id: object, field: str, problem: str) -> tuple[str
         raise _refused(session_id, field, problem, "it is not valid Unicode") from None
 
 
+def quoted(value: object, limit: int = 64) -> str:
+    """`value` as a message quotes it: repr, cut after `limit` characters (a long field
+    quoted in full would make the error larger than gRPC's metadata limit)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value.encode(errors='replace'))} bytes)"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _refused(session_id: str, field: str, problem: str, rule: str) -> InvalidArgumentError:
     return InvalidArgumentError(
-        f"{field} {session_id!r} {problem}: {rule}", field=field, reason="INVALID_SESSION_ID"
+        f"{field} {quoted(session_id)} {problem}: {rule}", field=field, reason="INVALID_SESSION_ID"
     )
 
 
@@ -144,7 +153,7 @@ def check_event_id(record_id: object, field: str = "id") -> str:
     if isinstance(record_id, str) and CANONICAL_UUID.fullmatch(record_id):
         return record_id
     raise InvalidArgumentError(
-        f"{field} {record_id!r} is not a UUID in canonical form "
+        f"{field} {quoted(record_id)} is not a UUID in canonical form "
         "(lower-case hex, hyphenated, e.g. 0c7421a5-7c6f-4b3e-8517-6757d1e510f2)",
         field=field,
         reason="INVALID_EVENT_ID",
@@ -156,7 +165,8 @@ def check_count(value: object, field: str, *, minimum: int = 0) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and minimum <= value < 2**64:
         return value
     raise InvalidArgumentError(
-        f"{field} must be an integer from {minimum} to {2**64 - 1}, not {value!r}", field=field
+        f"{field} must be an integer from {minimum} to {2**64 - 1}, not {quoted(value)}",
+        field=field,
     )
 
 

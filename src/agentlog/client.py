@@ -34,6 +34,7 @@ from agentlog._events import ReadDirection
 from agentlog._records import (
     AppendEvent,
     CaughtUp,
+    Checkpoint,
     EventRecord,
     FeedGap,
     FeedRecord,
@@ -129,12 +130,18 @@ class _FeedResume(_Reconnects):
             part_types=self.part_types,
         )
 
-    def items(self, response: pb.SubscribeAllResponse) -> list[FeedRecord | FeedGap | CaughtUp]:
+    def items(
+        self, response: pb.SubscribeAllResponse
+    ) -> list[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
         self.attempt = 0
         if response.HasField("caught_up"):
             position = response.caught_up.position
             self.next_position = position + 1
             return [CaughtUp(position=position)]
+        if response.HasField("checkpoint"):
+            position = response.checkpoint.position
+            self.next_position = position + 1
+            return [Checkpoint(position)]
         if response.HasField("gap"):
             gap = response.gap
             self.next_position = gap.last_position + 1
@@ -330,7 +337,7 @@ class AgentlogClient:
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
-    ) -> Generator[FeedRecord | FeedGap | CaughtUp, None, None]:
+    ) -> Generator[FeedRecord | FeedGap | CaughtUp | Checkpoint, None, None]:
         """Every session's records in commit order, as FeedRecord(position, record);
         a FeedGap where records of a followed session could not be read (its file is
         damaged: the feed goes on after them).
@@ -511,7 +518,7 @@ class AsyncAgentlogClient:
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
-    ) -> AsyncGenerator[FeedRecord | FeedGap | CaughtUp, None]:
+    ) -> AsyncGenerator[FeedRecord | FeedGap | CaughtUp | Checkpoint, None]:
         """Every session's records in commit order; see AgentlogClient.subscribe_all."""
         resume = _FeedResume(from_position, session_id_prefix, part_types)
         while True:

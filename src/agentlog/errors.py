@@ -7,7 +7,7 @@ exception whether it talks to a store in-process or through the network.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 
@@ -34,9 +34,23 @@ class AgentlogError(Exception):
         self.reason = reason or self.status_name
         self.field = field
         self.metadata: dict[str, str] = dict(metadata or {})
+        self.concerning: str | None = None
+        """A session this error names (a server sets it): a caller who may not read that
+        session is told `redacted` instead."""
+        self.redacted: AgentlogError | None = None
 
     def __str__(self) -> str:
         return self.message
+
+    def naming(self, session_id: str, redacted: AgentlogError) -> AgentlogError:
+        """Mark this error as naming `session_id`; `redacted` says the same without it."""
+        self.concerning, self.redacted = session_id, redacted
+        return self
+
+    def seen_by(self, may_read: Callable[[str], bool]) -> AgentlogError:
+        """This error as a caller who may read what `may_read` allows is told it."""
+        hidden = self.concerning is not None and not may_read(self.concerning)
+        return self.redacted if hidden and self.redacted is not None else self
 
 
 class InvalidArgumentError(AgentlogError, ValueError):

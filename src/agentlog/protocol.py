@@ -16,6 +16,7 @@ from agentlog._events import ReadDirection
 from agentlog._records import (
     AppendEvent,
     CaughtUp,
+    Checkpoint,
     EventRecord,
     FeedGap,
     FeedRecord,
@@ -111,13 +112,15 @@ class SessionRepository(Protocol):
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
-    ) -> Iterator[FeedRecord | FeedGap | CaughtUp]:
+    ) -> Iterator[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
         """Follow every session: FeedRecord(position, record) in commit order, stored
         ones from `from_position` (None: only new ones), CaughtUp, then live ones.
 
         Positions increase in commit order; store the last one processed and
-        resume from the one after it. A CaughtUp's `position` is how far the
-        feed has been examined, filtered-out records included.
+        resume from the one after it. CaughtUp comes once, when every record stored
+        at the start has been examined; with filters, a Checkpoint(position) says how
+        far the feed was examined where they kept nothing (store it as the last
+        position, too).
         """
         ...
 
@@ -188,6 +191,6 @@ class AsyncSessionRepository(Protocol):
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
-    ) -> AsyncIterator[FeedRecord | FeedGap | CaughtUp]:
+    ) -> AsyncIterator[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
         """Follow every session in commit order; see SessionRepository.subscribe_all."""
         ...

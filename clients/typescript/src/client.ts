@@ -30,6 +30,7 @@ import {
 } from "./gen/agentlog/v1/session_pb.js";
 import {
   CaughtUp,
+  Checkpoint,
   type EventRecord,
   FeedGap,
   FeedRecord,
@@ -396,12 +397,14 @@ export class AgentlogClient {
   /**
    * Every session's records in commit order, as FeedRecord(position, record); a
    * FeedGap where records could not be read. Stored ones from `fromPosition`
-   * (absent: only new ones), a CaughtUp, then live ones; resumes after UNAVAILABLE
-   * from the position after the last one served, like `subscribeSession`.
+   * (absent: only new ones), a CaughtUp (once), then live ones; with filters, a
+   * Checkpoint says how far the feed was examined where they kept nothing. Resumes
+   * after UNAVAILABLE from the position after the last one served, like
+   * `subscribeSession`.
    */
   async *subscribeAll(
     options: SubscribeAllOptions = {},
-  ): AsyncGenerator<FeedRecord | FeedGap | CaughtUp> {
+  ): AsyncGenerator<FeedRecord | FeedGap | CaughtUp | Checkpoint> {
     let next =
       options.fromPosition === undefined ? undefined : toU64(options.fromPosition, "fromPosition");
     const filters = {
@@ -414,12 +417,15 @@ export class AgentlogClient {
           { ...filters, ...(next !== undefined && { fromPosition: next }) },
           { signal },
         ),
-      (response: SubscribeAllResponse): (FeedRecord | FeedGap | CaughtUp)[] => {
+      (response: SubscribeAllResponse): (FeedRecord | FeedGap | CaughtUp | Checkpoint)[] => {
         const kind = response.kind;
         switch (kind.case) {
           case "caughtUp":
             next = kind.value.position + 1n;
             return [new CaughtUp(0n, kind.value.position)];
+          case "checkpoint":
+            next = kind.value.position + 1n;
+            return [new Checkpoint(kind.value.position)];
           case "gap":
             next = kind.value.lastPosition + 1n;
             return [

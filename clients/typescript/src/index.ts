@@ -64,6 +64,7 @@ export {
 } from "./json.js";
 export {
   CaughtUp,
+  Checkpoint,
   type EventRecord,
   FeedGap,
   FeedRecord,

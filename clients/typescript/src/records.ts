@@ -36,6 +36,12 @@ export class CaughtUp {
   ) {}
 }
 
+/** How far a filtered all-sessions feed has been examined: no record up to `position`
+ * passed the filters since the last item delivered (store it as the last position). */
+export class Checkpoint {
+  constructor(readonly position: bigint) {}
+}
+
 /** A record with its place in the all-sessions feed. */
 export class FeedRecord {
   constructor(

@@ -29,16 +29,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import jwt
 import orjson
 
+from agentlog._validation import quoted
 from agentlog.errors import PermissionDeniedError, UnauthenticatedError
 
 log = logging.getLogger("agentlog.server")
@@ -81,11 +82,26 @@ class Grant:
             Permission.READ in self.permissions and "" in self.prefixes
         )
 
+    def readable_prefixes(self) -> tuple[str, ...]:
+        """The prefixes of the sessions it may read (("",): all; (): none)."""
+        if Permission.ADMIN in self.permissions:
+            return ("",)
+        return self.prefixes if Permission.READ in self.permissions else ()
+
+    def covers(self, earlier: Grant) -> bool:
+        """Whether this grant lets its caller read every session `earlier` did (a
+        stream authorized by `earlier` may go on under it)."""
+        if Permission.ADMIN in self.permissions:
+            return True
+        wanted = earlier.readable_prefixes()
+        granted = self.readable_prefixes()
+        return all(prefix.startswith(granted) for prefix in wanted) if wanted else True
+
     def require(self, permission: Permission, session_id: str) -> None:
         if not self.may(permission, session_id):
             raise PermissionDeniedError(
-                f"caller {self.name!r} may not {permission.value} session {session_id!r}; "
-                "ask for a credential that grants it",
+                f"caller {quoted(self.name)} may not {permission.value} session "
+                f"{quoted(session_id)}; ask for a credential that grants it",
                 reason="PERMISSION_DENIED",
                 metadata={
                     "caller": self.name,
@@ -96,6 +112,9 @@ class Grant:
 
 
 EVERYONE = Grant("anonymous", frozenset(Permission), ("",))
+
+Metadata: TypeAlias = "Sequence[tuple[str, str]]"
+"""A call's metadata as gRPC gives it: (key, value) pairs, a key possibly repeated."""
 
 # Where the access log learns who called: the call's interceptor opens a slot in
 # the call's context, the service writes the caller's name into it once known.
@@ -123,6 +142,27 @@ def _permissions(values: Iterable[object], where: str) -> frozenset[Permission]:
             found.add(Permission(str(value).removeprefix("agentlog:")))
         except ValueError:
             raise ValueError(f"{where}: unknown permission {value!r}") from None
+    return frozenset(found)
+
+
+_unknown_scopes: set[str] = set()
+
+
+def _scopes(values: Iterable[str]) -> frozenset[Permission]:
+    """The permissions a JWT's `agentlog:*` scopes grant. A scope this server does not
+    know (a newer one, say) grants nothing here and is logged once: it neither widens
+    the grant nor refuses a token that is otherwise good."""
+    found = set()
+    for value in values:
+        try:
+            found.add(Permission(value.removeprefix("agentlog:")))
+        except ValueError:
+            if value not in _unknown_scopes and len(_unknown_scopes) < 100:
+                _unknown_scopes.add(value)
+                log.warning(
+                    "a JWT carries the scope %r, which this server does not know: ignored",
+                    value[:80],
+                )
     return frozenset(found)
 
 
@@ -190,6 +230,13 @@ def _parse_access(text: bytes, path: Path) -> _Access:
 
 def _parse_jwks(text: bytes, path: Path) -> jwt.PyJWKSet:
     try:
+        document = orjson.loads(text)
+        if isinstance(document, dict) and document.get("keys") == []:
+            # Every key revoked: a valid set that verifies nothing (PyJWT refuses to build
+            # an empty one).
+            empty = jwt.PyJWKSet.__new__(jwt.PyJWKSet)
+            empty.keys = []
+            return empty
         return jwt.PyJWKSet.from_json(text.decode())
     except (jwt.PyJWTError, ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"not a JWKS ({exc})") from None
@@ -220,6 +267,20 @@ def _parse(document: Any, path: Path) -> tuple[dict[str, Grant], dict[str, Grant
 
 
 @dataclass(frozen=True)
+class Peer:
+    """What the TLS layer says of the caller: its certificate's identities (URI SANs,
+    then DNS SANs, as SPIFFE and Kubernetes name workloads; never the subject's common
+    name, which any CA-signed certificate may set to anything) and when it expires."""
+
+    identities: tuple[str, ...] = ()
+    expires: float | None = None
+
+
+NO_PEER = Peer()
+_PEERS: dict[bytes, Peer] = {}  # by certificate: parsed once, not at every call
+
+
+@dataclass(frozen=True)
 class JwtSettings:
     jwks_file: Path
     issuer: str | None
@@ -237,22 +298,37 @@ class Authenticator:
         # check: token -> (the key set that verified it, its grant, its expiry).
         self._verified: dict[str, tuple[jwt.PyJWKSet, Grant, float]] = {}
 
-    def grant(self, metadata: Mapping[str, str], peer_identities: Iterable[str]) -> Grant:
-        authorization = metadata.get("authorization")
-        if authorization is not None:
-            scheme, _, credential = authorization.partition(" ")
+    def grant(self, metadata: Metadata, peer: Peer = NO_PEER) -> Grant:
+        """The caller's grant: from its one `authorization` header, else (under mTLS) its
+        certificate's identity. UnauthenticatedError if it has no credential this server
+        accepts (or two authorization headers, or a client certificate that expired)."""
+        if peer.expires is not None and time.time() >= peer.expires:
+            raise _refused(
+                "the client certificate expired at "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(peer.expires))}; "
+                "renew it and connect again",
+                "CERTIFICATE_EXPIRED",
+            )
+        authorizations = [value for key, value in metadata if key == "authorization"]
+        if len(authorizations) > 1:
+            raise _refused(
+                f"the call carries {len(authorizations)} authorization headers; send one",
+                "DUPLICATE_CREDENTIAL",
+            )
+        if authorizations:
+            scheme, _, credential = authorizations[0].partition(" ")
             if scheme.lower() != "bearer" or not credential.strip():
                 raise _refused("the authorization header must be 'Bearer <token>'", "BAD_SCHEME")
             return self._bearer(credential.strip())
         if self._access is not None:
             identities = self._access.current().identities
-            for identity in peer_identities:
+            for identity in peer.identities:
                 grant = identities.get(identity)
                 if grant is not None:
                     return grant
         raise _refused(
             "this server needs a credential: send 'authorization: Bearer <token>' (or, "
-            "under mTLS, a client certificate it knows)",
+            "under mTLS, a client certificate whose URI or DNS name it knows)",
             "MISSING_CREDENTIAL",
         )
 
@@ -285,6 +361,12 @@ class Authenticator:
         settings = self._jwt
         if settings is None:
             raise _refused("this server takes no JWTs", "UNKNOWN_TOKEN")
+        if not keys.keys:
+            raise _refused(
+                f"the JWT was refused: {settings.jwks_file} holds no key (every JWT is refused "
+                "until one is added)",
+                "INVALID_JWT",
+            )
         try:
             header = jwt.get_unverified_header(token)
             key = keys[header["kid"]] if "kid" in header else keys.keys[0]
@@ -298,24 +380,54 @@ class Authenticator:
             )
         except (jwt.PyJWTError, KeyError, IndexError, TypeError) as exc:
             raise _refused(f"the JWT was refused: {exc}", "INVALID_JWT") from None
+        for claim in ("exp", "nbf", "iat"):
+            value = claims.get(claim)
+            if claim in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+                # RFC 7519: a NumericDate is a JSON number (PyJWT takes a string too).
+                raise _refused(
+                    f"the JWT was refused: its {claim!r} claim must be a number of seconds, "
+                    f"not {type(value).__name__}",
+                    "INVALID_JWT",
+                )
         scopes = claims.get("scope", claims.get("scp", []))
         values = scopes.split() if isinstance(scopes, str) else scopes
         wanted = [v for v in values if isinstance(v, str) and v.startswith("agentlog:")]
         try:
-            permissions = _permissions(wanted, "JWT scope")
             prefixes = _prefixes(claims.get("agentlog_sessions", [""]), "JWT agentlog_sessions")
         except ValueError as exc:
             raise _refused(str(exc), "INVALID_JWT") from None
-        return Grant(str(claims.get("sub", "jwt")), permissions, prefixes), float(claims["exp"])
+        return (
+            Grant(str(claims.get("sub", "jwt")), _scopes(wanted), prefixes),
+            float(claims["exp"]),
+        )
 
 
 def _refused(message: str, reason: str) -> UnauthenticatedError:
     return UnauthenticatedError(message, reason=reason)
 
 
-def peer_identities(auth_context: Mapping[str, Iterable[bytes]]) -> list[str]:
-    """The identities in a TLS peer's certificate: its SANs (URI, DNS) and common name."""
-    names: list[str] = []
-    for key in ("x509_subject_alternative_name", "peer_dns", "x509_common_name"):
-        names += [value.decode(errors="replace") for value in auth_context.get(key, ())]
-    return names
+def peer_of(auth_context: Mapping[str, Iterable[bytes]]) -> Peer:
+    """The caller's TLS identity (NO_PEER without a client certificate)."""
+    certificates = list(auth_context.get("x509_pem_cert", ()))
+    if not certificates:
+        return NO_PEER
+    pem = certificates[0]
+    found = _PEERS.get(pem)
+    if found is None:
+        names = [v.decode(errors="replace") for v in auth_context.get("peer_uri", ())]
+        names += [v.decode(errors="replace") for v in auth_context.get("peer_dns", ())]
+        found = Peer(tuple(names), _not_after(pem))
+        if len(_PEERS) >= 4096:
+            _PEERS.clear()
+        _PEERS[pem] = found
+    return found
+
+
+def _not_after(pem: bytes) -> float | None:
+    from cryptography import x509
+
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return None
+    return certificate.not_valid_after_utc.timestamp()

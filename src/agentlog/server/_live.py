@@ -12,14 +12,15 @@ from the backend instead.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import TypeVar
 
-from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord
-from agentlog.errors import UnavailableError
+from agentlog._records import CaughtUp, Checkpoint, EventRecord, FeedGap, FeedRecord
+from agentlog.errors import AgentlogError, UnavailableError
 from agentlog.server._fanout import Waiter, WakeRounds
 from agentlog.server._rules import FeedFilter, feed_end, start_position, start_sequence
 from agentlog.server.backend import Backend, Growth
@@ -34,6 +35,39 @@ CATCH_UP_RECORDS = 8192
 # of the backend (its threads or connections).
 CATCH_UP_READS = 4
 RECENT_RECORDS = 1024
+
+
+# While live, a filtered feed subscriber whose filters kept nothing is told how far
+# it has been examined (a Checkpoint) at most this often.
+CHECKPOINT_SECONDS = 1.0
+
+
+class Interrupt:
+    """Ends a subscription from outside (its credential lapsed): the subscription
+    raises `error`, with where to resume, at its next step."""
+
+    def __init__(self) -> None:
+        self.error: AgentlogError | None = None
+        self._waiter: Waiter | None = None
+
+    def end(self, error: AgentlogError) -> None:
+        self.error = error
+        if self._waiter is not None:
+            self._waiter.set()
+
+    def check(self, resume: dict[str, str], where: str) -> None:
+        """Raise the error that ended the subscription, if one did, saying where to resume."""
+        if self.error is not None:
+            raise resumable(self.error, resume, where)
+
+
+def resumable(error: AgentlogError, resume: dict[str, str], where: str) -> AgentlogError:
+    """`error`, saying that the subscription ended and where to resume it (`where`, for
+    a person; `resume`, the metadata a client reads)."""
+    ended = copy.copy(error)
+    ended.message = f"{error.message}; the subscription ended: resume {where}"
+    ended.metadata = {**error.metadata, **resume}
+    return ended
 
 
 class LiveSubscriptions:
@@ -167,28 +201,42 @@ class LiveSubscriptions:
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
         visible: Callable[[str], bool] | None = None,
-    ) -> AsyncIterator[list[FeedRecord | FeedGap] | CaughtUp]:
-        """The all-sessions feed as runs of kept records (and gaps) and CaughtUp markers.
+        interrupt: Interrupt | None = None,
+    ) -> AsyncIterator[list[FeedRecord | FeedGap] | CaughtUp | Checkpoint]:
+        """The all-sessions feed as runs of kept records (and gaps), one CaughtUp when
+        every record stored at the start has been examined, and Checkpoints.
 
-        A CaughtUp also follows every run of records the filters dropped, so a
-        client always knows how far it has been served. Stored records are read a
-        run at a time, so a subscriber catching up holds one run, not the feed.
+        A Checkpoint says how far the feed was examined when the filters kept nothing:
+        after each such run while catching up, and at most every CHECKPOINT_SECONDS
+        while live, so a filtered consumer can resume past what it never wanted.
+        Stored records are read a run at a time, so a subscriber catching up holds one
+        run, not the feed.
         """
         self._watch()
         keep = FeedFilter.of(session_id_prefix, part_types, visible)
+        interrupt = interrupt or Interrupt()
         waiter = Waiter()
+        interrupt._waiter = waiter
         if not self._feed_waiters:
             self._recent_feed.clear()  # nobody kept it up to date
         self._feed_waiters.add(waiter)
         self._follow(None, 1)
+        next_position = 0
+
+        def resume() -> tuple[dict[str, str], str]:
+            return {"next_position": str(next_position)}, f"from position {next_position}"
+
         try:
             last = await self._backend.last_position()
             self._published_position = max(self._published_position, last)
             next_position = start_position(last, from_position)
             self._sent(waiter, None, next_position - 1)
             caught_up = False
+            loop = asyncio.get_running_loop()
+            last_sent = loop.time()
             while True:
                 waiter.clear()
+                interrupt.check(*resume())
                 recent = self._recent_feed  # contiguous: cleared at any gap
                 runs: AsyncIterator[list[FeedRecord | FeedGap]]
                 if (
@@ -204,9 +252,15 @@ class LiveSubscriptions:
                 async for run in runs:
                     if not run:
                         continue
+                    interrupt.check(*resume())
                     next_position = feed_end(run[-1]) + 1
                     kept = [item for item in run if keep(item)]
-                    yield kept if kept else CaughtUp(position=next_position - 1)
+                    if kept:
+                        yield kept
+                        last_sent = loop.time()
+                    elif not caught_up or loop.time() - last_sent >= CHECKPOINT_SECONDS:
+                        yield Checkpoint(next_position - 1)
+                        last_sent = loop.time()
                     self._sent(waiter, None, next_position - 1)
                 if not caught_up:
                     caught_up = True
@@ -229,13 +283,28 @@ class LiveSubscriptions:
             self._rounds.back(waiter)
 
     async def session_chunks(
-        self, session_id: str, *, from_sequence: int | None = None
+        self,
+        session_id: str,
+        *,
+        from_sequence: int | None = None,
+        interrupt: Interrupt | None = None,
     ) -> AsyncIterator[list[EventRecord] | CaughtUp]:
-        """A session's records as runs (each at most CATCH_UP_STEP long) and CaughtUp."""
+        """A session's records as runs (each at most CATCH_UP_STEP long, and about
+        MESSAGE_BYTES) and CaughtUp."""
         self._watch()
+        interrupt = interrupt or Interrupt()
         head = await self._backend.head(session_id)
+        head_sequence = head.sequence if head is not None else 0
         next_sequence = start_sequence(head, from_sequence)
+
+        def resume() -> tuple[dict[str, str], str]:
+            return (
+                {"session_id": session_id, "next_sequence": str(next_sequence)},
+                f"from sequence {next_sequence}",
+            )
+
         waiter = Waiter()
+        interrupt._waiter = waiter
         self._waiters.setdefault(session_id, set()).add(waiter)
         if head is not None and head.sequence > self._published.get(session_id, 0):
             self._published[session_id] = head.sequence  # stored: what lag counts up to
@@ -246,6 +315,7 @@ class LiveSubscriptions:
             caught_up = False
             while True:
                 waiter.clear()
+                interrupt.check(*resume())
                 cached = self._cached(session_id, next_sequence) if caught_up else None
                 if cached:
                     yield cached
@@ -254,16 +324,20 @@ class LiveSubscriptions:
                 else:
                     # A bounded read at a time, nothing held between: thousands of
                     # subscribers catching up hold little memory.
+                    # Everything stored up to `stored` is read before moving on (a
+                    # read may stop short of `size` at MESSAGE_BYTES).
+                    stored = max(self._published.get(session_id, 0), head_sequence)
                     self._catching_up += 1
                     try:
                         while True:
                             size = self._catch_up_chunk()
                             chunk = await self._catch_up_read(session_id, next_sequence, size)
+                            interrupt.check(*resume())
                             if chunk:
                                 yield chunk
                                 next_sequence = chunk[-1].sequence + 1
                                 self._sent(waiter, session_id, next_sequence - 1)
-                            if len(chunk) < size:
+                            if not chunk or (len(chunk) < size and next_sequence > stored):
                                 break
                     finally:
                         self._catching_up -= 1

@@ -8,10 +8,7 @@ the range and paging parameters.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import hmac
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +35,7 @@ from agentlog._validation import (
     check_event_id,
     check_record_id,
     check_session_id,
+    quoted,
 )
 from agentlog.errors import AlreadyExistsError, InvalidArgumentError, WrongExpectedSequence
 from agentlog.v1 import session_pb2 as pb
@@ -303,11 +301,20 @@ def check_append(
     taken = elsewhere([item.id for item in batch])
     if taken:
         record_id, other = next(iter(taken.items()))
+        why = "record ids are unique across the store, so a new event needs a new id"
         raise AlreadyExistsError(
-            f"the record id {record_id} is already used by session {other!r}; record ids are "
-            "unique across the store, so a new event needs a new id",
+            f"the record id {record_id} is already used by session {other!r}; {why}",
             reason="EVENT_ID_CONFLICT",
             metadata={"session_id": other, "id": record_id},
+        ).naming(
+            other,
+            # What a caller who may not read that session learns: that the id is taken
+            # (unavoidable, ids being unique), not where.
+            AlreadyExistsError(
+                f"the record id {record_id} is already used by another session; {why}",
+                reason="EVENT_ID_CONFLICT",
+                metadata={"id": record_id},
+            ),
         )
     if expected_sequence is not None and expected_sequence != last_sequence:
         raise wrong_expected_sequence(session_id, expected_sequence, last_sequence)
@@ -316,12 +323,21 @@ def check_append(
 
 def _conflict(session_id: str, item: Prepared, found: tuple[int, bytes] | None) -> Exception:
     where = f" at sequence {found[0]}" if found is not None else ""
+    why = (
+        "whose content differs from this append's; a retry must send the same parent and "
+        "event as the first attempt, and a new event needs a new id"
+    )
     return AlreadyExistsError(
-        f"session {session_id!r} already holds a record with id {item.id}{where} whose content "
-        "differs from this append's; a retry must send the same parent and event as the "
-        "first attempt, and a new event needs a new id",
+        f"session {session_id!r} already holds a record with id {item.id}{where} {why}",
         reason="EVENT_ID_CONFLICT",
         metadata={"session_id": session_id, "id": item.id},
+    ).naming(
+        session_id,
+        AlreadyExistsError(
+            f"session {session_id!r} already holds a record with id {item.id} {why}",
+            reason="EVENT_ID_CONFLICT",
+            metadata={"session_id": session_id, "id": item.id},
+        ),
     )
 
 
@@ -375,49 +391,6 @@ def read_range(from_sequence: int, limit: int | None, direction: ReadDirection |
     return ReadRange(from_sequence, limit, direction == ReadDirection.BACKWARDS)
 
 
-class PageTokens:
-    """Opaque ListSessions page tokens: the last session id of a page, signed
-    (HMAC-SHA256) with the store's key, so a token the server did not give out
-    is refused rather than taken as a place to start."""
-
-    VERSION = b"\x01"
-    MAC_BYTES = 16
-
-    def __init__(self, key: bytes) -> None:
-        self._key = key
-
-    def _mac(self, body: bytes) -> bytes:
-        return hmac.new(self._key, self.VERSION + body, hashlib.sha256).digest()[: self.MAC_BYTES]
-
-    def encode(self, last_session_id: str) -> str:
-        """A token meaning "the sessions after this one"."""
-        body = last_session_id.encode()
-        token = self.VERSION + self._mac(body) + body
-        return base64.urlsafe_b64encode(token).decode().rstrip("=")
-
-    def decode(self, token: str | None) -> str | None:
-        """The session id a page token continues after; None for the first page."""
-        if not token:
-            return None
-        refused = InvalidArgumentError(
-            "page_token is not a token this server gave out; pass next_page_token unchanged, "
-            "or leave it empty for the first page",
-            field="page_token",
-            reason="INVALID_PAGE_TOKEN",
-        )
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (binascii.Error, ValueError):
-            raise refused from None
-        version, mac, body = raw[:1], raw[1 : 1 + self.MAC_BYTES], raw[1 + self.MAC_BYTES :]
-        if version != self.VERSION or not hmac.compare_digest(mac, self._mac(body)):
-            raise refused
-        try:
-            return body.decode()
-        except UnicodeDecodeError:
-            raise refused from None
-
-
 def start_sequence(head: EventRecord | None, from_sequence: int | None) -> int:
     """The first sequence a subscription delivers."""
     if from_sequence is None:
@@ -456,8 +429,8 @@ class FeedFilter:
         unknown = sorted(set(part_types) - set(EVENT_TYPES))
         if unknown:
             raise InvalidArgumentError(
-                f"part_types: unknown event kinds {', '.join(map(repr, unknown))} "
-                f"(known: {', '.join(EVENT_TYPES)})",
+                f"part_types: unknown event kinds {', '.join(map(quoted, unknown[:5]))}"
+                f"{' and more' if len(unknown) > 5 else ''} (known: {', '.join(EVENT_TYPES)})",
                 field="part_types",
             )
         return cls(session_id_prefix, frozenset(part_types), visible)

@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionPage
+from agentlog._records import EventRecord, FeedGap, FeedRecord
 from agentlog.errors import UnavailableError
+from agentlog.server._listing import PageTokens, SessionList, SessionQuery
 from agentlog.server._rules import Appended, PendingAppend
 from agentlog.server._tracing import store_span
 from agentlog.server.backend import Backend, Growth, GrowthListener, StoreFigures
 from agentlog.server.blocking import BlockingStore
-
-T = TypeVar("T")
-# Records read from storage in one step on a storage thread.
-READ_CHUNK = 256
 
 
 class ThreadedBackend(Backend):
@@ -128,23 +124,31 @@ class ThreadedBackend(Backend):
         record: EventRecord | None = await self._run(self.store.head, session_id)
         return record
 
-    async def load_children(self, parent_id: str) -> list[EventRecord]:
-        records: list[EventRecord] = await self._run(self.store.load_children, parent_id)
+    async def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
+        records: list[EventRecord] = await self._run(
+            self.store.read_run, session_id, from_sequence, limit
+        )
         return records
 
-    async def list_sessions(
-        self, *, page_size: int | None = None, page_token: str | None = None
-    ) -> SessionPage:
-        call = functools.partial(
-            self.store.list_sessions, page_size=page_size, page_token=page_token
-        )
-        page: SessionPage = await self._run(call)
-        return page
+    async def read_children(self, parent_id: str) -> AsyncIterator[list[EventRecord]]:
+        runs: Iterator[list[EventRecord]] = await self._run(self.store.read_children, parent_id)
+        while run := await self._run(next, runs, None):
+            yield run
+
+    @property
+    def page_tokens(self) -> PageTokens:
+        return self.store.page_tokens
+
+    async def list_sessions(self, query: SessionQuery) -> SessionList:
+        found: SessionList = await self._run(self.store.session_page, query)
+        return found
 
     async def read_feed(self, from_position: int) -> AsyncIterator[list[FeedRecord | FeedGap]]:
-        items: Iterator[FeedRecord | FeedGap] = await self._run(self.store.read_all, from_position)
-        while chunk := await self._run(_take, items, READ_CHUNK):
-            yield chunk
+        runs: Iterator[list[FeedRecord | FeedGap]] = await self._run(
+            self.store.read_feed_runs, from_position
+        )
+        while run := await self._run(next, runs, None):
+            yield run
 
     async def last_position(self) -> int:
         position: int = await self._run(self.store.last_position)
@@ -161,7 +165,3 @@ class ThreadedBackend(Backend):
         dropped, a call still running ends on its own."""
         self._listener = None
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _take(items: Iterator[T], count: int) -> list[T]:
-    return list(itertools.islice(items, count))

@@ -97,6 +97,7 @@ class Server(NamedTuple):
             await stopping
         finally:
             self.live.close()
+            await self.service.close()
             self.backend.stop_writing()
             await self.backend.close()
 
@@ -361,11 +362,13 @@ async def serve(
         loop.add_signal_handler(signum, on_signal, signum)
     await built.start()
     started = time.monotonic()
+    metrics_server = None
     if metrics_address is not None:
         from agentlog.server.metrics import serve_metrics
 
         try:
-            metrics_port = serve_metrics(metrics_address)
+            metrics_server = serve_metrics(metrics_address)
+            metrics_port = metrics_server.port
         except (OSError, ValueError) as exc:
             await built.stop(0)
             if repository is not None:
@@ -382,7 +385,7 @@ async def serve(
     log.info("agentlog %s serving on %s:%d (%s), %s", version, host, built.port, security, where)
     if tracer_provider is not None:
         log.info("tracing: spans exported as the OTEL_* settings say")
-    if metrics_address is not None:
+    if metrics_server is not None and metrics_address is not None:
         log.info("metrics at http://%s:%d/metrics", metrics_address.rsplit(":", 1)[0], metrics_port)
     try:
         await stop.wait()
@@ -390,6 +393,8 @@ async def serve(
         await built.stop(grace)
         for task in hurry:
             await task
+        if metrics_server is not None:
+            metrics_server.close()
         if repository is not None:
             log.info("calls ended; syncing and closing the data directory")
             repository.close()

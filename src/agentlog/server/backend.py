@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionPage
+from agentlog._records import EventRecord, FeedGap, FeedRecord
+from agentlog.server._listing import PageTokens, SessionList, SessionQuery
 from agentlog.server._rules import Appended, PendingAppend
 
 
@@ -108,27 +109,39 @@ class Backend(ABC):
     async def read_records(
         self, session_id: str, from_sequence: int, limit: int
     ) -> list[EventRecord]:
-        """Up to `limit` records of a session from `from_sequence` on (a subscriber
-        catching up reads in bounded steps)."""
+        """Up to `limit` records of a session from `from_sequence` on."""
+
+    @abstractmethod
+    async def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
+        """A session's records from `from_sequence` on: at most `limit`, and no more than
+        MESSAGE_BYTES of them unless the first is larger (a subscriber catching up reads
+        in such steps, so a message it is sent stays small whatever the records)."""
 
     @abstractmethod
     async def head(self, session_id: str) -> EventRecord | None:
         """A session's latest record; None if it has none."""
 
     @abstractmethod
-    async def load_children(self, parent_id: str) -> list[EventRecord]:
-        """Every record, of any session, whose parent_id is `parent_id`."""
+    def read_children(self, parent_id: str) -> AsyncIterator[list[EventRecord]]:
+        """Every record, of any session, whose parent_id is `parent_id` (sessions in byte
+        order of their ids, each in sequence order), in runs of at most MESSAGE_RECORDS
+        and, unless one is larger, MESSAGE_BYTES: never all of them in memory at once."""
+
+    @property
+    @abstractmethod
+    def page_tokens(self) -> PageTokens:
+        """The store's page tokens (their key is the store's, shared by its replicas)."""
 
     @abstractmethod
-    async def list_sessions(
-        self, *, page_size: int | None = None, page_token: str | None = None
-    ) -> SessionPage:
-        """One page of sessions in byte order of their ids; tokens are opaque and signed."""
+    async def list_sessions(self, query: SessionQuery) -> SessionList:
+        """The sessions a query takes, in byte order of their ids (the service makes the
+        page tokens)."""
 
     @abstractmethod
     def read_feed(self, from_position: int) -> AsyncIterator[list[FeedRecord | FeedGap]]:
-        """The all-sessions feed from `from_position` to its current end, in runs; a
-        FeedGap stands for positions whose records cannot be read."""
+        """The all-sessions feed from `from_position` to its current end, in runs of at
+        most MESSAGE_RECORDS and, unless one record is larger, MESSAGE_BYTES; a FeedGap
+        stands for positions whose records cannot be read."""
 
     @abstractmethod
     async def last_position(self) -> int:

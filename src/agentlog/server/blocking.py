@@ -8,6 +8,7 @@ embed a store use it directly.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import threading
 from abc import ABC, abstractmethod
@@ -22,18 +23,19 @@ from agentlog._events import ReadDirection
 from agentlog._records import (
     AppendEvent,
     CaughtUp,
+    Checkpoint,
     EventRecord,
     FeedGap,
     FeedRecord,
     NewEvent,
     SessionPage,
 )
+from agentlog.server._listing import PageTokens, SessionList, SessionQuery
 from agentlog.server._rules import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
     Appended,
     FeedFilter,
-    PageTokens,
     PendingAppend,
     Prepared,
     feed_end,
@@ -191,14 +193,34 @@ class BlockingStore(ABC):
         """A session's latest record."""
 
     @abstractmethod
+    def read_children(self, parent_id: str) -> Iterator[list[EventRecord]]:
+        """Every record whose parent_id is `parent_id` (sessions in byte order of their
+        ids, each session's in sequence order), in runs of at most MESSAGE_RECORDS and,
+        unless one record is larger, MESSAGE_BYTES: a parent with many large children is
+        never held whole."""
+
     def load_children(self, parent_id: str) -> list[EventRecord]:
         """Every record whose parent_id is `parent_id`."""
+        return [record for run in self.read_children(parent_id) for record in run]
 
     @abstractmethod
+    def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
+        """A session's records from `from_sequence` on: at most `limit`, and no more than
+        MESSAGE_BYTES of them unless the first is larger (a subscriber catching up reads
+        in such steps, so large records never make a large message)."""
+
     def list_sessions(
         self, *, page_size: int | None = None, page_token: str | None = None
     ) -> SessionPage:
         """One page of sessions."""
+        query = SessionQuery.of(page_size, self.page_tokens.decode(page_token))
+        found = self.session_page(query)
+        token = None if found.after is None else self.page_tokens.encode(found.after)
+        return SessionPage(sessions=found.sessions, next_page_token=token)
+
+    @abstractmethod
+    def session_page(self, query: SessionQuery) -> SessionList:
+        """The sessions a query takes (see `Backend.list_sessions`)."""
 
     def subscribe_session(
         self, session_id: str, *, from_sequence: int | None = None
@@ -225,12 +247,16 @@ class BlockingStore(ABC):
                 finally:
                     self._waiting -= 1
 
+    def read_all(self, from_position: int) -> Iterator[FeedRecord | FeedGap]:
+        """The feed of every session from `from_position` to its current end, in commit
+        order; a FeedGap for positions whose records cannot be read (a damaged session
+        file)."""
+        return itertools.chain.from_iterable(self.read_feed_runs(from_position))
+
     @abstractmethod
-    def read_all(
-        self, from_position: int, limit: int | None = None
-    ) -> Iterator[FeedRecord | FeedGap]:
-        """The feed of every session from `from_position`, in commit order; a FeedGap
-        for positions whose records cannot be read (a damaged session file)."""
+    def read_feed_runs(self, from_position: int) -> Iterator[list[FeedRecord | FeedGap]]:
+        """`read_all` in runs of at most MESSAGE_RECORDS items and, unless one record is
+        larger, MESSAGE_BYTES."""
 
     @abstractmethod
     def last_position(self) -> int:
@@ -246,7 +272,7 @@ class BlockingStore(ABC):
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
-    ) -> Iterator[FeedRecord | FeedGap | CaughtUp]:
+    ) -> Iterator[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
         """Every session's records in commit order from `from_position` (None: only new
         ones), CaughtUp, then live ones; optionally only some sessions or event kinds.
         A FeedGap stands for records of a kept session that could not be read."""
@@ -254,10 +280,12 @@ class BlockingStore(ABC):
         next_position = start_position(self.last_position(), from_position)
         caught_up = False
         while True:
-            for item in self.read_all(next_position):
-                next_position = feed_end(item) + 1
-                if keep(item):
-                    yield item
+            for run in self.read_feed_runs(next_position):
+                kept = [item for item in run if keep(item)]
+                next_position = feed_end(run[-1]) + 1
+                yield from kept
+                if not kept and not caught_up:
+                    yield Checkpoint(next_position - 1)
             if not caught_up:
                 caught_up = True
                 yield CaughtUp(position=next_position - 1)

@@ -23,6 +23,7 @@ from typing import TextIO
 from agentlog._codec import event_to_json
 from agentlog._records import EventRecord, SessionInfo
 from agentlog.errors import FailedPreconditionError, InvalidArgumentError
+from agentlog.server._listing import SessionQuery
 from agentlog.server._rules import PendingAppend, Prepared
 from agentlog.server.backend import Backend
 
@@ -83,12 +84,12 @@ async def open_store(
 
 async def _sessions(source: Backend) -> list[SessionInfo]:
     infos: list[SessionInfo] = []
-    token: str | None = None
+    after: str | None = None
     while True:
-        page = await source.list_sessions(page_size=1000, page_token=token)
+        page = await source.list_sessions(SessionQuery.of(1000, after))
         infos.extend(page.sessions)
-        token = page.next_page_token
-        if token is None:
+        after = page.after
+        if after is None:
             return infos
 
 

@@ -12,21 +12,22 @@ from dataclasses import dataclass, field
 import orjson
 
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionInfo, SessionPage
+from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionInfo
 from agentlog._validation import (
     check_count,
-    check_page_size,
     check_parent_query,
     check_stored_session_id,
 )
 from agentlog.server import _rules
-from agentlog.server._rules import Appended, Prepared
+from agentlog.server._listing import SessionList, SessionQuery, ids_of
+from agentlog.server._rules import MESSAGE_BYTES, MESSAGE_RECORDS, Appended, Prepared
 from agentlog.server.blocking import BlockingStore
 
 
 @dataclass
 class _Session:
     records: list[EventRecord] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # each record's size as a JSONL line
     by_id: dict[str, tuple[int, bytes]] = field(default_factory=dict)
 
 
@@ -41,8 +42,9 @@ class MemorySessionRepository(BlockingStore):
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
         self._session_ids: list[str] = []  # sorted by bytes, for paging
-        self._children: dict[str, list[EventRecord]] = defaultdict(list)
+        self._children: dict[str, list[tuple[EventRecord, int]]] = defaultdict(list)
         self._feed: list[EventRecord] = []  # position - 1 -> record
+        self._feed_sizes: list[int] = []
         self._sessions_by_id: dict[str, str] = {}
 
     def _append(
@@ -62,10 +64,12 @@ class MemorySessionRepository(BlockingStore):
             if stored is not None:
                 records = [session.records[sequence - 1] for sequence in stored]
                 return Appended.stored(session_id, batch, records), None
+            sizes = []
             for index, item in enumerate(batch):
                 # The size of its line in a JSONL store, near enough.
                 size = len(orjson.dumps(item.event_json)) + len(session_id) + 200
                 _rules.check_record_size(size, index if len(batch) > 1 else None)
+                sizes.append(size)
             if session_id not in self._sessions:
                 self._sessions[session_id] = session
                 bisect.insort(self._session_ids, session_id, key=str.encode)
@@ -74,12 +78,14 @@ class MemorySessionRepository(BlockingStore):
                 now = max(now, session.records[-1].timestamp_ns)
             appended = Appended(session_id, batch, last + 1, now)
             records = appended.records()
-            for item, record in zip(batch, records, strict=True):
+            session.sizes += sizes
+            self._feed_sizes += sizes
+            for item, record, size in zip(batch, records, sizes, strict=True):
                 session.records.append(record)
                 session.by_id[item.id] = (record.sequence, item.digest())
                 self._sessions_by_id[item.id] = session_id
                 if record.parent_id is not None:
-                    self._children[record.parent_id].append(record)
+                    self._children[record.parent_id].append((record, size))
             position = len(self._feed) + 1
             self._feed.extend(records)
             return appended, position
@@ -107,26 +113,44 @@ class MemorySessionRepository(BlockingStore):
 
         return elsewhere
 
-    def read_all(
-        self, from_position: int, limit: int | None = None
-    ) -> Iterator[FeedRecord | FeedGap]:
-        check_count(from_position, "from_position")
-        start = max(from_position, 1)
+    def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
         with self._lock:
-            end = len(self._feed) if limit is None else min(len(self._feed), start - 1 + limit)
-            chosen = self._feed[start - 1 : end]
-        return (FeedRecord(start + i, record) for i, record in enumerate(chosen))
+            session = self._sessions.get(session_id)
+            if session is None:
+                return []
+            start = max(from_sequence, 1) - 1
+            end = min(len(session.records), start + limit)
+            return session.records[start : start + _bounded(session.sizes, start, end)]
+
+    def read_feed_runs(self, from_position: int) -> Iterator[list[FeedRecord | FeedGap]]:
+        check_count(from_position, "from_position")
+        position = max(from_position, 1)
+        with self._lock:
+            end = len(self._feed)  # the feed as it is now
+        while position <= end:
+            with self._lock:
+                stop = min(end, position - 1 + MESSAGE_RECORDS)
+                count = _bounded(self._feed_sizes, position - 1, stop)
+                chosen = self._feed[position - 1 : position - 1 + count]
+            yield [FeedRecord(position + i, record) for i, record in enumerate(chosen)]
+            position += count
 
     def last_position(self) -> int:
         with self._lock:
             return len(self._feed)
 
-    def load_children(self, parent_id: str) -> list[EventRecord]:
+    def read_children(self, parent_id: str) -> Iterator[list[EventRecord]]:
         check_parent_query(parent_id)
         with self._lock:
             children = list(self._children.get(parent_id, ()))
         # Sorting is stable, so each session keeps its append order.
-        return sorted(children, key=lambda r: r.session_id.encode())
+        children.sort(key=lambda child: child[0].session_id.encode())
+        sizes = [size for _, size in children]
+        start = 0
+        while start < len(children):
+            count = _bounded(sizes, start, min(len(children), start + MESSAGE_RECORDS))
+            yield [record for record, _ in children[start : start + count]]
+            start += count
 
     def head(self, session_id: str) -> EventRecord | None:
         check_stored_session_id(session_id)
@@ -134,21 +158,12 @@ class MemorySessionRepository(BlockingStore):
             session = self._sessions.get(session_id)
             return session.records[-1] if session else None
 
-    def list_sessions(
-        self, *, page_size: int | None = None, page_token: str | None = None
-    ) -> SessionPage:
-        size = check_page_size(page_size)
-        after = self.page_tokens.decode(page_token)
+    def session_page(self, query: SessionQuery) -> SessionList:
+        infos: list[SessionInfo] = []
         with self._lock:
-            start = (
-                0
-                if after is None
-                else bisect.bisect_right(self._session_ids, after.encode(), key=str.encode)
-            )
-            ids = self._session_ids[start : start + size]
-            more = start + size < len(self._session_ids)
-            infos = []
-            for session_id in ids:
+            for session_id in ids_of(self._session_ids, query):
+                if len(infos) == query.size:
+                    return SessionList(infos, infos[-1].session_id)
                 records = self._sessions[session_id].records
                 infos.append(
                     SessionInfo(
@@ -159,8 +174,17 @@ class MemorySessionRepository(BlockingStore):
                         head_id=records[-1].id,
                     )
                 )
-        token = self.page_tokens.encode(ids[-1]) if more and ids else None
-        return SessionPage(sessions=infos, next_page_token=token)
+        return SessionList(infos, None)
 
     def close(self) -> None:
         """Nothing to release; present so every backend closes the same way."""
+
+
+def _bounded(sizes: list[int], start: int, end: int) -> int:
+    """How many of the records start..end-1 fit in MESSAGE_BYTES (at least one)."""
+    total = 0
+    for index in range(start, end):
+        total += sizes[index]
+        if total > MESSAGE_BYTES and index > start:
+            return index - start
+    return end - start

@@ -6,10 +6,18 @@ The metrics live in prometheus_client's default registry; `agentlog serve
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import TYPE_CHECKING
+import io
+import queue
+import socket
+import threading
+import time
+from http.server import HTTPServer
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.exposition import MetricsHandler
 
 if TYPE_CHECKING:
     from agentlog.server._live import LiveSubscriptions
@@ -112,8 +120,94 @@ def _figure(backend: Backend, name: str) -> float:
     return float(value) if value is not None else 0.0
 
 
-def serve_metrics(address: str) -> int:
-    """Serve /metrics on `address` ("host:port"; port 0 picks one); the port bound."""
+# The metrics port serves scrapes with a few threads, and gives each connection a few
+# seconds to send its request: idle or slow connections (thousands of them) wait in a
+# short queue or are closed, and never cost the gRPC service threads or CPU.
+METRICS_THREADS = 4
+METRICS_QUEUE = 4
+METRICS_TIMEOUT_SECONDS = 2.0
+
+
+class _Scrape(MetricsHandler):
+    timeout = METRICS_TIMEOUT_SECONDS  # for writing the answer
+
+    def setup(self) -> None:
+        super().setup()
+        # The whole request head within the timeout, however slowly it is sent: a
+        # connection that drips bytes cannot hold a thread longer.
+        self.rfile = io.BytesIO(_request_head(self.connection, METRICS_TIMEOUT_SECONDS))
+
+
+def _request_head(connection: socket.socket, seconds: float) -> bytes:
+    """The request line and headers (a scrape has no body), read within `seconds`;
+    TimeoutError if they take longer, ValueError if they are larger than 16 KiB."""
+    deadline = time.monotonic() + seconds
+    head = b""
+    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request head took too long")
+        connection.settimeout(left)
+        data = connection.recv(4096)
+        if not data:
+            break
+        head += data
+        if len(head) > 16384:
+            raise ValueError("the request head is too large")
+    connection.settimeout(seconds)
+    return head
+
+
+class MetricsServer(HTTPServer):
+    """/metrics over HTTP: connections are handled by METRICS_THREADS daemon threads from
+    a queue of METRICS_QUEUE; a connection that finds the queue full is closed."""
+
+    request_queue_size = 256  # connections the kernel holds while one is accepted
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Scrape)
+        self.port = int(self.server_port)
+        self._queue: queue.Queue[tuple[Any, Any] | None] = queue.Queue(METRICS_QUEUE)
+        self._threads = [
+            threading.Thread(target=self._work, name="agentlog-metrics", daemon=True)
+            for _ in range(METRICS_THREADS)
+        ]
+        self._threads.append(
+            threading.Thread(target=self.serve_forever, name="agentlog-metrics", daemon=True)
+        )
+        for thread in self._threads:
+            thread.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            self._queue.put_nowait((request, client_address))
+        except queue.Full:
+            self.shutdown_request(request)  # too many at once: this one is dropped
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that misbehaves (timed out, went away) is closed quietly."""
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        for _ in range(METRICS_THREADS):
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
+
+
+def serve_metrics(address: str) -> MetricsServer:
+    """Serve /metrics on `address` ("host:port"; port 0 picks one), on threads of its own."""
     host, _, port = address.rpartition(":")
-    server, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0")
-    return int(server.server_port)
+    return MetricsServer((host.strip("[]") or "0.0.0.0", int(port)))

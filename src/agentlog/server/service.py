@@ -8,21 +8,22 @@ errors become gRPC statuses, so no method formats an error of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from agentlog import _codec, _requests
-from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord, SessionPage
+from agentlog._records import CaughtUp, Checkpoint, FeedGap, SessionPage
 from agentlog._status import to_grpc_status
 from agentlog._validation import check_parent_query, check_stored_session_id
-from agentlog.errors import AgentlogError, InvalidArgumentError, ServerError
+from agentlog.errors import AgentlogError, InvalidArgumentError, PermissionDeniedError, ServerError
 from agentlog.server import metrics
 from agentlog.server._auth import (
     EVERYONE,
@@ -30,15 +31,23 @@ from agentlog.server._auth import (
     Grant,
     Permission,
     name_caller,
-    peer_identities,
+    peer_of,
 )
-from agentlog.server._live import LiveSubscriptions
+from agentlog.server._guard import StreamGuard, Watched
+from agentlog.server._listing import SessionList, SessionQuery, scope_of
+from agentlog.server._live import Interrupt, LiveSubscriptions
 from agentlog.server._rules import (
-    MESSAGE_BYTES,
-    MESSAGE_RECORDS,
     Appended,
     prepare_batch_request,
     prepare_request,
+)
+from agentlog.server._streams import (
+    EncodedRuns,
+    feed_messages,
+    feed_runs,
+    gap_message,
+    record_messages,
+    session_messages,
 )
 from agentlog.server.backend import Backend
 from agentlog.v1 import session_pb2 as pb
@@ -89,7 +98,8 @@ def _lenient(message_class: Any) -> Callable[[bytes], Any]:
 
 
 def _serialize(message: Any) -> bytes:
-    """A response's bytes; a response already encoded (shared by many streams) as is."""
+    """A response's bytes; a response already encoded (shared by many streams, see
+    `_streams.EncodedRuns`) as is."""
     if isinstance(message, bytes):
         return message
     data: bytes = message.SerializeToString()
@@ -165,11 +175,16 @@ def _translate_errors(method: F) -> F:
                 await _abort(context, request.error)
                 return
             self.in_flight.started(subscription)
+            _calling.set(None)
             try:
                 async for item in method(self, request, context):
-                    yield item
+                    if type(item) is list:  # messages encoded once, shared
+                        for message in item:
+                            yield message
+                    else:
+                        yield item
             except AgentlogError as exc:
-                await _abort(context, exc)
+                await _abort(context, _as_seen(exc))
             except Exception as exc:
                 await _abort(context, _unexpected(name, exc))
             finally:
@@ -182,10 +197,11 @@ def _translate_errors(method: F) -> F:
         if isinstance(request, _Malformed):
             await _abort(context, request.error)
         self.in_flight.started(subscription)
+        _calling.set(None)
         try:
             return await method(self, request, context)
         except AgentlogError as exc:
-            await _abort(context, exc)
+            await _abort(context, _as_seen(exc))
         except Exception as exc:
             await _abort(context, _unexpected(name, exc))
         finally:
@@ -194,19 +210,19 @@ def _translate_errors(method: F) -> F:
     return unary  # type: ignore[return-value]
 
 
-async def chunk_records(records: AsyncIterator[EventRecord]) -> AsyncIterator[list[pb.EventRecord]]:
-    """Group records into stream messages of bounded count and size."""
-    chunk: list[pb.EventRecord] = []
-    size = 0
-    async for record in records:
-        message = _codec.record_to_proto(record)
-        chunk.append(message)
-        size += message.ByteSize()
-        if len(chunk) >= MESSAGE_RECORDS or size >= MESSAGE_BYTES:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+# The caller of the call being served (None until known), so that an error is told
+# only what that caller may read (see AgentlogError.seen_by).
+_calling: ContextVar[Grant | None] = ContextVar("agentlog_calling", default=None)
+
+
+def _as_seen(error: AgentlogError) -> AgentlogError:
+    """`error` as the caller may be told it: a session it may not read is not named."""
+    grant = _calling.get()
+    return error.seen_by(grant.may_read if grant is not None else _nothing)
+
+
+def _nothing(_: str) -> bool:
+    return False
 
 
 def _answer(appended: Appended, sent: Sequence[pb.AgentEvent] | None) -> list[dict[str, Any]]:
@@ -259,11 +275,6 @@ def _answer(appended: Appended, sent: Sequence[pb.AgentEvent] | None) -> list[di
     return fields
 
 
-async def _each(records: list[EventRecord]) -> AsyncIterator[EventRecord]:
-    for record in records:
-        yield record
-
-
 class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     """Serves a Backend over gRPC."""
 
@@ -276,6 +287,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         self._backend = backend
         self._live = live
         self._authenticator = authenticator
+        self._guard = StreamGuard(authenticator) if authenticator is not None else None
         self.in_flight = CallsInFlight()
         self._encoded = EncodedRuns()
 
@@ -323,11 +335,11 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         self, request: pb.LoadChildrenRequest, context: Any
     ) -> AsyncIterator[pb.LoadChildrenResponse]:
         caller = self._caller(context)
-        records = await self._backend.load_children(check_parent_query(request.parent_id))
-        if not caller.reads_everything:  # only the children it may see
-            records = [r for r in records if caller.may_read(r.session_id)]
-        async for chunk in chunk_records(_each(records)):
-            yield pb.LoadChildrenResponse(records=chunk)
+        everything = caller.reads_everything
+        async for run in self._backend.read_children(check_parent_query(request.parent_id)):
+            records = run if everything else [r for r in run if caller.may_read(r.session_id)]
+            for messages in record_messages(records):  # only the children it may see
+                yield pb.LoadChildrenResponse(records=messages)
 
     @_translate_errors
     async def Head(self, request: pb.HeadRequest, context: Any) -> pb.HeadResponse:
@@ -342,29 +354,38 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     @_translate_errors
     async def SubscribeSession(
         self, request: pb.SubscribeSessionRequest, context: Any
-    ) -> AsyncIterator[pb.SubscribeSessionResponse | bytes]:
+    ) -> AsyncIterator[pb.SubscribeSessionResponse | list[bytes]]:
         caller = self._caller(context)
         session_id = check_stored_session_id(request.session_id)
         caller.require(Permission.READ, session_id)
         start = request.from_sequence if request.HasField("from_sequence") else None
-        async for item in self._live.session_chunks(session_id, from_sequence=start):
-            if isinstance(item, CaughtUp):
-                yield pb.SubscribeSessionResponse(caught_up=pb.CaughtUp(sequence=item.sequence))
-            else:
-                yield self._encoded.get(("s", session_id), item, _session_message)
+        interrupt = Interrupt()
+
+        def still_allowed(grant: Grant) -> None:
+            grant.require(Permission.READ, session_id)
+
+        chunks = self._live.session_chunks(session_id, from_sequence=start, interrupt=interrupt)
+        with self._watching(context, interrupt, still_allowed):
+            async for item in chunks:
+                if isinstance(item, CaughtUp):
+                    yield pb.SubscribeSessionResponse(caught_up=pb.CaughtUp(sequence=item.sequence))
+                else:
+                    yield self._encoded.get(("s", session_id), item, session_messages)
 
     @_translate_errors
     async def SubscribeAll(
         self, request: pb.SubscribeAllRequest, context: Any
-    ) -> AsyncIterator[pb.SubscribeAllResponse | bytes]:
+    ) -> AsyncIterator[pb.SubscribeAllResponse | list[bytes]]:
         caller = self._caller(context)
         everything = caller.reads_everything
         start = request.from_position if request.HasField("from_position") else None
+        interrupt = Interrupt()
         chunks = self._live.feed_chunks(
             from_position=start,
             session_id_prefix=request.session_id_prefix,
             part_types=list(request.part_types),
             visible=None if everything else caller.may_read,  # only sessions it may read
+            interrupt=interrupt,
         )
         # Encoded runs are shared only between subscribers with the same filters (and
         # scope): two filters can keep different records between the same first and last.
@@ -374,106 +395,80 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
             tuple(sorted(set(request.part_types))),
             None if everything else (caller.permissions, caller.prefixes),
         )
-        async for item in chunks:
-            if isinstance(item, CaughtUp):
-                yield pb.SubscribeAllResponse(caught_up=pb.CaughtUp(position=item.position))
-                continue
-            for run in _feed_runs(item):
-                if isinstance(run, FeedGap):
-                    yield pb.SubscribeAllResponse(
-                        gap=pb.FeedGap(
-                            first_position=run.first_position,
-                            last_position=run.last_position,
-                            session_id=run.session_id,
-                            reason=run.reason,
-                            message=run.message,
-                        )
-                    )
-                else:
-                    yield self._encoded.get(scope, run, _feed_message)
+
+        def still_allowed(grant: Grant) -> None:
+            if not grant.covers(caller):
+                raise PermissionDeniedError(
+                    f"caller {grant.name!r} may no longer read every session this feed "
+                    "delivers (its grant changed); subscribe again to follow what it may "
+                    "read now",
+                    reason="PERMISSION_DENIED",
+                    metadata={"caller": grant.name},
+                )
+
+        with self._watching(context, interrupt, still_allowed):
+            async for item in chunks:
+                if isinstance(item, CaughtUp):
+                    yield pb.SubscribeAllResponse(caught_up=pb.CaughtUp(position=item.position))
+                    continue
+                if isinstance(item, Checkpoint):
+                    yield pb.SubscribeAllResponse(checkpoint=pb.Checkpoint(position=item.position))
+                    continue
+                for run in feed_runs(item):
+                    if isinstance(run, FeedGap):
+                        yield gap_message(run)
+                    else:
+                        yield self._encoded.get(scope, run, feed_messages)
 
     @_translate_errors
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Any
     ) -> pb.ListSessionsResponse:
         caller = self._caller(context)
-        page = await self._backend.list_sessions(
-            page_size=request.page_size or None, page_token=request.page_token or None
+        tokens = self._backend.page_tokens
+        # A token serves the caller and filters it was issued for, and no other.
+        scope = scope_of("list", caller.name, sorted(caller.permissions), caller.prefixes)
+        after = tokens.decode(request.page_token or None, scope)
+        # Only the sessions it may see, looked up as such: a page never spans others.
+        query = SessionQuery.of(request.page_size or None, after, caller.readable_prefixes())
+        found = await self._backend.list_sessions(query) if query.prefixes else SessionList()
+        token = tokens.encode(found.after, scope) if found.after is not None else None
+        return _requests.page_to_proto(SessionPage(sessions=found.sessions, next_page_token=token))
+
+    @contextlib.contextmanager
+    def _watching(
+        self, context: Any, interrupt: Interrupt, still_allowed: Callable[[Grant], None]
+    ) -> Iterator[None]:
+        """Have the stream's credential rechecked while it runs (see `_guard`)."""
+        if self._guard is None:
+            yield
+            return
+        watched = Watched(
+            _metadata(context), peer_of(context.auth_context()), still_allowed, interrupt.end
         )
-        if not caller.reads_everything:  # only the sessions it may see
-            visible = [info for info in page.sessions if caller.may_read(info.session_id)]
-            page = SessionPage(sessions=visible, next_page_token=page.next_page_token)
-        return _requests.page_to_proto(page)
+        with self._guard.watching(watched):
+            yield
 
     def _caller(self, context: Any) -> Grant:
         """Who is calling (UnauthenticatedError if the call carries no credential this
         server accepts); with no authentication set up, anyone may do anything."""
         if self._authenticator is None:
-            return EVERYONE
-        metadata = {key: value for key, value in context.invocation_metadata() or ()}
-        grant = self._authenticator.grant(metadata, peer_identities(context.auth_context()))
+            grant = EVERYONE
+        else:
+            grant = self._authenticator.grant(_metadata(context), peer_of(context.auth_context()))
+        _calling.set(grant)
         return name_caller(grant)
+
+    async def close(self) -> None:
+        if self._guard is not None:
+            await self._guard.close()
+
+
+def _metadata(context: Any) -> list[tuple[str, str]]:
+    return list(context.invocation_metadata() or ())
 
 
 def _count_appended(appended: Appended, request: Any) -> None:
     if not appended.retried:  # stored now, not a retry's answer
         metrics.APPENDED_EVENTS.inc(len(appended.batch))
         metrics.APPENDED_BYTES.inc(request.ByteSize())
-
-
-def _session_message(records: list[EventRecord]) -> bytes:
-    records_pb = [_codec.record_to_proto(record) for record in records]
-    message = pb.SubscribeSessionResponse(records=pb.RecordBatch(records=records_pb))
-    return message.SerializeToString()
-
-
-def _feed_message(run: list[FeedRecord]) -> bytes:
-    records = [
-        pb.FeedRecord(position=f.position, record=_codec.record_to_proto(f.record)) for f in run
-    ]
-    return pb.SubscribeAllResponse(records=pb.FeedBatch(records=records)).SerializeToString()
-
-
-class EncodedRuns:
-    """The encoded stream messages of the latest runs of records, shared by every
-    subscriber sent the same run: a new record is encoded once, not once a
-    subscriber. (Sent as bytes: see `_serialize`.)"""
-
-    SIZE = 256  # runs kept: a wake-up of every subscriber hands them the same few
-
-    def __init__(self) -> None:
-        self._runs: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
-
-    def get(self, scope: tuple[Any, ...], run: list[Any], encode: Callable[[Any], bytes]) -> bytes:
-        """`encode(run)`, from the cache if the same run was encoded lately. A run is
-        named by its first and last records (ids, and sequences or positions):
-        records once acknowledged never change."""
-        first, last = run[0], run[-1]
-        key = (*scope, len(run), _name(first), _name(last))
-        found = self._runs.get(key)
-        if found is None:
-            found = self._runs[key] = encode(run)
-            if len(self._runs) > self.SIZE:
-                self._runs.popitem(last=False)
-        return found
-
-
-def _name(item: EventRecord | FeedRecord) -> tuple[Any, ...]:
-    if isinstance(item, FeedRecord):
-        return (item.position, item.record.id)
-    return (item.sequence, item.id)
-
-
-def _feed_runs(items: list[FeedRecord | FeedGap]) -> Iterator[list[FeedRecord] | FeedGap]:
-    """Feed items as runs of records, each gap on its own."""
-    run: list[FeedRecord] = []
-    for item in items:
-        if isinstance(item, FeedGap):
-            if run:
-                yield run
-                run = []
-            yield item
-        else:
-            run.append(item)
-    if run:
-        yield run

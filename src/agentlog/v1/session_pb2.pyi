@@ -252,14 +252,22 @@ class SubscribeAllRequest(_message.Message):
     def __init__(self, from_position: _Optional[int] = ..., session_id_prefix: _Optional[str] = ..., part_types: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubscribeAllResponse(_message.Message):
-    __slots__ = ("records", "caught_up", "gap")
+    __slots__ = ("records", "caught_up", "gap", "checkpoint")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
     GAP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     records: FeedBatch
     caught_up: CaughtUp
     gap: FeedGap
-    def __init__(self, records: _Optional[_Union[FeedBatch, _Mapping]] = ..., caught_up: _Optional[_Union[CaughtUp, _Mapping]] = ..., gap: _Optional[_Union[FeedGap, _Mapping]] = ...) -> None: ...
+    checkpoint: Checkpoint
+    def __init__(self, records: _Optional[_Union[FeedBatch, _Mapping]] = ..., caught_up: _Optional[_Union[CaughtUp, _Mapping]] = ..., gap: _Optional[_Union[FeedGap, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ...) -> None: ...
+
+class Checkpoint(_message.Message):
+    __slots__ = ("position",)
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class FeedGap(_message.Message):
     __slots__ = ("first_position", "last_position", "session_id", "reason", "message")

@@ -148,7 +148,8 @@ class SessionRepositoryServicer:
         order, each with its global position: stored ones from a position, then a
         CaughtUp marker, then live ones. A consumer stores the last position it
         processed and resumes from the one after it. Optional filters narrow the
-        feed by session id prefix and by event kind.
+        feed by session id prefix and by event kind; a Checkpoint then says how far
+        the feed was examined when the filters kept nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

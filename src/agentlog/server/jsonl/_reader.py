@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
 import os
@@ -28,11 +27,9 @@ from agentlog._records import (
     FeedGap,
     FeedRecord,
     SessionInfo,
-    SessionPage,
 )
 from agentlog._validation import (
     check_count,
-    check_page_size,
     check_parent_query,
     check_stored_session_id,
 )
@@ -40,6 +37,7 @@ from agentlog.errors import (
     DataLossError,
 )
 from agentlog.server import _rules, metrics
+from agentlog.server._listing import SessionList, SessionQuery, ids_of
 from agentlog.server._rules import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
@@ -59,7 +57,7 @@ from agentlog.server.jsonl.files import (
     read_line,
     storage_error,
 )
-from agentlog.server.jsonl.index import MARK_EVERY
+from agentlog.server.jsonl.index import MARK_EVERY, Located
 
 log = logging.getLogger("agentlog.server")
 
@@ -160,12 +158,24 @@ class Reader(Recovery):
         """Records `low` to `high` in order: one seek to the mark before `low` (or to
         `start`, the known (offset, sequence) of a record at or before it), then
         reading on, a block at a time."""
+        for run, _ in self._forward_sized(view, low, high, decoder, start):
+            yield run
+
+    def _forward_sized(
+        self,
+        view: View,
+        low: int,
+        high: int,
+        decoder: _Decoder[T],
+        start: tuple[int, int] | None = None,
+    ) -> Iterator[tuple[list[T], int]]:
+        """`_forward`'s runs, each with the bytes of its lines."""
         if low > high:
             return
         runs = _runs(self._lines(view, low, high, start))
         for first, lines in runs:
             try:
-                yield decoder.run(lines, first)
+                yield decoder.run(lines, first), sum(map(len, lines))
             except DecodeError:
                 for number, line in enumerate(lines, first):
                     try:
@@ -317,19 +327,25 @@ class Reader(Recovery):
         except (orjson.JSONDecodeError, DecodeError, AttributeError):
             return None
 
-    def read_all(
-        self, from_position: int, limit: int | None = None
-    ) -> Iterator[FeedRecord | FeedGap]:
-        check_count(from_position, "from_position")
-        if limit is not None:
-            check_count(limit, "limit", minimum=1)
-        return self._read_all(max(from_position, 1), limit)
+    def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
+        check_stored_session_id(session_id)
+        view = self._view(session_id)
+        first = max(from_sequence, 1)
+        for run in self._forward(view, first, min(view.count, first + limit - 1), _RECORDS):
+            return run  # the first run: at most MESSAGE_RECORDS, and MESSAGE_BYTES
+        return []
 
-    def _read_all(self, position: int, limit: int | None) -> Iterator[FeedRecord | FeedGap]:
-        """The feed from `position`: each entry's records read from its session file.
-        A session that cannot be read is that session's loss alone: its positions
-        become a FeedGap and the feed goes on."""
-        remaining = limit
+    def read_feed_runs(self, from_position: int) -> Iterator[list[FeedRecord | FeedGap]]:
+        check_count(from_position, "from_position")
+        return self._read_feed_runs(max(from_position, 1))
+
+    def _read_feed_runs(self, position: int) -> Iterator[list[FeedRecord | FeedGap]]:
+        """The feed from `position`: each entry's records read from its session file,
+        gathered into runs of at most MESSAGE_RECORDS items and MESSAGE_BYTES (unless one
+        record is larger). A session that cannot be read is that session's loss alone:
+        its positions become a FeedGap and the feed goes on."""
+        pending: list[FeedRecord | FeedGap] = []
+        size = 0
         for entry_position, session_id, sequence, count, offset in self._feed.entries_from(
             position
         ):
@@ -337,9 +353,6 @@ class Reader(Recovery):
                 continue  # a gap
             skip = max(position - entry_position, 0)
             first, last = sequence + skip, sequence + count - 1
-            if remaining is not None:
-                last = min(last, first + remaining - 1)
-                remaining -= last - first + 1
             shift = entry_position - sequence  # a record's position less its sequence
             delivered = first - 1
             try:
@@ -347,14 +360,22 @@ class Reader(Recovery):
                 if view.count < last:
                     raise missing_records(view.path, view.count, last)
                 start = (offset, sequence) if offset >= 0 else None
-                for run in self._forward(view, first, last, _RECORDS, start):
-                    for record in run:
-                        yield FeedRecord(shift + record.sequence, record)
+                for run, run_size in self._forward_sized(view, first, last, _RECORDS, start):
+                    if pending and (
+                        len(pending) + len(run) > MESSAGE_RECORDS or size + run_size > MESSAGE_BYTES
+                    ):
+                        yield pending
+                        pending, size = [], 0
+                    pending += [FeedRecord(shift + record.sequence, record) for record in run]
+                    size += run_size
                     delivered = run[-1].sequence
             except DataLossError as exc:
-                yield self._gap(shift + delivered + 1, shift + last, session_id, exc)
-            if remaining is not None and remaining <= 0:
-                return
+                pending.append(self._gap(shift + delivered + 1, shift + last, session_id, exc))
+            if len(pending) >= MESSAGE_RECORDS:
+                yield pending
+                pending, size = [], 0
+        if pending:
+            yield pending
 
     def _gap(self, first: int, last: int, session_id: str, error: DataLossError) -> FeedGap:
         """What the feed says in place of records it could not read; logged once a
@@ -384,30 +405,55 @@ class Reader(Recovery):
                 open_files=len(self._files),
             )
 
-    def load_children(self, parent_id: str) -> list[EventRecord]:
+    def read_children(self, parent_id: str) -> Iterator[list[EventRecord]]:
         check_parent_query(parent_id)
-        children: list[EventRecord] = []
-        views: dict[str, View | None] = {}
-        for place in self._index.children(parent_id):
-            session_id = place.session_id
-            if session_id not in views:
-                try:
-                    views[session_id] = self._children_view(session_id)
-                except DataLossError as exc:
-                    views[session_id] = None
-                    self._skipped_children(session_id, exc)
-            view = views[session_id]
-            if view is None or place.sequence > view.count:
-                continue  # damaged, or the index ran ahead of a file cut since
+        return self._read_children(parent_id)
+
+    def _read_children(self, parent_id: str) -> Iterator[list[EventRecord]]:
+        """Children found by the index, read a session at a time (one open file each),
+        in runs bounded as every stream's messages are."""
+        pending: list[EventRecord] = []
+        size = 0
+        places = self._index.children(parent_id)
+        for session_id, group in itertools.groupby(places, key=lambda place: place.session_id):
             try:
-                record = self._at(view, place.sequence, place.offset)
-            except DataLossError as exc:  # a damaged line: that session's loss alone
-                views[session_id] = None
+                view = self._children_view(session_id)
+                for record, line_size in self._records_at(view, list(group)):
+                    if record.parent_id != parent_id:
+                        continue  # a key collision
+                    if pending and (
+                        len(pending) >= MESSAGE_RECORDS or size + line_size > MESSAGE_BYTES
+                    ):
+                        yield pending
+                        pending, size = [], 0
+                    pending.append(record)
+                    size += line_size
+            except DataLossError as exc:  # a damaged session: its loss alone
                 self._skipped_children(session_id, exc)
-                continue
-            if record.parent_id == parent_id:
-                children.append(record)
-        return children
+        if pending:
+            yield pending
+
+    def _records_at(self, view: View, places: list[Located]) -> Iterator[tuple[EventRecord, int]]:
+        """The records at the places the index gave (of one session, in sequence order),
+        with their line's size, reading the file once."""
+        try:
+            file = view.path.open("rb")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise storage_error(exc, view.path) from None
+        with file:
+            for place in places:
+                if place.sequence > view.count:
+                    continue  # the index ran ahead of a file cut since: nothing to serve
+                line = read_line(file, place.offset, view.end)
+                try:
+                    yield record_from_line(line, place.sequence), len(line) + 1
+                except DecodeError as exc:
+                    number = line_number(view.path, place.offset)
+                    error = corrupt_line(view.path, number, str(exc), place.sequence, place.offset)
+                    self._seal(view.path, error, place.sequence, place.offset)
+                    raise error from None
 
     def _skipped_children(self, session_id: str, error: DataLossError) -> None:
         """LoadChildren leaves out the children a damaged session holds (its own reads
@@ -433,18 +479,14 @@ class Reader(Recovery):
             return View(path, array("Q"), indexed.records, indexed.size)
         return self._view(session_id)
 
-    def list_sessions(
-        self, *, page_size: int | None = None, page_token: str | None = None
-    ) -> SessionPage:
-        size = check_page_size(page_size)
-        after = self.page_tokens.decode(page_token)
-        catalog = self._sessions_in_order()
-        start = 0 if after is None else bisect.bisect_right(catalog, after.encode(), key=str.encode)
+    def session_page(self, query: SessionQuery) -> SessionList:
         infos: list[SessionInfo] = []
-        index = start
-        while index < len(catalog) and len(infos) < size:
-            session_id = catalog[index]
-            index += 1
+        last: str | None = None
+        ids = ids_of(self._sessions_in_order(), query)
+        for session_id in ids:
+            if len(infos) == query.size:
+                return SessionList(infos, last)  # more follow
+            last = session_id
             state = self._state(session_id)
             with self._lock:
                 if state.count == 0:
@@ -458,9 +500,7 @@ class Reader(Recovery):
                         head_id=state.head_id,
                     )
                 )
-        more = index < len(catalog)
-        token = self.page_tokens.encode(catalog[index - 1]) if more and infos else None
-        return SessionPage(sessions=infos, next_page_token=token)
+        return SessionList(infos, None)
 
     def session_ids(self) -> list[str]:
         """Ids of the sessions that have a file, in byte order."""

@@ -234,8 +234,9 @@ def scan_file(path: Path, mark_every: int) -> FileScan:
             if carry.strip():
                 scan.damage = DataLossError(
                     f"{path}, line {line_number(path, base)}: an incomplete last line (no "
-                    f"newline) starts at byte offset {base}; the session cannot be read or "
-                    "appended to until it is repaired",
+                    f"newline) starts at byte offset {base}: another process may be writing "
+                    "it (retry), or died mid-line (agentlog's next start cuts it off and keeps "
+                    "it aside); the session cannot be read or appended to meanwhile",
                     reason="TORN_LAST_LINE",
                     metadata={"file": str(path), "offset": str(base)},
                 )

@@ -44,7 +44,7 @@ from agentlog.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
-from agentlog.server import _rules
+from agentlog.server._listing import PageTokens
 from agentlog.server.jsonl._commit import Staging, Written, finish
 from agentlog.server.jsonl._state import (
     CLEAN_FILE,
@@ -118,7 +118,7 @@ class JsonlSessionRepository(SyncLoops):
         with contextlib.ExitStack() as undo:
             self._directory_lock = lock_directory(self.root)
             undo.callback(os.close, self._directory_lock)
-            self.page_tokens = _rules.PageTokens(page_token_key(self.root))
+            self.page_tokens = PageTokens(page_token_key(self.root))
             self._lock = threading.Lock()  # the store's: states, writing, acknowledging
             self._cond = threading.Condition(self._lock)
             self._halted: AgentlogError | None = None

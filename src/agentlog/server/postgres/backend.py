@@ -24,20 +24,19 @@ import psycopg_pool
 from psycopg.conninfo import make_conninfo
 
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionInfo, SessionPage
+from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionInfo
 from agentlog._validation import (
     check_count,
-    check_page_size,
     check_parent_query,
     check_stored_session_id,
 )
 from agentlog.errors import DataLossError, ServerError, UnavailableError
 from agentlog.server import _rules, metrics
+from agentlog.server._listing import PageTokens, SessionList, SessionQuery, prefix_end
 from agentlog.server._rules import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
     Appended,
-    PageTokens,
     PendingAppend,
 )
 from agentlog.server._tracing import store_span
@@ -104,7 +103,7 @@ class PostgresBackend(Backend):
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self._pool = pool
-        self.page_tokens = PageTokens(page_key)
+        self._page_tokens = PageTokens(page_key)
         self._listener: GrowthListener | None = None
         self._following: Callable[[str], bool] | None = None
         self._stopping = False
@@ -192,6 +191,10 @@ class PostgresBackend(Backend):
             connect_timeout=connect_timeout,
             clock=clock,
         )
+
+    @property
+    def page_tokens(self) -> PageTokens:
+        return self._page_tokens
 
     # -- health ---------------------------------------------------------------
 
@@ -342,46 +345,82 @@ class PostgresBackend(Backend):
         )
         return record_of(rows[0]) if rows else None
 
-    async def load_children(self, parent_id: str) -> list[EventRecord]:
-        check_parent_query(parent_id)
+    async def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
         rows = await self._fetch(
-            f"SELECT {RECORD_COLUMNS} FROM agentlog_events WHERE parent_id = %s"
-            " ORDER BY session_id, sequence",
-            (parent_id.encode(),),
+            _bounded(
+                f"SELECT {RECORD_COLUMNS} FROM agentlog_events WHERE session_id = %s"
+                " AND sequence >= %s ORDER BY sequence LIMIT %s",
+                "sequence",
+            ),
+            (session_id, min(from_sequence, MAX_BIGINT), min(limit, MESSAGE_RECORDS)),
         )
         return [record_of(row) for row in rows]
 
-    async def list_sessions(
-        self, *, page_size: int | None = None, page_token: str | None = None
-    ) -> SessionPage:
-        size = check_page_size(page_size)
-        after = self.page_tokens.decode(page_token)
-        rows = await self._fetch(
-            "SELECT session_id, last_sequence, first_timestamp_ns, last_timestamp_ns, head_id"
-            " FROM agentlog_sessions WHERE %s::text IS NULL OR session_id > %s"
-            " ORDER BY session_id LIMIT %s",
-            (after, after, size + 1),
+    async def read_children(self, parent_id: str) -> AsyncIterator[list[EventRecord]]:
+        check_parent_query(parent_id)
+        query = _bounded(
+            f"SELECT {RECORD_COLUMNS} FROM agentlog_events WHERE parent_id = %s"
+            " AND (session_id, sequence) > (%s, %s)"
+            f" ORDER BY session_id, sequence LIMIT {MESSAGE_RECORDS}",
+            "session_id, sequence",
         )
-        infos = [
-            SessionInfo(
-                session_id=row[0],
-                event_count=int(row[1]),
-                first_timestamp_ns=int(row[2]),
-                last_timestamp_ns=int(row[3]),
-                head_id=row[4],
+        after: tuple[str, int] = ("", 0)
+        while True:
+            rows = await self._fetch(query, (parent_id.encode(), *after))
+            if not rows:
+                return
+            after = (rows[-1][0], int(rows[-1][1]))
+            records = []
+            for row in rows:
+                try:
+                    records.append(record_of(row))
+                except DataLossError as exc:  # that session's loss alone
+                    self._report_damage(row[0], exc, "LoadChildren leaves out a child")
+            if records:
+                yield records
+
+    async def list_sessions(self, query: SessionQuery) -> SessionList:
+        infos: list[SessionInfo] = []
+        for prefix in query.prefixes:
+            low = prefix if query.after is None or query.after < prefix else query.after
+            end = prefix_end(prefix)
+            # One range of the primary key a prefix: an index scan that stops at its end.
+            where, params = ["session_id >= %s"], [low]
+            if query.after is not None:
+                where.append("session_id > %s")
+                params.append(query.after)
+            if end is not None:
+                where.append("session_id < %s")
+                params.append(end)
+            rows = await self._fetch(
+                "SELECT session_id, last_sequence, first_timestamp_ns, last_timestamp_ns,"
+                f" head_id FROM agentlog_sessions WHERE {' AND '.join(where)}"
+                " ORDER BY session_id LIMIT %s",
+                (*params, query.size - len(infos) + 1),
             )
-            for row in rows[:size]
-        ]
-        token = self.page_tokens.encode(infos[-1].session_id) if len(rows) > size else None
-        return SessionPage(sessions=infos, next_page_token=token)
+            for row in rows:
+                if len(infos) == query.size:
+                    return SessionList(infos, infos[-1].session_id)
+                infos.append(
+                    SessionInfo(
+                        session_id=row[0],
+                        event_count=int(row[1]),
+                        first_timestamp_ns=int(row[2]),
+                        last_timestamp_ns=int(row[3]),
+                        head_id=row[4],
+                    )
+                )
+        return SessionList(infos, None)
 
     async def read_feed(self, from_position: int) -> AsyncIterator[list[FeedRecord | FeedGap]]:
         check_count(from_position, "from_position")
         low = max(min(from_position, MAX_BIGINT), 1)
         high = await self.last_position()  # the feed as it is now
-        query = (
+        query = _bounded(
             f"SELECT position, {RECORD_COLUMNS} FROM agentlog_events"
-            f" WHERE position BETWEEN %s AND %s ORDER BY position LIMIT {MESSAGE_RECORDS}"
+            f" WHERE position BETWEEN %s AND %s ORDER BY position LIMIT {MESSAGE_RECORDS}",
+            "position",
+            f"position, {RECORD_COLUMNS}",
         )
         while low <= high:
             rows = await self._fetch(query, (low, high))
@@ -409,12 +448,17 @@ class PostgresBackend(Backend):
                     items[-1] = dataclasses.replace(last, last_position=position)
                     continue
                 reason = exc.reason or "DATA_LOSS"
-                if (row[1], reason) not in self._reported_gaps:
-                    self._reported_gaps.add((row[1], reason))
-                    log.error("the feed skips position %d (session %r): %s", position, row[1], exc)
+                self._report_damage(row[1], exc, f"the feed skips position {position}")
                 items.append(FeedGap(position, position, row[1], reason, exc.message))
                 metrics.FEED_UNDELIVERED.labels(reason=reason).inc()
         return items
+
+    def _report_damage(self, session_id: str, error: DataLossError, what: str) -> None:
+        """Log a damaged record once a session, reason and kind of read."""
+        key = (session_id, f"{what.split(' ', maxsplit=1)[0]}:{error.reason}")
+        if key not in self._reported_gaps:
+            self._reported_gaps.add(key)
+            log.error("%s (session %r): %s", what, session_id, error)
 
     async def last_position(self) -> int:
         rows = await self._fetch("SELECT last_position FROM agentlog_meta", ())
@@ -436,3 +480,14 @@ class PostgresBackend(Backend):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._pool.close()
+
+
+def _bounded(query: str, order: str, columns: str = RECORD_COLUMNS) -> str:
+    """`query` (which selects `columns`, `event` among them, in `order`) cut so that its
+    rows hold at most MESSAGE_BYTES of events, unless the first alone holds more: the
+    database adds the sizes up, so a run of large records is never fetched whole."""
+    return (
+        f"SELECT {columns} FROM (SELECT q.*, sum(octet_length(q.event))"
+        f" OVER (ORDER BY {order}) AS total FROM ({query}) AS q) AS r"
+        f" WHERE r.total - octet_length(r.event) < {MESSAGE_BYTES} ORDER BY {order}"
+    )

@@ -21,7 +21,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file agentlog/v1/session.proto.
  */
 export const file_agentlog_v1_session: GenFile = /*@__PURE__*/
-  fileDesc("ChlhZ2VudGxvZy92MS9zZXNzaW9uLnByb3RvEgthZ2VudGxvZy52MSLHAQoNQXBwZW5kUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhYKCXBhcmVudF9pZBgCIAEoCUgAiAEBEiYKBWV2ZW50GAMgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudBIKCgJpZBgEIAEoCRIeChFleHBlY3RlZF9zZXF1ZW5jZRgFIAEoBEgBiAEBEhIKCm9taXRfZXZlbnQYBiABKAhCDAoKX3BhcmVudF9pZEIUChJfZXhwZWN0ZWRfc2VxdWVuY2UiOgoOQXBwZW5kUmVzcG9uc2USKAoGcmVjb3JkGAEgASgLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQinAEKEkFwcGVuZEJhdGNoUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEh4KEWV4cGVjdGVkX3NlcXVlbmNlGAIgASgESACIAQESJwoGZXZlbnRzGAMgAygLMhcuYWdlbnRsb2cudjEuQmF0Y2hFdmVudBITCgtvbWl0X2V2ZW50cxgEIAEoCEIUChJfZXhwZWN0ZWRfc2VxdWVuY2UiZgoKQmF0Y2hFdmVudBIKCgJpZBgBIAEoCRIWCglwYXJlbnRfaWQYAiABKAlIAIgBARImCgVldmVudBgDIAEoCzIXLmFnZW50bG9nLnYxLkFnZW50RXZlbnRCDAoKX3BhcmVudF9pZCJAChNBcHBlbmRCYXRjaFJlc3BvbnNlEikKB3JlY29yZHMYASADKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCJ9ChJMb2FkU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIVCg1mcm9tX3NlcXVlbmNlGAIgASgEEg0KBWxpbWl0GAMgASgEEi0KCWRpcmVjdGlvbhgEIAEoDjIaLmFnZW50bG9nLnYxLlJlYWREaXJlY3Rpb24iQAoTTG9hZFNlc3Npb25SZXNwb25zZRIpCgdyZWNvcmRzGAEgAygLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQiKAoTTG9hZENoaWxkcmVuUmVxdWVzdBIRCglwYXJlbnRfaWQYASABKAkiQQoUTG9hZENoaWxkcmVuUmVzcG9uc2USKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIiEKC0hlYWRSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiOAoMSGVhZFJlc3BvbnNlEigKBnJlY29yZBgBIAEoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIjwKE0xpc3RTZXNzaW9uc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgNEhIKCnBhZ2VfdG9rZW4YAiABKAkiWwoUTGlzdFNlc3Npb25zUmVzcG9uc2USKgoIc2Vzc2lvbnMYASADKAsyGC5hZ2VudGxvZy52MS5TZXNzaW9uSW5mbxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkisAEKC1Nlc3Npb25JbmZvEhIKCnNlc3Npb25faWQYASABKAkSEwoLZXZlbnRfY291bnQYAiABKAQSMwoPZmlyc3RfdGltZXN0YW1wGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3RpbWVzdGFtcBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHaGVhZF9pZBgFIAEoCSK8AQoLRXZlbnRSZWNvcmQSCgoCaWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIWCglwYXJlbnRfaWQYAyABKAlIAIgBARItCgl0aW1lc3RhbXAYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKBWV2ZW50GAUgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudBIQCghzZXF1ZW5jZRgGIAEoBEIMCgpfcGFyZW50X2lkIlsKF1N1YnNjcmliZVNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSGgoNZnJvbV9zZXF1ZW5jZRgCIAEoBEgAiAEBQhAKDl9mcm9tX3NlcXVlbmNlInsKGFN1YnNjcmliZVNlc3Npb25SZXNwb25zZRIrCgdyZWNvcmRzGAEgASgLMhguYWdlbnRsb2cudjEuUmVjb3JkQmF0Y2hIABIqCgljYXVnaHRfdXAYAiABKAsyFS5hZ2VudGxvZy52MS5DYXVnaHRVcEgAQgYKBGtpbmQiOAoLUmVjb3JkQmF0Y2gSKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIi4KCENhdWdodFVwEhAKCHNlcXVlbmNlGAEgASgEEhAKCHBvc2l0aW9uGAIgASgEInIKE1N1YnNjcmliZUFsbFJlcXVlc3QSGgoNZnJvbV9wb3NpdGlvbhgBIAEoBEgAiAEBEhkKEXNlc3Npb25faWRfcHJlZml4GAIgASgJEhIKCnBhcnRfdHlwZXMYAyADKAlCEAoOX2Zyb21fcG9zaXRpb24imgEKFFN1YnNjcmliZUFsbFJlc3BvbnNlEikKB3JlY29yZHMYASABKAsyFi5hZ2VudGxvZy52MS5GZWVkQmF0Y2hIABIqCgljYXVnaHRfdXAYAiABKAsyFS5hZ2VudGxvZy52MS5DYXVnaHRVcEgAEiMKA2dhcBgDIAEoCzIULmFnZW50bG9nLnYxLkZlZWRHYXBIAEIGCgRraW5kIm0KB0ZlZWRHYXASFgoOZmlyc3RfcG9zaXRpb24YASABKAQSFQoNbGFzdF9wb3NpdGlvbhgCIAEoBBISCgpzZXNzaW9uX2lkGAMgASgJEg4KBnJlYXNvbhgEIAEoCRIPCgdtZXNzYWdlGAUgASgJIjUKCUZlZWRCYXRjaBIoCgdyZWNvcmRzGAEgAygLMhcuYWdlbnRsb2cudjEuRmVlZFJlY29yZCJICgpGZWVkUmVjb3JkEhAKCHBvc2l0aW9uGAEgASgEEigKBnJlY29yZBgCIAEoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIuMFCgpBZ2VudEV2ZW50Ei4KC3J1bl9zdGFydGVkGAEgASgLMhcuYWdlbnRsb2cudjEuUnVuU3RhcnRlZEgAEjoKEWl0ZXJhdGlvbl9zdGFydGVkGAIgASgLMh0uYWdlbnRsb2cudjEuSXRlcmF0aW9uU3RhcnRlZEgAEjAKDG1vZGVsX291dHB1dBgDIAEoCzIYLmFnZW50bG9nLnYxLk1vZGVsT3V0cHV0SAASLAoKdGV4dF9kZWx0YRgEIAEoCzIWLmFnZW50bG9nLnYxLlRleHREZWx0YUgAEj0KE3Rvb2xfY2FsbF9yZXF1ZXN0ZWQYBSABKAsyHi5hZ2VudGxvZy52MS5Ub29sQ2FsbFJlcXVlc3RlZEgAEj0KE3Rvb2xfY2FsbF9jb21wbGV0ZWQYBiABKAsyHi5hZ2VudGxvZy52MS5Ub29sQ2FsbENvbXBsZXRlZEgAEjcKEHRvb2xfY2FsbF9mYWlsZWQYByABKAsyGy5hZ2VudGxvZy52MS5Ub29sQ2FsbEZhaWxlZEgAEjIKDXN0YXRlX3BhdGNoZWQYCCABKAsyGS5hZ2VudGxvZy52MS5TdGF0ZVBhdGNoZWRIABI6ChFjb250ZXh0X2NvbXBhY3RlZBgJIAEoCzIdLmFnZW50bG9nLnYxLkNvbnRleHRDb21wYWN0ZWRIABI8ChJhcHByb3ZhbF9yZXF1ZXN0ZWQYCiABKAsyHi5hZ2VudGxvZy52MS5BcHByb3ZhbFJlcXVlc3RlZEgAEjoKEWFwcHJvdmFsX3Jlc29sdmVkGAsgASgLMh0uYWdlbnRsb2cudjEuQXBwcm92YWxSZXNvbHZlZEgAEi4KC3J1bl9lcnJvcmVkGAwgASgLMhcuYWdlbnRsb2cudjEuUnVuRXJyb3JlZEgAEjAKDHJ1bl9maW5pc2hlZBgNIAEoCzIYLmFnZW50bG9nLnYxLlJ1bkZpbmlzaGVkSABCBgoEa2luZCIZCglKc29uVmFsdWUSDAoEanNvbhgBIAEoCSJaCgpSdW5TdGFydGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhAKCHByb3ZpZGVyGAMgASgJEhYKDm1heF9pdGVyYXRpb25zGAQgASgNIkkKEEl0ZXJhdGlvblN0YXJ0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNIscBCgtNb2RlbE91dHB1dBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SMQoLc3RvcF9yZWFzb24YBCABKA4yHC5hZ2VudGxvZy52MS5Nb2RlbFN0b3BSZWFzb24SFwoPZGlyZWN0aXZlX2NvdW50GAUgASgEEisKBXVzYWdlGAYgASgLMhcuYWdlbnRsb2cudjEuVG9rZW5Vc2FnZUgAiAEBQggKBl91c2FnZSJRCglUZXh0RGVsdGESDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEg0KBWRlbHRhGAQgASgJIm8KEVRvb2xDYWxsUmVxdWVzdGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIjCgRjYWxsGAQgASgLMhUuYWdlbnRsb2cudjEuVG9vbENhbGwiegoRVG9vbENhbGxDb21wbGV0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEi4KBnJlc3VsdBgEIAEoCzIeLmFnZW50bG9nLnYxLlRvb2xSZXN1bHRTdW1tYXJ5InoKDlRvb2xDYWxsRmFpbGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIPCgdjYWxsX2lkGAQgASgJEhEKCXRvb2xfbmFtZRgFIAEoCRINCgVlcnJvchgGIAEoCSJ/CgxTdGF0ZVBhdGNoZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEiYKBXBhdGNoGAQgASgLMhcuYWdlbnRsb2cudjEuU3RhdGVQYXRjaBIQCghyZXZpc2lvbhgFIAEoBCKNAQoQQ29udGV4dENvbXBhY3RlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SFQoNZHJvcHBlZF9jb3VudBgEIAEoBBIVCg10b2tlbnNfYmVmb3JlGAUgASgEEhQKDHRva2Vuc19hZnRlchgGIAEoBCKpAQoRQXBwcm92YWxSZXF1ZXN0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEwoLYXBwcm92YWxfaWQYAyABKAkSDwoHY2FsbF9pZBgEIAEoCRIRCgl0b29sX25hbWUYBSABKAkSKQoJYXJndW1lbnRzGAYgASgLMhYuYWdlbnRsb2cudjEuSnNvblZhbHVlEgwKBHJpc2sYByABKAkifQoQQXBwcm92YWxSZXNvbHZlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRITCgthcHByb3ZhbF9pZBgDIAEoCRIQCghkZWNpc2lvbhgEIAEoCRITCgZyZWFzb24YBSABKAlIAIgBAUIJCgdfcmVhc29uIj8KClJ1bkVycm9yZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSDQoFZXJyb3IYAyABKAki2gEKC1J1bkZpbmlzaGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEioKBnJlYXNvbhgDIAEoDjIaLmFnZW50bG9nLnYxLlJ1blN0b3BSZWFzb24SGAoQdG90YWxfaXRlcmF0aW9ucxgEIAEoDRIZCgxmaW5hbF9hbnN3ZXIYBSABKAlIAIgBARIrCgV1c2FnZRgGIAEoCzIXLmFnZW50bG9nLnYxLlRva2VuVXNhZ2VIAYgBAUIPCg1fZmluYWxfYW5zd2VyQggKBl91c2FnZSJVCghUb29sQ2FsbBIPCgdjYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIlCgVpbnB1dBgDIAEoCzIWLmFnZW50bG9nLnYxLkpzb25WYWx1ZSJfChFUb29sUmVzdWx0U3VtbWFyeRIPCgdjYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRImCgZvdXRwdXQYAyABKAsyFi5hZ2VudGxvZy52MS5Kc29uVmFsdWUikQEKClN0YXRlUGF0Y2gSLQoGZm9ybWF0GAEgASgOMh0uYWdlbnRsb2cudjEuU3RhdGVQYXRjaEZvcm1hdBIlCgVwYXRjaBgCIAEoCzIWLmFnZW50bG9nLnYxLkpzb25WYWx1ZRItCgZzb3VyY2UYAyABKA4yHS5hZ2VudGxvZy52MS5TdGF0ZVBhdGNoU291cmNlInMKClRva2VuVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgEEhUKDW91dHB1dF90b2tlbnMYAiABKAQSGQoRY2FjaGVfcmVhZF90b2tlbnMYAyABKAQSHQoVY2FjaGVfY3JlYXRpb25fdG9rZW5zGAQgASgEKmoKDVJlYWREaXJlY3Rpb24SHgoaUkVBRF9ESVJFQ1RJT05fVU5TUEVDSUZJRUQQABIbChdSRUFEX0RJUkVDVElPTl9GT1JXQVJEUxABEhwKGFJFQURfRElSRUNUSU9OX0JBQ0tXQVJEUxACKvUBCg9Nb2RlbFN0b3BSZWFzb24SIQodTU9ERUxfU1RPUF9SRUFTT05fVU5TUEVDSUZJRUQQABIeChpNT0RFTF9TVE9QX1JFQVNPTl9FTkRfVFVSThABEh4KGk1PREVMX1NUT1BfUkVBU09OX1RPT0xfVVNFEAISIAocTU9ERUxfU1RPUF9SRUFTT05fTkVFRFNfVVNFUhADEiAKHE1PREVMX1NUT1BfUkVBU09OX01BWF9UT0tFTlMQBBIcChhNT0RFTF9TVE9QX1JFQVNPTl9TQUZFVFkQBRIdChlNT0RFTF9TVE9QX1JFQVNPTl9VTktOT1dOEAYq9QEKDVJ1blN0b3BSZWFzb24SHwobUlVOX1NUT1BfUkVBU09OX1VOU1BFQ0lGSUVEEAASHQoZUlVOX1NUT1BfUkVBU09OX0NPTVBMRVRFRBABEh4KGlJVTl9TVE9QX1JFQVNPTl9ORUVEU19VU0VSEAISJQohUlVOX1NUT1BfUkVBU09OX0JMT0NLRURfQllfUE9MSUNZEAMSIwofUlVOX1NUT1BfUkVBU09OX0JVREdFVF9FWENFRURFRBAEEh0KGVJVTl9TVE9QX1JFQVNPTl9DQU5DRUxMRUQQBRIZChVSVU5fU1RPUF9SRUFTT05fRVJST1IQBip9ChBTdGF0ZVBhdGNoRm9ybWF0EiIKHlNUQVRFX1BBVENIX0ZPUk1BVF9VTlNQRUNJRklFRBAAEiEKHVNUQVRFX1BBVENIX0ZPUk1BVF9KU09OX1BBVENIEAESIgoeU1RBVEVfUEFUQ0hfRk9STUFUX01FUkdFX1BBVENIEAIqkAEKEFN0YXRlUGF0Y2hTb3VyY2USIgoeU1RBVEVfUEFUQ0hfU09VUkNFX1VOU1BFQ0lGSUVEEAASHAoYU1RBVEVfUEFUQ0hfU09VUkNFX01PREVMEAESGwoXU1RBVEVfUEFUQ0hfU09VUkNFX1RPT0wQAhIdChlTVEFURV9QQVRDSF9TT1VSQ0VfU1lTVEVNEAMynwUKEVNlc3Npb25SZXBvc2l0b3J5EkEKBkFwcGVuZBIaLmFnZW50bG9nLnYxLkFwcGVuZFJlcXVlc3QaGy5hZ2VudGxvZy52MS5BcHBlbmRSZXNwb25zZRJQCgtBcHBlbmRCYXRjaBIfLmFnZW50bG9nLnYxLkFwcGVuZEJhdGNoUmVxdWVzdBogLmFnZW50bG9nLnYxLkFwcGVuZEJhdGNoUmVzcG9uc2USUgoLTG9hZFNlc3Npb24SHy5hZ2VudGxvZy52MS5Mb2FkU2Vzc2lvblJlcXVlc3QaIC5hZ2VudGxvZy52MS5Mb2FkU2Vzc2lvblJlc3BvbnNlMAESVQoMTG9hZENoaWxkcmVuEiAuYWdlbnRsb2cudjEuTG9hZENoaWxkcmVuUmVxdWVzdBohLmFnZW50bG9nLnYxLkxvYWRDaGlsZHJlblJlc3BvbnNlMAESOwoESGVhZBIYLmFnZW50bG9nLnYxLkhlYWRSZXF1ZXN0GhkuYWdlbnRsb2cudjEuSGVhZFJlc3BvbnNlElMKDExpc3RTZXNzaW9ucxIgLmFnZW50bG9nLnYxLkxpc3RTZXNzaW9uc1JlcXVlc3QaIS5hZ2VudGxvZy52MS5MaXN0U2Vzc2lvbnNSZXNwb25zZRJhChBTdWJzY3JpYmVTZXNzaW9uEiQuYWdlbnRsb2cudjEuU3Vic2NyaWJlU2Vzc2lvblJlcXVlc3QaJS5hZ2VudGxvZy52MS5TdWJzY3JpYmVTZXNzaW9uUmVzcG9uc2UwARJVCgxTdWJzY3JpYmVBbGwSIC5hZ2VudGxvZy52MS5TdWJzY3JpYmVBbGxSZXF1ZXN0GiEuYWdlbnRsb2cudjEuU3Vic2NyaWJlQWxsUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChlhZ2VudGxvZy92MS9zZXNzaW9uLnByb3RvEgthZ2VudGxvZy52MSLHAQoNQXBwZW5kUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhYKCXBhcmVudF9pZBgCIAEoCUgAiAEBEiYKBWV2ZW50GAMgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudBIKCgJpZBgEIAEoCRIeChFleHBlY3RlZF9zZXF1ZW5jZRgFIAEoBEgBiAEBEhIKCm9taXRfZXZlbnQYBiABKAhCDAoKX3BhcmVudF9pZEIUChJfZXhwZWN0ZWRfc2VxdWVuY2UiOgoOQXBwZW5kUmVzcG9uc2USKAoGcmVjb3JkGAEgASgLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQinAEKEkFwcGVuZEJhdGNoUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEh4KEWV4cGVjdGVkX3NlcXVlbmNlGAIgASgESACIAQESJwoGZXZlbnRzGAMgAygLMhcuYWdlbnRsb2cudjEuQmF0Y2hFdmVudBITCgtvbWl0X2V2ZW50cxgEIAEoCEIUChJfZXhwZWN0ZWRfc2VxdWVuY2UiZgoKQmF0Y2hFdmVudBIKCgJpZBgBIAEoCRIWCglwYXJlbnRfaWQYAiABKAlIAIgBARImCgVldmVudBgDIAEoCzIXLmFnZW50bG9nLnYxLkFnZW50RXZlbnRCDAoKX3BhcmVudF9pZCJAChNBcHBlbmRCYXRjaFJlc3BvbnNlEikKB3JlY29yZHMYASADKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCJ9ChJMb2FkU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIVCg1mcm9tX3NlcXVlbmNlGAIgASgEEg0KBWxpbWl0GAMgASgEEi0KCWRpcmVjdGlvbhgEIAEoDjIaLmFnZW50bG9nLnYxLlJlYWREaXJlY3Rpb24iQAoTTG9hZFNlc3Npb25SZXNwb25zZRIpCgdyZWNvcmRzGAEgAygLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQiKAoTTG9hZENoaWxkcmVuUmVxdWVzdBIRCglwYXJlbnRfaWQYASABKAkiQQoUTG9hZENoaWxkcmVuUmVzcG9uc2USKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIiEKC0hlYWRSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiOAoMSGVhZFJlc3BvbnNlEigKBnJlY29yZBgBIAEoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIjwKE0xpc3RTZXNzaW9uc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgNEhIKCnBhZ2VfdG9rZW4YAiABKAkiWwoUTGlzdFNlc3Npb25zUmVzcG9uc2USKgoIc2Vzc2lvbnMYASADKAsyGC5hZ2VudGxvZy52MS5TZXNzaW9uSW5mbxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkisAEKC1Nlc3Npb25JbmZvEhIKCnNlc3Npb25faWQYASABKAkSEwoLZXZlbnRfY291bnQYAiABKAQSMwoPZmlyc3RfdGltZXN0YW1wGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3RpbWVzdGFtcBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHaGVhZF9pZBgFIAEoCSK8AQoLRXZlbnRSZWNvcmQSCgoCaWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIWCglwYXJlbnRfaWQYAyABKAlIAIgBARItCgl0aW1lc3RhbXAYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKBWV2ZW50GAUgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudBIQCghzZXF1ZW5jZRgGIAEoBEIMCgpfcGFyZW50X2lkIlsKF1N1YnNjcmliZVNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSGgoNZnJvbV9zZXF1ZW5jZRgCIAEoBEgAiAEBQhAKDl9mcm9tX3NlcXVlbmNlInsKGFN1YnNjcmliZVNlc3Npb25SZXNwb25zZRIrCgdyZWNvcmRzGAEgASgLMhguYWdlbnRsb2cudjEuUmVjb3JkQmF0Y2hIABIqCgljYXVnaHRfdXAYAiABKAsyFS5hZ2VudGxvZy52MS5DYXVnaHRVcEgAQgYKBGtpbmQiOAoLUmVjb3JkQmF0Y2gSKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIi4KCENhdWdodFVwEhAKCHNlcXVlbmNlGAEgASgEEhAKCHBvc2l0aW9uGAIgASgEInIKE1N1YnNjcmliZUFsbFJlcXVlc3QSGgoNZnJvbV9wb3NpdGlvbhgBIAEoBEgAiAEBEhkKEXNlc3Npb25faWRfcHJlZml4GAIgASgJEhIKCnBhcnRfdHlwZXMYAyADKAlCEAoOX2Zyb21fcG9zaXRpb24iyQEKFFN1YnNjcmliZUFsbFJlc3BvbnNlEikKB3JlY29yZHMYASABKAsyFi5hZ2VudGxvZy52MS5GZWVkQmF0Y2hIABIqCgljYXVnaHRfdXAYAiABKAsyFS5hZ2VudGxvZy52MS5DYXVnaHRVcEgAEiMKA2dhcBgDIAEoCzIULmFnZW50bG9nLnYxLkZlZWRHYXBIABItCgpjaGVja3BvaW50GAQgASgLMhcuYWdlbnRsb2cudjEuQ2hlY2twb2ludEgAQgYKBGtpbmQiHgoKQ2hlY2twb2ludBIQCghwb3NpdGlvbhgBIAEoBCJtCgdGZWVkR2FwEhYKDmZpcnN0X3Bvc2l0aW9uGAEgASgEEhUKDWxhc3RfcG9zaXRpb24YAiABKAQSEgoKc2Vzc2lvbl9pZBgDIAEoCRIOCgZyZWFzb24YBCABKAkSDwoHbWVzc2FnZRgFIAEoCSI1CglGZWVkQmF0Y2gSKAoHcmVjb3JkcxgBIAMoCzIXLmFnZW50bG9nLnYxLkZlZWRSZWNvcmQiSAoKRmVlZFJlY29yZBIQCghwb3NpdGlvbhgBIAEoBBIoCgZyZWNvcmQYAiABKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCLjBQoKQWdlbnRFdmVudBIuCgtydW5fc3RhcnRlZBgBIAEoCzIXLmFnZW50bG9nLnYxLlJ1blN0YXJ0ZWRIABI6ChFpdGVyYXRpb25fc3RhcnRlZBgCIAEoCzIdLmFnZW50bG9nLnYxLkl0ZXJhdGlvblN0YXJ0ZWRIABIwCgxtb2RlbF9vdXRwdXQYAyABKAsyGC5hZ2VudGxvZy52MS5Nb2RlbE91dHB1dEgAEiwKCnRleHRfZGVsdGEYBCABKAsyFi5hZ2VudGxvZy52MS5UZXh0RGVsdGFIABI9ChN0b29sX2NhbGxfcmVxdWVzdGVkGAUgASgLMh4uYWdlbnRsb2cudjEuVG9vbENhbGxSZXF1ZXN0ZWRIABI9ChN0b29sX2NhbGxfY29tcGxldGVkGAYgASgLMh4uYWdlbnRsb2cudjEuVG9vbENhbGxDb21wbGV0ZWRIABI3ChB0b29sX2NhbGxfZmFpbGVkGAcgASgLMhsuYWdlbnRsb2cudjEuVG9vbENhbGxGYWlsZWRIABIyCg1zdGF0ZV9wYXRjaGVkGAggASgLMhkuYWdlbnRsb2cudjEuU3RhdGVQYXRjaGVkSAASOgoRY29udGV4dF9jb21wYWN0ZWQYCSABKAsyHS5hZ2VudGxvZy52MS5Db250ZXh0Q29tcGFjdGVkSAASPAoSYXBwcm92YWxfcmVxdWVzdGVkGAogASgLMh4uYWdlbnRsb2cudjEuQXBwcm92YWxSZXF1ZXN0ZWRIABI6ChFhcHByb3ZhbF9yZXNvbHZlZBgLIAEoCzIdLmFnZW50bG9nLnYxLkFwcHJvdmFsUmVzb2x2ZWRIABIuCgtydW5fZXJyb3JlZBgMIAEoCzIXLmFnZW50bG9nLnYxLlJ1bkVycm9yZWRIABIwCgxydW5fZmluaXNoZWQYDSABKAsyGC5hZ2VudGxvZy52MS5SdW5GaW5pc2hlZEgAQgYKBGtpbmQiGQoJSnNvblZhbHVlEgwKBGpzb24YASABKAkiWgoKUnVuU3RhcnRlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIQCghwcm92aWRlchgDIAEoCRIWCg5tYXhfaXRlcmF0aW9ucxgEIAEoDSJJChBJdGVyYXRpb25TdGFydGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDSLHAQoLTW9kZWxPdXRwdXQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEjEKC3N0b3BfcmVhc29uGAQgASgOMhwuYWdlbnRsb2cudjEuTW9kZWxTdG9wUmVhc29uEhcKD2RpcmVjdGl2ZV9jb3VudBgFIAEoBBIrCgV1c2FnZRgGIAEoCzIXLmFnZW50bG9nLnYxLlRva2VuVXNhZ2VIAIgBAUIICgZfdXNhZ2UiUQoJVGV4dERlbHRhEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRINCgVkZWx0YRgEIAEoCSJvChFUb29sQ2FsbFJlcXVlc3RlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SIwoEY2FsbBgEIAEoCzIVLmFnZW50bG9nLnYxLlRvb2xDYWxsInoKEVRvb2xDYWxsQ29tcGxldGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIuCgZyZXN1bHQYBCABKAsyHi5hZ2VudGxvZy52MS5Ub29sUmVzdWx0U3VtbWFyeSJ6Cg5Ub29sQ2FsbEZhaWxlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SDwoHY2FsbF9pZBgEIAEoCRIRCgl0b29sX25hbWUYBSABKAkSDQoFZXJyb3IYBiABKAkifwoMU3RhdGVQYXRjaGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRImCgVwYXRjaBgEIAEoCzIXLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2gSEAoIcmV2aXNpb24YBSABKAQijQEKEENvbnRleHRDb21wYWN0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEhUKDWRyb3BwZWRfY291bnQYBCABKAQSFQoNdG9rZW5zX2JlZm9yZRgFIAEoBBIUCgx0b2tlbnNfYWZ0ZXIYBiABKAQiqQEKEUFwcHJvdmFsUmVxdWVzdGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhMKC2FwcHJvdmFsX2lkGAMgASgJEg8KB2NhbGxfaWQYBCABKAkSEQoJdG9vbF9uYW1lGAUgASgJEikKCWFyZ3VtZW50cxgGIAEoCzIWLmFnZW50bG9nLnYxLkpzb25WYWx1ZRIMCgRyaXNrGAcgASgJIn0KEEFwcHJvdmFsUmVzb2x2ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEwoLYXBwcm92YWxfaWQYAyABKAkSEAoIZGVjaXNpb24YBCABKAkSEwoGcmVhc29uGAUgASgJSACIAQFCCQoHX3JlYXNvbiI/CgpSdW5FcnJvcmVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEg0KBWVycm9yGAMgASgJItoBCgtSdW5GaW5pc2hlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIqCgZyZWFzb24YAyABKA4yGi5hZ2VudGxvZy52MS5SdW5TdG9wUmVhc29uEhgKEHRvdGFsX2l0ZXJhdGlvbnMYBCABKA0SGQoMZmluYWxfYW5zd2VyGAUgASgJSACIAQESKwoFdXNhZ2UYBiABKAsyFy5hZ2VudGxvZy52MS5Ub2tlblVzYWdlSAGIAQFCDwoNX2ZpbmFsX2Fuc3dlckIICgZfdXNhZ2UiVQoIVG9vbENhbGwSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSJQoFaW5wdXQYAyABKAsyFi5hZ2VudGxvZy52MS5Kc29uVmFsdWUiXwoRVG9vbFJlc3VsdFN1bW1hcnkSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSJgoGb3V0cHV0GAMgASgLMhYuYWdlbnRsb2cudjEuSnNvblZhbHVlIpEBCgpTdGF0ZVBhdGNoEi0KBmZvcm1hdBgBIAEoDjIdLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2hGb3JtYXQSJQoFcGF0Y2gYAiABKAsyFi5hZ2VudGxvZy52MS5Kc29uVmFsdWUSLQoGc291cmNlGAMgASgOMh0uYWdlbnRsb2cudjEuU3RhdGVQYXRjaFNvdXJjZSJzCgpUb2tlblVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoBBIVCg1vdXRwdXRfdG9rZW5zGAIgASgEEhkKEWNhY2hlX3JlYWRfdG9rZW5zGAMgASgEEh0KFWNhY2hlX2NyZWF0aW9uX3Rva2VucxgEIAEoBCpqCg1SZWFkRGlyZWN0aW9uEh4KGlJFQURfRElSRUNUSU9OX1VOU1BFQ0lGSUVEEAASGwoXUkVBRF9ESVJFQ1RJT05fRk9SV0FSRFMQARIcChhSRUFEX0RJUkVDVElPTl9CQUNLV0FSRFMQAir1AQoPTW9kZWxTdG9wUmVhc29uEiEKHU1PREVMX1NUT1BfUkVBU09OX1VOU1BFQ0lGSUVEEAASHgoaTU9ERUxfU1RPUF9SRUFTT05fRU5EX1RVUk4QARIeChpNT0RFTF9TVE9QX1JFQVNPTl9UT09MX1VTRRACEiAKHE1PREVMX1NUT1BfUkVBU09OX05FRURTX1VTRVIQAxIgChxNT0RFTF9TVE9QX1JFQVNPTl9NQVhfVE9LRU5TEAQSHAoYTU9ERUxfU1RPUF9SRUFTT05fU0FGRVRZEAUSHQoZTU9ERUxfU1RPUF9SRUFTT05fVU5LTk9XThAGKvUBCg1SdW5TdG9wUmVhc29uEh8KG1JVTl9TVE9QX1JFQVNPTl9VTlNQRUNJRklFRBAAEh0KGVJVTl9TVE9QX1JFQVNPTl9DT01QTEVURUQQARIeChpSVU5fU1RPUF9SRUFTT05fTkVFRFNfVVNFUhACEiUKIVJVTl9TVE9QX1JFQVNPTl9CTE9DS0VEX0JZX1BPTElDWRADEiMKH1JVTl9TVE9QX1JFQVNPTl9CVURHRVRfRVhDRUVERUQQBBIdChlSVU5fU1RPUF9SRUFTT05fQ0FOQ0VMTEVEEAUSGQoVUlVOX1NUT1BfUkVBU09OX0VSUk9SEAYqfQoQU3RhdGVQYXRjaEZvcm1hdBIiCh5TVEFURV9QQVRDSF9GT1JNQVRfVU5TUEVDSUZJRUQQABIhCh1TVEFURV9QQVRDSF9GT1JNQVRfSlNPTl9QQVRDSBABEiIKHlNUQVRFX1BBVENIX0ZPUk1BVF9NRVJHRV9QQVRDSBACKpABChBTdGF0ZVBhdGNoU291cmNlEiIKHlNUQVRFX1BBVENIX1NPVVJDRV9VTlNQRUNJRklFRBAAEhwKGFNUQVRFX1BBVENIX1NPVVJDRV9NT0RFTBABEhsKF1NUQVRFX1BBVENIX1NPVVJDRV9UT09MEAISHQoZU1RBVEVfUEFUQ0hfU09VUkNFX1NZU1RFTRADMp8FChFTZXNzaW9uUmVwb3NpdG9yeRJBCgZBcHBlbmQSGi5hZ2VudGxvZy52MS5BcHBlbmRSZXF1ZXN0GhsuYWdlbnRsb2cudjEuQXBwZW5kUmVzcG9uc2USUAoLQXBwZW5kQmF0Y2gSHy5hZ2VudGxvZy52MS5BcHBlbmRCYXRjaFJlcXVlc3QaIC5hZ2VudGxvZy52MS5BcHBlbmRCYXRjaFJlc3BvbnNlElIKC0xvYWRTZXNzaW9uEh8uYWdlbnRsb2cudjEuTG9hZFNlc3Npb25SZXF1ZXN0GiAuYWdlbnRsb2cudjEuTG9hZFNlc3Npb25SZXNwb25zZTABElUKDExvYWRDaGlsZHJlbhIgLmFnZW50bG9nLnYxLkxvYWRDaGlsZHJlblJlcXVlc3QaIS5hZ2VudGxvZy52MS5Mb2FkQ2hpbGRyZW5SZXNwb25zZTABEjsKBEhlYWQSGC5hZ2VudGxvZy52MS5IZWFkUmVxdWVzdBoZLmFnZW50bG9nLnYxLkhlYWRSZXNwb25zZRJTCgxMaXN0U2Vzc2lvbnMSIC5hZ2VudGxvZy52MS5MaXN0U2Vzc2lvbnNSZXF1ZXN0GiEuYWdlbnRsb2cudjEuTGlzdFNlc3Npb25zUmVzcG9uc2USYQoQU3Vic2NyaWJlU2Vzc2lvbhIkLmFnZW50bG9nLnYxLlN1YnNjcmliZVNlc3Npb25SZXF1ZXN0GiUuYWdlbnRsb2cudjEuU3Vic2NyaWJlU2Vzc2lvblJlc3BvbnNlMAESVQoMU3Vic2NyaWJlQWxsEiAuYWdlbnRsb2cudjEuU3Vic2NyaWJlQWxsUmVxdWVzdBohLmFnZW50bG9nLnYxLlN1YnNjcmliZUFsbFJlc3BvbnNlMAFiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * AppendRequest asks to store one event.
@@ -617,7 +617,9 @@ export const RecordBatchSchema: GenMessage<RecordBatch> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 17);
 
 /**
- * CaughtUp marks the switch from stored records to live ones.
+ * CaughtUp marks the switch from stored records to live ones. A subscription
+ * sends it exactly once: every record stored when it began has been delivered
+ * (SubscribeSession) or examined (SubscribeAll).
  *
  * @generated from message agentlog.v1.CaughtUp
  */
@@ -718,6 +720,16 @@ export type SubscribeAllResponse = Message<"agentlog.v1.SubscribeAllResponse"> &
      */
     value: FeedGap;
     case: "gap";
+  } | {
+    /**
+     * How far the feed has been examined where the filters kept nothing: after
+     * each such run while catching up, and about once a second while live. A
+     * consumer may store it as its last position and resume after it.
+     *
+     * @generated from field: agentlog.v1.Checkpoint checkpoint = 4;
+     */
+    value: Checkpoint;
+    case: "checkpoint";
   } | { case: undefined; value?: undefined };
 };
 
@@ -727,6 +739,28 @@ export type SubscribeAllResponse = Message<"agentlog.v1.SubscribeAllResponse"> &
  */
 export const SubscribeAllResponseSchema: GenMessage<SubscribeAllResponse> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 20);
+
+/**
+ * Checkpoint marks how far a filtered feed has been examined.
+ *
+ * @generated from message agentlog.v1.Checkpoint
+ */
+export type Checkpoint = Message<"agentlog.v1.Checkpoint"> & {
+  /**
+   * The last position examined (no record up to it passed the filters since the
+   * last record, gap or checkpoint sent).
+   *
+   * @generated from field: uint64 position = 1;
+   */
+  position: bigint;
+};
+
+/**
+ * Describes the message agentlog.v1.Checkpoint.
+ * Use `create(CheckpointSchema)` to create a new message.
+ */
+export const CheckpointSchema: GenMessage<Checkpoint> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 21);
 
 /**
  * FeedGap is a run of feed positions, all of one session, that the server
@@ -776,7 +810,7 @@ export type FeedGap = Message<"agentlog.v1.FeedGap"> & {
  * Use `create(FeedGapSchema)` to create a new message.
  */
 export const FeedGapSchema: GenMessage<FeedGap> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 21);
+  messageDesc(file_agentlog_v1_session, 22);
 
 /**
  * FeedBatch is a run of records of the all-sessions feed.
@@ -797,7 +831,7 @@ export type FeedBatch = Message<"agentlog.v1.FeedBatch"> & {
  * Use `create(FeedBatchSchema)` to create a new message.
  */
 export const FeedBatchSchema: GenMessage<FeedBatch> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 22);
+  messageDesc(file_agentlog_v1_session, 23);
 
 /**
  * FeedRecord is a record with its place in the all-sessions feed.
@@ -825,7 +859,7 @@ export type FeedRecord = Message<"agentlog.v1.FeedRecord"> & {
  * Use `create(FeedRecordSchema)` to create a new message.
  */
 export const FeedRecordSchema: GenMessage<FeedRecord> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 23);
+  messageDesc(file_agentlog_v1_session, 24);
 
 /**
  * AgentEvent is one of the things that happen in an agent's run.
@@ -950,7 +984,7 @@ export type AgentEvent = Message<"agentlog.v1.AgentEvent"> & {
  * Use `create(AgentEventSchema)` to create a new message.
  */
 export const AgentEventSchema: GenMessage<AgentEvent> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 24);
+  messageDesc(file_agentlog_v1_session, 25);
 
 /**
  * JsonValue holds one arbitrary JSON value (a serde_json::Value in arcan) as
@@ -980,7 +1014,7 @@ export type JsonValue = Message<"agentlog.v1.JsonValue"> & {
  * Use `create(JsonValueSchema)` to create a new message.
  */
 export const JsonValueSchema: GenMessage<JsonValue> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 25);
+  messageDesc(file_agentlog_v1_session, 26);
 
 /**
  * RunStarted: a run began.
@@ -1022,7 +1056,7 @@ export type RunStarted = Message<"agentlog.v1.RunStarted"> & {
  * Use `create(RunStartedSchema)` to create a new message.
  */
 export const RunStartedSchema: GenMessage<RunStarted> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 26);
+  messageDesc(file_agentlog_v1_session, 27);
 
 /**
  * IterationStarted: an iteration of the agent loop began.
@@ -1057,7 +1091,7 @@ export type IterationStarted = Message<"agentlog.v1.IterationStarted"> & {
  * Use `create(IterationStartedSchema)` to create a new message.
  */
 export const IterationStartedSchema: GenMessage<IterationStarted> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 27);
+  messageDesc(file_agentlog_v1_session, 28);
 
 /**
  * ModelOutput: the model finished producing one output.
@@ -1113,7 +1147,7 @@ export type ModelOutput = Message<"agentlog.v1.ModelOutput"> & {
  * Use `create(ModelOutputSchema)` to create a new message.
  */
 export const ModelOutputSchema: GenMessage<ModelOutput> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 28);
+  messageDesc(file_agentlog_v1_session, 29);
 
 /**
  * TextDelta: a piece of streamed text.
@@ -1155,7 +1189,7 @@ export type TextDelta = Message<"agentlog.v1.TextDelta"> & {
  * Use `create(TextDeltaSchema)` to create a new message.
  */
 export const TextDeltaSchema: GenMessage<TextDelta> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 29);
+  messageDesc(file_agentlog_v1_session, 30);
 
 /**
  * ToolCallRequested: the model asked for a tool call.
@@ -1197,7 +1231,7 @@ export type ToolCallRequested = Message<"agentlog.v1.ToolCallRequested"> & {
  * Use `create(ToolCallRequestedSchema)` to create a new message.
  */
 export const ToolCallRequestedSchema: GenMessage<ToolCallRequested> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 30);
+  messageDesc(file_agentlog_v1_session, 31);
 
 /**
  * ToolCallCompleted: a tool call returned.
@@ -1239,7 +1273,7 @@ export type ToolCallCompleted = Message<"agentlog.v1.ToolCallCompleted"> & {
  * Use `create(ToolCallCompletedSchema)` to create a new message.
  */
 export const ToolCallCompletedSchema: GenMessage<ToolCallCompleted> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 31);
+  messageDesc(file_agentlog_v1_session, 32);
 
 /**
  * ToolCallFailed: a tool call failed.
@@ -1295,7 +1329,7 @@ export type ToolCallFailed = Message<"agentlog.v1.ToolCallFailed"> & {
  * Use `create(ToolCallFailedSchema)` to create a new message.
  */
 export const ToolCallFailedSchema: GenMessage<ToolCallFailed> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 32);
+  messageDesc(file_agentlog_v1_session, 33);
 
 /**
  * StatePatched: the agent's state was patched.
@@ -1344,7 +1378,7 @@ export type StatePatched = Message<"agentlog.v1.StatePatched"> & {
  * Use `create(StatePatchedSchema)` to create a new message.
  */
 export const StatePatchedSchema: GenMessage<StatePatched> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 33);
+  messageDesc(file_agentlog_v1_session, 34);
 
 /**
  * ContextCompacted: the conversation context was compacted.
@@ -1400,7 +1434,7 @@ export type ContextCompacted = Message<"agentlog.v1.ContextCompacted"> & {
  * Use `create(ContextCompactedSchema)` to create a new message.
  */
 export const ContextCompactedSchema: GenMessage<ContextCompacted> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 34);
+  messageDesc(file_agentlog_v1_session, 35);
 
 /**
  * ApprovalRequested: a tool call waits for a person's approval.
@@ -1463,7 +1497,7 @@ export type ApprovalRequested = Message<"agentlog.v1.ApprovalRequested"> & {
  * Use `create(ApprovalRequestedSchema)` to create a new message.
  */
 export const ApprovalRequestedSchema: GenMessage<ApprovalRequested> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 35);
+  messageDesc(file_agentlog_v1_session, 36);
 
 /**
  * ApprovalResolved: an approval was decided.
@@ -1512,7 +1546,7 @@ export type ApprovalResolved = Message<"agentlog.v1.ApprovalResolved"> & {
  * Use `create(ApprovalResolvedSchema)` to create a new message.
  */
 export const ApprovalResolvedSchema: GenMessage<ApprovalResolved> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 36);
+  messageDesc(file_agentlog_v1_session, 37);
 
 /**
  * RunErrored: a run failed.
@@ -1547,7 +1581,7 @@ export type RunErrored = Message<"agentlog.v1.RunErrored"> & {
  * Use `create(RunErroredSchema)` to create a new message.
  */
 export const RunErroredSchema: GenMessage<RunErrored> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 37);
+  messageDesc(file_agentlog_v1_session, 38);
 
 /**
  * RunFinished: a run ended.
@@ -1603,7 +1637,7 @@ export type RunFinished = Message<"agentlog.v1.RunFinished"> & {
  * Use `create(RunFinishedSchema)` to create a new message.
  */
 export const RunFinishedSchema: GenMessage<RunFinished> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 38);
+  messageDesc(file_agentlog_v1_session, 39);
 
 /**
  * ToolCall is a tool invocation the model asked for.
@@ -1638,7 +1672,7 @@ export type ToolCall = Message<"agentlog.v1.ToolCall"> & {
  * Use `create(ToolCallSchema)` to create a new message.
  */
 export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 39);
+  messageDesc(file_agentlog_v1_session, 40);
 
 /**
  * ToolResultSummary is what a tool call returned.
@@ -1673,7 +1707,7 @@ export type ToolResultSummary = Message<"agentlog.v1.ToolResultSummary"> & {
  * Use `create(ToolResultSummarySchema)` to create a new message.
  */
 export const ToolResultSummarySchema: GenMessage<ToolResultSummary> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 40);
+  messageDesc(file_agentlog_v1_session, 41);
 
 /**
  * StatePatch is a change to the agent's state.
@@ -1708,7 +1742,7 @@ export type StatePatch = Message<"agentlog.v1.StatePatch"> & {
  * Use `create(StatePatchSchema)` to create a new message.
  */
 export const StatePatchSchema: GenMessage<StatePatch> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 41);
+  messageDesc(file_agentlog_v1_session, 42);
 
 /**
  * TokenUsage counts a model call's tokens. Each count defaults to 0.
@@ -1750,7 +1784,7 @@ export type TokenUsage = Message<"agentlog.v1.TokenUsage"> & {
  * Use `create(TokenUsageSchema)` to create a new message.
  */
 export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 42);
+  messageDesc(file_agentlog_v1_session, 43);
 
 /**
  * ReadDirection says which way a ranged read goes.
@@ -2079,7 +2113,8 @@ export const SessionRepository: GenService<{
    * order, each with its global position: stored ones from a position, then a
    * CaughtUp marker, then live ones. A consumer stores the last position it
    * processed and resumes from the one after it. Optional filters narrow the
-   * feed by session id prefix and by event kind.
+   * feed by session id prefix and by event kind; a Checkpoint then says how far
+   * the feed was examined when the filters kept nothing.
    *
    * @generated from rpc agentlog.v1.SessionRepository.SubscribeAll
    */
