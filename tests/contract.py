@@ -18,6 +18,7 @@ from agentlog import (
     AlreadyExistsError,
     AppendEvent,
     CaughtUp,
+    Checkpoint,
     EventRecord,
     FeedGap,
     FeedRecord,
@@ -63,6 +64,16 @@ def started(session_id: str) -> RunStarted:
 
 def delta(session_id: str, text: str) -> TextDelta:
     return TextDelta(run_id="run-1", session_id=session_id, iteration=1, delta=text)
+
+
+def finished(session_id: str) -> RunFinished:
+    return RunFinished(
+        run_id="run-1",
+        session_id=session_id,
+        reason=RunStopReason.COMPLETED,
+        total_iterations=1,
+        final_answer="done",
+    )
 
 
 class SessionRepositoryContract:
@@ -212,8 +223,8 @@ class SessionRepositoryContract:
             ("a/b", "path separator"),
             ("../escape", "path separator"),
             ("nul\x00byte", "NUL"),
-            ("..", "starts with '.'"),
-            (".", "starts with '.'"),
+            ("..", "name directories"),
+            (".", "name directories"),
             ("x" * 250, "250 bytes"),
         ],
     )
@@ -226,7 +237,7 @@ class SessionRepositoryContract:
             assert caught.value.reason == "INVALID_SESSION_ID"
             assert caught.value.field == "session_id"
 
-    @pytest.mark.parametrize("session_id", ["a\\b", "tab\there", "x" * 249])
+    @pytest.mark.parametrize("session_id", ["a\\b", "tab\there", "x" * 249, ".hidden"])
     def test_reads_of_ids_arcan_could_have_written_are_answered(
         self, repo: SessionRepository, session_id: str
     ) -> None:
@@ -819,8 +830,41 @@ class FeedContract(SubscriptionContract):
         items = follower.finish()
         records = [i.record for i in items if isinstance(i, FeedRecord)]
         assert records == [wanted]
-        # Skipped records still move the resume point forward.
-        assert all(isinstance(i, CaughtUp) for i in items if not isinstance(i, FeedRecord))
+        # CaughtUp once, first; what the filters skipped only as Checkpoints.
+        assert isinstance(items[0], CaughtUp)
+        assert all(isinstance(i, Checkpoint) for i in items[1:-1])
+
+    def test_a_filtered_feed_catches_up_past_its_first_runs_before_saying_caught_up(
+        self, repo: SessionRepository
+    ) -> None:
+        # Over a thousand records the filters drop, matches among and after them: every
+        # match stored at the start comes before the one CaughtUp, which a consumer may
+        # take as "live from here"; how far the skipped runs were examined comes as
+        # Checkpoints.
+        start = next(iter(repo.subscribe_all()))
+        assert isinstance(start, CaughtUp)
+        prefix = new_session()
+        noise, mine = f"{prefix}-noise", f"{prefix}-mine"
+        wanted = []
+        for block in range(11):
+            repo.append_batch(noise, [NewEvent(event=delta(noise, str(i))) for i in range(100)])
+            if block in (3, 7, 10):
+                wanted.append(repo.append(AppendEvent(session_id=mine, event=finished(mine))))
+        items: list[Any] = []
+        for item in repo.subscribe_all(
+            from_position=start.position + 1,
+            session_id_prefix=prefix,
+            part_types=["run_finished"],
+        ):
+            items.append(item)
+            if isinstance(item, CaughtUp):
+                break
+        assert [i.record for i in items if isinstance(i, FeedRecord)] == wanted
+        assert [i for i in items if isinstance(i, CaughtUp)] == [items[-1]]
+        assert items[-1].position >= start.position + 1103
+        checkpoints = [i.position for i in items if isinstance(i, Checkpoint)]
+        assert checkpoints == sorted(checkpoints)
+        assert checkpoints  # the runs of noise were examined
 
     def test_subscribers_with_other_filters_each_get_only_their_records(
         self, repo: SessionRepository
@@ -844,6 +888,8 @@ class FeedContract(SubscriptionContract):
             for item in repo.subscribe_all(from_position=start, **filters):
                 if isinstance(item, CaughtUp):
                     return kept
+                if isinstance(item, Checkpoint):
+                    continue
                 assert isinstance(item, FeedRecord)
                 kept.append((item.position, item.record.session_id))
             raise AssertionError("the feed ended")

@@ -413,3 +413,106 @@ def test_batches_are_never_half_indexed(repo: JsonlSessionRepository, data: Path
     found = repo._index.catch_up("t", copy)
     assert found is not None
     assert (found.records, found.size) == (0, 0)  # the batch's last line is missing
+
+
+# --- a file removed behind agentlog's back is a file cut to nothing ---
+
+
+def test_a_session_file_removed_while_serving_stays_refused_across_restarts(data: Path) -> None:
+    with JsonlSessionRepository(data) as repo, running_server(repo) as target:
+        with AgentlogClient(target) as client:
+            first = client.append(AppendEvent(session_id="s", event=delta("s", "first")))
+            other = client.append(AppendEvent(session_id="t", event=delta("t", "other")))
+            (data / "s.jsonl").unlink()
+            for attempt in (
+                lambda: client.append(
+                    AppendEvent(session_id="s", event=delta("s", "new"), expected_sequence=0)
+                ),
+                lambda: client.append(
+                    AppendEvent(session_id="s", id=first.id, event=delta("s", "first"))
+                ),
+                lambda: client.load_session("s"),
+                lambda: client.head("s"),
+            ):
+                with pytest.raises(DataLossError) as refused:
+                    attempt()
+                assert refused.value.reason == "FILE_SHRANK"
+                assert "removed" in str(refused.value)
+            feed = _feed_until_caught_up(client)
+            assert [type(i).__name__ for i in feed] == ["FeedGap", "FeedRecord"]
+            assert feed[0].reason == "FILE_SHRANK"
+            assert feed[1].record == other
+    assert not (data / "s.jsonl").exists()
+    with JsonlSessionRepository(data) as repo:  # and after a restart, crash or not
+        with pytest.raises(DataLossError):
+            repo.append(AppendEvent(session_id="s", event=delta("s", "new")))
+        gaps = [item for item in repo.read_all(1) if isinstance(item, FeedGap)]
+        assert [g.reason for g in gaps] == ["FILE_SHRANK"]
+    assert not (data / "s.jsonl").exists()
+
+
+def _feed_until_caught_up(client: AgentlogClient) -> list[Any]:
+    items = []
+    for item in client.subscribe_all(from_position=1):
+        if isinstance(item, CaughtUp):
+            return items
+        items.append(item)
+    return items
+
+
+def test_sessions_whose_files_arcan_hid_are_served_and_their_children_found(
+    data: Path,
+) -> None:
+    with JsonlSessionRepository(data) as repo:
+        parent = repo.append(AppendEvent(session_id="caller", event=delta("caller", "p")))
+    line = (data / "caller.jsonl").read_text().replace(',"sequence":1', "")
+    child = json.loads(line)
+    child.update(id=str(uuid.uuid4()), session_id=".hidden", parent_id=parent.id)
+    (data / ".hidden.jsonl").write_text(json.dumps(child) + "\n")
+    with JsonlSessionRepository(data) as repo:
+        assert [r.id for r in repo.load_children(parent.id)] == [child["id"]]
+        assert [r.id for r in repo.load_session(".hidden")] == [child["id"]]
+        assert ".hidden" in [s.session_id for s in repo.list_sessions().sessions]
+
+
+def test_a_feed_resumed_after_a_gap_goes_on_after_the_gap(data: Path) -> None:
+    # The client resumes a feed interrupted just after a FeedGap from the position
+    # after the gap's last, not inside it (which would report the gap again).
+    from agentlog.server import JsonlSessionRepository as Store
+    from tests.servers import served
+
+    with Store(data) as repo:
+        repo.append_batch("bad", [NewEvent(event=delta("bad", str(i))) for i in range(3)])
+        repo.append(AppendEvent(session_id="ok", event=delta("ok", "1")))
+        misnumber_line(data / "bad.jsonl", 1)  # the whole batch is lost to the feed
+        with served(repo) as (built, _):
+            port = built.port
+            client = AgentlogClient(f"127.0.0.1:{port}", retries=50)
+            feed = iter(client.subscribe_all(from_position=1))
+            gap = next(feed)
+            assert isinstance(gap, FeedGap)
+            assert (gap.first_position, gap.last_position) == (1, 3)
+        # The server went away right after the gap; it comes back on the same port.
+        with served(repo, port=port):
+            rest = []
+            for item in feed:
+                if isinstance(item, CaughtUp):
+                    break
+                rest.append(item)
+            client.close()
+    assert [type(i).__name__ for i in rest] == ["FeedRecord"]
+    assert rest[0].position == 4
+
+
+def test_a_clients_resume_point_after_a_gap_is_past_the_gap() -> None:
+    # Where both clients resubscribe from after UNAVAILABLE, item by item.
+    from agentlog.client import _FeedResume
+    from agentlog.v1 import session_pb2 as pb
+
+    resume = _FeedResume(1, "", ())
+    gap = pb.FeedGap(first_position=5, last_position=9, session_id="bad", reason="CORRUPT_LINE")
+    [item] = resume.items(pb.SubscribeAllResponse(gap=gap))
+    assert isinstance(item, FeedGap)
+    assert resume.request().from_position == 10
+    resume.items(pb.SubscribeAllResponse(checkpoint=pb.Checkpoint(position=20)))
+    assert resume.request().from_position == 21

@@ -522,6 +522,58 @@ def test_appends_committed_together_are_each_decided_alone(url: str) -> None:
     assert impossible.expected_sequence == 2**64 - 1
 
 
+def test_an_append_the_database_refuses_fails_alone_in_its_group(url: str) -> None:
+    # An append that makes the database fail (here, a trigger an operator added) is
+    # sent with others in one group commit: the group is decided again append by
+    # append, so only that one fails; a record too large is refused before it is
+    # sent; the others are stored.
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " IF NEW.session_id = 'poison' THEN RAISE EXCEPTION 'no poison here'; END IF;"
+            " RETURN NEW; END $$"
+        )
+
+    async def scenario() -> list[Any]:
+        backend = await PostgresBackend.open(url)
+        try:
+            await backend.append(_pending("warm", [str(uuid.uuid4())]))  # schema made
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(
+                    "CREATE TRIGGER poison BEFORE INSERT ON agentlog_events FOR EACH ROW"
+                    " EXECUTE FUNCTION refuse_poison()"
+                )
+            huge = event_to_json(delta("big", "x" * (5 << 20)))
+            appends = [
+                _pending("good-1", [str(uuid.uuid4())]),
+                _pending("poison", [str(uuid.uuid4())]),
+                PendingAppend("big", [Prepared(str(uuid.uuid4()), None, huge)], None),
+                _pending("good-2", [str(uuid.uuid4()) for _ in range(2)]),
+                _pending("good-1", [str(uuid.uuid4())], expected=1),
+            ]
+            # Held back until all are queued, so they go to the database together.
+            lock = await psycopg.AsyncConnection.connect(url)
+            await lock.execute("SELECT 1 FROM agentlog_meta FOR UPDATE")
+            waiting = [asyncio.ensure_future(backend.append(a)) for a in appends]
+            await asyncio.sleep(0.3)
+            await lock.rollback()
+            await lock.close()
+            return list(await asyncio.gather(*waiting, return_exceptions=True))
+        finally:
+            await backend.close()
+
+    loop = LoopThread()
+    try:
+        good, poison, big, batch, expected = loop.run(scenario())
+    finally:
+        loop.close()
+    assert good.first_sequence == 1
+    assert isinstance(poison, Exception)
+    assert "RECORD_TOO_LARGE" == getattr(big, "reason", None)
+    assert [r.sequence for r in batch.records()] == [1, 2]
+    assert expected.first_sequence == 2
+
+
 def _pending(session_id: str, ids: list[str], expected: int | None = None) -> PendingAppend:
     event_json = event_to_json(delta(session_id, "g"))
     return PendingAppend(session_id, [Prepared(i, None, event_json) for i in ids], expected)

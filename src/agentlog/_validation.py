@@ -92,8 +92,9 @@ def check_stored_session_id(session_id: object, field: str = "session_id") -> st
 
     Looser than `check_session_id` (what a new session may be called): arcan
     names files without escaping, so a session it wrote may have a long id, a
-    tab or a backslash in it, and must still be served. Only ids that cannot
-    be a file's name inside the data directory, and hidden names, are refused.
+    tab, a backslash or a leading dot in it (arcan reads dot-files too), and must
+    still be served. Only ids that cannot be a file's name inside the data
+    directory are refused.
     """
     if type(session_id) is str and session_id in _VALID_SESSION_IDS:
         return session_id
@@ -111,8 +112,8 @@ def check_stored_session_id(session_id: object, field: str = "session_id") -> st
         raise _refused(
             text, field, problem, "it contains a path separator ('/') or a NUL character"
         )
-    if text.startswith("."):
-        raise _refused(text, field, problem, "it starts with '.' (dot-files are the store's own)")
+    if text in (".", ".."):
+        raise _refused(text, field, problem, "'.' and '..' name directories")
     return text
 
 

@@ -168,9 +168,8 @@ class SessionStates(BlockingStore):
                         continue
                     try:
                         ids.append(check_stored_session_id(name[: -len(SUFFIX)]))
-                    except AgentlogError:
-                        # Not UTF-8: no id a client can send names it.
-                        log.warning("%s: skipped, its name is not UTF-8", self.root / name)
+                    except AgentlogError as exc:  # no id a client can send names it
+                        log.warning("%s: skipped: %s", self.root / name, exc)
                         continue
             self._catalog = sorted(ids, key=str.encode)
             self._catalog_mtime = mtime
