@@ -419,29 +419,32 @@ def test_batches_are_never_half_indexed(repo: JsonlSessionRepository, data: Path
 
 
 def test_a_session_file_removed_while_serving_stays_refused_across_restarts(data: Path) -> None:
-    with JsonlSessionRepository(data) as repo, running_server(repo) as target:
-        with AgentlogClient(target) as client:
-            first = client.append(AppendEvent(session_id="s", event=delta("s", "first")))
-            other = client.append(AppendEvent(session_id="t", event=delta("t", "other")))
-            (data / "s.jsonl").unlink()
-            for attempt in (
-                lambda: client.append(
-                    AppendEvent(session_id="s", event=delta("s", "new"), expected_sequence=0)
-                ),
-                lambda: client.append(
-                    AppendEvent(session_id="s", id=first.id, event=delta("s", "first"))
-                ),
-                lambda: client.load_session("s"),
-                lambda: client.head("s"),
-            ):
-                with pytest.raises(DataLossError) as refused:
-                    attempt()
-                assert refused.value.reason == "FILE_SHRANK"
-                assert "removed" in str(refused.value)
-            feed = _feed_until_caught_up(client)
-            assert [type(i).__name__ for i in feed] == ["FeedGap", "FeedRecord"]
-            assert feed[0].reason == "FILE_SHRANK"
-            assert feed[1].record == other
+    with (
+        JsonlSessionRepository(data) as repo,
+        running_server(repo) as target,
+        AgentlogClient(target) as client,
+    ):
+        first = client.append(AppendEvent(session_id="s", event=delta("s", "first")))
+        other = client.append(AppendEvent(session_id="t", event=delta("t", "other")))
+        (data / "s.jsonl").unlink()
+        for attempt in (
+            lambda: client.append(
+                AppendEvent(session_id="s", event=delta("s", "new"), expected_sequence=0)
+            ),
+            lambda: client.append(
+                AppendEvent(session_id="s", id=first.id, event=delta("s", "first"))
+            ),
+            lambda: client.load_session("s"),
+            lambda: client.head("s"),
+        ):
+            with pytest.raises(DataLossError) as refused:
+                attempt()
+            assert refused.value.reason == "FILE_SHRANK"
+            assert "removed" in str(refused.value)
+        feed = _feed_until_caught_up(client)
+        assert [type(i).__name__ for i in feed] == ["FeedGap", "FeedRecord"]
+        assert feed[0].reason == "FILE_SHRANK"
+        assert feed[1].record == other
     assert not (data / "s.jsonl").exists()
     with JsonlSessionRepository(data) as repo:  # and after a restart, crash or not
         with pytest.raises(DataLossError):
@@ -452,7 +455,7 @@ def test_a_session_file_removed_while_serving_stays_refused_across_restarts(data
 
 
 def _feed_until_caught_up(client: AgentlogClient) -> list[Any]:
-    items = []
+    items: list[Any] = []
     for item in client.subscribe_all(from_position=1):
         if isinstance(item, CaughtUp):
             return items
@@ -501,6 +504,7 @@ def test_a_feed_resumed_after_a_gap_goes_on_after_the_gap(data: Path) -> None:
                 rest.append(item)
             client.close()
     assert [type(i).__name__ for i in rest] == ["FeedRecord"]
+    assert isinstance(rest[0], FeedRecord)
     assert rest[0].position == 4
 
 

@@ -16,6 +16,7 @@ from agentlog import (
     AppendEvent,
     CaughtUp,
     Checkpoint,
+    EventRecord,
     FeedRecord,
     ToolCall,
     ToolCallRequested,
@@ -60,36 +61,40 @@ def large(session: str, n: int) -> ToolCallRequested:
 def test_large_records_reach_a_client_with_the_default_message_limit(
     kind: str, tmp_path: Path
 ) -> None:
-    with served(kind, tmp_path / "data") as target:
-        with AgentlogClient(target, options=DEFAULT_LIMIT) as client:
-            root = client.append(AppendEvent(session_id="big", event=started("big")))
-            stored = [root]
-            for n in range(3):
-                stored.append(
-                    client.append(
-                        AppendEvent(session_id="big", parent_id=root.id, event=large("big", n))
-                    )
+    with (
+        served(kind, tmp_path / "data") as target,
+        AgentlogClient(target, options=DEFAULT_LIMIT) as client,
+    ):
+        root = client.append(AppendEvent(session_id="big", event=started("big")))
+        stored = [root]
+        for n in range(3):
+            stored.append(
+                client.append(
+                    AppendEvent(session_id="big", parent_id=root.id, event=large("big", n))
                 )
-            ids = [r.id for r in stored]
-            assert [r.id for r in client.load_session("big")] == ids
-            assert [r.id for r in client.load_children(root.id)] == ids[1:]
-            caught = []
-            for item in client.subscribe_session("big", from_sequence=1):
-                if isinstance(item, CaughtUp):
-                    break
-                caught.append(item.id)
-            assert caught == ids
-            fed = []
-            for item in client.subscribe_all(from_position=1):
-                if isinstance(item, CaughtUp):
-                    break
-                if not isinstance(item, Checkpoint):
-                    assert isinstance(item, FeedRecord)
-                    fed.append(item.record.id)
-            assert fed == ids
-            # And live: a subscriber that is caught up receives new large records too.
-            live = client.subscribe_session("big")
-            assert isinstance(next(live), CaughtUp)
-            more = client.append(AppendEvent(session_id="big", event=large("big", 9)))
-            assert next(live).id == more.id
-            live.close()
+            )
+        ids = [r.id for r in stored]
+        assert [r.id for r in client.load_session("big")] == ids
+        assert [r.id for r in client.load_children(root.id)] == ids[1:]
+        caught = []
+        for followed in client.subscribe_session("big", from_sequence=1):
+            if isinstance(followed, CaughtUp):
+                break
+            caught.append(followed.id)
+        assert caught == ids
+        fed = []
+        for item in client.subscribe_all(from_position=1):
+            if isinstance(item, CaughtUp):
+                break
+            if not isinstance(item, Checkpoint):
+                assert isinstance(item, FeedRecord)
+                fed.append(item.record.id)
+        assert fed == ids
+        # And live: a subscriber that is caught up receives new large records too.
+        live = client.subscribe_session("big")
+        assert isinstance(next(live), CaughtUp)
+        more = client.append(AppendEvent(session_id="big", event=large("big", 9)))
+        arrived = next(live)
+        assert isinstance(arrived, EventRecord)
+        assert arrived.id == more.id
+        live.close()

@@ -569,7 +569,7 @@ def test_an_append_the_database_refuses_fails_alone_in_its_group(url: str) -> No
         loop.close()
     assert good.first_sequence == 1
     assert isinstance(poison, Exception)
-    assert "RECORD_TOO_LARGE" == getattr(big, "reason", None)
+    assert getattr(big, "reason", None) == "RECORD_TOO_LARGE"
     assert [r.sequence for r in batch.records()] == [1, 2]
     assert expected.first_sequence == 2
 
