@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
-from agentlog import AgentlogClient, AppendEvent
+from agentlog import AgentlogClient, AppendEvent, FailedPreconditionError
 from agentlog._codec import record_to_json
 from agentlog.server.postgres import PostgresBackend
 from tests.contract import delta
@@ -128,3 +133,178 @@ def test_copy_refuses_a_missing_source(tmp_path: Path) -> None:
     result = run_copy(tmp_path / "nope", tmp_path)
     assert result.returncode == 1
     assert "no such data directory" in result.stderr
+
+
+def arcan_line(session: str, event: dict[str, Any], parent: str | None = None) -> bytes:
+    record = {
+        "id": str(uuid.uuid4()),
+        "session_id": session,
+        "parent_id": parent,
+        "timestamp": "2026-11-25T01:33:38.853460046Z",
+        "event": {"run_id": "r", "session_id": session, **event},
+    }
+    return json.dumps(record).encode() + b"\n"
+
+
+def nested(depth: int) -> Any:
+    value: Any = "deep"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def test_copy_carries_whatever_the_source_serves(tmp_path: Path, url: str) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    lines = [
+        arcan_line(
+            "odd",
+            {
+                "part_type": "approval_requested",
+                "approval_id": "ap",
+                "call_id": "c",
+                "tool_name": "t",
+                "arguments": None,
+                "risk": "spicy",  # not one of arcan's four, but arcan stores a string
+            },
+        ),
+        arcan_line(
+            "odd",
+            {
+                "part_type": "approval_resolved",
+                "approval_id": "ap",
+                "decision": "maybe",
+                "reason": None,
+            },
+        ),
+        arcan_line(
+            "odd",
+            {
+                "part_type": "tool_call_requested",
+                "iteration": 1,
+                "call": {"call_id": "c", "tool_name": "t", "input": nested(120)},
+            },
+        ),
+        arcan_line(
+            "odd",
+            {
+                "part_type": "tool_call_completed",
+                "iteration": 1,
+                "result": {"call_id": "c", "tool_name": "t", "output": "x" * (5 << 20)},
+            },
+        ),
+    ]
+    (source / "odd.jsonl").write_bytes(b"".join(lines))
+    before = sorted(p.name for p in source.iterdir())
+    copy(source, url)
+    back = tmp_path / "back"
+    copy(url, back)
+    copied = raw_lines(back / "odd.jsonl")
+    original = [json.loads(line) for line in lines]
+    assert [{k: line[k] for k in ARCAN_KEYS} for line in copied] == original
+    assert sorted(p.name for p in source.iterdir()) == before  # nothing written in the source
+
+
+def test_one_bad_session_is_reported_and_the_others_are_copied(tmp_path: Path, url: str) -> None:
+    source = tmp_path / "source"
+    seed_era = next(p for p in FIXTURE_DIRS if p.name == "seed-era")  # three sessions
+    shutil.copytree(seed_era, source)
+    names = sorted(p.name.removesuffix(".jsonl") for p in source.glob("*.jsonl"))
+    bad = source / f"{names[1]}.jsonl"
+    kept = bad.read_bytes()
+    good_lines = kept.splitlines(keepends=True)
+    bad.write_bytes(good_lines[0] + b"this is not json\n" + b"".join(good_lines[1:]))
+    result = run_copy(source, url)
+    assert result.returncode == 1
+    assert f"{names[1]!r}" in result.stderr
+    assert "line 2" in result.stderr
+    assert "CORRUPT_LINE" in result.stderr
+    assert "run the same copy again" in result.stderr
+    back = tmp_path / "back"
+    copy(url, back)
+    for name in names:
+        if name != names[1]:
+            assert len(raw_lines(back / f"{name}.jsonl")) == len(
+                raw_lines(source / f"{name}.jsonl")
+            )
+    assert len(raw_lines(back / f"{names[1]}.jsonl")) == 1  # as far as it could go
+    bad.write_bytes(kept)  # the cause fixed: a re-run finishes
+    assert run_copy(source, url).returncode == 0
+    shutil.rmtree(back)
+    copy(url, back)
+    assert len(raw_lines(back / f"{names[1]}.jsonl")) == len(good_lines)
+
+
+def test_copy_from_a_directory_without_sessions_names_those_below_it(tmp_path: Path) -> None:
+    parent = tmp_path / "parent"
+    shutil.copytree(FIXTURE_DIRS[0], parent / "data")
+    result = run_copy(parent, tmp_path / "to")
+    assert result.returncode == 1
+    assert "holds no session files" in result.stderr
+    assert str(parent / "data") in result.stderr
+
+
+def test_copy_from_a_directory_a_server_is_writing_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    from agentlog.server import JsonlSessionRepository
+
+    with JsonlSessionRepository(source) as serving:
+        serving.append(AppendEvent(session_id="s", event=delta("s", "x")))
+        result = run_copy(source, tmp_path / "to")
+    assert result.returncode == 1
+    assert "in use by another agentlog process" in result.stderr
+
+
+def test_an_interrupted_copy_says_what_it_copied_and_that_a_rerun_finishes(
+    tmp_path: Path, url: str
+) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    for n in range(40):
+        session = f"s{n:03d}"
+        (source / f"{session}.jsonl").write_bytes(
+            b"".join(
+                arcan_line(session, {"part_type": "run_errored", "error": "e" * 500})
+                for _ in range(3000)
+            )
+        )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agentlog.server", "copy", str(source), url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "interrupted; copied" in err
+    assert "Run the same copy again" in err
+    copied = int(err.split("copied ")[1].split(" record")[0].replace(",", ""))
+    with psycopg.connect(url) as conn:
+        stored = conn.execute("SELECT count(*) FROM agentlog_events").fetchone()
+    assert stored is not None
+    assert copied == stored[0]  # the count said is what the destination holds
+    assert copy(source, url)
+
+
+def test_serve_read_only_answers_reads_refuses_appends_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(FIXTURE_DIRS[0], source)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    from agentlog.server import JsonlSessionRepository
+
+    with (
+        JsonlSessionRepository(source, read_only=True) as store,
+        running_server(store) as target,
+        AgentlogClient(target) as client,
+    ):
+        names = [s.session_id for s in client.list_sessions(page_size=1000).sessions]
+        assert names
+        assert client.load_session(names[0])
+        with pytest.raises(FailedPreconditionError) as refused:
+            client.append(AppendEvent(session_id=names[0], event=delta("x", "x")))
+        assert refused.value.reason == "READ_ONLY"
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before

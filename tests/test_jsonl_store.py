@@ -169,9 +169,9 @@ def test_files_that_are_not_sessions_are_ignored(data: Path) -> None:
     repo = JsonlSessionRepository(data)
     record = repo.append(AppendEvent(session_id="real", event=started("real")))
     (data / "notes.txt").write_text("not a session")
-    (data / ".hidden.jsonl").write_text("garbage\n")
+    (data / ".hidden.jsonl").write_text("garbage\n")  # a dot-file session, as arcan reads
     (data / "dir.jsonl").mkdir()
-    assert repo.session_ids() == ["real"]
+    assert repo.session_ids() == [".hidden", "real"]
     assert repo.load_children(str(uuid.uuid4())) == []
     child = repo.append(AppendEvent(session_id="real", parent_id=record.id, event=started("real")))
     assert repo.load_children(record.id) == [child]

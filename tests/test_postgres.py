@@ -633,11 +633,13 @@ def test_a_row_changed_by_hand_harms_only_its_own_session(url: str) -> None:
 
 
 def test_the_metrics_show_the_pool_and_the_feed_head(url: str) -> None:
+    metrics_server = serve_metrics("127.0.0.1:0")
+    port = metrics_server.port
     with replica(url) as (target, _), AgentlogClient(target, retries=0) as client:
-        port = serve_metrics("127.0.0.1:0")
         before = scrape(f"http://127.0.0.1:{port}/metrics")
         client.append_batch("metered", [NewEvent(event=delta("metered", "x"))] * 5)
         after = scrape(f"http://127.0.0.1:{port}/metrics")
+    metrics_server.close()
     assert value(after, "agentlog_postgres_pool_connections", state="size") >= 1
     assert value(after, "agentlog_postgres_pool_connections", state="waiting") == 0
     assert (

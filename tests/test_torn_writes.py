@@ -12,6 +12,7 @@ kept, and given its newline.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 from pathlib import Path
@@ -125,3 +126,28 @@ def test_a_whole_last_record_without_its_newline_is_kept_as_arcan_keeps_it(
     assert (data / "a.jsonl").read_bytes().endswith(b"\n")
     assert not (data / RECOVERED).exists()
     assert "added the newline" in caplog.text
+
+
+def test_a_record_arcan_left_without_its_newline_while_serving_is_read_and_followed(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    with JsonlSessionRepository(data) as repo:
+        first = repo.append(AppendEvent(session_id="s", event=delta("s", "0")))
+        # arcan appends a record and dies before writing its newline.
+        line = (data / "s.jsonl").read_bytes().splitlines()[0]
+        arcan = line.replace(b',"sequence":1', b"").replace(first.id.encode(), b"a" * 36)
+        with (data / "s.jsonl").open("ab") as file:
+            file.write(arcan)
+        records = repo.load_session("s")
+        assert [r.id for r in records] == [first.id, "a" * 36]
+        head = repo.head("s")
+        assert head is not None
+        assert head.id == "a" * 36
+        # The next append ends arcan's line first.
+        third = repo.append(AppendEvent(session_id="s", event=delta("s", "2")))
+        assert third.sequence == 3
+        assert [r.sequence for r in repo.load_session("s")] == [1, 2, 3]
+    lines = (data / "s.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b""  # every line ends with its newline
+    assert [json.loads(x)["id"] for x in lines[:-1]] == [first.id, "a" * 36, third.id]

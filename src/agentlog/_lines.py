@@ -19,6 +19,7 @@ from agentlog._events import EVENT_TYPES
 from agentlog._plans import DecodeError
 from agentlog._records import (
     EventRecord,
+    StoredRecord,
     parse_timestamp,
     utc_seconds,
 )
@@ -85,6 +86,21 @@ def _record_fields(obj: object, sequence: int) -> tuple[str, str, str | None, in
     if stated != sequence or type(stated) is not int:
         raise DecodeError(f"sequence: the line says {stated!r} but it is record {sequence}")
     return record_id, session_id, parent_id, timestamp_ns
+
+
+def stored_from_line(line: bytes, sequence: int) -> StoredRecord:
+    """A line as it is stored: the record's fields with its event as parsed JSON, not
+    checked against the event types (what a copy carries; reading accepts whatever
+    arcan reads); DecodeError if the line is no record."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not valid JSON: {exc}") from None
+    record_id, session_id, parent_id, timestamp_ns = _record_fields(obj, sequence)
+    event = cast(dict[str, Any], obj).get("event")
+    if type(event) is not dict or type(event.get("part_type")) is not str:
+        raise DecodeError("event: missing, or without a part_type")
+    return StoredRecord(record_id, session_id, sequence, parent_id, timestamp_ns, event)
 
 
 def record_from_line(line: bytes, sequence: int) -> EventRecord:

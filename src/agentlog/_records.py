@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from agentlog._events import AgentEvent
 from agentlog.errors import InvalidArgumentError
@@ -67,6 +68,19 @@ class CaughtUp:
 
     sequence: int = 0
     position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A record as a store holds it, its event as parsed JSON (a copy carries it so,
+    exactly, whatever checks an append would make)."""
+
+    id: str
+    session_id: str
+    sequence: int
+    parent_id: str | None
+    timestamp_ns: int
+    event_json: Any
 
 
 @dataclass(frozen=True, slots=True)

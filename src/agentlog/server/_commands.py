@@ -43,17 +43,34 @@ def migrate(args: argparse.Namespace) -> int:
 
 
 def copy(args: argparse.Namespace) -> int:
-    from agentlog.server.copying import copy_store
+    """`agentlog copy`: exit 0 when every session was copied, 1 when some could not be
+    (each named, with why), 130 when interrupted (saying what was copied by then)."""
+    from agentlog.server.copying import CopySummary, copy_store
 
-    summary = asyncio.run(
-        copy_store(
-            args.source,
-            args.destination,
-            progress=sys.stderr,
-            connect_timeout=args.connect_timeout,
+    summary = CopySummary()
+    try:
+        asyncio.run(
+            copy_store(
+                args.source,
+                args.destination,
+                progress=sys.stderr,
+                connect_timeout=args.connect_timeout,
+                summary=summary,
+            )
         )
-    )
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
+        summary.interrupted = True
+    if summary.interrupted:
+        print(
+            f"agentlog copy: interrupted; {summary.describe()}. Run the same copy again to "
+            "finish: it continues where this one stopped, without repeating a record",
+            file=sys.stderr,
+        )
+        return 130
     print(summary.describe())
+    if summary.failures:
+        print(f"agentlog copy: {summary.describe_failures()}", file=sys.stderr)
+        return 1
     return 0
 
 

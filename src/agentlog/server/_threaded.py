@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, FeedGap, FeedRecord
+from agentlog._records import EventRecord, FeedGap, FeedRecord, StoredRecord
 from agentlog.errors import UnavailableError
 from agentlog.server._listing import PageTokens, SessionList, SessionQuery
 from agentlog.server._rules import Appended, PendingAppend
@@ -123,6 +123,14 @@ class ThreadedBackend(Backend):
     async def head(self, session_id: str) -> EventRecord | None:
         record: EventRecord | None = await self._run(self.store.head, session_id)
         return record
+
+    async def read_stored(
+        self, session_id: str, from_sequence: int, limit: int
+    ) -> list[StoredRecord]:
+        records: list[StoredRecord] = await self._run(
+            self.store.read_stored, session_id, from_sequence, limit
+        )
+        return records
 
     async def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
         records: list[EventRecord] = await self._run(

@@ -276,6 +276,7 @@ async def serve(
     grace: float = DEFAULT_GRACE_SECONDS,
     sync: str = "always",
     sync_interval_ms: int = 100,
+    read_only: bool = False,
     pool_size: int = 10,
     statement_timeout_ms: int = 30_000,
     connect_timeout: float = 30.0,
@@ -299,6 +300,12 @@ async def serve(
     if store is not None and is_postgres_url(store):
         from agentlog.server.postgres._errors import redact
 
+        if read_only:
+            raise OSError(
+                "--read-only serves a JSONL directory; to keep callers of a PostgreSQL store "
+                "to reads, give them credentials that grant only read (--auth-file)"
+            )
+
         served = await PostgresBackend.open(
             store,
             pool_size=pool_size,
@@ -312,9 +319,13 @@ async def serve(
 
         raise_open_files_limit()
         root = Path(store) if store else data_dir
-        jsonl = JsonlSessionRepository(root, sync=sync, sync_interval_ms=sync_interval_ms)
+        jsonl = JsonlSessionRepository(
+            root, sync=sync, sync_interval_ms=sync_interval_ms, read_only=read_only
+        )
         repository = served = jsonl
-        where = f"data dir {jsonl.root}, sync {jsonl.sync_policy}"
+        where = f"data dir {jsonl.root}, " + (
+            "read-only" if read_only else f"sync {jsonl.sync_policy}"
+        )
     try:
         built = create_server(
             address,

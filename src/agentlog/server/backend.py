@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, FeedGap, FeedRecord
+from agentlog._records import EventRecord, FeedGap, FeedRecord, StoredRecord
 from agentlog.server._listing import PageTokens, SessionList, SessionQuery
 from agentlog.server._rules import Appended, PendingAppend
 
@@ -110,6 +110,15 @@ class Backend(ABC):
         self, session_id: str, from_sequence: int, limit: int
     ) -> list[EventRecord]:
         """Up to `limit` records of a session from `from_sequence` on."""
+
+    @abstractmethod
+    async def read_stored(
+        self, session_id: str, from_sequence: int, limit: int
+    ) -> list[StoredRecord]:
+        """Up to `limit` records of a session from `from_sequence` on as they are stored:
+        each event as its parsed JSON, unchecked against the event types, so that a copy
+        carries whatever this store serves, exactly. DataLossError (naming the file or
+        row) for a record that is no record at all."""
 
     @abstractmethod
     async def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:

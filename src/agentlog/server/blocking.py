@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
 from agentlog._codec import (
+    event_to_json,
     record_to_proto,
 )
 from agentlog._events import ReadDirection
@@ -29,6 +30,7 @@ from agentlog._records import (
     FeedRecord,
     NewEvent,
     SessionPage,
+    StoredRecord,
 )
 from agentlog.server._listing import PageTokens, SessionList, SessionQuery
 from agentlog.server._rules import (
@@ -202,6 +204,17 @@ class BlockingStore(ABC):
     def load_children(self, parent_id: str) -> list[EventRecord]:
         """Every record whose parent_id is `parent_id`."""
         return [record for run in self.read_children(parent_id) for record in run]
+
+    def read_stored(self, session_id: str, from_sequence: int, limit: int) -> list[StoredRecord]:
+        """Up to `limit` records of a session from `from_sequence` on, as stored (see
+        `Backend.read_stored`)."""
+        records = self.read_session(session_id, from_sequence=from_sequence, limit=limit)
+        return [
+            StoredRecord(
+                r.id, r.session_id, r.sequence, r.parent_id, r.timestamp_ns, event_to_json(r.event)
+            )
+            for r in records
+        ]
 
     @abstractmethod
     def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:

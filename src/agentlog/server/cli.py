@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --sync interval: how often to sync (env AGENTLOG_SYNC_INTERVAL_MS)",
     )
     serve_cmd.add_argument(
+        "--read-only",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("AGENTLOG_READ_ONLY", "").lower() in ("1", "true", "yes", "on"),
+        help="serve a JSONL directory without writing anything in it (one this process may "
+        "not write, say): every read works, appends are refused (env AGENTLOG_READ_ONLY=1)",
+    )
+    serve_cmd.add_argument(
         "--metrics-addr",
         default=os.environ.get("AGENTLOG_METRICS_ADDR") or None,
         help="host:port to serve Prometheus metrics on, at /metrics; unset: not served "
@@ -426,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                 grace=args.grace,
                 sync=args.sync,
                 sync_interval_ms=args.sync_interval_ms,
+                read_only=args.read_only,
                 metrics_address=args.metrics_addr,
                 version=_version(),
             )

@@ -1,28 +1,33 @@
 """`agentlog copy FROM TO`: every session of one store into another.
 
-Each side is a JSONL data directory or a PostgreSQL URL. Records keep their
-ids, sequences, parents, timestamps and JSON values. A session is continued
-from what the destination already holds (its head), each step appended with
-the expectation that the destination ends where the copy left it, so running
-the copy again after an interruption finishes it without repeating a record,
-and a destination that was written meanwhile is refused rather than mixed.
+Each side is a JSONL data directory or a PostgreSQL URL. The source is only
+read (a JSONL source is opened read-only: nothing is written in it, and a
+source being written by a running server is refused). Records keep their ids,
+sequences, parents, timestamps and JSON values exactly as the source holds
+them, whatever an append would check (a copy carries whatever its source
+serves). A session is continued from what the destination already holds (its
+head), each step appended with the expectation that the destination ends where
+the copy left it, so running the copy again after an interruption, or once a
+cause is fixed, finishes it without repeating a record; a destination written
+meanwhile is refused rather than mixed. A session that cannot be copied (a
+damaged line, a diverged destination) is reported, with its file and line where
+there is one, and the others are copied.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from agentlog._codec import event_to_json
-from agentlog._records import EventRecord, SessionInfo
-from agentlog.errors import FailedPreconditionError, InvalidArgumentError
+from agentlog._records import SessionInfo, StoredRecord
+from agentlog.errors import AgentlogError, FailedPreconditionError, InvalidArgumentError
 from agentlog.server._listing import SessionQuery
 from agentlog.server._rules import PendingAppend, Prepared
 from agentlog.server.backend import Backend
@@ -37,26 +42,55 @@ PROGRESS_SECONDS = 0.2
 
 
 @dataclass
+class Failure:
+    """A session the copy could not finish, and why (with the file and line, if any)."""
+
+    session_id: str
+    reason: str
+    message: str
+
+
+@dataclass
 class CopySummary:
     sessions: int = 0
     complete_already: int = 0
     records: int = 0
     seconds: float = 0.0
+    failures: list[Failure] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    interrupted: bool = False
+
+    def stopped(self) -> bool:
+        """Whether the copy was asked to stop (SIGINT): it does, between two appends."""
+        return self.interrupted
 
     def describe(self) -> str:
-        rate = self.records / self.seconds if self.seconds > 0 else 0.0
-        return (
+        seconds = self.seconds or (time.monotonic() - self.started)
+        rate = self.records / seconds if seconds > 0 else 0.0
+        text = (
             f"copied {self.records:,} record(s) of {self.sessions:,} session(s) in "
-            f"{self.seconds:.1f} s ({rate:,.0f} records/s); "
+            f"{seconds:.1f} s ({rate:,.0f} records/s); "
             f"{self.complete_already:,} session(s) were already complete"
         )
+        if self.failures:
+            text += f"; {len(self.failures):,} session(s) could not be copied"
+        return text
+
+    def describe_failures(self) -> str:
+        """The sessions that could not be copied, each with why."""
+        lines = [f"{len(self.failures):,} session(s) could not be copied:"]
+        for failure in sorted(self.failures, key=lambda f: f.session_id.encode()):
+            lines.append(f"  {failure.session_id!r}: {failure.message} ({failure.reason})")
+        lines.append("run the same copy again once they are fixed: it finishes them")
+        return "\n".join(lines)
 
 
 @asynccontextmanager
 async def open_store(
-    where: str, *, must_exist: bool, connect_timeout: float = 30.0
+    where: str, *, source: bool, connect_timeout: float = 30.0
 ) -> AsyncIterator[Backend]:
-    """The store `where` names (a postgresql:// URL or a JSONL directory), as a Backend."""
+    """The store `where` names (a postgresql:// URL or a JSONL directory), as a Backend;
+    a JSONL `source` is opened read-only."""
     from agentlog.server.postgres import PostgresBackend, is_postgres_url
 
     if is_postgres_url(where):
@@ -69,9 +103,9 @@ async def open_store(
     from agentlog.server.jsonl import JsonlSessionRepository
 
     root = Path(where)
-    if must_exist and not os.path.isdir(root):  # noqa: ASYNC240 - once, before anything runs
-        raise InvalidArgumentError(f"{where}: no such data directory to copy from")
-    store = JsonlSessionRepository(root)
+    if source:
+        _check_source(root)
+    store = JsonlSessionRepository(root, read_only=source)
     try:
         threaded = store.backend(ThreadPoolExecutor(4, thread_name_prefix="agentlog-copy"))
         try:
@@ -80,6 +114,25 @@ async def open_store(
             await threaded.close()
     finally:
         store.close()
+
+
+def _check_source(root: Path) -> None:
+    """Refuse a source directory that holds no session files, naming the directories
+    below it that do (a copy from their parent is a usual slip)."""
+    if not root.is_dir():
+        raise InvalidArgumentError(f"{root}: no such data directory to copy from")
+    if any(path.is_file() for path in root.glob("*.jsonl")):
+        return
+    below = sorted(
+        str(path)
+        for path in root.iterdir()
+        if path.is_dir() and any(child.is_file() for child in path.glob("*.jsonl"))
+    )
+    hint = f"; these directories below it have some: {', '.join(below[:10])}" if below else ""
+    raise InvalidArgumentError(
+        f"{root} holds no session files (*.jsonl), so there is nothing to copy{hint}",
+        reason="NO_SESSIONS",
+    )
 
 
 async def _sessions(source: Backend) -> list[SessionInfo]:
@@ -93,9 +146,9 @@ async def _sessions(source: Backend) -> list[SessionInfo]:
             return infos
 
 
-def _runs(records: list[EventRecord]) -> list[list[EventRecord]]:
+def _runs(records: list[StoredRecord]) -> list[list[StoredRecord]]:
     """Consecutive records of one timestamp (a batch, or a single append), in order."""
-    runs: list[list[EventRecord]] = []
+    runs: list[list[StoredRecord]] = []
     for record in records:
         if (
             runs
@@ -114,12 +167,13 @@ class _Progress:
         self._total = total
         self._shown = 0.0
 
-    def show(self, summary: CopySummary, done: int, *, final: bool = False) -> None:
+    def show(self, summary: CopySummary, *, final: bool = False) -> None:
         now = time.monotonic()
         if self._out is None or (not final and now - self._shown < PROGRESS_SECONDS):
             return
         self._shown = now
         width = 30
+        done = summary.sessions
         filled = width * done // self._total if self._total else width
         bar = "#" * filled + "-" * (width - filled)
         self._out.write(
@@ -130,16 +184,22 @@ class _Progress:
 
 
 async def copy_store(
-    source: str, destination: str, *, progress: TextIO | None, connect_timeout: float = 30.0
+    source: str,
+    destination: str,
+    *,
+    progress: TextIO | None,
+    connect_timeout: float = 30.0,
+    summary: CopySummary | None = None,
 ) -> CopySummary:
-    """Copy every session of `source` into `destination`; what was copied."""
+    """Copy every session of `source` into `destination`; what was copied (into
+    `summary`, if given, as it goes: an interrupted copy can still say it)."""
     if source.rstrip("/") == destination.rstrip("/"):
         raise InvalidArgumentError("FROM and TO are the same store")
-    started = time.monotonic()
-    summary = CopySummary()
+    summary = summary if summary is not None else CopySummary()
+    stopping = _stop_on_interrupt(summary)
     async with (
-        open_store(source, must_exist=True, connect_timeout=connect_timeout) as src,
-        open_store(destination, must_exist=False, connect_timeout=connect_timeout) as dst,
+        open_store(source, source=True, connect_timeout=connect_timeout) as src,
+        open_store(destination, source=False, connect_timeout=connect_timeout) as dst,
     ):
         infos = await _sessions(src)
         shown = _Progress(progress, len(infos))
@@ -147,47 +207,79 @@ async def copy_store(
 
         async def worker() -> None:
             for info in waiting:  # shared: each session is taken by one worker
-                copied = await _copy_session(src, dst, info)
+                if summary.stopped():
+                    return
+                try:
+                    copied = await _copy_session(src, dst, info, summary, shown)
+                except AgentlogError as exc:  # that session's alone: the others go on
+                    summary.failures.append(
+                        Failure(info.session_id, exc.reason or exc.status_name, exc.message)
+                    )
+                    copied = -1
                 summary.sessions += 1
-                summary.records += copied
                 summary.complete_already += copied == 0
-                shown.show(summary, summary.sessions)
+                shown.show(summary)
 
         try:
-            async with asyncio.TaskGroup() as workers:
-                for _ in range(min(SESSIONS_AT_ONCE, len(infos))):
-                    workers.create_task(worker())
-        except ExceptionGroup as failed:  # the first failure says what went wrong
-            raise failed.exceptions[0] from None
-        shown.show(summary, len(infos), final=True)
-    summary.seconds = time.monotonic() - started
+            await asyncio.gather(*(worker() for _ in range(min(SESSIONS_AT_ONCE, len(infos)))))
+        finally:
+            stopping()
+        shown.show(summary, final=True)
+    summary.seconds = time.monotonic() - summary.started
     return summary
 
 
-async def _copy_session(src: Backend, dst: Backend, info: SessionInfo) -> int:
+def _stop_on_interrupt(summary: CopySummary) -> Callable[[], None]:
+    """Have the first SIGINT stop the copy between two appends, so that what it says it
+    copied is what the destination holds (a second one stops it at once); returns the
+    undoing of that."""
+    loop = asyncio.get_running_loop()
+
+    def interrupted() -> None:
+        summary.interrupted = True
+        loop.remove_signal_handler(signal.SIGINT)
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupted)
+    except (RuntimeError, ValueError):  # not the main thread: Ctrl-C stops it at once
+        return lambda: None
+
+    def undo() -> None:
+        loop.remove_signal_handler(signal.SIGINT)
+
+    return undo
+
+
+async def _copy_session(
+    src: Backend, dst: Backend, info: SessionInfo, summary: CopySummary, shown: _Progress
+) -> int:
     """Copy what `dst` lacks of one session; how many records that was."""
     session_id, last = info.session_id, info.event_count
     head = await dst.head(session_id)
     held = head.sequence if head is not None else 0
     if head is not None:
-        mine = await src.read_records(session_id, held, 1)
+        mine = await src.read_stored(session_id, held, 1)
         if held > last or not mine or mine[0].id != head.id:
             raise FailedPreconditionError(
-                f"session {session_id!r}: the destination holds {held} record(s) that are not "
-                "the source's first ones; it was written by something other than this copy",
+                f"the destination holds {held} record(s) of it that are not the source's "
+                "first ones: it was written by something other than this copy",
                 reason="DESTINATION_DIVERGED",
             )
     copied = 0
     sequence = held + 1
-    while sequence <= last:
-        records = await src.read_records(session_id, sequence, READ_STEP)
+    while sequence <= last and not summary.stopped():
+        records = await src.read_stored(session_id, sequence, READ_STEP)
         if not records:
             break
         for run in _runs(records):
-            batch = [Prepared(r.id, r.parent_id, event_to_json(r.event)) for r in run]
+            if summary.stopped():
+                break
+            batch = [Prepared(r.id, r.parent_id, r.event_json) for r in run]
             await dst.append(
                 PendingAppend(session_id, batch, sequence - 1, timestamp_ns=run[0].timestamp_ns)
             )
             sequence += len(run)
             copied += len(run)
+            summary.records += len(run)  # what the destination holds, as it grows
+            shown.show(summary)
     return copied

@@ -30,6 +30,7 @@ from agentlog._records import (
 )
 from agentlog.errors import (
     AgentlogError,
+    FailedPreconditionError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -88,6 +89,7 @@ class Written:
     inode: int
     new_file: bool
     live: bool = True  # staged, neither acknowledged nor taken back
+    opened_line: bool = False  # it began with the newline of arcan's last record
 
 
 @dataclass(slots=True)
@@ -107,6 +109,7 @@ class CommitPath(Reader):
     durable as the policy promises, which makes them visible and publishes them."""
 
     sync_policy: SyncPolicy
+    read_only: bool  # appends refused, nothing written in the directory
     clock: Callable[[], int]  # the time now, in nanoseconds since the epoch
     # Ids of staged appends, to find a retry of one still in flight (an entry
     # whose append is no longer live is stale; cleared when nothing is staged).
@@ -151,6 +154,12 @@ class CommitPath(Reader):
         the sync that makes these appends durable waits for `release()`: a caller
         that has more appends at hand submits them all, then releases them, and they
         share one sync (group commit)."""
+        if self.read_only:
+            raise FailedPreconditionError(
+                f"{self.root} is served read-only: appends are refused; serve it without "
+                "--read-only (or copy it into a store that is not) to append",
+                reason="READ_ONLY",
+            )
         sessions = {append.session_id for append in appends}
         if self._index.behind:
             if not block:
@@ -383,16 +392,18 @@ class CommitPath(Reader):
             if batch_end is not None:
                 fields["batch_end"] = batch_end
             line = record_line(fields)
-            if len(line) > _rules.MAX_RECORD_BYTES:
+            if len(line) > _rules.MAX_RECORD_BYTES and kept_ns is None:
+                # (A copy carries what its source holds, whatever its size.)
                 _rules.check_record_size(len(line), sequence - last - 1 if batch_end else None)
             lines.append(line)
-        data = b"".join(lines)
+        # The last record arcan wrote may lack its newline (it died between the two
+        # writes): the newline goes first, in the same write.
+        ending = b"\n" if state.open_line else b""
+        data = ending + b"".join(lines)
         new_file = state.identity == MISSING
         fd = self._file(session_id, state)
         start = state.written_end
         try:
-            if os.fstat(fd).st_size != start:
-                raise concurrent_writer(state.path)  # appended to since it was checked
             count = os.write(fd, data)
             end = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: where this write ended
             if count < len(data) and end - count == start:
@@ -406,8 +417,9 @@ class CommitPath(Reader):
             # lines landed after its lines and state the wrong sequences.
             self._blank_misplaced(session_id, state, end - count, data[:count])
             raise concurrent_writer(state.path)
+        state.open_line = False
         rows: list[Row] = []
-        offset, keys = start, staging.keys
+        offset, keys = start + len(ending), staging.keys
         for sequence, (item, line) in enumerate(zip(batch, lines, strict=True), last + 1):
             if sequence % MARK_EVERY == 1:
                 state.marks.append(offset)
@@ -421,7 +433,7 @@ class CommitPath(Reader):
         state.written_last_offset = offset - len(lines[-1])
         state.written_timestamp_ns = max(state.written_timestamp_ns, timestamp_ns)
         state.unacked += 1
-        entry = self._feed.reserve(session_id, last + 1, len(batch), start)
+        entry = self._feed.reserve(session_id, last + 1, len(batch), start + len(ending))
         written = Written(
             index,
             session_id,
@@ -435,6 +447,7 @@ class CommitPath(Reader):
             previous_last,
             inode,
             new_file,
+            opened_line=bool(ending),
         )
         staging.written.append(written)
         self._unacked_ids.update(dict.fromkeys([item.id for item in batch], written))
@@ -487,6 +500,8 @@ class CommitPath(Reader):
 
     def _feed_catch_up(self, session_id: str, state: SessionState) -> None:
         """Stage feed positions for records of the session the feed lacks, and wait."""
+        if self.read_only:
+            return  # nothing is written; the feed is as it was found
         done = threading.Event()
         with self._lock:
             if self._halted is not None or self._closing:
@@ -519,6 +534,7 @@ class CommitPath(Reader):
         state.written = written.entry[2] - 1
         state.written_end = written.start
         state.written_last_offset = written.previous_last_offset
+        state.open_line = state.open_line or written.opened_line
         del state.marks[(state.written + MARK_EVERY - 1) // MARK_EVERY :]
         state.unacked -= 1
         try:

@@ -18,6 +18,7 @@ from agentlog._lines import (
     record_fields_from_line,
     record_fields_from_lines,
     record_from_line,
+    stored_from_line,
 )
 from agentlog._plans import (
     DecodeError,
@@ -27,6 +28,7 @@ from agentlog._records import (
     FeedGap,
     FeedRecord,
     SessionInfo,
+    StoredRecord,
 )
 from agentlog._validation import (
     check_count,
@@ -211,16 +213,19 @@ class Reader(Recovery):
             left = stop - offset
             carry = b""
             while sequence <= high:
-                block = file.read(min(_BLOCK, left))
-                if not block:
+                block = file.read(min(_BLOCK, left)) if left > 0 else b""
+                if block:
+                    left -= len(block)
+                    data = carry + block if carry else block
+                elif carry.strip() and left == 0:
+                    data = carry + b"\n"  # the last record, without its newline
+                else:
                     raise DataLossError(
                         f"{view.path} ends before record {sequence}, which it held: it was "
                         "cut or replaced behind agentlog's back; read it again",
                         reason="CONCURRENT_WRITER",
                         metadata={"file": str(view.path)},
                     )
-                left -= len(block)
-                data = carry + block if carry else block
                 cut = data.rfind(b"\n") + 1
                 lines = data[:cut].split(b"\n")
                 lines.pop()
@@ -326,6 +331,29 @@ class Reader(Recovery):
             return record_from_line(line, indexed.records)
         except (orjson.JSONDecodeError, DecodeError, AttributeError):
             return None
+
+    def read_stored(self, session_id: str, from_sequence: int, limit: int) -> list[StoredRecord]:
+        """The records up to the first that does not parse (a copy takes those, then
+        is told, reading on from there, which line is damaged)."""
+        check_stored_session_id(session_id)
+        view = self._view(session_id)
+        first = max(from_sequence, 1)
+        found: list[StoredRecord] = []
+        last = min(view.count, first + limit - 1)
+        for sequence, lines in self._lines(view, first, last, None):
+            for number, line in enumerate(lines, sequence):
+                try:
+                    found.append(stored_from_line(line, number))
+                except DecodeError as exc:
+                    if found:
+                        return found
+                    offset = self._offset_of(view, number)
+                    error = corrupt_line(
+                        view.path, line_number(view.path, offset), str(exc), number, offset
+                    )
+                    self._seal(view.path, error, number, offset)
+                    raise error from None
+        return found
 
     def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
         check_stored_session_id(session_id)

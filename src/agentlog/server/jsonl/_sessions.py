@@ -52,6 +52,7 @@ class SessionStates(BlockingStore):
     """
 
     root: Path
+    read_only: bool
     _lock: threading.Lock  # the store's: states, writing, acknowledging
     _cond: threading.Condition
     _halted: AgentlogError | None
@@ -99,7 +100,16 @@ class SessionStates(BlockingStore):
 
     def _build(self, session_id: str, path: Path) -> SessionState:
         """A session's state from the index, which vouches for a file it indexed to its
-        end, reading only the first and last lines; else from a scan of the file."""
+        end, reading only the first and last lines; else from a scan of the file. In a
+        read-only store, a torn tail (which start-up recovery would cut) is no damage:
+        reads stop before it."""
+        state = self._build_state(session_id, path)
+        damage = state.damage
+        if self.read_only and damage is not None and damage.reason == "TORN_LAST_LINE":
+            state.damage, state.sealed = None, damage
+        return state
+
+    def _build_state(self, session_id: str, path: Path) -> SessionState:
         identity = file_identity(path)
         try:
             indexed = self._index.catch_up(session_id, path)

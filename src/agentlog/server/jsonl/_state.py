@@ -79,6 +79,9 @@ class SessionState:
     sealed: DataLossError | None = None
     """Why the file takes no more appends though its first records can be read: a
     damaged line in it (an append after it would bury it)."""
+    open_line: bool = False
+    """Its last record lacks the newline that ends it (arcan died between the two
+    writes): the next append writes that newline first."""
 
     @classmethod
     def of(cls, path: Path, identity: Identity, scan: FileScan) -> SessionState:
@@ -98,6 +101,7 @@ class SessionState:
             scan.head_id,
             scan.damage,
             scan.started_here,
+            open_line=scan.open_line,
         )
 
     def view(self) -> View:

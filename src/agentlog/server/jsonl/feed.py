@@ -39,8 +39,10 @@ class Feed:
     which runs beside the writer: the columns it reads are appended to and read
     under `_columns`, a lock of their own (the innermost: nothing is taken under it)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """The feed in `path`; `read_only`: only read (a store that writes nothing)."""
         self.path = path
+        self._read_only = read_only
         self._columns = threading.Lock()
         self.positions = array("Q")
         self.sequences = array("Q")
@@ -56,6 +58,10 @@ class Feed:
         ):
             if session_id:
                 self._covered[session_id] = sequence + count - 1
+        if read_only:
+            self.fd = -1
+            self.size = self.acknowledged_size = 0
+            return
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self.size = self.acknowledged_size = os.fstat(self.fd).st_size
 
@@ -76,7 +82,7 @@ class Feed:
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 break
             good += len(line)
-        if good < len(data):
+        if good < len(data) and not self._read_only:
             # Our own log, cut short by a crash: its tail was never acknowledged.
             log.warning(
                 "%s: dropping %d bytes after byte offset %d that are not whole feed entries",
@@ -206,4 +212,5 @@ class Feed:
             index += len(batch)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)

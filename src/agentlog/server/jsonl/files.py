@@ -39,30 +39,43 @@ _TAIL_BLOCK = 1 << 12
 _NEWLINE = re.compile(b"\n")
 
 
-def lock_directory(root: Path) -> int:
-    """Take the data directory for this process (flock), or say who has it."""
+def lock_directory(root: Path, *, shared: bool = False) -> int:
+    """Take the data directory for this process (flock), or say who has it.
+
+    `shared`: only to read it (a read-only store or a copy's source), which writes no
+    lock file: its lock, if there is one, is taken shared, so no agentlog may write the
+    directory meanwhile, and others may read it too. Returns -2 when there is no lock
+    file to take (a directory no agentlog ever wrote)."""
     path = root / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    if shared:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return -2
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
+        doing = "read" if shared else "write"
         raise FailedPreconditionError(
-            f"the data directory {root} is in use by another agentlog process (pid {holder}); "
-            "one process may write a data directory at a time. Stop it, or use another "
-            "--data-dir.",
+            f"the data directory {root} is in use by another agentlog process (pid {holder}), "
+            f"so this one may not {doing} it; stop that process first (one process may "
+            "write a data directory at a time)",
             reason="DATA_DIR_LOCKED",
             metadata={"pid": holder},
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if not shared:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
-def page_token_key(root: Path) -> bytes:
-    """The key that signs page tokens, kept in the data directory so that tokens
-    outlive a restart (a new one if it cannot be read or kept)."""
+def page_token_key(root: Path, *, keep: bool = True) -> bytes:
+    """The key of page tokens, kept in the data directory so that tokens outlive a
+    restart (a new one if it cannot be read; kept there unless `keep` is False)."""
     path = root / KEY_FILE
     try:
         key = path.read_bytes()
@@ -73,6 +86,8 @@ def page_token_key(root: Path) -> bytes:
     except OSError as exc:
         log.warning("%s: cannot read the page token key (%s); using a new one", path, exc)
     key = secrets.token_bytes(KEY_BYTES)
+    if not keep:
+        return key
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -206,6 +221,9 @@ class FileScan:
     head_id: str = ""
     started_here: bool = False
     damage: DataLossError | None = None
+    open_line: bool = False
+    """The last record lacks its newline (arcan died between the two writes; it reads
+    the record): the next append writes the newline first."""
 
 
 def scan_file(path: Path, mark_every: int) -> FileScan:
@@ -231,7 +249,11 @@ def scan_file(path: Path, mark_every: int) -> FileScan:
                     start = end
                 carry, base = data[cut:], base + cut
             end = base
-            if carry.strip():
+            if carry.strip() and _whole_record(carry.strip()) is not None:
+                offsets.append(base)  # a whole last record without its newline
+                end = base + len(carry)
+                scan.open_line = True
+            elif carry.strip():
                 scan.damage = DataLossError(
                     f"{path}, line {line_number(path, base)}: an incomplete last line (no "
                     f"newline) starts at byte offset {base}: another process may be writing "
@@ -316,6 +338,8 @@ def describe(path: Path, count: int, end: int, last_offset: int, marks: array[in
     with path.open("rb") as file:
         first = orjson.loads(read_line(file, marks[0], end))
         last = orjson.loads(read_line(file, last_offset, end))
+        file.seek(end - 1)
+        scan.open_line = file.read(1) != b"\n"
     batch_end = last.get("batch_end")
     if isinstance(batch_end, int) and batch_end > count:
         raise ValueError("ends inside a batch")
@@ -450,12 +474,22 @@ def index_lines(
     done = (position, count, last)  # whole records and whole batches up to here
     held: list[Row] = []  # the rows of a batch not seen whole yet
     loads = orjson.loads
+    open_end: int | None = None  # the file's size, if it ends in a record without "\n"
     with path.open("rb") as file:
         file.seek(position)
         carry = b""
-        while block := file.read(_BLOCK):
-            data = carry + block
-            cut = data.rfind(b"\n") + 1
+        while True:
+            block = file.read(_BLOCK)
+            if block:
+                data = carry + block
+                cut = data.rfind(b"\n") + 1
+            elif carry.strip() and _whole_record(carry.strip()) is not None:
+                # The end of the file: a whole last record without its newline (read as
+                # if it had one; where it ends is the file's end).
+                open_end = file.tell()
+                data, cut = carry + b"\n", len(carry) + 1
+            else:
+                break
             carry = data[cut:]
             rows: list[Row] = []
             append = rows.append
@@ -491,4 +525,6 @@ def index_lines(
                 if not held:
                     done = (position, count, last)
             insert(rows)
+    if open_end is not None and done[0] > open_end:
+        done = (open_end, done[1], done[2])
     return done

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
@@ -89,22 +90,13 @@ class JsonlSessionRepository(SyncLoops):
         sync_interval_ms: int = 100,
         use_syncfs: bool | None = None,
         clock: Callable[[], int] = time.time_ns,
+        read_only: bool = False,
     ) -> None:
         super().__init__()
         self.clock = clock
+        self.read_only = read_only
         self.root = Path(root).resolve()
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise FailedPreconditionError(
-                f"cannot use {self.root} as the data directory: {exc.strerror}",
-                reason="DATA_DIR_UNUSABLE",
-            ) from None
-        if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
-            raise FailedPreconditionError(
-                f"the data directory {self.root} is not readable and writable by this process",
-                reason="DATA_DIR_UNUSABLE",
-            )
+        _check_root(self.root, read_only)
         if isinstance(sync, bool):
             sync = SyncPolicy.ALWAYS if sync else SyncPolicy.NEVER
         try:
@@ -116,9 +108,10 @@ class JsonlSessionRepository(SyncLoops):
         # Whatever opening takes is given back if a later step fails: a store
         # that did not open holds nothing (no lock, descriptor or thread).
         with contextlib.ExitStack() as undo:
-            self._directory_lock = lock_directory(self.root)
-            undo.callback(os.close, self._directory_lock)
-            self.page_tokens = PageTokens(page_token_key(self.root))
+            self._directory_lock = lock_directory(self.root, shared=read_only)
+            if self._directory_lock >= 0:
+                undo.callback(os.close, self._directory_lock)
+            self.page_tokens = PageTokens(page_token_key(self.root, keep=not read_only))
             self._lock = threading.Lock()  # the store's: states, writing, acknowledging
             self._cond = threading.Condition(self._lock)
             self._halted: AgentlogError | None = None
@@ -128,10 +121,18 @@ class JsonlSessionRepository(SyncLoops):
             self._syncer = Syncer(self.root, use_syncfs=use_syncfs)
             undo.callback(self._syncer.close)
             self.recovered_sessions: list[Path] = []  # session files cut at this open
-            self.recovered = self._recover_tails()
-            self._feed = Feed(self.root / FEED_FILE)
+            # A read-only store writes nothing in its directory: torn tails are left as
+            # they are (reads stop before them), the index lives in a directory of its
+            # own for the store's lifetime, and the feed is only read.
+            self.recovered = [] if read_only else self._recover_tails()
+            self._feed = Feed(self.root / FEED_FILE, read_only=read_only)
             undo.callback(self._feed.close)
-            self._index = StoreIndex(self.root, files=self._session_files)
+            self._index_dir: tempfile.TemporaryDirectory[str] | None = None
+            if read_only:
+                self._index_dir = tempfile.TemporaryDirectory(prefix="agentlog-index-")
+                undo.callback(self._index_dir.cleanup)
+            index_root = Path(self._index_dir.name) if self._index_dir else self.root
+            self._index = StoreIndex(index_root, files=self._session_files)
             undo.callback(self._index.close)
             present = self._sessions_in_order()
             # Files the index knows that are gone stay known (a file cut to nothing: its
@@ -150,19 +151,8 @@ class JsonlSessionRepository(SyncLoops):
                     exc,
                 )
             self._index.filter_indexed()
-            clean = self.root / CLEAN_FILE
-            if clean.exists():
-                # Closed cleanly: everything was synced, the feed matches the files.
-                clean.unlink()
-                fsync_path(self.root)
-            else:
-                try:
-                    if self._feed.cut_beyond(self._record_counts()) is not None:
-                        fsync_path(self._feed.path)
-                except (AgentlogError, OSError) as exc:  # a full disk
-                    log.warning(
-                        "%s: could not check the feed against the files: %s", self.root, exc
-                    )
+            if not read_only:
+                self._check_feed()
             self._builders: dict[str, threading.Lock] = {}
             self._reported_gaps: set[tuple[str, str]] = set()  # (session, reason) logged
             # The states of the sessions used most recently (see MAX_CACHED_SESSIONS).
@@ -183,7 +173,7 @@ class JsonlSessionRepository(SyncLoops):
             self._released = self._durable = 0
             self._feed_durable_size = self._feed.size
             self._sync_thread: threading.Thread | None = None
-            if self.sync_policy is not SyncPolicy.NEVER:
+            if self.sync_policy is not SyncPolicy.NEVER and not read_only:
                 target = (
                     self._sync_staged
                     if self.sync_policy is SyncPolicy.ALWAYS
@@ -195,6 +185,21 @@ class JsonlSessionRepository(SyncLoops):
                 self._sync_thread.start()
             undo.pop_all()  # open: close() gives it all back from now on
 
+    def _check_feed(self) -> None:
+        """After a crash (no mark of a clean close), cut the feed where it names records
+        the files lack (lost before they reached the disk)."""
+        clean = self.root / CLEAN_FILE
+        if clean.exists():
+            # Closed cleanly: everything was synced, the feed matches the files.
+            clean.unlink()
+            fsync_path(self.root)
+            return
+        try:
+            if self._feed.cut_beyond(self._record_counts()) is not None:
+                fsync_path(self._feed.path)
+        except (AgentlogError, OSError) as exc:  # a full disk
+            log.warning("%s: could not check the feed against the files: %s", self.root, exc)
+
     def backend(self, executor: ThreadPoolExecutor) -> Backend:
         from agentlog.server.jsonl.backend import JsonlBackend
 
@@ -202,6 +207,9 @@ class JsonlSessionRepository(SyncLoops):
 
     def close(self) -> None:
         """Finish what is staged, sync, and release the data directory. Idempotent."""
+        if self.read_only:
+            self._close_read_only()
+            return
         fd, self._directory_lock = self._directory_lock, -1
         if fd < 0:
             return
@@ -237,6 +245,20 @@ class JsonlSessionRepository(SyncLoops):
             self._mark_clean()
         os.close(fd)  # closing the descriptor releases the flock
 
+    def _close_read_only(self) -> None:
+        fd, self._directory_lock = self._directory_lock, -1
+        if fd == -1:
+            return
+        with self._lock:
+            self._closing = True
+        self._feed.close()
+        self._index.close()
+        self._syncer.close()
+        if self._index_dir is not None:
+            self._index_dir.cleanup()
+        if fd >= 0:  # -2: there was no lock file to take
+            os.close(fd)
+
     def _mark_clean(self) -> None:
         """Everything is synced: the next open may skip checking the feed."""
         clean = self.root / CLEAN_FILE
@@ -248,3 +270,31 @@ class JsonlSessionRepository(SyncLoops):
             with contextlib.suppress(OSError):
                 clean.unlink(missing_ok=True)  # the next open checks instead
             log.warning("%s: could not record a clean stop: %s", self.root, exc)
+
+
+def _check_root(root: Path, read_only: bool) -> None:
+    """Refuse a data directory this process cannot use (create it, unless read-only)."""
+    if read_only:
+        if not root.is_dir():
+            raise FailedPreconditionError(
+                f"{root} is not a directory (a read-only store is only read, never made)",
+                reason="DATA_DIR_UNUSABLE",
+            )
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise FailedPreconditionError(
+                f"the data directory {root} is not readable by this process",
+                reason="DATA_DIR_UNUSABLE",
+            )
+        return
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FailedPreconditionError(
+            f"cannot use {root} as the data directory: {exc.strerror}",
+            reason="DATA_DIR_UNUSABLE",
+        ) from None
+    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        raise FailedPreconditionError(
+            f"the data directory {root} is not readable and writable by this process",
+            reason="DATA_DIR_UNUSABLE",
+        )

@@ -62,9 +62,10 @@ class _Encoded:
         self.parents = [None if i.parent_id is None else i.parent_id.encode() for i in batch]
         overhead = len(orjson.dumps(append.session_id)) + 180
         for index, (item, event) in enumerate(zip(batch, self.events, strict=True)):
-            # The size of its line in a JSONL store, so both refuse the same records.
+            # The size of its line in a JSONL store, so both refuse the same records
+            # (a copy, which keeps its source's timestamps, carries any size).
             size = len(event) + overhead + (len(item.parent_id) if item.parent_id else 0)
-            if size > _rules.MAX_RECORD_BYTES:
+            if size > _rules.MAX_RECORD_BYTES and append.timestamp_ns is None:
                 _rules.check_record_size(size, index if len(batch) > 1 else None)
         expected = append.expected
         # An expectation past bigint's range can never hold: -1 never does either.

@@ -14,7 +14,7 @@ import orjson
 from agentlog import _converters
 from agentlog._codec import EVENT_PATHS, event_from_json, make_record, record_fields_of
 from agentlog._plans import DecodeError
-from agentlog._records import EventRecord
+from agentlog._records import EventRecord, StoredRecord
 from agentlog.errors import DataLossError
 
 # The columns every read selects, in this order (`position` first for the feed).
@@ -49,6 +49,19 @@ def record_of(row: Sequence[Any]) -> EventRecord:
         )
     except (DecodeError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _damaged(row, exc) from None
+
+
+def stored_of(row: Sequence[Any]) -> StoredRecord:
+    """A row as stored, its event as parsed JSON (see `Backend.read_stored`)."""
+    session_id, sequence, record_id, parent, timestamp_ns, event = row
+    try:
+        event_json = orjson.loads(event)
+        if type(event_json) is not dict or type(event_json.get("part_type")) is not str:
+            raise DecodeError("event: missing, or without a part_type")
+        parent_id = _parent(parent)
+    except (DecodeError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _damaged(row, exc) from None
+    return StoredRecord(record_id, session_id, sequence, parent_id, timestamp_ns, event_json)
 
 
 def message_fields_of(row: Sequence[Any]) -> dict[str, Any]:

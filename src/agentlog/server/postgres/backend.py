@@ -24,7 +24,7 @@ import psycopg_pool
 from psycopg.conninfo import make_conninfo
 
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionInfo
+from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionInfo, StoredRecord
 from agentlog._validation import (
     check_count,
     check_parent_query,
@@ -49,6 +49,7 @@ from agentlog.server.postgres._rows import (
     message_fields_of,
     record_of,
     row_bytes,
+    stored_of,
 )
 from agentlog.server.postgres._schema import migrate
 
@@ -344,6 +345,16 @@ class PostgresBackend(Backend):
             (session_id,),
         )
         return record_of(rows[0]) if rows else None
+
+    async def read_stored(
+        self, session_id: str, from_sequence: int, limit: int
+    ) -> list[StoredRecord]:
+        rows = await self._fetch(
+            f"SELECT {RECORD_COLUMNS} FROM agentlog_events WHERE session_id = %s"
+            " AND sequence >= %s ORDER BY sequence LIMIT %s",
+            (session_id, min(from_sequence, MAX_BIGINT), min(limit, MAX_BIGINT)),
+        )
+        return [stored_of(row) for row in rows]
 
     async def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
         rows = await self._fetch(
