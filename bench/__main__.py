@@ -180,19 +180,28 @@ def bench_live(tmp: Path, results: Results, scale: int) -> None:
 
 FANOUT_SESSIONS = 20
 # Subscribers in a process of their own, taking messages as bytes: the cost
-# measured is the server's, not a client's decoding.
+# measured is the server's, not a client's decoding. "feed" subscribes to the
+# all-sessions feed (every subscriber takes every record).
 FANOUT_SUBSCRIBERS = """
 import asyncio, sys, grpc
 from agentlog.v1 import session_pb2 as pb
 target, sessions, each, from_start = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+feed = len(sys.argv) > 5 and sys.argv[5] == "feed"
 async def follow(channel, session, ready):
-    call = channel.unary_stream(
-        "/agentlog.v1.SessionRepository/SubscribeSession",
-        request_serializer=pb.SubscribeSessionRequest.SerializeToString,
-        response_deserializer=lambda data: data,
-    )(pb.SubscribeSessionRequest(
-        session_id=session, from_sequence=1 if from_start == "1" else None
-    ))
+    if feed:
+        call = channel.unary_stream(
+            "/agentlog.v1.SessionRepository/SubscribeAll",
+            request_serializer=pb.SubscribeAllRequest.SerializeToString,
+            response_deserializer=lambda data: data,
+        )(pb.SubscribeAllRequest(from_position=1 if from_start == "1" else None))
+    else:
+        call = channel.unary_stream(
+            "/agentlog.v1.SessionRepository/SubscribeSession",
+            request_serializer=pb.SubscribeSessionRequest.SerializeToString,
+            response_deserializer=lambda data: data,
+        )(pb.SubscribeSessionRequest(
+            session_id=session, from_sequence=1 if from_start == "1" else None
+        ))
     first = True
     async for _ in call:
         if first:
@@ -236,6 +245,64 @@ def fanout_rate(target: str, seconds: float) -> float:
     return asyncio.run(run())
 
 
+def _subscribers(target: str, subscribers: int, from_start: str, mode: str) -> list[Any]:
+    """Two processes of subscribers, as many clients would be; once each is ready."""
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                FANOUT_SUBSCRIBERS,
+                target,
+                str(FANOUT_SESSIONS),
+                str(subscribers // FANOUT_SESSIONS // 2),
+                from_start,
+                mode,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for followers in processes:
+        assert followers.stdout is not None
+        assert followers.stdout.readline().strip() == "ready", "subscribers did not start"
+    return processes
+
+
+def _rss_mb(process: subprocess.Popen[str]) -> float:
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def bench_feed_fanout(tmp: Path, results: Results, subscribers: int, minutes: float) -> None:
+    """Append rate with `subscribers` SubscribeAll streams reading everything (two other
+    processes), over `minutes`: the rate of its last minute, and the server's memory at
+    its start and end (flat: nobody queues records)."""
+    with server(tmp / "feed-fanout", "--sync", "never") as (target, process):
+        fanout_rate(target, 2)
+        base = fanout_rate(target, 5)
+        results["feed_fanout_append_rps_0_subscribers"] = (base, "1/s")
+        processes = _subscribers(target, subscribers, "0", "feed")
+        try:
+            rates, memory = [], []
+            end = time.monotonic() + minutes * 60
+            while time.monotonic() < end:
+                rates.append(fanout_rate(target, 10))
+                memory.append(_rss_mb(process))
+            last = rates[-6:]
+            results[f"feed_fanout_append_rps_{subscribers}_subscribers"] = (
+                statistics.median(last),
+                "1/s",
+            )
+            results["feed_fanout_server_rss_mb_first"] = (memory[0], "MB")
+            results["feed_fanout_server_rss_mb_last"] = (memory[-1], "MB")
+        finally:
+            for followers in processes:
+                followers.kill()
+                followers.wait()
+
+
 def bench_fanout(tmp: Path, results: Results, subscribers: int) -> None:
     """Append rate with no subscriber and with `subscribers` SubscribeSession streams
     (spread over FANOUT_SESSIONS sessions, each taking every new record), and the
@@ -244,34 +311,12 @@ def bench_fanout(tmp: Path, results: Results, subscribers: int) -> None:
         fanout_rate(target, 2)  # warm up, and give every session history
         results["fanout_append_rps_0_subscribers"] = (fanout_rate(target, 5), "1/s")
         for from_start in ("0", "1"):
-            # Two processes of subscribers, as many clients would be.
-            processes = [
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        FANOUT_SUBSCRIBERS,
-                        target,
-                        str(FANOUT_SESSIONS),
-                        str(subscribers // FANOUT_SESSIONS // 2),
-                        from_start,
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                for _ in range(2)
-            ]
+            processes = _subscribers(target, subscribers, from_start, "session")
             try:
-                for followers in processes:
-                    assert followers.stdout is not None
-                    ready = followers.stdout.readline().strip()
-                    assert ready == "ready", "subscribers did not start"
                 name = "from_start" if from_start == "1" else "live"
                 rps = fanout_rate(target, 5)
                 results[f"fanout_append_rps_{subscribers}_subscribers_{name}"] = (rps, "1/s")
-                status = Path(f"/proc/{process.pid}/status").read_text()
-                rss_kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-                results[f"fanout_server_rss_mb_{name}"] = (rss_kb / 1024, "MB")
+                results[f"fanout_server_rss_mb_{name}"] = (_rss_mb(process), "MB")
             finally:
                 for followers in processes:
                     followers.kill()
@@ -322,6 +367,8 @@ CEILINGS = {
     "feed_delivered_events_per_s_16_writers": "feed_writers_events_per_s_16",
     "fanout_append_rps_2000_subscribers_live": "fanout_append_rps_0_subscribers",
     "fanout_append_rps_2000_subscribers_from_start": "fanout_append_rps_0_subscribers",
+    "feed_fanout_append_rps_2000_subscribers": "feed_fanout_append_rps_0_subscribers",
+    "feed_fanout_server_rss_mb_last": "feed_fanout_server_rss_mb_first",
 }
 
 
@@ -354,6 +401,7 @@ def main() -> None:
         "children": lambda tmp: bench_children(tmp, results, args.sessions),
         "live": lambda tmp: bench_live(tmp, results, args.scale),
         "fanout": lambda tmp: bench_fanout(tmp, results, 2000),
+        "feed-fanout": lambda tmp: bench_feed_fanout(tmp, results, 2000, 2.0),
         "listing": lambda tmp: bench_listing(tmp, results, args.sessions),
     }
     if args.large:

@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,48 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)
+
+
+FLOOD = """
+import asyncio, sys, grpc
+from agentlog.v1 import session_pb2 as pb
+target, count = sys.argv[1], int(sys.argv[2])
+async def follow(channel, k):
+    call = channel.unary_stream(
+        "/agentlog.v1.SessionRepository/SubscribeSession",
+        request_serializer=pb.SubscribeSessionRequest.SerializeToString,
+        response_deserializer=lambda data: data,
+    )(pb.SubscribeSessionRequest(session_id=f"flood-{k % 50}", from_sequence=1))
+    async for _ in call:
+        pass
+async def main():
+    channel = grpc.aio.insecure_channel(target)  # one connection for all of them
+    await asyncio.gather(*(follow(channel, k) for k in range(count)))
+asyncio.run(main())
+"""
+
+
+def test_one_clients_flood_of_streams_waits_at_its_end_and_others_go_on(tmp_path: Path) -> None:
+    from agentlog.server import JsonlSessionRepository
+    from agentlog.server.app import MAX_STREAMS_PER_CONNECTION
+    from tests.servers import served
+
+    with JsonlSessionRepository(tmp_path / "data") as store, served(store) as (built, _):
+        target = f"127.0.0.1:{built.port}"
+        flood = subprocess.Popen([sys.executable, "-c", FLOOD, target, "3000"])
+        try:
+            with AgentlogClient(target, timeout=10) as other:
+                worst = 0.0
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline:
+                    started = time.monotonic()
+                    other.append(AppendEvent(session_id="other", event=delta("other", "x")))
+                    worst = max(worst, time.monotonic() - started)
+                    time.sleep(0.05)
+                sessions, _ = built.live.subscribers()
+        finally:
+            flood.kill()
+            flood.wait()
+    # The connection holds at most its limit of streams; its client queues the rest.
+    assert 0 < sessions <= MAX_STREAMS_PER_CONNECTION
+    assert worst < 2.0, f"another client's append waited {worst:.1f} s"

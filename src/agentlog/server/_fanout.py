@@ -4,9 +4,10 @@ take at most about a quarter of the event loop and appends keep the rest.
 A round wakes every subscriber of every session (and of the feed) that grew
 since the last round, then lasts until each has sent what it was woken for and
 waits again (or MAX_ROUND_SECONDS). The next round starts no sooner than three times
-the last one's length after it ended, unless the loop had nothing else to do
-meanwhile: with few subscribers, or no appends waiting, rounds take
-microseconds and records go out at once; with thousands, each message carries
+the last one's cost after it ended (its length, or what the messages it sent cost
+gRPC after it, if more), unless it was cheap and the loop had nothing else to do
+meanwhile: with few subscribers, or no appends waiting, rounds take microseconds
+and records go out at once; with thousands, each message carries
 every record since the subscriber's last one, and the cost of a new record no
 longer grows with the number of subscribers waiting on it.
 """
@@ -21,6 +22,13 @@ IDLE_FACTOR = 3.0
 # A loop that runs a callback this soon after it was asked has nothing else to
 # do: then the next round need not wait.
 IDLE_LAG_SECONDS = 0.0005
+# What sending one message to one subscriber costs the server, about, beyond the round
+# that sends it (gRPC's own work, which goes on after the message is handed over): a
+# round that wakes many subscribers is paced by this, not only by its own length.
+MESSAGE_SECONDS = 0.00025
+# A round that sends more than this costs more after it than a moment of idleness
+# can tell: it is paced whatever the loop looks like (about 40 subscribers woken).
+CHEAP_ROUND_SECONDS = 0.01
 # A round is over by then even if a subscriber has not come back (a slow client).
 MAX_ROUND_SECONDS = 0.25
 
@@ -47,6 +55,7 @@ class WakeRounds:
         self._round = 0
         self._ended = 0  # the last round that ended
         self._pending = 0  # subscribers of the round in progress not back yet
+        self._woken = 0  # subscribers the round in progress woke
         self._started = 0.0
         self._next_at = 0.0
         self._scheduled = False
@@ -98,7 +107,7 @@ class WakeRounds:
                 waiter.set()
                 woken += 1
         self._started = loop.time()
-        self._pending = woken
+        self._pending = self._woken = woken
         if woken:
             loop.call_later(MAX_ROUND_SECONDS, self._end, loop, self._round)
         else:
@@ -110,13 +119,15 @@ class WakeRounds:
         self._ended = round_
         self._pending = 0
         now = loop.time()
-        self._next_at = now + IDLE_FACTOR * (now - self._started)
+        spent = max(now - self._started, self._woken * MESSAGE_SECONDS)
+        self._next_at = now + IDLE_FACTOR * spent
         loop.call_soon(self._probe, loop, round_, now)
 
     def _probe(self, loop: asyncio.AbstractEventLoop, round_: int, asked: float) -> None:
         """After a round: if the loop had nothing else waiting (this ran at once), no
         pause is needed; subscribers may be woken again straight away."""
-        if round_ == self._round and loop.time() - asked < IDLE_LAG_SECONDS:
+        cheap = self._woken * MESSAGE_SECONDS < CHEAP_ROUND_SECONDS
+        if round_ == self._round and cheap and loop.time() - asked < IDLE_LAG_SECONDS:
             self._next_at = 0.0
         if not self._scheduled and (self._due or self._feed_due):
             self._maybe_start(loop)

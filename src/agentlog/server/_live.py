@@ -12,12 +12,16 @@ from the backend instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import ctypes
+import ctypes.util
+import gc
 import itertools
 import threading
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from typing import TypeVar
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Collection, Hashable, Sequence
+from typing import Any, TypeVar
 
 from agentlog._records import CaughtUp, Checkpoint, EventRecord, FeedGap, FeedRecord
 from agentlog.errors import AgentlogError, UnavailableError
@@ -35,6 +39,12 @@ CATCH_UP_RECORDS = 8192
 # of the backend (its threads or connections).
 CATCH_UP_READS = 4
 RECENT_RECORDS = 1024
+# Memory is given back once the subscriptions fall to a quarter of a crowd this large.
+TRIM_AFTER = 1000
+# The feed's latest records, kept while it has subscribers.
+RECENT_FEED_RECORDS = 4096
+# Views of the kept feed shared by subscribers with the same filters at the same place.
+SHARED_VIEWS = 512
 
 
 # While live, a filtered feed subscriber whose filters kept nothing is told how far
@@ -83,7 +93,14 @@ class LiveSubscriptions:
         self._recent: dict[str, deque[EventRecord]] = {}
         # The same for the all-sessions feed, while it has subscribers.
         self._feed_waiters: set[Waiter] = set()
-        self._recent_feed: deque[FeedRecord] = deque(maxlen=RECENT_RECORDS)
+        self._recent_feed: deque[FeedRecord] = deque(maxlen=RECENT_FEED_RECORDS)
+        # What subscribers with the same filters, at the same position, are sent from
+        # `_recent_feed`: worked out once for all of them (thousands of subscribers of
+        # the whole feed would otherwise each copy and filter the same records).
+        self._feed_views: OrderedDict[tuple[Hashable, int], tuple[int, int, list[Any]]] = (
+            OrderedDict()
+        )
+        self._recent_version = 0  # changes whenever `_recent_feed` does
         self._published_position = 0
         self._closing = False
         self._rounds = WakeRounds(lambda s: self._waiters.get(s, ()), lambda: self._feed_waiters)
@@ -94,6 +111,11 @@ class LiveSubscriptions:
         self._follow_lock = threading.Lock()
         self._followers: dict[str, int] = {}
         self._feed_followers = 0
+        # How many subscriptions there are, and the most there were since memory was
+        # last given back (see `_trim`).
+        self._subscriptions = 0
+        self._most = 0
+        self._trim_scheduled = False
         # What each subscription has been sent up to (for the lag metric, read by
         # the metrics thread): feed positions, and (session, sequence).
         self._feed_sent: dict[Waiter, int] = {}
@@ -111,14 +133,29 @@ class LiveSubscriptions:
     def _follow(self, session_id: str | None, change: int) -> None:
         """Count a subscriber of a session (None: of the feed) in or out."""
         with self._follow_lock:
+            self._subscriptions += change
+            self._most = max(self._most, self._subscriptions)
             if session_id is None:
                 self._feed_followers += change
-                return
-            count = self._followers.get(session_id, 0) + change
-            if count:
-                self._followers[session_id] = count
             else:
-                del self._followers[session_id]
+                count = self._followers.get(session_id, 0) + change
+                if count:
+                    self._followers[session_id] = count
+                else:
+                    del self._followers[session_id]
+            drained = self._most >= TRIM_AFTER and self._subscriptions <= self._most // 4
+        if drained and not self._trim_scheduled:
+            self._trim_scheduled = True
+            asyncio.get_running_loop().call_later(1.0, self._trim)
+
+    def _trim(self) -> None:
+        """Most of a crowd of subscriptions has gone: give the memory they held back to
+        the system (the C allocator keeps freed pages otherwise)."""
+        self._trim_scheduled = False
+        with self._follow_lock:
+            self._most = self._subscriptions
+        gc.collect()
+        give_back_memory()
 
     def _grew(self, growth: Growth) -> None:
         """A backend's word that a session and the feed grew (on the loop)."""
@@ -131,6 +168,7 @@ class LiveSubscriptions:
             if records is not None:
                 first = growth.first_position
                 recent.extend(FeedRecord(first + i, r) for i, r in enumerate(records))
+            self._recent_version += 1
             self._rounds.grew(None)
         session_id = growth.session_id
         if self._waiters.get(session_id):
@@ -201,6 +239,7 @@ class LiveSubscriptions:
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
         visible: Callable[[str], bool] | None = None,
+        scope: Hashable = None,
         interrupt: Interrupt | None = None,
     ) -> AsyncIterator[list[FeedRecord | FeedGap] | CaughtUp | Checkpoint]:
         """The all-sessions feed as runs of kept records (and gaps), one CaughtUp when
@@ -213,7 +252,7 @@ class LiveSubscriptions:
         run, not the feed.
         """
         self._watch()
-        keep = FeedFilter.of(session_id_prefix, part_types, visible)
+        keep = FeedFilter.of(session_id_prefix, part_types, visible, scope)
         interrupt = interrupt or Interrupt()
         waiter = Waiter()
         interrupt._waiter = waiter
@@ -237,24 +276,17 @@ class LiveSubscriptions:
             while True:
                 waiter.clear()
                 interrupt.check(*resume())
-                recent = self._recent_feed  # contiguous: cleared at any gap
-                runs: AsyncIterator[list[FeedRecord | FeedGap]]
-                if (
-                    caught_up
-                    and recent
-                    and recent[0].position <= next_position <= recent[-1].position
-                ):
-                    runs = _once(
-                        list(itertools.islice(recent, next_position - recent[0].position, None))
-                    )
+                shared = self._feed_view(keep, next_position) if caught_up else None
+                runs: AsyncIterator[tuple[int, list[FeedRecord | FeedGap]]]
+                if shared is not None:
+                    runs = _once(shared)
+                elif caught_up and self._published_position < next_position:
+                    runs = _nothing()  # woken for records it has already been sent
                 else:
-                    runs = self._backend.read_feed(next_position)
-                async for run in runs:
-                    if not run:
-                        continue
+                    runs = _kept(keep, self._backend.read_feed(next_position))
+                async for end, kept in runs:
                     interrupt.check(*resume())
-                    next_position = feed_end(run[-1]) + 1
-                    kept = [item for item in run if keep(item)]
+                    next_position = end + 1
                     if kept:
                         yield kept
                         last_sent = loop.time()
@@ -281,6 +313,26 @@ class LiveSubscriptions:
             with self._follow_lock:
                 self._feed_sent.pop(waiter, None)
             self._rounds.back(waiter)
+
+    def _feed_view(
+        self, keep: FeedFilter, next_position: int
+    ) -> tuple[int, list[FeedRecord | FeedGap]] | None:
+        """(last position examined, kept items) of the recent feed from `next_position`,
+        shared by subscribers with the same filters there; None if not at hand."""
+        recent = self._recent_feed  # contiguous: cleared at any gap
+        if not recent or not recent[0].position <= next_position <= recent[-1].position:
+            return None
+        key = (keep.key, next_position)
+        found = self._feed_views.get(key)
+        if found is None or found[0] != self._recent_version:
+            items: list[FeedRecord | FeedGap] = list(
+                itertools.islice(recent, next_position - recent[0].position, None)
+            )
+            found = (self._recent_version, recent[-1].position, keep.kept(items))
+            self._feed_views[key] = found
+            if len(self._feed_views) > SHARED_VIEWS:
+                self._feed_views.popitem(last=False)
+        return found[1], found[2]
 
     async def session_chunks(
         self,
@@ -321,6 +373,8 @@ class LiveSubscriptions:
                     yield cached
                     next_sequence = cached[-1].sequence + 1
                     self._sent(waiter, session_id, next_sequence - 1)
+                elif caught_up and self._published.get(session_id, 0) < next_sequence:
+                    pass  # woken for records it has already been sent
                 else:
                     # A bounded read at a time, nothing held between: thousands of
                     # subscribers catching up hold little memory.
@@ -381,5 +435,29 @@ class LiveSubscriptions:
         return max(16, min(CATCH_UP_STEP, CATCH_UP_RECORDS // max(self._catching_up, 1)))
 
 
-async def _once(run: list[T]) -> AsyncIterator[list[T]]:
-    yield run
+def give_back_memory() -> None:
+    """Have the C allocator return freed memory to the system (glibc's malloc_trim);
+    elsewhere, nothing."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)
+
+
+async def _once(item: T) -> AsyncIterator[T]:
+    yield item
+
+
+async def _nothing() -> AsyncIterator[tuple[int, list[FeedRecord | FeedGap]]]:
+    return
+    yield
+
+
+async def _kept(
+    keep: FeedFilter, runs: AsyncIterator[list[FeedRecord | FeedGap]]
+) -> AsyncIterator[tuple[int, list[FeedRecord | FeedGap]]]:
+    """(last position examined, kept items) of each run read from storage."""
+    async for run in runs:
+        if run:
+            yield feed_end(run[-1]), keep.kept(run)

@@ -9,7 +9,7 @@ the range and paging parameters.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -413,6 +413,21 @@ class FeedFilter:
     part_types: frozenset[str]
     visible: Callable[[str], bool] | None = None
     """Which sessions the subscriber may see at all (its credential's scope); None: all."""
+    scope: Hashable = None
+    """What `visible` depends on (two subscribers with the same filters and scope keep
+    the same records, so they may share the work)."""
+
+    @property
+    def key(self) -> Hashable:
+        return (self.session_id_prefix, self.part_types, self.scope)
+
+    @property
+    def keeps_everything(self) -> bool:
+        return self.visible is None and not self.session_id_prefix and not self.part_types
+
+    def kept(self, items: list[FeedRecord | FeedGap]) -> list[FeedRecord | FeedGap]:
+        """The items the subscriber wants."""
+        return items if self.keeps_everything else [item for item in items if self(item)]
 
     @classmethod
     def of(
@@ -420,6 +435,7 @@ class FeedFilter:
         session_id_prefix: str,
         part_types: Collection[str],
         visible: Callable[[str], bool] | None = None,
+        scope: Hashable = None,
     ) -> FeedFilter:
         if not isinstance(session_id_prefix, str) or len(session_id_prefix.encode()) > 200:
             raise InvalidArgumentError(
@@ -433,7 +449,7 @@ class FeedFilter:
                 f"{' and more' if len(unknown) > 5 else ''} (known: {', '.join(EVENT_TYPES)})",
                 field="part_types",
             )
-        return cls(session_id_prefix, frozenset(part_types), visible)
+        return cls(session_id_prefix, frozenset(part_types), visible, scope)
 
     def __call__(self, item: FeedRecord | FeedGap) -> bool:
         """Whether the subscriber wants a record, or hears of a gap (any gap of a session

@@ -41,6 +41,9 @@ DEFAULT_CONNECTION_AGE_GRACE = 30.0
 DEFAULT_STORAGE_THREADS = 16
 # New calls grpc may hold for the server to take up, before it cancels them.
 MAX_PENDING_CALLS = 20_000
+# Calls (streams) one connection may have open at once (HTTP/2's
+# SETTINGS_MAX_CONCURRENT_STREAMS); its client queues the rest.
+MAX_STREAMS_PER_CONNECTION = 1000
 
 
 # Health updates under way (asyncio keeps only weak references to tasks).
@@ -172,6 +175,9 @@ def create_server(
             # server takes them up (a burst of reconnecting subscribers, say).
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+            # One connection's flood of streams waits at its client beyond this many,
+            # rather than taking the server from every other client.
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
             *age_options,
         ],
     )

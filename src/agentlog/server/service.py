@@ -380,11 +380,13 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         everything = caller.reads_everything
         start = request.from_position if request.HasField("from_position") else None
         interrupt = Interrupt()
+        visibility = None if everything else (caller.permissions, caller.prefixes)
         chunks = self._live.feed_chunks(
             from_position=start,
             session_id_prefix=request.session_id_prefix,
             part_types=list(request.part_types),
             visible=None if everything else caller.may_read,  # only sessions it may read
+            scope=visibility,
             interrupt=interrupt,
         )
         # Encoded runs are shared only between subscribers with the same filters (and
@@ -393,7 +395,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
             "a",
             request.session_id_prefix,
             tuple(sorted(set(request.part_types))),
-            None if everything else (caller.permissions, caller.prefixes),
+            visibility,
         )
 
         def still_allowed(grant: Grant) -> None:
