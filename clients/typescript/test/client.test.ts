@@ -412,6 +412,44 @@ describe("subscriptions", () => {
   });
 });
 
+describe("a filtered feed over many records", () => {
+  test("matches past the first runs come before the one CaughtUp; skipped runs as Checkpoints", async () => {
+    const start = (await take(client.subscribeAll(), 1))[0];
+    assert.ok(start instanceof CaughtUp);
+    const prefix = session("many");
+    const [noise, mine] = [`${prefix}-noise`, `${prefix}-mine`];
+    const finished = everyEvent(mine).filter((e) => e.part_type === "run_finished")[0]!;
+    const wanted: EventRecord[] = [];
+    for (let block = 0; block < 11; block++) {
+      await client.appendBatch(
+        noise,
+        Array.from({ length: 100 }, (_, i) => ({ event: delta(noise, String(i)) })),
+      );
+      if (block === 3 || block === 7 || block === 10) {
+        wanted.push(await client.append({ sessionId: mine, event: finished }));
+      }
+    }
+    const items = [];
+    for await (const item of client.subscribeAll({
+      fromPosition: start.position + 1n,
+      sessionIdPrefix: prefix,
+      partTypes: ["run_finished"],
+    })) {
+      items.push(item);
+      if (item instanceof CaughtUp) break;
+    }
+    const records = items.filter((i): i is FeedRecord => i instanceof FeedRecord);
+    assert.deepEqual(
+      records.map((r) => r.record.id),
+      wanted.map((r) => r.id),
+    );
+    assert.equal(items.filter((i) => i instanceof CaughtUp).length, 1);
+    const checkpoints = items.filter((i): i is Checkpoint => i instanceof Checkpoint);
+    assert.ok(checkpoints.length > 0);
+    assert.ok((items.at(-1) as CaughtUp).position >= start.position + 1103n);
+  });
+});
+
 describe("errors", () => {
   test("a bad session id is INVALID_ARGUMENT naming the field", async () => {
     const refused = await client
