@@ -14,6 +14,7 @@ from agentlog import (
     AgentlogClient,
     AppendEvent,
     AsyncAgentlogClient,
+    BranchInfo,
     CaughtUp,
     Checkpoint,
     EventRecord,
@@ -111,8 +112,8 @@ class BlockingAsyncClient:
     def load_children(self, parent_id: str) -> list[EventRecord]:
         return self._loop.run(self.client.load_children(parent_id))
 
-    def head(self, session_id: str) -> EventRecord | None:
-        return self._loop.run(self.client.head(session_id))
+    def head(self, session_id: str, branch_id: str = "main") -> EventRecord | None:
+        return self._loop.run(self.client.head(session_id, branch_id))
 
     def append_batch(
         self,
@@ -120,10 +121,16 @@ class BlockingAsyncClient:
         events: Sequence[NewEvent],
         *,
         expected_sequence: int | None = None,
+        branch_id: str = "main",
     ) -> list[EventRecord]:
         return self._loop.run(
-            self.client.append_batch(session_id, events, expected_sequence=expected_sequence)
+            self.client.append_batch(
+                session_id, events, expected_sequence=expected_sequence, branch_id=branch_id
+            )
         )
+
+    def fork_session(self, session_id: str, up_to_sequence: int, **kwargs: Any) -> BranchInfo:
+        return self._loop.run(self.client.fork_session(session_id, up_to_sequence, **kwargs))
 
     def read_session(self, session_id: str, **kwargs: Any) -> Iterator[EventRecord]:
         return iter(self.load_session(session_id, **kwargs))
@@ -132,10 +139,12 @@ class BlockingAsyncClient:
         return self._loop.run(self.client.load_session(session_id, **kwargs))
 
     def subscribe_session(
-        self, session_id: str, *, from_sequence: int | None = None
+        self, session_id: str, *, from_sequence: int | None = None, branch_id: str = "main"
     ) -> Iterator[EventRecord | CaughtUp]:
         return self._blocking(
-            self.client.subscribe_session(session_id, from_sequence=from_sequence)
+            self.client.subscribe_session(
+                session_id, from_sequence=from_sequence, branch_id=branch_id
+            )
         )
 
     def subscribe_all(

@@ -37,7 +37,7 @@ def test_the_contract_as_it_stands_is_compatible_with_the_release(tmp_path: Path
 
 
 def test_renumbering_a_field_is_refused(tmp_path: Path) -> None:
-    result = breaking(tmp_path, ("uint64 sequence = 6;", "uint64 sequence = 7;"))
+    result = breaking(tmp_path, ("uint64 sequence = 6;", "uint64 sequence = 8;"))
     assert result.returncode != 0
     assert "sequence" in result.stdout + result.stderr
 
@@ -45,6 +45,6 @@ def test_renumbering_a_field_is_refused(tmp_path: Path) -> None:
 def test_adding_a_field_is_allowed(tmp_path: Path) -> None:
     result = breaking(
         tmp_path,
-        ("  uint64 sequence = 6;\n}", "  uint64 sequence = 6;\n  // New.\n  string note = 7;\n}"),
+        ("  string branch_id = 7;\n}", "  string branch_id = 7;\n  // New.\n  string note = 8;\n}"),
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -510,10 +510,10 @@ def test_a_feed_resumed_after_a_gap_goes_on_after_the_gap(data: Path) -> None:
 
 def test_a_clients_resume_point_after_a_gap_is_past_the_gap() -> None:
     # Where both clients resubscribe from after UNAVAILABLE, item by item.
-    from agentlog.client import _FeedResume
+    from agentlog._client_streams import FeedResume
     from agentlog.v1 import session_pb2 as pb
 
-    resume = _FeedResume(1, "", ())
+    resume = FeedResume(1, "", ())
     gap = pb.FeedGap(first_position=5, last_position=9, session_id="bad", reason="CORRUPT_LINE")
     [item] = resume.items(pb.SubscribeAllResponse(gap=gap))
     assert isinstance(item, FeedGap)

@@ -403,7 +403,9 @@ def test_listeners_are_told_the_feed_positions(data: Path, backend: str) -> None
     repo = MemorySessionRepository() if backend == "memory" else JsonlSessionRepository(data)
     told: list[tuple[str, list[int], int]] = []
     repo.add_listener(
-        lambda a, p: told.append((a.session_id, [r.sequence for r in a.records()], p))
+        lambda p: told.append(
+            (p.session_id, [r.sequence for r in p.records() or ()], p.first_position)
+        )
     )
     repo.append(AppendEvent(session_id="x", event=started("x")))
     repo.append(AppendEvent(session_id="s", event=started("s")))
@@ -435,7 +437,7 @@ def test_a_group_commit_decides_each_append_as_if_alone_and_in_order(
         repo.prepare_batch("a", [NewEvent(event=delta("a", "other"), id=first.id)], None),
     ]
     told: list[tuple[str, int, int]] = []
-    repo.add_listener(lambda a, p: told.append((a.session_id, a.first_sequence, p)))
+    repo.add_listener(lambda p: told.append((p.session_id, p.first_sequence, p.first_position)))
     results = repo.commit(appends)
 
     assert [r if isinstance(r, Exception) else [x.sequence for x in r] for r in results][:2] == [

@@ -116,11 +116,12 @@ def raw_append(conn: psycopg.Connection[Any], session_id: str, text: str) -> int
     first position it took."""
     event_json = event_to_json(delta(session_id, text))
     row = conn.execute(
-        "SELECT outcome, first_position FROM agentlog_append(%s::text[], %s::bigint[],"
-        " %s::integer[], %s::bigint[], %s::integer[], %s::text[], %s::bytea[], %s::bytea[],"
-        " %s::bigint)",
+        "SELECT outcome, first_position FROM agentlog_append(%s::text[], %s::text[],"
+        " %s::bigint[], %s::integer[], %s::bigint[], %s::integer[], %s::text[], %s::bytea[],"
+        " %s::bytea[], %s::bigint)",
         (
             [session_id],
+            ["main"],
             [None],
             [1],
             [None],
@@ -383,8 +384,8 @@ def test_replicas_starting_together_migrate_once(url: str) -> None:
         loop.close()
     assert sorted(results) == [(0, LATEST)] + [(LATEST, LATEST)] * 5
     with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT version FROM agentlog_schema").fetchall()
-    assert rows == [(LATEST,)]
+        rows = conn.execute("SELECT version FROM agentlog_schema ORDER BY version").fetchall()
+    assert rows == [(version,) for version in range(1, LATEST + 1)]  # each applied once
 
 
 async def _migrate_together(url: str) -> list[tuple[int, int]]:

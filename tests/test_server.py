@@ -455,6 +455,7 @@ def test_wrong_expected_sequence_carries_the_actual_sequence(stub: Any) -> None:
     assert info.domain == "agentlog"
     assert dict(info.metadata) == {
         "session_id": "s",
+        "branch_id": "main",
         "expected_sequence": "0",
         "actual_sequence": "1",
     }

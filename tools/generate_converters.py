@@ -415,7 +415,15 @@ def generate() -> str:
         source.append(_maker_source(f"K{n}", cls, f"C{n}", [f.name for f in plan.fields], names))
         source.append(_proto_to_json_source(n, plan, index, names))
         source.append(_checked_fields_source(n, plan, index, names))
-    record_fields = ["id", "session_id", "sequence", "parent_id", "timestamp_ns", "event"]
+    record_fields = [
+        "id",
+        "session_id",
+        "sequence",
+        "parent_id",
+        "timestamp_ns",
+        "event",
+        "branch_id",
+    ]
     source.append(_maker_source("make_record", EventRecord, "EventRecord", record_fields, names))
     classes = sorted(cls.__name__ for cls in index)
     tables = "".join(

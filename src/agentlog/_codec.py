@@ -33,6 +33,7 @@ def record_fields_of(
     session_id: str,
     parent_id: str | None,
     timestamp_ns: int,
+    branch_id: str = "main",
 ) -> dict[str, Any]:
     """An EventRecord message's fields as the nested dict its constructor takes."""
     seconds, nanos = divmod(timestamp_ns, NS)
@@ -40,16 +41,17 @@ def record_fields_of(
         "id": record_id,
         "sequence": sequence,
         "session_id": session_id,
+        "branch_id": branch_id,
         "parent_id": parent_id,
         "timestamp": {"seconds": seconds, "nanos": nanos},
         "event": event,
     }
 
 
-RecordMaker = Callable[[str, str, int, str | None, int, AgentEvent], EventRecord]
+RecordMaker = Callable[[str, str, int, str | None, int, AgentEvent, str], EventRecord]
 make_record: RecordMaker = _converters.make_record
-"""make_record(id, session_id, sequence, parent_id, timestamp_ns, event): a record of
-checked values, made without the frozen dataclass's per-field checks."""
+"""make_record(id, session_id, sequence, parent_id, timestamp_ns, event, branch_id): a
+record of checked values, made without the frozen dataclass's per-field checks."""
 
 
 def event_to_json(event: AgentEvent, path: str = "event") -> dict[str, Any]:
@@ -80,8 +82,20 @@ def checked_event_fields(event: AgentEvent, path: str = "event") -> dict[str, An
     return {part_type: _converters.CHECKED_FIELDS[type(event)](event, f"{path}.{part_type}")}
 
 
-def record_to_json(record: EventRecord) -> dict[str, Any]:
-    """arcan's EventRecord object, keys in arcan's order, then agentlog's `sequence`."""
+def record_to_json(record: EventRecord, *, branches: bool = False) -> dict[str, Any]:
+    """arcan's EventRecord object, keys in arcan's order: the seed layout's, then
+    agentlog's `sequence`; or (`branches`) newest arcan's, `branch_id` and `sequence`
+    among them."""
+    if branches:
+        return {
+            "id": record.id,
+            "session_id": record.session_id,
+            "branch_id": record.branch_id,
+            "sequence": record.sequence,
+            "parent_id": record.parent_id,
+            "timestamp": format_timestamp(record.timestamp_ns),
+            "event": event_to_json(record.event),
+        }
     return {
         "id": record.id,
         "session_id": record.session_id,
@@ -151,6 +165,7 @@ def record_to_proto(record: EventRecord, event: pb.AgentEvent | None = None) -> 
         id=record.id,
         sequence=record.sequence,
         session_id=record.session_id,
+        branch_id=record.branch_id,
         parent_id=record.parent_id,
         timestamp=timestamp_fields(record.timestamp_ns),
         event=_event_fields(record.event) if event is None else event,
@@ -183,6 +198,7 @@ def appended_fields(
     session_id: str,
     parent_id: str | None,
     timestamp_ns: int,
+    branch_id: str = "main",
 ) -> dict[str, Any]:
     """The fields of the EventRecord message answering an appended event that a
     request held as `sent` and the store holds as `event_json`.
@@ -202,6 +218,7 @@ def appended_fields(
         session_id=session_id,
         parent_id=parent_id,
         timestamp_ns=timestamp_ns,
+        branch_id=branch_id,
     )
 
 
@@ -229,6 +246,7 @@ def record_from_proto(message: pb.EventRecord, event: AgentEvent | None = None) 
         message.parent_id if message.HasField("parent_id") else None,
         timestamp_ns,
         event,
+        message.branch_id or "main",
     )
 
 

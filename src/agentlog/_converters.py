@@ -181,6 +181,7 @@ make_record_2 = vars(EventRecord)["sequence"].__set__
 make_record_3 = vars(EventRecord)["parent_id"].__set__
 make_record_4 = vars(EventRecord)["timestamp_ns"].__set__
 make_record_5 = vars(EventRecord)["event"].__set__
+make_record_6 = vars(EventRecord)["branch_id"].__set__
 
 
 def tj0(obj, path):
@@ -2489,7 +2490,7 @@ def vp16(obj, path):
     }
 
 
-def make_record(a0, a1, a2, a3, a4, a5):
+def make_record(a0, a1, a2, a3, a4, a5, a6):
     r = _new(EventRecord)
     make_record_0(r, a0)
     make_record_1(r, a1)
@@ -2497,6 +2498,7 @@ def make_record(a0, a1, a2, a3, a4, a5):
     make_record_3(r, a3)
     make_record_4(r, a4)
     make_record_5(r, a5)
+    make_record_6(r, a6)
     return r
 
 

@@ -39,8 +39,11 @@ class AppendEvent:
     once, or None for the store to make one. The clients fill it in themselves."""
 
     expected_sequence: int | None = None
-    """What the session's last sequence must be: None, anything; 0, no events yet;
+    """What the branch's last sequence must be: None, anything; 0, no events yet;
     N, exactly N. Otherwise the append fails with WrongExpectedSequence."""
+
+    branch_id: str = "main"
+    """The branch of the session to append to (see the README for branch ids)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +84,7 @@ class StoredRecord:
     parent_id: str | None
     timestamp_ns: int
     event_json: Any
+    branch_id: str = "main"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,15 +106,49 @@ class FeedRecord:
 
 @dataclass(frozen=True, slots=True)
 class FeedGap:
-    """Feed positions `first_position`..`last_position`, all of session `session_id`,
-    that could not be delivered: the session's file is damaged (`reason`, as its own
-    reads report it, and `message`). The feed goes on after them."""
+    """Feed positions `first_position`..`last_position`, all of one branch of session
+    `session_id`, that could not be delivered: its file is damaged (`reason`, as its
+    own reads report it, and `message`). The feed goes on after them."""
 
     first_position: int
     last_position: int
     session_id: str
     reason: str
     message: str
+    branch_id: str = "main"
+
+
+@dataclass(frozen=True, slots=True)
+class ForkedFrom:
+    """The record a branch was forked after: its records 1..`sequence` are copies of
+    those of `branch_id` of `session_id`."""
+
+    session_id: str
+    branch_id: str
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BranchInfo:
+    """A summary of one branch of a session."""
+
+    branch_id: str
+    """The branch ("main" for the default one)."""
+
+    event_count: int
+    """How many records it holds: also its last sequence."""
+
+    first_timestamp_ns: int
+    """Its first record's timestamp, in nanoseconds since the epoch (UTC)."""
+
+    last_timestamp_ns: int
+    """Its last record's timestamp, in nanoseconds since the epoch (UTC)."""
+
+    head_id: str
+    """Its last record's id."""
+
+    forked_from: ForkedFrom | None = None
+    """Where it was forked from; None if it was not (or the store does not know)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,16 +159,33 @@ class SessionInfo:
     """The session."""
 
     event_count: int
-    """How many events it holds: also its last sequence."""
+    """How many records it holds in all its branches (with one branch: its last
+    sequence)."""
 
     first_timestamp_ns: int
-    """Its first record's timestamp, in nanoseconds since the epoch (UTC)."""
+    """Its earliest record's timestamp, in nanoseconds since the epoch (UTC)."""
 
     last_timestamp_ns: int
-    """Its last record's timestamp, in nanoseconds since the epoch (UTC)."""
+    """Its latest record's timestamp: when it was last appended to."""
 
     head_id: str
-    """Its last record's id."""
+    """The last record's id of its "main" branch (of its first branch, if none)."""
+
+    branches: Sequence[BranchInfo] = ()
+    """Its branches, in byte order of their ids."""
+
+    @classmethod
+    def of(cls, session_id: str, branches: Sequence[BranchInfo]) -> SessionInfo:
+        """A session's summary from its branches' (in byte order of their ids)."""
+        main = next((b for b in branches if b.branch_id == "main"), branches[0])
+        return cls(
+            session_id=session_id,
+            event_count=sum(b.event_count for b in branches),
+            first_timestamp_ns=min(b.first_timestamp_ns for b in branches),
+            last_timestamp_ns=max(b.last_timestamp_ns for b in branches),
+            head_id=main.head_id,
+            branches=tuple(branches),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,8 +209,11 @@ class EventRecord:
     session_id: str
     """The session the record belongs to."""
 
+    branch_id: str = "main"
+    """The branch of the session the record belongs to."""
+
     sequence: int
-    """The record's place in its session: 1, 2, 3, ... with no gaps."""
+    """The record's place in its branch: 1, 2, 3, ... with no gaps."""
 
     parent_id: str | None
     """The record this one follows; None for a root."""

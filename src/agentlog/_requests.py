@@ -4,6 +4,7 @@ every backend checks it) and what a ListSessions call answers."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from agentlog._codec import (
     checked_event_fields,
@@ -13,16 +14,21 @@ from agentlog._events import ReadDirection
 from agentlog._plans import NS
 from agentlog._records import (
     AppendEvent,
+    BranchInfo,
+    ForkedFrom,
     NewEvent,
     SessionInfo,
     SessionPage,
     new_record_ids,
 )
 from agentlog._validation import (
+    MAIN,
+    check_branch_id,
     check_count,
     check_event_id,
     check_record_id,
     check_session_id,
+    check_stored_branch_id,
     check_stored_session_id,
 )
 from agentlog.errors import InvalidArgumentError
@@ -41,6 +47,7 @@ def append_to_proto(append: AppendEvent) -> pb.AppendRequest:
             f"append takes an AppendEvent, not {type(append).__name__}", reason="INVALID_EVENT"
         )
     check_session_id(append.session_id)
+    branch_id = check_branch_id(append.branch_id)
     if append.parent_id is not None:
         check_record_id(append.parent_id, "parent_id")
     if append.id is not None:
@@ -54,17 +61,22 @@ def append_to_proto(append: AppendEvent) -> pb.AppendRequest:
         id=append.id if append.id is not None else new_record_ids(1)[0],
         expected_sequence=append.expected_sequence,
         omit_event=True,
+        branch_id="" if branch_id == MAIN else branch_id,
     )
 
 
 def batch_to_proto(
-    session_id: str, events: Sequence[NewEvent], expected_sequence: int | None
+    session_id: str,
+    events: Sequence[NewEvent],
+    expected_sequence: int | None,
+    branch_id: str = MAIN,
 ) -> pb.AppendBatchRequest:
     """The AppendBatchRequest for a batch, each event checked as every backend checks it.
 
     Events without an id get new ones here (see append_to_proto).
     """
     check_session_id(session_id)
+    branch_id = check_branch_id(branch_id)
     if expected_sequence is not None:
         check_count(expected_sequence, "expected_sequence")
     fresh = iter(new_record_ids(sum(1 for item in events if item.id is None)))
@@ -87,7 +99,11 @@ def batch_to_proto(
             }
         )
     return pb.AppendBatchRequest(
-        session_id=session_id, expected_sequence=expected_sequence, events=items, omit_events=True
+        session_id=session_id,
+        expected_sequence=expected_sequence,
+        events=items,
+        omit_events=True,
+        branch_id="" if branch_id == MAIN else branch_id,
     )
 
 
@@ -99,7 +115,11 @@ _DIRECTIONS = {
 
 
 def read_to_proto(
-    session_id: str, from_sequence: int, limit: int | None, direction: ReadDirection
+    session_id: str,
+    from_sequence: int,
+    limit: int | None,
+    direction: ReadDirection,
+    branch_id: str = MAIN,
 ) -> pb.LoadSessionRequest:
     """The LoadSessionRequest for a ranged read (limit None: no limit)."""
     check_count(from_sequence, "from_sequence")
@@ -115,18 +135,94 @@ def read_to_proto(
         from_sequence=from_sequence,
         limit=limit or 0,
         direction=pb.READ_DIRECTION_BACKWARDS if backwards else pb.READ_DIRECTION_FORWARDS,
+        branch_id="" if branch_id == MAIN else branch_id,
     )
 
 
-def read_from_proto(request: pb.LoadSessionRequest) -> tuple[str, int, int | None, ReadDirection]:
-    """The session, start, limit and direction a LoadSessionRequest asks for."""
+def read_from_proto(
+    request: pb.LoadSessionRequest,
+) -> tuple[str, str, int, int | None, ReadDirection]:
+    """The session, branch, start, limit and direction a LoadSessionRequest asks for."""
     direction = _DIRECTIONS.get(request.direction)
     if direction is None:
         raise InvalidArgumentError(
             f"direction: unknown value {request.direction}", field="direction"
         )
     session_id = check_stored_session_id(request.session_id)
-    return session_id, request.from_sequence, request.limit or None, direction
+    branch_id = check_stored_branch_id(request.branch_id)
+    return session_id, branch_id, request.from_sequence, request.limit or None, direction
+
+
+def head_to_proto(session_id: str, branch_id: str) -> pb.HeadRequest:
+    branch_id = check_stored_branch_id(branch_id)
+    return pb.HeadRequest(session_id=session_id, branch_id="" if branch_id == MAIN else branch_id)
+
+
+def fork_to_proto(
+    session_id: str,
+    up_to_sequence: int,
+    *,
+    branch_id: str,
+    expected_sequence: int | None,
+    new_branch_id: str,
+    new_session_id: str,
+) -> pb.ForkSessionRequest:
+    """The ForkSessionRequest for a fork, checked as every backend checks it."""
+    check_stored_session_id(session_id)
+    check_stored_branch_id(branch_id)
+    check_count(up_to_sequence, "up_to_sequence", minimum=1)
+    if expected_sequence is not None:
+        check_count(expected_sequence, "expected_sequence")
+    if new_session_id:
+        check_session_id(new_session_id, "new_session_id")
+    if new_branch_id:
+        check_branch_id(new_branch_id, "new_branch_id")
+    return pb.ForkSessionRequest(
+        session_id=session_id,
+        branch_id="" if branch_id == MAIN else branch_id,
+        up_to_sequence=up_to_sequence,
+        expected_sequence=expected_sequence,
+        new_branch_id=new_branch_id,
+        new_session_id=new_session_id,
+    )
+
+
+def branch_to_proto(info: BranchInfo) -> pb.BranchInfo:
+    forked = info.forked_from
+    return pb.BranchInfo(
+        branch_id=info.branch_id,
+        event_count=info.event_count,
+        first_timestamp=timestamp_fields(info.first_timestamp_ns),
+        last_timestamp=timestamp_fields(info.last_timestamp_ns),
+        head_id=info.head_id,
+        forked_from=(
+            None
+            if forked is None
+            else pb.ForkedFrom(
+                session_id=forked.session_id, branch_id=forked.branch_id, sequence=forked.sequence
+            )
+        ),
+    )
+
+
+def branch_from_proto(message: pb.BranchInfo) -> BranchInfo:
+    forked = message.forked_from if message.HasField("forked_from") else None
+    return BranchInfo(
+        branch_id=message.branch_id or MAIN,
+        event_count=message.event_count,
+        first_timestamp_ns=_ns(message.first_timestamp),
+        last_timestamp_ns=_ns(message.last_timestamp),
+        head_id=message.head_id,
+        forked_from=(
+            None
+            if forked is None
+            else ForkedFrom(forked.session_id, forked.branch_id or MAIN, forked.sequence)
+        ),
+    )
+
+
+def _ns(timestamp: Any) -> int:
+    return int(timestamp.seconds) * NS + int(timestamp.nanos)
 
 
 def page_to_proto(page: SessionPage) -> pb.ListSessionsResponse:
@@ -139,6 +235,7 @@ def page_to_proto(page: SessionPage) -> pb.ListSessionsResponse:
                 first_timestamp=timestamp_fields(info.first_timestamp_ns),
                 last_timestamp=timestamp_fields(info.last_timestamp_ns),
                 head_id=info.head_id,
+                branches=[branch_to_proto(branch) for branch in info.branches],
             )
             for info in page.sessions
         ],
@@ -153,9 +250,10 @@ def page_from_proto(response: pb.ListSessionsResponse) -> SessionPage:
             SessionInfo(
                 session_id=info.session_id,
                 event_count=info.event_count,
-                first_timestamp_ns=info.first_timestamp.seconds * NS + info.first_timestamp.nanos,
-                last_timestamp_ns=info.last_timestamp.seconds * NS + info.last_timestamp.nanos,
+                first_timestamp_ns=_ns(info.first_timestamp),
+                last_timestamp_ns=_ns(info.last_timestamp),
                 head_id=info.head_id,
+                branches=tuple(branch_from_proto(branch) for branch in info.branches),
             )
             for info in response.sessions
         ],

@@ -82,6 +82,65 @@ def _check_session_id(session_id: object, field: str) -> str:
     return text
 
 
+MAX_BRANCH_ID_BYTES = 40
+MAIN = "main"
+
+
+def check_branch_id(branch_id: object, field: str = "branch_id") -> str:
+    """The branch id, "main" for an empty one, if it may name a branch: 1 to 40 bytes of
+    UTF-8 with a session id's rules (no path separator, NUL, control character or
+    leading "."), and neither holding "__" nor starting with "_", so that the file name
+    `<session>__<branch>.jsonl` of arcan's branch layout splits back into both at its
+    last "__". Else InvalidArgumentError."""
+    if branch_id in ("", MAIN):
+        return MAIN
+    if type(branch_id) is str and branch_id in _VALID_BRANCH_IDS:
+        return branch_id
+    problem = "is not a valid branch id"
+    text, size = _session_id_bytes(branch_id, field, problem)
+
+    def refuse(rule: str) -> InvalidArgumentError:
+        error = _refused(text, field, problem, rule)
+        error.reason = "INVALID_BRANCH_ID"
+        return error
+
+    if size > MAX_BRANCH_ID_BYTES:
+        raise refuse(f"it is {size} bytes long; the limit is {MAX_BRANCH_ID_BYTES} bytes of UTF-8")
+    if "/" in text or "\\" in text or "\x00" in text:
+        raise refuse("it contains a path separator ('/' or '\\') or a NUL character")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text):
+        raise refuse("it contains a control character")
+    if text.startswith((".", "_")):
+        raise refuse("it starts with '.' or '_'")
+    if "__" in text:
+        raise refuse(
+            "it contains '__', which joins a session id to a branch id in the name of its file"
+        )
+    if len(_VALID_BRANCH_IDS) >= 4096:
+        _VALID_BRANCH_IDS.clear()
+    _VALID_BRANCH_IDS[text] = None
+    return text
+
+
+def check_stored_branch_id(branch_id: object, field: str = "branch_id") -> str:
+    """The branch id a read names ("main" for an empty one): looser than a new branch's,
+    as arcan may have named one otherwise; only what cannot be part of a file name is
+    refused."""
+    if branch_id in ("", MAIN):
+        return MAIN
+    problem = "cannot name a branch"
+    text, _ = _session_id_bytes(branch_id, field, problem)
+    if "/" in text or "\x00" in text:
+        error = _refused(
+            text, field, problem, "it contains a path separator ('/') or a NUL character"
+        )
+        error.reason = "INVALID_BRANCH_ID"
+        raise error
+    return text
+
+
+_VALID_BRANCH_IDS: dict[str, None] = {}
+
 # The longest file name most file systems take, less the ".jsonl" suffix.
 MAX_STORED_SESSION_ID_BYTES = 255 - len(".jsonl")
 

@@ -13,7 +13,6 @@ of `_codec` and the status mapping of `_status`; they differ only in I/O.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -29,10 +28,18 @@ from typing import Any, Self
 import grpc
 
 from agentlog import _codec, _requests
-from agentlog._call_metadata import CallMetadata, Token, aio_interceptors
+from agentlog._call_metadata import CallMetadata, Token
+from agentlog._client_streams import (
+    FeedResume,
+    SessionResume,
+    backoff,
+    open_channel,
+    should_retry,
+)
 from agentlog._events import ReadDirection
 from agentlog._records import (
     AppendEvent,
+    BranchInfo,
     CaughtUp,
     Checkpoint,
     EventRecord,
@@ -43,147 +50,13 @@ from agentlog._records import (
 )
 from agentlog._status import from_rpc_error
 from agentlog._tls import TlsConfig
-from agentlog._validation import check_page_size
+from agentlog._validation import MAIN, check_page_size
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRIES = 3
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_BACKOFF_BASE = 0.05
-_BACKOFF_CAP = 2.0
-_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    # Records come back with an id and timestamp added, so a reply may be a
-    # little larger than the largest request a server accepts.
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    # Reconnect quickly after a server restart, so retries find it back up.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-    # Keep idle connections alive through proxies and notice dead ones.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
-
-
-def _backoff(attempt: int) -> float:
-    """Seconds to wait before retry `attempt` (0-based): full jitter, capped."""
-    return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
-
-
-def _should_retry(exc: grpc.RpcError, attempt: int, retries: int) -> bool:
-    return attempt < retries and exc.code() in _RETRYABLE
-
-
-class _Reconnects:
-    """Counts a subscription's reconnects in a row and paces them."""
-
-    attempt = 0
-
-    def retry(self, exc: grpc.RpcError, retries: int) -> float:
-        """Seconds to wait before resuming, or raise the error when it is not to be retried."""
-        if exc.code() != grpc.StatusCode.UNAVAILABLE or self.attempt >= retries:
-            raise from_rpc_error(exc) from None
-        self.attempt += 1
-        return _backoff(self.attempt - 1)
-
-
-class _Resume(_Reconnects):
-    """Where a subscription stands, so that a reconnect continues exactly after it."""
-
-    def __init__(self, session_id: str, from_sequence: int | None) -> None:
-        self.session_id = session_id
-        self.next_sequence = from_sequence
-
-    def request(self) -> pb.SubscribeSessionRequest:
-        return pb.SubscribeSessionRequest(
-            session_id=self.session_id, from_sequence=self.next_sequence
-        )
-
-    def items(self, response: pb.SubscribeSessionResponse) -> list[EventRecord | CaughtUp]:
-        self.attempt = 0  # the stream works again: a later failure gets all its retries
-        if response.HasField("caught_up"):
-            sequence = response.caught_up.sequence
-            self.next_sequence = sequence + 1
-            return [CaughtUp(sequence)]
-        records = [_codec.record_from_proto(r) for r in response.records.records]
-        if records:
-            self.next_sequence = records[-1].sequence + 1
-        return list(records)
-
-
-class _FeedResume(_Reconnects):
-    """Where an all-sessions subscription stands (its next position) across reconnects."""
-
-    def __init__(
-        self, from_position: int | None, session_id_prefix: str, part_types: Collection[str]
-    ) -> None:
-        self.next_position = from_position
-        self.prefix = session_id_prefix
-        self.part_types = list(part_types)
-
-    def request(self) -> pb.SubscribeAllRequest:
-        return pb.SubscribeAllRequest(
-            from_position=self.next_position,
-            session_id_prefix=self.prefix,
-            part_types=self.part_types,
-        )
-
-    def items(
-        self, response: pb.SubscribeAllResponse
-    ) -> list[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
-        self.attempt = 0
-        if response.HasField("caught_up"):
-            position = response.caught_up.position
-            self.next_position = position + 1
-            return [CaughtUp(position=position)]
-        if response.HasField("checkpoint"):
-            position = response.checkpoint.position
-            self.next_position = position + 1
-            return [Checkpoint(position)]
-        if response.HasField("gap"):
-            gap = response.gap
-            self.next_position = gap.last_position + 1
-            return [
-                FeedGap(
-                    gap.first_position, gap.last_position, gap.session_id, gap.reason, gap.message
-                )
-            ]
-        items = [
-            FeedRecord(f.position, _codec.record_from_proto(f.record))
-            for f in response.records.records
-        ]
-        if items:
-            self.next_position = items[-1].position + 1
-        return list(items)
-
-
-def _open_channel(
-    channels: Any,
-    target: str,
-    credentials: grpc.ChannelCredentials | None,
-    extra_options: Sequence[tuple[str, Any]],
-    *,
-    tls: TlsConfig | None = None,
-    aio_token: Token | None = None,
-) -> Any:
-    """A channel from `channels` (the grpc or grpc.aio module): both have the same factories
-    (an asyncio channel takes its bearer-token interceptors here; a blocking one is
-    wrapped by the caller)."""
-    if tls is not None:
-        if credentials is not None:
-            raise ValueError("give tls or credentials, not both")
-        credentials = tls.credentials()
-        extra_options = [*tls.options(), *extra_options]
-    given = {name for name, _ in extra_options}
-    options = [opt for opt in _CHANNEL_OPTIONS if opt[0] not in given] + list(extra_options)
-    extra: dict[str, Any] = {}
-    if channels is grpc.aio:
-        extra["interceptors"] = aio_interceptors(aio_token)
-    if credentials is not None:
-        return channels.secure_channel(target, credentials, options=options, **extra)
-    return channels.insecure_channel(target, options=options, **extra)
 
 
 class AgentlogClient:
@@ -209,7 +82,7 @@ class AgentlogClient:
         token: Token | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        channel = _open_channel(grpc, target, credentials, options, tls=tls)
+        channel = open_channel(grpc, target, credentials, options, tls=tls)
         self._channel: grpc.Channel = grpc.intercept_channel(channel, CallMetadata(token))
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
         self.timeout = timeout
@@ -245,9 +118,9 @@ class AgentlogClient:
             try:
                 return method(request, timeout=self.timeout)
             except grpc.RpcError as exc:
-                if not _should_retry(exc, attempt, self.retries):
+                if not should_retry(exc, attempt, self.retries):
                     raise from_rpc_error(exc) from None
-            time.sleep(_backoff(attempt))
+            time.sleep(backoff(attempt))
             attempt += 1
 
     def _stream(self, method: Any, request: Any) -> Iterator[EventRecord]:
@@ -271,8 +144,9 @@ class AgentlogClient:
         events: Sequence[NewEvent],
         *,
         expected_sequence: int | None = None,
+        branch_id: str = MAIN,
     ) -> list[EventRecord]:
-        request = _requests.batch_to_proto(session_id, events, expected_sequence)
+        request = _requests.batch_to_proto(session_id, events, expected_sequence, branch_id)
         response = self._unary(self._stub.AppendBatch, request)
         return _codec.appended_from_proto(response.records, [e.event for e in events])
 
@@ -283,8 +157,9 @@ class AgentlogClient:
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> Iterator[EventRecord]:
-        request = _requests.read_to_proto(session_id, from_sequence, limit, direction)
+        request = _requests.read_to_proto(session_id, from_sequence, limit, direction, branch_id)
         return self._stream(self._stub.LoadSession, request)
 
     def load_session(
@@ -294,10 +169,15 @@ class AgentlogClient:
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> list[EventRecord]:
         return list(
             self.read_session(
-                session_id, from_sequence=from_sequence, limit=limit, direction=direction
+                session_id,
+                from_sequence=from_sequence,
+                limit=limit,
+                direction=direction,
+                branch_id=branch_id,
             )
         )
 
@@ -310,15 +190,16 @@ class AgentlogClient:
         return _requests.page_from_proto(self._unary(self._stub.ListSessions, request))
 
     def subscribe_session(
-        self, session_id: str, *, from_sequence: int | None = None
+        self, session_id: str, *, from_sequence: int | None = None, branch_id: str = MAIN
     ) -> Generator[EventRecord | CaughtUp, None, None]:
-        """Stored records from `from_sequence` (None: only new ones), CaughtUp, then live ones.
+        """A branch's stored records from `from_sequence` (None: only new ones), CaughtUp,
+        then live ones.
 
         Has no deadline. After UNAVAILABLE it resubscribes from the sequence after
         the last one delivered (up to `retries` times in a row), so the caller sees
         no gap and no duplicate; a CaughtUp follows each reconnect.
         """
-        resume = _Resume(session_id, from_sequence)
+        resume = SessionResume(session_id, from_sequence, branch_id)
         while True:
             call = self._stub.SubscribeSession(resume.request())
             try:
@@ -337,17 +218,19 @@ class AgentlogClient:
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
+        branch_id: str = "",
     ) -> Generator[FeedRecord | FeedGap | CaughtUp | Checkpoint, None, None]:
         """Every session's records in commit order, as FeedRecord(position, record);
         a FeedGap where records of a followed session could not be read (its file is
         damaged: the feed goes on after them).
 
         Stored ones from `from_position` (None: only new ones), CaughtUp, then live
-        ones; optionally only sessions whose id starts with `session_id_prefix`
-        and events of the given `part_types`. Resumes after UNAVAILABLE from the
+        ones; optionally only sessions whose id starts with `session_id_prefix`,
+        branches named `branch_id` ("": every branch) and events of the given
+        `part_types`. Resumes after UNAVAILABLE from the
         position after the last one served, like `subscribe_session`.
         """
-        resume = _FeedResume(from_position, session_id_prefix, part_types)
+        resume = FeedResume(from_position, session_id_prefix, part_types, branch_id)
         while True:
             call = self._stub.SubscribeAll(resume.request())
             try:
@@ -367,9 +250,36 @@ class AgentlogClient:
     def load_children(self, parent_id: str) -> list[EventRecord]:
         return list(self.iter_children(parent_id))
 
-    def head(self, session_id: str) -> EventRecord | None:
-        response = self._unary(self._stub.Head, pb.HeadRequest(session_id=session_id))
+    def head(self, session_id: str, branch_id: str = MAIN) -> EventRecord | None:
+        response = self._unary(self._stub.Head, _requests.head_to_proto(session_id, branch_id))
         return _codec.record_from_proto(response.record) if response.HasField("record") else None
+
+    def fork_session(
+        self,
+        session_id: str,
+        up_to_sequence: int,
+        *,
+        branch_id: str = MAIN,
+        expected_sequence: int | None = None,
+        new_branch_id: str = "",
+        new_session_id: str = "",
+    ) -> BranchInfo:
+        """See `SessionRepository.fork_session`. Not retried (a retry after a lost
+        answer would find the branch made, and fail): after UNAVAILABLE, look with
+        `head(new_session_id, new_branch_id)` whether it was made."""
+        request = _requests.fork_to_proto(
+            session_id,
+            up_to_sequence,
+            branch_id=branch_id,
+            expected_sequence=expected_sequence,
+            new_branch_id=new_branch_id,
+            new_session_id=new_session_id,
+        )
+        try:
+            response = self._stub.ForkSession(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return _requests.branch_from_proto(response.branch)
 
 
 class AsyncAgentlogClient:
@@ -390,7 +300,7 @@ class AsyncAgentlogClient:
         token: Token | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self._channel: grpc.aio.Channel = _open_channel(
+        self._channel: grpc.aio.Channel = open_channel(
             grpc.aio, target, credentials, options, tls=tls, aio_token=token
         )
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
@@ -427,9 +337,9 @@ class AsyncAgentlogClient:
             try:
                 return await method(request, timeout=self.timeout)
             except grpc.RpcError as exc:
-                if not _should_retry(exc, attempt, self.retries):
+                if not should_retry(exc, attempt, self.retries):
                     raise from_rpc_error(exc) from None
-            await asyncio.sleep(_backoff(attempt))
+            await asyncio.sleep(backoff(attempt))
             attempt += 1
 
     async def _stream(self, method: Any, request: Any) -> AsyncIterator[EventRecord]:
@@ -454,8 +364,9 @@ class AsyncAgentlogClient:
         events: Sequence[NewEvent],
         *,
         expected_sequence: int | None = None,
+        branch_id: str = MAIN,
     ) -> list[EventRecord]:
-        request = _requests.batch_to_proto(session_id, events, expected_sequence)
+        request = _requests.batch_to_proto(session_id, events, expected_sequence, branch_id)
         response = await self._unary(self._stub.AppendBatch, request)
         return _codec.appended_from_proto(response.records, [e.event for e in events])
 
@@ -466,8 +377,9 @@ class AsyncAgentlogClient:
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> AsyncIterator[EventRecord]:
-        request = _requests.read_to_proto(session_id, from_sequence, limit, direction)
+        request = _requests.read_to_proto(session_id, from_sequence, limit, direction, branch_id)
         return self._stream(self._stub.LoadSession, request)
 
     async def load_session(
@@ -477,9 +389,14 @@ class AsyncAgentlogClient:
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> list[EventRecord]:
         read = self.read_session(
-            session_id, from_sequence=from_sequence, limit=limit, direction=direction
+            session_id,
+            from_sequence=from_sequence,
+            limit=limit,
+            direction=direction,
+            branch_id=branch_id,
         )
         return [record async for record in read]
 
@@ -492,13 +409,14 @@ class AsyncAgentlogClient:
         return _requests.page_from_proto(await self._unary(self._stub.ListSessions, request))
 
     async def subscribe_session(
-        self, session_id: str, *, from_sequence: int | None = None
+        self, session_id: str, *, from_sequence: int | None = None, branch_id: str = MAIN
     ) -> AsyncGenerator[EventRecord | CaughtUp, None]:
-        """Stored records from `from_sequence` (None: only new ones), CaughtUp, then live ones.
+        """A branch's stored records from `from_sequence` (None: only new ones), CaughtUp,
+        then live ones.
 
         Resumes after UNAVAILABLE exactly as AgentlogClient.subscribe_session does.
         """
-        resume = _Resume(session_id, from_sequence)
+        resume = SessionResume(session_id, from_sequence, branch_id)
         while True:
             call = self._stub.SubscribeSession(resume.request())
             try:
@@ -518,9 +436,10 @@ class AsyncAgentlogClient:
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
+        branch_id: str = "",
     ) -> AsyncGenerator[FeedRecord | FeedGap | CaughtUp | Checkpoint, None]:
         """Every session's records in commit order; see AgentlogClient.subscribe_all."""
-        resume = _FeedResume(from_position, session_id_prefix, part_types)
+        resume = FeedResume(from_position, session_id_prefix, part_types, branch_id)
         while True:
             call = self._stub.SubscribeAll(resume.request())
             try:
@@ -541,6 +460,32 @@ class AsyncAgentlogClient:
     async def load_children(self, parent_id: str) -> list[EventRecord]:
         return [record async for record in self.iter_children(parent_id)]
 
-    async def head(self, session_id: str) -> EventRecord | None:
-        response = await self._unary(self._stub.Head, pb.HeadRequest(session_id=session_id))
+    async def head(self, session_id: str, branch_id: str = MAIN) -> EventRecord | None:
+        request = _requests.head_to_proto(session_id, branch_id)
+        response = await self._unary(self._stub.Head, request)
         return _codec.record_from_proto(response.record) if response.HasField("record") else None
+
+    async def fork_session(
+        self,
+        session_id: str,
+        up_to_sequence: int,
+        *,
+        branch_id: str = MAIN,
+        expected_sequence: int | None = None,
+        new_branch_id: str = "",
+        new_session_id: str = "",
+    ) -> BranchInfo:
+        """See `AgentlogClient.fork_session` (not retried either)."""
+        request = _requests.fork_to_proto(
+            session_id,
+            up_to_sequence,
+            branch_id=branch_id,
+            expected_sequence=expected_sequence,
+            new_branch_id=new_branch_id,
+            new_session_id=new_session_id,
+        )
+        try:
+            response = await self._stub.ForkSession(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return _requests.branch_from_proto(response.branch)

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 from agentlog._events import ReadDirection
 from agentlog._records import (
     AppendEvent,
+    BranchInfo,
     CaughtUp,
     Checkpoint,
     EventRecord,
@@ -27,15 +28,21 @@ from agentlog._records import (
 
 @runtime_checkable
 class SessionRepository(Protocol):
-    """A store of append-only session event logs."""
+    """A store of append-only session event logs.
+
+    A session has one or more branches, each its own log with its own sequences
+    (1, 2, 3, ...); every method that names a session takes `branch_id`, "main"
+    unless given, so code that never names a branch sees one log a session.
+    """
 
     def append(self, event: AppendEvent) -> EventRecord:
-        """Store one event at the end of its session; returns the stored record.
+        """Store one event at the end of its branch (`event.branch_id`); returns the
+        stored record.
 
         With `event.id` set, appending the same id again with the same content
         returns the stored record and writes nothing (AlreadyExistsError if the
         content differs). With `event.expected_sequence` set, the append happens
-        only if the session's last sequence is that number (0: no events yet),
+        only if the branch's last sequence is that number (0: no events yet),
         else WrongExpectedSequence.
         """
         ...
@@ -46,6 +53,7 @@ class SessionRepository(Protocol):
         events: Sequence[NewEvent],
         *,
         expected_sequence: int | None = None,
+        branch_id: str = "main",
     ) -> list[EventRecord]:
         """Store several events at the end of one session: all or none, at consecutive sequences."""
         ...
@@ -57,6 +65,7 @@ class SessionRepository(Protocol):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = "main",
     ) -> Iterator[EventRecord]:
         """Stream a range of a session's records without holding them all.
 
@@ -73,19 +82,43 @@ class SessionRepository(Protocol):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = "main",
     ) -> list[EventRecord]:
         """`read_session` as a list; empty for a session with no events."""
         ...
 
     def load_children(self, parent_id: str) -> list[EventRecord]:
-        """Every record, in any session, whose parent_id is `parent_id`.
+        """Every record, in any session and branch, whose parent_id is `parent_id`.
 
-        Grouped by session (session ids in byte order), each in sequence order.
+        Grouped by session (session ids in byte order), then by branch (branch ids in
+        byte order), each in sequence order.
         """
         ...
 
-    def head(self, session_id: str) -> EventRecord | None:
-        """A session's latest record (its sequence is the last), or None when it has none."""
+    def head(self, session_id: str, branch_id: str = "main") -> EventRecord | None:
+        """A branch's latest record (its sequence is the last), or None when it has none."""
+        ...
+
+    def fork_session(
+        self,
+        session_id: str,
+        up_to_sequence: int,
+        *,
+        branch_id: str = "main",
+        expected_sequence: int | None = None,
+        new_branch_id: str = "",
+        new_session_id: str = "",
+    ) -> BranchInfo:
+        """Make a new branch whose records 1..`up_to_sequence` are copies of a branch's
+        (same events and timestamps, new ids, parents inside the copied records
+        pointing to the copies); returns the new branch's summary, with `forked_from`.
+
+        The new branch is `new_branch_id` of `new_session_id` (default: the same
+        session; a new session's branch is "main" unless named). NotFoundError if
+        the source lacks `up_to_sequence`, AlreadyExistsError if the new branch
+        exists, WrongExpectedSequence if the source's last sequence is not
+        `expected_sequence`.
+        """
         ...
 
     def list_sessions(
@@ -95,9 +128,9 @@ class SessionRepository(Protocol):
         ...
 
     def subscribe_session(
-        self, session_id: str, *, from_sequence: int | None = None
+        self, session_id: str, *, from_sequence: int | None = None, branch_id: str = "main"
     ) -> Iterator[EventRecord | CaughtUp]:
-        """Follow a session: stored records from `from_sequence`, CaughtUp, then live ones.
+        """Follow a branch: stored records from `from_sequence`, CaughtUp, then live ones.
 
         `from_sequence=None` delivers only records appended from now on; to
         resume, pass the sequence after the last one received. Records come in
@@ -112,9 +145,12 @@ class SessionRepository(Protocol):
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
+        branch_id: str = "",
     ) -> Iterator[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
         """Follow every session: FeedRecord(position, record) in commit order, stored
-        ones from `from_position` (None: only new ones), CaughtUp, then live ones.
+        ones from `from_position` (None: only new ones), CaughtUp, then live ones;
+        optionally only sessions whose id starts with `session_id_prefix`, branches
+        named `branch_id` ("": every branch) and events of the given `part_types`.
 
         Positions increase in commit order; store the last one processed and
         resume from the one after it. CaughtUp comes once, when every record stored
@@ -139,6 +175,7 @@ class AsyncSessionRepository(Protocol):
         events: Sequence[NewEvent],
         *,
         expected_sequence: int | None = None,
+        branch_id: str = "main",
     ) -> list[EventRecord]:
         """Store several events at the end of one session: all or none."""
         ...
@@ -150,6 +187,7 @@ class AsyncSessionRepository(Protocol):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = "main",
     ) -> AsyncIterator[EventRecord]:
         """Stream a range of a session's records without holding them all."""
         ...
@@ -161,6 +199,7 @@ class AsyncSessionRepository(Protocol):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = "main",
     ) -> list[EventRecord]:
         """`read_session` as a list; empty for a session with no events."""
         ...
@@ -169,8 +208,21 @@ class AsyncSessionRepository(Protocol):
         """Every record, in any session, whose parent_id is `parent_id`."""
         ...
 
-    async def head(self, session_id: str) -> EventRecord | None:
-        """A session's latest record, or None when it has no events."""
+    async def head(self, session_id: str, branch_id: str = "main") -> EventRecord | None:
+        """A branch's latest record, or None when it has no events."""
+        ...
+
+    async def fork_session(
+        self,
+        session_id: str,
+        up_to_sequence: int,
+        *,
+        branch_id: str = "main",
+        expected_sequence: int | None = None,
+        new_branch_id: str = "",
+        new_session_id: str = "",
+    ) -> BranchInfo:
+        """Make a new branch from another's first records; see SessionRepository.fork_session."""
         ...
 
     async def list_sessions(
@@ -180,9 +232,9 @@ class AsyncSessionRepository(Protocol):
         ...
 
     def subscribe_session(
-        self, session_id: str, *, from_sequence: int | None = None
+        self, session_id: str, *, from_sequence: int | None = None, branch_id: str = "main"
     ) -> AsyncIterator[EventRecord | CaughtUp]:
-        """Follow a session: stored records from `from_sequence`, CaughtUp, then live ones."""
+        """Follow a branch: stored records from `from_sequence`, CaughtUp, then live ones."""
         ...
 
     def subscribe_all(
@@ -191,6 +243,7 @@ class AsyncSessionRepository(Protocol):
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
+        branch_id: str = "",
     ) -> AsyncIterator[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
         """Follow every session in commit order; see SessionRepository.subscribe_all."""
         ...

@@ -15,7 +15,7 @@ longer grows with the number of subscribers waiting on it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 # The pause after a round, as a multiple of the round's length.
 IDLE_FACTOR = 3.0
@@ -45,12 +45,12 @@ class WakeRounds:
 
     def __init__(
         self,
-        session_waiters: Callable[[str], Iterable[Waiter]],
+        session_waiters: Callable[[Hashable], Iterable[Waiter]],
         feed_waiters: Callable[[], Iterable[Waiter]],
     ) -> None:
         self._session_waiters = session_waiters
         self._feed_waiters = feed_waiters
-        self._due: set[str] = set()
+        self._due: set[Hashable] = set()  # branches: (session id, branch id)
         self._feed_due = False
         self._round = 0
         self._ended = 0  # the last round that ended
@@ -60,13 +60,13 @@ class WakeRounds:
         self._next_at = 0.0
         self._scheduled = False
 
-    def grew(self, session_id: str | None) -> None:
-        """A session (None: the feed) has new records for its subscribers (then call
+    def grew(self, place: Hashable | None) -> None:
+        """A branch (None: the feed) has new records for its subscribers (then call
         `wake`)."""
-        if session_id is None:
+        if place is None:
             self._feed_due = True
         else:
-            self._due.add(session_id)
+            self._due.add(place)
 
     def wake(self) -> None:
         """Start a round for what grew now, if the pace allows, else when it does."""
@@ -94,8 +94,8 @@ class WakeRounds:
         self._scheduled = False
         self._round += 1
         woken = 0
-        for session_id in self._due:
-            for waiter in self._session_waiters(session_id):
+        for place in self._due:
+            for waiter in self._session_waiters(place):
                 waiter.round = self._round
                 waiter.set()
                 woken += 1

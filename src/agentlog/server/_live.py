@@ -20,13 +20,14 @@ import gc
 import itertools
 import threading
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Collection, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Hashable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from agentlog._records import CaughtUp, Checkpoint, EventRecord, FeedGap, FeedRecord
+from agentlog._validation import MAIN
 from agentlog.errors import AgentlogError, UnavailableError
 from agentlog.server._fanout import Waiter, WakeRounds
-from agentlog.server._rules import FeedFilter, feed_end, start_position, start_sequence
+from agentlog.server._rules import FeedFilter, Place, feed_end, start_position, start_sequence
 from agentlog.server.backend import Backend, Growth
 
 T = TypeVar("T")
@@ -86,11 +87,12 @@ class LiveSubscriptions:
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
         self._watching = False
-        self._waiters: dict[str, set[Waiter]] = {}
-        self._published: dict[str, int] = {}
-        # The latest records of sessions that have subscribers, consecutive by
+        # Keyed by branch: (session id, branch id).
+        self._waiters: dict[Place, set[Waiter]] = {}
+        self._published: dict[Place, int] = {}
+        # The latest records of branches that have subscribers, consecutive by
         # sequence, so that a new record fans out without a storage read each.
-        self._recent: dict[str, deque[EventRecord]] = {}
+        self._recent: dict[Place, deque[EventRecord]] = {}
         # The same for the all-sessions feed, while it has subscribers.
         self._feed_waiters: set[Waiter] = set()
         self._recent_feed: deque[FeedRecord] = deque(maxlen=RECENT_FEED_RECORDS)
@@ -103,13 +105,13 @@ class LiveSubscriptions:
         self._recent_version = 0  # changes whenever `_recent_feed` does
         self._published_position = 0
         self._closing = False
-        self._rounds = WakeRounds(lambda s: self._waiters.get(s, ()), lambda: self._feed_waiters)
+        self._rounds = WakeRounds(self._waiters_of, lambda: self._feed_waiters)
         self._catching_up = 0  # subscribers reading stored records
         self._catch_up_slots: asyncio.Semaphore | None = None  # made on the loop
         # Who follows what, for `_following`, which the backend may call from its
         # threads: counted under a lock of its own (taken after any store lock).
         self._follow_lock = threading.Lock()
-        self._followers: dict[str, int] = {}
+        self._followers: dict[Place, int] = {}
         self._feed_followers = 0
         # How many subscriptions there are, and the most there were since memory was
         # last given back (see `_trim`).
@@ -117,32 +119,36 @@ class LiveSubscriptions:
         self._most = 0
         self._trim_scheduled = False
         # What each subscription has been sent up to (for the lag metric, read by
-        # the metrics thread): feed positions, and (session, sequence).
+        # the metrics thread): feed positions, and (branch, sequence).
         self._feed_sent: dict[Waiter, int] = {}
-        self._session_sent: dict[Waiter, tuple[str, int]] = {}
+        self._session_sent: dict[Waiter, tuple[Place, int]] = {}
+
+    def _waiters_of(self, place: Hashable) -> Iterable[Waiter]:
+        found = self._waiters.get(place) if isinstance(place, tuple) else None
+        return found if found is not None else ()
 
     def _watch(self) -> None:
         if not self._watching:
             self._watching = True
             self._backend.watch(self._grew, self._following)
 
-    def _following(self, session_id: str) -> bool:
+    def _following(self, place: Place) -> bool:
         with self._follow_lock:
-            return self._feed_followers > 0 or session_id in self._followers
+            return self._feed_followers > 0 or place in self._followers
 
-    def _follow(self, session_id: str | None, change: int) -> None:
-        """Count a subscriber of a session (None: of the feed) in or out."""
+    def _follow(self, place: Place | None, change: int) -> None:
+        """Count a subscriber of a branch (None: of the feed) in or out."""
         with self._follow_lock:
             self._subscriptions += change
             self._most = max(self._most, self._subscriptions)
-            if session_id is None:
+            if place is None:
                 self._feed_followers += change
             else:
-                count = self._followers.get(session_id, 0) + change
+                count = self._followers.get(place, 0) + change
                 if count:
-                    self._followers[session_id] = count
+                    self._followers[place] = count
                 else:
-                    del self._followers[session_id]
+                    del self._followers[place]
             drained = self._most >= TRIM_AFTER and self._subscriptions <= self._most // 4
         if drained and not self._trim_scheduled:
             self._trim_scheduled = True
@@ -170,17 +176,17 @@ class LiveSubscriptions:
                 recent.extend(FeedRecord(first + i, r) for i, r in enumerate(records))
             self._recent_version += 1
             self._rounds.grew(None)
-        session_id = growth.session_id
-        if self._waiters.get(session_id):
-            if growth.last_sequence > self._published.get(session_id, 0):
-                self._published[session_id] = growth.last_sequence
-            self._remember(session_id, records)
-            self._rounds.grew(session_id)
-        # (Nobody follows this session otherwise: a subscriber reads storage first.)
+        place = growth.place
+        if self._waiters.get(place):
+            if growth.last_sequence > self._published.get(place, 0):
+                self._published[place] = growth.last_sequence
+            self._remember(place, records)
+            self._rounds.grew(place)
+        # (Nobody follows this branch otherwise: a subscriber reads storage first.)
         self._rounds.wake()
 
-    def _remember(self, session_id: str, records: Sequence[EventRecord] | None) -> None:
-        recent = self._recent.get(session_id)
+    def _remember(self, place: Place, records: Sequence[EventRecord] | None) -> None:
+        recent = self._recent.get(place)
         if recent is None:
             return  # nobody is subscribed
         if records is None or (recent and recent[-1].sequence + 1 != records[0].sequence):
@@ -189,8 +195,8 @@ class LiveSubscriptions:
         if records is not None:
             recent.extend(records)
 
-    def _cached(self, session_id: str, next_sequence: int) -> list[EventRecord] | None:
-        recent = self._recent.get(session_id)
+    def _cached(self, place: Place, next_sequence: int) -> list[EventRecord] | None:
+        recent = self._recent.get(place)
         if not recent or not recent[0].sequence <= next_sequence <= recent[-1].sequence:
             return None
         return list(itertools.islice(recent, next_sequence - recent[0].sequence, None))
@@ -212,25 +218,25 @@ class LiveSubscriptions:
         behind what this server has heard was stored (records; positions)."""
         with self._follow_lock:
             sessions = [
-                self._published.get(session_id, sent) - sent
-                for session_id, sent in self._session_sent.values()
+                self._published.get(place, sent) - sent
+                for place, sent in self._session_sent.values()
             ]
             feed = [self._published_position - sent for sent in self._feed_sent.values()]
         return max(sessions, default=0), max(feed, default=0)
 
-    def _sent(self, waiter: Waiter, session_id: str | None, upto: int) -> None:
+    def _sent(self, waiter: Waiter, place: Place | None, upto: int) -> None:
         with self._follow_lock:
-            if session_id is None:
+            if place is None:
                 self._feed_sent[waiter] = upto
             else:
-                self._session_sent[waiter] = (session_id, upto)
+                self._session_sent[waiter] = (place, upto)
 
-    def subscribers_of(self, session_id: str) -> int:
-        return len(self._waiters.get(session_id, ()))
+    def subscribers_of(self, session_id: str, branch_id: str = MAIN) -> int:
+        return len(self._waiters.get((session_id, branch_id), ()))
 
-    def recent_of(self, session_id: str) -> list[EventRecord]:
-        """The records kept for a followed session (for tests and metrics)."""
-        return list(self._recent.get(session_id, ()))
+    def recent_of(self, session_id: str, branch_id: str = MAIN) -> list[EventRecord]:
+        """The records kept for a followed branch (for tests and metrics)."""
+        return list(self._recent.get((session_id, branch_id), ()))
 
     async def feed_chunks(
         self,
@@ -241,6 +247,7 @@ class LiveSubscriptions:
         visible: Callable[[str], bool] | None = None,
         scope: Hashable = None,
         interrupt: Interrupt | None = None,
+        branch_id: str = "",
     ) -> AsyncIterator[list[FeedRecord | FeedGap] | CaughtUp | Checkpoint]:
         """The all-sessions feed as runs of kept records (and gaps), one CaughtUp when
         every record stored at the start has been examined, and Checkpoints.
@@ -252,7 +259,7 @@ class LiveSubscriptions:
         run, not the feed.
         """
         self._watch()
-        keep = FeedFilter.of(session_id_prefix, part_types, visible, scope)
+        keep = FeedFilter.of(session_id_prefix, part_types, visible, scope, branch_id=branch_id)
         interrupt = interrupt or Interrupt()
         waiter = Waiter()
         interrupt._waiter = waiter
@@ -340,57 +347,63 @@ class LiveSubscriptions:
         *,
         from_sequence: int | None = None,
         interrupt: Interrupt | None = None,
+        branch_id: str = MAIN,
     ) -> AsyncIterator[list[EventRecord] | CaughtUp]:
-        """A session's records as runs (each at most CATCH_UP_STEP long, and about
+        """A branch's records as runs (each at most CATCH_UP_STEP long, and about
         MESSAGE_BYTES) and CaughtUp."""
         self._watch()
         interrupt = interrupt or Interrupt()
-        head = await self._backend.head(session_id)
+        place = (session_id, branch_id)
+        head = await self._backend.head(session_id, branch_id)
         head_sequence = head.sequence if head is not None else 0
         next_sequence = start_sequence(head, from_sequence)
 
         def resume() -> tuple[dict[str, str], str]:
             return (
-                {"session_id": session_id, "next_sequence": str(next_sequence)},
+                {
+                    "session_id": session_id,
+                    "branch_id": branch_id,
+                    "next_sequence": str(next_sequence),
+                },
                 f"from sequence {next_sequence}",
             )
 
         waiter = Waiter()
         interrupt._waiter = waiter
-        self._waiters.setdefault(session_id, set()).add(waiter)
-        if head is not None and head.sequence > self._published.get(session_id, 0):
-            self._published[session_id] = head.sequence  # stored: what lag counts up to
-        self._recent.setdefault(session_id, deque(maxlen=RECENT_RECORDS))
-        self._follow(session_id, 1)
-        self._sent(waiter, session_id, next_sequence - 1)
+        self._waiters.setdefault(place, set()).add(waiter)
+        if head is not None and head.sequence > self._published.get(place, 0):
+            self._published[place] = head.sequence  # stored: what lag counts up to
+        self._recent.setdefault(place, deque(maxlen=RECENT_RECORDS))
+        self._follow(place, 1)
+        self._sent(waiter, place, next_sequence - 1)
         try:
             caught_up = False
             while True:
                 waiter.clear()
                 interrupt.check(*resume())
-                cached = self._cached(session_id, next_sequence) if caught_up else None
+                cached = self._cached(place, next_sequence) if caught_up else None
                 if cached:
                     yield cached
                     next_sequence = cached[-1].sequence + 1
-                    self._sent(waiter, session_id, next_sequence - 1)
-                elif caught_up and self._published.get(session_id, 0) < next_sequence:
+                    self._sent(waiter, place, next_sequence - 1)
+                elif caught_up and self._published.get(place, 0) < next_sequence:
                     pass  # woken for records it has already been sent
                 else:
                     # A bounded read at a time, nothing held between: thousands of
                     # subscribers catching up hold little memory.
                     # Everything stored up to `stored` is read before moving on (a
                     # read may stop short of `size` at MESSAGE_BYTES).
-                    stored = max(self._published.get(session_id, 0), head_sequence)
+                    stored = max(self._published.get(place, 0), head_sequence)
                     self._catching_up += 1
                     try:
                         while True:
                             size = self._catch_up_chunk()
-                            chunk = await self._catch_up_read(session_id, next_sequence, size)
+                            chunk = await self._catch_up_read(place, next_sequence, size)
                             interrupt.check(*resume())
                             if chunk:
                                 yield chunk
                                 next_sequence = chunk[-1].sequence + 1
-                                self._sent(waiter, session_id, next_sequence - 1)
+                                self._sent(waiter, place, next_sequence - 1)
                             if not chunk or (len(chunk) < size and next_sequence > stored):
                                 break
                     finally:
@@ -399,36 +412,41 @@ class LiveSubscriptions:
                     caught_up = True
                     yield CaughtUp(next_sequence - 1)
                 self._rounds.back(waiter)
-                if not self._closing and self._published.get(session_id, 0) < next_sequence:
+                if not self._closing and self._published.get(place, 0) < next_sequence:
                     await waiter.wait()
                 if self._closing:
                     raise UnavailableError(
                         "the server is shutting down; subscribe again (here when it is back, "
                         f"or elsewhere) from sequence {next_sequence}",
                         reason="SHUTTING_DOWN",
-                        metadata={"session_id": session_id, "next_sequence": str(next_sequence)},
+                        metadata={
+                            "session_id": session_id,
+                            "branch_id": branch_id,
+                            "next_sequence": str(next_sequence),
+                        },
                     )
         finally:
-            self._follow(session_id, -1)
+            self._follow(place, -1)
             with self._follow_lock:
                 self._session_sent.pop(waiter, None)
             self._rounds.back(waiter)
-            waiters = self._waiters.get(session_id)
+            waiters = self._waiters.get(place)
             if waiters is not None:
                 waiters.discard(waiter)
                 if not waiters:
-                    del self._waiters[session_id]
-                    self._recent.pop(session_id, None)
-                    self._published.pop(session_id, None)
+                    del self._waiters[place]
+                    self._recent.pop(place, None)
+                    self._published.pop(place, None)
 
     async def _catch_up_read(
-        self, session_id: str, from_sequence: int, limit: int
+        self, place: Place, from_sequence: int, limit: int
     ) -> list[EventRecord]:
         """Stored records for a subscriber catching up; a few such reads at a time."""
         if self._catch_up_slots is None:
             self._catch_up_slots = asyncio.Semaphore(CATCH_UP_READS)
         async with self._catch_up_slots:
-            return await self._backend.read_records(session_id, from_sequence, limit)
+            session_id, branch_id = place
+            return await self._backend.read_records(session_id, from_sequence, limit, branch_id)
 
     def _catch_up_chunk(self) -> int:
         """Records a subscriber catching up reads at once: fewer when many do."""

@@ -31,10 +31,13 @@ from agentlog._records import (
 )
 from agentlog._validation import (
     CANONICAL_UUID,
+    MAIN,
+    check_branch_id,
     check_count,
     check_event_id,
     check_record_id,
     check_session_id,
+    check_stored_branch_id,
     quoted,
 )
 from agentlog.errors import AlreadyExistsError, InvalidArgumentError, WrongExpectedSequence
@@ -70,6 +73,8 @@ class PendingAppend:
     timestamp_ns: int | None = None
     """The records' timestamp when copying them from another store (`agentlog copy`,
     which the JSONL and PostgreSQL stores honour); None: the time of the commit."""
+    branch_id: str = MAIN
+    """The branch of the session (sequences, expectations and retries are its own)."""
 
 
 @dataclass(slots=True)
@@ -88,6 +93,7 @@ class Appended:
     known: list[EventRecord] | None = None
     retried: bool = False
     """True when the append was a retry of one already stored (nothing was written)."""
+    branch_id: str = MAIN
 
     @property
     def last_sequence(self) -> int:
@@ -95,7 +101,7 @@ class Appended:
 
     def records(self) -> list[EventRecord]:
         if self.known is None:
-            first, session_id = self.first_sequence, self.session_id
+            first, session_id, branch_id = self.first_sequence, self.session_id, self.branch_id
             self.known = [
                 make_record(
                     item.id,
@@ -104,6 +110,7 @@ class Appended:
                     item.parent_id,
                     self.timestamp_ns,
                     item.to_event(),
+                    branch_id,
                 )
                 for offset, item in enumerate(self.batch)
             ]
@@ -115,7 +122,15 @@ class Appended:
     ) -> Appended:
         """A retry's answer: the records as the store holds them."""
         first = records[0]
-        return cls(session_id, batch, first.sequence, first.timestamp_ns, records, retried=True)
+        return cls(
+            session_id,
+            batch,
+            first.sequence,
+            first.timestamp_ns,
+            records,
+            retried=True,
+            branch_id=first.branch_id,
+        )
 
 
 # A stream message holds at most this many records, and no more than this many
@@ -191,18 +206,21 @@ def prepare_request(request: pb.AppendRequest) -> PendingAppend:
     """Check an AppendRequest as `prepare` checks an append, without the Python event."""
     expected = request.expected_sequence if request.HasField("expected_sequence") else None
     _check_append_fields(request.session_id, expected, (request,))
+    branch_id = check_branch_id(request.branch_id)
     if not request.HasField("event"):
         raise InvalidArgumentError("event: is required", field="event", reason="INVALID_EVENT")
     event_json = event_json_from_proto(request.event)
     parent_id = request.parent_id if request.HasField("parent_id") else None
     record_id = _checked_ids(request.id or None, parent_id, "", {}, 0)
-    return PendingAppend(request.session_id, [Prepared(record_id, parent_id, event_json)], expected)
+    batch = [Prepared(record_id, parent_id, event_json)]
+    return PendingAppend(request.session_id, batch, expected, branch_id=branch_id)
 
 
 def prepare_batch_request(request: pb.AppendBatchRequest) -> PendingAppend:
     """Check an AppendBatchRequest as `prepare` checks a batch, without Python events."""
     expected = request.expected_sequence if request.HasField("expected_sequence") else None
     _check_append_fields(request.session_id, expected, request.events)
+    branch_id = check_branch_id(request.branch_id)
     if not request.omit_events:
         check_answer_size(request)
     prepared: list[Prepared] = []
@@ -229,7 +247,7 @@ def prepare_batch_request(request: pb.AppendBatchRequest) -> PendingAppend:
             event_json = event_json_from_proto(item.event, f"events[{index}].event")
             seen[record_id] = index
         prepared.append(Prepared(record_id, parent_id, event_json))
-    return PendingAppend(request.session_id, prepared, expected)
+    return PendingAppend(request.session_id, prepared, expected, branch_id=branch_id)
 
 
 def _check_append_fields(
@@ -265,6 +283,15 @@ def new_id() -> str:
     return new_record_ids(1)[0]
 
 
+Place = tuple[str, str]
+"""A branch: (session id, branch id)."""
+
+
+def named(session_id: str, branch_id: str) -> str:
+    """A branch as a message names it: the session, and its branch unless "main"."""
+    return f"{session_id!r}" if branch_id == MAIN else f"{session_id!r} (branch {branch_id!r})"
+
+
 def check_append(
     session_id: str,
     batch: Sequence[Prepared],
@@ -272,18 +299,20 @@ def check_append(
     last_sequence: int,
     *,
     stored: Callable[[str], tuple[int, bytes] | None],
-    elsewhere: Callable[[list[str]], dict[str, str]],
+    elsewhere: Callable[[list[str]], dict[str, Place]],
+    branch_id: str = MAIN,
 ) -> list[int] | None:
-    """Decide an append against the session's state.
+    """Decide an append against its branch's state.
 
-    `stored(id)` gives the (sequence, digest) of a record the session holds;
-    `elsewhere(ids)` maps those ids that another session holds to that session.
-    Returns the stored sequences when the whole append is a retry of one
-    already stored (the caller returns those records and writes nothing), or
-    None when it is to be written. Raises AlreadyExistsError when an id is
-    stored with other content, WrongExpectedSequence when the expectation
-    fails. A retry is recognised before the expectation is checked, since the
-    session has moved on by the very append being retried.
+    `stored(id)` gives the (sequence, digest) of a record the branch holds;
+    `elsewhere(ids)` maps those ids that another branch (of this session or
+    another) holds to that branch. Returns the stored sequences when the whole
+    append is a retry of one already stored (the caller returns those records
+    and writes nothing), or None when it is to be written. Raises
+    AlreadyExistsError when an id is stored with other content,
+    WrongExpectedSequence when the expectation fails. A retry is recognised
+    before the expectation is checked, since the branch has moved on by the
+    very append being retried.
     """
     first = stored(batch[0].id)
     if first is not None:
@@ -291,21 +320,22 @@ def check_append(
         for offset, item in enumerate(batch):
             found = stored(item.id)
             if found is None or found[0] != first[0] + offset or found[1] != item.digest():
-                raise _conflict(session_id, item, found)
+                raise _conflict(session_id, branch_id, item, found)
             sequences.append(found[0])
         return sequences
     for item in batch[1:]:
         found = stored(item.id)
         if found is not None:
-            raise _conflict(session_id, item, found)
+            raise _conflict(session_id, branch_id, item, found)
     taken = elsewhere([item.id for item in batch])
     if taken:
-        record_id, other = next(iter(taken.items()))
+        record_id, (other, other_branch) = next(iter(taken.items()))
         why = "record ids are unique across the store, so a new event needs a new id"
         raise AlreadyExistsError(
-            f"the record id {record_id} is already used by session {other!r}; {why}",
+            f"the record id {record_id} is already used by session "
+            f"{named(other, other_branch)}; {why}",
             reason="EVENT_ID_CONFLICT",
-            metadata={"session_id": other, "id": record_id},
+            metadata={"session_id": other, "branch_id": other_branch, "id": record_id},
         ).naming(
             other,
             # What a caller who may not read that session learns: that the id is taken
@@ -317,41 +347,49 @@ def check_append(
             ),
         )
     if expected_sequence is not None and expected_sequence != last_sequence:
-        raise wrong_expected_sequence(session_id, expected_sequence, last_sequence)
+        raise wrong_expected_sequence(session_id, expected_sequence, last_sequence, branch_id)
     return None
 
 
-def _conflict(session_id: str, item: Prepared, found: tuple[int, bytes] | None) -> Exception:
+def _conflict(
+    session_id: str, branch_id: str, item: Prepared, found: tuple[int, bytes] | None
+) -> Exception:
     where = f" at sequence {found[0]}" if found is not None else ""
     why = (
         "whose content differs from this append's; a retry must send the same parent and "
         "event as the first attempt, and a new event needs a new id"
     )
+    metadata = {"session_id": session_id, "branch_id": branch_id, "id": item.id}
     return AlreadyExistsError(
-        f"session {session_id!r} already holds a record with id {item.id}{where} {why}",
+        f"session {named(session_id, branch_id)} already holds a record with id {item.id}"
+        f"{where} {why}",
         reason="EVENT_ID_CONFLICT",
-        metadata={"session_id": session_id, "id": item.id},
+        metadata=metadata,
     ).naming(
         session_id,
         AlreadyExistsError(
-            f"session {session_id!r} already holds a record with id {item.id} {why}",
+            f"session {named(session_id, branch_id)} already holds a record with id {item.id} "
+            f"{why}",
             reason="EVENT_ID_CONFLICT",
-            metadata={"session_id": session_id, "id": item.id},
+            metadata=metadata,
         ),
     )
 
 
-def wrong_expected_sequence(session_id: str, expected: int, actual: int) -> WrongExpectedSequence:
+def wrong_expected_sequence(
+    session_id: str, expected: int, actual: int, branch_id: str = MAIN
+) -> WrongExpectedSequence:
     """The error for an expectation that did not hold."""
     describe = {0: "no events"}
     return WrongExpectedSequence(
-        f"session {session_id!r}: the append expected "
-        f"{describe.get(expected, f'last sequence {expected}')} but the session has "
+        f"session {named(session_id, branch_id)}: the append expected "
+        f"{describe.get(expected, f'last sequence {expected}')} but it has "
         f"{describe.get(actual, f'last sequence {actual}')}; nothing was written. "
-        "Reload the session and retry with expected_sequence set to its last sequence.",
+        "Reload it and retry with expected_sequence set to its last sequence.",
         reason=WrongExpectedSequence.reason_name,
         metadata={
             "session_id": session_id,
+            "branch_id": branch_id,
             "expected_sequence": str(expected),
             "actual_sequence": str(actual),
         },
@@ -416,14 +454,21 @@ class FeedFilter:
     scope: Hashable = None
     """What `visible` depends on (two subscribers with the same filters and scope keep
     the same records, so they may share the work)."""
+    branch_id: str = ""
+    """Only records of branches with this id (of any session); "": every branch."""
 
     @property
     def key(self) -> Hashable:
-        return (self.session_id_prefix, self.part_types, self.scope)
+        return (self.session_id_prefix, self.part_types, self.branch_id, self.scope)
 
     @property
     def keeps_everything(self) -> bool:
-        return self.visible is None and not self.session_id_prefix and not self.part_types
+        return (
+            self.visible is None
+            and not self.session_id_prefix
+            and not self.part_types
+            and not self.branch_id
+        )
 
     def kept(self, items: list[FeedRecord | FeedGap]) -> list[FeedRecord | FeedGap]:
         """The items the subscriber wants."""
@@ -436,6 +481,8 @@ class FeedFilter:
         part_types: Collection[str],
         visible: Callable[[str], bool] | None = None,
         scope: Hashable = None,
+        *,
+        branch_id: str = "",
     ) -> FeedFilter:
         if not isinstance(session_id_prefix, str) or len(session_id_prefix.encode()) > 200:
             raise InvalidArgumentError(
@@ -449,7 +496,8 @@ class FeedFilter:
                 f"{' and more' if len(unknown) > 5 else ''} (known: {', '.join(EVENT_TYPES)})",
                 field="part_types",
             )
-        return cls(session_id_prefix, frozenset(part_types), visible, scope)
+        branch = check_stored_branch_id(branch_id) if branch_id else ""
+        return cls(session_id_prefix, frozenset(part_types), visible, scope, branch)
 
     def __call__(self, item: FeedRecord | FeedGap) -> bool:
         """Whether the subscriber wants a record, or hears of a gap (any gap of a session
@@ -459,10 +507,14 @@ class FeedFilter:
             if not self.visible(session_id):
                 return False
         if isinstance(item, FeedGap):
-            return item.session_id.startswith(self.session_id_prefix)
+            return item.session_id.startswith(self.session_id_prefix) and (
+                not self.branch_id or item.branch_id == self.branch_id
+            )
         record = item.record
-        return record.session_id.startswith(self.session_id_prefix) and (
-            not self.part_types or record.event.part_type in self.part_types
+        return (
+            record.session_id.startswith(self.session_id_prefix)
+            and (not self.branch_id or record.branch_id == self.branch_id)
+            and (not self.part_types or record.event.part_type in self.part_types)
         )
 
 

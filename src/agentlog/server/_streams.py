@@ -67,6 +67,7 @@ def gap_message(gap: FeedGap) -> pb.SubscribeAllResponse:
             session_id=gap.session_id,
             reason=gap.reason,
             message=gap.message,
+            branch_id=gap.branch_id,
         )
     )
 

@@ -16,13 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, FeedGap, FeedRecord, StoredRecord
+from agentlog._records import BranchInfo, EventRecord, FeedGap, FeedRecord, StoredRecord
+from agentlog._validation import MAIN
 from agentlog.errors import UnavailableError
+from agentlog.server._forks import ForkPlan
 from agentlog.server._listing import PageTokens, SessionList, SessionQuery
-from agentlog.server._rules import Appended, PendingAppend
+from agentlog.server._rules import Appended, PendingAppend, Place
 from agentlog.server._tracing import store_span
 from agentlog.server.backend import Backend, Growth, GrowthListener, StoreFigures
-from agentlog.server.blocking import BlockingStore
+from agentlog.server.blocking import BlockingStore, Published
 
 
 class ThreadedBackend(Backend):
@@ -33,13 +35,13 @@ class ThreadedBackend(Backend):
         self._executor = executor
         self._stopping = False
         self._listener: GrowthListener | None = None
-        self._following: Callable[[str], bool] | None = None
+        self._following: Callable[[Place], bool] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = -1
         store.add_listener(self._on_append)
 
     def watch(
-        self, listener: GrowthListener, following: Callable[[str], bool] | None = None
+        self, listener: GrowthListener, following: Callable[[Place], bool] | None = None
     ) -> None:
         # Growth nobody follows is not handed over. (A subscriber registers before it
         # reads storage, so one that registers just after that check still reads
@@ -48,20 +50,22 @@ class ThreadedBackend(Backend):
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
 
-    def _on_append(self, appended: Appended, position: int) -> None:
+    def _on_append(self, published: Published) -> None:
         # Runs on the thread that acknowledged the append.
         listener, loop = self._listener, self._loop
         if listener is None or loop is None or loop.is_closed():
             return
-        if self._following is not None and not self._following(appended.session_id):
+        place = (published.session_id, published.branch_id)
+        if self._following is not None and not self._following(place):
             return
-        records = appended.records()
+        first = published.first_position
         growth = Growth(
-            appended.session_id,
-            appended.last_sequence,
-            position,
-            position + len(records) - 1,
-            records,
+            published.session_id,
+            published.last_sequence,
+            first,
+            first + published.last_sequence - published.first_sequence,
+            published.records(),
+            published.branch_id,
         )
         if threading.get_ident() == self._loop_thread:
             # On the loop (a store that acknowledges there): subscribers are woken
@@ -99,6 +103,7 @@ class ThreadedBackend(Backend):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> AsyncIterator[list[Any]]:
         open_read = functools.partial(
             self.store.read_session_chunks,
@@ -106,37 +111,50 @@ class ThreadedBackend(Backend):
             from_sequence=from_sequence,
             limit=limit,
             direction=direction,
+            branch_id=branch_id,
         )
         chunks: Iterator[list[Any]] = await self._run(open_read)
         while chunk := await self._run(next, chunks, None):
             yield chunk
 
     async def read_records(
-        self, session_id: str, from_sequence: int, limit: int
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
     ) -> list[EventRecord]:
         read = functools.partial(
-            self.store.read_session, session_id, from_sequence=from_sequence, limit=limit
+            self.store.read_session,
+            session_id,
+            from_sequence=from_sequence,
+            limit=limit,
+            branch_id=branch_id,
         )
         records: list[EventRecord] = await self._run(lambda: list(read()))
         return records
 
-    async def head(self, session_id: str) -> EventRecord | None:
-        record: EventRecord | None = await self._run(self.store.head, session_id)
+    async def head(self, session_id: str, branch_id: str = MAIN) -> EventRecord | None:
+        record: EventRecord | None = await self._run(self.store.head, session_id, branch_id)
         return record
 
     async def read_stored(
-        self, session_id: str, from_sequence: int, limit: int
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
     ) -> list[StoredRecord]:
         records: list[StoredRecord] = await self._run(
-            self.store.read_stored, session_id, from_sequence, limit
+            self.store.read_stored, session_id, from_sequence, limit, branch_id
         )
         return records
 
-    async def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
+    async def read_run(
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
+    ) -> list[EventRecord]:
         records: list[EventRecord] = await self._run(
-            self.store.read_run, session_id, from_sequence, limit
+            self.store.read_run, session_id, from_sequence, limit, branch_id
         )
         return records
+
+    async def fork(self, plan: ForkPlan) -> BranchInfo:
+        self._check_writing()
+        with store_span("agentlog.store.fork", **{"agentlog.records": plan.up_to_sequence}):
+            info: BranchInfo = await self._run(self.store.fork, plan)
+        return info
 
     async def read_children(self, parent_id: str) -> AsyncIterator[list[EventRecord]]:
         runs: Iterator[list[EventRecord]] = await self._run(self.store.read_children, parent_id)

@@ -39,15 +39,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, FeedGap, FeedRecord, StoredRecord
+from agentlog._records import BranchInfo, EventRecord, FeedGap, FeedRecord, StoredRecord
+from agentlog._validation import MAIN
+from agentlog.server._forks import ForkPlan
 from agentlog.server._listing import PageTokens, SessionList, SessionQuery
-from agentlog.server._rules import Appended, PendingAppend
+from agentlog.server._rules import Appended, PendingAppend, Place
 
 
 @dataclass(frozen=True, slots=True)
 class Growth:
-    """Word that session `session_id` now ends at `last_sequence` and the feed at
-    `last_position` (an append placed the session's records from `first_position`)."""
+    """Word that branch `branch_id` of session `session_id` now ends at
+    `last_sequence` and the feed at `last_position` (an append or a fork placed the
+    branch's records from `first_position`)."""
 
     session_id: str
     last_sequence: int
@@ -56,6 +59,11 @@ class Growth:
     records: Sequence[EventRecord] | None = None
     """The new records (sequences last_sequence - len + 1 .. last_sequence, positions
     first_position ..), when the backend has them at hand; None: read them."""
+    branch_id: str = MAIN
+
+    @property
+    def place(self) -> Place:
+        return (self.session_id, self.branch_id)
 
 
 GrowthListener = Callable[[Growth], None]
@@ -79,12 +87,12 @@ class Backend(ABC):
 
     @abstractmethod
     def watch(
-        self, listener: GrowthListener, following: Callable[[str], bool] | None = None
+        self, listener: GrowthListener, following: Callable[[Place], bool] | None = None
     ) -> None:
         """Have `listener` called on the event loop (with no lock held) with a `Growth`
         whenever records are appended; one listener at a time (the server's). Called
-        on the loop. `following(session_id)`, if given, says whether anyone follows
-        that session or the feed; a backend may skip growth nobody follows."""
+        on the loop. `following((session_id, branch_id))`, if given, says whether anyone
+        follows that branch or the feed; a backend may skip growth nobody follows."""
 
     @abstractmethod
     async def append(self, append: PendingAppend) -> Appended:
@@ -100,40 +108,51 @@ class Backend(ABC):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> AsyncIterator[list[Any]]:
-        """A ranged read as LoadSession sends it: runs of at most MESSAGE_RECORDS records
-        and (unless one is larger) MESSAGE_BYTES, each a list of `pb.EventRecord`
-        messages or of dicts of their fields. The range is checked here."""
+        """A ranged read of a branch as LoadSession sends it: runs of at most
+        MESSAGE_RECORDS records and (unless one is larger) MESSAGE_BYTES, each a list of
+        `pb.EventRecord` messages or of dicts of their fields. The range is checked here."""
 
     @abstractmethod
     async def read_records(
-        self, session_id: str, from_sequence: int, limit: int
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
     ) -> list[EventRecord]:
-        """Up to `limit` records of a session from `from_sequence` on."""
+        """Up to `limit` records of a branch from `from_sequence` on."""
 
     @abstractmethod
     async def read_stored(
-        self, session_id: str, from_sequence: int, limit: int
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
     ) -> list[StoredRecord]:
-        """Up to `limit` records of a session from `from_sequence` on as they are stored:
+        """Up to `limit` records of a branch from `from_sequence` on as they are stored:
         each event as its parsed JSON, unchecked against the event types, so that a copy
         carries whatever this store serves, exactly. DataLossError (naming the file or
         row) for a record that is no record at all."""
 
     @abstractmethod
-    async def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
-        """A session's records from `from_sequence` on: at most `limit`, and no more than
+    async def read_run(
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
+    ) -> list[EventRecord]:
+        """A branch's records from `from_sequence` on: at most `limit`, and no more than
         MESSAGE_BYTES of them unless the first is larger (a subscriber catching up reads
         in such steps, so a message it is sent stays small whatever the records)."""
 
     @abstractmethod
-    async def head(self, session_id: str) -> EventRecord | None:
-        """A session's latest record; None if it has none."""
+    async def head(self, session_id: str, branch_id: str = MAIN) -> EventRecord | None:
+        """A branch's latest record; None if it has none."""
+
+    @abstractmethod
+    async def fork(self, plan: ForkPlan) -> BranchInfo:
+        """Make the branch a checked fork describes (see `_forks`), atomically, and
+        return its summary. NotFoundError when the source lacks the sequence,
+        AlreadyExistsError when the new branch exists, WrongExpectedSequence when the
+        source's expectation fails. Its records reach the feed like appended ones."""
 
     @abstractmethod
     def read_children(self, parent_id: str) -> AsyncIterator[list[EventRecord]]:
-        """Every record, of any session, whose parent_id is `parent_id` (sessions in byte
-        order of their ids, each in sequence order), in runs of at most MESSAGE_RECORDS
+        """Every record, of any session and branch, whose parent_id is `parent_id`
+        (sessions in byte order of their ids, then branches in byte order of theirs,
+        each in sequence order), in runs of at most MESSAGE_RECORDS
         and, unless one is larger, MESSAGE_BYTES: never all of them in memory at once."""
 
     @property

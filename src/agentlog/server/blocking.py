@@ -14,6 +14,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
 from agentlog._codec import (
@@ -23,6 +24,7 @@ from agentlog._codec import (
 from agentlog._events import ReadDirection
 from agentlog._records import (
     AppendEvent,
+    BranchInfo,
     CaughtUp,
     Checkpoint,
     EventRecord,
@@ -32,6 +34,8 @@ from agentlog._records import (
     SessionPage,
     StoredRecord,
 )
+from agentlog._validation import MAIN, check_branch_id
+from agentlog.server._forks import ForkPlan, plan_fork
 from agentlog.server._listing import PageTokens, SessionList, SessionQuery
 from agentlog.server._rules import (
     MESSAGE_BYTES,
@@ -39,7 +43,7 @@ from agentlog.server._rules import (
     Appended,
     FeedFilter,
     PendingAppend,
-    Prepared,
+    Place,
     feed_end,
     prepare,
     start_position,
@@ -57,8 +61,27 @@ position; None for a retry) or the error it failed with."""
 Result: TypeAlias = list[EventRecord] | Exception
 """What `BlockingStore.commit` gives for one append: its records, or the error."""
 
-Listener = Callable[[Appended, int], None]
-"""Called after every append that stored records, with its first feed position."""
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """Records a branch gained (an append's, or a fork's copies): sequences
+    `first_sequence`..`last_sequence`, at feed positions from `first_position`."""
+
+    session_id: str
+    branch_id: str
+    first_sequence: int
+    last_sequence: int
+    first_position: int
+    appended: Appended | None = None
+    """The append that stored them, if one did (a fork's copies are read, not held)."""
+
+    def records(self) -> list[EventRecord] | None:
+        """The records, if they are at hand (an append's); None: read them."""
+        return self.appended.records() if self.appended is not None else None
+
+
+Listener = Callable[[Published], None]
+"""Called after every append (or fork) that stored records."""
 
 
 class BlockingStore(ABC):
@@ -77,7 +100,7 @@ class BlockingStore(ABC):
     def __init__(self) -> None:
         self._grown = threading.Condition()
         self._waiting = 0  # subscribers waiting on _grown
-        self._last_published: dict[str, int] = {}
+        self._last_published: dict[Place, int] = {}
         self._last_position = 0
         self._listeners: list[Listener] = []
         # A backend whose tokens must outlive the process replaces this.
@@ -90,16 +113,30 @@ class BlockingStore(ABC):
     def _publish(self, appended: Appended, position: int | None) -> None:
         if position is None:
             return  # a retry: nothing new was stored
-        session_id, last = appended.session_id, appended.last_sequence
+        self._announce(
+            Published(
+                appended.session_id,
+                appended.branch_id,
+                appended.first_sequence,
+                appended.last_sequence,
+                position,
+                appended,
+            )
+        )
+
+    def _announce(self, published: Published) -> None:
+        place = (published.session_id, published.branch_id)
+        last = published.last_sequence
         # Publishers are serialized by the backend; subscribers count themselves
         # in `_waiting` before they look, so one that waits is always woken.
-        self._last_published[session_id] = max(last, self._last_published.get(session_id, 0))
-        self._last_position = max(position + len(appended.batch) - 1, self._last_position)
+        self._last_published[place] = max(last, self._last_published.get(place, 0))
+        end = published.first_position + last - published.first_sequence
+        self._last_position = max(end, self._last_position)
         if self._waiting:
             with self._grown:
                 self._grown.notify_all()
         for listener in self._listeners:
-            listener(appended, position)
+            listener(published)
 
     def append(self, event: AppendEvent) -> EventRecord:
         return self.commit_one(self.prepare_append(event))[0]
@@ -110,23 +147,59 @@ class BlockingStore(ABC):
         events: Sequence[NewEvent],
         *,
         expected_sequence: int | None = None,
+        branch_id: str = MAIN,
     ) -> list[EventRecord]:
-        return self.commit_one(self.prepare_batch(session_id, events, expected_sequence))
+        pending = self.prepare_batch(session_id, events, expected_sequence, branch_id)
+        return self.commit_one(pending)
 
     @staticmethod
     def prepare_append(event: AppendEvent) -> PendingAppend:
         """Check an append (no storage is touched); InvalidArgumentError if malformed."""
         item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)
         batch = prepare(event.session_id, [item], event.expected_sequence, batch=False)
-        return PendingAppend(event.session_id, batch, event.expected_sequence)
+        branch_id = check_branch_id(event.branch_id)
+        return PendingAppend(event.session_id, batch, event.expected_sequence, branch_id=branch_id)
 
     @staticmethod
     def prepare_batch(
-        session_id: str, events: Sequence[NewEvent], expected_sequence: int | None
+        session_id: str,
+        events: Sequence[NewEvent],
+        expected_sequence: int | None,
+        branch_id: str = MAIN,
     ) -> PendingAppend:
         """Check a batch (no storage is touched); InvalidArgumentError if malformed."""
         batch = prepare(session_id, events, expected_sequence, batch=True)
-        return PendingAppend(session_id, batch, expected_sequence)
+        return PendingAppend(
+            session_id, batch, expected_sequence, branch_id=check_branch_id(branch_id)
+        )
+
+    def fork_session(
+        self,
+        session_id: str,
+        up_to_sequence: int,
+        *,
+        branch_id: str = MAIN,
+        expected_sequence: int | None = None,
+        new_branch_id: str = "",
+        new_session_id: str = "",
+    ) -> BranchInfo:
+        """Make a new branch whose records 1..`up_to_sequence` are copies of those of
+        `branch_id` of `session_id` (see `_forks`); its summary. NotFoundError if the
+        source lacks that sequence, AlreadyExistsError if the new branch exists,
+        WrongExpectedSequence if `expected_sequence` does not hold."""
+        plan = plan_fork(
+            session_id,
+            branch_id,
+            up_to_sequence,
+            expected_sequence=expected_sequence,
+            new_branch_id=new_branch_id,
+            new_session_id=new_session_id,
+        )
+        return self.fork(plan)
+
+    @abstractmethod
+    def fork(self, plan: ForkPlan) -> BranchInfo:
+        """Carry out a checked fork, atomically: the new branch whole, or nothing."""
 
     @abstractmethod
     def close(self) -> None:
@@ -177,22 +250,20 @@ class BlockingStore(ABC):
         outcomes: list[Outcome] = []
         for append in appends:
             try:
-                outcomes.append(self._append(append.session_id, append.batch, append.expected))
+                outcomes.append(self._append(append))
             except Exception as exc:  # each append fails alone
                 outcomes.append(exc)
         return outcomes
 
-    def _append(
-        self, session_id: str, batch: list[Prepared], expected: int | None
-    ) -> tuple[Appended, int | None]:
-        """Store a checked batch: what was appended and the feed position of the first;
-        for a retry, the stored records and None. (A store that overrides
+    def _append(self, append: PendingAppend) -> tuple[Appended, int | None]:
+        """Store a checked append: what was appended and the feed position of the first
+        record; for a retry, the stored records and None. (A store that overrides
         `commit_answers` need not implement it.)"""
         raise NotImplementedError
 
     @abstractmethod
-    def head(self, session_id: str) -> EventRecord | None:
-        """A session's latest record."""
+    def head(self, session_id: str, branch_id: str = MAIN) -> EventRecord | None:
+        """A branch's latest record."""
 
     @abstractmethod
     def read_children(self, parent_id: str) -> Iterator[list[EventRecord]]:
@@ -205,20 +276,32 @@ class BlockingStore(ABC):
         """Every record whose parent_id is `parent_id`."""
         return [record for run in self.read_children(parent_id) for record in run]
 
-    def read_stored(self, session_id: str, from_sequence: int, limit: int) -> list[StoredRecord]:
-        """Up to `limit` records of a session from `from_sequence` on, as stored (see
+    def read_stored(
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
+    ) -> list[StoredRecord]:
+        """Up to `limit` records of a branch from `from_sequence` on, as stored (see
         `Backend.read_stored`)."""
-        records = self.read_session(session_id, from_sequence=from_sequence, limit=limit)
+        records = self.read_session(
+            session_id, from_sequence=from_sequence, limit=limit, branch_id=branch_id
+        )
         return [
             StoredRecord(
-                r.id, r.session_id, r.sequence, r.parent_id, r.timestamp_ns, event_to_json(r.event)
+                r.id,
+                r.session_id,
+                r.sequence,
+                r.parent_id,
+                r.timestamp_ns,
+                event_to_json(r.event),
+                r.branch_id,
             )
             for r in records
         ]
 
     @abstractmethod
-    def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
-        """A session's records from `from_sequence` on: at most `limit`, and no more than
+    def read_run(
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
+    ) -> list[EventRecord]:
+        """A branch's records from `from_sequence` on: at most `limit`, and no more than
         MESSAGE_BYTES of them unless the first is larger (a subscriber catching up reads
         in such steps, so large records never make a large message)."""
 
@@ -236,17 +319,21 @@ class BlockingStore(ABC):
         """The sessions a query takes (see `Backend.list_sessions`)."""
 
     def subscribe_session(
-        self, session_id: str, *, from_sequence: int | None = None
+        self, session_id: str, *, from_sequence: int | None = None, branch_id: str = MAIN
     ) -> Iterator[EventRecord | CaughtUp]:
-        """Stored records from `from_sequence` (None: only new ones), CaughtUp, then live ones.
+        """A branch's stored records from `from_sequence` (None: only new ones), CaughtUp,
+        then live ones.
 
         The iterator blocks while it waits for new records; close it (or leave
         the loop) to end the subscription.
         """
-        next_sequence = start_sequence(self.head(session_id), from_sequence)
+        place = (session_id, branch_id)
+        next_sequence = start_sequence(self.head(session_id, branch_id), from_sequence)
         caught_up = False
         while True:
-            for record in self.read_session(session_id, from_sequence=next_sequence):
+            for record in self.read_session(
+                session_id, from_sequence=next_sequence, branch_id=branch_id
+            ):
                 yield record
                 next_sequence = record.sequence + 1
             if not caught_up:
@@ -255,7 +342,7 @@ class BlockingStore(ABC):
             with self._grown:
                 self._waiting += 1
                 try:
-                    while self._last_published.get(session_id, 0) < next_sequence:
+                    while self._last_published.get(place, 0) < next_sequence:
                         self._grown.wait()
                 finally:
                     self._waiting -= 1
@@ -285,11 +372,13 @@ class BlockingStore(ABC):
         from_position: int | None = None,
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
+        branch_id: str = "",
     ) -> Iterator[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
         """Every session's records in commit order from `from_position` (None: only new
-        ones), CaughtUp, then live ones; optionally only some sessions or event kinds.
-        A FeedGap stands for records of a kept session that could not be read."""
-        keep = FeedFilter.of(session_id_prefix, part_types)
+        ones), CaughtUp, then live ones; optionally only some sessions, branches (""
+        for every one) or event kinds. A FeedGap stands for records of a kept branch
+        that could not be read."""
+        keep = FeedFilter.of(session_id_prefix, part_types, branch_id=branch_id)
         next_position = start_position(self.last_position(), from_position)
         caught_up = False
         while True:
@@ -318,8 +407,9 @@ class BlockingStore(ABC):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> Iterator[EventRecord]:
-        """Stream a range of a session's records."""
+        """Stream a range of a branch's records."""
 
     def read_session_chunks(
         self,
@@ -328,13 +418,18 @@ class BlockingStore(ABC):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> Iterator[list[Any]]:
         """read_session's records as the EventRecord messages (or the dicts of their
         fields) LoadSession sends, in runs of at most MESSAGE_RECORDS records and
         (unless one record is larger) MESSAGE_BYTES. A backend that keeps JSON can
         make them without building the Python records."""
         records = self.read_session(
-            session_id, from_sequence=from_sequence, limit=limit, direction=direction
+            session_id,
+            from_sequence=from_sequence,
+            limit=limit,
+            direction=direction,
+            branch_id=branch_id,
         )
         run: list[Any] = []
         size = 0
@@ -355,9 +450,14 @@ class BlockingStore(ABC):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> list[EventRecord]:
         return list(
             self.read_session(
-                session_id, from_sequence=from_sequence, limit=limit, direction=direction
+                session_id,
+                from_sequence=from_sequence,
+                limit=limit,
+                direction=direction,
+                branch_id=branch_id,
             )
         )

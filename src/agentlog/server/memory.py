@@ -11,24 +11,53 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from agentlog._codec import event_to_json, make_record
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionInfo
+from agentlog._records import (
+    BranchInfo,
+    EventRecord,
+    FeedGap,
+    FeedRecord,
+    ForkedFrom,
+    SessionInfo,
+)
 from agentlog._validation import (
+    MAIN,
     check_count,
     check_parent_query,
+    check_stored_branch_id,
     check_stored_session_id,
 )
 from agentlog.server import _rules
+from agentlog.server._forks import ForkPlan, IdDeriver, branch_exists, source_too_short
 from agentlog.server._listing import SessionList, SessionQuery, ids_of
-from agentlog.server._rules import MESSAGE_BYTES, MESSAGE_RECORDS, Appended, Prepared
-from agentlog.server.blocking import BlockingStore
+from agentlog.server._rules import (
+    MESSAGE_BYTES,
+    MESSAGE_RECORDS,
+    Appended,
+    PendingAppend,
+    Place,
+    wrong_expected_sequence,
+)
+from agentlog.server.blocking import BlockingStore, Published
 
 
 @dataclass
-class _Session:
+class _Branch:
     records: list[EventRecord] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)  # each record's size as a JSONL line
     by_id: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    forked_from: ForkedFrom | None = None
+
+    def info(self, branch_id: str) -> BranchInfo:
+        return BranchInfo(
+            branch_id=branch_id,
+            event_count=len(self.records),
+            first_timestamp_ns=self.records[0].timestamp_ns,
+            last_timestamp_ns=self.records[-1].timestamp_ns,
+            head_id=self.records[-1].id,
+            forked_from=self.forked_from,
+        )
 
 
 class MemorySessionRepository(BlockingStore):
@@ -36,59 +65,122 @@ class MemorySessionRepository(BlockingStore):
 
     def __init__(self, *, clock: Callable[[], int] = time.time_ns) -> None:
         """`clock` gives records their timestamps (nanoseconds since the epoch); a
-        session's never go backwards, whatever it says."""
+        branch's never go backwards, whatever it says."""
         super().__init__()
         self._clock = clock
         self._lock = threading.Lock()
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, dict[str, _Branch]] = {}
         self._session_ids: list[str] = []  # sorted by bytes, for paging
         self._children: dict[str, list[tuple[EventRecord, int]]] = defaultdict(list)
         self._feed: list[EventRecord] = []  # position - 1 -> record
         self._feed_sizes: list[int] = []
-        self._sessions_by_id: dict[str, str] = {}
+        self._places: dict[str, Place] = {}  # record id -> its branch
 
-    def _append(
-        self, session_id: str, batch: list[Prepared], expected: int | None
-    ) -> tuple[Appended, int | None]:
+    def _branch(self, session_id: str, branch_id: str) -> _Branch | None:
+        branches = self._sessions.get(session_id)
+        return branches.get(branch_id) if branches is not None else None
+
+    def _append(self, append: PendingAppend) -> tuple[Appended, int | None]:
+        session_id, branch_id, batch = append.session_id, append.branch_id, append.batch
         with self._lock:
-            session = self._sessions.get(session_id) or _Session()
-            last = len(session.records)
+            branch = self._branch(session_id, branch_id) or _Branch()
+            last = len(branch.records)
             stored = _rules.check_append(
                 session_id,
                 batch,
-                expected,
+                append.expected,
                 last,
-                stored=session.by_id.get,
-                elsewhere=self._other_sessions(session_id),
+                stored=branch.by_id.get,
+                elsewhere=self._elsewhere((session_id, branch_id)),
+                branch_id=branch_id,
             )
             if stored is not None:
-                records = [session.records[sequence - 1] for sequence in stored]
+                records = [branch.records[sequence - 1] for sequence in stored]
                 return Appended.stored(session_id, batch, records), None
             sizes = []
             for index, item in enumerate(batch):
                 # The size of its line in a JSONL store, near enough.
                 size = len(orjson.dumps(item.event_json)) + len(session_id) + 200
-                _rules.check_record_size(size, index if len(batch) > 1 else None)
+                if append.timestamp_ns is None:  # (a copy carries any size)
+                    _rules.check_record_size(size, index if len(batch) > 1 else None)
                 sizes.append(size)
-            if session_id not in self._sessions:
-                self._sessions[session_id] = session
-                bisect.insort(self._session_ids, session_id, key=str.encode)
-            now = self._clock()
-            if session.records:
-                now = max(now, session.records[-1].timestamp_ns)
-            appended = Appended(session_id, batch, last + 1, now)
-            records = appended.records()
-            session.sizes += sizes
-            self._feed_sizes += sizes
-            for item, record, size in zip(batch, records, sizes, strict=True):
-                session.records.append(record)
-                session.by_id[item.id] = (record.sequence, item.digest())
-                self._sessions_by_id[item.id] = session_id
-                if record.parent_id is not None:
-                    self._children[record.parent_id].append((record, size))
-            position = len(self._feed) + 1
-            self._feed.extend(records)
-            return appended, position
+            now = append.timestamp_ns
+            if now is None:
+                now = self._clock()
+                if branch.records:
+                    now = max(now, branch.records[-1].timestamp_ns)
+            appended = Appended(session_id, batch, last + 1, now, branch_id=branch_id)
+            return appended, self._store(session_id, branch_id, branch, appended.records(), sizes)
+
+    def _store(
+        self,
+        session_id: str,
+        branch_id: str,
+        branch: _Branch,
+        records: list[EventRecord],
+        sizes: list[int],
+    ) -> int:
+        """Keep new records of a branch (hold the lock); the feed position of the first."""
+        if session_id not in self._sessions:
+            self._sessions[session_id] = {}
+            bisect.insort(self._session_ids, session_id, key=str.encode)
+        self._sessions[session_id][branch_id] = branch
+        branch.sizes += sizes
+        self._feed_sizes += sizes
+        for record, size in zip(records, sizes, strict=True):
+            branch.records.append(record)
+            event_json = event_to_json(record.event)
+            branch.by_id[record.id] = (
+                record.sequence,
+                _rules.content_digest(record.parent_id, event_json),
+            )
+            self._places[record.id] = (session_id, branch_id)
+            if record.parent_id is not None:
+                self._children[record.parent_id].append((record, size))
+        position = len(self._feed) + 1
+        self._feed.extend(records)
+        return position
+
+    def _elsewhere(self, here: Place) -> Callable[[list[str]], dict[str, Place]]:
+        def elsewhere(record_ids: list[str]) -> dict[str, Place]:
+            found = {i: self._places.get(i) for i in record_ids}
+            return {i: p for i, p in found.items() if p is not None and p != here}
+
+        return elsewhere
+
+    def fork(self, plan: ForkPlan) -> BranchInfo:
+        derive = IdDeriver()
+        with self._lock:
+            source = self._branch(plan.session_id, plan.branch_id)
+            last = len(source.records) if source is not None else 0
+            if plan.expected is not None and plan.expected != last:
+                raise wrong_expected_sequence(plan.session_id, plan.expected, last, plan.branch_id)
+            if source is None or last < plan.up_to_sequence:
+                raise source_too_short(plan, last)
+            if self._branch(plan.new_session_id, plan.new_branch_id) is not None:
+                raise branch_exists(plan.new_session_id, plan.new_branch_id)
+            copied = source.records[: plan.up_to_sequence]
+            inside = {record.id for record in copied}
+            records = [
+                make_record(
+                    derive(record.id),
+                    plan.new_session_id,
+                    record.sequence,
+                    derive(record.parent_id) if record.parent_id in inside else record.parent_id,
+                    record.timestamp_ns,
+                    record.event,
+                    plan.new_branch_id,
+                )
+                for record in copied
+            ]
+            branch = _Branch(forked_from=plan.origin)
+            sizes = source.sizes[: plan.up_to_sequence]
+            position = self._store(plan.new_session_id, plan.new_branch_id, branch, records, sizes)
+            info = branch.info(plan.new_branch_id)
+        self._announce(
+            Published(plan.new_session_id, plan.new_branch_id, 1, len(records), position)
+        )
+        return info
 
     def read_session(
         self,
@@ -97,30 +189,27 @@ class MemorySessionRepository(BlockingStore):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> Iterator[EventRecord]:
         check_stored_session_id(session_id)
+        branch_id = check_stored_branch_id(branch_id)
         selected = _rules.read_range(from_sequence, limit, direction)
         with self._lock:
-            session = self._sessions.get(session_id)
-            records = session.records if session else []
+            branch = self._branch(session_id, branch_id)
+            records = branch.records if branch else []
             chosen = [records[s - 1] for s in selected.sequences(len(records))]
         return iter(chosen)
 
-    def _other_sessions(self, session_id: str) -> Callable[[list[str]], dict[str, str]]:
-        def elsewhere(record_ids: list[str]) -> dict[str, str]:
-            found = {i: self._sessions_by_id.get(i) for i in record_ids}
-            return {i: s for i, s in found.items() if s is not None and s != session_id}
-
-        return elsewhere
-
-    def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
+    def read_run(
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
+    ) -> list[EventRecord]:
         with self._lock:
-            session = self._sessions.get(session_id)
-            if session is None:
+            branch = self._branch(session_id, branch_id)
+            if branch is None:
                 return []
             start = max(from_sequence, 1) - 1
-            end = min(len(session.records), start + limit)
-            return session.records[start : start + _bounded(session.sizes, start, end)]
+            end = min(len(branch.records), start + limit)
+            return branch.records[start : start + _bounded(branch.sizes, start, end)]
 
     def read_feed_runs(self, from_position: int) -> Iterator[list[FeedRecord | FeedGap]]:
         check_count(from_position, "from_position")
@@ -143,8 +232,8 @@ class MemorySessionRepository(BlockingStore):
         check_parent_query(parent_id)
         with self._lock:
             children = list(self._children.get(parent_id, ()))
-        # Sorting is stable, so each session keeps its append order.
-        children.sort(key=lambda child: child[0].session_id.encode())
+        # Sorting is stable, so each branch keeps its append order.
+        children.sort(key=lambda child: (child[0].session_id.encode(), child[0].branch_id.encode()))
         sizes = [size for _, size in children]
         start = 0
         while start < len(children):
@@ -152,11 +241,12 @@ class MemorySessionRepository(BlockingStore):
             yield [record for record, _ in children[start : start + count]]
             start += count
 
-    def head(self, session_id: str) -> EventRecord | None:
+    def head(self, session_id: str, branch_id: str = MAIN) -> EventRecord | None:
         check_stored_session_id(session_id)
+        branch_id = check_stored_branch_id(branch_id)
         with self._lock:
-            session = self._sessions.get(session_id)
-            return session.records[-1] if session else None
+            branch = self._branch(session_id, branch_id)
+            return branch.records[-1] if branch else None
 
     def session_page(self, query: SessionQuery) -> SessionList:
         infos: list[SessionInfo] = []
@@ -164,14 +254,11 @@ class MemorySessionRepository(BlockingStore):
             for session_id in ids_of(self._session_ids, query):
                 if len(infos) == query.size:
                     return SessionList(infos, infos[-1].session_id)
-                records = self._sessions[session_id].records
+                branches = self._sessions[session_id]
                 infos.append(
-                    SessionInfo(
-                        session_id=session_id,
-                        event_count=len(records),
-                        first_timestamp_ns=records[0].timestamp_ns,
-                        last_timestamp_ns=records[-1].timestamp_ns,
-                        head_id=records[-1].id,
+                    SessionInfo.of(
+                        session_id,
+                        [branches[b].info(b) for b in sorted(branches, key=str.encode)],
                     )
                 )
         return SessionList(infos, None)

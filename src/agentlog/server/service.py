@@ -22,7 +22,11 @@ from google.protobuf.message import DecodeError
 from agentlog import _codec, _requests
 from agentlog._records import CaughtUp, Checkpoint, FeedGap, SessionPage
 from agentlog._status import to_grpc_status
-from agentlog._validation import check_parent_query, check_stored_session_id
+from agentlog._validation import (
+    check_parent_query,
+    check_stored_branch_id,
+    check_stored_session_id,
+)
 from agentlog.errors import AgentlogError, InvalidArgumentError, PermissionDeniedError, ServerError
 from agentlog.server import metrics
 from agentlog.server._auth import (
@@ -33,6 +37,7 @@ from agentlog.server._auth import (
     name_caller,
     peer_of,
 )
+from agentlog.server._forks import plan_fork
 from agentlog.server._guard import StreamGuard, Watched
 from agentlog.server._listing import SessionList, SessionQuery, scope_of
 from agentlog.server._live import Interrupt, LiveSubscriptions
@@ -230,8 +235,9 @@ def _answer(appended: Appended, sent: Sequence[pb.AgentEvent] | None) -> list[di
     (`sent`; None: the request asked for no events in the answer) and what the
     store says of them (for a retry, the records as stored)."""
     known = appended.known  # a retry's records, as stored (or records built meanwhile)
-    session_id, first, timestamp_ns = (
+    session_id, branch_id, first, timestamp_ns = (
         appended.session_id,
+        appended.branch_id,
         appended.first_sequence,
         appended.timestamp_ns,
     )
@@ -243,6 +249,7 @@ def _answer(appended: Appended, sent: Sequence[pb.AgentEvent] | None) -> list[di
                     "id": item.id,
                     "sequence": first + offset,
                     "session_id": session_id,
+                    "branch_id": branch_id,
                     "parent_id": item.parent_id,
                     "timestamp": timestamp,
                 }
@@ -253,6 +260,7 @@ def _answer(appended: Appended, sent: Sequence[pb.AgentEvent] | None) -> list[di
                 "id": record.id,
                 "sequence": record.sequence,
                 "session_id": session_id,
+                "branch_id": branch_id,
                 "parent_id": record.parent_id,
                 "timestamp": _codec.timestamp_fields(record.timestamp_ns),
             }
@@ -270,6 +278,7 @@ def _answer(appended: Appended, sent: Sequence[pb.AgentEvent] | None) -> list[di
                 session_id=session_id,
                 parent_id=item.parent_id,
                 timestamp_ns=stored.timestamp_ns if stored else timestamp_ns,
+                branch_id=branch_id,
             )
         )
     return fields
@@ -322,10 +331,14 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         self, request: pb.LoadSessionRequest, context: Any
     ) -> AsyncIterator[pb.LoadSessionResponse]:
         caller = self._caller(context)
-        session_id, from_sequence, limit, direction = _requests.read_from_proto(request)
+        session_id, branch_id, from_sequence, limit, direction = _requests.read_from_proto(request)
         caller.require(Permission.READ, session_id)
         chunks = self._backend.read_session_chunks(
-            session_id, from_sequence=from_sequence, limit=limit, direction=direction
+            session_id,
+            from_sequence=from_sequence,
+            limit=limit,
+            direction=direction,
+            branch_id=branch_id,
         )
         async for chunk in chunks:
             yield pb.LoadSessionResponse(records=chunk)
@@ -345,11 +358,35 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     async def Head(self, request: pb.HeadRequest, context: Any) -> pb.HeadResponse:
         caller = self._caller(context)
         session_id = check_stored_session_id(request.session_id)
+        branch_id = check_stored_branch_id(request.branch_id)
         caller.require(Permission.READ, session_id)
-        record = await self._backend.head(session_id)
+        record = await self._backend.head(session_id, branch_id)
         if record is None:
             return pb.HeadResponse()
         return pb.HeadResponse(record=_codec.record_to_proto(record))
+
+    @_translate_errors
+    async def ForkSession(
+        self, request: pb.ForkSessionRequest, context: Any
+    ) -> pb.ForkSessionResponse:
+        caller = self._caller(context)
+        plan = plan_fork(
+            request.session_id,
+            request.branch_id,
+            request.up_to_sequence,
+            expected_sequence=(
+                request.expected_sequence if request.HasField("expected_sequence") else None
+            ),
+            new_branch_id=request.new_branch_id,
+            new_session_id=request.new_session_id,
+        )
+        # A fork reads its source and appends to its target: it needs both.
+        caller.require(Permission.READ, plan.session_id)
+        caller.require(Permission.APPEND, plan.new_session_id)
+        info = await self._backend.fork(plan)
+        return pb.ForkSessionResponse(
+            session_id=plan.new_session_id, branch=_requests.branch_to_proto(info)
+        )
 
     @_translate_errors
     async def SubscribeSession(
@@ -357,6 +394,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     ) -> AsyncIterator[pb.SubscribeSessionResponse | list[bytes]]:
         caller = self._caller(context)
         session_id = check_stored_session_id(request.session_id)
+        branch_id = check_stored_branch_id(request.branch_id)
         caller.require(Permission.READ, session_id)
         start = request.from_sequence if request.HasField("from_sequence") else None
         interrupt = Interrupt()
@@ -364,13 +402,16 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         def still_allowed(grant: Grant) -> None:
             grant.require(Permission.READ, session_id)
 
-        chunks = self._live.session_chunks(session_id, from_sequence=start, interrupt=interrupt)
+        chunks = self._live.session_chunks(
+            session_id, from_sequence=start, interrupt=interrupt, branch_id=branch_id
+        )
         with self._watching(context, interrupt, still_allowed):
             async for item in chunks:
                 if isinstance(item, CaughtUp):
                     yield pb.SubscribeSessionResponse(caught_up=pb.CaughtUp(sequence=item.sequence))
                 else:
-                    yield self._encoded.get(("s", session_id), item, session_messages)
+                    key = ("s", session_id, branch_id)
+                    yield self._encoded.get(key, item, session_messages)
 
     @_translate_errors
     async def SubscribeAll(
@@ -388,6 +429,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
             visible=None if everything else caller.may_read,  # only sessions it may read
             scope=visibility,
             interrupt=interrupt,
+            branch_id=request.branch_id,
         )
         # Encoded runs are shared only between subscribers with the same filters (and
         # scope): two filters can keep different records between the same first and last.
@@ -395,6 +437,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
             "a",
             request.session_id_prefix,
             tuple(sorted(set(request.part_types))),
+            request.branch_id,
             visibility,
         )
 

@@ -74,20 +74,22 @@ STATE_PATCH_SOURCE_TOOL: StatePatchSource
 STATE_PATCH_SOURCE_SYSTEM: StatePatchSource
 
 class AppendRequest(_message.Message):
-    __slots__ = ("session_id", "parent_id", "event", "id", "expected_sequence", "omit_event")
+    __slots__ = ("session_id", "parent_id", "event", "id", "expected_sequence", "omit_event", "branch_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     OMIT_EVENT_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     parent_id: str
     event: AgentEvent
     id: str
     expected_sequence: int
     omit_event: bool
-    def __init__(self, session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ..., id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., omit_event: _Optional[bool] = ...) -> None: ...
+    branch_id: str
+    def __init__(self, session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ..., id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., omit_event: _Optional[bool] = ..., branch_id: _Optional[str] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
     __slots__ = ("record",)
@@ -96,16 +98,18 @@ class AppendResponse(_message.Message):
     def __init__(self, record: _Optional[_Union[EventRecord, _Mapping]] = ...) -> None: ...
 
 class AppendBatchRequest(_message.Message):
-    __slots__ = ("session_id", "expected_sequence", "events", "omit_events")
+    __slots__ = ("session_id", "expected_sequence", "events", "omit_events", "branch_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     OMIT_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     expected_sequence: int
     events: _containers.RepeatedCompositeFieldContainer[BatchEvent]
     omit_events: bool
-    def __init__(self, session_id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., events: _Optional[_Iterable[_Union[BatchEvent, _Mapping]]] = ..., omit_events: _Optional[bool] = ...) -> None: ...
+    branch_id: str
+    def __init__(self, session_id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., events: _Optional[_Iterable[_Union[BatchEvent, _Mapping]]] = ..., omit_events: _Optional[bool] = ..., branch_id: _Optional[str] = ...) -> None: ...
 
 class BatchEvent(_message.Message):
     __slots__ = ("id", "parent_id", "event")
@@ -124,16 +128,18 @@ class AppendBatchResponse(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[EventRecord, _Mapping]]] = ...) -> None: ...
 
 class LoadSessionRequest(_message.Message):
-    __slots__ = ("session_id", "from_sequence", "limit", "direction")
+    __slots__ = ("session_id", "from_sequence", "limit", "direction", "branch_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     from_sequence: int
     limit: int
     direction: ReadDirection
-    def __init__(self, session_id: _Optional[str] = ..., from_sequence: _Optional[int] = ..., limit: _Optional[int] = ..., direction: _Optional[_Union[ReadDirection, str]] = ...) -> None: ...
+    branch_id: str
+    def __init__(self, session_id: _Optional[str] = ..., from_sequence: _Optional[int] = ..., limit: _Optional[int] = ..., direction: _Optional[_Union[ReadDirection, str]] = ..., branch_id: _Optional[str] = ...) -> None: ...
 
 class LoadSessionResponse(_message.Message):
     __slots__ = ("records",)
@@ -154,10 +160,12 @@ class LoadChildrenResponse(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[EventRecord, _Mapping]]] = ...) -> None: ...
 
 class HeadRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "branch_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    branch_id: str
+    def __init__(self, session_id: _Optional[str] = ..., branch_id: _Optional[str] = ...) -> None: ...
 
 class HeadResponse(_message.Message):
     __slots__ = ("record",)
@@ -182,42 +190,98 @@ class ListSessionsResponse(_message.Message):
     def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "event_count", "first_timestamp", "last_timestamp", "head_id")
+    __slots__ = ("session_id", "event_count", "first_timestamp", "last_timestamp", "head_id", "branches")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     FIRST_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     LAST_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     event_count: int
     first_timestamp: _timestamp_pb2.Timestamp
     last_timestamp: _timestamp_pb2.Timestamp
     head_id: str
-    def __init__(self, session_id: _Optional[str] = ..., event_count: _Optional[int] = ..., first_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., head_id: _Optional[str] = ...) -> None: ...
+    branches: _containers.RepeatedCompositeFieldContainer[BranchInfo]
+    def __init__(self, session_id: _Optional[str] = ..., event_count: _Optional[int] = ..., first_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., head_id: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[BranchInfo, _Mapping]]] = ...) -> None: ...
+
+class BranchInfo(_message.Message):
+    __slots__ = ("branch_id", "event_count", "first_timestamp", "last_timestamp", "head_id", "forked_from")
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    LAST_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    FORKED_FROM_FIELD_NUMBER: _ClassVar[int]
+    branch_id: str
+    event_count: int
+    first_timestamp: _timestamp_pb2.Timestamp
+    last_timestamp: _timestamp_pb2.Timestamp
+    head_id: str
+    forked_from: ForkedFrom
+    def __init__(self, branch_id: _Optional[str] = ..., event_count: _Optional[int] = ..., first_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., head_id: _Optional[str] = ..., forked_from: _Optional[_Union[ForkedFrom, _Mapping]] = ...) -> None: ...
+
+class ForkedFrom(_message.Message):
+    __slots__ = ("session_id", "branch_id", "sequence")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    branch_id: str
+    sequence: int
+    def __init__(self, session_id: _Optional[str] = ..., branch_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("session_id", "branch_id", "up_to_sequence", "expected_sequence", "new_branch_id", "new_session_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    UP_TO_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    NEW_BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    branch_id: str
+    up_to_sequence: int
+    expected_sequence: int
+    new_branch_id: str
+    new_session_id: str
+    def __init__(self, session_id: _Optional[str] = ..., branch_id: _Optional[str] = ..., up_to_sequence: _Optional[int] = ..., expected_sequence: _Optional[int] = ..., new_branch_id: _Optional[str] = ..., new_session_id: _Optional[str] = ...) -> None: ...
+
+class ForkSessionResponse(_message.Message):
+    __slots__ = ("session_id", "branch")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    branch: BranchInfo
+    def __init__(self, session_id: _Optional[str] = ..., branch: _Optional[_Union[BranchInfo, _Mapping]] = ...) -> None: ...
 
 class EventRecord(_message.Message):
-    __slots__ = ("id", "session_id", "parent_id", "timestamp", "event", "sequence")
+    __slots__ = ("id", "session_id", "parent_id", "timestamp", "event", "sequence", "branch_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     session_id: str
     parent_id: str
     timestamp: _timestamp_pb2.Timestamp
     event: AgentEvent
     sequence: int
-    def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
+    branch_id: str
+    def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ..., sequence: _Optional[int] = ..., branch_id: _Optional[str] = ...) -> None: ...
 
 class SubscribeSessionRequest(_message.Message):
-    __slots__ = ("session_id", "from_sequence")
+    __slots__ = ("session_id", "from_sequence", "branch_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     from_sequence: int
-    def __init__(self, session_id: _Optional[str] = ..., from_sequence: _Optional[int] = ...) -> None: ...
+    branch_id: str
+    def __init__(self, session_id: _Optional[str] = ..., from_sequence: _Optional[int] = ..., branch_id: _Optional[str] = ...) -> None: ...
 
 class SubscribeSessionResponse(_message.Message):
     __slots__ = ("records", "caught_up")
@@ -242,14 +306,16 @@ class CaughtUp(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
 
 class SubscribeAllRequest(_message.Message):
-    __slots__ = ("from_position", "session_id_prefix", "part_types")
+    __slots__ = ("from_position", "session_id_prefix", "part_types", "branch_id")
     FROM_POSITION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_PREFIX_FIELD_NUMBER: _ClassVar[int]
     PART_TYPES_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
     from_position: int
     session_id_prefix: str
     part_types: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, from_position: _Optional[int] = ..., session_id_prefix: _Optional[str] = ..., part_types: _Optional[_Iterable[str]] = ...) -> None: ...
+    branch_id: str
+    def __init__(self, from_position: _Optional[int] = ..., session_id_prefix: _Optional[str] = ..., part_types: _Optional[_Iterable[str]] = ..., branch_id: _Optional[str] = ...) -> None: ...
 
 class SubscribeAllResponse(_message.Message):
     __slots__ = ("records", "caught_up", "gap", "checkpoint")
@@ -270,18 +336,20 @@ class Checkpoint(_message.Message):
     def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class FeedGap(_message.Message):
-    __slots__ = ("first_position", "last_position", "session_id", "reason", "message")
+    __slots__ = ("first_position", "last_position", "session_id", "reason", "message", "branch_id")
     FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
     LAST_POSITION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
     first_position: int
     last_position: int
     session_id: str
     reason: str
     message: str
-    def __init__(self, first_position: _Optional[int] = ..., last_position: _Optional[int] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    branch_id: str
+    def __init__(self, first_position: _Optional[int] = ..., last_position: _Optional[int] = ..., session_id: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., branch_id: _Optional[str] = ...) -> None: ...
 
 class FeedBatch(_message.Message):
     __slots__ = ("records",)

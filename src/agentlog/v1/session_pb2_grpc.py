@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class SessionRepositoryStub:
-    """SessionRepository stores append-only event logs, one per session.
+    """SessionRepository stores append-only event logs: sessions, each with one or
+    more branches ("main" unless a caller names another). Every request that
+    names a session takes a branch_id; empty means "main", so a caller that never
+    names a branch works with one log a session.
     """
 
     def __init__(self, channel):
@@ -70,6 +73,11 @@ class SessionRepositoryStub:
                 request_serializer=agentlog_dot_v1_dot_session__pb2.SubscribeSessionRequest.SerializeToString,
                 response_deserializer=agentlog_dot_v1_dot_session__pb2.SubscribeSessionResponse.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/agentlog.v1.SessionRepository/ForkSession',
+                request_serializer=agentlog_dot_v1_dot_session__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=agentlog_dot_v1_dot_session__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
         self.SubscribeAll = channel.unary_stream(
                 '/agentlog.v1.SessionRepository/SubscribeAll',
                 request_serializer=agentlog_dot_v1_dot_session__pb2.SubscribeAllRequest.SerializeToString,
@@ -78,7 +86,10 @@ class SessionRepositoryStub:
 
 
 class SessionRepositoryServicer:
-    """SessionRepository stores append-only event logs, one per session.
+    """SessionRepository stores append-only event logs: sessions, each with one or
+    more branches ("main" unless a caller names another). Every request that
+    names a session takes a branch_id; empty means "main", so a caller that never
+    names a branch works with one log a session.
     """
 
     def Append(self, request, context):
@@ -143,6 +154,20 @@ class SessionRepositoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSession(self, request, context):
+        """ForkSession makes a new branch, of the same session or of a new one, whose
+        records 1 to up_to_sequence are copies of the source branch's: the same
+        events and timestamps under new record ids (ids are unique across the
+        store), parents that point into the copied records pointing to the copies,
+        other parents kept. After it, both go their own way. Atomic: the new branch
+        exists whole or not at all. NOT_FOUND when the source lacks sequence
+        up_to_sequence; ALREADY_EXISTS when the new branch exists; FAILED_PRECONDITION
+        when expected_sequence does not hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubscribeAll(self, request, context):
         """SubscribeAll streams every record appended through this store, in commit
         order, each with its global position: stored ones from a position, then a
@@ -193,6 +218,11 @@ def add_SessionRepositoryServicer_to_server(servicer, server):
                     request_deserializer=agentlog_dot_v1_dot_session__pb2.SubscribeSessionRequest.FromString,
                     response_serializer=agentlog_dot_v1_dot_session__pb2.SubscribeSessionResponse.SerializeToString,
             ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=agentlog_dot_v1_dot_session__pb2.ForkSessionRequest.FromString,
+                    response_serializer=agentlog_dot_v1_dot_session__pb2.ForkSessionResponse.SerializeToString,
+            ),
             'SubscribeAll': grpc.unary_stream_rpc_method_handler(
                     servicer.SubscribeAll,
                     request_deserializer=agentlog_dot_v1_dot_session__pb2.SubscribeAllRequest.FromString,
@@ -207,7 +237,10 @@ def add_SessionRepositoryServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SessionRepository:
-    """SessionRepository stores append-only event logs, one per session.
+    """SessionRepository stores append-only event logs: sessions, each with one or
+    more branches ("main" unless a caller names another). Every request that
+    names a session takes a branch_id; empty means "main", so a caller that never
+    names a branch works with one log a session.
     """
 
     @staticmethod
@@ -389,6 +422,33 @@ class SessionRepository:
             '/agentlog.v1.SessionRepository/SubscribeSession',
             agentlog_dot_v1_dot_session__pb2.SubscribeSessionRequest.SerializeToString,
             agentlog_dot_v1_dot_session__pb2.SubscribeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentlog.v1.SessionRepository/ForkSession',
+            agentlog_dot_v1_dot_session__pb2.ForkSessionRequest.SerializeToString,
+            agentlog_dot_v1_dot_session__pb2.ForkSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

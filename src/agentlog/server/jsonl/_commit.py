@@ -39,9 +39,10 @@ from agentlog.server._pauses import point
 from agentlog.server._rules import (
     Appended,
     PendingAppend,
+    Place,
     Prepared,
 )
-from agentlog.server.blocking import Outcome
+from agentlog.server.blocking import Outcome, Published
 from agentlog.server.jsonl._reader import Reader
 from agentlog.server.jsonl._state import (
     MISSING,
@@ -59,6 +60,7 @@ from agentlog.server.jsonl.files import (
 )
 from agentlog.server.jsonl.index import MARK_EVERY, Located
 from agentlog.server.jsonl.keys import Row, key_of
+from agentlog.server.jsonl.layout import FirstLine
 
 if TYPE_CHECKING:
     pass
@@ -77,7 +79,7 @@ class Written:
     """A staged append's lines (or, with no state, a feed entry alone)."""
 
     index: int  # its place in the staging's appends
-    session_id: str
+    stem: str
     state: SessionState | None
     appended: Appended | None
     entry: Entry  # its feed entry
@@ -160,7 +162,14 @@ class CommitPath(Reader):
                 "--read-only (or copy it into a store that is not) to append",
                 reason="READ_ONLY",
             )
-        sessions = {append.session_id for append in appends}
+        # The file of each append's branch, or why there is none (that append fails).
+        stems: list[str | Exception] = []
+        for append in appends:
+            try:
+                stems.append(self._stem_to_write(append.session_id, append.branch_id))
+            except AgentlogError as exc:
+                stems.append(exc)
+        files = {stem for stem in stems if isinstance(stem, str)}
         if self._index.behind:
             if not block:
                 return False
@@ -173,16 +182,16 @@ class CommitPath(Reader):
                         "elsewhere)",
                         reason="SHUTTING_DOWN",
                     )
-                identities = {s: self._ready(s) for s in sessions}
+                identities = {s: self._ready(s) for s in files}
                 missing = [s for s, identity in identities.items() if identity is None]
                 if not missing:
-                    staging = self._stage(appends, done, identities)  # type: ignore[arg-type]
+                    staging = self._stage(appends, stems, done, identities)  # type: ignore[arg-type]
                     finished = self._settle(staging, hold=hold)
                     break
             if not block:
                 return False
-            for session_id in missing:
-                self._state(session_id)
+            for stem in missing:
+                self._state(stem)
         point("commit.staged")
         finish(finished)
         return True
@@ -191,7 +200,7 @@ class CommitPath(Reader):
         """Bring the index up to date before an append (it fell behind on a full disk):
         until it knows every id in the files, a retried id could be stored twice."""
         try:
-            self._index.catch_up_all(self._session_files())
+            self._index.catch_up_all(self._stem_files())
         except sqlite3.OperationalError as exc:
             raise ResourceExhaustedError(
                 f"no space to update the index in {self.root} ({exc}): appends are refused "
@@ -199,30 +208,30 @@ class CommitPath(Reader):
                 reason="DISK_FULL",
             ) from None
 
-    def _ready(self, session_id: str) -> Identity | None:
+    def _ready(self, stem: str) -> Identity | None:
         """The file's identity if the session's state is at hand to append to; None if
         it must be loaded first (hold the lock)."""
-        state = self._states.get(session_id)
-        path = state.path if state is not None else self._path(session_id)
-        identity = self._identity_for_writing(session_id, path)
+        state = self._states.get(stem)
+        path = state.path if state is not None else self._path(stem)
+        identity = self._identity_for_writing(stem, path)
         if state is not None:
             if state.unacked or state.identity == identity:
-                self._states.move_to_end(session_id)
+                self._states.move_to_end(stem)
                 return identity
-            del self._states[session_id]  # changed behind our back: rebuild it
-            self._close_file(session_id)
+            del self._states[stem]  # changed behind our back: rebuild it
+            self._close_file(stem)
             return None
-        if identity == MISSING and self._index.indexed(session_id) is None:
+        if identity == MISSING and self._index.indexed(stem) is None:
             # A new session: nothing to read. (Not evicting here: that could drop a
             # state readied for this same append; acknowledging evicts.)
-            self._states[session_id] = SessionState(path)
+            self._states[stem] = SessionState(path)
             return identity
         return None
 
-    def _identity_for_writing(self, session_id: str, path: Path) -> Identity:
+    def _identity_for_writing(self, stem: str, path: Path) -> Identity:
         """The file's identity, from its open descriptor if there is one (cheaper than
         by path; a file replaced or removed since it was opened has no links left)."""
-        cached = self._files.get(session_id)
+        cached = self._files.get(stem)
         if cached is not None:
             try:
                 stat = os.fstat(cached[0])
@@ -230,12 +239,13 @@ class CommitPath(Reader):
                 raise storage_error(exc, path) from None
             if stat.st_nlink > 0:
                 return (stat.st_ino, stat.st_size)
-            self._close_file(session_id)
+            self._close_file(stem)
         return file_identity(path)
 
     def _stage(
         self,
         appends: Sequence[PendingAppend],
+        stems: list[str | Exception],
         done: Callable[[list[Answer]], None],
         identities: dict[str, Identity],
     ) -> Staging:
@@ -246,9 +256,13 @@ class CommitPath(Reader):
         keys = [key_of(record_id) for record_id in ids]
         holders = self._index.holders(ids, keys)
         staging.keys = dict(zip(ids, keys, strict=True))
-        for index, append in enumerate(appends):
+        for index, (append, stem) in enumerate(zip(appends, stems, strict=True)):
             try:
-                outcome = self._stage_one(staging, index, append, holders, identities)
+                if isinstance(stem, Exception):
+                    raise stem
+                outcome = self._stage_one(
+                    staging, index, append, stem, holders=holders, identities=identities
+                )
             except Exception as exc:  # this append fails alone
                 outcome = exc
             if outcome is not None:
@@ -260,27 +274,32 @@ class CommitPath(Reader):
         staging: Staging,
         index: int,
         append: PendingAppend,
+        stem: str,
+        *,
         holders: dict[str, list[Located]],
         identities: dict[str, Identity],
     ) -> Outcome | None:
-        """Decide one append and write its lines; None once written (acknowledged later)."""
+        """Decide one append and write its lines to file `stem`; None once written
+        (acknowledged later)."""
         if self._halted is not None:
             raise self._halted
-        session_id, batch = append.session_id, append.batch
-        state = self._states[session_id]
+        batch = append.batch
+        state = self._states[stem]
         if state.damage is not None:
             raise state.damage  # never append after damage: it would bury it
         if state.sealed is not None:
             raise state.sealed
-        if identities[session_id] != state.identity:
+        if identities[stem] != state.identity:
             # Another writer appended while our own appends were in flight.
             raise concurrent_writer(state.path)
-        mine, others = self._holdings(session_id, batch, holders)
+        mine, others = self._holdings(stem, batch, holders)
         if not mine and not others:  # new ids, the common case: only the expectation
             if append.expected is not None and append.expected != state.written:
-                raise _rules.wrong_expected_sequence(session_id, append.expected, state.written)
-            self._write_lines(staging, index, session_id, state, batch, kept_ns=append.timestamp_ns)
-            identities[session_id] = state.identity
+                raise _rules.wrong_expected_sequence(
+                    append.session_id, append.expected, state.written, append.branch_id
+                )
+            self._write_lines(staging, index, stem, state, append)
+            identities[stem] = state.identity
             return None
 
         def stored(record_id: str) -> tuple[int, bytes] | None:
@@ -291,29 +310,31 @@ class CommitPath(Reader):
             return record.sequence, digest
 
         retried = _rules.check_append(
-            session_id,
+            append.session_id,
             batch,
             append.expected,
             state.written,
             stored=stored,
             elsewhere=lambda ids: {i: others[i] for i in ids if i in others},
+            branch_id=append.branch_id,
         )
         if retried is not None:
             # If the first attempt stopped between the session file and the feed
             # (a crash), the feed learns of its records now.
-            self._stage_feed_catch_up(staging, session_id, state)
-            return Appended.stored(session_id, batch, [mine[item.id] for item in batch]), None
-        self._write_lines(staging, index, session_id, state, batch, kept_ns=append.timestamp_ns)
-        identities[session_id] = state.identity
+            self._stage_feed_catch_up(staging, stem, state)
+            stored_records = [mine[item.id] for item in batch]
+            return Appended.stored(append.session_id, batch, stored_records), None
+        self._write_lines(staging, index, stem, state, append)
+        identities[stem] = state.identity
         return None
 
     def _holdings(
-        self, session_id: str, batch: list[Prepared], holders: dict[str, list[Located]]
-    ) -> tuple[dict[str, EventRecord], dict[str, str]]:
-        """The records this session holds with the batch's ids, and the session that
-        holds each of the others, confirmed by reading them (rare: retries, reuse)."""
+        self, stem: str, batch: list[Prepared], holders: dict[str, list[Located]]
+    ) -> tuple[dict[str, EventRecord], dict[str, Place]]:
+        """The records file `stem` holds with the batch's ids, and the branch that holds
+        each of the others, confirmed by reading them (rare: retries, reuse)."""
         mine: dict[str, EventRecord] = {}
-        others: dict[str, str] = {}
+        others: dict[str, Place] = {}
         if not holders and not self._unacked_ids:
             return mine, others
         for item in batch:
@@ -321,40 +342,38 @@ class CommitPath(Reader):
             staged = self._unacked_ids.get(item.id)
             if staged is not None and staged.live:
                 sequence, offset = next((r[2], r[3]) for r in staged.rows if r[0] == item.id)
-                places.append(Located(staged.session_id, sequence, offset))
+                places.append(Located(staged.stem, sequence, offset))
             for place in places:
                 record = self._record_at(place)
-                if record is None and place.session_id != session_id:
-                    if self._lost(place.session_id):
+                if record is None and place.stem != stem:
+                    where = self._place_of(place.stem)
+                    if where is not None and self._lost(place.stem):
                         # Its file was cut or removed behind our back: the id may be
                         # there still, for all we can tell.
-                        others.setdefault(item.id, place.session_id)
+                        others.setdefault(item.id, where)
                     continue
                 if record is None or record.id != item.id:
                     continue  # a key collision, or a row of a file since changed
-                if place.session_id == session_id:
+                if place.stem == stem:
                     mine[item.id] = record
                 else:
-                    others.setdefault(item.id, place.session_id)
+                    others.setdefault(item.id, (record.session_id, record.branch_id))
         return mine, others
 
-    def _lost(self, session_id: str) -> bool:
+    def _lost(self, stem: str) -> bool:
         """Whether a session's file was cut or removed behind agentlog's back (its index
         entry still vouches for records the file no longer has)."""
-        if self._index.shrunk(session_id) is not None:
+        if self._index.shrunk(stem) is not None:
             return True
-        return (
-            self._index.indexed(session_id) is not None
-            and file_identity(self._path(session_id)) == MISSING
-        )
+        return self._index.indexed(stem) is not None and file_identity(self._path(stem)) == MISSING
 
     def _record_at(self, place: Located) -> EventRecord | None:
         """The record an index row points at, if it is still there."""
-        path = self._path(place.session_id)
+        path = self._path(place.stem)
         try:
             with path.open("rb") as file:
                 line = read_line(file, place.offset, file.seek(0, os.SEEK_END))
-            return record_from_line(line, place.sequence)
+            return record_from_line(line, place.sequence, self._branches)
         except (FileNotFoundError, DecodeError):
             return None
         except OSError as exc:  # not "absent": a retry must not be taken for a new id
@@ -364,12 +383,12 @@ class CommitPath(Reader):
         self,
         staging: Staging,
         index: int,
-        session_id: str,
+        stem: str,
         state: SessionState,
-        batch: list[Prepared],
-        *,
-        kept_ns: int | None = None,
+        append: PendingAppend,
     ) -> None:
+        batch, kept_ns = append.batch, append.timestamp_ns
+        session_id, branch_id = append.session_id, append.branch_id
         last = state.written
         # Lines of a multi-event batch name the batch's last sequence, so a
         # batch cut short by a crash is recognised and never served in part.
@@ -378,17 +397,31 @@ class CommitPath(Reader):
         # never go backwards, even when the clock steps back (kept ones are copied).
         timestamp_ns = max(self.clock(), state.written_timestamp_ns) if kept_ns is None else kept_ns
         timestamp = format_timestamp(timestamp_ns)
-        appended = Appended(session_id, batch, last + 1, timestamp_ns)
+        appended = Appended(session_id, batch, last + 1, timestamp_ns, branch_id=branch_id)
         lines = []
         for sequence, item in enumerate(batch, last + 1):
-            fields: dict[str, Any] = {
-                "id": item.id,
-                "session_id": session_id,
-                "parent_id": item.parent_id,
-                "timestamp": timestamp,
-                "event": item.event_json,
-                "sequence": sequence,
-            }
+            fields: dict[str, Any]
+            if self._branches:  # newest arcan's fields, in its order
+                fields = {
+                    "id": item.id,
+                    "session_id": session_id,
+                    "branch_id": branch_id,
+                    "sequence": sequence,
+                    "parent_id": item.parent_id,
+                    "timestamp": timestamp,
+                    "event": item.event_json,
+                }
+                if sequence == 1:
+                    fields["agentlog"] = True  # started here: see FirstLine
+            else:  # the seed's fields, then agentlog's sequence
+                fields = {
+                    "id": item.id,
+                    "session_id": session_id,
+                    "parent_id": item.parent_id,
+                    "timestamp": timestamp,
+                    "event": item.event_json,
+                    "sequence": sequence,
+                }
             if batch_end is not None:
                 fields["batch_end"] = batch_end
             line = record_line(fields)
@@ -401,7 +434,7 @@ class CommitPath(Reader):
         ending = b"\n" if state.open_line else b""
         data = ending + b"".join(lines)
         new_file = state.identity == MISSING
-        fd = self._file(session_id, state)
+        fd = self._file(stem, state)
         start = state.written_end
         try:
             count = os.write(fd, data)
@@ -415,7 +448,7 @@ class CommitPath(Reader):
         if end - count != start:
             # Another process appended between the check and the write, so these
             # lines landed after its lines and state the wrong sequences.
-            self._blank_misplaced(session_id, state, end - count, data[:count])
+            self._blank_misplaced(stem, state, end - count, data[:count])
             raise concurrent_writer(state.path)
         state.open_line = False
         rows: list[Row] = []
@@ -426,17 +459,17 @@ class CommitPath(Reader):
             rows.append((item.id, item.parent_id, sequence, offset, keys[item.id]))
             offset += len(line)
         previous_last = state.written_last_offset
-        inode = self._files[session_id][1]
+        inode = self._files[stem][1]
         state.identity = (inode, offset)
         state.written += len(batch)
         state.written_end = offset
         state.written_last_offset = offset - len(lines[-1])
         state.written_timestamp_ns = max(state.written_timestamp_ns, timestamp_ns)
         state.unacked += 1
-        entry = self._feed.reserve(session_id, last + 1, len(batch), start + len(ending))
+        entry = self._feed.reserve(stem, last + 1, len(batch), start + len(ending))
         written = Written(
             index,
-            session_id,
+            stem,
             state,
             appended,
             entry,
@@ -456,9 +489,7 @@ class CommitPath(Reader):
             self._dirty.add(self.root)  # the new directory entry
         point("commit.written")
 
-    def _blank_misplaced(
-        self, session_id: str, state: SessionState, offset: int, data: bytes
-    ) -> None:
+    def _blank_misplaced(self, stem: str, state: SessionState, offset: int, data: bytes) -> None:
         """Turn lines this store just wrote at `offset`, after another writer's, into
         blank lines (which every reader skips), in place: cutting them off could cut
         that writer's next lines too. The append is then refused (hold the lock)."""
@@ -469,7 +500,7 @@ class CommitPath(Reader):
             len(data),
             offset,
         )
-        self._close_file(session_id)
+        self._close_file(stem)
         state.identity = STALE  # rebuilt from the file before the next append
         try:
             fd = os.open(state.path, os.O_WRONLY | os.O_CLOEXEC)
@@ -482,7 +513,7 @@ class CommitPath(Reader):
             log.error("%s: could not blank the misplaced lines: %s", state.path, exc)
             state.sealed = concurrent_writer(state.path)
 
-    def _stage_feed_catch_up(self, staging: Staging, session_id: str, state: SessionState) -> None:
+    def _stage_feed_catch_up(self, staging: Staging, stem: str, state: SessionState) -> None:
         """Give feed positions to records of a feed session that the feed lacks (hold
         the lock): an append a crash cut short between its session lines and its feed
         line, or lines another writer (arcan) added to a session agentlog writes.
@@ -490,15 +521,13 @@ class CommitPath(Reader):
         A session is in the feed once the feed knows it or if agentlog started it
         (sessions only arcan wrote are not).
         """
-        covered = self._feed.covered(session_id)
+        covered = self._feed.covered(stem)
         known = covered > 0 or state.started_here
         if known and covered < state.count and state.damage is None:
-            entry = self._feed.reserve(session_id, covered + 1, state.count - covered, -1)
-            staging.written.append(
-                Written(-1, session_id, None, None, entry, [], 0, 0, 0, 0, 0, False)
-            )
+            entry = self._feed.reserve(stem, covered + 1, state.count - covered, -1)
+            staging.written.append(Written(-1, stem, None, None, entry, [], 0, 0, 0, 0, 0, False))
 
-    def _feed_catch_up(self, session_id: str, state: SessionState) -> None:
+    def _feed_catch_up(self, stem: str, state: SessionState) -> None:
         """Stage feed positions for records of the session the feed lacks, and wait."""
         if self.read_only:
             return  # nothing is written; the feed is as it was found
@@ -508,7 +537,7 @@ class CommitPath(Reader):
                 return
             self._tickets += 1
             staging = Staging(self._tickets, [], lambda _: done.set())
-            self._stage_feed_catch_up(staging, session_id, state)
+            self._stage_feed_catch_up(staging, stem, state)
             if not staging.written:
                 return
             finished = self._settle(staging)
@@ -542,14 +571,14 @@ class CommitPath(Reader):
         except OSError as exc:
             log.error("%s: could not cut unacknowledged lines off: %s", state.path, exc)
         self._index.cut_back(
-            written.session_id,
+            written.stem,
             written.inode,
             written.start,
             state.written,
             written.previous_last_offset,
         )
         state.identity = file_identity(state.path)
-        self._close_file(written.session_id)
+        self._close_file(written.stem)
 
     def _settle(self, staging: Staging, *, hold: bool = False) -> list[Staging]:
         """Queue a staging, to be acknowledged in order once its lines are durable as
@@ -624,8 +653,11 @@ class CommitPath(Reader):
             self._feed.add(written.entry)
             state, appended = written.state, written.appended
             if state is None or appended is None:
-                continue  # a feed entry alone (both or neither are set)
-            position, session_id = written.entry[:2]
+                # A feed entry alone (both or neither are set): records the feed
+                # learns of late (a fork's, or lines another writer added).
+                self._publish_caught_up(written.entry)
+                continue
+            position, stem = written.entry[:2]
             state.count = appended.last_sequence
             state.end = written.end
             state.last_offset = written.last_offset
@@ -635,19 +667,29 @@ class CommitPath(Reader):
             state.last_timestamp_ns = appended.timestamp_ns
             state.head_id = appended.batch[-1].id
             state.unacked -= 1
+            first = None
+            if appended.first_sequence == 1:
+                branch = appended.branch_id if self._branches else None
+                first = FirstLine(appended.session_id, branch, started_here=True)
             self._index.record(
-                session_id, written.rows, written.inode, written.end, state.last_offset
+                stem, written.rows, written.inode, written.end, state.last_offset, first=first
             )
             written.live = False
             staging.outcomes[written.index] = (appended, position)
             self._publish(appended, position)
             if written.new_file:
-                self._add_to_catalog(session_id)
+                self._add_to_catalog(stem)
         if not self._queue:
             self._unacked_ids.clear()  # nothing staged: every entry is stale
         elif len(self._unacked_ids) > MAX_UNACKED_IDS:
             self._unacked_ids = {i: w for i, w in self._unacked_ids.items() if w.live}
         self._evict()
+
+    def _publish_caught_up(self, entry: Entry) -> None:
+        position, stem, sequence, count, _ = entry
+        place = self._place_of(stem) if stem else None
+        if place is not None:
+            self._announce(Published(*place, sequence, sequence + count - 1, position))
 
 
 def finish(stagings: list[Staging]) -> None:

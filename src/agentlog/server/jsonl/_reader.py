@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -24,6 +25,7 @@ from agentlog._plans import (
     DecodeError,
 )
 from agentlog._records import (
+    BranchInfo,
     EventRecord,
     FeedGap,
     FeedRecord,
@@ -31,8 +33,10 @@ from agentlog._records import (
     StoredRecord,
 )
 from agentlog._validation import (
+    MAIN,
     check_count,
     check_parent_query,
+    check_stored_branch_id,
     check_stored_session_id,
 )
 from agentlog.errors import (
@@ -75,19 +79,40 @@ class _Decoder(Generic[T]):
     one: Callable[[bytes, int], T]
 
 
-def _records_from_lines(lines: list[bytes], first: int) -> list[EventRecord]:
-    return [record_from_line(line, first + k) for k, line in enumerate(lines)]
+def decoders(branches: bool) -> tuple[_Decoder[EventRecord], _Decoder[dict[str, Any]]]:
+    """The decoders of a layout's lines: into records, and into message fields."""
+
+    def records(lines: list[bytes], first: int) -> list[EventRecord]:
+        return [record_from_line(line, first + k, branches) for k, line in enumerate(lines)]
+
+    return (
+        _Decoder(records, functools.partial(_one_record, branches=branches)),
+        _Decoder(
+            functools.partial(_fields_of_lines, branches=branches),
+            functools.partial(_fields_of_line, branches=branches),
+        ),
+    )
 
 
-_RECORDS = _Decoder(_records_from_lines, record_from_line)
-_FIELDS = _Decoder(record_fields_from_lines, record_fields_from_line)
+def _one_record(line: bytes, sequence: int, *, branches: bool) -> EventRecord:
+    return record_from_line(line, sequence, branches)
+
+
+def _fields_of_lines(lines: list[bytes], first: int, *, branches: bool) -> list[dict[str, Any]]:
+    return record_fields_from_lines(lines, first, branches)
+
+
+def _fields_of_line(line: bytes, sequence: int, *, branches: bool) -> dict[str, Any]:
+    return record_fields_from_line(line, sequence, branches)
 
 
 class Reader(Recovery):
     """Ranged reads, heads, children, listing and the feed, from the files: each read
-    takes a snapshot (`View`) of a session under the lock and reads without it."""
+    takes a snapshot (`View`) of a session file under the lock and reads without it."""
 
-    _reported_gaps: set[tuple[str, str]]  # (session, reason) logged
+    _reported_gaps: set[tuple[str, str]]  # (file, reason) logged
+    _records: _Decoder[EventRecord]
+    _fields: _Decoder[dict[str, Any]]
 
     def read_session(
         self,
@@ -96,8 +121,10 @@ class Reader(Recovery):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> Iterator[EventRecord]:
-        chunks = self._read(session_id, from_sequence, limit, direction, _RECORDS)
+        stem = self._stem_to_read(session_id, branch_id)
+        chunks = self._read(stem, from_sequence, limit, direction, self._records)
         return itertools.chain.from_iterable(chunks)
 
     def read_session_chunks(
@@ -107,28 +134,36 @@ class Reader(Recovery):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> Iterator[list[Any]]:
         # Straight from each line's JSON to the message's fields: no Python
         # records or messages between.
-        return self._read(session_id, from_sequence, limit, direction, _FIELDS)
+        stem = self._stem_to_read(session_id, branch_id)
+        return self._read(stem, from_sequence, limit, direction, self._fields)
+
+    def _stem_to_read(self, session_id: str, branch_id: str) -> str | None:
+        """The file of a branch a read names (checked); None: it can have none."""
+        check_stored_session_id(session_id)
+        return self._stem_for(session_id, check_stored_branch_id(branch_id))
 
     def _read(
         self,
-        session_id: str,
+        stem: str | None,
         from_sequence: int,
         limit: int | None,
         direction: ReadDirection,
         decoder: _Decoder[T],
     ) -> Iterator[list[T]]:
-        check_stored_session_id(session_id)
         selected = _rules.read_range(from_sequence, limit, direction)
-        view = self._view(session_id)
+        if stem is None:
+            return iter(())
+        view = self._view(stem)
         # A snapshot: appends made while the caller iterates are not part of this read.
         return self._chunks(view, selected.sequences(view.count), decoder)
 
-    def _view(self, session_id: str) -> View:
+    def _view(self, stem: str) -> View:
         """What reads may see of a session now; DataLossError if it is damaged."""
-        state = self._state(session_id)
+        state = self._state(stem)
         if state.damage is not None:
             raise state.damage
         with self._lock:
@@ -256,23 +291,25 @@ class Reader(Recovery):
                 offset += len(line)
         return offset
 
-    def head(self, session_id: str) -> EventRecord | None:
-        check_stored_session_id(session_id)
+    def head(self, session_id: str, branch_id: str = MAIN) -> EventRecord | None:
+        stem = self._stem_to_read(session_id, branch_id)
+        if stem is None:
+            return None
         with self._lock:
-            cached = session_id in self._states
+            cached = stem in self._states
         if not cached:
             # Without the session's state at hand, read only the last line.
-            found = self._head_from_index(session_id)
+            found = self._head_from_index(stem)
             if found is not None:
                 return found
-        view = self._view(session_id)
+        view = self._view(stem)
         if view.count == 0:
             return None
-        return self._at(view, view.count, self._last_offset(session_id, view))
+        return self._at(view, view.count, self._last_offset(stem, view))
 
-    def _last_offset(self, session_id: str, view: View) -> int:
+    def _last_offset(self, stem: str, view: View) -> int:
         with self._lock:
-            state = self._states.get(session_id)
+            state = self._states.get(stem)
             if state is not None and state.count == view.count:
                 return state.last_offset
         return self._offset_of(view, view.count)
@@ -285,7 +322,7 @@ class Reader(Recovery):
         except OSError as exc:
             raise storage_error(exc, view.path) from None
         try:
-            return record_from_line(line, sequence)
+            return record_from_line(line, sequence, self._branches)
         except DecodeError as exc:
             number = line_number(view.path, offset)
             error = corrupt_line(view.path, number, str(exc), sequence, offset)
@@ -295,21 +332,21 @@ class Reader(Recovery):
     def _seal(self, path: Path, error: DataLossError, sequence: int, offset: int) -> None:
         """Refuse appends to a session a read found a damaged line in (record
         `sequence`, at byte `offset`), from now on and after a restart."""
-        session_id = path.name[: -len(SUFFIX)]
+        stem = path.name[: -len(SUFFIX)]
         with self._lock:
-            state = self._states.get(session_id)
+            state = self._states.get(stem)
             if state is not None and state.path == path and state.sealed is None:
                 state.sealed = error
-        self._index.distrust(session_id, offset, sequence - 1)
+        self._index.distrust(stem, offset, sequence - 1)
 
-    def _head_from_index(self, session_id: str) -> EventRecord | None:
+    def _head_from_index(self, stem: str) -> EventRecord | None:
         """The last record, read backwards from the end, when the index vouches for the file.
 
         None (use the full path) unless the file is exactly as last indexed and its
         last line is a whole record that does not end a batch cut short.
         """
-        path = self._path(session_id)
-        indexed = self._index.indexed(session_id)
+        path = self._path(stem)
+        indexed = self._index.indexed(stem)
         if indexed is None or indexed.records == 0:
             return None
         try:
@@ -328,22 +365,26 @@ class Reader(Recovery):
             batch_end = obj.get("batch_end")
             if isinstance(batch_end, int) and batch_end > indexed.records:
                 return None
-            return record_from_line(line, indexed.records)
+            return record_from_line(line, indexed.records, self._branches)
         except (orjson.JSONDecodeError, DecodeError, AttributeError):
             return None
 
-    def read_stored(self, session_id: str, from_sequence: int, limit: int) -> list[StoredRecord]:
+    def read_stored(
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
+    ) -> list[StoredRecord]:
         """The records up to the first that does not parse (a copy takes those, then
         is told, reading on from there, which line is damaged)."""
-        check_stored_session_id(session_id)
-        view = self._view(session_id)
+        stem = self._stem_to_read(session_id, branch_id)
+        if stem is None:
+            return []
+        view = self._view(stem)
         first = max(from_sequence, 1)
         found: list[StoredRecord] = []
         last = min(view.count, first + limit - 1)
         for sequence, lines in self._lines(view, first, last, None):
             for number, line in enumerate(lines, sequence):
                 try:
-                    found.append(stored_from_line(line, number))
+                    found.append(stored_from_line(line, number, self._branches))
                 except DecodeError as exc:
                     if found:
                         return found
@@ -355,11 +396,15 @@ class Reader(Recovery):
                     raise error from None
         return found
 
-    def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
-        check_stored_session_id(session_id)
-        view = self._view(session_id)
+    def read_run(
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
+    ) -> list[EventRecord]:
+        stem = self._stem_to_read(session_id, branch_id)
+        if stem is None:
+            return []
+        view = self._view(stem)
         first = max(from_sequence, 1)
-        for run in self._forward(view, first, min(view.count, first + limit - 1), _RECORDS):
+        for run in self._forward(view, first, min(view.count, first + limit - 1), self._records):
             return run  # the first run: at most MESSAGE_RECORDS, and MESSAGE_BYTES
         return []
 
@@ -374,21 +419,19 @@ class Reader(Recovery):
         its positions become a FeedGap and the feed goes on."""
         pending: list[FeedRecord | FeedGap] = []
         size = 0
-        for entry_position, session_id, sequence, count, offset in self._feed.entries_from(
-            position
-        ):
-            if not session_id:
+        for entry_position, stem, sequence, count, offset in self._feed.entries_from(position):
+            if not stem:
                 continue  # a gap
             skip = max(position - entry_position, 0)
             first, last = sequence + skip, sequence + count - 1
             shift = entry_position - sequence  # a record's position less its sequence
             delivered = first - 1
             try:
-                view = self._view(session_id)
+                view = self._view(stem)
                 if view.count < last:
                     raise missing_records(view.path, view.count, last)
                 start = (offset, sequence) if offset >= 0 else None
-                for run, run_size in self._forward_sized(view, first, last, _RECORDS, start):
+                for run, run_size in self._forward_sized(view, first, last, self._records, start):
                     if pending and (
                         len(pending) + len(run) > MESSAGE_RECORDS or size + run_size > MESSAGE_BYTES
                     ):
@@ -398,28 +441,29 @@ class Reader(Recovery):
                     size += run_size
                     delivered = run[-1].sequence
             except DataLossError as exc:
-                pending.append(self._gap(shift + delivered + 1, shift + last, session_id, exc))
+                pending.append(self._gap(shift + delivered + 1, shift + last, stem, exc))
             if len(pending) >= MESSAGE_RECORDS:
                 yield pending
                 pending, size = [], 0
         if pending:
             yield pending
 
-    def _gap(self, first: int, last: int, session_id: str, error: DataLossError) -> FeedGap:
+    def _gap(self, first: int, last: int, stem: str, error: DataLossError) -> FeedGap:
         """What the feed says in place of records it could not read; logged once a
         session and reason, counted every time."""
         reason = error.reason or "DATA_LOSS"
         metrics.FEED_UNDELIVERED.labels(reason=reason).inc(last - first + 1)
-        if (session_id, reason) not in self._reported_gaps:
-            self._reported_gaps.add((session_id, reason))
+        session_id, branch_id = self._place_of(stem) or (stem, MAIN)
+        if (stem, reason) not in self._reported_gaps:
+            self._reported_gaps.add((stem, reason))
             log.error(
-                "the all-sessions feed skips positions %d to %d (session %r): %s",
+                "the all-sessions feed skips positions %d to %d (session %s): %s",
                 first,
                 last,
-                session_id,
+                _rules.named(session_id, branch_id),
                 error.message,
             )
-        return FeedGap(first, last, session_id, reason, error.message)
+        return FeedGap(first, last, session_id, reason, error.message, branch_id)
 
     def last_position(self) -> int:
         with self._lock:
@@ -442,11 +486,14 @@ class Reader(Recovery):
         in runs bounded as every stream's messages are."""
         pending: list[EventRecord] = []
         size = 0
-        places = self._index.children(parent_id)
-        for session_id, group in itertools.groupby(places, key=lambda place: place.session_id):
+        by_file = itertools.groupby(self._index.children(parent_id), key=lambda c: c.stem)
+        groups = [(stem, list(group)) for stem, group in by_file]
+        # Sessions in byte order of their ids, then branches in byte order of theirs.
+        groups.sort(key=lambda g: _place_key(self._place_of(g[0]) or (g[0], MAIN)))
+        for stem, group in groups:
             try:
-                view = self._children_view(session_id)
-                for record, line_size in self._records_at(view, list(group)):
+                view = self._children_view(stem)
+                for record, line_size in self._records_at(view, group):
                     if record.parent_id != parent_id:
                         continue  # a key collision
                     if pending and (
@@ -457,7 +504,7 @@ class Reader(Recovery):
                     pending.append(record)
                     size += line_size
             except DataLossError as exc:  # a damaged session: its loss alone
-                self._skipped_children(session_id, exc)
+                self._skipped_children(stem, exc)
         if pending:
             yield pending
 
@@ -476,63 +523,77 @@ class Reader(Recovery):
                     continue  # the index ran ahead of a file cut since: nothing to serve
                 line = read_line(file, place.offset, view.end)
                 try:
-                    yield record_from_line(line, place.sequence), len(line) + 1
+                    yield record_from_line(line, place.sequence, self._branches), len(line) + 1
                 except DecodeError as exc:
                     number = line_number(view.path, place.offset)
                     error = corrupt_line(view.path, number, str(exc), place.sequence, place.offset)
                     self._seal(view.path, error, place.sequence, place.offset)
                     raise error from None
 
-    def _skipped_children(self, session_id: str, error: DataLossError) -> None:
+    def _skipped_children(self, stem: str, error: DataLossError) -> None:
         """LoadChildren leaves out the children a damaged session holds (its own reads
         say why): one damaged file harms no other session's answers. Logged once a
         session and reason."""
         reason = error.reason or "DATA_LOSS"
-        if (session_id, "children:" + reason) not in self._reported_gaps:
-            self._reported_gaps.add((session_id, "children:" + reason))
-            log.error(
-                "LoadChildren leaves out children in session %r: %s", session_id, error.message
-            )
+        if (stem, "children:" + reason) not in self._reported_gaps:
+            self._reported_gaps.add((stem, "children:" + reason))
+            log.error("LoadChildren leaves out children in session %r: %s", stem, error.message)
 
-    def _children_view(self, session_id: str) -> View:
+    def _children_view(self, stem: str) -> View:
         """A view for reading records at offsets the index gave: the session's state if
         at hand, or just what the index holds if it vouches for the file."""
-        path = self._path(session_id)
+        path = self._path(stem)
         with self._lock:
-            state = self._states.get(session_id)
+            state = self._states.get(stem)
             if state is not None and (state.unacked or state.identity == file_identity(path)):
                 return state.view()
-        indexed = self._index.indexed(session_id)
+        indexed = self._index.indexed(stem)
         if indexed is not None and (indexed.inode, indexed.size) == file_identity(path):
             return View(path, array("Q"), indexed.records, indexed.size)
-        return self._view(session_id)
+        return self._view(stem)
 
     def session_page(self, query: SessionQuery) -> SessionList:
         infos: list[SessionInfo] = []
         last: str | None = None
-        ids = ids_of(self._sessions_in_order(), query)
-        for session_id in ids:
+        session_ids, branches = self._catalog_of_places()
+        for session_id in ids_of(session_ids, query):
             if len(infos) == query.size:
                 return SessionList(infos, last)  # more follow
             last = session_id
-            state = self._state(session_id)
-            with self._lock:
-                if state.count == 0:
-                    continue  # an empty or vanished file is no session
-                infos.append(
-                    SessionInfo(
-                        session_id=session_id,
-                        event_count=state.count,
-                        first_timestamp_ns=state.first_timestamp_ns,
-                        last_timestamp_ns=state.last_timestamp_ns,
-                        head_id=state.head_id,
-                    )
-                )
+            found = [
+                info
+                for branch_id, stem in branches[session_id]
+                if (info := self._branch_info(branch_id, stem)) is not None
+            ]
+            if found:  # an empty or vanished file is no branch, and no session
+                infos.append(SessionInfo.of(session_id, found))
         return SessionList(infos, None)
+
+    def _branch_info(self, branch_id: str, stem: str) -> BranchInfo | None:
+        state = self._state(stem)
+        with self._lock:
+            if state.count == 0:
+                return None
+            return BranchInfo(
+                branch_id=branch_id,
+                event_count=state.count,
+                first_timestamp_ns=state.first_timestamp_ns,
+                last_timestamp_ns=state.last_timestamp_ns,
+                head_id=state.head_id,
+                forked_from=state.forked_from,
+            )
 
     def session_ids(self) -> list[str]:
         """Ids of the sessions that have a file, in byte order."""
-        return list(self._sessions_in_order())
+        return list(self._catalog_of_places()[0])
+
+    def branch_ids(self, session_id: str) -> list[str]:
+        """Ids of a session's branches that have a file, in byte order."""
+        return [branch_id for branch_id, _ in self._catalog_of_places()[1].get(session_id, ())]
+
+
+def _place_key(place: tuple[str, str]) -> tuple[bytes, bytes]:
+    return place[0].encode(), place[1].encode()
 
 
 def _runs(blocks: Iterator[tuple[int, list[bytes]]]) -> Iterator[tuple[int, list[bytes]]]:

@@ -34,8 +34,8 @@ class Recovery(SessionStates):
         give a last record that lacks only its newline its newline. Returns the side
         files written."""
         kept = []
-        for session_id in self._sessions_in_order():
-            path = self._path(session_id)
+        for stem in self._stems_in_order():
+            path = self._path(stem)
             tail = torn_tail(path)
             if tail.complete:
                 self._complete_last_line(path)
@@ -91,19 +91,19 @@ class Recovery(SessionStates):
     def _record_counts(self) -> dict[str, int]:
         """How many records each session file holds (at an open after a crash)."""
         counts = {}
-        for session_id in self._index.session_ids():
-            indexed = self._index.indexed(session_id)
-            if indexed is not None and file_identity(self._path(session_id)) == MISSING:
-                counts[session_id] = indexed.records  # removed: reported as lost when read
-        for session_id in self._sessions_in_order():
-            path = self._path(session_id)
-            identity, indexed = file_identity(path), self._index.indexed(session_id)
+        for stem in self._index.stems():
+            indexed = self._index.indexed(stem)
+            if indexed is not None and file_identity(self._path(stem)) == MISSING:
+                counts[stem] = indexed.records  # removed: reported as lost when read
+        for stem in self._stems_in_order():
+            path = self._path(stem)
+            identity, indexed = file_identity(path), self._index.indexed(stem)
             if indexed is not None and (
-                (indexed.inode, indexed.size) == identity or self._index.shrunk(session_id)
+                (indexed.inode, indexed.size) == identity or self._index.shrunk(stem)
             ):
                 # A file cut behind agentlog's back keeps its feed entries: they are
                 # reported as lost when read, not dropped unseen.
-                counts[session_id] = indexed.records
+                counts[stem] = indexed.records
             else:
-                counts[session_id] = scan_file(path, MARK_EVERY).count
+                counts[stem] = scan_file(path, MARK_EVERY).count
         return counts

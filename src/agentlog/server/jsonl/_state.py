@@ -15,6 +15,7 @@ from agentlog._lines import (
 from agentlog._plans import (
     DecodeError,
 )
+from agentlog._records import ForkedFrom
 from agentlog.errors import (
     DataLossError,
 )
@@ -82,6 +83,8 @@ class SessionState:
     open_line: bool = False
     """Its last record lacks the newline that ends it (arcan died between the two
     writes): the next append writes that newline first."""
+    forked_from: ForkedFrom | None = None
+    """Where the branch it holds was forked from (its first line says), if it was."""
 
     @classmethod
     def of(cls, path: Path, identity: Identity, scan: FileScan) -> SessionState:
@@ -102,6 +105,7 @@ class SessionState:
             scan.damage,
             scan.started_here,
             open_line=scan.open_line,
+            forked_from=scan.first.forked_from if scan.first is not None else None,
         )
 
     def view(self) -> View:
@@ -157,12 +161,14 @@ def shrunk_error(path: Path, indexed: int, found: int, *, missing: bool = False)
     )
 
 
-def unindexable_line(path: Path, offset: int, sequence: int) -> DataLossError:
+def unindexable_line(
+    path: Path, offset: int, sequence: int, branches: bool = False
+) -> DataLossError:
     """Why a file whose line at `offset` is no record takes no appends."""
     try:
         with path.open("rb") as file:
             line = read_line(file, offset, offset + (1 << 20))
-        record_from_line(line, sequence)
+        record_from_line(line, sequence, branches)
         why = "it does not parse"
     except DecodeError as exc:
         why = str(exc)

@@ -126,6 +126,6 @@ class SyncLoops(CommitPath):
         self._queue.clear()
         self._fail(failed, self._halted)
         self._durable = self._released = self._tickets
-        for session_id in list(self._files):
-            self._close_file(session_id)
+        for stem in list(self._files):
+            self._close_file(stem)
         return failed

@@ -1,9 +1,11 @@
 """The JSONL store's commit log: every append in commit order, with global positions.
 
 `<root>/.agentlog.feed` holds one `{"position", "session_id", "sequence",
-"count", "offset"}` line per append: records `sequence`.. of the session hold
-positions `position`.., and the first starts at byte `offset` of the session
-file (absent in feeds written before it was kept). Lines are written when an
+"count", "offset"}` line per append: records `sequence`.. of the session file
+hold positions `position`.., and the first starts at byte `offset` of the file
+(absent in feeds written before it was kept). `session_id` names the file: its
+name less `.jsonl` (its stem), which in the branch layout is
+`<session_id>__<branch_id>`. Lines are written when an
 append is staged, right after its session lines, and synced with them; an entry
 is served (and counted in `last_position`) once its append is acknowledged.
 Positions are never reused.
@@ -29,7 +31,7 @@ log = logging.getLogger("agentlog.server")
 
 FEED_FILE = ".agentlog.feed"
 _READ_CHUNK = 256
-# One append's entry: (position, session_id, sequence, count, offset); session ""
+# One append's entry: (position, stem, sequence, count, offset); stem ""
 # marks a gap, offset -1 an unknown offset.
 Entry = tuple[int, str, int, int, int]
 
@@ -48,16 +50,14 @@ class Feed:
         self.sequences = array("Q")
         self.counts = array("Q")
         self.offsets = array("q")
-        self.sessions: list[str] = []
+        self.stems: list[str] = []
         self.last_position = 0  # the last acknowledged position
         self._load()
         self.next_position = self.last_position + 1  # the next to hand out
         self._covered: dict[str, int] = {}  # written, acknowledged or not
-        for session_id, sequence, count in zip(
-            self.sessions, self.sequences, self.counts, strict=True
-        ):
-            if session_id:
-                self._covered[session_id] = sequence + count - 1
+        for stem, sequence, count in zip(self.stems, self.sequences, self.counts, strict=True):
+            if stem:
+                self._covered[stem] = sequence + count - 1
         if read_only:
             self.fd = -1
             self.size = self.acknowledged_size = 0
@@ -76,9 +76,9 @@ class Feed:
                 entry = orjson.loads(line) if line.endswith(b"\n") else None
                 if entry is None or entry["position"] != self.last_position + 1:
                     break
-                position, session_id = entry["position"], entry["session_id"]
+                position, stem = entry["position"], entry["session_id"]
                 sequence, count = entry["sequence"], entry["count"]
-                self.add((position, session_id, sequence, count, entry.get("offset", -1)))
+                self.add((position, stem, sequence, count, entry.get("offset", -1)))
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 break
             good += len(line)
@@ -92,13 +92,13 @@ class Feed:
             )
             os.truncate(self.path, good)
 
-    def reserve(self, session_id: str, sequence: int, count: int, offset: int) -> Entry:
+    def reserve(self, stem: str, sequence: int, count: int, offset: int) -> Entry:
         """The entry giving records `sequence`.. of a session (the first at byte
         `offset`, -1 if unknown) the next `count` positions, handed out now."""
-        entry = (self.next_position, session_id, sequence, count, offset)
+        entry = (self.next_position, stem, sequence, count, offset)
         self.next_position += count
-        if session_id:
-            self._covered[session_id] = sequence + count - 1
+        if stem:
+            self._covered[stem] = sequence + count - 1
         return entry
 
     def write(self, entries: list[Entry]) -> None:
@@ -124,11 +124,11 @@ class Feed:
 
     def add(self, entry: Entry) -> None:
         """Serve a written entry: its append is acknowledged."""
-        position, session_id, sequence, count, offset = entry
-        session_id = sys.intern(session_id)
+        position, stem, sequence, count, offset = entry
+        stem = sys.intern(stem)
         with self._columns:
             self.positions.append(position)
-            self.sessions.append(session_id)
+            self.stems.append(stem)
             self.sequences.append(sequence)
             self.counts.append(count)
             self.offsets.append(offset)
@@ -141,15 +141,13 @@ class Feed:
         self.size = self.acknowledged_size
         self.next_position = self.last_position + 1
         self._covered = {}
-        for session_id, sequence, count in zip(
-            self.sessions, self.sequences, self.counts, strict=True
-        ):
-            if session_id:
-                self._covered[session_id] = sequence + count - 1
+        for stem, sequence, count in zip(self.stems, self.sequences, self.counts, strict=True):
+            if stem:
+                self._covered[stem] = sequence + count - 1
 
-    def covered(self, session_id: str) -> int:
+    def covered(self, stem: str) -> int:
         """The last sequence of a session that has a position, acknowledged or not (0: none)."""
-        return self._covered.get(session_id, 0)
+        return self._covered.get(stem, 0)
 
     def cut_beyond(self, counts: dict[str, int]) -> int | None:
         """Drop the feed from its first entry naming records a session file does not hold.
@@ -160,7 +158,7 @@ class Feed:
         """
         for index in range(len(self.positions)):
             end = self.sequences[index] + self.counts[index] - 1
-            if end > counts.get(self.sessions[index], 0):
+            if end > counts.get(self.stems[index], 0):
                 keep = index
                 break
         else:
@@ -177,7 +175,7 @@ class Feed:
         with self._columns:
             for column in (self.positions, self.sequences, self.counts, self.offsets):
                 del column[keep:]
-            del self.sessions[keep:]
+            del self.stems[keep:]
         self.last_position = first_dropped - 1
         self.acknowledged_size = offset
         self.abandon()
@@ -199,7 +197,7 @@ class Feed:
                 batch = [
                     (
                         self.positions[i],
-                        self.sessions[i],
+                        self.stems[i],
                         self.sequences[i],
                         self.counts[i],
                         self.offsets[i],

@@ -28,6 +28,7 @@ from agentlog.errors import (
     ResourceExhaustedError,
 )
 from agentlog.server.jsonl.keys import Row, key_of
+from agentlog.server.jsonl.layout import FirstLine
 
 log = logging.getLogger("agentlog.server")
 
@@ -220,6 +221,8 @@ class FileScan:
     last_timestamp_ns: int = 0
     head_id: str = ""
     started_here: bool = False
+    first: FirstLine | None = None
+    """What the first record says of the file (its names; see `FirstLine`)."""
     damage: DataLossError | None = None
     open_line: bool = False
     """The last record lacks its newline (arcan died between the two writes; it reads
@@ -312,7 +315,8 @@ def _check_tail(path: Path, file: BinaryIO, offsets: array[int], end: int, scan:
             last = _read_record_line(file, offsets, index - 1, cut)
             end = cut
         scan.first_timestamp_ns = parse_timestamp(first["timestamp"])
-        scan.started_here = "sequence" in first
+        scan.first = FirstLine.of(first)
+        scan.started_here = scan.first is not None and scan.first.started_here
         scan.last_timestamp_ns = parse_timestamp(last["timestamp"])
         scan.head_id = str(last["id"])
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -344,7 +348,8 @@ def describe(path: Path, count: int, end: int, last_offset: int, marks: array[in
     if isinstance(batch_end, int) and batch_end > count:
         raise ValueError("ends inside a batch")
     scan.first_timestamp_ns = parse_timestamp(first["timestamp"])
-    scan.started_here = "sequence" in first
+    scan.first = FirstLine.of(first)
+    scan.started_here = scan.first is not None and scan.first.started_here
     scan.last_timestamp_ns = parse_timestamp(last["timestamp"])
     scan.head_id = str(last["id"])
     return scan
@@ -464,13 +469,16 @@ def _batch_cut_short(path: Path, start: int, tail: bytes) -> int | None:
 
 def index_lines(
     path: Path, start: tuple[int, int, int], insert: Callable[[list[Row]], None]
-) -> tuple[int, int, int]:
+) -> tuple[tuple[int, int, int], FirstLine | None]:
     """Index a session file's complete lines from `start` (byte offset, records before
     it, offset of the last of those) on, handing the rows to `insert` a block at a
     time. Returns where indexing stopped, in the same terms: at a line that is no
     record in its place, or before a batch whose last line is missing (never
-    acknowledged: start-up recovery or an operator cuts it off)."""
+    acknowledged: start-up recovery or an operator cuts it off); and, when indexing
+    started at the first record, what that record says of the file."""
     position, count, last = start
+    first: FirstLine | None = None
+    looking = count == 0
     done = (position, count, last)  # whole records and whole batches up to here
     held: list[Row] = []  # the rows of a batch not seen whole yet
     loads = orjson.loads
@@ -504,9 +512,11 @@ def index_lines(
                         if stated != count + 1 or type(stated) is not int:
                             raise TypeError  # a line out of place: reads say so
                         batch_end = obj.get("batch_end")
+                        if looking:
+                            first, looking = FirstLine.of(obj), False
                     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
                         insert(rows)
-                        return done
+                        return done, first
                     count += 1
                     if parent is not None and type(parent) is not str:
                         parent = None
@@ -527,4 +537,4 @@ def index_lines(
             insert(rows)
     if open_end is not None and done[0] > open_end:
         done = (open_end, done[1], done[2])
-    return done
+    return done, first

@@ -1,5 +1,9 @@
 """The JSONL store's index on disk: where each record id, each parent's children
-and every MARK_EVERY-th record of a session are, by session, sequence and byte offset.
+and every MARK_EVERY-th record of a session file are, by file, sequence and byte
+offset; and what each file's first record says of it (its session and branch).
+
+Files are named by their stem, the file name less `.jsonl` (the session id in the
+seed layout, `<session_id>__<branch_id>` in the branch layout; see `layout`).
 
 It lives in `<root>/.agentlog.index` (SQLite, the standard library's), so its
 memory stays bounded whatever the store's size. It is derived data: for each
@@ -27,10 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import orjson
+
+from agentlog._records import ForkedFrom
 from agentlog.server import metrics
 from agentlog.server._pauses import point
 from agentlog.server.jsonl.files import index_lines
 from agentlog.server.jsonl.keys import FilteredIds, KeyFilter, Row, key_of
+from agentlog.server.jsonl.layout import FirstLine
 
 log = logging.getLogger("agentlog.server")
 
@@ -40,7 +48,7 @@ INDEX_FILE = ".agentlog.index"
 MARK_EVERY = 64
 # How long acknowledged rows may wait in memory before they are written.
 FLUSH_SECONDS = 0.2
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
@@ -48,11 +56,12 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 CREATE TABLE IF NOT EXISTS files (
     session INTEGER PRIMARY KEY,
-    session_id TEXT NOT NULL UNIQUE,
+    stem TEXT NOT NULL UNIQUE,
     inode INTEGER NOT NULL,
     indexed_bytes INTEGER NOT NULL,
     indexed_records INTEGER NOT NULL,
-    last_offset INTEGER NOT NULL
+    last_offset INTEGER NOT NULL,
+    first_line TEXT
 );
 CREATE TABLE IF NOT EXISTS ids (
     key INTEGER NOT NULL,
@@ -85,11 +94,13 @@ _ROWS_A_TRANSACTION = 1 << 18
 class IndexedFile:
     """What the index holds of one session file."""
 
-    session: int  # the session's number in the index's tables
+    session: int  # the file's number in the index's tables
     inode: int
     size: int  # bytes indexed: every whole record line up to here
     records: int
     last_offset: int  # where the last indexed record starts
+    first: FirstLine | None = None
+    """What its first record says of it, once indexed."""
     ahead: tuple[int, int, int, int] | None = None
     """Rows of acknowledged appends that do not follow on from `size` (start, end,
     records, last offset): recorded while a catch-up or rebuild was reading the file's
@@ -115,14 +126,16 @@ class IndexedFile:
             self.extend(self.size, *ahead[1:])
 
     def copy(self) -> IndexedFile:
-        return IndexedFile(self.session, self.inode, self.size, self.records, self.last_offset)
+        return IndexedFile(
+            self.session, self.inode, self.size, self.records, self.last_offset, self.first
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Located:
     """Where a record is: found by its id's or its parent's key (confirm before use)."""
 
-    session_id: str
+    stem: str
     sequence: int
     offset: int
 
@@ -209,12 +222,14 @@ class StoreIndex(FilteredIds):
             opened.append(reader)
             files: dict[str, IndexedFile] = {}
             names: dict[int, str] = {}
-            for session, session_id, inode, size, records, last in db.execute(
-                "SELECT session, session_id, inode, indexed_bytes, indexed_records, last_offset "
-                "FROM files"
+            for session, stem, inode, size, records, last, first in db.execute(
+                "SELECT session, stem, inode, indexed_bytes, indexed_records, last_offset, "
+                "first_line FROM files"
             ):
-                files[session_id] = IndexedFile(session, inode, size, records, last)
-                names[session] = session_id
+                files[stem] = IndexedFile(
+                    session, inode, size, records, last, _first_from_text(first)
+                )
+                names[session] = stem
             # Session numbers are never reused: rows of a dropped file keep theirs.
             stored = db.execute("SELECT value FROM meta WHERE name = 'next_session'").fetchone()
         except sqlite3.DatabaseError:
@@ -263,11 +278,11 @@ class StoreIndex(FilteredIds):
                     self._shrunk = {}
                 self._open()
                 with self._lock:
-                    for session_id, (old, found) in cut.items():
-                        entry = self._new_entry(session_id, old.inode)
+                    for stem, (old, found) in cut.items():
+                        entry = self._new_entry(stem, old.inode)
                         entry.size, entry.records = old.size, old.records
-                        entry.last_offset = old.last_offset
-                        self._shrunk[session_id] = found
+                        entry.last_offset, entry.first = old.last_offset, old.first
+                        self._shrunk[stem] = found
                 point("index.rebuild.wiped")
                 self._catch_up_all(self._files_source())
         log.warning("%s: rebuilt", self._path)
@@ -295,77 +310,99 @@ class StoreIndex(FilteredIds):
 
     # --- what the index holds of files ---
 
-    def indexed(self, session_id: str) -> IndexedFile | None:
+    def indexed(self, stem: str) -> IndexedFile | None:
         with self._lock:
-            found = self._files.get(session_id)
+            found = self._files.get(stem)
             return None if found is None else found.copy()
 
-    def session_ids(self) -> list[str]:
+    def stems(self) -> list[str]:
         with self._lock:
             return list(self._files)
 
+    def first_lines(self) -> dict[str, FirstLine]:
+        """What the first record of each indexed file says of it."""
+        with self._lock:
+            return {s: e.first for s, e in self._files.items() if e.first is not None}
+
+    def first_line(self, stem: str) -> FirstLine | None:
+        with self._lock:
+            entry = self._files.get(stem)
+            return entry.first if entry is not None else None
+
     # --- acknowledged appends ---
 
-    def record(self, session_id: str, rows: list[Row], inode: int, size: int, last: int) -> None:
+    def record(
+        self,
+        stem: str,
+        rows: list[Row],
+        inode: int,
+        size: int,
+        last: int,
+        *,
+        first: FirstLine | None = None,
+    ) -> None:
         """Add an acknowledged append's rows; the file now has `size` bytes, its last
-        record (sequence `rows[-1][2]`) starting at byte `last`.
+        record (sequence `rows[-1][2]`) starting at byte `last`; `first`: what its
+        first record says (given with the append that wrote it).
 
         The entry advances only over lines that follow on from what it holds: an
         append acknowledged while a catch-up (or a rebuild) is still reading the
         file's earlier lines is kept `ahead`, joined when that catch-up commits, so
         the entry never claims lines whose rows the index does not hold."""
         with self._lock:
-            entry = self._files.get(session_id)
+            entry = self._files.get(stem)
             if entry is None or entry.inode != inode:
-                entry = self._new_entry(session_id, inode)
-            self._pending.setdefault(session_id, []).extend(rows)
+                entry = self._new_entry(stem, inode)
+            self._pending.setdefault(stem, []).extend(rows)
             self._add_keys([row[4] for row in rows])
             children = self._pending_children
             for _, parent_id, sequence, offset, _ in rows:
                 if parent_id is not None:
-                    children.setdefault(parent_id, []).append(Located(session_id, sequence, offset))
+                    children.setdefault(parent_id, []).append(Located(stem, sequence, offset))
             entry.extend(rows[0][3], size, rows[-1][2], last)
-            self._dirty.add(session_id)
+            if first is not None and entry.first is None:
+                entry.first = first
+            self._dirty.add(stem)
 
-    def cut_back(self, session_id: str, inode: int, size: int, records: int, last: int) -> None:
+    def cut_back(self, stem: str, inode: int, size: int, records: int, last: int) -> None:
         """The session's file was cut back to `size` bytes (its first `records` records,
         the last at `last`): lines written and never acknowledged were taken back. A
         catch-up may have indexed them meanwhile; the entry forgets them, or the file
         would seem to have shrunk behind agentlog's back."""
         with self._lock:
-            entry = self._files.get(session_id)
+            entry = self._files.get(stem)
             if entry is None or entry.inode != inode:
                 return
             if entry.size > size:
                 entry.size, entry.records, entry.last_offset = size, records, last
-                self._dirty.add(session_id)
+                self._dirty.add(stem)
             if entry.ahead is not None and entry.ahead[1] > size:
                 entry.ahead = None
 
-    def _new_entry(self, session_id: str, inode: int) -> IndexedFile:
+    def _new_entry(self, stem: str, inode: int) -> IndexedFile:
         """A fresh numbering for a session (hold the lock): rows of an earlier file
         of the same name keep their old number, which no longer names a file."""
-        old = self._files.get(session_id)
+        old = self._files.get(stem)
         if old is not None:
             self._names.pop(old.session, None)
         entry = IndexedFile(self._next_session, inode, 0, 0, 0)
         self._next_session += 1
-        self._files[session_id] = entry
-        self._names[entry.session] = session_id
-        self._drop_pending(session_id)
-        self._dirty.add(session_id)
+        self._files[stem] = entry
+        self._names[entry.session] = stem
+        self._drop_pending(stem)
+        self._dirty.add(stem)
         return entry
 
-    def _drop_pending(self, session_id: str) -> None:
-        self._unpend(session_id, self._pending.pop(session_id, []))
+    def _drop_pending(self, stem: str) -> None:
+        self._unpend(stem, self._pending.pop(stem, []))
 
-    def _unpend(self, session_id: str, rows: list[Row]) -> None:
+    def _unpend(self, stem: str, rows: list[Row]) -> None:
         """Take rows out of the in-memory lookup of children (hold the lock)."""
         children = self._pending_children
         for _, parent_id, sequence, _, _ in rows:
             if parent_id is None or (found := children.get(parent_id)) is None:
                 continue
-            found[:] = [x for x in found if x.sequence != sequence or x.session_id != session_id]
+            found[:] = [x for x in found if x.sequence != sequence or x.stem != stem]
             if not found:
                 del children[parent_id]
 
@@ -397,30 +434,30 @@ class StoreIndex(FilteredIds):
             if entries or gone:
                 started = time.perf_counter()
                 with _transaction(self._db) as db:
-                    for session_id, rows in pending.items():
-                        entry = entries.get(session_id)
+                    for stem, rows in pending.items():
+                        entry = entries.get(stem)
                         if entry is not None:
                             self._insert(entry.session, rows)
-                    for session_id, entry in entries.items():
-                        self._set(session_id, entry)
-                    for session_id in gone:
-                        db.execute("DELETE FROM files WHERE session_id = ?", (session_id,))
+                    for stem, entry in entries.items():
+                        self._set(stem, entry)
+                    for stem in gone:
+                        db.execute("DELETE FROM files WHERE stem = ?", (stem,))
                     db.execute(
                         "INSERT OR REPLACE INTO meta VALUES ('next_session', ?)", (next_session,)
                     )
                 metrics.INDEX_FLUSH_SECONDS.observe(time.perf_counter() - started)
         except BaseException:
             with self._lock:  # not written: they wait for the next flush
-                for session_id, rows in pending.items():
-                    self._pending[session_id] = rows + self._pending.get(session_id, [])
+                for stem, rows in pending.items():
+                    self._pending[stem] = rows + self._pending.get(stem, [])
                 self._dirty |= dirty
                 self._flushing = {}
             raise
         with self._lock:
             # Written: queries find them on disk now (they look in memory first).
             self._flushing = {}
-            for session_id, rows in pending.items():
-                self._unpend(session_id, rows)
+            for stem, rows in pending.items():
+                self._unpend(stem, rows)
 
     def _insert(self, session: int, rows: Iterable[Row], *, new_keys: bool = False) -> None:
         """Write rows (hold the write lock); `new_keys`: their ids are new to the filter."""
@@ -442,22 +479,30 @@ class StoreIndex(FilteredIds):
         db.executemany("INSERT OR REPLACE INTO children VALUES (?, ?, ?, ?)", children)
         db.executemany("INSERT OR REPLACE INTO marks VALUES (?, ?, ?)", marks)
 
-    def _set(self, session_id: str, entry: IndexedFile) -> None:
+    def _set(self, stem: str, entry: IndexedFile) -> None:
         self._db.execute(
-            "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET "
+            "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (stem) DO UPDATE SET "
             "session = excluded.session, inode = excluded.inode, "
             "indexed_bytes = excluded.indexed_bytes, indexed_records = excluded.indexed_records, "
-            "last_offset = excluded.last_offset",
-            (entry.session, session_id, entry.inode, entry.size, entry.records, entry.last_offset),
+            "last_offset = excluded.last_offset, first_line = excluded.first_line",
+            (
+                entry.session,
+                stem,
+                entry.inode,
+                entry.size,
+                entry.records,
+                entry.last_offset,
+                _first_to_text(entry.first),
+            ),
         )
 
     # --- files indexed from their bytes ---
 
-    def catch_up(self, session_id: str, path: Path) -> IndexedFile | None:
+    def catch_up(self, stem: str, path: Path) -> IndexedFile | None:
         """Index what the file holds beyond what was indexed (all of it if it shrank or
         was replaced); drop the session if the file is gone. Returns what is indexed:
         whole record lines up to the first that does not parse (reads report it)."""
-        return self.catch_up_all([(session_id, path)])[session_id]
+        return self.catch_up_all([(stem, path)])[stem]
 
     def catch_up_all(self, files: Iterable[tuple[str, Path]]) -> dict[str, IndexedFile | None]:
         """catch_up for many files, in transactions of many files each (at open). A
@@ -477,8 +522,8 @@ class StoreIndex(FilteredIds):
         written: list[tuple[str, IndexedFile]] = []
         rows = 0
         try:
-            for session_id, path in files:
-                current = self._look(session_id, path, indexed)
+            for stem, path in files:
+                current = self._look(stem, path, indexed)
                 point("index.catch_up.looked")
                 if current is None:
                     continue
@@ -488,10 +533,10 @@ class StoreIndex(FilteredIds):
                 try:
                     self._index_file(path, current)
                 except FileNotFoundError:  # removed since: look again
-                    self._look(session_id, path, indexed)
+                    self._look(stem, path, indexed)
                     continue
-                self._set(session_id, current)
-                written.append((session_id, current))
+                self._set(stem, current)
+                written.append((stem, current))
                 rows += current.records - before
                 if rows >= _ROWS_A_TRANSACTION:
                     point("index.catch_up.scanned")
@@ -510,7 +555,7 @@ class StoreIndex(FilteredIds):
         return indexed
 
     def _look(
-        self, session_id: str, path: Path, indexed: dict[str, IndexedFile | None]
+        self, stem: str, path: Path, indexed: dict[str, IndexedFile | None]
     ) -> IndexedFile | None:
         """Compare a file with its entry, at one moment (under the lock: an append's
         lines are written before its rows are recorded, under this lock, so the file is
@@ -522,46 +567,46 @@ class StoreIndex(FilteredIds):
                 stat = path.stat()
             except FileNotFoundError:
                 stat = None
-            entry = self._files.get(session_id)
+            entry = self._files.get(stem)
             if stat is None:
                 if entry is not None and entry.known_records > 0:
                     # Vanished: a file cut to nothing. Its ids stay known, and its
                     # session refuses reads and appends, rather than starting over.
-                    self._shrunk[session_id] = (entry.size, 0)
-                    indexed[session_id] = entry.copy()
+                    self._shrunk[stem] = (entry.size, 0)
+                    indexed[stem] = entry.copy()
                 else:
-                    self._forget(session_id)
-                    indexed[session_id] = None
+                    self._forget(stem)
+                    indexed[stem] = None
                 return None
             if entry is not None and entry.inode == stat.st_ino:
                 if stat.st_size < entry.size:
-                    self._shrunk[session_id] = (entry.size, stat.st_size)
-                    indexed[session_id] = entry.copy()
+                    self._shrunk[stem] = (entry.size, stat.st_size)
+                    indexed[stem] = entry.copy()
                     return None
             else:
-                entry = self._new_entry(session_id, stat.st_ino)
-            self._shrunk.pop(session_id, None)
-            indexed[session_id] = entry.copy()
+                entry = self._new_entry(stem, stat.st_ino)
+            self._shrunk.pop(stem, None)
+            indexed[stem] = entry.copy()
             return entry.copy() if stat.st_size != entry.size else None
 
-    def distrust(self, session_id: str, offset: int, records: int) -> None:
+    def distrust(self, stem: str, offset: int, records: int) -> None:
         """Vouch for a session's file only up to byte `offset`, its first `records`
         records: a damaged line starts there. Kept on disk, so the session stays
         sealed across restarts until the line is repaired (and indexed again)."""
         with self._lock:
-            entry = self._files.get(session_id)
+            entry = self._files.get(stem)
             if entry is None or entry.size <= offset:
                 return
             entry.size, entry.records = offset, min(entry.records, records)
             if entry.last_offset >= offset:
                 entry.last_offset = 0
-            self._dirty.add(session_id)
+            self._dirty.add(stem)
 
-    def shrunk(self, session_id: str) -> tuple[int, int] | None:
+    def shrunk(self, stem: str) -> tuple[int, int] | None:
         """(bytes indexed, bytes found) if the session's file was last found shorter
         than the index knew it: cut behind agentlog's back."""
         with self._lock:
-            return self._shrunk.get(session_id)
+            return self._shrunk.get(stem)
 
     def _commit_catch_up(
         self, written: list[tuple[str, IndexedFile]], indexed: dict[str, IndexedFile | None]
@@ -571,19 +616,22 @@ class StoreIndex(FilteredIds):
         )
         self._db.execute("COMMIT")
         with self._lock:
-            for session_id, current in written:
-                live = self._files.get(session_id)
+            for stem, current in written:
+                live = self._files.get(stem)
                 if live is None or live.session != current.session:
                     continue  # forgotten or replaced since: these rows name nothing
                 # Appends may have been acknowledged while the file was read: the entry
                 # joins what was read to what they recorded, never going back.
                 before = (live.size, live.records)
                 live.extend(0, current.size, current.records, current.last_offset)
-                if (live.size, live.records) != before or session_id in self._pending:
-                    self._dirty.add(session_id)
+                if live.first is None and current.first is not None:
+                    live.first = current.first
+                    self._dirty.add(stem)
+                if (live.size, live.records) != before or stem in self._pending:
+                    self._dirty.add(stem)
                 elif live.size == current.size:
-                    self._dirty.discard(session_id)  # written: no flush needed
-                indexed[session_id] = live.copy()
+                    self._dirty.discard(stem)  # written: no flush needed
+                indexed[stem] = live.copy()
             self._uncommitted_keys.clear()
 
     def _index_file(self, path: Path, entry: IndexedFile) -> None:
@@ -591,20 +639,22 @@ class StoreIndex(FilteredIds):
         updating `entry`."""
         start = (entry.size, entry.records, entry.last_offset)
         rows = functools.partial(self._insert, entry.session, new_keys=True)
-        entry.size, entry.records, entry.last_offset = index_lines(path, start, rows)
+        (entry.size, entry.records, entry.last_offset), first = index_lines(path, start, rows)
+        if first is not None:
+            entry.first = first
 
-    def forget(self, session_id: str) -> None:
+    def forget(self, stem: str) -> None:
         """Drop what is indexed of a session whose file is gone."""
         with self._lock:
-            self._forget(session_id)
+            self._forget(stem)
 
-    def _forget(self, session_id: str) -> None:
-        entry = self._files.pop(session_id, None)
+    def _forget(self, stem: str) -> None:
+        entry = self._files.pop(stem, None)
         if entry is not None:
             self._names.pop(entry.session, None)
-            self._drop_pending(session_id)
-            self._dirty.add(session_id)
-        self._shrunk.pop(session_id, None)
+            self._drop_pending(stem)
+            self._dirty.add(stem)
+        self._shrunk.pop(stem, None)
 
     # --- queries ---
 
@@ -627,10 +677,10 @@ class StoreIndex(FilteredIds):
             # Rows not on disk yet (rare: the filter let few ids through).
             wanted = {record_id for same_key in by_key.values() for record_id in same_key}
             for pending in (self._pending, self._flushing):
-                for session_id, rows in pending.items():
+                for stem, rows in pending.items():
                     for record_id, _, sequence, offset, _ in rows:
                         if record_id in wanted:
-                            where = Located(session_id, sequence, offset)
+                            where = Located(stem, sequence, offset)
                             found.setdefault(record_id, []).append(where)
         for key, session, sequence, offset in self._query(
             "SELECT key, session, sequence, offset FROM ids WHERE key IN ", list(by_key)
@@ -650,31 +700,29 @@ class StoreIndex(FilteredIds):
             [key_of(parent_id)],
         ):
             self._add_found(found, parent_id, session, sequence, offset)
-        unique = {(c.session_id, c.sequence): c for c in found[parent_id]}
-        return sorted(unique.values(), key=lambda c: (c.session_id.encode(), c.sequence))
+        unique = {(c.stem, c.sequence): c for c in found[parent_id]}
+        return sorted(unique.values(), key=lambda c: (c.stem.encode(), c.sequence))
 
     def _add_found(
         self, found: dict[str, list[Located]], name: str, session: int, sequence: int, offset: int
     ) -> None:
         with self._lock:
-            session_id = self._names.get(session)
-            entry = self._files.get(session_id) if session_id is not None else None
+            stem = self._names.get(session)
+            entry = self._files.get(stem) if stem is not None else None
             known = entry.known_records if entry is not None else 0
         # Rows of a file since replaced, or beyond what is indexed now (a file
         # cut short since), name nothing.
-        if session_id is not None and sequence <= known:
-            found.setdefault(name, []).append(Located(session_id, sequence, offset))
+        if stem is not None and sequence <= known:
+            found.setdefault(name, []).append(Located(stem, sequence, offset))
 
-    def marks(self, session_id: str) -> array[int]:
+    def marks(self, stem: str) -> array[int]:
         """Byte offsets of records 1, 1 + MARK_EVERY, ... as far as the file is indexed."""
         with self._lock:
-            entry = self._files.get(session_id)
+            entry = self._files.get(stem)
             if entry is None:
                 return array("Q")
             session, records = entry.session, entry.records
-            found = {
-                r[2]: r[3] for r in self._pending.get(session_id, ()) if r[2] % MARK_EVERY == 1
-            }
+            found = {r[2]: r[3] for r in self._pending.get(stem, ()) if r[2] % MARK_EVERY == 1}
 
         def query() -> list[tuple[int, int]]:
             with self._read_lock:
@@ -719,6 +767,38 @@ class StoreIndex(FilteredIds):
             self._save_filter()
         with self._write_lock, self._read_lock:
             self._close_connections()
+
+
+def _first_to_text(first: FirstLine | None) -> str | None:
+    if first is None:
+        return None
+    forked = first.forked_from
+    return orjson.dumps(
+        {
+            "session_id": first.session_id,
+            "branch_id": first.branch_id,
+            "started_here": first.started_here,
+            "forked_from": None
+            if forked is None
+            else [forked.session_id, forked.branch_id, forked.sequence],
+        }
+    ).decode()
+
+
+def _first_from_text(text: str | None) -> FirstLine | None:
+    if text is None:
+        return None
+    try:
+        obj = orjson.loads(text)
+        forked = obj["forked_from"]
+        return FirstLine(
+            obj["session_id"],
+            obj["branch_id"],
+            None if forked is None else ForkedFrom(*forked),
+            bool(obj["started_here"]),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """The JSONL SessionRepository: arcan's on-disk format, one file per session.
 
-`<root>/<session_id>.jsonl` holds one arcan EventRecord per line. A directory
+`<root>/<stem>.jsonl` holds one arcan EventRecord per line. A directory
 written by arcan is served as it is, and every line appended here is a line
 arcan reads; agentlog adds the field `sequence`, which arcan's readers ignore.
 A record's sequence is its position among the file's non-blank lines, so
@@ -47,6 +47,8 @@ from agentlog.errors import (
 )
 from agentlog.server._listing import PageTokens
 from agentlog.server.jsonl._commit import Staging, Written, finish
+from agentlog.server.jsonl._fork import Forks
+from agentlog.server.jsonl._reader import decoders
 from agentlog.server.jsonl._state import (
     CLEAN_FILE,
     MAX_CACHED_SESSIONS,
@@ -54,7 +56,6 @@ from agentlog.server.jsonl._state import (
     SessionState,
     file_identity,
 )
-from agentlog.server.jsonl._sync import SyncLoops
 from agentlog.server.jsonl.durability import Syncer, SyncPolicy, fsync_path
 from agentlog.server.jsonl.feed import FEED_FILE, Feed
 from agentlog.server.jsonl.files import (
@@ -63,6 +64,7 @@ from agentlog.server.jsonl.files import (
     page_token_key,
 )
 from agentlog.server.jsonl.index import StoreIndex
+from agentlog.server.jsonl.layout import Layout, choose_layout
 
 if TYPE_CHECKING:
     from agentlog.server.backend import Backend
@@ -70,7 +72,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentlog.server")
 
 
-class JsonlSessionRepository(SyncLoops):
+class JsonlSessionRepository(Forks):
     """Sessions as arcan JSONL files under one directory.
 
     `sync` says when appends reach the disk (`agentlog.server.SyncPolicy`):
@@ -79,7 +81,9 @@ class JsonlSessionRepository(SyncLoops):
     True and False mean "always" and "never". `use_syncfs` picks how a sync is
     done (None: syncfs(2) where the kernel reports its errors; see `Syncer`).
     `clock` gives records their timestamps (nanoseconds since the epoch); a
-    session's never go backwards, whatever it says.
+    branch's never go backwards, whatever it says. `layout` is the layout of a new
+    directory ("seed" or "branches", see `layout`; None: seed); an existing one's
+    is read from its files, and one that differs from `layout` is refused.
     """
 
     def __init__(
@@ -91,8 +95,15 @@ class JsonlSessionRepository(SyncLoops):
         use_syncfs: bool | None = None,
         clock: Callable[[], int] = time.time_ns,
         read_only: bool = False,
+        layout: Layout | str | None = None,
     ) -> None:
         super().__init__()
+        try:
+            asked = Layout(layout) if layout is not None else None
+        except ValueError:
+            raise InvalidArgumentError(
+                f"layout must be one of {', '.join(Layout)}, not {layout!r}", field="layout"
+            ) from None
         self.clock = clock
         self.read_only = read_only
         self.root = Path(root).resolve()
@@ -125,6 +136,8 @@ class JsonlSessionRepository(SyncLoops):
             # they are (reads stop before them), the index lives in a directory of its
             # own for the store's lifetime, and the feed is only read.
             self.recovered = [] if read_only else self._recover_tails()
+            if not read_only:
+                self._remove_partial_forks()
             self._feed = Feed(self.root / FEED_FILE, read_only=read_only)
             undo.callback(self._feed.close)
             self._index_dir: tempfile.TemporaryDirectory[str] | None = None
@@ -132,9 +145,9 @@ class JsonlSessionRepository(SyncLoops):
                 self._index_dir = tempfile.TemporaryDirectory(prefix="agentlog-index-")
                 undo.callback(self._index_dir.cleanup)
             index_root = Path(self._index_dir.name) if self._index_dir else self.root
-            self._index = StoreIndex(index_root, files=self._session_files)
+            self._index = StoreIndex(index_root, files=self._stem_files)
             undo.callback(self._index.close)
-            present = self._sessions_in_order()
+            present = self._stems_in_order()
             # Files the index knows that are gone stay known (a file cut to nothing: its
             # session is refused, not started over; see StoreIndex._look).
             for path in self.recovered_sessions:
@@ -151,6 +164,16 @@ class JsonlSessionRepository(SyncLoops):
                     exc,
                 )
             self._index.filter_indexed()
+            on_disk = set(present)
+            self.layout = choose_layout(
+                self.root,
+                ((s, first) for s, first in self._index.first_lines().items() if s in on_disk),
+                asked,
+                keep=not read_only,
+            )
+            self._branches = self.layout is Layout.BRANCHES
+            self._records, self._fields = decoders(self._branches)
+            self._places = None
             if not read_only:
                 self._check_feed()
             self._builders: dict[str, threading.Lock] = {}
@@ -236,8 +259,8 @@ class JsonlSessionRepository(SyncLoops):
         except OSError as exc:
             log.error("%s: the last sync failed: %s", self.root, exc)
             clean = False
-        for session_id in list(self._files):
-            self._close_file(session_id)
+        for stem in list(self._files):
+            self._close_file(stem)
         self._feed.close()
         self._index.close()
         self._syncer.close()

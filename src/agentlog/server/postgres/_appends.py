@@ -44,8 +44,8 @@ MAX_BIGINT = 2**63 - 1
 # Parameters in binary (%b): a third of the time text arrays of bytes take.
 _APPEND_SQL = (
     "SELECT outcome, first_sequence, first_position, stored_ns FROM agentlog_append("
-    "%b::text[], %b::bigint[], %b::integer[], %b::bigint[], %b::integer[], %b::text[], "
-    "%b::bytea[], %b::bytea[], %b::bigint)"
+    "%b::text[], %b::text[], %b::bigint[], %b::integer[], %b::bigint[], %b::integer[], "
+    "%b::text[], %b::bytea[], %b::bytea[], %b::bigint)"
 )
 STORED, KNOWN, NOT_EXPECTED = 0, 1, 2
 
@@ -101,7 +101,7 @@ class GroupCommit:
         pool: psycopg_pool.AsyncConnectionPool[Any],
         *,
         stored: Callable[[Appended, int], None],
-        read_records: Callable[[str, int, int], Awaitable[list[EventRecord]]],
+        read_records: Callable[[str, int, int, str], Awaitable[list[EventRecord]]],
         spawn: Callable[[Any], None],
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
@@ -166,12 +166,22 @@ class GroupCommit:
         ):
             append = encoded.append
             if outcome == STORED:
-                appended = Appended(append.session_id, append.batch, first_sequence, stored_ns)
+                appended = Appended(
+                    append.session_id,
+                    append.batch,
+                    first_sequence,
+                    stored_ns,
+                    branch_id=append.branch_id,
+                )
                 self._stored(appended, first_position)
                 answers.append(appended)
             elif outcome == NOT_EXPECTED:
                 expected = append.expected if append.expected is not None else 0
-                answers.append(wrong_expected_sequence(append.session_id, expected, first_sequence))
+                answers.append(
+                    wrong_expected_sequence(
+                        append.session_id, expected, first_sequence, append.branch_id
+                    )
+                )
             else:  # KNOWN: ids already stored, a retry or a conflict
                 try:
                     answers.append(await self._known(append, first_sequence))
@@ -180,7 +190,7 @@ class GroupCommit:
         return answers
 
     async def _call_append(self, group: list[_Encoded]) -> list[tuple[int, int, int, int]]:
-        sessions, expected, counts, kept = [], [], [], []
+        sessions, branches, expected, counts, kept = [], [], [], [], []
         append_of: list[int] = []
         ids: list[str] = []
         parents: list[bytes | None] = []
@@ -188,6 +198,7 @@ class GroupCommit:
         for number, encoded in enumerate(group, 1):
             append = encoded.append
             sessions.append(append.session_id)
+            branches.append(append.branch_id)
             expected.append(encoded.expected)
             counts.append(len(append.batch))
             kept.append(append.timestamp_ns)
@@ -197,6 +208,7 @@ class GroupCommit:
             events.extend(encoded.events)
         params = (
             sessions,
+            branches,
             expected,
             counts,
             kept,
@@ -223,14 +235,16 @@ class GroupCommit:
                 binary=True,
             )
             found = [record_of(row) for row in await cursor.fetchall()]
-        session_id = append.session_id
+        place = (append.session_id, append.branch_id)
         # "The same content" as the JSONL store decides it: parent and event, re-encoded.
         here = {
             r.id: (r.sequence, content_digest(r.parent_id, event_to_json(r.event)))
             for r in found
-            if r.session_id == session_id
+            if (r.session_id, r.branch_id) == place
         }
-        there = {r.id: r.session_id for r in found if r.session_id != session_id}
+        there = {
+            r.id: (r.session_id, r.branch_id) for r in found if (r.session_id, r.branch_id) != place
+        }
         stored = check_append(
             append.session_id,
             append.batch,
@@ -238,10 +252,13 @@ class GroupCommit:
             last_sequence,
             stored=here.get,
             elsewhere=lambda wanted: {i: there[i] for i in wanted if i in there},
+            branch_id=append.branch_id,
         )
         if stored is None:  # cannot happen: an id was found, so check_append raised or matched
             raise ServerError("an append found its ids stored, then not")
-        records = await self._read_records(append.session_id, stored[0], len(stored))
+        records = await self._read_records(
+            append.session_id, stored[0], len(stored), append.branch_id
+        )
         return Appended.stored(append.session_id, append.batch, records)
 
     # -- reads ----------------------------------------------------------------

@@ -124,15 +124,18 @@ class FeedListener:
 
     def _notified(self, payload: str) -> None:
         try:
-            first_text, last_text, sequence_text, session_id = payload.split(" ", 3)
+            # "first last last_sequence branch_length branch||session" (see _schema)
+            first_text, last_text, sequence_text, length_text, names = payload.split(" ", 4)
             first, last, sequence = int(first_text), int(last_text), int(sequence_text)
+            length = int(length_text)
+            branch_id, session_id = names[:length], names[length:]
         except ValueError:
             log.warning("ignoring a notification not from agentlog: %.80r", payload)
             return
         if first in self._local:
             self._local.discard(first)
         else:
-            self._announce(Growth(session_id, sequence, first, last))
+            self._announce(Growth(session_id, sequence, first, last, branch_id=branch_id))
         self.note(first, last)
 
     async def _poll(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
@@ -146,12 +149,14 @@ class FeedListener:
         if last <= self.heard:
             return
         summaries = await conn.execute(
-            "SELECT session_id, max(sequence), min(position), max(position)"
+            "SELECT session_id, branch_id, max(sequence), min(position), max(position)"
             " FROM agentlog_events WHERE position > %s AND position <= %s"
-            " GROUP BY session_id ORDER BY min(position)",
+            " GROUP BY session_id, branch_id ORDER BY min(position)",
             (self.heard, last),
         )
-        for session_id, sequence, first, end in await summaries.fetchall():
-            self._announce(Growth(str(session_id), int(sequence), int(first), int(end)))
+        for session_id, branch_id, sequence, first, end in await summaries.fetchall():
+            self._announce(
+                Growth(str(session_id), int(sequence), int(first), int(end), branch_id=branch_id)
+            )
         self.heard = last
         self._ahead = {f: e for f, e in self._ahead.items() if f > last}

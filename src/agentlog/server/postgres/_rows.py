@@ -16,18 +16,19 @@ from agentlog._codec import EVENT_PATHS, event_from_json, make_record, record_fi
 from agentlog._plans import DecodeError
 from agentlog._records import EventRecord, StoredRecord
 from agentlog.errors import DataLossError
+from agentlog.server._rules import named
 
 # The columns every read selects, in this order (`position` first for the feed).
-RECORD_COLUMNS = "session_id, sequence, id, parent_id, timestamp_ns, event"
-Row = tuple[str, int, str, bytes | None, int, bytes]
+RECORD_COLUMNS = "session_id, sequence, id, parent_id, timestamp_ns, event, branch_id"
+Row = tuple[str, int, str, bytes | None, int, bytes, str]
 
 
 def _damaged(row: Sequence[Any], problem: object) -> DataLossError:
     return DataLossError(
-        f"session {row[0]!r}: the record at sequence {row[1]} in PostgreSQL does not "
-        f"decode ({problem}); it was changed outside agentlog",
+        f"session {named(row[0], row[6])}: the record at sequence {row[1]} in PostgreSQL "
+        f"does not decode ({problem}); it was changed outside agentlog",
         reason="DAMAGED_RECORD",
-        metadata={"session_id": str(row[0]), "sequence": str(row[1])},
+        metadata={"session_id": str(row[0]), "branch_id": str(row[6]), "sequence": str(row[1])},
     )
 
 
@@ -37,7 +38,7 @@ def _parent(raw: bytes | None) -> str | None:
 
 def record_of(row: Sequence[Any]) -> EventRecord:
     """The record a row (RECORD_COLUMNS) holds; DataLossError if it does not decode."""
-    session_id, sequence, record_id, parent, timestamp_ns, event = row
+    session_id, sequence, record_id, parent, timestamp_ns, event, branch_id = row
     try:
         return make_record(
             record_id,
@@ -46,6 +47,7 @@ def record_of(row: Sequence[Any]) -> EventRecord:
             _parent(parent),
             timestamp_ns,
             event_from_json(orjson.loads(event)),
+            branch_id,
         )
     except (DecodeError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _damaged(row, exc) from None
@@ -53,7 +55,7 @@ def record_of(row: Sequence[Any]) -> EventRecord:
 
 def stored_of(row: Sequence[Any]) -> StoredRecord:
     """A row as stored, its event as parsed JSON (see `Backend.read_stored`)."""
-    session_id, sequence, record_id, parent, timestamp_ns, event = row
+    session_id, sequence, record_id, parent, timestamp_ns, event, branch_id = row
     try:
         event_json = orjson.loads(event)
         if type(event_json) is not dict or type(event_json.get("part_type")) is not str:
@@ -61,12 +63,14 @@ def stored_of(row: Sequence[Any]) -> StoredRecord:
         parent_id = _parent(parent)
     except (DecodeError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _damaged(row, exc) from None
-    return StoredRecord(record_id, session_id, sequence, parent_id, timestamp_ns, event_json)
+    return StoredRecord(
+        record_id, session_id, sequence, parent_id, timestamp_ns, event_json, branch_id
+    )
 
 
 def message_fields_of(row: Sequence[Any]) -> dict[str, Any]:
     """The fields of the EventRecord message for a row, as its constructor takes them."""
-    session_id, sequence, record_id, parent, timestamp_ns, event = row
+    session_id, sequence, record_id, parent, timestamp_ns, event, branch_id = row
     try:
         obj = orjson.loads(event)
         part_type = obj.get("part_type") if type(obj) is dict else None
@@ -87,6 +91,7 @@ def message_fields_of(row: Sequence[Any]) -> dict[str, Any]:
         session_id=session_id,
         parent_id=parent_id,
         timestamp_ns=timestamp_ns,
+        branch_id=branch_id,
     )
 
 

@@ -153,6 +153,198 @@ END
 $$;
 """,
     ),
+    (
+        2,
+        r"""
+-- Branches: every record belongs to a branch of its session ("main" unless named),
+-- and sequences are counted per branch.
+ALTER TABLE agentlog_events ADD COLUMN branch_id text COLLATE "C" NOT NULL DEFAULT 'main';
+ALTER TABLE agentlog_events DROP CONSTRAINT agentlog_events_session_id_sequence_key;
+ALTER TABLE agentlog_events ADD CONSTRAINT agentlog_events_branch_sequence
+    UNIQUE (session_id, branch_id, sequence);
+DROP INDEX agentlog_events_children;
+CREATE INDEX agentlog_events_children
+    ON agentlog_events (parent_id, session_id, branch_id, sequence) WHERE parent_id IS NOT NULL;
+
+-- One row per branch, for ListSessions and for the append's checks; where a forked
+-- branch came from.
+CREATE TABLE agentlog_branches (
+    session_id text COLLATE "C" NOT NULL,
+    branch_id text COLLATE "C" NOT NULL,
+    last_sequence bigint NOT NULL,
+    first_timestamp_ns bigint NOT NULL,
+    last_timestamp_ns bigint NOT NULL,
+    head_id text NOT NULL,
+    forked_from_session text COLLATE "C",
+    forked_from_branch text COLLATE "C",
+    forked_from_sequence bigint,
+    PRIMARY KEY (session_id, branch_id)
+);
+INSERT INTO agentlog_branches
+    (session_id, branch_id, last_sequence, first_timestamp_ns, last_timestamp_ns, head_id)
+SELECT session_id, 'main', last_sequence, first_timestamp_ns, last_timestamp_ns, head_id
+FROM agentlog_sessions;
+DROP TABLE agentlog_sessions;
+
+-- As in version 1, with each append's branch (p_branches) beside its session. The
+-- notification names the branch too: "first last last_sequence branch_length
+-- branch||session" (ids may hold spaces; the length says where the branch ends).
+DROP FUNCTION agentlog_append(text[], bigint[], integer[], bigint[], integer[], text[],
+                              bytea[], bytea[], bigint);
+CREATE FUNCTION agentlog_append(
+    p_sessions text[], p_branches text[], p_expected bigint[], p_counts integer[],
+    p_kept_ns bigint[], p_append_of integer[], p_ids text[], p_parents bytea[],
+    p_events bytea[], p_now_ns bigint
+) RETURNS TABLE (outcome smallint, first_sequence bigint, first_position bigint, stored_ns bigint)
+LANGUAGE plpgsql SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off AS $$
+DECLARE
+    v_position bigint;
+    v_known integer[];
+    v_count integer;
+    v_last bigint;
+    v_last_ns bigint;
+    v_ns bigint;
+    v_session text;
+    v_branch text;
+    v_heads text[];
+    v_stored integer[] := '{}';
+    v_first_positions bigint[] := '{}';
+    v_first_sequences bigint[] := '{}';
+    v_timestamps bigint[] := '{}';
+BEGIN
+    SELECT m.last_position INTO v_position FROM agentlog_meta m WHERE m.singleton FOR UPDATE;
+    SELECT coalesce(array_agg(DISTINCT u.a), '{}') INTO v_known
+        FROM unnest(p_append_of, p_ids) AS u(a, id)
+        WHERE u.id = ANY (ARRAY(SELECT e.id FROM agentlog_events e WHERE e.id = ANY (p_ids)));
+    SELECT array_agg(u.id ORDER BY u.a) INTO v_heads FROM (
+        SELECT DISTINCT ON (a) a, id FROM unnest(p_append_of, p_ids) WITH ORDINALITY AS x(a, id, k)
+        ORDER BY a, k DESC) AS u;
+    FOR i IN 1 .. coalesce(array_length(p_sessions, 1), 0) LOOP
+        v_session := p_sessions[i];
+        v_branch := p_branches[i];
+        v_count := p_counts[i];
+        SELECT b.last_sequence, b.last_timestamp_ns INTO v_last, v_last_ns
+            FROM agentlog_branches b WHERE b.session_id = v_session AND b.branch_id = v_branch;
+        IF NOT FOUND THEN
+            v_last := 0;
+            v_last_ns := 0;
+        END IF;
+        IF i = ANY (v_known) THEN
+            outcome := 1; first_sequence := v_last; first_position := 0; stored_ns := 0;
+        ELSIF p_expected[i] IS NOT NULL AND p_expected[i] <> v_last THEN
+            outcome := 2; first_sequence := v_last; first_position := 0; stored_ns := 0;
+        ELSE
+            v_ns := coalesce(p_kept_ns[i], greatest(p_now_ns, v_last_ns));
+            v_stored := v_stored || i;
+            v_first_positions := v_first_positions || (v_position + 1);
+            v_first_sequences := v_first_sequences || (v_last + 1);
+            v_timestamps := v_timestamps || v_ns;
+            INSERT INTO agentlog_branches AS b (session_id, branch_id, last_sequence,
+                                                first_timestamp_ns, last_timestamp_ns, head_id)
+            VALUES (v_session, v_branch, v_last + v_count, v_ns, v_ns, v_heads[i])
+            ON CONFLICT (session_id, branch_id) DO UPDATE SET
+                last_sequence = excluded.last_sequence,
+                last_timestamp_ns = excluded.last_timestamp_ns,
+                head_id = excluded.head_id;
+            PERFORM pg_notify('agentlog_feed', concat_ws(' ', v_position + 1, v_position + v_count,
+                                                         v_last + v_count, length(v_branch),
+                                                         v_branch || v_session));
+            outcome := 0; first_sequence := v_last + 1; first_position := v_position + 1;
+            stored_ns := v_ns;
+            v_position := v_position + v_count;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    INSERT INTO agentlog_events (position, session_id, branch_id, sequence, id, parent_id,
+                                 timestamp_ns, event)
+    SELECT d.first_position + (u.k - f.k), p_sessions[d.a], p_branches[d.a],
+           d.first_sequence + (u.k - f.k), u.id, u.parent, d.ns, u.event
+    FROM unnest(v_stored, v_first_positions, v_first_sequences, v_timestamps)
+             AS d(a, first_position, first_sequence, ns)
+    JOIN (SELECT x.a, min(x.k) AS k FROM unnest(p_append_of) WITH ORDINALITY AS x(a, k)
+          GROUP BY x.a) AS f ON f.a = d.a
+    JOIN unnest(p_append_of, p_ids, p_parents, p_events)
+             WITH ORDINALITY AS u(a, id, parent, event, k) ON u.a = d.a;
+    UPDATE agentlog_meta SET last_position = v_position WHERE singleton;
+END
+$$;
+
+-- A fork: records 1..p_up_to of a branch copied into a new branch, with new ids
+-- (random version 4 UUIDs) and parents inside the copied records re-pointed to
+-- the copies. The copies are made first, in a table of this transaction only;
+-- then, under the feed's counter lock, the new branch is claimed (outcome 3 if it
+-- exists), given positions, and its rows inserted. Outcomes: 0 made, 1 the source
+-- lacks p_up_to (last_sequence says where it ends), 2 p_expected does not hold,
+-- 3 the new branch exists.
+CREATE FUNCTION agentlog_fork(
+    p_session text, p_branch text, p_up_to bigint, p_expected bigint,
+    p_new_session text, p_new_branch text
+) RETURNS TABLE (outcome smallint, last_sequence bigint, first_position bigint,
+                 first_ns bigint, last_ns bigint, head_id text)
+LANGUAGE plpgsql SET jit = off AS $$
+DECLARE
+    v_last bigint;
+    v_position bigint;
+    v_first_ns bigint;
+    v_last_ns bigint;
+    v_head text;
+BEGIN
+    SELECT b.last_sequence INTO v_last FROM agentlog_branches b
+        WHERE b.session_id = p_session AND b.branch_id = p_branch;
+    v_last := coalesce(v_last, 0);
+    IF p_expected IS NOT NULL AND p_expected <> v_last THEN
+        RETURN QUERY SELECT 2::smallint, v_last, 0::bigint, 0::bigint, 0::bigint, ''::text;
+        RETURN;
+    END IF;
+    IF v_last < p_up_to THEN
+        RETURN QUERY SELECT 1::smallint, v_last, 0::bigint, 0::bigint, 0::bigint, ''::text;
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT 1 FROM agentlog_branches b
+               WHERE b.session_id = p_new_session AND b.branch_id = p_new_branch) THEN
+        RETURN QUERY SELECT 3::smallint, v_last, 0::bigint, 0::bigint, 0::bigint, ''::text;
+        RETURN;
+    END IF;
+    CREATE TEMP TABLE agentlog_fork_ids ON COMMIT DROP AS
+        SELECT convert_to(e.id, 'UTF8') AS old_id, gen_random_uuid()::text AS new_id
+        FROM agentlog_events e
+        WHERE e.session_id = p_session AND e.branch_id = p_branch AND e.sequence <= p_up_to;
+    CREATE TEMP TABLE agentlog_fork_rows ON COMMIT DROP AS
+        SELECT e.sequence, m.new_id AS id,
+               coalesce(convert_to(pm.new_id, 'UTF8'), e.parent_id) AS parent_id,
+               e.timestamp_ns, e.event
+        FROM agentlog_events e
+        JOIN agentlog_fork_ids m ON m.old_id = convert_to(e.id, 'UTF8')
+        LEFT JOIN agentlog_fork_ids pm ON pm.old_id = e.parent_id
+        WHERE e.session_id = p_session AND e.branch_id = p_branch AND e.sequence <= p_up_to;
+    SELECT min(r.timestamp_ns), max(r.timestamp_ns) INTO v_first_ns, v_last_ns
+        FROM agentlog_fork_rows r;
+    SELECT r.id INTO v_head FROM agentlog_fork_rows r WHERE r.sequence = p_up_to;
+    SELECT m.last_position INTO v_position FROM agentlog_meta m WHERE m.singleton FOR UPDATE;
+    INSERT INTO agentlog_branches (session_id, branch_id, last_sequence, first_timestamp_ns,
+                                   last_timestamp_ns, head_id, forked_from_session,
+                                   forked_from_branch, forked_from_sequence)
+    VALUES (p_new_session, p_new_branch, p_up_to, v_first_ns, v_last_ns, v_head,
+            p_session, p_branch, p_up_to)
+    ON CONFLICT (session_id, branch_id) DO NOTHING;
+    IF NOT FOUND THEN  -- made meanwhile, by an append or another fork
+        RETURN QUERY SELECT 3::smallint, v_last, 0::bigint, 0::bigint, 0::bigint, ''::text;
+        RETURN;
+    END IF;
+    INSERT INTO agentlog_events (position, session_id, branch_id, sequence, id, parent_id,
+                                 timestamp_ns, event)
+    SELECT v_position + r.sequence, p_new_session, p_new_branch, r.sequence, r.id,
+           r.parent_id, r.timestamp_ns, r.event
+    FROM agentlog_fork_rows r;
+    UPDATE agentlog_meta SET last_position = v_position + p_up_to WHERE singleton;
+    PERFORM pg_notify('agentlog_feed', concat_ws(' ', v_position + 1, v_position + p_up_to,
+                                                 p_up_to, length(p_new_branch),
+                                                 p_new_branch || p_new_session));
+    RETURN QUERY SELECT 0::smallint, p_up_to, v_position + 1, v_first_ns, v_last_ns, v_head;
+END
+$$;
+""",
+    ),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,20 +25,33 @@ import psycopg_pool
 from psycopg.conninfo import make_conninfo
 
 from agentlog._events import ReadDirection
-from agentlog._records import EventRecord, FeedGap, FeedRecord, SessionInfo, StoredRecord
+from agentlog._records import (
+    BranchInfo,
+    EventRecord,
+    FeedGap,
+    FeedRecord,
+    ForkedFrom,
+    SessionInfo,
+    StoredRecord,
+)
 from agentlog._validation import (
+    MAIN,
     check_count,
     check_parent_query,
+    check_stored_branch_id,
     check_stored_session_id,
 )
 from agentlog.errors import DataLossError, ServerError, UnavailableError
 from agentlog.server import _rules, metrics
+from agentlog.server._forks import ForkPlan, branch_exists, source_too_short
 from agentlog.server._listing import PageTokens, SessionList, SessionQuery, prefix_end
 from agentlog.server._rules import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
     Appended,
     PendingAppend,
+    Place,
+    wrong_expected_sequence,
 )
 from agentlog.server._tracing import store_span
 from agentlog.server.backend import Backend, Growth, GrowthListener, StoreFigures
@@ -106,7 +120,7 @@ class PostgresBackend(Backend):
         self._pool = pool
         self._page_tokens = PageTokens(page_key)
         self._listener: GrowthListener | None = None
-        self._following: Callable[[str], bool] | None = None
+        self._following: Callable[[Place], bool] | None = None
         self._stopping = False
         self._available = True
         self._availability: list[Callable[[bool], None]] = []
@@ -223,19 +237,19 @@ class PostgresBackend(Backend):
     # -- live -----------------------------------------------------------------
 
     def watch(
-        self, listener: GrowthListener, following: Callable[[str], bool] | None = None
+        self, listener: GrowthListener, following: Callable[[Place], bool] | None = None
     ) -> None:
         self._listener, self._following = listener, following
 
-    def _listener_for(self, session_id: str) -> GrowthListener | None:
-        """The listener, if anyone follows the session (or the feed)."""
+    def _listener_for(self, place: Place) -> GrowthListener | None:
+        """The listener, if anyone follows the branch (or the feed)."""
         listener = self._listener
-        if listener is None or (self._following is not None and not self._following(session_id)):
+        if listener is None or (self._following is not None and not self._following(place)):
             return None
         return listener
 
     def _announce(self, growth: Growth) -> None:
-        listener = self._listener_for(growth.session_id)
+        listener = self._listener_for(growth.place)
         if listener is not None:
             listener(growth)
 
@@ -254,7 +268,7 @@ class PostgresBackend(Backend):
         """Announce an append stored here, records at hand, before its caller hears."""
         last_position = first_position + len(appended.batch) - 1
         self._feed.note(first_position, last_position, local=True)
-        listener = self._listener_for(appended.session_id)
+        listener = self._listener_for((appended.session_id, appended.branch_id))
         if listener is None:
             return  # nobody follows it: its records need not be built
         listener(
@@ -264,6 +278,7 @@ class PostgresBackend(Backend):
                 first_position,
                 last_position,
                 appended.records(),
+                appended.branch_id,
             )
         )
 
@@ -282,9 +297,10 @@ class PostgresBackend(Backend):
             rows: list[Any] = await cursor.fetchall()
             return rows
 
-    async def _last_sequence(self, session_id: str) -> int:
+    async def _last_sequence(self, session_id: str, branch_id: str) -> int:
         rows = await self._fetch(
-            "SELECT last_sequence FROM agentlog_sessions WHERE session_id = %s", (session_id,)
+            "SELECT last_sequence FROM agentlog_branches WHERE session_id = %s AND branch_id = %s",
+            (session_id, branch_id),
         )
         return int(rows[0][0]) if rows else 0
 
@@ -295,21 +311,24 @@ class PostgresBackend(Backend):
         from_sequence: int = 0,
         limit: int | None = None,
         direction: ReadDirection = ReadDirection.FORWARDS,
+        branch_id: str = MAIN,
     ) -> AsyncIterator[list[Any]]:
         check_stored_session_id(session_id)
+        check_stored_branch_id(branch_id)
         selected = _rules.read_range(from_sequence, limit, direction)
-        # The session as it is now: later appends are not part of this read.
-        wanted = selected.sequences(await self._last_sequence(session_id))
+        # The branch as it is now: later appends are not part of this read.
+        wanted = selected.sequences(await self._last_sequence(session_id, branch_id))
         if not wanted:
             return
         low, high = min(wanted[0], wanted[-1]), max(wanted[0], wanted[-1])
         order = "DESC" if selected.backwards else "ASC"
         query = (
             f"SELECT {RECORD_COLUMNS} FROM agentlog_events WHERE session_id = %s"
-            f" AND sequence BETWEEN %s AND %s ORDER BY sequence {order} LIMIT {READ_ROWS}"
+            " AND branch_id = %s AND sequence BETWEEN %s AND %s"
+            f" ORDER BY sequence {order} LIMIT {READ_ROWS}"
         )
         while low <= high:
-            rows = await self._fetch(query, (session_id, low, high))
+            rows = await self._fetch(query, (session_id, branch_id, low, high))
             if not rows:
                 return
             run: list[Any] = []
@@ -328,59 +347,112 @@ class PostgresBackend(Backend):
                 low = int(rows[-1][1]) + 1
 
     async def read_records(
-        self, session_id: str, from_sequence: int, limit: int
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
     ) -> list[EventRecord]:
         rows = await self._fetch(
             f"SELECT {RECORD_COLUMNS} FROM agentlog_events WHERE session_id = %s"
-            " AND sequence >= %s ORDER BY sequence LIMIT %s",
-            (session_id, min(from_sequence, MAX_BIGINT), min(limit, MAX_BIGINT)),
+            " AND branch_id = %s AND sequence >= %s ORDER BY sequence LIMIT %s",
+            (session_id, branch_id, min(from_sequence, MAX_BIGINT), min(limit, MAX_BIGINT)),
         )
         return [record_of(row) for row in rows]
 
-    async def head(self, session_id: str) -> EventRecord | None:
+    async def head(self, session_id: str, branch_id: str = MAIN) -> EventRecord | None:
         check_stored_session_id(session_id)
+        check_stored_branch_id(branch_id)
         rows = await self._fetch(
             f"SELECT {RECORD_COLUMNS} FROM agentlog_events WHERE session_id = %s"
-            " ORDER BY sequence DESC LIMIT 1",
-            (session_id,),
+            " AND branch_id = %s ORDER BY sequence DESC LIMIT 1",
+            (session_id, branch_id),
         )
         return record_of(rows[0]) if rows else None
 
     async def read_stored(
-        self, session_id: str, from_sequence: int, limit: int
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
     ) -> list[StoredRecord]:
         rows = await self._fetch(
             f"SELECT {RECORD_COLUMNS} FROM agentlog_events WHERE session_id = %s"
-            " AND sequence >= %s ORDER BY sequence LIMIT %s",
-            (session_id, min(from_sequence, MAX_BIGINT), min(limit, MAX_BIGINT)),
+            " AND branch_id = %s AND sequence >= %s ORDER BY sequence LIMIT %s",
+            (session_id, branch_id, min(from_sequence, MAX_BIGINT), min(limit, MAX_BIGINT)),
         )
         return [stored_of(row) for row in rows]
 
-    async def read_run(self, session_id: str, from_sequence: int, limit: int) -> list[EventRecord]:
+    async def read_run(
+        self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN
+    ) -> list[EventRecord]:
         rows = await self._fetch(
             _bounded(
                 f"SELECT {RECORD_COLUMNS} FROM agentlog_events WHERE session_id = %s"
-                " AND sequence >= %s ORDER BY sequence LIMIT %s",
+                " AND branch_id = %s AND sequence >= %s ORDER BY sequence LIMIT %s",
                 "sequence",
             ),
-            (session_id, min(from_sequence, MAX_BIGINT), min(limit, MESSAGE_RECORDS)),
+            (session_id, branch_id, min(from_sequence, MAX_BIGINT), min(limit, MESSAGE_RECORDS)),
         )
         return [record_of(row) for row in rows]
+
+    async def fork(self, plan: ForkPlan) -> BranchInfo:
+        if self._stopping:
+            raise closing_error()
+        expected = plan.expected
+        if expected is not None and expected > MAX_BIGINT:
+            expected = -1  # can never hold
+        with store_span("agentlog.store.fork", **{"db.system": "postgresql"}):
+            rows = await self._fetch(
+                "SELECT outcome, last_sequence, first_position, first_ns, last_ns, head_id"
+                " FROM agentlog_fork(%s, %s, %s, %s, %s, %s)",
+                (
+                    plan.session_id,
+                    plan.branch_id,
+                    min(plan.up_to_sequence, MAX_BIGINT),
+                    expected,
+                    plan.new_session_id,
+                    plan.new_branch_id,
+                ),
+            )
+        outcome, last, first_position, first_ns, last_ns, head_id = rows[0]
+        if outcome == 1:
+            raise source_too_short(plan, int(last))
+        if outcome == 2:
+            raise wrong_expected_sequence(
+                plan.session_id, plan.expected or 0, int(last), plan.branch_id
+            )
+        if outcome == 3:
+            raise branch_exists(plan.new_session_id, plan.new_branch_id)
+        first_position, count = int(first_position), plan.up_to_sequence
+        self._feed.note(first_position, first_position + count - 1, local=True)
+        place = (plan.new_session_id, plan.new_branch_id)
+        listener = self._listener_for(place)
+        if listener is not None:
+            growth = Growth(
+                plan.new_session_id,
+                count,
+                first_position,
+                first_position + count - 1,
+                branch_id=plan.new_branch_id,
+            )
+            listener(growth)
+        return BranchInfo(
+            branch_id=plan.new_branch_id,
+            event_count=count,
+            first_timestamp_ns=int(first_ns),
+            last_timestamp_ns=int(last_ns),
+            head_id=str(head_id),
+            forked_from=plan.origin,
+        )
 
     async def read_children(self, parent_id: str) -> AsyncIterator[list[EventRecord]]:
         check_parent_query(parent_id)
         query = _bounded(
             f"SELECT {RECORD_COLUMNS} FROM agentlog_events WHERE parent_id = %s"
-            " AND (session_id, sequence) > (%s, %s)"
-            f" ORDER BY session_id, sequence LIMIT {MESSAGE_RECORDS}",
-            "session_id, sequence",
+            " AND (session_id, branch_id, sequence) > (%s, %s, %s)"
+            f" ORDER BY session_id, branch_id, sequence LIMIT {MESSAGE_RECORDS}",
+            "session_id, branch_id, sequence",
         )
-        after: tuple[str, int] = ("", 0)
+        after: tuple[str, str, int] = ("", "", 0)
         while True:
             rows = await self._fetch(query, (parent_id.encode(), *after))
             if not rows:
                 return
-            after = (rows[-1][0], int(rows[-1][1]))
+            after = (rows[-1][0], rows[-1][6], int(rows[-1][1]))
             records = []
             for row in rows:
                 try:
@@ -404,23 +476,17 @@ class PostgresBackend(Backend):
                 where.append("session_id < %s")
                 params.append(end)
             rows = await self._fetch(
-                "SELECT session_id, last_sequence, first_timestamp_ns, last_timestamp_ns,"
-                f" head_id FROM agentlog_sessions WHERE {' AND '.join(where)}"
-                " ORDER BY session_id LIMIT %s",
+                "SELECT session_id, branch_id, last_sequence, first_timestamp_ns,"
+                " last_timestamp_ns, head_id, forked_from_session, forked_from_branch,"
+                " forked_from_sequence FROM agentlog_branches WHERE session_id IN ("
+                f"SELECT DISTINCT session_id FROM agentlog_branches WHERE {' AND '.join(where)}"
+                " ORDER BY session_id LIMIT %s) ORDER BY session_id, branch_id",
                 (*params, query.size - len(infos) + 1),
             )
-            for row in rows:
+            for session_id, branches in itertools.groupby(rows, key=lambda row: str(row[0])):
                 if len(infos) == query.size:
                     return SessionList(infos, infos[-1].session_id)
-                infos.append(
-                    SessionInfo(
-                        session_id=row[0],
-                        event_count=int(row[1]),
-                        first_timestamp_ns=int(row[2]),
-                        last_timestamp_ns=int(row[3]),
-                        head_id=row[4],
-                    )
-                )
+                infos.append(SessionInfo.of(session_id, [_branch_of(row) for row in branches]))
         return SessionList(infos, None)
 
     async def read_feed(self, from_position: int) -> AsyncIterator[list[FeedRecord | FeedGap]]:
@@ -453,14 +519,14 @@ class PostgresBackend(Backend):
                 last = items[-1] if items else None
                 if (
                     isinstance(last, FeedGap)
-                    and last.session_id == row[1]
+                    and (last.session_id, last.branch_id) == (row[1], row[7])
                     and last.last_position == position - 1
                 ):
                     items[-1] = dataclasses.replace(last, last_position=position)
                     continue
                 reason = exc.reason or "DATA_LOSS"
                 self._report_damage(row[1], exc, f"the feed skips position {position}")
-                items.append(FeedGap(position, position, row[1], reason, exc.message))
+                items.append(FeedGap(position, position, row[1], reason, exc.message, row[7]))
                 metrics.FEED_UNDELIVERED.labels(reason=reason).inc()
         return items
 
@@ -491,6 +557,19 @@ class PostgresBackend(Backend):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._pool.close()
+
+
+def _branch_of(row: Sequence[Any]) -> BranchInfo:
+    """A BranchInfo from a row of agentlog_branches (as list_sessions selects it)."""
+    forked = None if row[6] is None else ForkedFrom(str(row[6]), str(row[7]), int(row[8]))
+    return BranchInfo(
+        branch_id=str(row[1]),
+        event_count=int(row[2]),
+        first_timestamp_ns=int(row[3]),
+        last_timestamp_ns=int(row[4]),
+        head_id=str(row[5]),
+        forked_from=forked,
+    )
 
 
 def _bounded(query: str, order: str, columns: str = RECORD_COLUMNS) -> str:

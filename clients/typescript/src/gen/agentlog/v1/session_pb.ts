@@ -21,7 +21,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file agentlog/v1/session.proto.
  */
 export const file_agentlog_v1_session: GenFile = /*@__PURE__*/
-  fileDesc("ChlhZ2VudGxvZy92MS9zZXNzaW9uLnByb3RvEgthZ2VudGxvZy52MSLHAQoNQXBwZW5kUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhYKCXBhcmVudF9pZBgCIAEoCUgAiAEBEiYKBWV2ZW50GAMgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudBIKCgJpZBgEIAEoCRIeChFleHBlY3RlZF9zZXF1ZW5jZRgFIAEoBEgBiAEBEhIKCm9taXRfZXZlbnQYBiABKAhCDAoKX3BhcmVudF9pZEIUChJfZXhwZWN0ZWRfc2VxdWVuY2UiOgoOQXBwZW5kUmVzcG9uc2USKAoGcmVjb3JkGAEgASgLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQinAEKEkFwcGVuZEJhdGNoUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEh4KEWV4cGVjdGVkX3NlcXVlbmNlGAIgASgESACIAQESJwoGZXZlbnRzGAMgAygLMhcuYWdlbnRsb2cudjEuQmF0Y2hFdmVudBITCgtvbWl0X2V2ZW50cxgEIAEoCEIUChJfZXhwZWN0ZWRfc2VxdWVuY2UiZgoKQmF0Y2hFdmVudBIKCgJpZBgBIAEoCRIWCglwYXJlbnRfaWQYAiABKAlIAIgBARImCgVldmVudBgDIAEoCzIXLmFnZW50bG9nLnYxLkFnZW50RXZlbnRCDAoKX3BhcmVudF9pZCJAChNBcHBlbmRCYXRjaFJlc3BvbnNlEikKB3JlY29yZHMYASADKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCJ9ChJMb2FkU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIVCg1mcm9tX3NlcXVlbmNlGAIgASgEEg0KBWxpbWl0GAMgASgEEi0KCWRpcmVjdGlvbhgEIAEoDjIaLmFnZW50bG9nLnYxLlJlYWREaXJlY3Rpb24iQAoTTG9hZFNlc3Npb25SZXNwb25zZRIpCgdyZWNvcmRzGAEgAygLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQiKAoTTG9hZENoaWxkcmVuUmVxdWVzdBIRCglwYXJlbnRfaWQYASABKAkiQQoUTG9hZENoaWxkcmVuUmVzcG9uc2USKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIiEKC0hlYWRSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiOAoMSGVhZFJlc3BvbnNlEigKBnJlY29yZBgBIAEoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIjwKE0xpc3RTZXNzaW9uc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgNEhIKCnBhZ2VfdG9rZW4YAiABKAkiWwoUTGlzdFNlc3Npb25zUmVzcG9uc2USKgoIc2Vzc2lvbnMYASADKAsyGC5hZ2VudGxvZy52MS5TZXNzaW9uSW5mbxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkisAEKC1Nlc3Npb25JbmZvEhIKCnNlc3Npb25faWQYASABKAkSEwoLZXZlbnRfY291bnQYAiABKAQSMwoPZmlyc3RfdGltZXN0YW1wGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3RpbWVzdGFtcBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHaGVhZF9pZBgFIAEoCSK8AQoLRXZlbnRSZWNvcmQSCgoCaWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIWCglwYXJlbnRfaWQYAyABKAlIAIgBARItCgl0aW1lc3RhbXAYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKBWV2ZW50GAUgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudBIQCghzZXF1ZW5jZRgGIAEoBEIMCgpfcGFyZW50X2lkIlsKF1N1YnNjcmliZVNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSGgoNZnJvbV9zZXF1ZW5jZRgCIAEoBEgAiAEBQhAKDl9mcm9tX3NlcXVlbmNlInsKGFN1YnNjcmliZVNlc3Npb25SZXNwb25zZRIrCgdyZWNvcmRzGAEgASgLMhguYWdlbnRsb2cudjEuUmVjb3JkQmF0Y2hIABIqCgljYXVnaHRfdXAYAiABKAsyFS5hZ2VudGxvZy52MS5DYXVnaHRVcEgAQgYKBGtpbmQiOAoLUmVjb3JkQmF0Y2gSKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIi4KCENhdWdodFVwEhAKCHNlcXVlbmNlGAEgASgEEhAKCHBvc2l0aW9uGAIgASgEInIKE1N1YnNjcmliZUFsbFJlcXVlc3QSGgoNZnJvbV9wb3NpdGlvbhgBIAEoBEgAiAEBEhkKEXNlc3Npb25faWRfcHJlZml4GAIgASgJEhIKCnBhcnRfdHlwZXMYAyADKAlCEAoOX2Zyb21fcG9zaXRpb24iyQEKFFN1YnNjcmliZUFsbFJlc3BvbnNlEikKB3JlY29yZHMYASABKAsyFi5hZ2VudGxvZy52MS5GZWVkQmF0Y2hIABIqCgljYXVnaHRfdXAYAiABKAsyFS5hZ2VudGxvZy52MS5DYXVnaHRVcEgAEiMKA2dhcBgDIAEoCzIULmFnZW50bG9nLnYxLkZlZWRHYXBIABItCgpjaGVja3BvaW50GAQgASgLMhcuYWdlbnRsb2cudjEuQ2hlY2twb2ludEgAQgYKBGtpbmQiHgoKQ2hlY2twb2ludBIQCghwb3NpdGlvbhgBIAEoBCJtCgdGZWVkR2FwEhYKDmZpcnN0X3Bvc2l0aW9uGAEgASgEEhUKDWxhc3RfcG9zaXRpb24YAiABKAQSEgoKc2Vzc2lvbl9pZBgDIAEoCRIOCgZyZWFzb24YBCABKAkSDwoHbWVzc2FnZRgFIAEoCSI1CglGZWVkQmF0Y2gSKAoHcmVjb3JkcxgBIAMoCzIXLmFnZW50bG9nLnYxLkZlZWRSZWNvcmQiSAoKRmVlZFJlY29yZBIQCghwb3NpdGlvbhgBIAEoBBIoCgZyZWNvcmQYAiABKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCLjBQoKQWdlbnRFdmVudBIuCgtydW5fc3RhcnRlZBgBIAEoCzIXLmFnZW50bG9nLnYxLlJ1blN0YXJ0ZWRIABI6ChFpdGVyYXRpb25fc3RhcnRlZBgCIAEoCzIdLmFnZW50bG9nLnYxLkl0ZXJhdGlvblN0YXJ0ZWRIABIwCgxtb2RlbF9vdXRwdXQYAyABKAsyGC5hZ2VudGxvZy52MS5Nb2RlbE91dHB1dEgAEiwKCnRleHRfZGVsdGEYBCABKAsyFi5hZ2VudGxvZy52MS5UZXh0RGVsdGFIABI9ChN0b29sX2NhbGxfcmVxdWVzdGVkGAUgASgLMh4uYWdlbnRsb2cudjEuVG9vbENhbGxSZXF1ZXN0ZWRIABI9ChN0b29sX2NhbGxfY29tcGxldGVkGAYgASgLMh4uYWdlbnRsb2cudjEuVG9vbENhbGxDb21wbGV0ZWRIABI3ChB0b29sX2NhbGxfZmFpbGVkGAcgASgLMhsuYWdlbnRsb2cudjEuVG9vbENhbGxGYWlsZWRIABIyCg1zdGF0ZV9wYXRjaGVkGAggASgLMhkuYWdlbnRsb2cudjEuU3RhdGVQYXRjaGVkSAASOgoRY29udGV4dF9jb21wYWN0ZWQYCSABKAsyHS5hZ2VudGxvZy52MS5Db250ZXh0Q29tcGFjdGVkSAASPAoSYXBwcm92YWxfcmVxdWVzdGVkGAogASgLMh4uYWdlbnRsb2cudjEuQXBwcm92YWxSZXF1ZXN0ZWRIABI6ChFhcHByb3ZhbF9yZXNvbHZlZBgLIAEoCzIdLmFnZW50bG9nLnYxLkFwcHJvdmFsUmVzb2x2ZWRIABIuCgtydW5fZXJyb3JlZBgMIAEoCzIXLmFnZW50bG9nLnYxLlJ1bkVycm9yZWRIABIwCgxydW5fZmluaXNoZWQYDSABKAsyGC5hZ2VudGxvZy52MS5SdW5GaW5pc2hlZEgAQgYKBGtpbmQiGQoJSnNvblZhbHVlEgwKBGpzb24YASABKAkiWgoKUnVuU3RhcnRlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIQCghwcm92aWRlchgDIAEoCRIWCg5tYXhfaXRlcmF0aW9ucxgEIAEoDSJJChBJdGVyYXRpb25TdGFydGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDSLHAQoLTW9kZWxPdXRwdXQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEjEKC3N0b3BfcmVhc29uGAQgASgOMhwuYWdlbnRsb2cudjEuTW9kZWxTdG9wUmVhc29uEhcKD2RpcmVjdGl2ZV9jb3VudBgFIAEoBBIrCgV1c2FnZRgGIAEoCzIXLmFnZW50bG9nLnYxLlRva2VuVXNhZ2VIAIgBAUIICgZfdXNhZ2UiUQoJVGV4dERlbHRhEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRINCgVkZWx0YRgEIAEoCSJvChFUb29sQ2FsbFJlcXVlc3RlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SIwoEY2FsbBgEIAEoCzIVLmFnZW50bG9nLnYxLlRvb2xDYWxsInoKEVRvb2xDYWxsQ29tcGxldGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIuCgZyZXN1bHQYBCABKAsyHi5hZ2VudGxvZy52MS5Ub29sUmVzdWx0U3VtbWFyeSJ6Cg5Ub29sQ2FsbEZhaWxlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SDwoHY2FsbF9pZBgEIAEoCRIRCgl0b29sX25hbWUYBSABKAkSDQoFZXJyb3IYBiABKAkifwoMU3RhdGVQYXRjaGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRImCgVwYXRjaBgEIAEoCzIXLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2gSEAoIcmV2aXNpb24YBSABKAQijQEKEENvbnRleHRDb21wYWN0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEhUKDWRyb3BwZWRfY291bnQYBCABKAQSFQoNdG9rZW5zX2JlZm9yZRgFIAEoBBIUCgx0b2tlbnNfYWZ0ZXIYBiABKAQiqQEKEUFwcHJvdmFsUmVxdWVzdGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhMKC2FwcHJvdmFsX2lkGAMgASgJEg8KB2NhbGxfaWQYBCABKAkSEQoJdG9vbF9uYW1lGAUgASgJEikKCWFyZ3VtZW50cxgGIAEoCzIWLmFnZW50bG9nLnYxLkpzb25WYWx1ZRIMCgRyaXNrGAcgASgJIn0KEEFwcHJvdmFsUmVzb2x2ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEwoLYXBwcm92YWxfaWQYAyABKAkSEAoIZGVjaXNpb24YBCABKAkSEwoGcmVhc29uGAUgASgJSACIAQFCCQoHX3JlYXNvbiI/CgpSdW5FcnJvcmVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEg0KBWVycm9yGAMgASgJItoBCgtSdW5GaW5pc2hlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIqCgZyZWFzb24YAyABKA4yGi5hZ2VudGxvZy52MS5SdW5TdG9wUmVhc29uEhgKEHRvdGFsX2l0ZXJhdGlvbnMYBCABKA0SGQoMZmluYWxfYW5zd2VyGAUgASgJSACIAQESKwoFdXNhZ2UYBiABKAsyFy5hZ2VudGxvZy52MS5Ub2tlblVzYWdlSAGIAQFCDwoNX2ZpbmFsX2Fuc3dlckIICgZfdXNhZ2UiVQoIVG9vbENhbGwSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSJQoFaW5wdXQYAyABKAsyFi5hZ2VudGxvZy52MS5Kc29uVmFsdWUiXwoRVG9vbFJlc3VsdFN1bW1hcnkSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSJgoGb3V0cHV0GAMgASgLMhYuYWdlbnRsb2cudjEuSnNvblZhbHVlIpEBCgpTdGF0ZVBhdGNoEi0KBmZvcm1hdBgBIAEoDjIdLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2hGb3JtYXQSJQoFcGF0Y2gYAiABKAsyFi5hZ2VudGxvZy52MS5Kc29uVmFsdWUSLQoGc291cmNlGAMgASgOMh0uYWdlbnRsb2cudjEuU3RhdGVQYXRjaFNvdXJjZSJzCgpUb2tlblVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoBBIVCg1vdXRwdXRfdG9rZW5zGAIgASgEEhkKEWNhY2hlX3JlYWRfdG9rZW5zGAMgASgEEh0KFWNhY2hlX2NyZWF0aW9uX3Rva2VucxgEIAEoBCpqCg1SZWFkRGlyZWN0aW9uEh4KGlJFQURfRElSRUNUSU9OX1VOU1BFQ0lGSUVEEAASGwoXUkVBRF9ESVJFQ1RJT05fRk9SV0FSRFMQARIcChhSRUFEX0RJUkVDVElPTl9CQUNLV0FSRFMQAir1AQoPTW9kZWxTdG9wUmVhc29uEiEKHU1PREVMX1NUT1BfUkVBU09OX1VOU1BFQ0lGSUVEEAASHgoaTU9ERUxfU1RPUF9SRUFTT05fRU5EX1RVUk4QARIeChpNT0RFTF9TVE9QX1JFQVNPTl9UT09MX1VTRRACEiAKHE1PREVMX1NUT1BfUkVBU09OX05FRURTX1VTRVIQAxIgChxNT0RFTF9TVE9QX1JFQVNPTl9NQVhfVE9LRU5TEAQSHAoYTU9ERUxfU1RPUF9SRUFTT05fU0FGRVRZEAUSHQoZTU9ERUxfU1RPUF9SRUFTT05fVU5LTk9XThAGKvUBCg1SdW5TdG9wUmVhc29uEh8KG1JVTl9TVE9QX1JFQVNPTl9VTlNQRUNJRklFRBAAEh0KGVJVTl9TVE9QX1JFQVNPTl9DT01QTEVURUQQARIeChpSVU5fU1RPUF9SRUFTT05fTkVFRFNfVVNFUhACEiUKIVJVTl9TVE9QX1JFQVNPTl9CTE9DS0VEX0JZX1BPTElDWRADEiMKH1JVTl9TVE9QX1JFQVNPTl9CVURHRVRfRVhDRUVERUQQBBIdChlSVU5fU1RPUF9SRUFTT05fQ0FOQ0VMTEVEEAUSGQoVUlVOX1NUT1BfUkVBU09OX0VSUk9SEAYqfQoQU3RhdGVQYXRjaEZvcm1hdBIiCh5TVEFURV9QQVRDSF9GT1JNQVRfVU5TUEVDSUZJRUQQABIhCh1TVEFURV9QQVRDSF9GT1JNQVRfSlNPTl9QQVRDSBABEiIKHlNUQVRFX1BBVENIX0ZPUk1BVF9NRVJHRV9QQVRDSBACKpABChBTdGF0ZVBhdGNoU291cmNlEiIKHlNUQVRFX1BBVENIX1NPVVJDRV9VTlNQRUNJRklFRBAAEhwKGFNUQVRFX1BBVENIX1NPVVJDRV9NT0RFTBABEhsKF1NUQVRFX1BBVENIX1NPVVJDRV9UT09MEAISHQoZU1RBVEVfUEFUQ0hfU09VUkNFX1NZU1RFTRADMp8FChFTZXNzaW9uUmVwb3NpdG9yeRJBCgZBcHBlbmQSGi5hZ2VudGxvZy52MS5BcHBlbmRSZXF1ZXN0GhsuYWdlbnRsb2cudjEuQXBwZW5kUmVzcG9uc2USUAoLQXBwZW5kQmF0Y2gSHy5hZ2VudGxvZy52MS5BcHBlbmRCYXRjaFJlcXVlc3QaIC5hZ2VudGxvZy52MS5BcHBlbmRCYXRjaFJlc3BvbnNlElIKC0xvYWRTZXNzaW9uEh8uYWdlbnRsb2cudjEuTG9hZFNlc3Npb25SZXF1ZXN0GiAuYWdlbnRsb2cudjEuTG9hZFNlc3Npb25SZXNwb25zZTABElUKDExvYWRDaGlsZHJlbhIgLmFnZW50bG9nLnYxLkxvYWRDaGlsZHJlblJlcXVlc3QaIS5hZ2VudGxvZy52MS5Mb2FkQ2hpbGRyZW5SZXNwb25zZTABEjsKBEhlYWQSGC5hZ2VudGxvZy52MS5IZWFkUmVxdWVzdBoZLmFnZW50bG9nLnYxLkhlYWRSZXNwb25zZRJTCgxMaXN0U2Vzc2lvbnMSIC5hZ2VudGxvZy52MS5MaXN0U2Vzc2lvbnNSZXF1ZXN0GiEuYWdlbnRsb2cudjEuTGlzdFNlc3Npb25zUmVzcG9uc2USYQoQU3Vic2NyaWJlU2Vzc2lvbhIkLmFnZW50bG9nLnYxLlN1YnNjcmliZVNlc3Npb25SZXF1ZXN0GiUuYWdlbnRsb2cudjEuU3Vic2NyaWJlU2Vzc2lvblJlc3BvbnNlMAESVQoMU3Vic2NyaWJlQWxsEiAuYWdlbnRsb2cudjEuU3Vic2NyaWJlQWxsUmVxdWVzdBohLmFnZW50bG9nLnYxLlN1YnNjcmliZUFsbFJlc3BvbnNlMAFiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChlhZ2VudGxvZy92MS9zZXNzaW9uLnByb3RvEgthZ2VudGxvZy52MSLaAQoNQXBwZW5kUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhYKCXBhcmVudF9pZBgCIAEoCUgAiAEBEiYKBWV2ZW50GAMgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudBIKCgJpZBgEIAEoCRIeChFleHBlY3RlZF9zZXF1ZW5jZRgFIAEoBEgBiAEBEhIKCm9taXRfZXZlbnQYBiABKAgSEQoJYnJhbmNoX2lkGAcgASgJQgwKCl9wYXJlbnRfaWRCFAoSX2V4cGVjdGVkX3NlcXVlbmNlIjoKDkFwcGVuZFJlc3BvbnNlEigKBnJlY29yZBgBIAEoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIq8BChJBcHBlbmRCYXRjaFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIeChFleHBlY3RlZF9zZXF1ZW5jZRgCIAEoBEgAiAEBEicKBmV2ZW50cxgDIAMoCzIXLmFnZW50bG9nLnYxLkJhdGNoRXZlbnQSEwoLb21pdF9ldmVudHMYBCABKAgSEQoJYnJhbmNoX2lkGAUgASgJQhQKEl9leHBlY3RlZF9zZXF1ZW5jZSJmCgpCYXRjaEV2ZW50EgoKAmlkGAEgASgJEhYKCXBhcmVudF9pZBgCIAEoCUgAiAEBEiYKBWV2ZW50GAMgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudEIMCgpfcGFyZW50X2lkIkAKE0FwcGVuZEJhdGNoUmVzcG9uc2USKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIpABChJMb2FkU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIVCg1mcm9tX3NlcXVlbmNlGAIgASgEEg0KBWxpbWl0GAMgASgEEi0KCWRpcmVjdGlvbhgEIAEoDjIaLmFnZW50bG9nLnYxLlJlYWREaXJlY3Rpb24SEQoJYnJhbmNoX2lkGAUgASgJIkAKE0xvYWRTZXNzaW9uUmVzcG9uc2USKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIigKE0xvYWRDaGlsZHJlblJlcXVlc3QSEQoJcGFyZW50X2lkGAEgASgJIkEKFExvYWRDaGlsZHJlblJlc3BvbnNlEikKB3JlY29yZHMYASADKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCI0CgtIZWFkUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhEKCWJyYW5jaF9pZBgCIAEoCSI4CgxIZWFkUmVzcG9uc2USKAoGcmVjb3JkGAEgASgLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQiPAoTTGlzdFNlc3Npb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKA0SEgoKcGFnZV90b2tlbhgCIAEoCSJbChRMaXN0U2Vzc2lvbnNSZXNwb25zZRIqCghzZXNzaW9ucxgBIAMoCzIYLmFnZW50bG9nLnYxLlNlc3Npb25JbmZvEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSLbAQoLU2Vzc2lvbkluZm8SEgoKc2Vzc2lvbl9pZBgBIAEoCRITCgtldmVudF9jb3VudBgCIAEoBBIzCg9maXJzdF90aW1lc3RhbXAYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDmxhc3RfdGltZXN0YW1wGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdoZWFkX2lkGAUgASgJEikKCGJyYW5jaGVzGAYgAygLMhcuYWdlbnRsb2cudjEuQnJhbmNoSW5mbyLcAQoKQnJhbmNoSW5mbxIRCglicmFuY2hfaWQYASABKAkSEwoLZXZlbnRfY291bnQYAiABKAQSMwoPZmlyc3RfdGltZXN0YW1wGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3RpbWVzdGFtcBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHaGVhZF9pZBgFIAEoCRIsCgtmb3JrZWRfZnJvbRgGIAEoCzIXLmFnZW50bG9nLnYxLkZvcmtlZEZyb20iRQoKRm9ya2VkRnJvbRISCgpzZXNzaW9uX2lkGAEgASgJEhEKCWJyYW5jaF9pZBgCIAEoCRIQCghzZXF1ZW5jZRgDIAEoBCK4AQoSRm9ya1Nlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSEQoJYnJhbmNoX2lkGAIgASgJEhYKDnVwX3RvX3NlcXVlbmNlGAMgASgEEh4KEWV4cGVjdGVkX3NlcXVlbmNlGAQgASgESACIAQESFQoNbmV3X2JyYW5jaF9pZBgFIAEoCRIWCg5uZXdfc2Vzc2lvbl9pZBgGIAEoCUIUChJfZXhwZWN0ZWRfc2VxdWVuY2UiUgoTRm9ya1Nlc3Npb25SZXNwb25zZRISCgpzZXNzaW9uX2lkGAEgASgJEicKBmJyYW5jaBgCIAEoCzIXLmFnZW50bG9nLnYxLkJyYW5jaEluZm8izwEKC0V2ZW50UmVjb3JkEgoKAmlkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSFgoJcGFyZW50X2lkGAMgASgJSACIAQESLQoJdGltZXN0YW1wGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBImCgVldmVudBgFIAEoCzIXLmFnZW50bG9nLnYxLkFnZW50RXZlbnQSEAoIc2VxdWVuY2UYBiABKAQSEQoJYnJhbmNoX2lkGAcgASgJQgwKCl9wYXJlbnRfaWQibgoXU3Vic2NyaWJlU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIaCg1mcm9tX3NlcXVlbmNlGAIgASgESACIAQESEQoJYnJhbmNoX2lkGAMgASgJQhAKDl9mcm9tX3NlcXVlbmNlInsKGFN1YnNjcmliZVNlc3Npb25SZXNwb25zZRIrCgdyZWNvcmRzGAEgASgLMhguYWdlbnRsb2cudjEuUmVjb3JkQmF0Y2hIABIqCgljYXVnaHRfdXAYAiABKAsyFS5hZ2VudGxvZy52MS5DYXVnaHRVcEgAQgYKBGtpbmQiOAoLUmVjb3JkQmF0Y2gSKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIi4KCENhdWdodFVwEhAKCHNlcXVlbmNlGAEgASgEEhAKCHBvc2l0aW9uGAIgASgEIoUBChNTdWJzY3JpYmVBbGxSZXF1ZXN0EhoKDWZyb21fcG9zaXRpb24YASABKARIAIgBARIZChFzZXNzaW9uX2lkX3ByZWZpeBgCIAEoCRISCgpwYXJ0X3R5cGVzGAMgAygJEhEKCWJyYW5jaF9pZBgEIAEoCUIQCg5fZnJvbV9wb3NpdGlvbiLJAQoUU3Vic2NyaWJlQWxsUmVzcG9uc2USKQoHcmVjb3JkcxgBIAEoCzIWLmFnZW50bG9nLnYxLkZlZWRCYXRjaEgAEioKCWNhdWdodF91cBgCIAEoCzIVLmFnZW50bG9nLnYxLkNhdWdodFVwSAASIwoDZ2FwGAMgASgLMhQuYWdlbnRsb2cudjEuRmVlZEdhcEgAEi0KCmNoZWNrcG9pbnQYBCABKAsyFy5hZ2VudGxvZy52MS5DaGVja3BvaW50SABCBgoEa2luZCIeCgpDaGVja3BvaW50EhAKCHBvc2l0aW9uGAEgASgEIoABCgdGZWVkR2FwEhYKDmZpcnN0X3Bvc2l0aW9uGAEgASgEEhUKDWxhc3RfcG9zaXRpb24YAiABKAQSEgoKc2Vzc2lvbl9pZBgDIAEoCRIOCgZyZWFzb24YBCABKAkSDwoHbWVzc2FnZRgFIAEoCRIRCglicmFuY2hfaWQYBiABKAkiNQoJRmVlZEJhdGNoEigKB3JlY29yZHMYASADKAsyFy5hZ2VudGxvZy52MS5GZWVkUmVjb3JkIkgKCkZlZWRSZWNvcmQSEAoIcG9zaXRpb24YASABKAQSKAoGcmVjb3JkGAIgASgLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQi4wUKCkFnZW50RXZlbnQSLgoLcnVuX3N0YXJ0ZWQYASABKAsyFy5hZ2VudGxvZy52MS5SdW5TdGFydGVkSAASOgoRaXRlcmF0aW9uX3N0YXJ0ZWQYAiABKAsyHS5hZ2VudGxvZy52MS5JdGVyYXRpb25TdGFydGVkSAASMAoMbW9kZWxfb3V0cHV0GAMgASgLMhguYWdlbnRsb2cudjEuTW9kZWxPdXRwdXRIABIsCgp0ZXh0X2RlbHRhGAQgASgLMhYuYWdlbnRsb2cudjEuVGV4dERlbHRhSAASPQoTdG9vbF9jYWxsX3JlcXVlc3RlZBgFIAEoCzIeLmFnZW50bG9nLnYxLlRvb2xDYWxsUmVxdWVzdGVkSAASPQoTdG9vbF9jYWxsX2NvbXBsZXRlZBgGIAEoCzIeLmFnZW50bG9nLnYxLlRvb2xDYWxsQ29tcGxldGVkSAASNwoQdG9vbF9jYWxsX2ZhaWxlZBgHIAEoCzIbLmFnZW50bG9nLnYxLlRvb2xDYWxsRmFpbGVkSAASMgoNc3RhdGVfcGF0Y2hlZBgIIAEoCzIZLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2hlZEgAEjoKEWNvbnRleHRfY29tcGFjdGVkGAkgASgLMh0uYWdlbnRsb2cudjEuQ29udGV4dENvbXBhY3RlZEgAEjwKEmFwcHJvdmFsX3JlcXVlc3RlZBgKIAEoCzIeLmFnZW50bG9nLnYxLkFwcHJvdmFsUmVxdWVzdGVkSAASOgoRYXBwcm92YWxfcmVzb2x2ZWQYCyABKAsyHS5hZ2VudGxvZy52MS5BcHByb3ZhbFJlc29sdmVkSAASLgoLcnVuX2Vycm9yZWQYDCABKAsyFy5hZ2VudGxvZy52MS5SdW5FcnJvcmVkSAASMAoMcnVuX2ZpbmlzaGVkGA0gASgLMhguYWdlbnRsb2cudjEuUnVuRmluaXNoZWRIAEIGCgRraW5kIhkKCUpzb25WYWx1ZRIMCgRqc29uGAEgASgJIloKClJ1blN0YXJ0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEAoIcHJvdmlkZXIYAyABKAkSFgoObWF4X2l0ZXJhdGlvbnMYBCABKA0iSQoQSXRlcmF0aW9uU3RhcnRlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0ixwEKC01vZGVsT3V0cHV0Eg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIxCgtzdG9wX3JlYXNvbhgEIAEoDjIcLmFnZW50bG9nLnYxLk1vZGVsU3RvcFJlYXNvbhIXCg9kaXJlY3RpdmVfY291bnQYBSABKAQSKwoFdXNhZ2UYBiABKAsyFy5hZ2VudGxvZy52MS5Ub2tlblVzYWdlSACIAQFCCAoGX3VzYWdlIlEKCVRleHREZWx0YRIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SDQoFZGVsdGEYBCABKAkibwoRVG9vbENhbGxSZXF1ZXN0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEiMKBGNhbGwYBCABKAsyFS5hZ2VudGxvZy52MS5Ub29sQ2FsbCJ6ChFUb29sQ2FsbENvbXBsZXRlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SLgoGcmVzdWx0GAQgASgLMh4uYWdlbnRsb2cudjEuVG9vbFJlc3VsdFN1bW1hcnkiegoOVG9vbENhbGxGYWlsZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEg8KB2NhbGxfaWQYBCABKAkSEQoJdG9vbF9uYW1lGAUgASgJEg0KBWVycm9yGAYgASgJIn8KDFN0YXRlUGF0Y2hlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SJgoFcGF0Y2gYBCABKAsyFy5hZ2VudGxvZy52MS5TdGF0ZVBhdGNoEhAKCHJldmlzaW9uGAUgASgEIo0BChBDb250ZXh0Q29tcGFjdGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIVCg1kcm9wcGVkX2NvdW50GAQgASgEEhUKDXRva2Vuc19iZWZvcmUYBSABKAQSFAoMdG9rZW5zX2FmdGVyGAYgASgEIqkBChFBcHByb3ZhbFJlcXVlc3RlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRITCgthcHByb3ZhbF9pZBgDIAEoCRIPCgdjYWxsX2lkGAQgASgJEhEKCXRvb2xfbmFtZRgFIAEoCRIpCglhcmd1bWVudHMYBiABKAsyFi5hZ2VudGxvZy52MS5Kc29uVmFsdWUSDAoEcmlzaxgHIAEoCSJ9ChBBcHByb3ZhbFJlc29sdmVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhMKC2FwcHJvdmFsX2lkGAMgASgJEhAKCGRlY2lzaW9uGAQgASgJEhMKBnJlYXNvbhgFIAEoCUgAiAEBQgkKB19yZWFzb24iPwoKUnVuRXJyb3JlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRINCgVlcnJvchgDIAEoCSLaAQoLUnVuRmluaXNoZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSKgoGcmVhc29uGAMgASgOMhouYWdlbnRsb2cudjEuUnVuU3RvcFJlYXNvbhIYChB0b3RhbF9pdGVyYXRpb25zGAQgASgNEhkKDGZpbmFsX2Fuc3dlchgFIAEoCUgAiAEBEisKBXVzYWdlGAYgASgLMhcuYWdlbnRsb2cudjEuVG9rZW5Vc2FnZUgBiAEBQg8KDV9maW5hbF9hbnN3ZXJCCAoGX3VzYWdlIlUKCFRvb2xDYWxsEg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEiUKBWlucHV0GAMgASgLMhYuYWdlbnRsb2cudjEuSnNvblZhbHVlIl8KEVRvb2xSZXN1bHRTdW1tYXJ5Eg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEiYKBm91dHB1dBgDIAEoCzIWLmFnZW50bG9nLnYxLkpzb25WYWx1ZSKRAQoKU3RhdGVQYXRjaBItCgZmb3JtYXQYASABKA4yHS5hZ2VudGxvZy52MS5TdGF0ZVBhdGNoRm9ybWF0EiUKBXBhdGNoGAIgASgLMhYuYWdlbnRsb2cudjEuSnNvblZhbHVlEi0KBnNvdXJjZRgDIAEoDjIdLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2hTb3VyY2UicwoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAQSFQoNb3V0cHV0X3Rva2VucxgCIAEoBBIZChFjYWNoZV9yZWFkX3Rva2VucxgDIAEoBBIdChVjYWNoZV9jcmVhdGlvbl90b2tlbnMYBCABKAQqagoNUmVhZERpcmVjdGlvbhIeChpSRUFEX0RJUkVDVElPTl9VTlNQRUNJRklFRBAAEhsKF1JFQURfRElSRUNUSU9OX0ZPUldBUkRTEAESHAoYUkVBRF9ESVJFQ1RJT05fQkFDS1dBUkRTEAIq9QEKD01vZGVsU3RvcFJlYXNvbhIhCh1NT0RFTF9TVE9QX1JFQVNPTl9VTlNQRUNJRklFRBAAEh4KGk1PREVMX1NUT1BfUkVBU09OX0VORF9UVVJOEAESHgoaTU9ERUxfU1RPUF9SRUFTT05fVE9PTF9VU0UQAhIgChxNT0RFTF9TVE9QX1JFQVNPTl9ORUVEU19VU0VSEAMSIAocTU9ERUxfU1RPUF9SRUFTT05fTUFYX1RPS0VOUxAEEhwKGE1PREVMX1NUT1BfUkVBU09OX1NBRkVUWRAFEh0KGU1PREVMX1NUT1BfUkVBU09OX1VOS05PV04QBir1AQoNUnVuU3RvcFJlYXNvbhIfChtSVU5fU1RPUF9SRUFTT05fVU5TUEVDSUZJRUQQABIdChlSVU5fU1RPUF9SRUFTT05fQ09NUExFVEVEEAESHgoaUlVOX1NUT1BfUkVBU09OX05FRURTX1VTRVIQAhIlCiFSVU5fU1RPUF9SRUFTT05fQkxPQ0tFRF9CWV9QT0xJQ1kQAxIjCh9SVU5fU1RPUF9SRUFTT05fQlVER0VUX0VYQ0VFREVEEAQSHQoZUlVOX1NUT1BfUkVBU09OX0NBTkNFTExFRBAFEhkKFVJVTl9TVE9QX1JFQVNPTl9FUlJPUhAGKn0KEFN0YXRlUGF0Y2hGb3JtYXQSIgoeU1RBVEVfUEFUQ0hfRk9STUFUX1VOU1BFQ0lGSUVEEAASIQodU1RBVEVfUEFUQ0hfRk9STUFUX0pTT05fUEFUQ0gQARIiCh5TVEFURV9QQVRDSF9GT1JNQVRfTUVSR0VfUEFUQ0gQAiqQAQoQU3RhdGVQYXRjaFNvdXJjZRIiCh5TVEFURV9QQVRDSF9TT1VSQ0VfVU5TUEVDSUZJRUQQABIcChhTVEFURV9QQVRDSF9TT1VSQ0VfTU9ERUwQARIbChdTVEFURV9QQVRDSF9TT1VSQ0VfVE9PTBACEh0KGVNUQVRFX1BBVENIX1NPVVJDRV9TWVNURU0QAzLxBQoRU2Vzc2lvblJlcG9zaXRvcnkSQQoGQXBwZW5kEhouYWdlbnRsb2cudjEuQXBwZW5kUmVxdWVzdBobLmFnZW50bG9nLnYxLkFwcGVuZFJlc3BvbnNlElAKC0FwcGVuZEJhdGNoEh8uYWdlbnRsb2cudjEuQXBwZW5kQmF0Y2hSZXF1ZXN0GiAuYWdlbnRsb2cudjEuQXBwZW5kQmF0Y2hSZXNwb25zZRJSCgtMb2FkU2Vzc2lvbhIfLmFnZW50bG9nLnYxLkxvYWRTZXNzaW9uUmVxdWVzdBogLmFnZW50bG9nLnYxLkxvYWRTZXNzaW9uUmVzcG9uc2UwARJVCgxMb2FkQ2hpbGRyZW4SIC5hZ2VudGxvZy52MS5Mb2FkQ2hpbGRyZW5SZXF1ZXN0GiEuYWdlbnRsb2cudjEuTG9hZENoaWxkcmVuUmVzcG9uc2UwARI7CgRIZWFkEhguYWdlbnRsb2cudjEuSGVhZFJlcXVlc3QaGS5hZ2VudGxvZy52MS5IZWFkUmVzcG9uc2USUwoMTGlzdFNlc3Npb25zEiAuYWdlbnRsb2cudjEuTGlzdFNlc3Npb25zUmVxdWVzdBohLmFnZW50bG9nLnYxLkxpc3RTZXNzaW9uc1Jlc3BvbnNlEmEKEFN1YnNjcmliZVNlc3Npb24SJC5hZ2VudGxvZy52MS5TdWJzY3JpYmVTZXNzaW9uUmVxdWVzdBolLmFnZW50bG9nLnYxLlN1YnNjcmliZVNlc3Npb25SZXNwb25zZTABElAKC0ZvcmtTZXNzaW9uEh8uYWdlbnRsb2cudjEuRm9ya1Nlc3Npb25SZXF1ZXN0GiAuYWdlbnRsb2cudjEuRm9ya1Nlc3Npb25SZXNwb25zZRJVCgxTdWJzY3JpYmVBbGwSIC5hZ2VudGxvZy52MS5TdWJzY3JpYmVBbGxSZXF1ZXN0GiEuYWdlbnRsb2cudjEuU3Vic2NyaWJlQWxsUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * AppendRequest asks to store one event.
@@ -79,6 +79,14 @@ export type AppendRequest = Message<"agentlog.v1.AppendRequest"> & {
    * @generated from field: bool omit_event = 6;
    */
   omitEvent: boolean;
+
+  /**
+   * The branch to append to; empty: "main". Sequences, expectations and
+   * retries are the branch's own.
+   *
+   * @generated from field: string branch_id = 7;
+   */
+  branchId: string;
 };
 
 /**
@@ -145,6 +153,13 @@ export type AppendBatchRequest = Message<"agentlog.v1.AppendBatchRequest"> & {
    * @generated from field: bool omit_events = 4;
    */
   omitEvents: boolean;
+
+  /**
+   * The branch to append to; empty: "main".
+   *
+   * @generated from field: string branch_id = 5;
+   */
+  branchId: string;
 };
 
 /**
@@ -246,6 +261,13 @@ export type LoadSessionRequest = Message<"agentlog.v1.LoadSessionRequest"> & {
    * @generated from field: agentlog.v1.ReadDirection direction = 4;
    */
   direction: ReadDirection;
+
+  /**
+   * The branch to read; empty: "main".
+   *
+   * @generated from field: string branch_id = 5;
+   */
+  branchId: string;
 };
 
 /**
@@ -321,7 +343,7 @@ export const LoadChildrenResponseSchema: GenMessage<LoadChildrenResponse> = /*@_
   messageDesc(file_agentlog_v1_session, 8);
 
 /**
- * HeadRequest names the session whose latest record is wanted.
+ * HeadRequest names the branch whose latest record is wanted.
  *
  * @generated from message agentlog.v1.HeadRequest
  */
@@ -332,6 +354,13 @@ export type HeadRequest = Message<"agentlog.v1.HeadRequest"> & {
    * @generated from field: string session_id = 1;
    */
   sessionId: string;
+
+  /**
+   * Its branch; empty: "main".
+   *
+   * @generated from field: string branch_id = 2;
+   */
+  branchId: string;
 };
 
 /**
@@ -421,7 +450,7 @@ export const ListSessionsResponseSchema: GenMessage<ListSessionsResponse> = /*@_
   messageDesc(file_agentlog_v1_session, 12);
 
 /**
- * SessionInfo summarizes one session.
+ * SessionInfo summarizes one session and its branches.
  *
  * @generated from message agentlog.v1.SessionInfo
  */
@@ -434,7 +463,65 @@ export type SessionInfo = Message<"agentlog.v1.SessionInfo"> & {
   sessionId: string;
 
   /**
-   * How many events it holds, which is also its last sequence.
+   * How many records it holds, in all its branches (with one branch, that
+   * branch's last sequence).
+   *
+   * @generated from field: uint64 event_count = 2;
+   */
+  eventCount: bigint;
+
+  /**
+   * The earliest first timestamp of its branches.
+   *
+   * @generated from field: google.protobuf.Timestamp first_timestamp = 3;
+   */
+  firstTimestamp?: Timestamp | undefined;
+
+  /**
+   * The latest last timestamp of its branches: when it was last appended to.
+   *
+   * @generated from field: google.protobuf.Timestamp last_timestamp = 4;
+   */
+  lastTimestamp?: Timestamp | undefined;
+
+  /**
+   * The id of the last record of its "main" branch (of its first branch, in
+   * byte order, if it has no "main").
+   *
+   * @generated from field: string head_id = 5;
+   */
+  headId: string;
+
+  /**
+   * Its branches, in byte order of their ids.
+   *
+   * @generated from field: repeated agentlog.v1.BranchInfo branches = 6;
+   */
+  branches: BranchInfo[];
+};
+
+/**
+ * Describes the message agentlog.v1.SessionInfo.
+ * Use `create(SessionInfoSchema)` to create a new message.
+ */
+export const SessionInfoSchema: GenMessage<SessionInfo> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 13);
+
+/**
+ * BranchInfo summarizes one branch of a session.
+ *
+ * @generated from message agentlog.v1.BranchInfo
+ */
+export type BranchInfo = Message<"agentlog.v1.BranchInfo"> & {
+  /**
+   * The branch ("main" for the default one).
+   *
+   * @generated from field: string branch_id = 1;
+   */
+  branchId: string;
+
+  /**
+   * How many records it holds: also its last sequence.
    *
    * @generated from field: uint64 event_count = 2;
    */
@@ -460,14 +547,142 @@ export type SessionInfo = Message<"agentlog.v1.SessionInfo"> & {
    * @generated from field: string head_id = 5;
    */
   headId: string;
+
+  /**
+   * Where it was forked from; unset for a branch that was not forked (or whose
+   * origin the store no longer knows).
+   *
+   * @generated from field: agentlog.v1.ForkedFrom forked_from = 6;
+   */
+  forkedFrom?: ForkedFrom | undefined;
 };
 
 /**
- * Describes the message agentlog.v1.SessionInfo.
- * Use `create(SessionInfoSchema)` to create a new message.
+ * Describes the message agentlog.v1.BranchInfo.
+ * Use `create(BranchInfoSchema)` to create a new message.
  */
-export const SessionInfoSchema: GenMessage<SessionInfo> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 13);
+export const BranchInfoSchema: GenMessage<BranchInfo> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 14);
+
+/**
+ * ForkedFrom names the record a branch was forked after.
+ *
+ * @generated from message agentlog.v1.ForkedFrom
+ */
+export type ForkedFrom = Message<"agentlog.v1.ForkedFrom"> & {
+  /**
+   * The source session.
+   *
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+
+  /**
+   * The source branch.
+   *
+   * @generated from field: string branch_id = 2;
+   */
+  branchId: string;
+
+  /**
+   * The last sequence copied: the new branch's records 1 to it are copies.
+   *
+   * @generated from field: uint64 sequence = 3;
+   */
+  sequence: bigint;
+};
+
+/**
+ * Describes the message agentlog.v1.ForkedFrom.
+ * Use `create(ForkedFromSchema)` to create a new message.
+ */
+export const ForkedFromSchema: GenMessage<ForkedFrom> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 15);
+
+/**
+ * ForkSessionRequest names the branch to fork, how much of it, and the new branch.
+ *
+ * @generated from message agentlog.v1.ForkSessionRequest
+ */
+export type ForkSessionRequest = Message<"agentlog.v1.ForkSessionRequest"> & {
+  /**
+   * The source session.
+   *
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+
+  /**
+   * The source branch; empty: "main".
+   *
+   * @generated from field: string branch_id = 2;
+   */
+  branchId: string;
+
+  /**
+   * Copy the source's records 1 to this (at least 1; it must exist).
+   *
+   * @generated from field: uint64 up_to_sequence = 3;
+   */
+  upToSequence: bigint;
+
+  /**
+   * What the source's last sequence must be for the fork to happen (absent:
+   * anything).
+   *
+   * @generated from field: optional uint64 expected_sequence = 4;
+   */
+  expectedSequence?: bigint | undefined;
+
+  /**
+   * The new branch; empty: "main" in a new session, required in the same one.
+   *
+   * @generated from field: string new_branch_id = 5;
+   */
+  newBranchId: string;
+
+  /**
+   * The session of the new branch; empty: the source session.
+   *
+   * @generated from field: string new_session_id = 6;
+   */
+  newSessionId: string;
+};
+
+/**
+ * Describes the message agentlog.v1.ForkSessionRequest.
+ * Use `create(ForkSessionRequestSchema)` to create a new message.
+ */
+export const ForkSessionRequestSchema: GenMessage<ForkSessionRequest> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 16);
+
+/**
+ * ForkSessionResponse describes the branch made.
+ *
+ * @generated from message agentlog.v1.ForkSessionResponse
+ */
+export type ForkSessionResponse = Message<"agentlog.v1.ForkSessionResponse"> & {
+  /**
+   * The new branch's session.
+   *
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+
+  /**
+   * The new branch, with its forked_from.
+   *
+   * @generated from field: agentlog.v1.BranchInfo branch = 2;
+   */
+  branch?: BranchInfo | undefined;
+};
+
+/**
+ * Describes the message agentlog.v1.ForkSessionResponse.
+ * Use `create(ForkSessionResponseSchema)` to create a new message.
+ */
+export const ForkSessionResponseSchema: GenMessage<ForkSessionResponse> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 17);
 
 /**
  * EventRecord is one stored event: one line of an arcan session file.
@@ -511,14 +726,21 @@ export type EventRecord = Message<"agentlog.v1.EventRecord"> & {
   event?: AgentEvent | undefined;
 
   /**
-   * The record's place in its session: 1, 2, 3, ... with no gaps, assigned by
-   * the store; the only order of a session. In a JSONL file it is the extra
-   * field "sequence" (arcan's readers ignore it); lines arcan wrote without it
-   * take their sequence from their position.
+   * The record's place in its branch: 1, 2, 3, ... with no gaps, assigned by
+   * the store; the only order of a branch. In a JSONL file it is the field
+   * "sequence"; lines arcan wrote without it take their sequence from their
+   * position.
    *
    * @generated from field: uint64 sequence = 6;
    */
   sequence: bigint;
+
+  /**
+   * The branch the record belongs to ("main" for the default one).
+   *
+   * @generated from field: string branch_id = 7;
+   */
+  branchId: string;
 };
 
 /**
@@ -526,7 +748,7 @@ export type EventRecord = Message<"agentlog.v1.EventRecord"> & {
  * Use `create(EventRecordSchema)` to create a new message.
  */
 export const EventRecordSchema: GenMessage<EventRecord> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 14);
+  messageDesc(file_agentlog_v1_session, 18);
 
 /**
  * SubscribeSessionRequest names the session to follow and where to start.
@@ -542,12 +764,19 @@ export type SubscribeSessionRequest = Message<"agentlog.v1.SubscribeSessionReque
   sessionId: string;
 
   /**
-   * The first sequence to deliver (1: the whole session). Absent: only
+   * The first sequence to deliver (1: the whole branch). Absent: only
    * records appended after the subscription starts.
    *
    * @generated from field: optional uint64 from_sequence = 2;
    */
   fromSequence?: bigint | undefined;
+
+  /**
+   * The branch to follow; empty: "main".
+   *
+   * @generated from field: string branch_id = 3;
+   */
+  branchId: string;
 };
 
 /**
@@ -555,7 +784,7 @@ export type SubscribeSessionRequest = Message<"agentlog.v1.SubscribeSessionReque
  * Use `create(SubscribeSessionRequestSchema)` to create a new message.
  */
 export const SubscribeSessionRequestSchema: GenMessage<SubscribeSessionRequest> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 15);
+  messageDesc(file_agentlog_v1_session, 19);
 
 /**
  * SubscribeSessionResponse is one message of a subscription.
@@ -593,7 +822,7 @@ export type SubscribeSessionResponse = Message<"agentlog.v1.SubscribeSessionResp
  * Use `create(SubscribeSessionResponseSchema)` to create a new message.
  */
 export const SubscribeSessionResponseSchema: GenMessage<SubscribeSessionResponse> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 16);
+  messageDesc(file_agentlog_v1_session, 20);
 
 /**
  * RecordBatch is a run of consecutive records.
@@ -614,7 +843,7 @@ export type RecordBatch = Message<"agentlog.v1.RecordBatch"> & {
  * Use `create(RecordBatchSchema)` to create a new message.
  */
 export const RecordBatchSchema: GenMessage<RecordBatch> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 17);
+  messageDesc(file_agentlog_v1_session, 21);
 
 /**
  * CaughtUp marks the switch from stored records to live ones. A subscription
@@ -645,7 +874,7 @@ export type CaughtUp = Message<"agentlog.v1.CaughtUp"> & {
  * Use `create(CaughtUpSchema)` to create a new message.
  */
 export const CaughtUpSchema: GenMessage<CaughtUp> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 18);
+  messageDesc(file_agentlog_v1_session, 22);
 
 /**
  * SubscribeAllRequest says where to start the feed of every session and what to keep.
@@ -675,6 +904,13 @@ export type SubscribeAllRequest = Message<"agentlog.v1.SubscribeAllRequest"> & {
    * @generated from field: repeated string part_types = 3;
    */
   partTypes: string[];
+
+  /**
+   * Only records of branches with this id (of any session); empty: every branch.
+   *
+   * @generated from field: string branch_id = 4;
+   */
+  branchId: string;
 };
 
 /**
@@ -682,7 +918,7 @@ export type SubscribeAllRequest = Message<"agentlog.v1.SubscribeAllRequest"> & {
  * Use `create(SubscribeAllRequestSchema)` to create a new message.
  */
 export const SubscribeAllRequestSchema: GenMessage<SubscribeAllRequest> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 19);
+  messageDesc(file_agentlog_v1_session, 23);
 
 /**
  * SubscribeAllResponse is one message of the all-sessions feed.
@@ -738,7 +974,7 @@ export type SubscribeAllResponse = Message<"agentlog.v1.SubscribeAllResponse"> &
  * Use `create(SubscribeAllResponseSchema)` to create a new message.
  */
 export const SubscribeAllResponseSchema: GenMessage<SubscribeAllResponse> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 20);
+  messageDesc(file_agentlog_v1_session, 24);
 
 /**
  * Checkpoint marks how far a filtered feed has been examined.
@@ -760,7 +996,7 @@ export type Checkpoint = Message<"agentlog.v1.Checkpoint"> & {
  * Use `create(CheckpointSchema)` to create a new message.
  */
 export const CheckpointSchema: GenMessage<Checkpoint> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 21);
+  messageDesc(file_agentlog_v1_session, 25);
 
 /**
  * FeedGap is a run of feed positions, all of one session, that the server
@@ -803,6 +1039,13 @@ export type FeedGap = Message<"agentlog.v1.FeedGap"> & {
    * @generated from field: string message = 5;
    */
   message: string;
+
+  /**
+   * The branch the records belong to.
+   *
+   * @generated from field: string branch_id = 6;
+   */
+  branchId: string;
 };
 
 /**
@@ -810,7 +1053,7 @@ export type FeedGap = Message<"agentlog.v1.FeedGap"> & {
  * Use `create(FeedGapSchema)` to create a new message.
  */
 export const FeedGapSchema: GenMessage<FeedGap> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 22);
+  messageDesc(file_agentlog_v1_session, 26);
 
 /**
  * FeedBatch is a run of records of the all-sessions feed.
@@ -831,7 +1074,7 @@ export type FeedBatch = Message<"agentlog.v1.FeedBatch"> & {
  * Use `create(FeedBatchSchema)` to create a new message.
  */
 export const FeedBatchSchema: GenMessage<FeedBatch> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 23);
+  messageDesc(file_agentlog_v1_session, 27);
 
 /**
  * FeedRecord is a record with its place in the all-sessions feed.
@@ -859,7 +1102,7 @@ export type FeedRecord = Message<"agentlog.v1.FeedRecord"> & {
  * Use `create(FeedRecordSchema)` to create a new message.
  */
 export const FeedRecordSchema: GenMessage<FeedRecord> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 24);
+  messageDesc(file_agentlog_v1_session, 28);
 
 /**
  * AgentEvent is one of the things that happen in an agent's run.
@@ -984,7 +1227,7 @@ export type AgentEvent = Message<"agentlog.v1.AgentEvent"> & {
  * Use `create(AgentEventSchema)` to create a new message.
  */
 export const AgentEventSchema: GenMessage<AgentEvent> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 25);
+  messageDesc(file_agentlog_v1_session, 29);
 
 /**
  * JsonValue holds one arbitrary JSON value (a serde_json::Value in arcan) as
@@ -1014,7 +1257,7 @@ export type JsonValue = Message<"agentlog.v1.JsonValue"> & {
  * Use `create(JsonValueSchema)` to create a new message.
  */
 export const JsonValueSchema: GenMessage<JsonValue> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 26);
+  messageDesc(file_agentlog_v1_session, 30);
 
 /**
  * RunStarted: a run began.
@@ -1056,7 +1299,7 @@ export type RunStarted = Message<"agentlog.v1.RunStarted"> & {
  * Use `create(RunStartedSchema)` to create a new message.
  */
 export const RunStartedSchema: GenMessage<RunStarted> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 27);
+  messageDesc(file_agentlog_v1_session, 31);
 
 /**
  * IterationStarted: an iteration of the agent loop began.
@@ -1091,7 +1334,7 @@ export type IterationStarted = Message<"agentlog.v1.IterationStarted"> & {
  * Use `create(IterationStartedSchema)` to create a new message.
  */
 export const IterationStartedSchema: GenMessage<IterationStarted> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 28);
+  messageDesc(file_agentlog_v1_session, 32);
 
 /**
  * ModelOutput: the model finished producing one output.
@@ -1147,7 +1390,7 @@ export type ModelOutput = Message<"agentlog.v1.ModelOutput"> & {
  * Use `create(ModelOutputSchema)` to create a new message.
  */
 export const ModelOutputSchema: GenMessage<ModelOutput> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 29);
+  messageDesc(file_agentlog_v1_session, 33);
 
 /**
  * TextDelta: a piece of streamed text.
@@ -1189,7 +1432,7 @@ export type TextDelta = Message<"agentlog.v1.TextDelta"> & {
  * Use `create(TextDeltaSchema)` to create a new message.
  */
 export const TextDeltaSchema: GenMessage<TextDelta> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 30);
+  messageDesc(file_agentlog_v1_session, 34);
 
 /**
  * ToolCallRequested: the model asked for a tool call.
@@ -1231,7 +1474,7 @@ export type ToolCallRequested = Message<"agentlog.v1.ToolCallRequested"> & {
  * Use `create(ToolCallRequestedSchema)` to create a new message.
  */
 export const ToolCallRequestedSchema: GenMessage<ToolCallRequested> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 31);
+  messageDesc(file_agentlog_v1_session, 35);
 
 /**
  * ToolCallCompleted: a tool call returned.
@@ -1273,7 +1516,7 @@ export type ToolCallCompleted = Message<"agentlog.v1.ToolCallCompleted"> & {
  * Use `create(ToolCallCompletedSchema)` to create a new message.
  */
 export const ToolCallCompletedSchema: GenMessage<ToolCallCompleted> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 32);
+  messageDesc(file_agentlog_v1_session, 36);
 
 /**
  * ToolCallFailed: a tool call failed.
@@ -1329,7 +1572,7 @@ export type ToolCallFailed = Message<"agentlog.v1.ToolCallFailed"> & {
  * Use `create(ToolCallFailedSchema)` to create a new message.
  */
 export const ToolCallFailedSchema: GenMessage<ToolCallFailed> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 33);
+  messageDesc(file_agentlog_v1_session, 37);
 
 /**
  * StatePatched: the agent's state was patched.
@@ -1378,7 +1621,7 @@ export type StatePatched = Message<"agentlog.v1.StatePatched"> & {
  * Use `create(StatePatchedSchema)` to create a new message.
  */
 export const StatePatchedSchema: GenMessage<StatePatched> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 34);
+  messageDesc(file_agentlog_v1_session, 38);
 
 /**
  * ContextCompacted: the conversation context was compacted.
@@ -1434,7 +1677,7 @@ export type ContextCompacted = Message<"agentlog.v1.ContextCompacted"> & {
  * Use `create(ContextCompactedSchema)` to create a new message.
  */
 export const ContextCompactedSchema: GenMessage<ContextCompacted> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 35);
+  messageDesc(file_agentlog_v1_session, 39);
 
 /**
  * ApprovalRequested: a tool call waits for a person's approval.
@@ -1497,7 +1740,7 @@ export type ApprovalRequested = Message<"agentlog.v1.ApprovalRequested"> & {
  * Use `create(ApprovalRequestedSchema)` to create a new message.
  */
 export const ApprovalRequestedSchema: GenMessage<ApprovalRequested> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 36);
+  messageDesc(file_agentlog_v1_session, 40);
 
 /**
  * ApprovalResolved: an approval was decided.
@@ -1546,7 +1789,7 @@ export type ApprovalResolved = Message<"agentlog.v1.ApprovalResolved"> & {
  * Use `create(ApprovalResolvedSchema)` to create a new message.
  */
 export const ApprovalResolvedSchema: GenMessage<ApprovalResolved> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 37);
+  messageDesc(file_agentlog_v1_session, 41);
 
 /**
  * RunErrored: a run failed.
@@ -1581,7 +1824,7 @@ export type RunErrored = Message<"agentlog.v1.RunErrored"> & {
  * Use `create(RunErroredSchema)` to create a new message.
  */
 export const RunErroredSchema: GenMessage<RunErrored> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 38);
+  messageDesc(file_agentlog_v1_session, 42);
 
 /**
  * RunFinished: a run ended.
@@ -1637,7 +1880,7 @@ export type RunFinished = Message<"agentlog.v1.RunFinished"> & {
  * Use `create(RunFinishedSchema)` to create a new message.
  */
 export const RunFinishedSchema: GenMessage<RunFinished> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 39);
+  messageDesc(file_agentlog_v1_session, 43);
 
 /**
  * ToolCall is a tool invocation the model asked for.
@@ -1672,7 +1915,7 @@ export type ToolCall = Message<"agentlog.v1.ToolCall"> & {
  * Use `create(ToolCallSchema)` to create a new message.
  */
 export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 40);
+  messageDesc(file_agentlog_v1_session, 44);
 
 /**
  * ToolResultSummary is what a tool call returned.
@@ -1707,7 +1950,7 @@ export type ToolResultSummary = Message<"agentlog.v1.ToolResultSummary"> & {
  * Use `create(ToolResultSummarySchema)` to create a new message.
  */
 export const ToolResultSummarySchema: GenMessage<ToolResultSummary> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 41);
+  messageDesc(file_agentlog_v1_session, 45);
 
 /**
  * StatePatch is a change to the agent's state.
@@ -1742,7 +1985,7 @@ export type StatePatch = Message<"agentlog.v1.StatePatch"> & {
  * Use `create(StatePatchSchema)` to create a new message.
  */
 export const StatePatchSchema: GenMessage<StatePatch> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 42);
+  messageDesc(file_agentlog_v1_session, 46);
 
 /**
  * TokenUsage counts a model call's tokens. Each count defaults to 0.
@@ -1784,7 +2027,7 @@ export type TokenUsage = Message<"agentlog.v1.TokenUsage"> & {
  * Use `create(TokenUsageSchema)` to create a new message.
  */
 export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 43);
+  messageDesc(file_agentlog_v1_session, 47);
 
 /**
  * ReadDirection says which way a ranged read goes.
@@ -2020,7 +2263,10 @@ export const StatePatchSourceSchema: GenEnum<StatePatchSource> = /*@__PURE__*/
   enumDesc(file_agentlog_v1_session, 4);
 
 /**
- * SessionRepository stores append-only event logs, one per session.
+ * SessionRepository stores append-only event logs: sessions, each with one or
+ * more branches ("main" unless a caller names another). Every request that
+ * names a session takes a branch_id; empty means "main", so a caller that never
+ * names a branch works with one log a session.
  *
  * @generated from service agentlog.v1.SessionRepository
  */
@@ -2107,6 +2353,23 @@ export const SessionRepository: GenService<{
     methodKind: "server_streaming";
     input: typeof SubscribeSessionRequestSchema;
     output: typeof SubscribeSessionResponseSchema;
+  },
+  /**
+   * ForkSession makes a new branch, of the same session or of a new one, whose
+   * records 1 to up_to_sequence are copies of the source branch's: the same
+   * events and timestamps under new record ids (ids are unique across the
+   * store), parents that point into the copied records pointing to the copies,
+   * other parents kept. After it, both go their own way. Atomic: the new branch
+   * exists whole or not at all. NOT_FOUND when the source lacks sequence
+   * up_to_sequence; ALREADY_EXISTS when the new branch exists; FAILED_PRECONDITION
+   * when expected_sequence does not hold.
+   *
+   * @generated from rpc agentlog.v1.SessionRepository.ForkSession
+   */
+  forkSession: {
+    methodKind: "unary";
+    input: typeof ForkSessionRequestSchema;
+    output: typeof ForkSessionResponseSchema;
   },
   /**
    * SubscribeAll streams every record appended through this store, in commit
