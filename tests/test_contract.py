@@ -26,6 +26,7 @@ from agentlog import (
 from agentlog.protocol import AsyncSessionRepository
 from agentlog.server import BlockingStore, JsonlSessionRepository, MemorySessionRepository
 from agentlog.server.postgres import PostgresBackend
+from tests.branch_contract import BranchContract
 from tests.contract import FeedContract
 from tests.pg import database
 from tests.servers import LoopThread, running_server
@@ -39,7 +40,10 @@ T = TypeVar("T")
 BACKENDS: dict[str, Callable[[Path], BlockingStore]] = {
     "memory": lambda _: MemorySessionRepository(),
     "jsonl": JsonlSessionRepository,
+    "jsonl-branches": lambda root: JsonlSessionRepository(root, layout="branches"),
 }
+# Those that hold branches other than "main" (the JSONL seed layout holds only it).
+BRANCHED = ["memory", "jsonl-branches", "postgresql"]
 
 
 @contextmanager
@@ -82,6 +86,22 @@ def target(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """A real server on a free port over one of the backends, shared by a module's tests."""
+    with SERVED_BACKENDS[request.param](tmp_path_factory.mktemp(request.param)) as address:
+        yield address
+
+
+@pytest.fixture(params=[name for name in BRANCHED if name in BACKENDS])
+def branched_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockingStore]:
+    opened = BACKENDS[request.param](tmp_path)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture(scope="module", params=BRANCHED)
+def branched_target(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A real server over one of the backends that hold branches."""
     with SERVED_BACKENDS[request.param](tmp_path_factory.mktemp(request.param)) as address:
         yield address
 
@@ -174,13 +194,36 @@ class BlockingAsyncClient:
 class TestAsyncClient(FeedContract):
     @pytest.fixture
     def repo(self, target: str) -> Iterator[Any]:
-        loop = LoopThread()
+        yield from _async_client(target)
 
-        async def connect() -> AsyncAgentlogClient:
-            return AsyncAgentlogClient(target)
 
-        client = loop.run(connect())
-        assert isinstance(client, AsyncSessionRepository)
-        yield BlockingAsyncClient(loop, client)
-        loop.run(client.close())
-        loop.close()
+def _async_client(target: str) -> Iterator[BlockingAsyncClient]:
+    loop = LoopThread()
+
+    async def connect() -> AsyncAgentlogClient:
+        return AsyncAgentlogClient(target)
+
+    client = loop.run(connect())
+    assert isinstance(client, AsyncSessionRepository)
+    yield BlockingAsyncClient(loop, client)
+    loop.run(client.close())
+    loop.close()
+
+
+class TestBranchesInProcess(BranchContract):
+    @pytest.fixture
+    def repo(self, branched_store: BlockingStore) -> BlockingStore:
+        return branched_store
+
+
+class TestBranchesClient(BranchContract):
+    @pytest.fixture
+    def repo(self, branched_target: str) -> Iterator[AgentlogClient]:
+        with AgentlogClient(branched_target) as client:
+            yield client
+
+
+class TestBranchesAsyncClient(BranchContract):
+    @pytest.fixture
+    def repo(self, branched_target: str) -> Iterator[Any]:
+        yield from _async_client(branched_target)

@@ -23,12 +23,15 @@ import {
   AppendBatchRequestSchema,
   AppendRequestSchema,
   BatchEventSchema,
+  ForkSessionRequestSchema,
   ReadDirection,
   SessionRepository,
   type SubscribeAllResponse,
   type SubscribeSessionResponse,
 } from "./gen/agentlog/v1/session_pb.js";
 import {
+  type BranchInfo,
+  branchFromMessage,
   CaughtUp,
   Checkpoint,
   type EventRecord,
@@ -76,8 +79,10 @@ export interface AppendInput {
   parentId?: string | null;
   /** A canonical UUID; made here when absent, so that a retry is stored once. */
   id?: string;
-  /** The session's last sequence must be this (0: no events yet), or nothing is written. */
+  /** The branch's last sequence must be this (0: no events yet), or nothing is written. */
   expectedSequence?: bigint | number;
+  /** The branch to append to (default "main"). */
+  branchId?: string;
 }
 
 export interface NewEvent {
@@ -92,6 +97,19 @@ export interface ReadOptions {
   /** The most records (absent: all). */
   limit?: bigint | number;
   direction?: "forwards" | "backwards";
+  /** The branch to read (default "main"). */
+  branchId?: string;
+}
+
+export interface ForkOptions {
+  /** The source branch (default "main"). */
+  branchId?: string;
+  /** Fork only if the source branch's last sequence is this. */
+  expectedSequence?: bigint | number;
+  /** The new branch; required within the same session ("main" in a new one). */
+  newBranchId?: string;
+  /** Make the new branch in this new session (default: the source session). */
+  newSessionId?: string;
 }
 
 export interface SubscribeOptions {
@@ -106,6 +124,8 @@ export interface SubscribeAllOptions extends SubscribeOptions {
   sessionIdPrefix?: string;
   /** Only events of these kinds, e.g. ["run_finished"]. */
   partTypes?: AgentEvent["part_type"][];
+  /** Only records of branches with this id (of any session); absent: every branch. */
+  branchId?: string;
 }
 
 function backoffMs(attempt: number): number {
@@ -122,6 +142,11 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
     }
     signal?.addEventListener("abort", done, { once: true });
   });
+}
+
+/** A branch id as a request carries it: "" for "main" (the default). */
+function branch(branchId: string | undefined): string {
+  return branchId === undefined || branchId === "main" ? "" : branchId;
 }
 
 function checkId(id: string | undefined, where: string): string {
@@ -228,6 +253,7 @@ export class AgentlogClient {
       event,
       id: checkId(input.id, "id"),
       omitEvent: true, // the answer leaves out the event this client already has
+      branchId: branch(input.branchId),
       ...(input.parentId != null && { parentId: input.parentId }),
       ...(input.expectedSequence !== undefined && {
         expectedSequence: toU64(input.expectedSequence, "expectedSequence"),
@@ -242,7 +268,7 @@ export class AgentlogClient {
   async appendBatch(
     sessionId: string,
     events: NewEvent[],
-    options: { expectedSequence?: bigint | number } = {},
+    options: { expectedSequence?: bigint | number; branchId?: string } = {},
   ): Promise<EventRecord[]> {
     const messages = events.map((item, index) =>
       create(BatchEventSchema, {
@@ -255,6 +281,7 @@ export class AgentlogClient {
       sessionId,
       events: messages,
       omitEvents: true,
+      branchId: branch(options.branchId),
       ...(options.expectedSequence !== undefined && {
         expectedSequence: toU64(options.expectedSequence, "expectedSequence"),
       }),
@@ -279,6 +306,7 @@ export class AgentlogClient {
       fromSequence: toU64(options.fromSequence ?? 0, "fromSequence"),
       limit: toU64(options.limit ?? 0, "limit"),
       direction: direction === "backwards" ? ReadDirection.BACKWARDS : ReadDirection.FORWARDS,
+      branchId: branch(options.branchId),
     };
     if (options.limit !== undefined && request.limit === 0n) {
       throw new InvalidArgumentError("limit must be at least 1 (leave it out for no limit)", {
@@ -337,10 +365,42 @@ export class AgentlogClient {
     }
   }
 
-  /** A session's latest record; null when it has none. */
-  async head(sessionId: string): Promise<EventRecord | null> {
-    const response = await this.unary((options) => this.client.head({ sessionId }, options));
+  /** A branch's latest record (of "main" unless named); null when it has none. */
+  async head(sessionId: string, branchId?: string): Promise<EventRecord | null> {
+    const request = { sessionId, branchId: branch(branchId) };
+    const response = await this.unary((options) => this.client.head(request, options));
     return response.record === undefined ? null : recordFromMessage(response.record);
+  }
+
+  /**
+   * Make a new branch whose records 1 to `upToSequence` are copies of a branch's (the
+   * same events and timestamps under new ids; parents inside the copied records point
+   * to the copies); the new branch, with `forkedFrom`. Not retried: a retry after a
+   * lost answer would find the branch made and fail (look with `head`).
+   */
+  async forkSession(
+    sessionId: string,
+    upToSequence: bigint | number,
+    options: ForkOptions = {},
+  ): Promise<BranchInfo> {
+    const request = create(ForkSessionRequestSchema, {
+      sessionId,
+      branchId: branch(options.branchId),
+      upToSequence: toU64(upToSequence, "upToSequence"),
+      newBranchId: options.newBranchId ?? "",
+      newSessionId: options.newSessionId ?? "",
+      ...(options.expectedSequence !== undefined && {
+        expectedSequence: toU64(options.expectedSequence, "expectedSequence"),
+      }),
+    });
+    let response;
+    try {
+      response = await this.client.forkSession(request, this.options());
+    } catch (error) {
+      throw toAgentlogError(error, this.closed);
+    }
+    if (response.branch === undefined) throw new AgentlogError("the server sent no branch");
+    return branchFromMessage(response.branch);
   }
 
   /** One page of sessions in session id (byte) order. */
@@ -370,14 +430,15 @@ export class AgentlogClient {
    */
   async *subscribeSession(
     sessionId: string,
-    options: SubscribeOptions & { fromSequence?: bigint | number } = {},
+    options: SubscribeOptions & { fromSequence?: bigint | number; branchId?: string } = {},
   ): AsyncGenerator<EventRecord | CaughtUp> {
     let next =
       options.fromSequence === undefined ? undefined : toU64(options.fromSequence, "fromSequence");
+    const branchId = branch(options.branchId);
     yield* this.resuming(
       (signal) =>
         this.client.subscribeSession(
-          { sessionId, ...(next !== undefined && { fromSequence: next }) },
+          { sessionId, branchId, ...(next !== undefined && { fromSequence: next }) },
           { signal },
         ),
       (response: SubscribeSessionResponse): (EventRecord | CaughtUp)[] => {
@@ -410,6 +471,7 @@ export class AgentlogClient {
     const filters = {
       sessionIdPrefix: options.sessionIdPrefix ?? "",
       partTypes: options.partTypes ?? [],
+      branchId: options.branchId ?? "",
     };
     yield* this.resuming(
       (signal) =>
@@ -435,6 +497,7 @@ export class AgentlogClient {
                 kind.value.sessionId,
                 kind.value.reason,
                 kind.value.message,
+                kind.value.branchId || "main",
               ),
             ];
           case "records": {

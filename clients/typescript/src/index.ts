@@ -5,6 +5,7 @@ export {
   type AppendInput,
   type ClientOptions,
   DEFAULT_TARGET,
+  type ForkOptions,
   type NewEvent,
   type ReadOptions,
   type SubscribeAllOptions,
@@ -63,11 +64,13 @@ export {
   UnrepresentableJsonError,
 } from "./json.js";
 export {
+  type BranchInfo,
   CaughtUp,
   Checkpoint,
   type EventRecord,
   FeedGap,
   FeedRecord,
+  type ForkedFrom,
   type SessionInfo,
   type SessionPage,
 } from "./records.js";

@@ -3,6 +3,7 @@
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 
 import type {
+  BranchInfo as BranchInfoMessage,
   EventRecord as EventRecordMessage,
   SessionInfo as SessionInfoMessage,
 } from "./gen/agentlog/v1/session_pb.js";
@@ -13,6 +14,8 @@ export interface EventRecord {
   /** The record's id (a UUID). */
   id: string;
   sessionId: string;
+  /** The branch of the session it belongs to ("main" unless named). */
+  branchId: string;
   /** The record this one follows in the event tree; null for a root. */
   parentId: string | null;
   /** When the store accepted the event (to the millisecond; `nanos` has the rest). */
@@ -21,7 +24,7 @@ export interface EventRecord {
   nanos: number;
   /** The timestamp as nanoseconds since the Unix epoch. */
   timestampNs: bigint;
-  /** The record's place in its session: 1, 2, 3, ... */
+  /** The record's place in its branch: 1, 2, 3, ... */
   sequence: bigint;
   event: AgentEvent;
 }
@@ -50,8 +53,8 @@ export class FeedRecord {
   ) {}
 }
 
-/** Feed positions, all of one session, that the server could not read (its file is
- * damaged); the feed goes on after them. */
+/** Feed positions, all of one branch of a session, that the server could not read
+ * (its file is damaged); the feed goes on after them. */
 export class FeedGap {
   constructor(
     readonly firstPosition: bigint,
@@ -59,17 +62,42 @@ export class FeedGap {
     readonly sessionId: string,
     readonly reason: string,
     readonly message: string,
+    readonly branchId: string = "main",
   ) {}
 }
 
-export interface SessionInfo {
+/** Where a forked branch came from: its records 1 to `sequence` are copies of those
+ * of `branchId` of `sessionId`. */
+export interface ForkedFrom {
   sessionId: string;
-  /** How many events it holds, which is also its last sequence. */
+  branchId: string;
+  sequence: bigint;
+}
+
+/** One branch of a session. */
+export interface BranchInfo {
+  branchId: string;
+  /** How many records it holds, which is also its last sequence. */
   eventCount: bigint;
   firstTimestamp: Date;
   lastTimestamp: Date;
   /** The id of its last record. */
   headId: string;
+  /** Where it was forked from; null if it was not. */
+  forkedFrom: ForkedFrom | null;
+}
+
+export interface SessionInfo {
+  sessionId: string;
+  /** How many records it holds in all its branches (with one, its last sequence). */
+  eventCount: bigint;
+  /** Its earliest record's time, and its latest's. */
+  firstTimestamp: Date;
+  lastTimestamp: Date;
+  /** The id of the last record of its "main" branch (of its first, if none). */
+  headId: string;
+  /** Its branches, in byte order of their ids. */
+  branches: BranchInfo[];
 }
 
 export interface SessionPage {
@@ -91,12 +119,32 @@ export function recordFromMessage(message: EventRecordMessage, sent?: AgentEvent
   return {
     id: message.id,
     sessionId: message.sessionId,
+    branchId: message.branchId || "main",
     parentId: message.parentId ?? null,
     timestamp: toDate(timestamp),
     nanos: timestamp?.nanos ?? 0,
     timestampNs: timestamp ? timestamp.seconds * 1_000_000_000n + BigInt(timestamp.nanos) : 0n,
     sequence: message.sequence,
     event,
+  };
+}
+
+export function branchFromMessage(message: BranchInfoMessage): BranchInfo {
+  const forked = message.forkedFrom;
+  return {
+    branchId: message.branchId || "main",
+    eventCount: message.eventCount,
+    firstTimestamp: toDate(message.firstTimestamp),
+    lastTimestamp: toDate(message.lastTimestamp),
+    headId: message.headId,
+    forkedFrom:
+      forked === undefined
+        ? null
+        : {
+            sessionId: forked.sessionId,
+            branchId: forked.branchId || "main",
+            sequence: forked.sequence,
+          },
   };
 }
 
@@ -107,5 +155,6 @@ export function sessionFromMessage(message: SessionInfoMessage): SessionInfo {
     firstTimestamp: toDate(message.firstTimestamp),
     lastTimestamp: toDate(message.lastTimestamp),
     headId: message.headId,
+    branches: message.branches.map(branchFromMessage),
   };
 }

@@ -1,5 +1,5 @@
-"""What the `agentlog` subcommands other than `serve` do: migrate, copy, health, tail
-(`cli.py` parses their arguments)."""
+"""What the `agentlog` subcommands other than `serve` do: migrate, copy, health, tail,
+fork (`cli.py` parses their arguments)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def copy(args: argparse.Namespace) -> int:
                 progress=sys.stderr,
                 connect_timeout=args.connect_timeout,
                 summary=summary,
+                layout=args.layout,
             )
         )
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
@@ -144,6 +145,7 @@ def tail(args: argparse.Namespace) -> int:
                 from_position=args.from_sequence,
                 session_id_prefix=args.prefix,
                 part_types=args.kind,
+                branch_id=args.branch or "",
             )
             for entry in feed:
                 if isinstance(entry, Checkpoint):
@@ -152,14 +154,73 @@ def tail(args: argparse.Namespace) -> int:
                 if line is not None:
                     print(line[: args.width], flush=True)
             return 0
+        branch = args.branch or "main"
         start = args.from_sequence
         if start is None:
-            head = client.head(args.session_id)
+            head = client.head(args.session_id, branch)
             start = max((head.sequence if head else 0) - max(args.lines, 0), 0) + 1
-        for item in client.subscribe_session(args.session_id, from_sequence=start):
+        for item in client.subscribe_session(
+            args.session_id, from_sequence=start, branch_id=branch
+        ):
             line = describe(item)
             if line is not None:
                 print(line[: args.width], flush=True)
+    return 0
+
+
+def fork(args: argparse.Namespace) -> int:
+    """`agentlog fork`: make a branch from another's first records; print it."""
+    from agentlog._records import format_timestamp
+    from agentlog.client import AgentlogClient
+    from agentlog.errors import AgentlogError
+
+    problem = _unresolvable(args.addr)
+    if problem is not None:
+        print(f"agentlog fork: {problem}", file=sys.stderr)
+        return 2
+    if not args.to_branch and not args.to_session:
+        print(
+            "agentlog fork: name the new branch (--to-branch) or session (--to-session)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        client = AgentlogClient(args.addr, tls=_client_tls(args), token=args.token)
+    except (OSError, ValueError) as exc:
+        print(f"agentlog fork: {exc}", file=sys.stderr)
+        return 2
+    with client:
+        try:
+            up_to = args.at
+            if up_to is None:
+                head = client.head(args.session_id, args.branch)
+                up_to = head.sequence if head is not None else 0
+                if up_to == 0:
+                    print(
+                        f"agentlog fork: session {args.session_id!r} has no records in branch "
+                        f"{args.branch!r}: nothing to fork",
+                        file=sys.stderr,
+                    )
+                    return 1
+            made = client.fork_session(
+                args.session_id,
+                up_to,
+                branch_id=args.branch,
+                expected_sequence=args.expect,
+                new_branch_id=args.to_branch or "",
+                new_session_id=args.to_session or "",
+            )
+        except AgentlogError as exc:
+            print(f"agentlog fork: {exc.status_name}: {exc.message}", file=sys.stderr)
+            return 1
+    session = args.to_session or args.session_id
+    origin = made.forked_from
+    source = f"{origin.session_id} {origin.branch_id} 1-{origin.sequence}" if origin else "?"
+    print(
+        f"forked {source} into session {session} branch {made.branch_id}: "
+        f"{made.event_count} record(s), head {made.head_id}, last at "
+        f"{format_timestamp(made.last_timestamp_ns)}"
+    )
     return 0
 
 

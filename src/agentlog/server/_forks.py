@@ -108,9 +108,15 @@ class IdDeriver:
     form of random (version 4) UUIDs. Different for every fork (its own key)."""
 
     def __init__(self, key: bytes | None = None) -> None:
-        self._key = key if key is not None else os.urandom(16)
+        self._keyed = hashlib.blake2b(
+            key=key if key is not None else os.urandom(16), digest_size=16
+        )
 
     def __call__(self, source_id: str) -> str:
-        raw = hashlib.blake2b(source_id.encode(), key=self._key, digest_size=16).hexdigest()
-        variant = "89ab"[int(raw[16], 16) & 3]
-        return f"{raw[:8]}-{raw[8:12]}-4{raw[13:16]}-{variant}{raw[17:20]}-{raw[20:32]}"
+        keyed = self._keyed.copy()
+        keyed.update(source_id.encode())
+        raw = bytearray(keyed.digest())
+        raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+        raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+        text = raw.hex()
+        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"

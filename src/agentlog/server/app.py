@@ -283,6 +283,7 @@ async def serve(
     sync: str = "always",
     sync_interval_ms: int = 100,
     read_only: bool = False,
+    layout: str | None = None,
     pool_size: int = 10,
     statement_timeout_ms: int = 30_000,
     connect_timeout: float = 30.0,
@@ -311,6 +312,11 @@ async def serve(
                 "--read-only serves a JSONL directory; to keep callers of a PostgreSQL store "
                 "to reads, give them credentials that grant only read (--auth-file)"
             )
+        if layout is not None:
+            raise OSError(
+                "--layout is a JSONL directory's file layout; PostgreSQL holds branches "
+                "in every case: leave it unset (and AGENTLOG_LAYOUT) with --store postgresql://"
+            )
 
         served = await PostgresBackend.open(
             store,
@@ -326,10 +332,14 @@ async def serve(
         raise_open_files_limit()
         root = Path(store) if store else data_dir
         jsonl = JsonlSessionRepository(
-            root, sync=sync, sync_interval_ms=sync_interval_ms, read_only=read_only
+            root,
+            sync=sync,
+            sync_interval_ms=sync_interval_ms,
+            read_only=read_only,
+            layout=layout,
         )
         repository = served = jsonl
-        where = f"data dir {jsonl.root}, " + (
+        where = f"data dir {jsonl.root} ({jsonl.layout} layout), " + (
             "read-only" if read_only else f"sync {jsonl.sync_policy}"
         )
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agentlog.errors import AgentlogError
-from agentlog.server._commands import copy, health, migrate, tail
+from agentlog.server._commands import copy, fork, health, migrate, tail
 from agentlog.server.app import (
     DEFAULT_CONNECTION_AGE_GRACE,
     DEFAULT_GRACE_SECONDS,
@@ -111,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=os.environ.get("AGENTLOG_SYNC_INTERVAL_MS", "100"),
         help="with --sync interval: how often to sync (env AGENTLOG_SYNC_INTERVAL_MS)",
+    )
+    serve_cmd.add_argument(
+        "--layout",
+        choices=["seed", "branches"],
+        default=os.environ.get("AGENTLOG_LAYOUT") or None,
+        help="arcan's file layout for a new JSONL directory: seed (<session>.jsonl, the "
+        "branch main only; what arcan's first store reads) or branches "
+        "(<session>__<branch>.jsonl, as newest arcan; needed for branches and forks "
+        "within a session); an existing directory keeps the layout its files have, and "
+        "one that differs from this is refused; unset: seed (env AGENTLOG_LAYOUT)",
     )
     serve_cmd.add_argument(
         "--read-only",
@@ -223,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     copy_cmd.add_argument("source", metavar="FROM")
     copy_cmd.add_argument("destination", metavar="TO")
+    copy_cmd.add_argument(
+        "--layout",
+        choices=["seed", "branches"],
+        default=None,
+        help="with a new JSONL directory TO: arcan's layout to write it in, seed "
+        "(<session>.jsonl; one branch, main) or branches (<session>__<branch>.jsonl, as "
+        "newest arcan); default: TO's own layout if it has one, else seed",
+    )
     for command in (migrate_cmd, copy_cmd):
         command.add_argument(
             "--connect-timeout",
@@ -282,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --all: only events of this kind (repeatable), e.g. run_finished",
     )
     tail_cmd.add_argument(
+        "--branch",
+        default=None,
+        help="the branch to follow (default: main); with --all, only records of branches "
+        "with this id",
+    )
+    tail_cmd.add_argument(
         "--addr",
         default=os.environ.get("AGENTLOG_ADDR", DEFAULT_ADDR),
         help="the server's host:port (env AGENTLOG_ADDR)",
@@ -300,6 +324,44 @@ def build_parser() -> argparse.ArgumentParser:
     tail_cmd.add_argument(
         "--width", type=_positive_int, default=160, help="cut lines longer than this"
     )
+    fork_cmd = commands.add_parser(
+        "fork",
+        help="make a new branch from another branch's first records",
+        description=(
+            "Ask a server to fork a branch: a new branch (of the same session, or of a new "
+            "one) whose records 1 to --at are copies of the source's (same events and "
+            "timestamps, new ids), after which both go their own way. Prints the new branch."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    fork_cmd.add_argument("session_id", metavar="SESSION", help="the session to fork from")
+    fork_cmd.add_argument("--branch", default="main", help="the branch to fork from")
+    fork_cmd.add_argument(
+        "--at",
+        type=_positive_int,
+        default=None,
+        help="copy records 1 to this sequence (default: the branch's last)",
+    )
+    fork_cmd.add_argument(
+        "--to-branch", default=None, help="the new branch (required within the same session)"
+    )
+    fork_cmd.add_argument(
+        "--to-session",
+        default=None,
+        help="make the new branch in this new session (its branch: main unless --to-branch)",
+    )
+    fork_cmd.add_argument(
+        "--expect",
+        type=int,
+        default=None,
+        help="fork only if the source branch's last sequence is this",
+    )
+    fork_cmd.add_argument(
+        "--addr",
+        default=os.environ.get("AGENTLOG_ADDR", DEFAULT_ADDR),
+        help="the server's host:port (env AGENTLOG_ADDR)",
+    )
+    _add_client_tls_options(fork_cmd)
     return parser
 
 
@@ -394,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "health":
         return health(args)
+    if args.command == "fork":
+        return fork(args)
     if args.command == "tail":
         try:
             return tail(args)
@@ -434,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                 sync=args.sync,
                 sync_interval_ms=args.sync_interval_ms,
                 read_only=args.read_only,
+                layout=args.layout,
                 metrics_address=args.metrics_addr,
                 version=_version(),
             )

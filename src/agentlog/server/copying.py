@@ -1,6 +1,7 @@
-"""`agentlog copy FROM TO`: every session of one store into another.
+"""`agentlog copy FROM TO`: every session (every branch of it) of one store into another.
 
-Each side is a JSONL data directory or a PostgreSQL URL. The source is only
+Each side is a JSONL data directory (in either of arcan's layouts; a new one takes
+`layout`) or a PostgreSQL URL. The source is only
 read (a JSONL source is opened read-only: nothing is written in it, and a
 source being written by a running server is refused). Records keep their ids,
 sequences, parents, timestamps and JSON values exactly as the source holds
@@ -26,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from agentlog._records import SessionInfo, StoredRecord
+from agentlog._records import BranchInfo, SessionInfo, StoredRecord
+from agentlog._validation import MAIN
 from agentlog.errors import AgentlogError, FailedPreconditionError, InvalidArgumentError
 from agentlog.server._listing import SessionQuery
-from agentlog.server._rules import PendingAppend, Prepared
+from agentlog.server._rules import PendingAppend, Prepared, named
 from agentlog.server.backend import Backend
 
 # Records read from the source at a time; a destination append holds at most
@@ -43,11 +45,12 @@ PROGRESS_SECONDS = 0.2
 
 @dataclass
 class Failure:
-    """A session the copy could not finish, and why (with the file and line, if any)."""
+    """A branch the copy could not finish, and why (with the file and line, if any)."""
 
     session_id: str
     reason: str
     message: str
+    branch_id: str = MAIN
 
 
 @dataclass
@@ -73,24 +76,30 @@ class CopySummary:
             f"{self.complete_already:,} session(s) were already complete"
         )
         if self.failures:
-            text += f"; {len(self.failures):,} session(s) could not be copied"
+            text += f"; {self.failed_sessions():,} session(s) could not be copied"
         return text
+
+    def failed_sessions(self) -> int:
+        return len({failure.session_id for failure in self.failures})
 
     def describe_failures(self) -> str:
         """The sessions that could not be copied, each with why."""
-        lines = [f"{len(self.failures):,} session(s) could not be copied:"]
-        for failure in sorted(self.failures, key=lambda f: f.session_id.encode()):
-            lines.append(f"  {failure.session_id!r}: {failure.message} ({failure.reason})")
+        lines = [f"{self.failed_sessions():,} session(s) could not be copied:"]
+        for failure in sorted(
+            self.failures, key=lambda f: (f.session_id.encode(), f.branch_id.encode())
+        ):
+            name = named(failure.session_id, failure.branch_id)
+            lines.append(f"  {name}: {failure.message} ({failure.reason})")
         lines.append("run the same copy again once they are fixed: it finishes them")
         return "\n".join(lines)
 
 
 @asynccontextmanager
 async def open_store(
-    where: str, *, source: bool, connect_timeout: float = 30.0
+    where: str, *, source: bool, connect_timeout: float = 30.0, layout: str | None = None
 ) -> AsyncIterator[Backend]:
     """The store `where` names (a postgresql:// URL or a JSONL directory), as a Backend;
-    a JSONL `source` is opened read-only."""
+    a JSONL `source` is opened read-only; a new JSONL directory takes `layout`."""
     from agentlog.server.postgres import PostgresBackend, is_postgres_url
 
     if is_postgres_url(where):
@@ -105,7 +114,7 @@ async def open_store(
     root = Path(where)
     if source:
         _check_source(root)
-    store = JsonlSessionRepository(root, read_only=source)
+    store = JsonlSessionRepository(root, read_only=source, layout=None if source else layout)
     try:
         threaded = store.backend(ThreadPoolExecutor(4, thread_name_prefix="agentlog-copy"))
         try:
@@ -190,16 +199,20 @@ async def copy_store(
     progress: TextIO | None,
     connect_timeout: float = 30.0,
     summary: CopySummary | None = None,
+    layout: str | None = None,
 ) -> CopySummary:
-    """Copy every session of `source` into `destination`; what was copied (into
-    `summary`, if given, as it goes: an interrupted copy can still say it)."""
+    """Copy every session of `source` into `destination` (a new JSONL directory in
+    `layout`); what was copied (into `summary`, if given, as it goes: an interrupted
+    copy can still say it)."""
     if source.rstrip("/") == destination.rstrip("/"):
         raise InvalidArgumentError("FROM and TO are the same store")
     summary = summary if summary is not None else CopySummary()
     stopping = _stop_on_interrupt(summary)
     async with (
         open_store(source, source=True, connect_timeout=connect_timeout) as src,
-        open_store(destination, source=False, connect_timeout=connect_timeout) as dst,
+        open_store(
+            destination, source=False, connect_timeout=connect_timeout, layout=layout
+        ) as dst,
     ):
         infos = await _sessions(src)
         shown = _Progress(progress, len(infos))
@@ -209,15 +222,24 @@ async def copy_store(
             for info in waiting:  # shared: each session is taken by one worker
                 if summary.stopped():
                     return
-                try:
-                    copied = await _copy_session(src, dst, info, summary, shown)
-                except AgentlogError as exc:  # that session's alone: the others go on
-                    summary.failures.append(
-                        Failure(info.session_id, exc.reason or exc.status_name, exc.message)
-                    )
-                    copied = -1
+                complete = True
+                for branch in info.branches:
+                    try:
+                        copied = await _copy_branch(
+                            src, dst, info.session_id, branch, summary=summary, shown=shown
+                        )
+                    except AgentlogError as exc:  # that branch's alone: the others go on
+                        failure = Failure(
+                            info.session_id,
+                            exc.reason or exc.status_name,
+                            exc.message,
+                            branch.branch_id,
+                        )
+                        summary.failures.append(failure)
+                        copied = -1
+                    complete = complete and copied == 0
                 summary.sessions += 1
-                summary.complete_already += copied == 0
+                summary.complete_already += complete
                 shown.show(summary)
 
         try:
@@ -250,15 +272,21 @@ def _stop_on_interrupt(summary: CopySummary) -> Callable[[], None]:
     return undo
 
 
-async def _copy_session(
-    src: Backend, dst: Backend, info: SessionInfo, summary: CopySummary, shown: _Progress
+async def _copy_branch(
+    src: Backend,
+    dst: Backend,
+    session_id: str,
+    info: BranchInfo,
+    *,
+    summary: CopySummary,
+    shown: _Progress,
 ) -> int:
-    """Copy what `dst` lacks of one session; how many records that was."""
-    session_id, last = info.session_id, info.event_count
-    head = await dst.head(session_id)
+    """Copy what `dst` lacks of one branch; how many records that was."""
+    branch_id, last = info.branch_id, info.event_count
+    head = await dst.head(session_id, branch_id)
     held = head.sequence if head is not None else 0
     if head is not None:
-        mine = await src.read_stored(session_id, held, 1)
+        mine = await src.read_stored(session_id, held, 1, branch_id)
         if held > last or not mine or mine[0].id != head.id:
             raise FailedPreconditionError(
                 f"the destination holds {held} record(s) of it that are not the source's "
@@ -268,7 +296,7 @@ async def _copy_session(
     copied = 0
     sequence = held + 1
     while sequence <= last and not summary.stopped():
-        records = await src.read_stored(session_id, sequence, READ_STEP)
+        records = await src.read_stored(session_id, sequence, READ_STEP, branch_id)
         if not records:
             break
         for run in _runs(records):
@@ -276,7 +304,13 @@ async def _copy_session(
                 break
             batch = [Prepared(r.id, r.parent_id, r.event_json) for r in run]
             await dst.append(
-                PendingAppend(session_id, batch, sequence - 1, timestamp_ns=run[0].timestamp_ns)
+                PendingAppend(
+                    session_id,
+                    batch,
+                    sequence - 1,
+                    timestamp_ns=run[0].timestamp_ns,
+                    branch_id=branch_id,
+                )
             )
             sequence += len(run)
             copied += len(run)

@@ -22,7 +22,7 @@ import errno
 import logging
 import os
 import secrets
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,35 +180,90 @@ class Forks(SyncLoops):
     def _copies(self, view: View, plan: ForkPlan) -> Iterator[bytes]:
         """The new branch's lines, a block at a time."""
         derive = IdDeriver()
-        recent: OrderedDict[str, None] = OrderedDict()
-        up_to = plan.up_to_sequence
+        # The ids copied lately, each with its copy's id: most parents are among them.
+        recent: dict[str, str] = {}
+        order: deque[str] = deque()
+        up_to, branches = plan.up_to_sequence, self._branches
+        dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
         for first, lines in self._lines(view, 1, up_to, None):
-            objects = []
-            for sequence, line in enumerate(lines, first):
-                try:
-                    objects.append(checked_line(line, sequence, self._branches))
-                except DecodeError as exc:
-                    offset = self._offset_of(view, sequence)
-                    number = line_number(view.path, offset)
-                    raise corrupt_line(view.path, number, str(exc), sequence, offset) from None
+            objects = [self._copied(view, line, number) for number, line in enumerate(lines, first)]
             inside = self._copied_parents(view, objects, recent, up_to)
             out = []
             for sequence, obj in enumerate(objects, first):
-                parent = obj.get("parent_id")
-                if parent is not None and (parent in recent or parent in inside):
-                    parent = derive(parent)
-                fields = self._fork_line(obj, derive(obj["id"]), sequence, parent, plan)
-                out.append(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
-                recent[obj["id"]] = None
-            while len(recent) > RECENT_IDS:
-                recent.popitem(last=False)
+                parent = obj["parent_id"]
+                if parent is not None:
+                    known = recent.get(parent)
+                    if known is not None:
+                        parent = known
+                    elif parent in inside:
+                        parent = derive(parent)
+                record_id = obj["id"]
+                new_id = derive(record_id)
+                if sequence == 1:
+                    fields = self._fork_line(obj, new_id, parent, plan)
+                elif branches:  # newest arcan's fields, in its order
+                    fields = {
+                        "id": new_id,
+                        "session_id": plan.new_session_id,
+                        "branch_id": plan.new_branch_id,
+                        "sequence": sequence,
+                        "parent_id": parent,
+                        "timestamp": obj["timestamp"],
+                        "event": obj["event"],
+                    }
+                else:  # the seed's fields, then agentlog's sequence
+                    fields = {
+                        "id": new_id,
+                        "session_id": plan.new_session_id,
+                        "parent_id": parent,
+                        "timestamp": obj["timestamp"],
+                        "event": obj["event"],
+                        "sequence": sequence,
+                    }
+                out.append(dumps(fields, option=newline))
+                recent[record_id] = new_id
+                order.append(record_id)
+            while len(order) > RECENT_IDS:
+                del recent[order.popleft()]
             yield b"".join(out)
+
+    def _copied(self, view: View, line: bytes, sequence: int) -> dict[str, Any]:
+        """A source line's JSON, checked as a record of its layout at `sequence` (the
+        common shape at a glance, anything else by `checked_line`, which words what is
+        wrong); DataLossError naming the line if it is no record."""
+        try:
+            obj = orjson.loads(line)
+            if type(obj) is dict:
+                get = obj.get
+                timestamp, event, parent = get("timestamp"), get("event"), get("parent_id")
+                stated = get("sequence") if self._branches else get("sequence", sequence)
+                if (
+                    type(get("id")) is str
+                    and type(get("session_id")) is str
+                    and (not self._branches or type(get("branch_id")) is str)
+                    and (parent is None or type(parent) is str)
+                    and type(timestamp) is str
+                    and len(timestamp) == 30
+                    and timestamp[10] == "T"
+                    and timestamp[19] == "."
+                    and timestamp[29] == "Z"
+                    and type(stated) is int
+                    and stated == sequence
+                    and type(event) is dict
+                    and type(event.get("part_type")) is str
+                ):
+                    return obj
+            return checked_line(line, sequence, self._branches)
+        except (orjson.JSONDecodeError, DecodeError) as exc:
+            offset = self._offset_of(view, sequence)
+            number = line_number(view.path, offset)
+            raise corrupt_line(view.path, number, str(exc), sequence, offset) from None
 
     def _copied_parents(
         self,
         view: View,
         objects: list[dict[str, Any]],
-        recent: OrderedDict[str, None],
+        recent: dict[str, str],
         up_to: int,
     ) -> set[str]:
         """Which parents of a block's records, other than those copied lately or in the
@@ -239,39 +294,24 @@ class Forks(SyncLoops):
         return found
 
     def _fork_line(
-        self, obj: dict[str, Any], record_id: str, sequence: int, parent: Any, plan: ForkPlan
+        self, obj: dict[str, Any], record_id: str, parent: Any, plan: ForkPlan
     ) -> dict[str, Any]:
-        """A copied record's fields, in its layout's order: the source's timestamp and
-        event as they are, the new names, id and parent."""
-        fields: dict[str, Any]
+        """The first copy's fields, in its layout's order, saying where it came from
+        (an extra field, which arcan's readers ignore)."""
+        fields: dict[str, Any] = {"id": record_id, "session_id": plan.new_session_id}
         if self._branches:
-            fields = {
-                "id": record_id,
-                "session_id": plan.new_session_id,
-                "branch_id": plan.new_branch_id,
-                "sequence": sequence,
-                "parent_id": parent,
-                "timestamp": obj["timestamp"],
-                "event": obj["event"],
-            }
+            fields |= {"branch_id": plan.new_branch_id, "sequence": 1}
+        fields |= {"parent_id": parent, "timestamp": obj["timestamp"], "event": obj["event"]}
+        if self._branches:
+            fields["agentlog"] = True  # started here: see layout.FirstLine
         else:
-            fields = {
-                "id": record_id,
-                "session_id": plan.new_session_id,
-                "parent_id": parent,
-                "timestamp": obj["timestamp"],
-                "event": obj["event"],
-                "sequence": sequence,
-            }
-        if sequence == 1:
-            if self._branches:
-                fields["agentlog"] = True  # started here: see layout.FirstLine
-            origin = plan.origin
-            fields["forked_from"] = {
-                "session_id": origin.session_id,
-                "branch_id": origin.branch_id,
-                "sequence": origin.sequence,
-            }
+            fields["sequence"] = 1
+        origin = plan.origin
+        fields["forked_from"] = {
+            "session_id": origin.session_id,
+            "branch_id": origin.branch_id,
+            "sequence": origin.sequence,
+        }
         return fields
 
     def _remove_partial_forks(self) -> None:

@@ -20,8 +20,12 @@ import type { Message } from "@bufbuild/protobuf";
 /**
  * Describes the file agentlog/v1/session.proto.
  */
-export const file_agentlog_v1_session: GenFile = /*@__PURE__*/
-  fileDesc("ChlhZ2VudGxvZy92MS9zZXNzaW9uLnByb3RvEgthZ2VudGxvZy52MSLaAQoNQXBwZW5kUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhYKCXBhcmVudF9pZBgCIAEoCUgAiAEBEiYKBWV2ZW50GAMgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudBIKCgJpZBgEIAEoCRIeChFleHBlY3RlZF9zZXF1ZW5jZRgFIAEoBEgBiAEBEhIKCm9taXRfZXZlbnQYBiABKAgSEQoJYnJhbmNoX2lkGAcgASgJQgwKCl9wYXJlbnRfaWRCFAoSX2V4cGVjdGVkX3NlcXVlbmNlIjoKDkFwcGVuZFJlc3BvbnNlEigKBnJlY29yZBgBIAEoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIq8BChJBcHBlbmRCYXRjaFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIeChFleHBlY3RlZF9zZXF1ZW5jZRgCIAEoBEgAiAEBEicKBmV2ZW50cxgDIAMoCzIXLmFnZW50bG9nLnYxLkJhdGNoRXZlbnQSEwoLb21pdF9ldmVudHMYBCABKAgSEQoJYnJhbmNoX2lkGAUgASgJQhQKEl9leHBlY3RlZF9zZXF1ZW5jZSJmCgpCYXRjaEV2ZW50EgoKAmlkGAEgASgJEhYKCXBhcmVudF9pZBgCIAEoCUgAiAEBEiYKBWV2ZW50GAMgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudEIMCgpfcGFyZW50X2lkIkAKE0FwcGVuZEJhdGNoUmVzcG9uc2USKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIpABChJMb2FkU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIVCg1mcm9tX3NlcXVlbmNlGAIgASgEEg0KBWxpbWl0GAMgASgEEi0KCWRpcmVjdGlvbhgEIAEoDjIaLmFnZW50bG9nLnYxLlJlYWREaXJlY3Rpb24SEQoJYnJhbmNoX2lkGAUgASgJIkAKE0xvYWRTZXNzaW9uUmVzcG9uc2USKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIigKE0xvYWRDaGlsZHJlblJlcXVlc3QSEQoJcGFyZW50X2lkGAEgASgJIkEKFExvYWRDaGlsZHJlblJlc3BvbnNlEikKB3JlY29yZHMYASADKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCI0CgtIZWFkUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhEKCWJyYW5jaF9pZBgCIAEoCSI4CgxIZWFkUmVzcG9uc2USKAoGcmVjb3JkGAEgASgLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQiPAoTTGlzdFNlc3Npb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKA0SEgoKcGFnZV90b2tlbhgCIAEoCSJbChRMaXN0U2Vzc2lvbnNSZXNwb25zZRIqCghzZXNzaW9ucxgBIAMoCzIYLmFnZW50bG9nLnYxLlNlc3Npb25JbmZvEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSLbAQoLU2Vzc2lvbkluZm8SEgoKc2Vzc2lvbl9pZBgBIAEoCRITCgtldmVudF9jb3VudBgCIAEoBBIzCg9maXJzdF90aW1lc3RhbXAYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDmxhc3RfdGltZXN0YW1wGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdoZWFkX2lkGAUgASgJEikKCGJyYW5jaGVzGAYgAygLMhcuYWdlbnRsb2cudjEuQnJhbmNoSW5mbyLcAQoKQnJhbmNoSW5mbxIRCglicmFuY2hfaWQYASABKAkSEwoLZXZlbnRfY291bnQYAiABKAQSMwoPZmlyc3RfdGltZXN0YW1wGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3RpbWVzdGFtcBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHaGVhZF9pZBgFIAEoCRIsCgtmb3JrZWRfZnJvbRgGIAEoCzIXLmFnZW50bG9nLnYxLkZvcmtlZEZyb20iRQoKRm9ya2VkRnJvbRISCgpzZXNzaW9uX2lkGAEgASgJEhEKCWJyYW5jaF9pZBgCIAEoCRIQCghzZXF1ZW5jZRgDIAEoBCK4AQoSRm9ya1Nlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSEQoJYnJhbmNoX2lkGAIgASgJEhYKDnVwX3RvX3NlcXVlbmNlGAMgASgEEh4KEWV4cGVjdGVkX3NlcXVlbmNlGAQgASgESACIAQESFQoNbmV3X2JyYW5jaF9pZBgFIAEoCRIWCg5uZXdfc2Vzc2lvbl9pZBgGIAEoCUIUChJfZXhwZWN0ZWRfc2VxdWVuY2UiUgoTRm9ya1Nlc3Npb25SZXNwb25zZRISCgpzZXNzaW9uX2lkGAEgASgJEicKBmJyYW5jaBgCIAEoCzIXLmFnZW50bG9nLnYxLkJyYW5jaEluZm8izwEKC0V2ZW50UmVjb3JkEgoKAmlkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSFgoJcGFyZW50X2lkGAMgASgJSACIAQESLQoJdGltZXN0YW1wGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBImCgVldmVudBgFIAEoCzIXLmFnZW50bG9nLnYxLkFnZW50RXZlbnQSEAoIc2VxdWVuY2UYBiABKAQSEQoJYnJhbmNoX2lkGAcgASgJQgwKCl9wYXJlbnRfaWQibgoXU3Vic2NyaWJlU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIaCg1mcm9tX3NlcXVlbmNlGAIgASgESACIAQESEQoJYnJhbmNoX2lkGAMgASgJQhAKDl9mcm9tX3NlcXVlbmNlInsKGFN1YnNjcmliZVNlc3Npb25SZXNwb25zZRIrCgdyZWNvcmRzGAEgASgLMhguYWdlbnRsb2cudjEuUmVjb3JkQmF0Y2hIABIqCgljYXVnaHRfdXAYAiABKAsyFS5hZ2VudGxvZy52MS5DYXVnaHRVcEgAQgYKBGtpbmQiOAoLUmVjb3JkQmF0Y2gSKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIi4KCENhdWdodFVwEhAKCHNlcXVlbmNlGAEgASgEEhAKCHBvc2l0aW9uGAIgASgEIoUBChNTdWJzY3JpYmVBbGxSZXF1ZXN0EhoKDWZyb21fcG9zaXRpb24YASABKARIAIgBARIZChFzZXNzaW9uX2lkX3ByZWZpeBgCIAEoCRISCgpwYXJ0X3R5cGVzGAMgAygJEhEKCWJyYW5jaF9pZBgEIAEoCUIQCg5fZnJvbV9wb3NpdGlvbiLJAQoUU3Vic2NyaWJlQWxsUmVzcG9uc2USKQoHcmVjb3JkcxgBIAEoCzIWLmFnZW50bG9nLnYxLkZlZWRCYXRjaEgAEioKCWNhdWdodF91cBgCIAEoCzIVLmFnZW50bG9nLnYxLkNhdWdodFVwSAASIwoDZ2FwGAMgASgLMhQuYWdlbnRsb2cudjEuRmVlZEdhcEgAEi0KCmNoZWNrcG9pbnQYBCABKAsyFy5hZ2VudGxvZy52MS5DaGVja3BvaW50SABCBgoEa2luZCIeCgpDaGVja3BvaW50EhAKCHBvc2l0aW9uGAEgASgEIoABCgdGZWVkR2FwEhYKDmZpcnN0X3Bvc2l0aW9uGAEgASgEEhUKDWxhc3RfcG9zaXRpb24YAiABKAQSEgoKc2Vzc2lvbl9pZBgDIAEoCRIOCgZyZWFzb24YBCABKAkSDwoHbWVzc2FnZRgFIAEoCRIRCglicmFuY2hfaWQYBiABKAkiNQoJRmVlZEJhdGNoEigKB3JlY29yZHMYASADKAsyFy5hZ2VudGxvZy52MS5GZWVkUmVjb3JkIkgKCkZlZWRSZWNvcmQSEAoIcG9zaXRpb24YASABKAQSKAoGcmVjb3JkGAIgASgLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQi4wUKCkFnZW50RXZlbnQSLgoLcnVuX3N0YXJ0ZWQYASABKAsyFy5hZ2VudGxvZy52MS5SdW5TdGFydGVkSAASOgoRaXRlcmF0aW9uX3N0YXJ0ZWQYAiABKAsyHS5hZ2VudGxvZy52MS5JdGVyYXRpb25TdGFydGVkSAASMAoMbW9kZWxfb3V0cHV0GAMgASgLMhguYWdlbnRsb2cudjEuTW9kZWxPdXRwdXRIABIsCgp0ZXh0X2RlbHRhGAQgASgLMhYuYWdlbnRsb2cudjEuVGV4dERlbHRhSAASPQoTdG9vbF9jYWxsX3JlcXVlc3RlZBgFIAEoCzIeLmFnZW50bG9nLnYxLlRvb2xDYWxsUmVxdWVzdGVkSAASPQoTdG9vbF9jYWxsX2NvbXBsZXRlZBgGIAEoCzIeLmFnZW50bG9nLnYxLlRvb2xDYWxsQ29tcGxldGVkSAASNwoQdG9vbF9jYWxsX2ZhaWxlZBgHIAEoCzIbLmFnZW50bG9nLnYxLlRvb2xDYWxsRmFpbGVkSAASMgoNc3RhdGVfcGF0Y2hlZBgIIAEoCzIZLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2hlZEgAEjoKEWNvbnRleHRfY29tcGFjdGVkGAkgASgLMh0uYWdlbnRsb2cudjEuQ29udGV4dENvbXBhY3RlZEgAEjwKEmFwcHJvdmFsX3JlcXVlc3RlZBgKIAEoCzIeLmFnZW50bG9nLnYxLkFwcHJvdmFsUmVxdWVzdGVkSAASOgoRYXBwcm92YWxfcmVzb2x2ZWQYCyABKAsyHS5hZ2VudGxvZy52MS5BcHByb3ZhbFJlc29sdmVkSAASLgoLcnVuX2Vycm9yZWQYDCABKAsyFy5hZ2VudGxvZy52MS5SdW5FcnJvcmVkSAASMAoMcnVuX2ZpbmlzaGVkGA0gASgLMhguYWdlbnRsb2cudjEuUnVuRmluaXNoZWRIAEIGCgRraW5kIhkKCUpzb25WYWx1ZRIMCgRqc29uGAEgASgJIloKClJ1blN0YXJ0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEAoIcHJvdmlkZXIYAyABKAkSFgoObWF4X2l0ZXJhdGlvbnMYBCABKA0iSQoQSXRlcmF0aW9uU3RhcnRlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0ixwEKC01vZGVsT3V0cHV0Eg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIxCgtzdG9wX3JlYXNvbhgEIAEoDjIcLmFnZW50bG9nLnYxLk1vZGVsU3RvcFJlYXNvbhIXCg9kaXJlY3RpdmVfY291bnQYBSABKAQSKwoFdXNhZ2UYBiABKAsyFy5hZ2VudGxvZy52MS5Ub2tlblVzYWdlSACIAQFCCAoGX3VzYWdlIlEKCVRleHREZWx0YRIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SDQoFZGVsdGEYBCABKAkibwoRVG9vbENhbGxSZXF1ZXN0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEiMKBGNhbGwYBCABKAsyFS5hZ2VudGxvZy52MS5Ub29sQ2FsbCJ6ChFUb29sQ2FsbENvbXBsZXRlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SLgoGcmVzdWx0GAQgASgLMh4uYWdlbnRsb2cudjEuVG9vbFJlc3VsdFN1bW1hcnkiegoOVG9vbENhbGxGYWlsZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEg8KB2NhbGxfaWQYBCABKAkSEQoJdG9vbF9uYW1lGAUgASgJEg0KBWVycm9yGAYgASgJIn8KDFN0YXRlUGF0Y2hlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SJgoFcGF0Y2gYBCABKAsyFy5hZ2VudGxvZy52MS5TdGF0ZVBhdGNoEhAKCHJldmlzaW9uGAUgASgEIo0BChBDb250ZXh0Q29tcGFjdGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIVCg1kcm9wcGVkX2NvdW50GAQgASgEEhUKDXRva2Vuc19iZWZvcmUYBSABKAQSFAoMdG9rZW5zX2FmdGVyGAYgASgEIqkBChFBcHByb3ZhbFJlcXVlc3RlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRITCgthcHByb3ZhbF9pZBgDIAEoCRIPCgdjYWxsX2lkGAQgASgJEhEKCXRvb2xfbmFtZRgFIAEoCRIpCglhcmd1bWVudHMYBiABKAsyFi5hZ2VudGxvZy52MS5Kc29uVmFsdWUSDAoEcmlzaxgHIAEoCSJ9ChBBcHByb3ZhbFJlc29sdmVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhMKC2FwcHJvdmFsX2lkGAMgASgJEhAKCGRlY2lzaW9uGAQgASgJEhMKBnJlYXNvbhgFIAEoCUgAiAEBQgkKB19yZWFzb24iPwoKUnVuRXJyb3JlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRINCgVlcnJvchgDIAEoCSLaAQoLUnVuRmluaXNoZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSKgoGcmVhc29uGAMgASgOMhouYWdlbnRsb2cudjEuUnVuU3RvcFJlYXNvbhIYChB0b3RhbF9pdGVyYXRpb25zGAQgASgNEhkKDGZpbmFsX2Fuc3dlchgFIAEoCUgAiAEBEisKBXVzYWdlGAYgASgLMhcuYWdlbnRsb2cudjEuVG9rZW5Vc2FnZUgBiAEBQg8KDV9maW5hbF9hbnN3ZXJCCAoGX3VzYWdlIlUKCFRvb2xDYWxsEg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEiUKBWlucHV0GAMgASgLMhYuYWdlbnRsb2cudjEuSnNvblZhbHVlIl8KEVRvb2xSZXN1bHRTdW1tYXJ5Eg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEiYKBm91dHB1dBgDIAEoCzIWLmFnZW50bG9nLnYxLkpzb25WYWx1ZSKRAQoKU3RhdGVQYXRjaBItCgZmb3JtYXQYASABKA4yHS5hZ2VudGxvZy52MS5TdGF0ZVBhdGNoRm9ybWF0EiUKBXBhdGNoGAIgASgLMhYuYWdlbnRsb2cudjEuSnNvblZhbHVlEi0KBnNvdXJjZRgDIAEoDjIdLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2hTb3VyY2UicwoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAQSFQoNb3V0cHV0X3Rva2VucxgCIAEoBBIZChFjYWNoZV9yZWFkX3Rva2VucxgDIAEoBBIdChVjYWNoZV9jcmVhdGlvbl90b2tlbnMYBCABKAQqagoNUmVhZERpcmVjdGlvbhIeChpSRUFEX0RJUkVDVElPTl9VTlNQRUNJRklFRBAAEhsKF1JFQURfRElSRUNUSU9OX0ZPUldBUkRTEAESHAoYUkVBRF9ESVJFQ1RJT05fQkFDS1dBUkRTEAIq9QEKD01vZGVsU3RvcFJlYXNvbhIhCh1NT0RFTF9TVE9QX1JFQVNPTl9VTlNQRUNJRklFRBAAEh4KGk1PREVMX1NUT1BfUkVBU09OX0VORF9UVVJOEAESHgoaTU9ERUxfU1RPUF9SRUFTT05fVE9PTF9VU0UQAhIgChxNT0RFTF9TVE9QX1JFQVNPTl9ORUVEU19VU0VSEAMSIAocTU9ERUxfU1RPUF9SRUFTT05fTUFYX1RPS0VOUxAEEhwKGE1PREVMX1NUT1BfUkVBU09OX1NBRkVUWRAFEh0KGU1PREVMX1NUT1BfUkVBU09OX1VOS05PV04QBir1AQoNUnVuU3RvcFJlYXNvbhIfChtSVU5fU1RPUF9SRUFTT05fVU5TUEVDSUZJRUQQABIdChlSVU5fU1RPUF9SRUFTT05fQ09NUExFVEVEEAESHgoaUlVOX1NUT1BfUkVBU09OX05FRURTX1VTRVIQAhIlCiFSVU5fU1RPUF9SRUFTT05fQkxPQ0tFRF9CWV9QT0xJQ1kQAxIjCh9SVU5fU1RPUF9SRUFTT05fQlVER0VUX0VYQ0VFREVEEAQSHQoZUlVOX1NUT1BfUkVBU09OX0NBTkNFTExFRBAFEhkKFVJVTl9TVE9QX1JFQVNPTl9FUlJPUhAGKn0KEFN0YXRlUGF0Y2hGb3JtYXQSIgoeU1RBVEVfUEFUQ0hfRk9STUFUX1VOU1BFQ0lGSUVEEAASIQodU1RBVEVfUEFUQ0hfRk9STUFUX0pTT05fUEFUQ0gQARIiCh5TVEFURV9QQVRDSF9GT1JNQVRfTUVSR0VfUEFUQ0gQAiqQAQoQU3RhdGVQYXRjaFNvdXJjZRIiCh5TVEFURV9QQVRDSF9TT1VSQ0VfVU5TUEVDSUZJRUQQABIcChhTVEFURV9QQVRDSF9TT1VSQ0VfTU9ERUwQARIbChdTVEFURV9QQVRDSF9TT1VSQ0VfVE9PTBACEh0KGVNUQVRFX1BBVENIX1NPVVJDRV9TWVNURU0QAzLxBQoRU2Vzc2lvblJlcG9zaXRvcnkSQQoGQXBwZW5kEhouYWdlbnRsb2cudjEuQXBwZW5kUmVxdWVzdBobLmFnZW50bG9nLnYxLkFwcGVuZFJlc3BvbnNlElAKC0FwcGVuZEJhdGNoEh8uYWdlbnRsb2cudjEuQXBwZW5kQmF0Y2hSZXF1ZXN0GiAuYWdlbnRsb2cudjEuQXBwZW5kQmF0Y2hSZXNwb25zZRJSCgtMb2FkU2Vzc2lvbhIfLmFnZW50bG9nLnYxLkxvYWRTZXNzaW9uUmVxdWVzdBogLmFnZW50bG9nLnYxLkxvYWRTZXNzaW9uUmVzcG9uc2UwARJVCgxMb2FkQ2hpbGRyZW4SIC5hZ2VudGxvZy52MS5Mb2FkQ2hpbGRyZW5SZXF1ZXN0GiEuYWdlbnRsb2cudjEuTG9hZENoaWxkcmVuUmVzcG9uc2UwARI7CgRIZWFkEhguYWdlbnRsb2cudjEuSGVhZFJlcXVlc3QaGS5hZ2VudGxvZy52MS5IZWFkUmVzcG9uc2USUwoMTGlzdFNlc3Npb25zEiAuYWdlbnRsb2cudjEuTGlzdFNlc3Npb25zUmVxdWVzdBohLmFnZW50bG9nLnYxLkxpc3RTZXNzaW9uc1Jlc3BvbnNlEmEKEFN1YnNjcmliZVNlc3Npb24SJC5hZ2VudGxvZy52MS5TdWJzY3JpYmVTZXNzaW9uUmVxdWVzdBolLmFnZW50bG9nLnYxLlN1YnNjcmliZVNlc3Npb25SZXNwb25zZTABElAKC0ZvcmtTZXNzaW9uEh8uYWdlbnRsb2cudjEuRm9ya1Nlc3Npb25SZXF1ZXN0GiAuYWdlbnRsb2cudjEuRm9ya1Nlc3Npb25SZXNwb25zZRJVCgxTdWJzY3JpYmVBbGwSIC5hZ2VudGxvZy52MS5TdWJzY3JpYmVBbGxSZXF1ZXN0GiEuYWdlbnRsb2cudjEuU3Vic2NyaWJlQWxsUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+export const file_agentlog_v1_session: GenFile =
+  /*@__PURE__*/
+  fileDesc(
+    "ChlhZ2VudGxvZy92MS9zZXNzaW9uLnByb3RvEgthZ2VudGxvZy52MSLaAQoNQXBwZW5kUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhYKCXBhcmVudF9pZBgCIAEoCUgAiAEBEiYKBWV2ZW50GAMgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudBIKCgJpZBgEIAEoCRIeChFleHBlY3RlZF9zZXF1ZW5jZRgFIAEoBEgBiAEBEhIKCm9taXRfZXZlbnQYBiABKAgSEQoJYnJhbmNoX2lkGAcgASgJQgwKCl9wYXJlbnRfaWRCFAoSX2V4cGVjdGVkX3NlcXVlbmNlIjoKDkFwcGVuZFJlc3BvbnNlEigKBnJlY29yZBgBIAEoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIq8BChJBcHBlbmRCYXRjaFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIeChFleHBlY3RlZF9zZXF1ZW5jZRgCIAEoBEgAiAEBEicKBmV2ZW50cxgDIAMoCzIXLmFnZW50bG9nLnYxLkJhdGNoRXZlbnQSEwoLb21pdF9ldmVudHMYBCABKAgSEQoJYnJhbmNoX2lkGAUgASgJQhQKEl9leHBlY3RlZF9zZXF1ZW5jZSJmCgpCYXRjaEV2ZW50EgoKAmlkGAEgASgJEhYKCXBhcmVudF9pZBgCIAEoCUgAiAEBEiYKBWV2ZW50GAMgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudEIMCgpfcGFyZW50X2lkIkAKE0FwcGVuZEJhdGNoUmVzcG9uc2USKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIpABChJMb2FkU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIVCg1mcm9tX3NlcXVlbmNlGAIgASgEEg0KBWxpbWl0GAMgASgEEi0KCWRpcmVjdGlvbhgEIAEoDjIaLmFnZW50bG9nLnYxLlJlYWREaXJlY3Rpb24SEQoJYnJhbmNoX2lkGAUgASgJIkAKE0xvYWRTZXNzaW9uUmVzcG9uc2USKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIigKE0xvYWRDaGlsZHJlblJlcXVlc3QSEQoJcGFyZW50X2lkGAEgASgJIkEKFExvYWRDaGlsZHJlblJlc3BvbnNlEikKB3JlY29yZHMYASADKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCI0CgtIZWFkUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhEKCWJyYW5jaF9pZBgCIAEoCSI4CgxIZWFkUmVzcG9uc2USKAoGcmVjb3JkGAEgASgLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQiPAoTTGlzdFNlc3Npb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKA0SEgoKcGFnZV90b2tlbhgCIAEoCSJbChRMaXN0U2Vzc2lvbnNSZXNwb25zZRIqCghzZXNzaW9ucxgBIAMoCzIYLmFnZW50bG9nLnYxLlNlc3Npb25JbmZvEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSLbAQoLU2Vzc2lvbkluZm8SEgoKc2Vzc2lvbl9pZBgBIAEoCRITCgtldmVudF9jb3VudBgCIAEoBBIzCg9maXJzdF90aW1lc3RhbXAYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDmxhc3RfdGltZXN0YW1wGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdoZWFkX2lkGAUgASgJEikKCGJyYW5jaGVzGAYgAygLMhcuYWdlbnRsb2cudjEuQnJhbmNoSW5mbyLcAQoKQnJhbmNoSW5mbxIRCglicmFuY2hfaWQYASABKAkSEwoLZXZlbnRfY291bnQYAiABKAQSMwoPZmlyc3RfdGltZXN0YW1wGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3RpbWVzdGFtcBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHaGVhZF9pZBgFIAEoCRIsCgtmb3JrZWRfZnJvbRgGIAEoCzIXLmFnZW50bG9nLnYxLkZvcmtlZEZyb20iRQoKRm9ya2VkRnJvbRISCgpzZXNzaW9uX2lkGAEgASgJEhEKCWJyYW5jaF9pZBgCIAEoCRIQCghzZXF1ZW5jZRgDIAEoBCK4AQoSRm9ya1Nlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSEQoJYnJhbmNoX2lkGAIgASgJEhYKDnVwX3RvX3NlcXVlbmNlGAMgASgEEh4KEWV4cGVjdGVkX3NlcXVlbmNlGAQgASgESACIAQESFQoNbmV3X2JyYW5jaF9pZBgFIAEoCRIWCg5uZXdfc2Vzc2lvbl9pZBgGIAEoCUIUChJfZXhwZWN0ZWRfc2VxdWVuY2UiUgoTRm9ya1Nlc3Npb25SZXNwb25zZRISCgpzZXNzaW9uX2lkGAEgASgJEicKBmJyYW5jaBgCIAEoCzIXLmFnZW50bG9nLnYxLkJyYW5jaEluZm8izwEKC0V2ZW50UmVjb3JkEgoKAmlkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSFgoJcGFyZW50X2lkGAMgASgJSACIAQESLQoJdGltZXN0YW1wGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBImCgVldmVudBgFIAEoCzIXLmFnZW50bG9nLnYxLkFnZW50RXZlbnQSEAoIc2VxdWVuY2UYBiABKAQSEQoJYnJhbmNoX2lkGAcgASgJQgwKCl9wYXJlbnRfaWQibgoXU3Vic2NyaWJlU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIaCg1mcm9tX3NlcXVlbmNlGAIgASgESACIAQESEQoJYnJhbmNoX2lkGAMgASgJQhAKDl9mcm9tX3NlcXVlbmNlInsKGFN1YnNjcmliZVNlc3Npb25SZXNwb25zZRIrCgdyZWNvcmRzGAEgASgLMhguYWdlbnRsb2cudjEuUmVjb3JkQmF0Y2hIABIqCgljYXVnaHRfdXAYAiABKAsyFS5hZ2VudGxvZy52MS5DYXVnaHRVcEgAQgYKBGtpbmQiOAoLUmVjb3JkQmF0Y2gSKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIi4KCENhdWdodFVwEhAKCHNlcXVlbmNlGAEgASgEEhAKCHBvc2l0aW9uGAIgASgEIoUBChNTdWJzY3JpYmVBbGxSZXF1ZXN0EhoKDWZyb21fcG9zaXRpb24YASABKARIAIgBARIZChFzZXNzaW9uX2lkX3ByZWZpeBgCIAEoCRISCgpwYXJ0X3R5cGVzGAMgAygJEhEKCWJyYW5jaF9pZBgEIAEoCUIQCg5fZnJvbV9wb3NpdGlvbiLJAQoUU3Vic2NyaWJlQWxsUmVzcG9uc2USKQoHcmVjb3JkcxgBIAEoCzIWLmFnZW50bG9nLnYxLkZlZWRCYXRjaEgAEioKCWNhdWdodF91cBgCIAEoCzIVLmFnZW50bG9nLnYxLkNhdWdodFVwSAASIwoDZ2FwGAMgASgLMhQuYWdlbnRsb2cudjEuRmVlZEdhcEgAEi0KCmNoZWNrcG9pbnQYBCABKAsyFy5hZ2VudGxvZy52MS5DaGVja3BvaW50SABCBgoEa2luZCIeCgpDaGVja3BvaW50EhAKCHBvc2l0aW9uGAEgASgEIoABCgdGZWVkR2FwEhYKDmZpcnN0X3Bvc2l0aW9uGAEgASgEEhUKDWxhc3RfcG9zaXRpb24YAiABKAQSEgoKc2Vzc2lvbl9pZBgDIAEoCRIOCgZyZWFzb24YBCABKAkSDwoHbWVzc2FnZRgFIAEoCRIRCglicmFuY2hfaWQYBiABKAkiNQoJRmVlZEJhdGNoEigKB3JlY29yZHMYASADKAsyFy5hZ2VudGxvZy52MS5GZWVkUmVjb3JkIkgKCkZlZWRSZWNvcmQSEAoIcG9zaXRpb24YASABKAQSKAoGcmVjb3JkGAIgASgLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQi4wUKCkFnZW50RXZlbnQSLgoLcnVuX3N0YXJ0ZWQYASABKAsyFy5hZ2VudGxvZy52MS5SdW5TdGFydGVkSAASOgoRaXRlcmF0aW9uX3N0YXJ0ZWQYAiABKAsyHS5hZ2VudGxvZy52MS5JdGVyYXRpb25TdGFydGVkSAASMAoMbW9kZWxfb3V0cHV0GAMgASgLMhguYWdlbnRsb2cudjEuTW9kZWxPdXRwdXRIABIsCgp0ZXh0X2RlbHRhGAQgASgLMhYuYWdlbnRsb2cudjEuVGV4dERlbHRhSAASPQoTdG9vbF9jYWxsX3JlcXVlc3RlZBgFIAEoCzIeLmFnZW50bG9nLnYxLlRvb2xDYWxsUmVxdWVzdGVkSAASPQoTdG9vbF9jYWxsX2NvbXBsZXRlZBgGIAEoCzIeLmFnZW50bG9nLnYxLlRvb2xDYWxsQ29tcGxldGVkSAASNwoQdG9vbF9jYWxsX2ZhaWxlZBgHIAEoCzIbLmFnZW50bG9nLnYxLlRvb2xDYWxsRmFpbGVkSAASMgoNc3RhdGVfcGF0Y2hlZBgIIAEoCzIZLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2hlZEgAEjoKEWNvbnRleHRfY29tcGFjdGVkGAkgASgLMh0uYWdlbnRsb2cudjEuQ29udGV4dENvbXBhY3RlZEgAEjwKEmFwcHJvdmFsX3JlcXVlc3RlZBgKIAEoCzIeLmFnZW50bG9nLnYxLkFwcHJvdmFsUmVxdWVzdGVkSAASOgoRYXBwcm92YWxfcmVzb2x2ZWQYCyABKAsyHS5hZ2VudGxvZy52MS5BcHByb3ZhbFJlc29sdmVkSAASLgoLcnVuX2Vycm9yZWQYDCABKAsyFy5hZ2VudGxvZy52MS5SdW5FcnJvcmVkSAASMAoMcnVuX2ZpbmlzaGVkGA0gASgLMhguYWdlbnRsb2cudjEuUnVuRmluaXNoZWRIAEIGCgRraW5kIhkKCUpzb25WYWx1ZRIMCgRqc29uGAEgASgJIloKClJ1blN0YXJ0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEAoIcHJvdmlkZXIYAyABKAkSFgoObWF4X2l0ZXJhdGlvbnMYBCABKA0iSQoQSXRlcmF0aW9uU3RhcnRlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0ixwEKC01vZGVsT3V0cHV0Eg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIxCgtzdG9wX3JlYXNvbhgEIAEoDjIcLmFnZW50bG9nLnYxLk1vZGVsU3RvcFJlYXNvbhIXCg9kaXJlY3RpdmVfY291bnQYBSABKAQSKwoFdXNhZ2UYBiABKAsyFy5hZ2VudGxvZy52MS5Ub2tlblVzYWdlSACIAQFCCAoGX3VzYWdlIlEKCVRleHREZWx0YRIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SDQoFZGVsdGEYBCABKAkibwoRVG9vbENhbGxSZXF1ZXN0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEiMKBGNhbGwYBCABKAsyFS5hZ2VudGxvZy52MS5Ub29sQ2FsbCJ6ChFUb29sQ2FsbENvbXBsZXRlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SLgoGcmVzdWx0GAQgASgLMh4uYWdlbnRsb2cudjEuVG9vbFJlc3VsdFN1bW1hcnkiegoOVG9vbENhbGxGYWlsZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEg8KB2NhbGxfaWQYBCABKAkSEQoJdG9vbF9uYW1lGAUgASgJEg0KBWVycm9yGAYgASgJIn8KDFN0YXRlUGF0Y2hlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SJgoFcGF0Y2gYBCABKAsyFy5hZ2VudGxvZy52MS5TdGF0ZVBhdGNoEhAKCHJldmlzaW9uGAUgASgEIo0BChBDb250ZXh0Q29tcGFjdGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIVCg1kcm9wcGVkX2NvdW50GAQgASgEEhUKDXRva2Vuc19iZWZvcmUYBSABKAQSFAoMdG9rZW5zX2FmdGVyGAYgASgEIqkBChFBcHByb3ZhbFJlcXVlc3RlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRITCgthcHByb3ZhbF9pZBgDIAEoCRIPCgdjYWxsX2lkGAQgASgJEhEKCXRvb2xfbmFtZRgFIAEoCRIpCglhcmd1bWVudHMYBiABKAsyFi5hZ2VudGxvZy52MS5Kc29uVmFsdWUSDAoEcmlzaxgHIAEoCSJ9ChBBcHByb3ZhbFJlc29sdmVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhMKC2FwcHJvdmFsX2lkGAMgASgJEhAKCGRlY2lzaW9uGAQgASgJEhMKBnJlYXNvbhgFIAEoCUgAiAEBQgkKB19yZWFzb24iPwoKUnVuRXJyb3JlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRINCgVlcnJvchgDIAEoCSLaAQoLUnVuRmluaXNoZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSKgoGcmVhc29uGAMgASgOMhouYWdlbnRsb2cudjEuUnVuU3RvcFJlYXNvbhIYChB0b3RhbF9pdGVyYXRpb25zGAQgASgNEhkKDGZpbmFsX2Fuc3dlchgFIAEoCUgAiAEBEisKBXVzYWdlGAYgASgLMhcuYWdlbnRsb2cudjEuVG9rZW5Vc2FnZUgBiAEBQg8KDV9maW5hbF9hbnN3ZXJCCAoGX3VzYWdlIlUKCFRvb2xDYWxsEg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEiUKBWlucHV0GAMgASgLMhYuYWdlbnRsb2cudjEuSnNvblZhbHVlIl8KEVRvb2xSZXN1bHRTdW1tYXJ5Eg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEiYKBm91dHB1dBgDIAEoCzIWLmFnZW50bG9nLnYxLkpzb25WYWx1ZSKRAQoKU3RhdGVQYXRjaBItCgZmb3JtYXQYASABKA4yHS5hZ2VudGxvZy52MS5TdGF0ZVBhdGNoRm9ybWF0EiUKBXBhdGNoGAIgASgLMhYuYWdlbnRsb2cudjEuSnNvblZhbHVlEi0KBnNvdXJjZRgDIAEoDjIdLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2hTb3VyY2UicwoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAQSFQoNb3V0cHV0X3Rva2VucxgCIAEoBBIZChFjYWNoZV9yZWFkX3Rva2VucxgDIAEoBBIdChVjYWNoZV9jcmVhdGlvbl90b2tlbnMYBCABKAQqagoNUmVhZERpcmVjdGlvbhIeChpSRUFEX0RJUkVDVElPTl9VTlNQRUNJRklFRBAAEhsKF1JFQURfRElSRUNUSU9OX0ZPUldBUkRTEAESHAoYUkVBRF9ESVJFQ1RJT05fQkFDS1dBUkRTEAIq9QEKD01vZGVsU3RvcFJlYXNvbhIhCh1NT0RFTF9TVE9QX1JFQVNPTl9VTlNQRUNJRklFRBAAEh4KGk1PREVMX1NUT1BfUkVBU09OX0VORF9UVVJOEAESHgoaTU9ERUxfU1RPUF9SRUFTT05fVE9PTF9VU0UQAhIgChxNT0RFTF9TVE9QX1JFQVNPTl9ORUVEU19VU0VSEAMSIAocTU9ERUxfU1RPUF9SRUFTT05fTUFYX1RPS0VOUxAEEhwKGE1PREVMX1NUT1BfUkVBU09OX1NBRkVUWRAFEh0KGU1PREVMX1NUT1BfUkVBU09OX1VOS05PV04QBir1AQoNUnVuU3RvcFJlYXNvbhIfChtSVU5fU1RPUF9SRUFTT05fVU5TUEVDSUZJRUQQABIdChlSVU5fU1RPUF9SRUFTT05fQ09NUExFVEVEEAESHgoaUlVOX1NUT1BfUkVBU09OX05FRURTX1VTRVIQAhIlCiFSVU5fU1RPUF9SRUFTT05fQkxPQ0tFRF9CWV9QT0xJQ1kQAxIjCh9SVU5fU1RPUF9SRUFTT05fQlVER0VUX0VYQ0VFREVEEAQSHQoZUlVOX1NUT1BfUkVBU09OX0NBTkNFTExFRBAFEhkKFVJVTl9TVE9QX1JFQVNPTl9FUlJPUhAGKn0KEFN0YXRlUGF0Y2hGb3JtYXQSIgoeU1RBVEVfUEFUQ0hfRk9STUFUX1VOU1BFQ0lGSUVEEAASIQodU1RBVEVfUEFUQ0hfRk9STUFUX0pTT05fUEFUQ0gQARIiCh5TVEFURV9QQVRDSF9GT1JNQVRfTUVSR0VfUEFUQ0gQAiqQAQoQU3RhdGVQYXRjaFNvdXJjZRIiCh5TVEFURV9QQVRDSF9TT1VSQ0VfVU5TUEVDSUZJRUQQABIcChhTVEFURV9QQVRDSF9TT1VSQ0VfTU9ERUwQARIbChdTVEFURV9QQVRDSF9TT1VSQ0VfVE9PTBACEh0KGVNUQVRFX1BBVENIX1NPVVJDRV9TWVNURU0QAzLxBQoRU2Vzc2lvblJlcG9zaXRvcnkSQQoGQXBwZW5kEhouYWdlbnRsb2cudjEuQXBwZW5kUmVxdWVzdBobLmFnZW50bG9nLnYxLkFwcGVuZFJlc3BvbnNlElAKC0FwcGVuZEJhdGNoEh8uYWdlbnRsb2cudjEuQXBwZW5kQmF0Y2hSZXF1ZXN0GiAuYWdlbnRsb2cudjEuQXBwZW5kQmF0Y2hSZXNwb25zZRJSCgtMb2FkU2Vzc2lvbhIfLmFnZW50bG9nLnYxLkxvYWRTZXNzaW9uUmVxdWVzdBogLmFnZW50bG9nLnYxLkxvYWRTZXNzaW9uUmVzcG9uc2UwARJVCgxMb2FkQ2hpbGRyZW4SIC5hZ2VudGxvZy52MS5Mb2FkQ2hpbGRyZW5SZXF1ZXN0GiEuYWdlbnRsb2cudjEuTG9hZENoaWxkcmVuUmVzcG9uc2UwARI7CgRIZWFkEhguYWdlbnRsb2cudjEuSGVhZFJlcXVlc3QaGS5hZ2VudGxvZy52MS5IZWFkUmVzcG9uc2USUwoMTGlzdFNlc3Npb25zEiAuYWdlbnRsb2cudjEuTGlzdFNlc3Npb25zUmVxdWVzdBohLmFnZW50bG9nLnYxLkxpc3RTZXNzaW9uc1Jlc3BvbnNlEmEKEFN1YnNjcmliZVNlc3Npb24SJC5hZ2VudGxvZy52MS5TdWJzY3JpYmVTZXNzaW9uUmVxdWVzdBolLmFnZW50bG9nLnYxLlN1YnNjcmliZVNlc3Npb25SZXNwb25zZTABElAKC0ZvcmtTZXNzaW9uEh8uYWdlbnRsb2cudjEuRm9ya1Nlc3Npb25SZXF1ZXN0GiAuYWdlbnRsb2cudjEuRm9ya1Nlc3Npb25SZXNwb25zZRJVCgxTdWJzY3JpYmVBbGwSIC5hZ2VudGxvZy52MS5TdWJzY3JpYmVBbGxSZXF1ZXN0GiEuYWdlbnRsb2cudjEuU3Vic2NyaWJlQWxsUmVzcG9uc2UwAWIGcHJvdG8z",
+    [file_google_protobuf_timestamp],
+  );
 
 /**
  * AppendRequest asks to store one event.
@@ -93,7 +97,8 @@ export type AppendRequest = Message<"agentlog.v1.AppendRequest"> & {
  * Describes the message agentlog.v1.AppendRequest.
  * Use `create(AppendRequestSchema)` to create a new message.
  */
-export const AppendRequestSchema: GenMessage<AppendRequest> = /*@__PURE__*/
+export const AppendRequestSchema: GenMessage<AppendRequest> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 0);
 
 /**
@@ -115,7 +120,8 @@ export type AppendResponse = Message<"agentlog.v1.AppendResponse"> & {
  * Describes the message agentlog.v1.AppendResponse.
  * Use `create(AppendResponseSchema)` to create a new message.
  */
-export const AppendResponseSchema: GenMessage<AppendResponse> = /*@__PURE__*/
+export const AppendResponseSchema: GenMessage<AppendResponse> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 1);
 
 /**
@@ -166,7 +172,8 @@ export type AppendBatchRequest = Message<"agentlog.v1.AppendBatchRequest"> & {
  * Describes the message agentlog.v1.AppendBatchRequest.
  * Use `create(AppendBatchRequestSchema)` to create a new message.
  */
-export const AppendBatchRequestSchema: GenMessage<AppendBatchRequest> = /*@__PURE__*/
+export const AppendBatchRequestSchema: GenMessage<AppendBatchRequest> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 2);
 
 /**
@@ -201,7 +208,8 @@ export type BatchEvent = Message<"agentlog.v1.BatchEvent"> & {
  * Describes the message agentlog.v1.BatchEvent.
  * Use `create(BatchEventSchema)` to create a new message.
  */
-export const BatchEventSchema: GenMessage<BatchEvent> = /*@__PURE__*/
+export const BatchEventSchema: GenMessage<BatchEvent> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 3);
 
 /**
@@ -223,7 +231,8 @@ export type AppendBatchResponse = Message<"agentlog.v1.AppendBatchResponse"> & {
  * Describes the message agentlog.v1.AppendBatchResponse.
  * Use `create(AppendBatchResponseSchema)` to create a new message.
  */
-export const AppendBatchResponseSchema: GenMessage<AppendBatchResponse> = /*@__PURE__*/
+export const AppendBatchResponseSchema: GenMessage<AppendBatchResponse> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 4);
 
 /**
@@ -274,7 +283,8 @@ export type LoadSessionRequest = Message<"agentlog.v1.LoadSessionRequest"> & {
  * Describes the message agentlog.v1.LoadSessionRequest.
  * Use `create(LoadSessionRequestSchema)` to create a new message.
  */
-export const LoadSessionRequestSchema: GenMessage<LoadSessionRequest> = /*@__PURE__*/
+export const LoadSessionRequestSchema: GenMessage<LoadSessionRequest> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 5);
 
 /**
@@ -296,7 +306,8 @@ export type LoadSessionResponse = Message<"agentlog.v1.LoadSessionResponse"> & {
  * Describes the message agentlog.v1.LoadSessionResponse.
  * Use `create(LoadSessionResponseSchema)` to create a new message.
  */
-export const LoadSessionResponseSchema: GenMessage<LoadSessionResponse> = /*@__PURE__*/
+export const LoadSessionResponseSchema: GenMessage<LoadSessionResponse> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 6);
 
 /**
@@ -317,7 +328,8 @@ export type LoadChildrenRequest = Message<"agentlog.v1.LoadChildrenRequest"> & {
  * Describes the message agentlog.v1.LoadChildrenRequest.
  * Use `create(LoadChildrenRequestSchema)` to create a new message.
  */
-export const LoadChildrenRequestSchema: GenMessage<LoadChildrenRequest> = /*@__PURE__*/
+export const LoadChildrenRequestSchema: GenMessage<LoadChildrenRequest> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 7);
 
 /**
@@ -339,7 +351,8 @@ export type LoadChildrenResponse = Message<"agentlog.v1.LoadChildrenResponse"> &
  * Describes the message agentlog.v1.LoadChildrenResponse.
  * Use `create(LoadChildrenResponseSchema)` to create a new message.
  */
-export const LoadChildrenResponseSchema: GenMessage<LoadChildrenResponse> = /*@__PURE__*/
+export const LoadChildrenResponseSchema: GenMessage<LoadChildrenResponse> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 8);
 
 /**
@@ -367,7 +380,8 @@ export type HeadRequest = Message<"agentlog.v1.HeadRequest"> & {
  * Describes the message agentlog.v1.HeadRequest.
  * Use `create(HeadRequestSchema)` to create a new message.
  */
-export const HeadRequestSchema: GenMessage<HeadRequest> = /*@__PURE__*/
+export const HeadRequestSchema: GenMessage<HeadRequest> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 9);
 
 /**
@@ -389,7 +403,8 @@ export type HeadResponse = Message<"agentlog.v1.HeadResponse"> & {
  * Describes the message agentlog.v1.HeadResponse.
  * Use `create(HeadResponseSchema)` to create a new message.
  */
-export const HeadResponseSchema: GenMessage<HeadResponse> = /*@__PURE__*/
+export const HeadResponseSchema: GenMessage<HeadResponse> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 10);
 
 /**
@@ -418,7 +433,8 @@ export type ListSessionsRequest = Message<"agentlog.v1.ListSessionsRequest"> & {
  * Describes the message agentlog.v1.ListSessionsRequest.
  * Use `create(ListSessionsRequestSchema)` to create a new message.
  */
-export const ListSessionsRequestSchema: GenMessage<ListSessionsRequest> = /*@__PURE__*/
+export const ListSessionsRequestSchema: GenMessage<ListSessionsRequest> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 11);
 
 /**
@@ -446,7 +462,8 @@ export type ListSessionsResponse = Message<"agentlog.v1.ListSessionsResponse"> &
  * Describes the message agentlog.v1.ListSessionsResponse.
  * Use `create(ListSessionsResponseSchema)` to create a new message.
  */
-export const ListSessionsResponseSchema: GenMessage<ListSessionsResponse> = /*@__PURE__*/
+export const ListSessionsResponseSchema: GenMessage<ListSessionsResponse> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 12);
 
 /**
@@ -504,7 +521,8 @@ export type SessionInfo = Message<"agentlog.v1.SessionInfo"> & {
  * Describes the message agentlog.v1.SessionInfo.
  * Use `create(SessionInfoSchema)` to create a new message.
  */
-export const SessionInfoSchema: GenMessage<SessionInfo> = /*@__PURE__*/
+export const SessionInfoSchema: GenMessage<SessionInfo> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 13);
 
 /**
@@ -561,7 +579,8 @@ export type BranchInfo = Message<"agentlog.v1.BranchInfo"> & {
  * Describes the message agentlog.v1.BranchInfo.
  * Use `create(BranchInfoSchema)` to create a new message.
  */
-export const BranchInfoSchema: GenMessage<BranchInfo> = /*@__PURE__*/
+export const BranchInfoSchema: GenMessage<BranchInfo> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 14);
 
 /**
@@ -596,7 +615,8 @@ export type ForkedFrom = Message<"agentlog.v1.ForkedFrom"> & {
  * Describes the message agentlog.v1.ForkedFrom.
  * Use `create(ForkedFromSchema)` to create a new message.
  */
-export const ForkedFromSchema: GenMessage<ForkedFrom> = /*@__PURE__*/
+export const ForkedFromSchema: GenMessage<ForkedFrom> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 15);
 
 /**
@@ -653,7 +673,8 @@ export type ForkSessionRequest = Message<"agentlog.v1.ForkSessionRequest"> & {
  * Describes the message agentlog.v1.ForkSessionRequest.
  * Use `create(ForkSessionRequestSchema)` to create a new message.
  */
-export const ForkSessionRequestSchema: GenMessage<ForkSessionRequest> = /*@__PURE__*/
+export const ForkSessionRequestSchema: GenMessage<ForkSessionRequest> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 16);
 
 /**
@@ -681,7 +702,8 @@ export type ForkSessionResponse = Message<"agentlog.v1.ForkSessionResponse"> & {
  * Describes the message agentlog.v1.ForkSessionResponse.
  * Use `create(ForkSessionResponseSchema)` to create a new message.
  */
-export const ForkSessionResponseSchema: GenMessage<ForkSessionResponse> = /*@__PURE__*/
+export const ForkSessionResponseSchema: GenMessage<ForkSessionResponse> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 17);
 
 /**
@@ -747,7 +769,8 @@ export type EventRecord = Message<"agentlog.v1.EventRecord"> & {
  * Describes the message agentlog.v1.EventRecord.
  * Use `create(EventRecordSchema)` to create a new message.
  */
-export const EventRecordSchema: GenMessage<EventRecord> = /*@__PURE__*/
+export const EventRecordSchema: GenMessage<EventRecord> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 18);
 
 /**
@@ -783,7 +806,8 @@ export type SubscribeSessionRequest = Message<"agentlog.v1.SubscribeSessionReque
  * Describes the message agentlog.v1.SubscribeSessionRequest.
  * Use `create(SubscribeSessionRequestSchema)` to create a new message.
  */
-export const SubscribeSessionRequestSchema: GenMessage<SubscribeSessionRequest> = /*@__PURE__*/
+export const SubscribeSessionRequestSchema: GenMessage<SubscribeSessionRequest> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 19);
 
 /**
@@ -797,31 +821,35 @@ export type SubscribeSessionResponse = Message<"agentlog.v1.SubscribeSessionResp
    *
    * @generated from oneof agentlog.v1.SubscribeSessionResponse.kind
    */
-  kind: {
-    /**
-     * The next records, in sequence order.
-     *
-     * @generated from field: agentlog.v1.RecordBatch records = 1;
-     */
-    value: RecordBatch;
-    case: "records";
-  } | {
-    /**
-     * Every record stored when the subscription began has been delivered;
-     * what follows is live.
-     *
-     * @generated from field: agentlog.v1.CaughtUp caught_up = 2;
-     */
-    value: CaughtUp;
-    case: "caughtUp";
-  } | { case: undefined; value?: undefined };
+  kind:
+    | {
+        /**
+         * The next records, in sequence order.
+         *
+         * @generated from field: agentlog.v1.RecordBatch records = 1;
+         */
+        value: RecordBatch;
+        case: "records";
+      }
+    | {
+        /**
+         * Every record stored when the subscription began has been delivered;
+         * what follows is live.
+         *
+         * @generated from field: agentlog.v1.CaughtUp caught_up = 2;
+         */
+        value: CaughtUp;
+        case: "caughtUp";
+      }
+    | { case: undefined; value?: undefined };
 };
 
 /**
  * Describes the message agentlog.v1.SubscribeSessionResponse.
  * Use `create(SubscribeSessionResponseSchema)` to create a new message.
  */
-export const SubscribeSessionResponseSchema: GenMessage<SubscribeSessionResponse> = /*@__PURE__*/
+export const SubscribeSessionResponseSchema: GenMessage<SubscribeSessionResponse> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 20);
 
 /**
@@ -842,7 +870,8 @@ export type RecordBatch = Message<"agentlog.v1.RecordBatch"> & {
  * Describes the message agentlog.v1.RecordBatch.
  * Use `create(RecordBatchSchema)` to create a new message.
  */
-export const RecordBatchSchema: GenMessage<RecordBatch> = /*@__PURE__*/
+export const RecordBatchSchema: GenMessage<RecordBatch> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 21);
 
 /**
@@ -873,7 +902,8 @@ export type CaughtUp = Message<"agentlog.v1.CaughtUp"> & {
  * Describes the message agentlog.v1.CaughtUp.
  * Use `create(CaughtUpSchema)` to create a new message.
  */
-export const CaughtUpSchema: GenMessage<CaughtUp> = /*@__PURE__*/
+export const CaughtUpSchema: GenMessage<CaughtUp> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 22);
 
 /**
@@ -917,7 +947,8 @@ export type SubscribeAllRequest = Message<"agentlog.v1.SubscribeAllRequest"> & {
  * Describes the message agentlog.v1.SubscribeAllRequest.
  * Use `create(SubscribeAllRequestSchema)` to create a new message.
  */
-export const SubscribeAllRequestSchema: GenMessage<SubscribeAllRequest> = /*@__PURE__*/
+export const SubscribeAllRequestSchema: GenMessage<SubscribeAllRequest> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 23);
 
 /**
@@ -931,49 +962,55 @@ export type SubscribeAllResponse = Message<"agentlog.v1.SubscribeAllResponse"> &
    *
    * @generated from oneof agentlog.v1.SubscribeAllResponse.kind
    */
-  kind: {
-    /**
-     * The next records, in commit order.
-     *
-     * @generated from field: agentlog.v1.FeedBatch records = 1;
-     */
-    value: FeedBatch;
-    case: "records";
-  } | {
-    /**
-     * Every record stored when the subscription began has been delivered.
-     *
-     * @generated from field: agentlog.v1.CaughtUp caught_up = 2;
-     */
-    value: CaughtUp;
-    case: "caughtUp";
-  } | {
-    /**
-     * Positions whose records could not be delivered: their session's file is
-     * damaged. The feed goes on after them; the session's own reads say why.
-     *
-     * @generated from field: agentlog.v1.FeedGap gap = 3;
-     */
-    value: FeedGap;
-    case: "gap";
-  } | {
-    /**
-     * How far the feed has been examined where the filters kept nothing: after
-     * each such run while catching up, and about once a second while live. A
-     * consumer may store it as its last position and resume after it.
-     *
-     * @generated from field: agentlog.v1.Checkpoint checkpoint = 4;
-     */
-    value: Checkpoint;
-    case: "checkpoint";
-  } | { case: undefined; value?: undefined };
+  kind:
+    | {
+        /**
+         * The next records, in commit order.
+         *
+         * @generated from field: agentlog.v1.FeedBatch records = 1;
+         */
+        value: FeedBatch;
+        case: "records";
+      }
+    | {
+        /**
+         * Every record stored when the subscription began has been delivered.
+         *
+         * @generated from field: agentlog.v1.CaughtUp caught_up = 2;
+         */
+        value: CaughtUp;
+        case: "caughtUp";
+      }
+    | {
+        /**
+         * Positions whose records could not be delivered: their session's file is
+         * damaged. The feed goes on after them; the session's own reads say why.
+         *
+         * @generated from field: agentlog.v1.FeedGap gap = 3;
+         */
+        value: FeedGap;
+        case: "gap";
+      }
+    | {
+        /**
+         * How far the feed has been examined where the filters kept nothing: after
+         * each such run while catching up, and about once a second while live. A
+         * consumer may store it as its last position and resume after it.
+         *
+         * @generated from field: agentlog.v1.Checkpoint checkpoint = 4;
+         */
+        value: Checkpoint;
+        case: "checkpoint";
+      }
+    | { case: undefined; value?: undefined };
 };
 
 /**
  * Describes the message agentlog.v1.SubscribeAllResponse.
  * Use `create(SubscribeAllResponseSchema)` to create a new message.
  */
-export const SubscribeAllResponseSchema: GenMessage<SubscribeAllResponse> = /*@__PURE__*/
+export const SubscribeAllResponseSchema: GenMessage<SubscribeAllResponse> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 24);
 
 /**
@@ -995,7 +1032,8 @@ export type Checkpoint = Message<"agentlog.v1.Checkpoint"> & {
  * Describes the message agentlog.v1.Checkpoint.
  * Use `create(CheckpointSchema)` to create a new message.
  */
-export const CheckpointSchema: GenMessage<Checkpoint> = /*@__PURE__*/
+export const CheckpointSchema: GenMessage<Checkpoint> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 25);
 
 /**
@@ -1052,7 +1090,8 @@ export type FeedGap = Message<"agentlog.v1.FeedGap"> & {
  * Describes the message agentlog.v1.FeedGap.
  * Use `create(FeedGapSchema)` to create a new message.
  */
-export const FeedGapSchema: GenMessage<FeedGap> = /*@__PURE__*/
+export const FeedGapSchema: GenMessage<FeedGap> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 26);
 
 /**
@@ -1073,7 +1112,8 @@ export type FeedBatch = Message<"agentlog.v1.FeedBatch"> & {
  * Describes the message agentlog.v1.FeedBatch.
  * Use `create(FeedBatchSchema)` to create a new message.
  */
-export const FeedBatchSchema: GenMessage<FeedBatch> = /*@__PURE__*/
+export const FeedBatchSchema: GenMessage<FeedBatch> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 27);
 
 /**
@@ -1101,7 +1141,8 @@ export type FeedRecord = Message<"agentlog.v1.FeedRecord"> & {
  * Describes the message agentlog.v1.FeedRecord.
  * Use `create(FeedRecordSchema)` to create a new message.
  */
-export const FeedRecordSchema: GenMessage<FeedRecord> = /*@__PURE__*/
+export const FeedRecordSchema: GenMessage<FeedRecord> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 28);
 
 /**
@@ -1115,118 +1156,133 @@ export type AgentEvent = Message<"agentlog.v1.AgentEvent"> & {
    *
    * @generated from oneof agentlog.v1.AgentEvent.kind
    */
-  kind: {
-    /**
-     * A run began.
-     *
-     * @generated from field: agentlog.v1.RunStarted run_started = 1;
-     */
-    value: RunStarted;
-    case: "runStarted";
-  } | {
-    /**
-     * An iteration of the agent loop began.
-     *
-     * @generated from field: agentlog.v1.IterationStarted iteration_started = 2;
-     */
-    value: IterationStarted;
-    case: "iterationStarted";
-  } | {
-    /**
-     * The model finished producing one output.
-     *
-     * @generated from field: agentlog.v1.ModelOutput model_output = 3;
-     */
-    value: ModelOutput;
-    case: "modelOutput";
-  } | {
-    /**
-     * A piece of streamed text.
-     *
-     * @generated from field: agentlog.v1.TextDelta text_delta = 4;
-     */
-    value: TextDelta;
-    case: "textDelta";
-  } | {
-    /**
-     * The model asked for a tool call.
-     *
-     * @generated from field: agentlog.v1.ToolCallRequested tool_call_requested = 5;
-     */
-    value: ToolCallRequested;
-    case: "toolCallRequested";
-  } | {
-    /**
-     * A tool call returned.
-     *
-     * @generated from field: agentlog.v1.ToolCallCompleted tool_call_completed = 6;
-     */
-    value: ToolCallCompleted;
-    case: "toolCallCompleted";
-  } | {
-    /**
-     * A tool call failed.
-     *
-     * @generated from field: agentlog.v1.ToolCallFailed tool_call_failed = 7;
-     */
-    value: ToolCallFailed;
-    case: "toolCallFailed";
-  } | {
-    /**
-     * The agent's state was patched.
-     *
-     * @generated from field: agentlog.v1.StatePatched state_patched = 8;
-     */
-    value: StatePatched;
-    case: "statePatched";
-  } | {
-    /**
-     * The conversation context was compacted.
-     *
-     * @generated from field: agentlog.v1.ContextCompacted context_compacted = 9;
-     */
-    value: ContextCompacted;
-    case: "contextCompacted";
-  } | {
-    /**
-     * A tool call waits for a person's approval.
-     *
-     * @generated from field: agentlog.v1.ApprovalRequested approval_requested = 10;
-     */
-    value: ApprovalRequested;
-    case: "approvalRequested";
-  } | {
-    /**
-     * An approval was decided.
-     *
-     * @generated from field: agentlog.v1.ApprovalResolved approval_resolved = 11;
-     */
-    value: ApprovalResolved;
-    case: "approvalResolved";
-  } | {
-    /**
-     * A run failed.
-     *
-     * @generated from field: agentlog.v1.RunErrored run_errored = 12;
-     */
-    value: RunErrored;
-    case: "runErrored";
-  } | {
-    /**
-     * A run ended.
-     *
-     * @generated from field: agentlog.v1.RunFinished run_finished = 13;
-     */
-    value: RunFinished;
-    case: "runFinished";
-  } | { case: undefined; value?: undefined };
+  kind:
+    | {
+        /**
+         * A run began.
+         *
+         * @generated from field: agentlog.v1.RunStarted run_started = 1;
+         */
+        value: RunStarted;
+        case: "runStarted";
+      }
+    | {
+        /**
+         * An iteration of the agent loop began.
+         *
+         * @generated from field: agentlog.v1.IterationStarted iteration_started = 2;
+         */
+        value: IterationStarted;
+        case: "iterationStarted";
+      }
+    | {
+        /**
+         * The model finished producing one output.
+         *
+         * @generated from field: agentlog.v1.ModelOutput model_output = 3;
+         */
+        value: ModelOutput;
+        case: "modelOutput";
+      }
+    | {
+        /**
+         * A piece of streamed text.
+         *
+         * @generated from field: agentlog.v1.TextDelta text_delta = 4;
+         */
+        value: TextDelta;
+        case: "textDelta";
+      }
+    | {
+        /**
+         * The model asked for a tool call.
+         *
+         * @generated from field: agentlog.v1.ToolCallRequested tool_call_requested = 5;
+         */
+        value: ToolCallRequested;
+        case: "toolCallRequested";
+      }
+    | {
+        /**
+         * A tool call returned.
+         *
+         * @generated from field: agentlog.v1.ToolCallCompleted tool_call_completed = 6;
+         */
+        value: ToolCallCompleted;
+        case: "toolCallCompleted";
+      }
+    | {
+        /**
+         * A tool call failed.
+         *
+         * @generated from field: agentlog.v1.ToolCallFailed tool_call_failed = 7;
+         */
+        value: ToolCallFailed;
+        case: "toolCallFailed";
+      }
+    | {
+        /**
+         * The agent's state was patched.
+         *
+         * @generated from field: agentlog.v1.StatePatched state_patched = 8;
+         */
+        value: StatePatched;
+        case: "statePatched";
+      }
+    | {
+        /**
+         * The conversation context was compacted.
+         *
+         * @generated from field: agentlog.v1.ContextCompacted context_compacted = 9;
+         */
+        value: ContextCompacted;
+        case: "contextCompacted";
+      }
+    | {
+        /**
+         * A tool call waits for a person's approval.
+         *
+         * @generated from field: agentlog.v1.ApprovalRequested approval_requested = 10;
+         */
+        value: ApprovalRequested;
+        case: "approvalRequested";
+      }
+    | {
+        /**
+         * An approval was decided.
+         *
+         * @generated from field: agentlog.v1.ApprovalResolved approval_resolved = 11;
+         */
+        value: ApprovalResolved;
+        case: "approvalResolved";
+      }
+    | {
+        /**
+         * A run failed.
+         *
+         * @generated from field: agentlog.v1.RunErrored run_errored = 12;
+         */
+        value: RunErrored;
+        case: "runErrored";
+      }
+    | {
+        /**
+         * A run ended.
+         *
+         * @generated from field: agentlog.v1.RunFinished run_finished = 13;
+         */
+        value: RunFinished;
+        case: "runFinished";
+      }
+    | { case: undefined; value?: undefined };
 };
 
 /**
  * Describes the message agentlog.v1.AgentEvent.
  * Use `create(AgentEventSchema)` to create a new message.
  */
-export const AgentEventSchema: GenMessage<AgentEvent> = /*@__PURE__*/
+export const AgentEventSchema: GenMessage<AgentEvent> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 29);
 
 /**
@@ -1256,7 +1312,8 @@ export type JsonValue = Message<"agentlog.v1.JsonValue"> & {
  * Describes the message agentlog.v1.JsonValue.
  * Use `create(JsonValueSchema)` to create a new message.
  */
-export const JsonValueSchema: GenMessage<JsonValue> = /*@__PURE__*/
+export const JsonValueSchema: GenMessage<JsonValue> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 30);
 
 /**
@@ -1298,7 +1355,8 @@ export type RunStarted = Message<"agentlog.v1.RunStarted"> & {
  * Describes the message agentlog.v1.RunStarted.
  * Use `create(RunStartedSchema)` to create a new message.
  */
-export const RunStartedSchema: GenMessage<RunStarted> = /*@__PURE__*/
+export const RunStartedSchema: GenMessage<RunStarted> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 31);
 
 /**
@@ -1333,7 +1391,8 @@ export type IterationStarted = Message<"agentlog.v1.IterationStarted"> & {
  * Describes the message agentlog.v1.IterationStarted.
  * Use `create(IterationStartedSchema)` to create a new message.
  */
-export const IterationStartedSchema: GenMessage<IterationStarted> = /*@__PURE__*/
+export const IterationStartedSchema: GenMessage<IterationStarted> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 32);
 
 /**
@@ -1389,7 +1448,8 @@ export type ModelOutput = Message<"agentlog.v1.ModelOutput"> & {
  * Describes the message agentlog.v1.ModelOutput.
  * Use `create(ModelOutputSchema)` to create a new message.
  */
-export const ModelOutputSchema: GenMessage<ModelOutput> = /*@__PURE__*/
+export const ModelOutputSchema: GenMessage<ModelOutput> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 33);
 
 /**
@@ -1431,7 +1491,8 @@ export type TextDelta = Message<"agentlog.v1.TextDelta"> & {
  * Describes the message agentlog.v1.TextDelta.
  * Use `create(TextDeltaSchema)` to create a new message.
  */
-export const TextDeltaSchema: GenMessage<TextDelta> = /*@__PURE__*/
+export const TextDeltaSchema: GenMessage<TextDelta> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 34);
 
 /**
@@ -1473,7 +1534,8 @@ export type ToolCallRequested = Message<"agentlog.v1.ToolCallRequested"> & {
  * Describes the message agentlog.v1.ToolCallRequested.
  * Use `create(ToolCallRequestedSchema)` to create a new message.
  */
-export const ToolCallRequestedSchema: GenMessage<ToolCallRequested> = /*@__PURE__*/
+export const ToolCallRequestedSchema: GenMessage<ToolCallRequested> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 35);
 
 /**
@@ -1515,7 +1577,8 @@ export type ToolCallCompleted = Message<"agentlog.v1.ToolCallCompleted"> & {
  * Describes the message agentlog.v1.ToolCallCompleted.
  * Use `create(ToolCallCompletedSchema)` to create a new message.
  */
-export const ToolCallCompletedSchema: GenMessage<ToolCallCompleted> = /*@__PURE__*/
+export const ToolCallCompletedSchema: GenMessage<ToolCallCompleted> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 36);
 
 /**
@@ -1571,7 +1634,8 @@ export type ToolCallFailed = Message<"agentlog.v1.ToolCallFailed"> & {
  * Describes the message agentlog.v1.ToolCallFailed.
  * Use `create(ToolCallFailedSchema)` to create a new message.
  */
-export const ToolCallFailedSchema: GenMessage<ToolCallFailed> = /*@__PURE__*/
+export const ToolCallFailedSchema: GenMessage<ToolCallFailed> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 37);
 
 /**
@@ -1620,7 +1684,8 @@ export type StatePatched = Message<"agentlog.v1.StatePatched"> & {
  * Describes the message agentlog.v1.StatePatched.
  * Use `create(StatePatchedSchema)` to create a new message.
  */
-export const StatePatchedSchema: GenMessage<StatePatched> = /*@__PURE__*/
+export const StatePatchedSchema: GenMessage<StatePatched> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 38);
 
 /**
@@ -1676,7 +1741,8 @@ export type ContextCompacted = Message<"agentlog.v1.ContextCompacted"> & {
  * Describes the message agentlog.v1.ContextCompacted.
  * Use `create(ContextCompactedSchema)` to create a new message.
  */
-export const ContextCompactedSchema: GenMessage<ContextCompacted> = /*@__PURE__*/
+export const ContextCompactedSchema: GenMessage<ContextCompacted> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 39);
 
 /**
@@ -1739,7 +1805,8 @@ export type ApprovalRequested = Message<"agentlog.v1.ApprovalRequested"> & {
  * Describes the message agentlog.v1.ApprovalRequested.
  * Use `create(ApprovalRequestedSchema)` to create a new message.
  */
-export const ApprovalRequestedSchema: GenMessage<ApprovalRequested> = /*@__PURE__*/
+export const ApprovalRequestedSchema: GenMessage<ApprovalRequested> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 40);
 
 /**
@@ -1788,7 +1855,8 @@ export type ApprovalResolved = Message<"agentlog.v1.ApprovalResolved"> & {
  * Describes the message agentlog.v1.ApprovalResolved.
  * Use `create(ApprovalResolvedSchema)` to create a new message.
  */
-export const ApprovalResolvedSchema: GenMessage<ApprovalResolved> = /*@__PURE__*/
+export const ApprovalResolvedSchema: GenMessage<ApprovalResolved> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 41);
 
 /**
@@ -1823,7 +1891,8 @@ export type RunErrored = Message<"agentlog.v1.RunErrored"> & {
  * Describes the message agentlog.v1.RunErrored.
  * Use `create(RunErroredSchema)` to create a new message.
  */
-export const RunErroredSchema: GenMessage<RunErrored> = /*@__PURE__*/
+export const RunErroredSchema: GenMessage<RunErrored> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 42);
 
 /**
@@ -1879,7 +1948,8 @@ export type RunFinished = Message<"agentlog.v1.RunFinished"> & {
  * Describes the message agentlog.v1.RunFinished.
  * Use `create(RunFinishedSchema)` to create a new message.
  */
-export const RunFinishedSchema: GenMessage<RunFinished> = /*@__PURE__*/
+export const RunFinishedSchema: GenMessage<RunFinished> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 43);
 
 /**
@@ -1914,7 +1984,8 @@ export type ToolCall = Message<"agentlog.v1.ToolCall"> & {
  * Describes the message agentlog.v1.ToolCall.
  * Use `create(ToolCallSchema)` to create a new message.
  */
-export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
+export const ToolCallSchema: GenMessage<ToolCall> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 44);
 
 /**
@@ -1949,7 +2020,8 @@ export type ToolResultSummary = Message<"agentlog.v1.ToolResultSummary"> & {
  * Describes the message agentlog.v1.ToolResultSummary.
  * Use `create(ToolResultSummarySchema)` to create a new message.
  */
-export const ToolResultSummarySchema: GenMessage<ToolResultSummary> = /*@__PURE__*/
+export const ToolResultSummarySchema: GenMessage<ToolResultSummary> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 45);
 
 /**
@@ -1984,7 +2056,8 @@ export type StatePatch = Message<"agentlog.v1.StatePatch"> & {
  * Describes the message agentlog.v1.StatePatch.
  * Use `create(StatePatchSchema)` to create a new message.
  */
-export const StatePatchSchema: GenMessage<StatePatch> = /*@__PURE__*/
+export const StatePatchSchema: GenMessage<StatePatch> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 46);
 
 /**
@@ -2026,7 +2099,8 @@ export type TokenUsage = Message<"agentlog.v1.TokenUsage"> & {
  * Describes the message agentlog.v1.TokenUsage.
  * Use `create(TokenUsageSchema)` to create a new message.
  */
-export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
+export const TokenUsageSchema: GenMessage<TokenUsage> =
+  /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 47);
 
 /**
@@ -2060,7 +2134,8 @@ export enum ReadDirection {
 /**
  * Describes the enum agentlog.v1.ReadDirection.
  */
-export const ReadDirectionSchema: GenEnum<ReadDirection> = /*@__PURE__*/
+export const ReadDirectionSchema: GenEnum<ReadDirection> =
+  /*@__PURE__*/
   enumDesc(file_agentlog_v1_session, 0);
 
 /**
@@ -2122,7 +2197,8 @@ export enum ModelStopReason {
 /**
  * Describes the enum agentlog.v1.ModelStopReason.
  */
-export const ModelStopReasonSchema: GenEnum<ModelStopReason> = /*@__PURE__*/
+export const ModelStopReasonSchema: GenEnum<ModelStopReason> =
+  /*@__PURE__*/
   enumDesc(file_agentlog_v1_session, 1);
 
 /**
@@ -2184,7 +2260,8 @@ export enum RunStopReason {
 /**
  * Describes the enum agentlog.v1.RunStopReason.
  */
-export const RunStopReasonSchema: GenEnum<RunStopReason> = /*@__PURE__*/
+export const RunStopReasonSchema: GenEnum<RunStopReason> =
+  /*@__PURE__*/
   enumDesc(file_agentlog_v1_session, 2);
 
 /**
@@ -2218,7 +2295,8 @@ export enum StatePatchFormat {
 /**
  * Describes the enum agentlog.v1.StatePatchFormat.
  */
-export const StatePatchFormatSchema: GenEnum<StatePatchFormat> = /*@__PURE__*/
+export const StatePatchFormatSchema: GenEnum<StatePatchFormat> =
+  /*@__PURE__*/
   enumDesc(file_agentlog_v1_session, 3);
 
 /**
@@ -2259,7 +2337,8 @@ export enum StatePatchSource {
 /**
  * Describes the enum agentlog.v1.StatePatchSource.
  */
-export const StatePatchSourceSchema: GenEnum<StatePatchSource> = /*@__PURE__*/
+export const StatePatchSourceSchema: GenEnum<StatePatchSource> =
+  /*@__PURE__*/
   enumDesc(file_agentlog_v1_session, 4);
 
 /**
@@ -2285,7 +2364,7 @@ export const SessionRepository: GenService<{
     methodKind: "unary";
     input: typeof AppendRequestSchema;
     output: typeof AppendResponseSchema;
-  },
+  };
   /**
    * AppendBatch stores many events at the end of one session, all or none, at
    * consecutive sequences, checking one expectation for the whole batch.
@@ -2296,7 +2375,7 @@ export const SessionRepository: GenService<{
     methodKind: "unary";
     input: typeof AppendBatchRequestSchema;
     output: typeof AppendBatchResponseSchema;
-  },
+  };
   /**
    * LoadSession streams a range of a session's records in sequence order,
    * forwards or backwards. A session with no events yields an empty stream.
@@ -2307,7 +2386,7 @@ export const SessionRepository: GenService<{
     methodKind: "server_streaming";
     input: typeof LoadSessionRequestSchema;
     output: typeof LoadSessionResponseSchema;
-  },
+  };
   /**
    * LoadChildren streams every record, in any session, whose parent_id is the
    * given id.
@@ -2318,7 +2397,7 @@ export const SessionRepository: GenService<{
     methodKind: "server_streaming";
     input: typeof LoadChildrenRequestSchema;
     output: typeof LoadChildrenResponseSchema;
-  },
+  };
   /**
    * Head returns a session's latest record, or no record for a session that
    * has no events.
@@ -2329,7 +2408,7 @@ export const SessionRepository: GenService<{
     methodKind: "unary";
     input: typeof HeadRequestSchema;
     output: typeof HeadResponseSchema;
-  },
+  };
   /**
    * ListSessions pages through the sessions in session id (byte) order.
    *
@@ -2339,7 +2418,7 @@ export const SessionRepository: GenService<{
     methodKind: "unary";
     input: typeof ListSessionsRequestSchema;
     output: typeof ListSessionsResponseSchema;
-  },
+  };
   /**
    * SubscribeSession streams a session's stored records from a sequence, then
    * a CaughtUp marker, then each new record as it is appended, in sequence
@@ -2353,7 +2432,7 @@ export const SessionRepository: GenService<{
     methodKind: "server_streaming";
     input: typeof SubscribeSessionRequestSchema;
     output: typeof SubscribeSessionResponseSchema;
-  },
+  };
   /**
    * ForkSession makes a new branch, of the same session or of a new one, whose
    * records 1 to up_to_sequence are copies of the source branch's: the same
@@ -2370,7 +2449,7 @@ export const SessionRepository: GenService<{
     methodKind: "unary";
     input: typeof ForkSessionRequestSchema;
     output: typeof ForkSessionResponseSchema;
-  },
+  };
   /**
    * SubscribeAll streams every record appended through this store, in commit
    * order, each with its global position: stored ones from a position, then a
@@ -2385,7 +2464,5 @@ export const SessionRepository: GenService<{
     methodKind: "server_streaming";
     input: typeof SubscribeAllRequestSchema;
     output: typeof SubscribeAllResponseSchema;
-  },
-}> = /*@__PURE__*/
-  serviceDesc(file_agentlog_v1_session, 0);
-
+  };
+}> = /*@__PURE__*/ serviceDesc(file_agentlog_v1_session, 0);
