@@ -225,3 +225,47 @@ def test_metrics_are_served_where_asked(tmp_path: Path) -> None:
         assert "agentlog_feed_undelivered_records" in text
     finally:
         stop(process)
+
+
+def test_fork_makes_a_branch_and_tail_follows_it(tmp_path: Path) -> None:
+    from agentlog.server import JsonlSessionRepository
+    from tests.servers import running_server
+
+    with running_server(JsonlSessionRepository(tmp_path, layout="branches")) as target:
+        with AgentlogClient(target) as client:
+            for i in range(4):
+                client.append(AppendEvent(session_id="s", event=delta("s", f"turn {i}")))
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            command = [sys.executable, "-m", "agentlog.server", *args, "--addr", target]
+            return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+        made = run("fork", "s", "--at", "2", "--to-branch", "retry")
+        assert made.returncode == 0, made.stderr
+        assert "forked s main 1-2 into session s branch retry: 2 record(s)" in made.stdout
+        again = run("fork", "s", "--at", "2", "--to-branch", "retry")
+        assert again.returncode == 1
+        assert "ALREADY_EXISTS" in again.stderr
+        assert "exists already" in again.stderr
+        whole = run("fork", "s", "--to-session", "copy")  # up to the last record
+        assert whole.returncode == 0, whole.stderr
+        assert "4 record(s)" in whole.stdout
+        missing = run("fork", "s", "--at", "9", "--to-branch", "x")
+        assert missing.returncode == 1
+        assert "ends at sequence 4" in missing.stderr
+        unnamed = run("fork", "s")
+        assert unnamed.returncode == 2
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "agentlog.server", "tail", "s", "--branch", "retry"]
+            + ["--addr", target, "-n", "5"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert tail.stdout is not None
+            shown = [tail.stdout.readline() for _ in range(2)]
+        finally:
+            tail.send_signal(signal.SIGINT)
+            tail.wait(10)
+    assert [line.split()[0] for line in shown] == ["#1", "#2"]
+    assert 'delta="turn 1"' in shown[1]

@@ -48,7 +48,7 @@ from agentlog.server.postgres._notify import LISTENER_NAME
 from agentlog.server.postgres._schema import LATEST
 from tests.contract import delta
 from tests.pg import database, url_of
-from tests.servers import LoopThread, served
+from tests.servers import LoopThread, running_server, served
 from tests.test_observability import scrape, value
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -392,6 +392,63 @@ async def _migrate_together(url: str) -> list[tuple[int, int]]:
     import asyncio
 
     return list(await asyncio.gather(*(migrate_database(url) for _ in range(6))))
+
+
+def test_a_database_written_before_branches_is_migrated_and_served_as_branch_main(
+    url: str,
+) -> None:
+    from agentlog.server.postgres._schema import MIGRATIONS
+
+    with psycopg.connect(url, autocommit=True) as conn:  # as agentlog 1 left it
+        conn.execute(
+            "CREATE TABLE agentlog_schema (version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        conn.execute(MIGRATIONS[0][1].encode())
+        conn.execute("INSERT INTO agentlog_schema (version) VALUES (1)")
+        ids = []
+        for text in ["a", "b", "c"]:
+            record_id = str(uuid.uuid4())
+            ids.append(record_id)
+            row = conn.execute(
+                "SELECT outcome FROM agentlog_append(%s::text[], %s::bigint[], %s::integer[],"
+                " %s::bigint[], %s::integer[], %s::text[], %s::bytea[], %s::bytea[], %s::bigint)",
+                (
+                    ["old"],
+                    [None],
+                    [1],
+                    [None],
+                    [1],
+                    [record_id],
+                    [ids[-2].encode() if len(ids) > 1 else None],
+                    [orjson.dumps(event_to_json(delta("old", text)))],
+                    time.time_ns(),
+                ),
+            ).fetchone()
+            assert row == (0,)
+    with running_server(_opener(url)) as target, AgentlogClient(target) as client:
+        records = client.load_session("old")
+        assert [(r.id, r.branch_id, r.sequence) for r in records] == [
+            (record_id, "main", n) for n, record_id in enumerate(ids, 1)
+        ]
+        [info] = client.list_sessions().sessions
+        assert [(b.branch_id, b.event_count) for b in info.branches] == [("main", 3)]
+        assert client.append(AppendEvent(session_id="old", event=delta("old", "d"))).sequence == 4
+        made = client.fork_session("old", 3, new_branch_id="later")
+        copies = client.load_session("old", branch_id="later")
+        assert made.event_count == 3
+        assert copies[2].parent_id == copies[1].id
+        assert [c.branch_id for c in client.load_children(ids[0])] == ["main"]
+    with psycopg.connect(url) as conn:
+        versions = conn.execute("SELECT version FROM agentlog_schema ORDER BY version").fetchall()
+    assert versions == [(version,) for version in range(1, LATEST + 1)]
+
+
+def _opener(url: str) -> Any:
+    async def open_backend() -> PostgresBackend:
+        return await PostgresBackend.open(url)
+
+    return open_backend
 
 
 def test_a_schema_newer_than_this_agentlog_is_refused(url: str) -> None:

@@ -43,7 +43,13 @@ from tests.contract import delta
 from tests.pg import database
 from tests.servers import Servable, running_server
 
-TOKENS = {"a": "token-of-a", "b": "token-of-b", "admin": "token-of-admin", "narrow": "t-narrow"}
+TOKENS = {
+    "a": "token-of-a",
+    "b": "token-of-b",
+    "admin": "token-of-admin",
+    "narrow": "t-narrow",
+    "writer": "token-of-writer",
+}
 
 
 def caller(name: str, permissions: list[str], sessions: list[str]) -> dict[str, Any]:
@@ -56,6 +62,7 @@ ACCESS = [
     caller("b", ["read", "append"], ["agent-b-"]),
     caller("admin", ["admin"], []),
     caller("narrow", ["read", "append"], ["agent-a-"]),
+    caller("writer", ["append"], ["agent-a-"]),
 ]
 
 
@@ -134,6 +141,35 @@ def test_page_tokens_reveal_nothing_and_serve_only_their_caller_and_filter(targe
         forged = tokens[0][:-4] + ("AAAA" if not tokens[0].endswith("AAAA") else "BBBB")
         with pytest.raises(InvalidArgumentError):
             a.list_sessions(page_size=1, page_token=forged)
+
+
+# --- forks ---
+
+
+def test_a_fork_needs_read_on_its_source_and_append_on_its_target(any_backend: str) -> None:
+    with client(any_backend, "admin") as admin:
+        for name in ["agent-a-1", "agent-b-1"]:
+            admin.append(AppendEvent(session_id=name, event=delta(name, "x")))
+            admin.append(AppendEvent(session_id=name, event=delta(name, "y")))
+    with client(any_backend, "a") as a, client(any_backend, "writer") as writer:
+        made = a.fork_session("agent-a-1", 2, new_session_id="agent-a-2")
+        assert made.event_count == 2
+        refused = [
+            lambda: a.fork_session("agent-b-1", 1, new_session_id="agent-a-3"),  # source
+            lambda: a.fork_session("agent-b-404", 1, new_session_id="agent-a-3"),
+            lambda: a.fork_session("agent-a-1", 1, new_session_id="agent-b-2"),  # target
+            lambda: writer.fork_session("agent-a-1", 1, new_session_id="agent-a-4"),
+        ]
+        for attempt in refused:
+            with pytest.raises(PermissionDeniedError) as denied:
+                attempt()
+            # Nothing said of what the caller may not read: not whether it exists.
+            assert "ends at" not in str(denied.value)
+            assert "last_sequence" not in denied.value.metadata
+        assert a.load_session("agent-a-3") == []
+    with client(any_backend, "admin") as admin:
+        assert admin.load_session("agent-b-2") == []
+        assert admin.load_session("agent-a-4") == []
 
 
 # --- errors ---
