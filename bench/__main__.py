@@ -385,8 +385,8 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="add the 10M-event figures")
     parser.add_argument(
         "--only",
-        help="run one group: appends, reads, children, live, fanout, listing, security, "
-        "typescript, postgres",
+        help="run one group: appends, reads, children, live, fanout, feed-fanout, listing, "
+        "branches, security, typescript, postgres",
     )
     parser.add_argument(
         "--store",
@@ -406,6 +406,10 @@ def main() -> None:
     }
     if args.large:
         groups["large"] = lambda tmp: bench_large(tmp, results)
+    from bench import branches
+
+    groups["branches"] = lambda tmp: branches.run(tmp, results, args)
+    CEILINGS.update(branches.CEILINGS)
     from bench import security
 
     groups["security"] = lambda tmp: security.run(results, args.scale, args.rounds)

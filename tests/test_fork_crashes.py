@@ -210,3 +210,60 @@ def test_forks_cut_short_by_sigkill_leave_nothing_on_postgresql(url: str) -> Non
             process.wait(30)
 
     crash_forks(["--store", url], read)
+
+
+def appends_during_a_fork(target: str) -> tuple[float, int, float]:
+    """Fork a long branch while another client appends: how long the fork took, how
+    many appends were made while it ran, and the longest an append begun before it
+    ended took."""
+    with AgentlogClient(target, timeout=120) as client:
+        for n in range(40):
+            client.append_batch(
+                "long", [NewEvent(event=delta("long", f"{n}-{i}")) for i in range(1000)]
+            )
+        done = threading.Event()
+        timings: list[tuple[float, float]] = []
+
+        def append() -> None:
+            with AgentlogClient(target) as writer:
+                while not done.is_set():
+                    started = time.monotonic()
+                    writer.append(AppendEvent(session_id="other", event=delta("other", "x")))
+                    timings.append((started, time.monotonic()))
+
+        thread = threading.Thread(target=append)
+        thread.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        client.fork_session("long", 40_000, new_branch_id="copy")
+        ended = time.monotonic()
+        done.set()
+        thread.join(30)
+        assert len(client.load_session("long", branch_id="copy")) == 40_000
+    meanwhile = sum(1 for begun, end in timings if begun >= started and end <= ended)
+    longest = max(end - begun for begun, end in timings if begun < ended)
+    return ended - started, meanwhile, longest
+
+
+@pytest.mark.parametrize("backend", ["jsonl", "postgresql"])
+def test_appends_go_on_while_a_long_fork_copies(tmp_path: Path, backend: str) -> None:
+    from agentlog.server import JsonlSessionRepository
+    from tests.servers import running_server
+
+    if backend == "jsonl":
+        with running_server(JsonlSessionRepository(tmp_path, layout="branches")) as target:
+            took, meanwhile, longest = appends_during_a_fork(target)
+    else:
+        from agentlog.server.postgres import PostgresBackend
+
+        with database() as url:
+
+            async def open_backend() -> PostgresBackend:
+                return await PostgresBackend.open(url)
+
+            with running_server(open_backend) as target:
+                took, meanwhile, longest = appends_during_a_fork(target)
+    # The copy is made outside the store's lock: appends are not held behind it.
+    assert took > 0.3, took
+    assert meanwhile >= 20, (took, meanwhile)
+    assert longest < took / 3, (took, longest)

@@ -49,7 +49,8 @@ def translate(exc: BaseException) -> AgentlogError:
     if isinstance(exc, pg_errors.QueryCanceled):
         return UnavailableError(
             f"PostgreSQL cancelled the statement ({detail}): it ran past the statement "
-            "timeout; retry (an append is stored once however often it is retried)",
+            "timeout, and nothing it did was kept; retry (an append is stored once however "
+            "often it is retried)",
             reason="DATABASE_TIMEOUT",
         )
     if isinstance(exc, (pg_errors.DiskFull, pg_errors.OutOfMemory)):

@@ -148,11 +148,15 @@ class FeedListener:
         last = int(row[0]) if row else 0
         if last <= self.heard:
             return
+        # Appended records by their positions; forks' copies by their ranges.
         summaries = await conn.execute(
-            "SELECT session_id, branch_id, max(sequence), min(position), max(position)"
-            " FROM agentlog_events WHERE position > %s AND position <= %s"
-            " GROUP BY session_id, branch_id ORDER BY min(position)",
-            (self.heard, last),
+            "SELECT session_id, branch_id, max(sequence), min(position) AS first,"
+            " max(position) FROM agentlog_events WHERE position > %s AND position <= %s"
+            " GROUP BY session_id, branch_id"
+            " UNION ALL SELECT session_id, branch_id, last_position - first_position + 1,"
+            " first_position, last_position FROM agentlog_fork_ranges"
+            " WHERE last_position > %s AND first_position <= %s ORDER BY first",
+            (self.heard, last, self.heard, last),
         )
         for session_id, branch_id, sequence, first, end in await summaries.fetchall():
             self._announce(

@@ -269,13 +269,26 @@ BEGIN
 END
 $$;
 
+-- Forks' copies hold no feed position of their own: their rows take negative
+-- numbers from this sequence (the column is unique), and their feed positions are a
+-- range, first_position + sequence - 1, recorded at the fork's commit.
+CREATE SEQUENCE agentlog_fork_rows CACHE 1024;
+CREATE TABLE agentlog_fork_ranges (
+    first_position bigint PRIMARY KEY,
+    last_position bigint NOT NULL,
+    session_id text COLLATE "C" NOT NULL,
+    branch_id text COLLATE "C" NOT NULL
+);
+CREATE INDEX agentlog_fork_ranges_last ON agentlog_fork_ranges (last_position);
+
 -- A fork: records 1..p_up_to of a branch copied into a new branch, with new ids
--- (random version 4 UUIDs) and parents inside the copied records re-pointed to
--- the copies. The copies are made first, in a table of this transaction only;
--- then, under the feed's counter lock, the new branch is claimed (outcome 3 if it
--- exists), given positions, and its rows inserted. Outcomes: 0 made, 1 the source
--- lacks p_up_to (last_sequence says where it ends), 2 p_expected does not hold,
--- 3 the new branch exists.
+-- (random version 4 UUIDs) and parents inside the copied records re-pointed to the
+-- copies. The rows are inserted first, outside the feed's counter lock (appends go
+-- on meanwhile; nobody sees them before the commit); then, under the lock, the new
+-- branch is claimed and given its range of positions, so the feed still grows in
+-- commit order. Outcomes: 0 made, 1 the source lacks p_up_to (last_sequence says
+-- where it ends), 2 p_expected does not hold, 3 the new branch exists. A branch
+-- made meanwhile by an append or another fork raises SQLSTATE AG001 (all undone).
 CREATE FUNCTION agentlog_fork(
     p_session text, p_branch text, p_up_to bigint, p_expected bigint,
     p_new_session text, p_new_branch text
@@ -309,17 +322,19 @@ BEGIN
         SELECT convert_to(e.id, 'UTF8') AS old_id, gen_random_uuid()::text AS new_id
         FROM agentlog_events e
         WHERE e.session_id = p_session AND e.branch_id = p_branch AND e.sequence <= p_up_to;
-    CREATE TEMP TABLE agentlog_fork_rows ON COMMIT DROP AS
-        SELECT e.sequence, m.new_id AS id,
-               coalesce(convert_to(pm.new_id, 'UTF8'), e.parent_id) AS parent_id,
-               e.timestamp_ns, e.event
-        FROM agentlog_events e
-        JOIN agentlog_fork_ids m ON m.old_id = convert_to(e.id, 'UTF8')
-        LEFT JOIN agentlog_fork_ids pm ON pm.old_id = e.parent_id
-        WHERE e.session_id = p_session AND e.branch_id = p_branch AND e.sequence <= p_up_to;
-    SELECT min(r.timestamp_ns), max(r.timestamp_ns) INTO v_first_ns, v_last_ns
-        FROM agentlog_fork_rows r;
-    SELECT r.id INTO v_head FROM agentlog_fork_rows r WHERE r.sequence = p_up_to;
+    INSERT INTO agentlog_events (position, session_id, branch_id, sequence, id, parent_id,
+                                 timestamp_ns, event)
+    SELECT -nextval('agentlog_fork_rows'), p_new_session, p_new_branch, e.sequence, m.new_id,
+           coalesce(convert_to(pm.new_id, 'UTF8'), e.parent_id), e.timestamp_ns, e.event
+    FROM agentlog_events e
+    JOIN agentlog_fork_ids m ON m.old_id = convert_to(e.id, 'UTF8')
+    LEFT JOIN agentlog_fork_ids pm ON pm.old_id = e.parent_id
+    WHERE e.session_id = p_session AND e.branch_id = p_branch AND e.sequence <= p_up_to;
+    SELECT e.timestamp_ns INTO v_first_ns FROM agentlog_events e
+        WHERE e.session_id = p_new_session AND e.branch_id = p_new_branch AND e.sequence = 1;
+    SELECT e.timestamp_ns, e.id INTO v_last_ns, v_head FROM agentlog_events e
+        WHERE e.session_id = p_new_session AND e.branch_id = p_new_branch
+          AND e.sequence = p_up_to;
     SELECT m.last_position INTO v_position FROM agentlog_meta m WHERE m.singleton FOR UPDATE;
     INSERT INTO agentlog_branches (session_id, branch_id, last_sequence, first_timestamp_ns,
                                    last_timestamp_ns, head_id, forked_from_session,
@@ -327,15 +342,11 @@ BEGIN
     VALUES (p_new_session, p_new_branch, p_up_to, v_first_ns, v_last_ns, v_head,
             p_session, p_branch, p_up_to)
     ON CONFLICT (session_id, branch_id) DO NOTHING;
-    IF NOT FOUND THEN  -- made meanwhile, by an append or another fork
-        RETURN QUERY SELECT 3::smallint, v_last, 0::bigint, 0::bigint, 0::bigint, ''::text;
-        RETURN;
+    IF NOT FOUND THEN  -- made meanwhile: undo every row
+        RAISE EXCEPTION 'the new branch was made meanwhile' USING ERRCODE = 'AG001';
     END IF;
-    INSERT INTO agentlog_events (position, session_id, branch_id, sequence, id, parent_id,
-                                 timestamp_ns, event)
-    SELECT v_position + r.sequence, p_new_session, p_new_branch, r.sequence, r.id,
-           r.parent_id, r.timestamp_ns, r.event
-    FROM agentlog_fork_rows r;
+    INSERT INTO agentlog_fork_ranges
+    VALUES (v_position + 1, v_position + p_up_to, p_new_session, p_new_branch);
     UPDATE agentlog_meta SET last_position = v_position + p_up_to WHERE singleton;
     PERFORM pg_notify('agentlog_feed', concat_ws(' ', v_position + 1, v_position + p_up_to,
                                                  p_up_to, length(p_new_branch),

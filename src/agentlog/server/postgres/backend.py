@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import psycopg
 import psycopg_pool
 from psycopg.conninfo import make_conninfo
 
@@ -116,8 +117,10 @@ class PostgresBackend(Backend):
         poll_seconds: float,
         connect_timeout: float,
         clock: Callable[[], int] = time.time_ns,
+        statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
     ) -> None:
         self._pool = pool
+        self._statement_timeout_ms = statement_timeout_ms
         self._page_tokens = PageTokens(page_key)
         self._listener: GrowthListener | None = None
         self._following: Callable[[Place], bool] | None = None
@@ -205,6 +208,7 @@ class PostgresBackend(Backend):
             poll_seconds=poll_seconds,
             connect_timeout=connect_timeout,
             clock=clock,
+            statement_timeout_ms=statement_timeout_ms,
         )
 
     @property
@@ -395,20 +399,35 @@ class PostgresBackend(Backend):
         expected = plan.expected
         if expected is not None and expected > MAX_BIGINT:
             expected = -1  # can never hold
+        self._check_reachable()
+        params = (
+            plan.session_id,
+            plan.branch_id,
+            min(plan.up_to_sequence, MAX_BIGINT),
+            expected,
+            plan.new_session_id,
+            plan.new_branch_id,
+        )
+        # A fork's statement copies every record: its timeout grows with their number.
+        timeout_ms = self._statement_timeout_ms + plan.up_to_sequence * FORK_MS_PER_RECORD
         with store_span("agentlog.store.fork", **{"db.system": "postgresql"}):
-            rows = await self._fetch(
-                "SELECT outcome, last_sequence, first_position, first_ns, last_ns, head_id"
-                " FROM agentlog_fork(%s, %s, %s, %s, %s, %s)",
-                (
-                    plan.session_id,
-                    plan.branch_id,
-                    min(plan.up_to_sequence, MAX_BIGINT),
-                    expected,
-                    plan.new_session_id,
-                    plan.new_branch_id,
-                ),
-            )
-        outcome, last, first_position, first_ns, last_ns, head_id = rows[0]
+            async with translated():
+                try:
+                    async with self._pool.connection() as conn, conn.transaction():
+                        await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+                        cursor = await conn.execute(
+                            "SELECT outcome, last_sequence, first_position, first_ns, last_ns,"
+                            " head_id FROM agentlog_fork(%s, %s, %s, %s, %s, %s)",
+                            params,
+                        )
+                        row = await cursor.fetchone()
+                except psycopg.Error as exc:
+                    if exc.sqlstate == BRANCH_MADE_MEANWHILE:
+                        raise branch_exists(plan.new_session_id, plan.new_branch_id) from None
+                    raise
+        if row is None:
+            raise ServerError("agentlog_fork answered nothing")
+        outcome, last, first_position, first_ns, last_ns, head_id = row
         if outcome == 1:
             raise source_too_short(plan, int(last))
         if outcome == 2:
@@ -490,17 +509,27 @@ class PostgresBackend(Backend):
         return SessionList(infos, None)
 
     async def read_feed(self, from_position: int) -> AsyncIterator[list[FeedRecord | FeedGap]]:
+        """Appended records by their positions; a fork's copies by their branch and
+        sequence, their positions a range (see `_schema`)."""
         check_count(from_position, "from_position")
         low = max(min(from_position, MAX_BIGINT), 1)
         high = await self.last_position()  # the feed as it is now
-        query = _bounded(
-            f"SELECT position, {RECORD_COLUMNS} FROM agentlog_events"
-            f" WHERE position BETWEEN %s AND %s ORDER BY position LIMIT {MESSAGE_RECORDS}",
-            "position",
-            f"position, {RECORD_COLUMNS}",
-        )
         while low <= high:
-            rows = await self._fetch(query, (low, high))
+            ranges = await self._fetch(_NEXT_FORK_RANGE, (low, high))
+            fork = ranges[0] if ranges else None
+            if fork is not None and int(fork[0]) <= low:
+                first, last, session_id, branch_id = fork
+                first, last = int(first), min(int(last), high)
+                rows = await self._fetch(
+                    _FORK_ROWS,
+                    (first - 1, session_id, branch_id, low - first + 1, last - first + 1),
+                )
+            else:
+                stop = int(fork[0]) - 1 if fork is not None else high
+                rows = await self._fetch(_APPENDED_ROWS, (low, stop))
+                if not rows:
+                    low = stop + 1  # (nothing can be missing: positions have no holes)
+                    continue
             if not rows:
                 return
             yield self._feed_items(rows)
@@ -559,6 +588,12 @@ class PostgresBackend(Backend):
         await self._pool.close()
 
 
+# The SQLSTATE agentlog_fork raises when its new branch was made while it copied.
+BRANCH_MADE_MEANWHILE = "AG001"
+# A fork's statement timeout grows by this for each record it copies.
+FORK_MS_PER_RECORD = 0.2
+
+
 def _branch_of(row: Sequence[Any]) -> BranchInfo:
     """A BranchInfo from a row of agentlog_branches (as list_sessions selects it)."""
     forked = None if row[6] is None else ForkedFrom(str(row[6]), str(row[7]), int(row[8]))
@@ -581,3 +616,24 @@ def _bounded(query: str, order: str, columns: str = RECORD_COLUMNS) -> str:
         f" OVER (ORDER BY {order}) AS total FROM ({query}) AS q) AS r"
         f" WHERE r.total - octet_length(r.event) < {MESSAGE_BYTES} ORDER BY {order}"
     )
+
+
+# The feed's queries: appended rows by position; the fork range at or after a
+# position; a fork's copies by sequence, with their positions.
+_APPENDED_ROWS = _bounded(
+    f"SELECT position, {RECORD_COLUMNS} FROM agentlog_events"
+    f" WHERE position BETWEEN %s AND %s ORDER BY position LIMIT {MESSAGE_RECORDS}",
+    "position",
+    f"position, {RECORD_COLUMNS}",
+)
+_NEXT_FORK_RANGE = (
+    "SELECT first_position, last_position, session_id, branch_id FROM agentlog_fork_ranges"
+    " WHERE last_position >= %s AND first_position <= %s ORDER BY last_position LIMIT 1"
+)
+_FORK_ROWS = _bounded(
+    f"SELECT %s + sequence AS position, {RECORD_COLUMNS} FROM agentlog_events"
+    " WHERE session_id = %s AND branch_id = %s AND sequence BETWEEN %s AND %s"
+    f" ORDER BY sequence LIMIT {MESSAGE_RECORDS}",
+    "position",
+    f"position, {RECORD_COLUMNS}",
+)
