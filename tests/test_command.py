@@ -256,8 +256,8 @@ def test_fork_makes_a_branch_and_tail_follows_it(tmp_path: Path) -> None:
         unnamed = run("fork", "s")
         assert unnamed.returncode == 2
         tail = subprocess.Popen(
-            [sys.executable, "-m", "agentlog.server", "tail", "s", "--branch", "retry"]
-            + ["--addr", target, "-n", "5"],
+            [sys.executable, "-m", "agentlog.server", "tail", "s"]
+            + ["--branch", "retry", "--addr", target, "-n", "5"],
             stdout=subprocess.PIPE,
             text=True,
         )

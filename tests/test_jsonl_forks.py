@@ -68,7 +68,7 @@ def test_a_fork_cut_short_leaves_nothing_and_its_copy_is_removed_at_the_next_ope
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(_fork.Forks, "_link", crash)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="No space left"):
             store.fork_session("s", 3, new_branch_id="f")
         monkeypatch.undo()
         assert store.load_session("s", branch_id="f") == []

@@ -154,7 +154,7 @@ def test_a_fork_needs_read_on_its_source_and_append_on_its_target(any_backend: s
     with client(any_backend, "a") as a, client(any_backend, "writer") as writer:
         made = a.fork_session("agent-a-1", 2, new_session_id="agent-a-2")
         assert made.event_count == 2
-        refused = [
+        refused: list[Callable[[], object]] = [
             lambda: a.fork_session("agent-b-1", 1, new_session_id="agent-a-3"),  # source
             lambda: a.fork_session("agent-b-404", 1, new_session_id="agent-a-3"),
             lambda: a.fork_session("agent-a-1", 1, new_session_id="agent-b-2"),  # target
