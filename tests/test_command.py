@@ -255,9 +255,9 @@ def test_fork_makes_a_branch_and_tail_follows_it(tmp_path: Path) -> None:
         assert "ends at sequence 4" in missing.stderr
         unnamed = run("fork", "s")
         assert unnamed.returncode == 2
+        command = ["tail", "s", "--branch", "retry", "--addr", target, "-n", "5"]
         tail = subprocess.Popen(
-            [sys.executable, "-m", "agentlog.server", "tail", "s"]
-            + ["--branch", "retry", "--addr", target, "-n", "5"],
+            [sys.executable, "-m", "agentlog.server", *command],
             stdout=subprocess.PIPE,
             text=True,
         )
