@@ -32,11 +32,17 @@ def test_the_readme_opens_with_the_two_commands() -> None:
 
 def test_the_python_examples_run_each_on_its_own(tmp_path: Path) -> None:
     examples = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(examples) == 2
+    assert len(examples) == 3
     output = io.StringIO()
-    with running_server(JsonlSessionRepository(tmp_path)) as target:
+    branched = tmp_path / "branched"
+    with (
+        running_server(JsonlSessionRepository(tmp_path)) as target,
+        running_server(JsonlSessionRepository(branched, layout="branches")) as branch_target,
+    ):
         for example in examples:
-            code = example.replace("127.0.0.1:50051", target)
+            # The branches example needs a server in the branch layout (as it says).
+            where = branch_target if "fork_session" in example else target
+            code = example.replace("127.0.0.1:50051", where)
             namespace: dict[str, object] = {}  # each as if pasted alone
             with contextlib.redirect_stdout(output):
                 exec(compile(code, "README.md", "exec"), namespace)
@@ -44,6 +50,11 @@ def test_the_python_examples_run_each_on_its_own(tmp_path: Path) -> None:
     assert [line.split()[1] for line in lines[:2]] == ["run_started", "tool_call_requested"]
     assert (tmp_path / "demo.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "chat.jsonl").read_text().count("\n") == 4
+    assert lines[-1] == (
+        "ForkedFrom(session_id='plan', branch_id='main', sequence=1) "
+        "['step one', 'a better turn']"
+    )
+    assert (branched / "plan__retry.jsonl").read_text().count("\n") == 2
 
 
 def test_the_postgresql_commands_run_as_written(tmp_path: Path) -> None:
