@@ -51,8 +51,7 @@ def test_the_python_examples_run_each_on_its_own(tmp_path: Path) -> None:
     assert (tmp_path / "demo.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "chat.jsonl").read_text().count("\n") == 4
     assert lines[-1] == (
-        "ForkedFrom(session_id='plan', branch_id='main', sequence=1) "
-        "['step one', 'a better turn']"
+        "ForkedFrom(session_id='plan', branch_id='main', sequence=1) ['step one', 'a better turn']"
     )
     assert (branched / "plan__retry.jsonl").read_text().count("\n") == 2
 
