@@ -18,9 +18,10 @@ from agentlog import (
     CaughtUp,
     Checkpoint,
     EventRecord,
-    FeedGap,
-    FeedRecord,
+    FeedItem,
     NewEvent,
+    SessionDeleted,
+    SessionLabels,
     SessionPage,
 )
 from agentlog.protocol import AsyncSessionRepository
@@ -28,6 +29,7 @@ from agentlog.server import BlockingStore, JsonlSessionRepository, MemorySession
 from agentlog.server.postgres import PostgresBackend
 from tests.branch_contract import BranchContract
 from tests.contract import FeedContract
+from tests.lifecycle_contract import BranchLifecycleContract, LifecycleContract
 from tests.pg import database
 from tests.servers import LoopThread, running_server
 
@@ -136,18 +138,15 @@ class BlockingAsyncClient:
         return self._loop.run(self.client.head(session_id, branch_id))
 
     def append_batch(
-        self,
-        session_id: str,
-        events: Sequence[NewEvent],
-        *,
-        expected_sequence: int | None = None,
-        branch_id: str = "main",
+        self, session_id: str, events: Sequence[NewEvent], **kwargs: Any
     ) -> list[EventRecord]:
-        return self._loop.run(
-            self.client.append_batch(
-                session_id, events, expected_sequence=expected_sequence, branch_id=branch_id
-            )
-        )
+        return self._loop.run(self.client.append_batch(session_id, events, **kwargs))
+
+    def delete_session(self, session_id: str, *args: Any, **kwargs: Any) -> list[SessionDeleted]:
+        return self._loop.run(self.client.delete_session(session_id, *args, **kwargs))
+
+    def update_session_labels(self, session_id: str, *args: Any, **kwargs: Any) -> SessionLabels:
+        return self._loop.run(self.client.update_session_labels(session_id, *args, **kwargs))
 
     def fork_session(self, session_id: str, up_to_sequence: int, **kwargs: Any) -> BranchInfo:
         return self._loop.run(self.client.fork_session(session_id, up_to_sequence, **kwargs))
@@ -167,9 +166,7 @@ class BlockingAsyncClient:
             )
         )
 
-    def subscribe_all(
-        self, **kwargs: Any
-    ) -> Iterator[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
+    def subscribe_all(self, **kwargs: Any) -> Iterator[FeedItem | CaughtUp | Checkpoint]:
         return self._blocking(self.client.subscribe_all(**kwargs))
 
     def _blocking(self, items: AsyncGenerator[T, None]) -> Iterator[T]:
@@ -185,10 +182,8 @@ class BlockingAsyncClient:
         finally:
             self._loop.run(items.aclose())
 
-    def list_sessions(
-        self, *, page_size: int | None = None, page_token: str | None = None
-    ) -> SessionPage:
-        return self._loop.run(self.client.list_sessions(page_size=page_size, page_token=page_token))
+    def list_sessions(self, **kwargs: Any) -> SessionPage:
+        return self._loop.run(self.client.list_sessions(**kwargs))
 
 
 class TestAsyncClient(FeedContract):
@@ -224,6 +219,44 @@ class TestBranchesClient(BranchContract):
 
 
 class TestBranchesAsyncClient(BranchContract):
+    @pytest.fixture
+    def repo(self, branched_target: str) -> Iterator[Any]:
+        yield from _async_client(branched_target)
+
+
+class TestLifecycleInProcess(LifecycleContract):
+    @pytest.fixture
+    def repo(self, store: BlockingStore) -> BlockingStore:
+        return store
+
+
+class TestLifecycleClient(LifecycleContract):
+    @pytest.fixture
+    def repo(self, target: str) -> Iterator[AgentlogClient]:
+        with AgentlogClient(target) as client:
+            yield client
+
+
+class TestLifecycleAsyncClient(LifecycleContract):
+    @pytest.fixture
+    def repo(self, target: str) -> Iterator[Any]:
+        yield from _async_client(target)
+
+
+class TestBranchLifecycleInProcess(BranchLifecycleContract):
+    @pytest.fixture
+    def repo(self, branched_store: BlockingStore) -> BlockingStore:
+        return branched_store
+
+
+class TestBranchLifecycleClient(BranchLifecycleContract):
+    @pytest.fixture
+    def repo(self, branched_target: str) -> Iterator[AgentlogClient]:
+        with AgentlogClient(branched_target) as client:
+            yield client
+
+
+class TestBranchLifecycleAsyncClient(BranchLifecycleContract):
     @pytest.fixture
     def repo(self, branched_target: str) -> Iterator[Any]:
         yield from _async_client(branched_target)

@@ -9,13 +9,14 @@ from typing import Any
 
 import grpc
 
-from agentlog import _codec
+from agentlog import _codec, _requests
 from agentlog._call_metadata import Token, aio_interceptors
 from agentlog._records import (
     CaughtUp,
     Checkpoint,
     EventRecord,
     FeedGap,
+    FeedItem,
     FeedRecord,
 )
 from agentlog._status import from_rpc_error
@@ -110,9 +111,7 @@ class FeedResume(Reconnects):
             branch_id=self.branch_id,
         )
 
-    def items(
-        self, response: pb.SubscribeAllResponse
-    ) -> list[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
+    def items(self, response: pb.SubscribeAllResponse) -> list[FeedItem | CaughtUp | Checkpoint]:
         self.attempt = 0
         if response.HasField("caught_up"):
             position = response.caught_up.position
@@ -135,6 +134,10 @@ class FeedResume(Reconnects):
                     gap.branch_id or MAIN,
                 )
             ]
+        if response.HasField("deleted"):
+            marker = _requests.deleted_from_proto(response.deleted)
+            self.next_position = marker.position + 1
+            return [marker]
         items = [
             FeedRecord(f.position, _codec.record_from_proto(f.record))
             for f in response.records.records

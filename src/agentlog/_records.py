@@ -6,8 +6,8 @@ import calendar
 import functools
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,6 +44,10 @@ class AppendEvent:
 
     branch_id: str = "main"
     """The branch of the session to append to (see the README for branch ids)."""
+
+    labels: Mapping[str, str] | None = None
+    """Labels for the session, taken only if this append creates it (its first record
+    in any branch); change them later with `update_session_labels`."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -174,8 +178,19 @@ class SessionInfo:
     branches: Sequence[BranchInfo] = ()
     """Its branches, in byte order of their ids."""
 
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Its labels."""
+
+    labels_version: int = 0
+    """Its labels' version: 0 before any were set, then one more at each change."""
+
     @classmethod
-    def of(cls, session_id: str, branches: Sequence[BranchInfo]) -> SessionInfo:
+    def of(
+        cls,
+        session_id: str,
+        branches: Sequence[BranchInfo],
+        labels: SessionLabels | None = None,
+    ) -> SessionInfo:
         """A session's summary from its branches' (in byte order of their ids)."""
         main = next((b for b in branches if b.branch_id == "main"), branches[0])
         return cls(
@@ -185,7 +200,34 @@ class SessionInfo:
             last_timestamp_ns=max(b.last_timestamp_ns for b in branches),
             head_id=main.head_id,
             branches=tuple(branches),
+            labels=dict(labels.labels) if labels is not None else {},
+            labels_version=labels.version if labels is not None else 0,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLabels:
+    """A session's labels and their version (0: none were ever set)."""
+
+    labels: Mapping[str, str]
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDeleted:
+    """The feed's marker that branch `branch_id` of session `session_id`, which held
+    records 1..`last_sequence`, was deleted at `timestamp_ns`. It takes a position of its
+    own; the deleted records' positions no longer appear in the feed."""
+
+    position: int
+    session_id: str
+    branch_id: str
+    last_sequence: int
+    timestamp_ns: int
+
+
+FeedItem = FeedRecord | FeedGap | SessionDeleted
+"""What the all-sessions feed holds at a position (or a run of them)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

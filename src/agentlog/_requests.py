@@ -3,7 +3,7 @@ every backend checks it) and what a ListSessions call answers."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agentlog._codec import (
@@ -17,7 +17,9 @@ from agentlog._records import (
     BranchInfo,
     ForkedFrom,
     NewEvent,
+    SessionDeleted,
     SessionInfo,
+    SessionLabels,
     SessionPage,
     new_record_ids,
 )
@@ -26,6 +28,7 @@ from agentlog._validation import (
     check_branch_id,
     check_count,
     check_event_id,
+    check_labels,
     check_record_id,
     check_session_id,
     check_stored_branch_id,
@@ -54,6 +57,7 @@ def append_to_proto(append: AppendEvent) -> pb.AppendRequest:
         check_event_id(append.id)
     if append.expected_sequence is not None:
         check_count(append.expected_sequence, "expected_sequence")
+    labels = check_labels(append.labels)
     return pb.AppendRequest(
         session_id=append.session_id,
         parent_id=append.parent_id,
@@ -62,6 +66,7 @@ def append_to_proto(append: AppendEvent) -> pb.AppendRequest:
         expected_sequence=append.expected_sequence,
         omit_event=True,
         branch_id="" if branch_id == MAIN else branch_id,
+        labels=labels,
     )
 
 
@@ -70,6 +75,7 @@ def batch_to_proto(
     events: Sequence[NewEvent],
     expected_sequence: int | None,
     branch_id: str = MAIN,
+    labels: Mapping[str, str] | None = None,
 ) -> pb.AppendBatchRequest:
     """The AppendBatchRequest for a batch, each event checked as every backend checks it.
 
@@ -104,6 +110,7 @@ def batch_to_proto(
         events=items,
         omit_events=True,
         branch_id="" if branch_id == MAIN else branch_id,
+        labels=check_labels(labels),
     )
 
 
@@ -236,6 +243,8 @@ def page_to_proto(page: SessionPage) -> pb.ListSessionsResponse:
                 last_timestamp=timestamp_fields(info.last_timestamp_ns),
                 head_id=info.head_id,
                 branches=[branch_to_proto(branch) for branch in info.branches],
+                labels=info.labels,
+                labels_version=info.labels_version,
             )
             for info in page.sessions
         ],
@@ -254,8 +263,99 @@ def page_from_proto(response: pb.ListSessionsResponse) -> SessionPage:
                 last_timestamp_ns=_ns(info.last_timestamp),
                 head_id=info.head_id,
                 branches=tuple(branch_from_proto(branch) for branch in info.branches),
+                labels=dict(info.labels),
+                labels_version=info.labels_version,
             )
             for info in response.sessions
         ],
         next_page_token=response.next_page_token or None,
     )
+
+
+def list_to_proto(
+    page_size: int | None,
+    page_token: str | None,
+    *,
+    labels: Mapping[str, str] | None,
+    session_id_prefix: str,
+    updated_after_ns: int | None,
+    updated_before_ns: int | None,
+) -> pb.ListSessionsRequest:
+    """The ListSessionsRequest for a page of sessions with these filters."""
+    return pb.ListSessionsRequest(
+        page_size=page_size or 0,
+        page_token=page_token or "",
+        labels=check_labels(labels, "labels"),
+        session_id_prefix=session_id_prefix,
+        updated_after=None if updated_after_ns is None else timestamp_fields(updated_after_ns),
+        updated_before=None if updated_before_ns is None else timestamp_fields(updated_before_ns),
+    )
+
+
+def list_from_proto(request: pb.ListSessionsRequest) -> dict[str, Any]:
+    """The filters of a ListSessionsRequest, as `SessionQuery.of` takes them."""
+    return {
+        "labels": dict(request.labels),
+        "updated_after_ns": (
+            _ns(request.updated_after) if request.HasField("updated_after") else None
+        ),
+        "updated_before_ns": (
+            _ns(request.updated_before) if request.HasField("updated_before") else None
+        ),
+    }
+
+
+def delete_to_proto(
+    session_id: str, branch_id: str, all_branches: bool, expected_sequence: int | None
+) -> pb.DeleteSessionRequest:
+    check_session_id(session_id)
+    branch_id = check_branch_id(branch_id)
+    if expected_sequence is not None:
+        check_count(expected_sequence, "expected_sequence")
+    return pb.DeleteSessionRequest(
+        session_id=session_id,
+        branch_id="" if branch_id == MAIN else branch_id,
+        all_branches=all_branches,
+        expected_sequence=expected_sequence,
+    )
+
+
+def deleted_to_proto(marker: SessionDeleted) -> pb.SessionDeleted:
+    return pb.SessionDeleted(
+        position=marker.position,
+        session_id=marker.session_id,
+        branch_id=marker.branch_id,
+        last_sequence=marker.last_sequence,
+        timestamp=timestamp_fields(marker.timestamp_ns),
+    )
+
+
+def deleted_from_proto(message: pb.SessionDeleted) -> SessionDeleted:
+    return SessionDeleted(
+        message.position,
+        message.session_id,
+        message.branch_id or MAIN,
+        message.last_sequence,
+        _ns(message.timestamp),
+    )
+
+
+def labels_to_proto(
+    session_id: str,
+    set_labels: Mapping[str, str] | None,
+    remove: Sequence[str],
+    expected_version: int | None,
+) -> pb.UpdateSessionLabelsRequest:
+    check_session_id(session_id)
+    if expected_version is not None:
+        check_count(expected_version, "expected_version")
+    return pb.UpdateSessionLabelsRequest(
+        session_id=session_id,
+        set=check_labels(set_labels, "set"),
+        remove=list(remove),
+        expected_version=expected_version,
+    )
+
+
+def labels_from_proto(response: pb.UpdateSessionLabelsResponse) -> SessionLabels:
+    return SessionLabels(dict(response.labels), response.version)

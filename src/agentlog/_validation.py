@@ -244,3 +244,60 @@ def check_page_size(size: int | None) -> int:
             f"page_size {size} is larger than the limit of {MAX_PAGE_SIZE}", field="page_size"
         )
     return size
+
+
+MAX_LABELS = 64
+MAX_LABEL_KEY_BYTES = 63
+MAX_LABEL_VALUE_BYTES = 256
+_LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/:-]*)")
+
+
+def _labels_refused(message: str, field: str) -> InvalidArgumentError:
+    return InvalidArgumentError(message, field=field, reason="INVALID_LABELS")
+
+
+def check_label_key(key: object, field: str = "labels") -> str:
+    """A label key: 1 to 63 bytes of ASCII letters, digits and `._/:-`, starting with a
+    letter or digit (`app`, `user`, `example.com/team`). Else InvalidArgumentError."""
+    if type(key) is not str or not _LABEL_KEY.fullmatch(key) or len(key) > MAX_LABEL_KEY_BYTES:
+        raise _labels_refused(
+            f"{quoted(key)} is not a valid label key: keys are 1 to {MAX_LABEL_KEY_BYTES} "
+            "ASCII letters, digits and '._/:-', starting with a letter or digit",
+            field,
+        )
+    return key
+
+
+def check_labels(
+    labels: object, field: str = "labels", *, allowed: int = MAX_LABELS
+) -> dict[str, str]:
+    """Labels as a dict, if each key and value is valid (values: up to 256 bytes of UTF-8
+    without control characters) and there are at most `allowed` of them. Else
+    InvalidArgumentError naming the label at fault."""
+    if labels is None:
+        return {}
+    if not hasattr(labels, "items"):
+        raise _labels_refused(f"{field} must map label keys to values", field)
+    checked: dict[str, str] = {}
+    for key, value in labels.items():
+        check_label_key(key, field)
+        if type(value) is not str:
+            raise _labels_refused(f"label {key!r} has a value that is not a string", field)
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_LABEL_VALUE_BYTES:
+            raise _labels_refused(
+                f"label {key!r} has a value of {size} bytes; the limit is "
+                f"{MAX_LABEL_VALUE_BYTES} bytes of UTF-8",
+                field,
+            )
+        if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in value):
+            raise _labels_refused(f"label {key!r} has a control character in its value", field)
+        checked[key] = value
+    if len(checked) > allowed:
+        raise _labels_refused(
+            f"a session carries at most {MAX_LABELS} labels; these would make {len(checked)}"
+            if allowed == MAX_LABELS
+            else f"{field} names {len(checked)} labels; at most {allowed} may be given",
+            field,
+        )
+    return checked

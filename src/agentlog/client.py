@@ -20,6 +20,7 @@ from collections.abc import (
     Collection,
     Generator,
     Iterator,
+    Mapping,
     Sequence,
 )
 from types import TracebackType
@@ -43,9 +44,10 @@ from agentlog._records import (
     CaughtUp,
     Checkpoint,
     EventRecord,
-    FeedGap,
-    FeedRecord,
+    FeedItem,
     NewEvent,
+    SessionDeleted,
+    SessionLabels,
     SessionPage,
 )
 from agentlog._status import from_rpc_error
@@ -145,8 +147,9 @@ class AgentlogClient:
         *,
         expected_sequence: int | None = None,
         branch_id: str = MAIN,
+        labels: Mapping[str, str] | None = None,
     ) -> list[EventRecord]:
-        request = _requests.batch_to_proto(session_id, events, expected_sequence, branch_id)
+        request = _requests.batch_to_proto(session_id, events, expected_sequence, branch_id, labels)
         response = self._unary(self._stub.AppendBatch, request)
         return _codec.appended_from_proto(response.records, [e.event for e in events])
 
@@ -182,12 +185,62 @@ class AgentlogClient:
         )
 
     def list_sessions(
-        self, *, page_size: int | None = None, page_token: str | None = None
+        self,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        session_id_prefix: str = "",
+        updated_after_ns: int | None = None,
+        updated_before_ns: int | None = None,
     ) -> SessionPage:
-        request = pb.ListSessionsRequest(
-            page_size=check_page_size(page_size), page_token=page_token or ""
+        """See `SessionRepository.list_sessions`."""
+        request = _requests.list_to_proto(
+            check_page_size(page_size),
+            page_token,
+            labels=labels,
+            session_id_prefix=session_id_prefix,
+            updated_after_ns=updated_after_ns,
+            updated_before_ns=updated_before_ns,
         )
         return _requests.page_from_proto(self._unary(self._stub.ListSessions, request))
+
+    def delete_session(
+        self,
+        session_id: str,
+        branch_id: str = MAIN,
+        *,
+        all_branches: bool = False,
+        expected_sequence: int | None = None,
+    ) -> list[SessionDeleted]:
+        """See `SessionRepository.delete_session`. Not retried (a retry after a lost
+        answer would find nothing to delete, and fail with NotFoundError)."""
+        request = _requests.delete_to_proto(session_id, branch_id, all_branches, expected_sequence)
+        try:
+            response = self._stub.DeleteSession(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return [_requests.deleted_from_proto(m) for m in response.deleted]
+
+    def update_session_labels(
+        self,
+        session_id: str,
+        set_labels: Mapping[str, str] | None = None,
+        remove: Sequence[str] = (),
+        *,
+        expected_version: int | None = None,
+    ) -> SessionLabels:
+        """See `SessionRepository.update_session_labels`. Retried only with an
+        `expected_version` (which makes a repeat fail rather than apply twice)."""
+        request = _requests.labels_to_proto(session_id, set_labels, remove, expected_version)
+        if expected_version is not None:
+            response = self._unary(self._stub.UpdateSessionLabels, request)
+        else:
+            try:
+                response = self._stub.UpdateSessionLabels(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+        return _requests.labels_from_proto(response)
 
     def subscribe_session(
         self, session_id: str, *, from_sequence: int | None = None, branch_id: str = MAIN
@@ -219,7 +272,7 @@ class AgentlogClient:
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
         branch_id: str = "",
-    ) -> Generator[FeedRecord | FeedGap | CaughtUp | Checkpoint, None, None]:
+    ) -> Generator[FeedItem | CaughtUp | Checkpoint, None, None]:
         """Every session's records in commit order, as FeedRecord(position, record);
         a FeedGap where records of a followed session could not be read (its file is
         damaged: the feed goes on after them).
@@ -365,8 +418,9 @@ class AsyncAgentlogClient:
         *,
         expected_sequence: int | None = None,
         branch_id: str = MAIN,
+        labels: Mapping[str, str] | None = None,
     ) -> list[EventRecord]:
-        request = _requests.batch_to_proto(session_id, events, expected_sequence, branch_id)
+        request = _requests.batch_to_proto(session_id, events, expected_sequence, branch_id, labels)
         response = await self._unary(self._stub.AppendBatch, request)
         return _codec.appended_from_proto(response.records, [e.event for e in events])
 
@@ -401,12 +455,62 @@ class AsyncAgentlogClient:
         return [record async for record in read]
 
     async def list_sessions(
-        self, *, page_size: int | None = None, page_token: str | None = None
+        self,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        session_id_prefix: str = "",
+        updated_after_ns: int | None = None,
+        updated_before_ns: int | None = None,
     ) -> SessionPage:
-        request = pb.ListSessionsRequest(
-            page_size=check_page_size(page_size), page_token=page_token or ""
+        """See `SessionRepository.list_sessions`."""
+        request = _requests.list_to_proto(
+            check_page_size(page_size),
+            page_token,
+            labels=labels,
+            session_id_prefix=session_id_prefix,
+            updated_after_ns=updated_after_ns,
+            updated_before_ns=updated_before_ns,
         )
         return _requests.page_from_proto(await self._unary(self._stub.ListSessions, request))
+
+    async def delete_session(
+        self,
+        session_id: str,
+        branch_id: str = MAIN,
+        *,
+        all_branches: bool = False,
+        expected_sequence: int | None = None,
+    ) -> list[SessionDeleted]:
+        """See `SessionRepository.delete_session`. Not retried (a retry after a lost
+        answer would find nothing to delete, and fail with NotFoundError)."""
+        request = _requests.delete_to_proto(session_id, branch_id, all_branches, expected_sequence)
+        try:
+            response = await self._stub.DeleteSession(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return [_requests.deleted_from_proto(m) for m in response.deleted]
+
+    async def update_session_labels(
+        self,
+        session_id: str,
+        set_labels: Mapping[str, str] | None = None,
+        remove: Sequence[str] = (),
+        *,
+        expected_version: int | None = None,
+    ) -> SessionLabels:
+        """See `SessionRepository.update_session_labels`. Retried only with an
+        `expected_version` (which makes a repeat fail rather than apply twice)."""
+        request = _requests.labels_to_proto(session_id, set_labels, remove, expected_version)
+        if expected_version is not None:
+            response = await self._unary(self._stub.UpdateSessionLabels, request)
+        else:
+            try:
+                response = await self._stub.UpdateSessionLabels(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+        return _requests.labels_from_proto(response)
 
     async def subscribe_session(
         self, session_id: str, *, from_sequence: int | None = None, branch_id: str = MAIN
@@ -437,7 +541,7 @@ class AsyncAgentlogClient:
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
         branch_id: str = "",
-    ) -> AsyncGenerator[FeedRecord | FeedGap | CaughtUp | Checkpoint, None]:
+    ) -> AsyncGenerator[FeedItem | CaughtUp | Checkpoint, None]:
         """Every session's records in commit order; see AgentlogClient.subscribe_all."""
         resume = FeedResume(from_position, session_id_prefix, part_types, branch_id)
         while True:

@@ -9,7 +9,7 @@ runs on any of them unchanged, and they raise the same `agentlog.errors`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from agentlog._events import ReadDirection
@@ -19,9 +19,10 @@ from agentlog._records import (
     CaughtUp,
     Checkpoint,
     EventRecord,
-    FeedGap,
-    FeedRecord,
+    FeedItem,
     NewEvent,
+    SessionDeleted,
+    SessionLabels,
     SessionPage,
 )
 
@@ -54,6 +55,7 @@ class SessionRepository(Protocol):
         *,
         expected_sequence: int | None = None,
         branch_id: str = "main",
+        labels: Mapping[str, str] | None = None,
     ) -> list[EventRecord]:
         """Store several events at the end of one session: all or none, at consecutive sequences."""
         ...
@@ -122,9 +124,50 @@ class SessionRepository(Protocol):
         ...
 
     def list_sessions(
-        self, *, page_size: int | None = None, page_token: str | None = None
+        self,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        session_id_prefix: str = "",
+        updated_after_ns: int | None = None,
+        updated_before_ns: int | None = None,
     ) -> SessionPage:
-        """One page of sessions in session id (byte) order; page_size 1-1000, default 100."""
+        """One page of sessions in session id (byte) order; page_size 1-1000, default
+        100. Optionally only sessions carrying every one of `labels`, with ids starting
+        with `session_id_prefix`, last appended to at or after `updated_after_ns` and
+        before `updated_before_ns`. A page token serves only the same filters."""
+        ...
+
+    def delete_session(
+        self,
+        session_id: str,
+        branch_id: str = "main",
+        *,
+        all_branches: bool = False,
+        expected_sequence: int | None = None,
+    ) -> list[SessionDeleted]:
+        """Delete a branch (or, with `all_branches`, every branch and the session's
+        labels) for good: its records are erased from storage, the feed gets a
+        SessionDeleted marker, subscribers of the branch end with NotFoundError
+        (BRANCH_DELETED), and the deleted records' ids stay reserved (an append reusing
+        one fails with AlreadyExistsError, RECORD_ID_DELETED). Returns the markers.
+        NotFoundError if there is nothing to delete; WrongExpectedSequence if
+        `expected_sequence` does not hold."""
+        ...
+
+    def update_session_labels(
+        self,
+        session_id: str,
+        set_labels: Mapping[str, str] | None = None,
+        remove: Sequence[str] = (),
+        *,
+        expected_version: int | None = None,
+    ) -> SessionLabels:
+        """Set and remove labels of a session that has records, all or none; the labels
+        and their version after. FailedPreconditionError (WRONG_LABELS_VERSION) if
+        `expected_version` does not hold; InvalidArgumentError beyond the limits (64
+        labels; keys of 1-63 letters, digits and `._/:-`; values up to 256 bytes)."""
         ...
 
     def subscribe_session(
@@ -146,7 +189,7 @@ class SessionRepository(Protocol):
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
         branch_id: str = "",
-    ) -> Iterator[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
+    ) -> Iterator[FeedItem | CaughtUp | Checkpoint]:
         """Follow every session: FeedRecord(position, record) in commit order, stored
         ones from `from_position` (None: only new ones), CaughtUp, then live ones;
         optionally only sessions whose id starts with `session_id_prefix`, branches
@@ -176,6 +219,7 @@ class AsyncSessionRepository(Protocol):
         *,
         expected_sequence: int | None = None,
         branch_id: str = "main",
+        labels: Mapping[str, str] | None = None,
     ) -> list[EventRecord]:
         """Store several events at the end of one session: all or none."""
         ...
@@ -226,9 +270,38 @@ class AsyncSessionRepository(Protocol):
         ...
 
     async def list_sessions(
-        self, *, page_size: int | None = None, page_token: str | None = None
+        self,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        session_id_prefix: str = "",
+        updated_after_ns: int | None = None,
+        updated_before_ns: int | None = None,
     ) -> SessionPage:
-        """One page of sessions in session id (byte) order."""
+        """One page of sessions; see SessionRepository.list_sessions."""
+        ...
+
+    async def delete_session(
+        self,
+        session_id: str,
+        branch_id: str = "main",
+        *,
+        all_branches: bool = False,
+        expected_sequence: int | None = None,
+    ) -> list[SessionDeleted]:
+        """Delete a branch or a session; see SessionRepository.delete_session."""
+        ...
+
+    async def update_session_labels(
+        self,
+        session_id: str,
+        set_labels: Mapping[str, str] | None = None,
+        remove: Sequence[str] = (),
+        *,
+        expected_version: int | None = None,
+    ) -> SessionLabels:
+        """Change a session's labels; see SessionRepository.update_session_labels."""
         ...
 
     def subscribe_session(
@@ -244,6 +317,6 @@ class AsyncSessionRepository(Protocol):
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
         branch_id: str = "",
-    ) -> AsyncIterator[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
+    ) -> AsyncIterator[FeedItem | CaughtUp | Checkpoint]:
         """Follow every session in commit order; see SessionRepository.subscribe_all."""
         ...

@@ -56,6 +56,7 @@ T = TypeVar("T")
 class Permission(StrEnum):
     READ = "read"
     APPEND = "append"
+    DELETE = "delete"
     ADMIN = "admin"
 
 

@@ -34,9 +34,11 @@ MAX_ROUND_SECONDS = 0.25
 
 
 class Waiter(asyncio.Event):
-    """A subscriber's wake-up call; `round` is the round that last woke it."""
+    """A subscriber's wake-up call; `round` is the round that last woke it, `deleted`
+    the feed position of the deletion of the branch it follows, once there is one."""
 
     round = 0
+    deleted: int | None = None
 
 
 class WakeRounds:

@@ -16,7 +16,7 @@ import base64
 import binascii
 import bisect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agentlog._records import SessionInfo
-from agentlog._validation import check_page_size
+from agentlog._validation import check_labels, check_page_size
 from agentlog.errors import InvalidArgumentError
 
 
@@ -38,12 +38,50 @@ class SessionQuery:
     """Continue after this session id (None: from the first)."""
     prefixes: tuple[str, ...] = ("",)
     """Only sessions whose id starts with one of these ("" takes every session)."""
+    labels: tuple[tuple[str, str], ...] = ()
+    """Only sessions carrying every one of these labels (key, value), sorted by key."""
+    updated_after_ns: int | None = None
+    """Only sessions last appended to at or after this time."""
+    updated_before_ns: int | None = None
+    """Only sessions last appended to before this time."""
 
     @classmethod
     def of(
-        cls, page_size: int | None, after: str | None, prefixes: Sequence[str] = ("",)
+        cls,
+        page_size: int | None,
+        after: str | None,
+        prefixes: Sequence[str] = ("",),
+        *,
+        labels: Mapping[str, str] | None = None,
+        updated_after_ns: int | None = None,
+        updated_before_ns: int | None = None,
     ) -> SessionQuery:
-        return cls(check_page_size(page_size), after, narrowest(prefixes))
+        checked = check_labels(labels, "labels")
+        return cls(
+            check_page_size(page_size),
+            after,
+            narrowest(prefixes),
+            tuple(sorted(checked.items())),
+            updated_after_ns,
+            updated_before_ns,
+        )
+
+    @property
+    def filters(self) -> tuple[object, ...]:
+        """What the query filters by, besides the caller's prefixes (for page tokens)."""
+        return (self.labels, self.updated_after_ns, self.updated_before_ns)
+
+    def takes_time(self, last_timestamp_ns: int) -> bool:
+        """Whether a session last appended to then passes the time filters."""
+        return (self.updated_after_ns is None or last_timestamp_ns >= self.updated_after_ns) and (
+            self.updated_before_ns is None or last_timestamp_ns < self.updated_before_ns
+        )
+
+    def takes_labels(self, labels: Mapping[str, str] | None) -> bool:
+        """Whether a session with these labels passes the label filter."""
+        if not self.labels:
+            return True
+        return labels is not None and all(labels.get(k) == v for k, v in self.labels)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,10 +23,11 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Collection, Hashable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from agentlog._records import CaughtUp, Checkpoint, EventRecord, FeedGap, FeedRecord
+from agentlog._records import CaughtUp, Checkpoint, EventRecord, FeedItem, FeedRecord
 from agentlog._validation import MAIN
 from agentlog.errors import AgentlogError, UnavailableError
 from agentlog.server._fanout import Waiter, WakeRounds
+from agentlog.server._lifecycle import branch_deleted
 from agentlog.server._rules import FeedFilter, Place, feed_end, start_position, start_sequence
 from agentlog.server.backend import Backend, Growth
 
@@ -165,6 +166,9 @@ class LiveSubscriptions:
 
     def _grew(self, growth: Growth) -> None:
         """A backend's word that a session and the feed grew (on the loop)."""
+        if growth.deleted is not None:
+            self._deleted(growth)
+            return
         records = growth.records
         if self._feed_waiters:
             self._published_position = max(self._published_position, growth.last_position)
@@ -183,6 +187,27 @@ class LiveSubscriptions:
             self._remember(place, records)
             self._rounds.grew(place)
         # (Nobody follows this branch otherwise: a subscriber reads storage first.)
+        self._rounds.wake()
+
+    def _deleted(self, growth: Growth) -> None:
+        """A branch was deleted: its subscribers end, nothing kept of it is served again,
+        and feed subscribers read the marker (and what follows) from storage."""
+        position = growth.first_position
+        if self._feed_waiters:
+            self._published_position = max(self._published_position, position)
+            self._recent_feed.clear()
+            self._recent_version += 1
+            self._rounds.grew(None)
+        place = growth.place
+        waiters = self._waiters.get(place)
+        if waiters:
+            for waiter in waiters:
+                waiter.deleted = position
+                waiter.set()
+            self._published[place] = 0
+            recent = self._recent.get(place)
+            if recent is not None:
+                recent.clear()
         self._rounds.wake()
 
     def _remember(self, place: Place, records: Sequence[EventRecord] | None) -> None:
@@ -248,7 +273,7 @@ class LiveSubscriptions:
         scope: Hashable = None,
         interrupt: Interrupt | None = None,
         branch_id: str = "",
-    ) -> AsyncIterator[list[FeedRecord | FeedGap] | CaughtUp | Checkpoint]:
+    ) -> AsyncIterator[list[FeedItem] | CaughtUp | Checkpoint]:
         """The all-sessions feed as runs of kept records (and gaps), one CaughtUp when
         every record stored at the start has been examined, and Checkpoints.
 
@@ -284,7 +309,7 @@ class LiveSubscriptions:
                 waiter.clear()
                 interrupt.check(*resume())
                 shared = self._feed_view(keep, next_position) if caught_up else None
-                runs: AsyncIterator[tuple[int, list[FeedRecord | FeedGap]]]
+                runs: AsyncIterator[tuple[int, list[FeedItem]]]
                 if shared is not None:
                     runs = _once(shared)
                 elif caught_up and self._published_position < next_position:
@@ -321,9 +346,7 @@ class LiveSubscriptions:
                 self._feed_sent.pop(waiter, None)
             self._rounds.back(waiter)
 
-    def _feed_view(
-        self, keep: FeedFilter, next_position: int
-    ) -> tuple[int, list[FeedRecord | FeedGap]] | None:
+    def _feed_view(self, keep: FeedFilter, next_position: int) -> tuple[int, list[FeedItem]] | None:
         """(last position examined, kept items) of the recent feed from `next_position`,
         shared by subscribers with the same filters there; None if not at hand."""
         recent = self._recent_feed  # contiguous: cleared at any gap
@@ -332,7 +355,7 @@ class LiveSubscriptions:
         key = (keep.key, next_position)
         found = self._feed_views.get(key)
         if found is None or found[0] != self._recent_version:
-            items: list[FeedRecord | FeedGap] = list(
+            items: list[FeedItem] = list(
                 itertools.islice(recent, next_position - recent[0].position, None)
             )
             found = (self._recent_version, recent[-1].position, keep.kept(items))
@@ -354,7 +377,16 @@ class LiveSubscriptions:
         self._watch()
         interrupt = interrupt or Interrupt()
         place = (session_id, branch_id)
-        head = await self._backend.head(session_id, branch_id)
+        waiter = Waiter()
+        interrupt._waiter = waiter
+        # Registered before the head is read: a deletion after the read reaches it.
+        self._waiters.setdefault(place, set()).add(waiter)
+        self._recent.setdefault(place, deque(maxlen=RECENT_RECORDS))
+        try:
+            head = await self._backend.head(session_id, branch_id)
+        except BaseException:
+            self._unregister(place, waiter)
+            raise
         head_sequence = head.sequence if head is not None else 0
         next_sequence = start_sequence(head, from_sequence)
 
@@ -368,12 +400,8 @@ class LiveSubscriptions:
                 f"from sequence {next_sequence}",
             )
 
-        waiter = Waiter()
-        interrupt._waiter = waiter
-        self._waiters.setdefault(place, set()).add(waiter)
         if head is not None and head.sequence > self._published.get(place, 0):
             self._published[place] = head.sequence  # stored: what lag counts up to
-        self._recent.setdefault(place, deque(maxlen=RECENT_RECORDS))
         self._follow(place, 1)
         self._sent(waiter, place, next_sequence - 1)
         try:
@@ -381,6 +409,8 @@ class LiveSubscriptions:
             while True:
                 waiter.clear()
                 interrupt.check(*resume())
+                if waiter.deleted is not None:
+                    raise branch_deleted(session_id, branch_id, waiter.deleted)
                 cached = self._cached(place, next_sequence) if caught_up else None
                 if cached:
                     yield cached
@@ -400,6 +430,8 @@ class LiveSubscriptions:
                             size = self._catch_up_chunk()
                             chunk = await self._catch_up_read(place, next_sequence, size)
                             interrupt.check(*resume())
+                            if waiter.deleted is not None:
+                                raise branch_deleted(session_id, branch_id, waiter.deleted)
                             if chunk:
                                 yield chunk
                                 next_sequence = chunk[-1].sequence + 1
@@ -412,7 +444,11 @@ class LiveSubscriptions:
                     caught_up = True
                     yield CaughtUp(next_sequence - 1)
                 self._rounds.back(waiter)
-                if not self._closing and self._published.get(place, 0) < next_sequence:
+                if (
+                    not self._closing
+                    and waiter.deleted is None
+                    and self._published.get(place, 0) < next_sequence
+                ):
                     await waiter.wait()
                 if self._closing:
                     raise UnavailableError(
@@ -430,13 +466,16 @@ class LiveSubscriptions:
             with self._follow_lock:
                 self._session_sent.pop(waiter, None)
             self._rounds.back(waiter)
-            waiters = self._waiters.get(place)
-            if waiters is not None:
-                waiters.discard(waiter)
-                if not waiters:
-                    del self._waiters[place]
-                    self._recent.pop(place, None)
-                    self._published.pop(place, None)
+            self._unregister(place, waiter)
+
+    def _unregister(self, place: Place, waiter: Waiter) -> None:
+        waiters = self._waiters.get(place)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._waiters[place]
+                self._recent.pop(place, None)
+                self._published.pop(place, None)
 
     async def _catch_up_read(
         self, place: Place, from_sequence: int, limit: int
@@ -467,14 +506,14 @@ async def _once(item: T) -> AsyncIterator[T]:
     yield item
 
 
-async def _nothing() -> AsyncIterator[tuple[int, list[FeedRecord | FeedGap]]]:
+async def _nothing() -> AsyncIterator[tuple[int, list[FeedItem]]]:
     return
     yield
 
 
 async def _kept(
-    keep: FeedFilter, runs: AsyncIterator[list[FeedRecord | FeedGap]]
-) -> AsyncIterator[tuple[int, list[FeedRecord | FeedGap]]]:
+    keep: FeedFilter, runs: AsyncIterator[list[FeedItem]]
+) -> AsyncIterator[tuple[int, list[FeedItem]]]:
     """(last position examined, kept items) of each run read from storage."""
     async for run in runs:
         if run:

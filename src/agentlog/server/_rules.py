@@ -25,6 +25,7 @@ from agentlog._events import EVENT_TYPES, AgentEvent, ReadDirection
 from agentlog._records import (
     EventRecord,
     FeedGap,
+    FeedItem,
     FeedRecord,
     NewEvent,
     new_record_ids,
@@ -35,6 +36,7 @@ from agentlog._validation import (
     check_branch_id,
     check_count,
     check_event_id,
+    check_labels,
     check_record_id,
     check_session_id,
     check_stored_branch_id,
@@ -75,6 +77,8 @@ class PendingAppend:
     which the JSONL and PostgreSQL stores honour); None: the time of the commit."""
     branch_id: str = MAIN
     """The branch of the session (sequences, expectations and retries are its own)."""
+    labels: dict[str, str] | None = None
+    """Labels for the session, taken if this append creates it (see `_lifecycle`)."""
 
 
 @dataclass(slots=True)
@@ -213,7 +217,8 @@ def prepare_request(request: pb.AppendRequest) -> PendingAppend:
     parent_id = request.parent_id if request.HasField("parent_id") else None
     record_id = _checked_ids(request.id or None, parent_id, "", {}, 0)
     batch = [Prepared(record_id, parent_id, event_json)]
-    return PendingAppend(request.session_id, batch, expected, branch_id=branch_id)
+    labels = check_labels(request.labels) if request.labels else None
+    return PendingAppend(request.session_id, batch, expected, branch_id=branch_id, labels=labels)
 
 
 def prepare_batch_request(request: pb.AppendBatchRequest) -> PendingAppend:
@@ -247,7 +252,8 @@ def prepare_batch_request(request: pb.AppendBatchRequest) -> PendingAppend:
             event_json = event_json_from_proto(item.event, f"events[{index}].event")
             seen[record_id] = index
         prepared.append(Prepared(record_id, parent_id, event_json))
-    return PendingAppend(request.session_id, prepared, expected, branch_id=branch_id)
+    labels = check_labels(request.labels) if request.labels else None
+    return PendingAppend(request.session_id, prepared, expected, branch_id=branch_id, labels=labels)
 
 
 def _check_append_fields(
@@ -301,6 +307,7 @@ def check_append(
     stored: Callable[[str], tuple[int, bytes] | None],
     elsewhere: Callable[[list[str]], dict[str, Place]],
     branch_id: str = MAIN,
+    deleted: Callable[[list[str]], str | None] | None = None,
 ) -> list[int] | None:
     """Decide an append against its branch's state.
 
@@ -309,8 +316,9 @@ def check_append(
     another) holds to that branch. Returns the stored sequences when the whole
     append is a retry of one already stored (the caller returns those records
     and writes nothing), or None when it is to be written. Raises
-    AlreadyExistsError when an id is stored with other content,
-    WrongExpectedSequence when the expectation fails. A retry is recognised
+    AlreadyExistsError when an id is stored with other content, or (`deleted(ids)`
+    names one) was a deleted record's, WrongExpectedSequence when the expectation
+    fails. A retry is recognised
     before the expectation is checked, since the branch has moved on by the
     very append being retried.
     """
@@ -346,9 +354,24 @@ def check_append(
                 metadata={"id": record_id},
             ),
         )
+    if deleted is not None:
+        gone = deleted([item.id for item in batch])
+        if gone is not None:
+            raise record_id_deleted(gone)
     if expected_sequence is not None and expected_sequence != last_sequence:
         raise wrong_expected_sequence(session_id, expected_sequence, last_sequence, branch_id)
     return None
+
+
+def record_id_deleted(record_id: str) -> AlreadyExistsError:
+    """An append reused the id of a deleted record (most likely an old retry)."""
+    return AlreadyExistsError(
+        f"the record id {record_id} belonged to a record that was deleted; the ids of "
+        "deleted records are never used again (so an old retry cannot bring one back): "
+        "a new event needs a new id",
+        reason="RECORD_ID_DELETED",
+        metadata={"id": record_id},
+    )
 
 
 def _conflict(
@@ -470,7 +493,7 @@ class FeedFilter:
             and not self.branch_id
         )
 
-    def kept(self, items: list[FeedRecord | FeedGap]) -> list[FeedRecord | FeedGap]:
+    def kept(self, items: list[FeedItem]) -> list[FeedItem]:
         """The items the subscriber wants."""
         return items if self.keeps_everything else [item for item in items if self(item)]
 
@@ -499,14 +522,14 @@ class FeedFilter:
         branch = check_stored_branch_id(branch_id) if branch_id else ""
         return cls(session_id_prefix, frozenset(part_types), visible, scope, branch)
 
-    def __call__(self, item: FeedRecord | FeedGap) -> bool:
-        """Whether the subscriber wants a record, or hears of a gap (any gap of a session
-        it follows: what was lost may have been of the kinds it wants)."""
+    def __call__(self, item: FeedItem) -> bool:
+        """Whether the subscriber wants a record, or hears of a gap or a deletion (any of
+        a branch it follows: what was lost may have been of the kinds it wants)."""
         if self.visible is not None:
-            session_id = item.session_id if isinstance(item, FeedGap) else item.record.session_id
+            session_id = item.record.session_id if isinstance(item, FeedRecord) else item.session_id
             if not self.visible(session_id):
                 return False
-        if isinstance(item, FeedGap):
+        if not isinstance(item, FeedRecord):
             return item.session_id.startswith(self.session_id_prefix) and (
                 not self.branch_id or item.branch_id == self.branch_id
             )
@@ -518,6 +541,6 @@ class FeedFilter:
         )
 
 
-def feed_end(item: FeedRecord | FeedGap) -> int:
+def feed_end(item: FeedItem) -> int:
     """The last position a feed item covers."""
     return item.last_position if isinstance(item, FeedGap) else item.position

@@ -13,8 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from agentlog import _codec
-from agentlog._records import EventRecord, FeedGap, FeedRecord
+from agentlog import _codec, _requests
+from agentlog._records import EventRecord, FeedGap, FeedItem, FeedRecord, SessionDeleted
 from agentlog.server._rules import MESSAGE_BYTES, MESSAGE_RECORDS
 from agentlog.v1 import session_pb2 as pb
 
@@ -72,11 +72,15 @@ def gap_message(gap: FeedGap) -> pb.SubscribeAllResponse:
     )
 
 
-def feed_runs(items: list[FeedRecord | FeedGap]) -> Iterator[list[FeedRecord] | FeedGap]:
-    """Feed items as runs of records, each gap on its own."""
+def deleted_message(marker: SessionDeleted) -> pb.SubscribeAllResponse:
+    return pb.SubscribeAllResponse(deleted=_requests.deleted_to_proto(marker))
+
+
+def feed_runs(items: list[FeedItem]) -> Iterator[list[FeedRecord] | FeedGap | SessionDeleted]:
+    """Feed items as runs of records, each gap and deletion marker on its own."""
     run: list[FeedRecord] = []
     for item in items:
-        if isinstance(item, FeedGap):
+        if not isinstance(item, FeedRecord):
             if run:
                 yield run
                 run = []

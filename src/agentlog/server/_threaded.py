@@ -16,10 +16,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agentlog._events import ReadDirection
-from agentlog._records import BranchInfo, EventRecord, FeedGap, FeedRecord, StoredRecord
+from agentlog._records import (
+    BranchInfo,
+    EventRecord,
+    FeedItem,
+    SessionDeleted,
+    SessionLabels,
+    StoredRecord,
+)
 from agentlog._validation import MAIN
 from agentlog.errors import UnavailableError
 from agentlog.server._forks import ForkPlan
+from agentlog.server._lifecycle import DeletePlan, LabelChange
 from agentlog.server._listing import PageTokens, SessionList, SessionQuery
 from agentlog.server._rules import Appended, PendingAppend, Place
 from agentlog.server._tracing import store_span
@@ -66,6 +74,7 @@ class ThreadedBackend(Backend):
             first + published.last_sequence - published.first_sequence,
             published.records(),
             published.branch_id,
+            published.deleted,
         )
         if threading.get_ident() == self._loop_thread:
             # On the loop (a store that acknowledges there): subscribers are woken
@@ -156,6 +165,21 @@ class ThreadedBackend(Backend):
             info: BranchInfo = await self._run(self.store.fork, plan)
         return info
 
+    async def delete(self, plan: DeletePlan) -> list[SessionDeleted]:
+        self._check_writing()
+        with store_span("agentlog.store.delete"):
+            markers: list[SessionDeleted] = await self._run(self.store.delete, plan)
+        return markers
+
+    async def relabel(self, change: LabelChange) -> SessionLabels:
+        self._check_writing()
+        labels: SessionLabels = await self._run(self.store.relabel, change)
+        return labels
+
+    async def expire(self, before_ns: int, limit: int) -> int:
+        self._check_writing()
+        return int(await self._run(self.store.expire, before_ns, limit))
+
     async def read_children(self, parent_id: str) -> AsyncIterator[list[EventRecord]]:
         runs: Iterator[list[EventRecord]] = await self._run(self.store.read_children, parent_id)
         while run := await self._run(next, runs, None):
@@ -169,10 +193,8 @@ class ThreadedBackend(Backend):
         found: SessionList = await self._run(self.store.session_page, query)
         return found
 
-    async def read_feed(self, from_position: int) -> AsyncIterator[list[FeedRecord | FeedGap]]:
-        runs: Iterator[list[FeedRecord | FeedGap]] = await self._run(
-            self.store.read_feed_runs, from_position
-        )
+    async def read_feed(self, from_position: int) -> AsyncIterator[list[FeedItem]]:
+        runs: Iterator[list[FeedItem]] = await self._run(self.store.read_feed_runs, from_position)
         while run := await self._run(next, runs, None):
             yield run
 

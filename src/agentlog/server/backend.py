@@ -39,9 +39,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentlog._events import ReadDirection
-from agentlog._records import BranchInfo, EventRecord, FeedGap, FeedRecord, StoredRecord
+from agentlog._records import (
+    BranchInfo,
+    EventRecord,
+    FeedItem,
+    SessionDeleted,
+    SessionLabels,
+    StoredRecord,
+)
 from agentlog._validation import MAIN
 from agentlog.server._forks import ForkPlan
+from agentlog.server._lifecycle import DeletePlan, LabelChange
 from agentlog.server._listing import PageTokens, SessionList, SessionQuery
 from agentlog.server._rules import Appended, PendingAppend, Place
 
@@ -60,6 +68,9 @@ class Growth:
     """The new records (sequences last_sequence - len + 1 .. last_sequence, positions
     first_position ..), when the backend has them at hand; None: read them."""
     branch_id: str = MAIN
+    deleted: SessionDeleted | None = None
+    """Set when the branch was deleted instead of grown: the feed's marker (at
+    `first_position` = `last_position`); subscribers of the branch end."""
 
     @property
     def place(self) -> Place:
@@ -149,6 +160,23 @@ class Backend(ABC):
         source's expectation fails. Its records reach the feed like appended ones."""
 
     @abstractmethod
+    async def delete(self, plan: DeletePlan) -> list[SessionDeleted]:
+        """Delete what a checked delete names (see `_lifecycle`), each branch whole or
+        not at all, erasing its records from storage; the feed's markers, which reach
+        the listener as `Growth` with `deleted` set. NotFoundError when there is nothing
+        to delete, WrongExpectedSequence when the expectation fails."""
+
+    @abstractmethod
+    async def relabel(self, change: LabelChange) -> SessionLabels:
+        """Carry out a checked label change atomically; the labels after it."""
+
+    @abstractmethod
+    async def expire(self, before_ns: int, limit: int) -> int:
+        """Retention: delete up to `limit` branches whose last record is older than
+        `before_ns`, as `delete` does; how many were deleted. A backend shared by
+        replicas lets one of them sweep at a time."""
+
+    @abstractmethod
     def read_children(self, parent_id: str) -> AsyncIterator[list[EventRecord]]:
         """Every record, of any session and branch, whose parent_id is `parent_id`
         (sessions in byte order of their ids, then branches in byte order of theirs,
@@ -166,7 +194,7 @@ class Backend(ABC):
         page tokens)."""
 
     @abstractmethod
-    def read_feed(self, from_position: int) -> AsyncIterator[list[FeedRecord | FeedGap]]:
+    def read_feed(self, from_position: int) -> AsyncIterator[list[FeedItem]]:
         """The all-sessions feed from `from_position` to its current end, in runs of at
         most MESSAGE_RECORDS and, unless one record is larger, MESSAGE_BYTES; a FeedGap
         stands for positions whose records cannot be read."""

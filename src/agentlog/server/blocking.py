@@ -12,9 +12,9 @@ import itertools
 import secrets
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
 from agentlog._codec import (
@@ -28,15 +28,24 @@ from agentlog._records import (
     CaughtUp,
     Checkpoint,
     EventRecord,
-    FeedGap,
-    FeedRecord,
+    FeedItem,
     NewEvent,
+    SessionDeleted,
+    SessionLabels,
     SessionPage,
     StoredRecord,
 )
-from agentlog._validation import MAIN, check_branch_id
+from agentlog._validation import MAIN, check_branch_id, check_labels
+from agentlog.errors import NotFoundError
 from agentlog.server._forks import ForkPlan, plan_fork
-from agentlog.server._listing import PageTokens, SessionList, SessionQuery
+from agentlog.server._lifecycle import (
+    DeletePlan,
+    LabelChange,
+    branch_deleted,
+    plan_delete,
+    plan_label_change,
+)
+from agentlog.server._listing import PageTokens, SessionList, SessionQuery, scope_of
 from agentlog.server._rules import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
@@ -74,6 +83,8 @@ class Published:
     first_position: int
     appended: Appended | None = None
     """The append that stored them, if one did (a fork's copies are read, not held)."""
+    deleted: SessionDeleted | None = None
+    """Set when the branch was deleted instead: the feed's marker (at `first_position`)."""
 
     def records(self) -> list[EventRecord] | None:
         """The records, if they are at hand (an append's); None: read them."""
@@ -101,6 +112,8 @@ class BlockingStore(ABC):
         self._grown = threading.Condition()
         self._waiting = 0  # subscribers waiting on _grown
         self._last_published: dict[Place, int] = {}
+        # How many times each branch was deleted (a subscriber ends when this moves).
+        self._deletions: dict[Place, int] = {}
         self._last_position = 0
         self._listeners: list[Listener] = []
         # A backend whose tokens must outlive the process replaces this.
@@ -124,12 +137,31 @@ class BlockingStore(ABC):
             )
         )
 
+    def _announce_deleted(self, marker: SessionDeleted) -> None:
+        """Tell subscribers and listeners that a branch was deleted (its feed marker)."""
+        self._announce(
+            Published(
+                marker.session_id,
+                marker.branch_id,
+                1,
+                1,
+                marker.position,
+                deleted=marker,
+            )
+        )
+
     def _announce(self, published: Published) -> None:
         place = (published.session_id, published.branch_id)
         last = published.last_sequence
         # Publishers are serialized by the backend; subscribers count themselves
         # in `_waiting` before they look, so one that waits is always woken.
-        self._last_published[place] = max(last, self._last_published.get(place, 0))
+        if published.deleted is not None:
+            with self._grown:
+                self._deletions[place] = self._deletions.get(place, 0) + 1
+                self._last_published.pop(place, None)
+            last = published.first_sequence
+        else:
+            self._last_published[place] = max(last, self._last_published.get(place, 0))
         end = published.first_position + last - published.first_sequence
         self._last_position = max(end, self._last_position)
         if self._waiting:
@@ -148,8 +180,11 @@ class BlockingStore(ABC):
         *,
         expected_sequence: int | None = None,
         branch_id: str = MAIN,
+        labels: Mapping[str, str] | None = None,
     ) -> list[EventRecord]:
         pending = self.prepare_batch(session_id, events, expected_sequence, branch_id)
+        if labels:
+            pending = replace(pending, labels=check_labels(labels))
         return self.commit_one(pending)
 
     @staticmethod
@@ -158,7 +193,10 @@ class BlockingStore(ABC):
         item = NewEvent(event=event.event, parent_id=event.parent_id, id=event.id)
         batch = prepare(event.session_id, [item], event.expected_sequence, batch=False)
         branch_id = check_branch_id(event.branch_id)
-        return PendingAppend(event.session_id, batch, event.expected_sequence, branch_id=branch_id)
+        labels = check_labels(event.labels) if event.labels else None
+        return PendingAppend(
+            event.session_id, batch, event.expected_sequence, branch_id=branch_id, labels=labels
+        )
 
     @staticmethod
     def prepare_batch(
@@ -200,6 +238,76 @@ class BlockingStore(ABC):
     @abstractmethod
     def fork(self, plan: ForkPlan) -> BranchInfo:
         """Carry out a checked fork, atomically: the new branch whole, or nothing."""
+
+    def delete_session(
+        self,
+        session_id: str,
+        branch_id: str = MAIN,
+        *,
+        all_branches: bool = False,
+        expected_sequence: int | None = None,
+    ) -> list[SessionDeleted]:
+        """Delete a branch (or every branch, and the session's labels) for good: its
+        records erased, their ids reserved (see `_lifecycle`); the feed's markers, one per
+        branch. NotFoundError if there is nothing to delete, WrongExpectedSequence if
+        `expected_sequence` does not hold."""
+        plan = plan_delete(
+            session_id,
+            branch_id,
+            all_branches=all_branches,
+            expected_sequence=expected_sequence,
+        )
+        return self.delete(plan)
+
+    @abstractmethod
+    def delete(self, plan: DeletePlan) -> list[SessionDeleted]:
+        """Carry out a checked delete, each branch whole or not at all, and announce its
+        markers (`_announce_deleted`)."""
+
+    def update_session_labels(
+        self,
+        session_id: str,
+        set_labels: Mapping[str, str] | None = None,
+        remove: Iterable[str] = (),
+        *,
+        expected_version: int | None = None,
+    ) -> SessionLabels:
+        """Set and remove labels of a session with records, all or none; the labels after.
+        NotFoundError if the session has no records, FailedPreconditionError if
+        `expected_version` does not hold, InvalidArgumentError beyond the limits."""
+        return self.relabel(plan_label_change(session_id, set_labels, remove, expected_version))
+
+    @abstractmethod
+    def relabel(self, change: LabelChange) -> SessionLabels:
+        """Carry out a checked label change, atomically."""
+
+    def expire(self, before_ns: int, limit: int) -> int:
+        """Retention: delete up to `limit` branches whose last record is older than
+        `before_ns`, one at a time (appends go on between them); how many were deleted."""
+        deleted = 0
+        for session_id, branch_id in self.expired(before_ns, limit):
+            try:
+                self.delete(DeletePlan(session_id, branch_id, None))
+            except NotFoundError:
+                continue  # deleted meanwhile
+            deleted += 1
+        return deleted
+
+    def expired(self, before_ns: int, limit: int) -> list[Place]:
+        """Up to `limit` branches whose last record is older than `before_ns` (for
+        retention), oldest first where the store can tell cheaply."""
+        found: list[Place] = []
+        after: str | None = None
+        while len(found) < limit:
+            page = self.session_page(SessionQuery(size=1000, after=after, updated_before_ns=None))
+            for info in page.sessions:
+                for branch in info.branches:
+                    if branch.last_timestamp_ns < before_ns:
+                        found.append((info.session_id, branch.branch_id))
+            if page.after is None:
+                break
+            after = page.after
+        return found[:limit]
 
     @abstractmethod
     def close(self) -> None:
@@ -306,12 +414,30 @@ class BlockingStore(ABC):
         in such steps, so large records never make a large message)."""
 
     def list_sessions(
-        self, *, page_size: int | None = None, page_token: str | None = None
+        self,
+        *,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        session_id_prefix: str = "",
+        updated_after_ns: int | None = None,
+        updated_before_ns: int | None = None,
     ) -> SessionPage:
-        """One page of sessions."""
-        query = SessionQuery.of(page_size, self.page_tokens.decode(page_token))
+        """One page of sessions, in byte order of their ids; optionally only those with
+        every one of `labels`, ids starting with `session_id_prefix`, last appended to
+        at or after `updated_after_ns` and before `updated_before_ns`."""
+        filters = SessionQuery.of(
+            page_size,
+            None,
+            (session_id_prefix,),
+            labels=labels,
+            updated_after_ns=updated_after_ns,
+            updated_before_ns=updated_before_ns,
+        )
+        scope = scope_of(filters.prefixes, *filters.filters)
+        query = replace(filters, after=self.page_tokens.decode(page_token, scope))
         found = self.session_page(query)
-        token = None if found.after is None else self.page_tokens.encode(found.after)
+        token = None if found.after is None else self.page_tokens.encode(found.after, scope)
         return SessionPage(sessions=found.sessions, next_page_token=token)
 
     @abstractmethod
@@ -328,6 +454,8 @@ class BlockingStore(ABC):
         the loop) to end the subscription.
         """
         place = (session_id, branch_id)
+        with self._grown:
+            deletions = self._deletions.get(place, 0)
         next_sequence = start_sequence(self.head(session_id, branch_id), from_sequence)
         caught_up = False
         while True:
@@ -342,19 +470,24 @@ class BlockingStore(ABC):
             with self._grown:
                 self._waiting += 1
                 try:
-                    while self._last_published.get(place, 0) < next_sequence:
+                    while (
+                        self._last_published.get(place, 0) < next_sequence
+                        and self._deletions.get(place, 0) == deletions
+                    ):
                         self._grown.wait()
+                    if self._deletions.get(place, 0) != deletions:
+                        raise branch_deleted(session_id, branch_id)
                 finally:
                     self._waiting -= 1
 
-    def read_all(self, from_position: int) -> Iterator[FeedRecord | FeedGap]:
+    def read_all(self, from_position: int) -> Iterator[FeedItem]:
         """The feed of every session from `from_position` to its current end, in commit
         order; a FeedGap for positions whose records cannot be read (a damaged session
         file)."""
         return itertools.chain.from_iterable(self.read_feed_runs(from_position))
 
     @abstractmethod
-    def read_feed_runs(self, from_position: int) -> Iterator[list[FeedRecord | FeedGap]]:
+    def read_feed_runs(self, from_position: int) -> Iterator[list[FeedItem]]:
         """`read_all` in runs of at most MESSAGE_RECORDS items and, unless one record is
         larger, MESSAGE_BYTES."""
 
@@ -373,7 +506,7 @@ class BlockingStore(ABC):
         session_id_prefix: str = "",
         part_types: Collection[str] = (),
         branch_id: str = "",
-    ) -> Iterator[FeedRecord | FeedGap | CaughtUp | Checkpoint]:
+    ) -> Iterator[FeedItem | CaughtUp | Checkpoint]:
         """Every session's records in commit order from `from_position` (None: only new
         ones), CaughtUp, then live ones; optionally only some sessions, branches (""
         for every one) or event kinds. A FeedGap stands for records of a kept branch

@@ -16,10 +16,12 @@ from agentlog._events import ReadDirection
 from agentlog._records import (
     BranchInfo,
     EventRecord,
-    FeedGap,
+    FeedItem,
     FeedRecord,
     ForkedFrom,
+    SessionDeleted,
     SessionInfo,
+    SessionLabels,
 )
 from agentlog._validation import (
     MAIN,
@@ -30,7 +32,9 @@ from agentlog._validation import (
 )
 from agentlog.server import _rules
 from agentlog.server._forks import ForkPlan, IdDeriver, branch_exists, source_too_short
-from agentlog.server._listing import SessionList, SessionQuery, ids_of
+from agentlog.server._labels import LabelIndex
+from agentlog.server._lifecycle import DeletePlan, LabelChange, erased_digest, nothing_to_delete
+from agentlog.server._listing import SessionList, SessionQuery
 from agentlog.server._rules import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
@@ -72,9 +76,13 @@ class MemorySessionRepository(BlockingStore):
         self._sessions: dict[str, dict[str, _Branch]] = {}
         self._session_ids: list[str] = []  # sorted by bytes, for paging
         self._children: dict[str, list[tuple[EventRecord, int]]] = defaultdict(list)
-        self._feed: list[EventRecord] = []  # position - 1 -> record
+        # position - 1 -> record; None for a deleted record, a marker for a deletion.
+        self._feed: list[EventRecord | SessionDeleted | None] = []
         self._feed_sizes: list[int] = []
         self._places: dict[str, Place] = {}  # record id -> its branch
+        self._positions: dict[Place, list[int]] = {}  # each branch's records' positions
+        self._deleted_ids: set[bytes] = set()  # digests of deleted records' ids
+        self._labels = LabelIndex()
 
     def _branch(self, session_id: str, branch_id: str) -> _Branch | None:
         branches = self._sessions.get(session_id)
@@ -93,6 +101,7 @@ class MemorySessionRepository(BlockingStore):
                 stored=branch.by_id.get,
                 elsewhere=self._elsewhere((session_id, branch_id)),
                 branch_id=branch_id,
+                deleted=self._deleted if self._deleted_ids else None,
             )
             if stored is not None:
                 records = [branch.records[sequence - 1] for sequence in stored]
@@ -110,6 +119,8 @@ class MemorySessionRepository(BlockingStore):
                 if branch.records:
                     now = max(now, branch.records[-1].timestamp_ns)
             appended = Appended(session_id, batch, last + 1, now, branch_id=branch_id)
+            if append.labels and session_id not in self._sessions:
+                self._labels.put(session_id, SessionLabels(append.labels, 1))
             return appended, self._store(session_id, branch_id, branch, appended.records(), sizes)
 
     def _store(
@@ -139,7 +150,64 @@ class MemorySessionRepository(BlockingStore):
                 self._children[record.parent_id].append((record, size))
         position = len(self._feed) + 1
         self._feed.extend(records)
+        self._positions.setdefault((session_id, branch_id), []).extend(
+            range(position, position + len(records))
+        )
         return position
+
+    def _deleted(self, record_ids: list[str]) -> str | None:
+        return next((i for i in record_ids if erased_digest(i) in self._deleted_ids), None)
+
+    def delete(self, plan: DeletePlan) -> list[SessionDeleted]:
+        with self._lock:
+            branches = self._sessions.get(plan.session_id, {})
+            chosen = [plan.branch_id] if plan.branch_id is not None else sorted(branches)
+            if not chosen or any(b not in branches for b in chosen):
+                raise nothing_to_delete(plan)
+            if plan.expected is not None:
+                last = len(branches[chosen[0]].records)
+                if plan.expected != last:
+                    raise wrong_expected_sequence(plan.session_id, plan.expected, last, chosen[0])
+            markers = [self._erase(plan.session_id, b) for b in chosen]
+        for marker in markers:
+            self._announce_deleted(marker)
+        return markers
+
+    def _erase(self, session_id: str, branch_id: str) -> SessionDeleted:
+        """Drop a branch's records everywhere (hold the lock); the feed's marker."""
+        branches = self._sessions[session_id]
+        branch = branches.pop(branch_id)
+        for record in branch.records:
+            self._deleted_ids.add(erased_digest(record.id))
+            del self._places[record.id]
+            if record.parent_id is not None:
+                children = self._children[record.parent_id]
+                children[:] = [c for c in children if c[0] is not record]
+                if not children:
+                    del self._children[record.parent_id]
+        for position in self._positions.pop((session_id, branch_id), []):
+            self._feed[position - 1] = None
+            self._feed_sizes[position - 1] = 0
+        if not branches:
+            del self._sessions[session_id]
+            index = bisect.bisect_left(self._session_ids, session_id.encode(), key=str.encode)
+            del self._session_ids[index]
+            self._labels.drop(session_id)
+        marker = SessionDeleted(
+            len(self._feed) + 1, session_id, branch_id, len(branch.records), self._clock()
+        )
+        self._feed.append(marker)
+        self._feed_sizes.append(200)
+        return marker
+
+    def relabel(self, change: LabelChange) -> SessionLabels:
+        with self._lock:
+            labels = change.apply(
+                self._labels.get(change.session_id),
+                exists=change.session_id in self._sessions,
+            )
+            self._labels.put(change.session_id, labels)
+            return labels
 
     def _elsewhere(self, here: Place) -> Callable[[list[str]], dict[str, Place]]:
         def elsewhere(record_ids: list[str]) -> dict[str, Place]:
@@ -211,7 +279,7 @@ class MemorySessionRepository(BlockingStore):
             end = min(len(branch.records), start + limit)
             return branch.records[start : start + _bounded(branch.sizes, start, end)]
 
-    def read_feed_runs(self, from_position: int) -> Iterator[list[FeedRecord | FeedGap]]:
+    def read_feed_runs(self, from_position: int) -> Iterator[list[FeedItem]]:
         check_count(from_position, "from_position")
         position = max(from_position, 1)
         with self._lock:
@@ -221,7 +289,13 @@ class MemorySessionRepository(BlockingStore):
                 stop = min(end, position - 1 + MESSAGE_RECORDS)
                 count = _bounded(self._feed_sizes, position - 1, stop)
                 chosen = self._feed[position - 1 : position - 1 + count]
-            yield [FeedRecord(position + i, record) for i, record in enumerate(chosen)]
+            run: list[FeedItem] = [
+                item if isinstance(item, SessionDeleted) else FeedRecord(position + i, item)
+                for i, item in enumerate(chosen)
+                if item is not None
+            ]
+            if run:
+                yield run
             position += count
 
     def last_position(self) -> int:
@@ -251,16 +325,17 @@ class MemorySessionRepository(BlockingStore):
     def session_page(self, query: SessionQuery) -> SessionList:
         infos: list[SessionInfo] = []
         with self._lock:
-            for session_id in ids_of(self._session_ids, query):
+            for session_id in self._labels.candidates(self._session_ids, query):
                 if len(infos) == query.size:
                     return SessionList(infos, infos[-1].session_id)
                 branches = self._sessions[session_id]
-                infos.append(
-                    SessionInfo.of(
-                        session_id,
-                        [branches[b].info(b) for b in sorted(branches, key=str.encode)],
-                    )
+                info = SessionInfo.of(
+                    session_id,
+                    [branches[b].info(b) for b in sorted(branches, key=str.encode)],
+                    self._labels.get(session_id),
                 )
+                if query.takes_time(info.last_timestamp_ns):
+                    infos.append(info)
         return SessionList(infos, None)
 
     def close(self) -> None:

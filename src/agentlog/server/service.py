@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -20,7 +21,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from agentlog import _codec, _requests
-from agentlog._records import CaughtUp, Checkpoint, FeedGap, SessionPage
+from agentlog._records import CaughtUp, Checkpoint, FeedGap, SessionDeleted, SessionPage
 from agentlog._status import to_grpc_status
 from agentlog._validation import (
     check_parent_query,
@@ -39,7 +40,8 @@ from agentlog.server._auth import (
 )
 from agentlog.server._forks import plan_fork
 from agentlog.server._guard import StreamGuard, Watched
-from agentlog.server._listing import SessionList, SessionQuery, scope_of
+from agentlog.server._lifecycle import plan_delete, plan_label_change
+from agentlog.server._listing import SessionList, SessionQuery, scope_of, within
 from agentlog.server._live import Interrupt, LiveSubscriptions
 from agentlog.server._rules import (
     Appended,
@@ -48,6 +50,7 @@ from agentlog.server._rules import (
 )
 from agentlog.server._streams import (
     EncodedRuns,
+    deleted_message,
     feed_messages,
     feed_runs,
     gap_message,
@@ -389,6 +392,46 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         )
 
     @_translate_errors
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: Any
+    ) -> pb.DeleteSessionResponse:
+        caller = self._caller(context)
+        plan = plan_delete(
+            request.session_id,
+            request.branch_id,
+            all_branches=request.all_branches,
+            expected_sequence=(
+                request.expected_sequence if request.HasField("expected_sequence") else None
+            ),
+        )
+        caller.require(Permission.DELETE, plan.session_id)
+        markers = await self._backend.delete(plan)
+        for marker in markers:
+            log.info(
+                "deleted branch %r of session %r (%d records; feed position %d)",
+                marker.branch_id,
+                marker.session_id,
+                marker.last_sequence,
+                marker.position,
+            )
+        return pb.DeleteSessionResponse(deleted=[_requests.deleted_to_proto(m) for m in markers])
+
+    @_translate_errors
+    async def UpdateSessionLabels(
+        self, request: pb.UpdateSessionLabelsRequest, context: Any
+    ) -> pb.UpdateSessionLabelsResponse:
+        caller = self._caller(context)
+        change = plan_label_change(
+            request.session_id,
+            dict(request.set),
+            list(request.remove),
+            request.expected_version if request.HasField("expected_version") else None,
+        )
+        caller.require(Permission.APPEND, change.session_id)
+        labels = await self._backend.relabel(change)
+        return pb.UpdateSessionLabelsResponse(labels=labels.labels, version=labels.version)
+
+    @_translate_errors
     async def SubscribeSession(
         self, request: pb.SubscribeSessionRequest, context: Any
     ) -> AsyncIterator[pb.SubscribeSessionResponse | list[bytes]]:
@@ -462,6 +505,8 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
                 for run in feed_runs(item):
                     if isinstance(run, FeedGap):
                         yield gap_message(run)
+                    elif isinstance(run, SessionDeleted):
+                        yield deleted_message(run)
                     else:
                         yield self._encoded.get(scope, run, feed_messages)
 
@@ -471,12 +516,26 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     ) -> pb.ListSessionsResponse:
         caller = self._caller(context)
         tokens = self._backend.page_tokens
-        # A token serves the caller and filters it was issued for, and no other.
-        scope = scope_of("list", caller.name, sorted(caller.permissions), caller.prefixes)
-        after = tokens.decode(request.page_token or None, scope)
         # Only the sessions it may see, looked up as such: a page never spans others.
-        query = SessionQuery.of(request.page_size or None, after, caller.readable_prefixes())
-        found = await self._backend.list_sessions(query) if query.prefixes else SessionList()
+        prefixes = within(caller.readable_prefixes(), request.session_id_prefix)
+        filters = SessionQuery.of(
+            request.page_size or None,
+            None,
+            prefixes or ("",),
+            **_requests.list_from_proto(request),
+        )
+        # A token serves the caller and filters it was issued for, and no other.
+        scope = scope_of(
+            "list",
+            caller.name,
+            sorted(caller.permissions),
+            caller.prefixes,
+            request.session_id_prefix,
+            *filters.filters,
+        )
+        after = tokens.decode(request.page_token or None, scope)
+        query = dataclasses.replace(filters, after=after)
+        found = await self._backend.list_sessions(query) if prefixes else SessionList()
         token = tokens.encode(found.after, scope) if found.after is not None else None
         return _requests.page_to_proto(SessionPage(sessions=found.sessions, next_page_token=token))
 

@@ -74,7 +74,14 @@ STATE_PATCH_SOURCE_TOOL: StatePatchSource
 STATE_PATCH_SOURCE_SYSTEM: StatePatchSource
 
 class AppendRequest(_message.Message):
-    __slots__ = ("session_id", "parent_id", "event", "id", "expected_sequence", "omit_event", "branch_id")
+    __slots__ = ("session_id", "parent_id", "event", "id", "expected_sequence", "omit_event", "branch_id", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +89,7 @@ class AppendRequest(_message.Message):
     EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     OMIT_EVENT_FIELD_NUMBER: _ClassVar[int]
     BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     parent_id: str
     event: AgentEvent
@@ -89,7 +97,8 @@ class AppendRequest(_message.Message):
     expected_sequence: int
     omit_event: bool
     branch_id: str
-    def __init__(self, session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ..., id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., omit_event: _Optional[bool] = ..., branch_id: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ..., id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., omit_event: _Optional[bool] = ..., branch_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
     __slots__ = ("record",)
@@ -98,18 +107,27 @@ class AppendResponse(_message.Message):
     def __init__(self, record: _Optional[_Union[EventRecord, _Mapping]] = ...) -> None: ...
 
 class AppendBatchRequest(_message.Message):
-    __slots__ = ("session_id", "expected_sequence", "events", "omit_events", "branch_id")
+    __slots__ = ("session_id", "expected_sequence", "events", "omit_events", "branch_id", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     OMIT_EVENTS_FIELD_NUMBER: _ClassVar[int]
     BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     expected_sequence: int
     events: _containers.RepeatedCompositeFieldContainer[BatchEvent]
     omit_events: bool
     branch_id: str
-    def __init__(self, session_id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., events: _Optional[_Iterable[_Union[BatchEvent, _Mapping]]] = ..., omit_events: _Optional[bool] = ..., branch_id: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., events: _Optional[_Iterable[_Union[BatchEvent, _Mapping]]] = ..., omit_events: _Optional[bool] = ..., branch_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class BatchEvent(_message.Message):
     __slots__ = ("id", "parent_id", "event")
@@ -174,12 +192,27 @@ class HeadResponse(_message.Message):
     def __init__(self, record: _Optional[_Union[EventRecord, _Mapping]] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token")
+    __slots__ = ("page_size", "page_token", "labels", "session_id_prefix", "updated_after", "updated_before")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AFTER_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_BEFORE_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    session_id_prefix: str
+    updated_after: _timestamp_pb2.Timestamp
+    updated_before: _timestamp_pb2.Timestamp
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., session_id_prefix: _Optional[str] = ..., updated_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
     __slots__ = ("sessions", "next_page_token")
@@ -190,20 +223,97 @@ class ListSessionsResponse(_message.Message):
     def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "event_count", "first_timestamp", "last_timestamp", "head_id", "branches")
+    __slots__ = ("session_id", "event_count", "first_timestamp", "last_timestamp", "head_id", "branches", "labels", "labels_version")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     FIRST_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     LAST_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     event_count: int
     first_timestamp: _timestamp_pb2.Timestamp
     last_timestamp: _timestamp_pb2.Timestamp
     head_id: str
     branches: _containers.RepeatedCompositeFieldContainer[BranchInfo]
-    def __init__(self, session_id: _Optional[str] = ..., event_count: _Optional[int] = ..., first_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., head_id: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[BranchInfo, _Mapping]]] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    labels_version: int
+    def __init__(self, session_id: _Optional[str] = ..., event_count: _Optional[int] = ..., first_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., head_id: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[BranchInfo, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., labels_version: _Optional[int] = ...) -> None: ...
+
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("session_id", "branch_id", "all_branches", "expected_sequence")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    ALL_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    branch_id: str
+    all_branches: bool
+    expected_sequence: int
+    def __init__(self, session_id: _Optional[str] = ..., branch_id: _Optional[str] = ..., all_branches: _Optional[bool] = ..., expected_sequence: _Optional[int] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: _containers.RepeatedCompositeFieldContainer[SessionDeleted]
+    def __init__(self, deleted: _Optional[_Iterable[_Union[SessionDeleted, _Mapping]]] = ...) -> None: ...
+
+class SessionDeleted(_message.Message):
+    __slots__ = ("position", "session_id", "branch_id", "last_sequence", "timestamp")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    session_id: str
+    branch_id: str
+    last_sequence: int
+    timestamp: _timestamp_pb2.Timestamp
+    def __init__(self, position: _Optional[int] = ..., session_id: _Optional[str] = ..., branch_id: _Optional[str] = ..., last_sequence: _Optional[int] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class UpdateSessionLabelsRequest(_message.Message):
+    __slots__ = ("session_id", "set", "remove", "expected_version")
+    class SetEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SET_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    set: _containers.ScalarMap[str, str]
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    expected_version: int
+    def __init__(self, session_id: _Optional[str] = ..., set: _Optional[_Mapping[str, str]] = ..., remove: _Optional[_Iterable[str]] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class UpdateSessionLabelsResponse(_message.Message):
+    __slots__ = ("labels", "version")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.ScalarMap[str, str]
+    version: int
+    def __init__(self, labels: _Optional[_Mapping[str, str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class BranchInfo(_message.Message):
     __slots__ = ("branch_id", "event_count", "first_timestamp", "last_timestamp", "head_id", "forked_from")
@@ -318,16 +428,18 @@ class SubscribeAllRequest(_message.Message):
     def __init__(self, from_position: _Optional[int] = ..., session_id_prefix: _Optional[str] = ..., part_types: _Optional[_Iterable[str]] = ..., branch_id: _Optional[str] = ...) -> None: ...
 
 class SubscribeAllResponse(_message.Message):
-    __slots__ = ("records", "caught_up", "gap", "checkpoint")
+    __slots__ = ("records", "caught_up", "gap", "checkpoint", "deleted")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
     GAP_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
     records: FeedBatch
     caught_up: CaughtUp
     gap: FeedGap
     checkpoint: Checkpoint
-    def __init__(self, records: _Optional[_Union[FeedBatch, _Mapping]] = ..., caught_up: _Optional[_Union[CaughtUp, _Mapping]] = ..., gap: _Optional[_Union[FeedGap, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ...) -> None: ...
+    deleted: SessionDeleted
+    def __init__(self, records: _Optional[_Union[FeedBatch, _Mapping]] = ..., caught_up: _Optional[_Union[CaughtUp, _Mapping]] = ..., gap: _Optional[_Union[FeedGap, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., deleted: _Optional[_Union[SessionDeleted, _Mapping]] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("position",)

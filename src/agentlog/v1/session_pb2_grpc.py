@@ -83,6 +83,16 @@ class SessionRepositoryStub:
                 request_serializer=agentlog_dot_v1_dot_session__pb2.SubscribeAllRequest.SerializeToString,
                 response_deserializer=agentlog_dot_v1_dot_session__pb2.SubscribeAllResponse.FromString,
                 _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/agentlog.v1.SessionRepository/DeleteSession',
+                request_serializer=agentlog_dot_v1_dot_session__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=agentlog_dot_v1_dot_session__pb2.DeleteSessionResponse.FromString,
+                _registered_method=True)
+        self.UpdateSessionLabels = channel.unary_unary(
+                '/agentlog.v1.SessionRepository/UpdateSessionLabels',
+                request_serializer=agentlog_dot_v1_dot_session__pb2.UpdateSessionLabelsRequest.SerializeToString,
+                response_deserializer=agentlog_dot_v1_dot_session__pb2.UpdateSessionLabelsResponse.FromString,
+                _registered_method=True)
 
 
 class SessionRepositoryServicer:
@@ -180,6 +190,32 @@ class SessionRepositoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteSession(self, request, context):
+        """DeleteSession removes one branch of a session, or all of them, for good:
+        their records are erased from storage (not hidden), the branch reads as
+        empty, its records leave LoadChildren, ListSessions, Head and the feed's
+        stored history, and the feed records a SessionDeleted marker at a new
+        position. Subscribers of a deleted branch end with NOT_FOUND (reason
+        BRANCH_DELETED). The ids of deleted records stay reserved: an append that
+        reuses one (an old retry) fails with ALREADY_EXISTS (reason
+        RECORD_ID_DELETED). NOT_FOUND when there is nothing to delete;
+        FAILED_PRECONDITION when expected_sequence does not hold. Deleting every
+        branch removes the session's labels too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSessionLabels(self, request, context):
+        """UpdateSessionLabels sets and removes labels of an existing session, all or
+        none, and returns the labels and their new version; expected_version makes
+        it fail with FAILED_PRECONDITION (reason WRONG_LABELS_VERSION) when another
+        editor changed them first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionRepositoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +263,16 @@ def add_SessionRepositoryServicer_to_server(servicer, server):
                     servicer.SubscribeAll,
                     request_deserializer=agentlog_dot_v1_dot_session__pb2.SubscribeAllRequest.FromString,
                     response_serializer=agentlog_dot_v1_dot_session__pb2.SubscribeAllResponse.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=agentlog_dot_v1_dot_session__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=agentlog_dot_v1_dot_session__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'UpdateSessionLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSessionLabels,
+                    request_deserializer=agentlog_dot_v1_dot_session__pb2.UpdateSessionLabelsRequest.FromString,
+                    response_serializer=agentlog_dot_v1_dot_session__pb2.UpdateSessionLabelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -476,6 +522,60 @@ class SessionRepository:
             '/agentlog.v1.SessionRepository/SubscribeAll',
             agentlog_dot_v1_dot_session__pb2.SubscribeAllRequest.SerializeToString,
             agentlog_dot_v1_dot_session__pb2.SubscribeAllResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentlog.v1.SessionRepository/DeleteSession',
+            agentlog_dot_v1_dot_session__pb2.DeleteSessionRequest.SerializeToString,
+            agentlog_dot_v1_dot_session__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSessionLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentlog.v1.SessionRepository/UpdateSessionLabels',
+            agentlog_dot_v1_dot_session__pb2.UpdateSessionLabelsRequest.SerializeToString,
+            agentlog_dot_v1_dot_session__pb2.UpdateSessionLabelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,6 +28,7 @@ from agentlog._records import (
     BranchInfo,
     EventRecord,
     FeedGap,
+    FeedItem,
     FeedRecord,
     SessionInfo,
     StoredRecord,
@@ -408,16 +409,16 @@ class Reader(Recovery):
             return run  # the first run: at most MESSAGE_RECORDS, and MESSAGE_BYTES
         return []
 
-    def read_feed_runs(self, from_position: int) -> Iterator[list[FeedRecord | FeedGap]]:
+    def read_feed_runs(self, from_position: int) -> Iterator[list[FeedItem]]:
         check_count(from_position, "from_position")
         return self._read_feed_runs(max(from_position, 1))
 
-    def _read_feed_runs(self, position: int) -> Iterator[list[FeedRecord | FeedGap]]:
+    def _read_feed_runs(self, position: int) -> Iterator[list[FeedItem]]:
         """The feed from `position`: each entry's records read from its session file,
         gathered into runs of at most MESSAGE_RECORDS items and MESSAGE_BYTES (unless one
         record is larger). A session that cannot be read is that session's loss alone:
         its positions become a FeedGap and the feed goes on."""
-        pending: list[FeedRecord | FeedGap] = []
+        pending: list[FeedItem] = []
         size = 0
         for entry_position, stem, sequence, count, offset in self._feed.entries_from(position):
             if not stem:

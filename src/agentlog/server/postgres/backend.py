@@ -30,6 +30,7 @@ from agentlog._records import (
     BranchInfo,
     EventRecord,
     FeedGap,
+    FeedItem,
     FeedRecord,
     ForkedFrom,
     SessionInfo,
@@ -508,7 +509,7 @@ class PostgresBackend(Backend):
                 infos.append(SessionInfo.of(session_id, [_branch_of(row) for row in branches]))
         return SessionList(infos, None)
 
-    async def read_feed(self, from_position: int) -> AsyncIterator[list[FeedRecord | FeedGap]]:
+    async def read_feed(self, from_position: int) -> AsyncIterator[list[FeedItem]]:
         """Appended records by their positions; a fork's copies by their branch and
         sequence, their positions a range (see `_schema`)."""
         check_count(from_position, "from_position")
@@ -535,11 +536,11 @@ class PostgresBackend(Backend):
             yield self._feed_items(rows)
             low = int(rows[-1][0]) + 1
 
-    def _feed_items(self, rows: list[Any]) -> list[FeedRecord | FeedGap]:
+    def _feed_items(self, rows: list[Any]) -> list[FeedItem]:
         """Feed rows as records; a row that does not decode becomes a FeedGap (joined
         with the gap before it when of the same session), so one damaged record never
         stops the feed for everyone, as in the JSONL store."""
-        items: list[FeedRecord | FeedGap] = []
+        items: list[FeedItem] = []
         for row in rows:
             position = int(row[0])
             try:

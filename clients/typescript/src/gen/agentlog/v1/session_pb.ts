@@ -20,12 +20,8 @@ import type { Message } from "@bufbuild/protobuf";
 /**
  * Describes the file agentlog/v1/session.proto.
  */
-export const file_agentlog_v1_session: GenFile =
-  /*@__PURE__*/
-  fileDesc(
-    "ChlhZ2VudGxvZy92MS9zZXNzaW9uLnByb3RvEgthZ2VudGxvZy52MSLaAQoNQXBwZW5kUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhYKCXBhcmVudF9pZBgCIAEoCUgAiAEBEiYKBWV2ZW50GAMgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudBIKCgJpZBgEIAEoCRIeChFleHBlY3RlZF9zZXF1ZW5jZRgFIAEoBEgBiAEBEhIKCm9taXRfZXZlbnQYBiABKAgSEQoJYnJhbmNoX2lkGAcgASgJQgwKCl9wYXJlbnRfaWRCFAoSX2V4cGVjdGVkX3NlcXVlbmNlIjoKDkFwcGVuZFJlc3BvbnNlEigKBnJlY29yZBgBIAEoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIq8BChJBcHBlbmRCYXRjaFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIeChFleHBlY3RlZF9zZXF1ZW5jZRgCIAEoBEgAiAEBEicKBmV2ZW50cxgDIAMoCzIXLmFnZW50bG9nLnYxLkJhdGNoRXZlbnQSEwoLb21pdF9ldmVudHMYBCABKAgSEQoJYnJhbmNoX2lkGAUgASgJQhQKEl9leHBlY3RlZF9zZXF1ZW5jZSJmCgpCYXRjaEV2ZW50EgoKAmlkGAEgASgJEhYKCXBhcmVudF9pZBgCIAEoCUgAiAEBEiYKBWV2ZW50GAMgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudEIMCgpfcGFyZW50X2lkIkAKE0FwcGVuZEJhdGNoUmVzcG9uc2USKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIpABChJMb2FkU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIVCg1mcm9tX3NlcXVlbmNlGAIgASgEEg0KBWxpbWl0GAMgASgEEi0KCWRpcmVjdGlvbhgEIAEoDjIaLmFnZW50bG9nLnYxLlJlYWREaXJlY3Rpb24SEQoJYnJhbmNoX2lkGAUgASgJIkAKE0xvYWRTZXNzaW9uUmVzcG9uc2USKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIigKE0xvYWRDaGlsZHJlblJlcXVlc3QSEQoJcGFyZW50X2lkGAEgASgJIkEKFExvYWRDaGlsZHJlblJlc3BvbnNlEikKB3JlY29yZHMYASADKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCI0CgtIZWFkUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhEKCWJyYW5jaF9pZBgCIAEoCSI4CgxIZWFkUmVzcG9uc2USKAoGcmVjb3JkGAEgASgLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQiPAoTTGlzdFNlc3Npb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKA0SEgoKcGFnZV90b2tlbhgCIAEoCSJbChRMaXN0U2Vzc2lvbnNSZXNwb25zZRIqCghzZXNzaW9ucxgBIAMoCzIYLmFnZW50bG9nLnYxLlNlc3Npb25JbmZvEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSLbAQoLU2Vzc2lvbkluZm8SEgoKc2Vzc2lvbl9pZBgBIAEoCRITCgtldmVudF9jb3VudBgCIAEoBBIzCg9maXJzdF90aW1lc3RhbXAYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDmxhc3RfdGltZXN0YW1wGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdoZWFkX2lkGAUgASgJEikKCGJyYW5jaGVzGAYgAygLMhcuYWdlbnRsb2cudjEuQnJhbmNoSW5mbyLcAQoKQnJhbmNoSW5mbxIRCglicmFuY2hfaWQYASABKAkSEwoLZXZlbnRfY291bnQYAiABKAQSMwoPZmlyc3RfdGltZXN0YW1wGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3RpbWVzdGFtcBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHaGVhZF9pZBgFIAEoCRIsCgtmb3JrZWRfZnJvbRgGIAEoCzIXLmFnZW50bG9nLnYxLkZvcmtlZEZyb20iRQoKRm9ya2VkRnJvbRISCgpzZXNzaW9uX2lkGAEgASgJEhEKCWJyYW5jaF9pZBgCIAEoCRIQCghzZXF1ZW5jZRgDIAEoBCK4AQoSRm9ya1Nlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSEQoJYnJhbmNoX2lkGAIgASgJEhYKDnVwX3RvX3NlcXVlbmNlGAMgASgEEh4KEWV4cGVjdGVkX3NlcXVlbmNlGAQgASgESACIAQESFQoNbmV3X2JyYW5jaF9pZBgFIAEoCRIWCg5uZXdfc2Vzc2lvbl9pZBgGIAEoCUIUChJfZXhwZWN0ZWRfc2VxdWVuY2UiUgoTRm9ya1Nlc3Npb25SZXNwb25zZRISCgpzZXNzaW9uX2lkGAEgASgJEicKBmJyYW5jaBgCIAEoCzIXLmFnZW50bG9nLnYxLkJyYW5jaEluZm8izwEKC0V2ZW50UmVjb3JkEgoKAmlkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSFgoJcGFyZW50X2lkGAMgASgJSACIAQESLQoJdGltZXN0YW1wGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBImCgVldmVudBgFIAEoCzIXLmFnZW50bG9nLnYxLkFnZW50RXZlbnQSEAoIc2VxdWVuY2UYBiABKAQSEQoJYnJhbmNoX2lkGAcgASgJQgwKCl9wYXJlbnRfaWQibgoXU3Vic2NyaWJlU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIaCg1mcm9tX3NlcXVlbmNlGAIgASgESACIAQESEQoJYnJhbmNoX2lkGAMgASgJQhAKDl9mcm9tX3NlcXVlbmNlInsKGFN1YnNjcmliZVNlc3Npb25SZXNwb25zZRIrCgdyZWNvcmRzGAEgASgLMhguYWdlbnRsb2cudjEuUmVjb3JkQmF0Y2hIABIqCgljYXVnaHRfdXAYAiABKAsyFS5hZ2VudGxvZy52MS5DYXVnaHRVcEgAQgYKBGtpbmQiOAoLUmVjb3JkQmF0Y2gSKQoHcmVjb3JkcxgBIAMoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIi4KCENhdWdodFVwEhAKCHNlcXVlbmNlGAEgASgEEhAKCHBvc2l0aW9uGAIgASgEIoUBChNTdWJzY3JpYmVBbGxSZXF1ZXN0EhoKDWZyb21fcG9zaXRpb24YASABKARIAIgBARIZChFzZXNzaW9uX2lkX3ByZWZpeBgCIAEoCRISCgpwYXJ0X3R5cGVzGAMgAygJEhEKCWJyYW5jaF9pZBgEIAEoCUIQCg5fZnJvbV9wb3NpdGlvbiLJAQoUU3Vic2NyaWJlQWxsUmVzcG9uc2USKQoHcmVjb3JkcxgBIAEoCzIWLmFnZW50bG9nLnYxLkZlZWRCYXRjaEgAEioKCWNhdWdodF91cBgCIAEoCzIVLmFnZW50bG9nLnYxLkNhdWdodFVwSAASIwoDZ2FwGAMgASgLMhQuYWdlbnRsb2cudjEuRmVlZEdhcEgAEi0KCmNoZWNrcG9pbnQYBCABKAsyFy5hZ2VudGxvZy52MS5DaGVja3BvaW50SABCBgoEa2luZCIeCgpDaGVja3BvaW50EhAKCHBvc2l0aW9uGAEgASgEIoABCgdGZWVkR2FwEhYKDmZpcnN0X3Bvc2l0aW9uGAEgASgEEhUKDWxhc3RfcG9zaXRpb24YAiABKAQSEgoKc2Vzc2lvbl9pZBgDIAEoCRIOCgZyZWFzb24YBCABKAkSDwoHbWVzc2FnZRgFIAEoCRIRCglicmFuY2hfaWQYBiABKAkiNQoJRmVlZEJhdGNoEigKB3JlY29yZHMYASADKAsyFy5hZ2VudGxvZy52MS5GZWVkUmVjb3JkIkgKCkZlZWRSZWNvcmQSEAoIcG9zaXRpb24YASABKAQSKAoGcmVjb3JkGAIgASgLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQi4wUKCkFnZW50RXZlbnQSLgoLcnVuX3N0YXJ0ZWQYASABKAsyFy5hZ2VudGxvZy52MS5SdW5TdGFydGVkSAASOgoRaXRlcmF0aW9uX3N0YXJ0ZWQYAiABKAsyHS5hZ2VudGxvZy52MS5JdGVyYXRpb25TdGFydGVkSAASMAoMbW9kZWxfb3V0cHV0GAMgASgLMhguYWdlbnRsb2cudjEuTW9kZWxPdXRwdXRIABIsCgp0ZXh0X2RlbHRhGAQgASgLMhYuYWdlbnRsb2cudjEuVGV4dERlbHRhSAASPQoTdG9vbF9jYWxsX3JlcXVlc3RlZBgFIAEoCzIeLmFnZW50bG9nLnYxLlRvb2xDYWxsUmVxdWVzdGVkSAASPQoTdG9vbF9jYWxsX2NvbXBsZXRlZBgGIAEoCzIeLmFnZW50bG9nLnYxLlRvb2xDYWxsQ29tcGxldGVkSAASNwoQdG9vbF9jYWxsX2ZhaWxlZBgHIAEoCzIbLmFnZW50bG9nLnYxLlRvb2xDYWxsRmFpbGVkSAASMgoNc3RhdGVfcGF0Y2hlZBgIIAEoCzIZLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2hlZEgAEjoKEWNvbnRleHRfY29tcGFjdGVkGAkgASgLMh0uYWdlbnRsb2cudjEuQ29udGV4dENvbXBhY3RlZEgAEjwKEmFwcHJvdmFsX3JlcXVlc3RlZBgKIAEoCzIeLmFnZW50bG9nLnYxLkFwcHJvdmFsUmVxdWVzdGVkSAASOgoRYXBwcm92YWxfcmVzb2x2ZWQYCyABKAsyHS5hZ2VudGxvZy52MS5BcHByb3ZhbFJlc29sdmVkSAASLgoLcnVuX2Vycm9yZWQYDCABKAsyFy5hZ2VudGxvZy52MS5SdW5FcnJvcmVkSAASMAoMcnVuX2ZpbmlzaGVkGA0gASgLMhguYWdlbnRsb2cudjEuUnVuRmluaXNoZWRIAEIGCgRraW5kIhkKCUpzb25WYWx1ZRIMCgRqc29uGAEgASgJIloKClJ1blN0YXJ0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEAoIcHJvdmlkZXIYAyABKAkSFgoObWF4X2l0ZXJhdGlvbnMYBCABKA0iSQoQSXRlcmF0aW9uU3RhcnRlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0ixwEKC01vZGVsT3V0cHV0Eg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIxCgtzdG9wX3JlYXNvbhgEIAEoDjIcLmFnZW50bG9nLnYxLk1vZGVsU3RvcFJlYXNvbhIXCg9kaXJlY3RpdmVfY291bnQYBSABKAQSKwoFdXNhZ2UYBiABKAsyFy5hZ2VudGxvZy52MS5Ub2tlblVzYWdlSACIAQFCCAoGX3VzYWdlIlEKCVRleHREZWx0YRIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SDQoFZGVsdGEYBCABKAkibwoRVG9vbENhbGxSZXF1ZXN0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEiMKBGNhbGwYBCABKAsyFS5hZ2VudGxvZy52MS5Ub29sQ2FsbCJ6ChFUb29sQ2FsbENvbXBsZXRlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SLgoGcmVzdWx0GAQgASgLMh4uYWdlbnRsb2cudjEuVG9vbFJlc3VsdFN1bW1hcnkiegoOVG9vbENhbGxGYWlsZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEg8KB2NhbGxfaWQYBCABKAkSEQoJdG9vbF9uYW1lGAUgASgJEg0KBWVycm9yGAYgASgJIn8KDFN0YXRlUGF0Y2hlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SJgoFcGF0Y2gYBCABKAsyFy5hZ2VudGxvZy52MS5TdGF0ZVBhdGNoEhAKCHJldmlzaW9uGAUgASgEIo0BChBDb250ZXh0Q29tcGFjdGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIVCg1kcm9wcGVkX2NvdW50GAQgASgEEhUKDXRva2Vuc19iZWZvcmUYBSABKAQSFAoMdG9rZW5zX2FmdGVyGAYgASgEIqkBChFBcHByb3ZhbFJlcXVlc3RlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRITCgthcHByb3ZhbF9pZBgDIAEoCRIPCgdjYWxsX2lkGAQgASgJEhEKCXRvb2xfbmFtZRgFIAEoCRIpCglhcmd1bWVudHMYBiABKAsyFi5hZ2VudGxvZy52MS5Kc29uVmFsdWUSDAoEcmlzaxgHIAEoCSJ9ChBBcHByb3ZhbFJlc29sdmVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhMKC2FwcHJvdmFsX2lkGAMgASgJEhAKCGRlY2lzaW9uGAQgASgJEhMKBnJlYXNvbhgFIAEoCUgAiAEBQgkKB19yZWFzb24iPwoKUnVuRXJyb3JlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRINCgVlcnJvchgDIAEoCSLaAQoLUnVuRmluaXNoZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSKgoGcmVhc29uGAMgASgOMhouYWdlbnRsb2cudjEuUnVuU3RvcFJlYXNvbhIYChB0b3RhbF9pdGVyYXRpb25zGAQgASgNEhkKDGZpbmFsX2Fuc3dlchgFIAEoCUgAiAEBEisKBXVzYWdlGAYgASgLMhcuYWdlbnRsb2cudjEuVG9rZW5Vc2FnZUgBiAEBQg8KDV9maW5hbF9hbnN3ZXJCCAoGX3VzYWdlIlUKCFRvb2xDYWxsEg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEiUKBWlucHV0GAMgASgLMhYuYWdlbnRsb2cudjEuSnNvblZhbHVlIl8KEVRvb2xSZXN1bHRTdW1tYXJ5Eg8KB2NhbGxfaWQYASABKAkSEQoJdG9vbF9uYW1lGAIgASgJEiYKBm91dHB1dBgDIAEoCzIWLmFnZW50bG9nLnYxLkpzb25WYWx1ZSKRAQoKU3RhdGVQYXRjaBItCgZmb3JtYXQYASABKA4yHS5hZ2VudGxvZy52MS5TdGF0ZVBhdGNoRm9ybWF0EiUKBXBhdGNoGAIgASgLMhYuYWdlbnRsb2cudjEuSnNvblZhbHVlEi0KBnNvdXJjZRgDIAEoDjIdLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2hTb3VyY2UicwoKVG9rZW5Vc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAQSFQoNb3V0cHV0X3Rva2VucxgCIAEoBBIZChFjYWNoZV9yZWFkX3Rva2VucxgDIAEoBBIdChVjYWNoZV9jcmVhdGlvbl90b2tlbnMYBCABKAQqagoNUmVhZERpcmVjdGlvbhIeChpSRUFEX0RJUkVDVElPTl9VTlNQRUNJRklFRBAAEhsKF1JFQURfRElSRUNUSU9OX0ZPUldBUkRTEAESHAoYUkVBRF9ESVJFQ1RJT05fQkFDS1dBUkRTEAIq9QEKD01vZGVsU3RvcFJlYXNvbhIhCh1NT0RFTF9TVE9QX1JFQVNPTl9VTlNQRUNJRklFRBAAEh4KGk1PREVMX1NUT1BfUkVBU09OX0VORF9UVVJOEAESHgoaTU9ERUxfU1RPUF9SRUFTT05fVE9PTF9VU0UQAhIgChxNT0RFTF9TVE9QX1JFQVNPTl9ORUVEU19VU0VSEAMSIAocTU9ERUxfU1RPUF9SRUFTT05fTUFYX1RPS0VOUxAEEhwKGE1PREVMX1NUT1BfUkVBU09OX1NBRkVUWRAFEh0KGU1PREVMX1NUT1BfUkVBU09OX1VOS05PV04QBir1AQoNUnVuU3RvcFJlYXNvbhIfChtSVU5fU1RPUF9SRUFTT05fVU5TUEVDSUZJRUQQABIdChlSVU5fU1RPUF9SRUFTT05fQ09NUExFVEVEEAESHgoaUlVOX1NUT1BfUkVBU09OX05FRURTX1VTRVIQAhIlCiFSVU5fU1RPUF9SRUFTT05fQkxPQ0tFRF9CWV9QT0xJQ1kQAxIjCh9SVU5fU1RPUF9SRUFTT05fQlVER0VUX0VYQ0VFREVEEAQSHQoZUlVOX1NUT1BfUkVBU09OX0NBTkNFTExFRBAFEhkKFVJVTl9TVE9QX1JFQVNPTl9FUlJPUhAGKn0KEFN0YXRlUGF0Y2hGb3JtYXQSIgoeU1RBVEVfUEFUQ0hfRk9STUFUX1VOU1BFQ0lGSUVEEAASIQodU1RBVEVfUEFUQ0hfRk9STUFUX0pTT05fUEFUQ0gQARIiCh5TVEFURV9QQVRDSF9GT1JNQVRfTUVSR0VfUEFUQ0gQAiqQAQoQU3RhdGVQYXRjaFNvdXJjZRIiCh5TVEFURV9QQVRDSF9TT1VSQ0VfVU5TUEVDSUZJRUQQABIcChhTVEFURV9QQVRDSF9TT1VSQ0VfTU9ERUwQARIbChdTVEFURV9QQVRDSF9TT1VSQ0VfVE9PTBACEh0KGVNUQVRFX1BBVENIX1NPVVJDRV9TWVNURU0QAzLxBQoRU2Vzc2lvblJlcG9zaXRvcnkSQQoGQXBwZW5kEhouYWdlbnRsb2cudjEuQXBwZW5kUmVxdWVzdBobLmFnZW50bG9nLnYxLkFwcGVuZFJlc3BvbnNlElAKC0FwcGVuZEJhdGNoEh8uYWdlbnRsb2cudjEuQXBwZW5kQmF0Y2hSZXF1ZXN0GiAuYWdlbnRsb2cudjEuQXBwZW5kQmF0Y2hSZXNwb25zZRJSCgtMb2FkU2Vzc2lvbhIfLmFnZW50bG9nLnYxLkxvYWRTZXNzaW9uUmVxdWVzdBogLmFnZW50bG9nLnYxLkxvYWRTZXNzaW9uUmVzcG9uc2UwARJVCgxMb2FkQ2hpbGRyZW4SIC5hZ2VudGxvZy52MS5Mb2FkQ2hpbGRyZW5SZXF1ZXN0GiEuYWdlbnRsb2cudjEuTG9hZENoaWxkcmVuUmVzcG9uc2UwARI7CgRIZWFkEhguYWdlbnRsb2cudjEuSGVhZFJlcXVlc3QaGS5hZ2VudGxvZy52MS5IZWFkUmVzcG9uc2USUwoMTGlzdFNlc3Npb25zEiAuYWdlbnRsb2cudjEuTGlzdFNlc3Npb25zUmVxdWVzdBohLmFnZW50bG9nLnYxLkxpc3RTZXNzaW9uc1Jlc3BvbnNlEmEKEFN1YnNjcmliZVNlc3Npb24SJC5hZ2VudGxvZy52MS5TdWJzY3JpYmVTZXNzaW9uUmVxdWVzdBolLmFnZW50bG9nLnYxLlN1YnNjcmliZVNlc3Npb25SZXNwb25zZTABElAKC0ZvcmtTZXNzaW9uEh8uYWdlbnRsb2cudjEuRm9ya1Nlc3Npb25SZXF1ZXN0GiAuYWdlbnRsb2cudjEuRm9ya1Nlc3Npb25SZXNwb25zZRJVCgxTdWJzY3JpYmVBbGwSIC5hZ2VudGxvZy52MS5TdWJzY3JpYmVBbGxSZXF1ZXN0GiEuYWdlbnRsb2cudjEuU3Vic2NyaWJlQWxsUmVzcG9uc2UwAWIGcHJvdG8z",
-    [file_google_protobuf_timestamp],
-  );
+export const file_agentlog_v1_session: GenFile = /*@__PURE__*/
+  fileDesc("ChlhZ2VudGxvZy92MS9zZXNzaW9uLnByb3RvEgthZ2VudGxvZy52MSLBAgoNQXBwZW5kUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhYKCXBhcmVudF9pZBgCIAEoCUgAiAEBEiYKBWV2ZW50GAMgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudBIKCgJpZBgEIAEoCRIeChFleHBlY3RlZF9zZXF1ZW5jZRgFIAEoBEgBiAEBEhIKCm9taXRfZXZlbnQYBiABKAgSEQoJYnJhbmNoX2lkGAcgASgJEjYKBmxhYmVscxgIIAMoCzImLmFnZW50bG9nLnYxLkFwcGVuZFJlcXVlc3QuTGFiZWxzRW50cnkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfcGFyZW50X2lkQhQKEl9leHBlY3RlZF9zZXF1ZW5jZSI6Cg5BcHBlbmRSZXNwb25zZRIoCgZyZWNvcmQYASABKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCKbAgoSQXBwZW5kQmF0Y2hSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSHgoRZXhwZWN0ZWRfc2VxdWVuY2UYAiABKARIAIgBARInCgZldmVudHMYAyADKAsyFy5hZ2VudGxvZy52MS5CYXRjaEV2ZW50EhMKC29taXRfZXZlbnRzGAQgASgIEhEKCWJyYW5jaF9pZBgFIAEoCRI7CgZsYWJlbHMYBiADKAsyKy5hZ2VudGxvZy52MS5BcHBlbmRCYXRjaFJlcXVlc3QuTGFiZWxzRW50cnkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIUChJfZXhwZWN0ZWRfc2VxdWVuY2UiZgoKQmF0Y2hFdmVudBIKCgJpZBgBIAEoCRIWCglwYXJlbnRfaWQYAiABKAlIAIgBARImCgVldmVudBgDIAEoCzIXLmFnZW50bG9nLnYxLkFnZW50RXZlbnRCDAoKX3BhcmVudF9pZCJAChNBcHBlbmRCYXRjaFJlc3BvbnNlEikKB3JlY29yZHMYASADKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCKQAQoSTG9hZFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSFQoNZnJvbV9zZXF1ZW5jZRgCIAEoBBINCgVsaW1pdBgDIAEoBBItCglkaXJlY3Rpb24YBCABKA4yGi5hZ2VudGxvZy52MS5SZWFkRGlyZWN0aW9uEhEKCWJyYW5jaF9pZBgFIAEoCSJAChNMb2FkU2Vzc2lvblJlc3BvbnNlEikKB3JlY29yZHMYASADKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCIoChNMb2FkQ2hpbGRyZW5SZXF1ZXN0EhEKCXBhcmVudF9pZBgBIAEoCSJBChRMb2FkQ2hpbGRyZW5SZXNwb25zZRIpCgdyZWNvcmRzGAEgAygLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQiNAoLSGVhZFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIRCglicmFuY2hfaWQYAiABKAkiOAoMSGVhZFJlc3BvbnNlEigKBnJlY29yZBgBIAEoCzIYLmFnZW50bG9nLnYxLkV2ZW50UmVjb3JkIqsCChNMaXN0U2Vzc2lvbnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoDRISCgpwYWdlX3Rva2VuGAIgASgJEjwKBmxhYmVscxgDIAMoCzIsLmFnZW50bG9nLnYxLkxpc3RTZXNzaW9uc1JlcXVlc3QuTGFiZWxzRW50cnkSGQoRc2Vzc2lvbl9pZF9wcmVmaXgYBCABKAkSMQoNdXBkYXRlZF9hZnRlchgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoOdXBkYXRlZF9iZWZvcmUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiWwoUTGlzdFNlc3Npb25zUmVzcG9uc2USKgoIc2Vzc2lvbnMYASADKAsyGC5hZ2VudGxvZy52MS5TZXNzaW9uSW5mbxIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAki2AIKC1Nlc3Npb25JbmZvEhIKCnNlc3Npb25faWQYASABKAkSEwoLZXZlbnRfY291bnQYAiABKAQSMwoPZmlyc3RfdGltZXN0YW1wGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3RpbWVzdGFtcBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHaGVhZF9pZBgFIAEoCRIpCghicmFuY2hlcxgGIAMoCzIXLmFnZW50bG9nLnYxLkJyYW5jaEluZm8SNAoGbGFiZWxzGAcgAygLMiQuYWdlbnRsb2cudjEuU2Vzc2lvbkluZm8uTGFiZWxzRW50cnkSFgoObGFiZWxzX3ZlcnNpb24YCCABKAQaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKJAQoURGVsZXRlU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIRCglicmFuY2hfaWQYAiABKAkSFAoMYWxsX2JyYW5jaGVzGAMgASgIEh4KEWV4cGVjdGVkX3NlcXVlbmNlGAQgASgESACIAQFCFAoSX2V4cGVjdGVkX3NlcXVlbmNlIkUKFURlbGV0ZVNlc3Npb25SZXNwb25zZRIsCgdkZWxldGVkGAEgAygLMhsuYWdlbnRsb2cudjEuU2Vzc2lvbkRlbGV0ZWQijwEKDlNlc3Npb25EZWxldGVkEhAKCHBvc2l0aW9uGAEgASgEEhIKCnNlc3Npb25faWQYAiABKAkSEQoJYnJhbmNoX2lkGAMgASgJEhUKDWxhc3Rfc2VxdWVuY2UYBCABKAQSLQoJdGltZXN0YW1wGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLfAQoaVXBkYXRlU2Vzc2lvbkxhYmVsc1JlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRI9CgNzZXQYAiADKAsyMC5hZ2VudGxvZy52MS5VcGRhdGVTZXNzaW9uTGFiZWxzUmVxdWVzdC5TZXRFbnRyeRIOCgZyZW1vdmUYAyADKAkSHQoQZXhwZWN0ZWRfdmVyc2lvbhgEIAEoBEgAiAEBGioKCFNldEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCEwoRX2V4cGVjdGVkX3ZlcnNpb24iowEKG1VwZGF0ZVNlc3Npb25MYWJlbHNSZXNwb25zZRJECgZsYWJlbHMYASADKAsyNC5hZ2VudGxvZy52MS5VcGRhdGVTZXNzaW9uTGFiZWxzUmVzcG9uc2UuTGFiZWxzRW50cnkSDwoHdmVyc2lvbhgCIAEoBBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBItwBCgpCcmFuY2hJbmZvEhEKCWJyYW5jaF9pZBgBIAEoCRITCgtldmVudF9jb3VudBgCIAEoBBIzCg9maXJzdF90aW1lc3RhbXAYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDmxhc3RfdGltZXN0YW1wGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdoZWFkX2lkGAUgASgJEiwKC2ZvcmtlZF9mcm9tGAYgASgLMhcuYWdlbnRsb2cudjEuRm9ya2VkRnJvbSJFCgpGb3JrZWRGcm9tEhIKCnNlc3Npb25faWQYASABKAkSEQoJYnJhbmNoX2lkGAIgASgJEhAKCHNlcXVlbmNlGAMgASgEIrgBChJGb3JrU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIRCglicmFuY2hfaWQYAiABKAkSFgoOdXBfdG9fc2VxdWVuY2UYAyABKAQSHgoRZXhwZWN0ZWRfc2VxdWVuY2UYBCABKARIAIgBARIVCg1uZXdfYnJhbmNoX2lkGAUgASgJEhYKDm5ld19zZXNzaW9uX2lkGAYgASgJQhQKEl9leHBlY3RlZF9zZXF1ZW5jZSJSChNGb3JrU2Vzc2lvblJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSJwoGYnJhbmNoGAIgASgLMhcuYWdlbnRsb2cudjEuQnJhbmNoSW5mbyLPAQoLRXZlbnRSZWNvcmQSCgoCaWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIWCglwYXJlbnRfaWQYAyABKAlIAIgBARItCgl0aW1lc3RhbXAYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKBWV2ZW50GAUgASgLMhcuYWdlbnRsb2cudjEuQWdlbnRFdmVudBIQCghzZXF1ZW5jZRgGIAEoBBIRCglicmFuY2hfaWQYByABKAlCDAoKX3BhcmVudF9pZCJuChdTdWJzY3JpYmVTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhoKDWZyb21fc2VxdWVuY2UYAiABKARIAIgBARIRCglicmFuY2hfaWQYAyABKAlCEAoOX2Zyb21fc2VxdWVuY2UiewoYU3Vic2NyaWJlU2Vzc2lvblJlc3BvbnNlEisKB3JlY29yZHMYASABKAsyGC5hZ2VudGxvZy52MS5SZWNvcmRCYXRjaEgAEioKCWNhdWdodF91cBgCIAEoCzIVLmFnZW50bG9nLnYxLkNhdWdodFVwSABCBgoEa2luZCI4CgtSZWNvcmRCYXRjaBIpCgdyZWNvcmRzGAEgAygLMhguYWdlbnRsb2cudjEuRXZlbnRSZWNvcmQiLgoIQ2F1Z2h0VXASEAoIc2VxdWVuY2UYASABKAQSEAoIcG9zaXRpb24YAiABKAQihQEKE1N1YnNjcmliZUFsbFJlcXVlc3QSGgoNZnJvbV9wb3NpdGlvbhgBIAEoBEgAiAEBEhkKEXNlc3Npb25faWRfcHJlZml4GAIgASgJEhIKCnBhcnRfdHlwZXMYAyADKAkSEQoJYnJhbmNoX2lkGAQgASgJQhAKDl9mcm9tX3Bvc2l0aW9uIvkBChRTdWJzY3JpYmVBbGxSZXNwb25zZRIpCgdyZWNvcmRzGAEgASgLMhYuYWdlbnRsb2cudjEuRmVlZEJhdGNoSAASKgoJY2F1Z2h0X3VwGAIgASgLMhUuYWdlbnRsb2cudjEuQ2F1Z2h0VXBIABIjCgNnYXAYAyABKAsyFC5hZ2VudGxvZy52MS5GZWVkR2FwSAASLQoKY2hlY2twb2ludBgEIAEoCzIXLmFnZW50bG9nLnYxLkNoZWNrcG9pbnRIABIuCgdkZWxldGVkGAUgASgLMhsuYWdlbnRsb2cudjEuU2Vzc2lvbkRlbGV0ZWRIAEIGCgRraW5kIh4KCkNoZWNrcG9pbnQSEAoIcG9zaXRpb24YASABKAQigAEKB0ZlZWRHYXASFgoOZmlyc3RfcG9zaXRpb24YASABKAQSFQoNbGFzdF9wb3NpdGlvbhgCIAEoBBISCgpzZXNzaW9uX2lkGAMgASgJEg4KBnJlYXNvbhgEIAEoCRIPCgdtZXNzYWdlGAUgASgJEhEKCWJyYW5jaF9pZBgGIAEoCSI1CglGZWVkQmF0Y2gSKAoHcmVjb3JkcxgBIAMoCzIXLmFnZW50bG9nLnYxLkZlZWRSZWNvcmQiSAoKRmVlZFJlY29yZBIQCghwb3NpdGlvbhgBIAEoBBIoCgZyZWNvcmQYAiABKAsyGC5hZ2VudGxvZy52MS5FdmVudFJlY29yZCLjBQoKQWdlbnRFdmVudBIuCgtydW5fc3RhcnRlZBgBIAEoCzIXLmFnZW50bG9nLnYxLlJ1blN0YXJ0ZWRIABI6ChFpdGVyYXRpb25fc3RhcnRlZBgCIAEoCzIdLmFnZW50bG9nLnYxLkl0ZXJhdGlvblN0YXJ0ZWRIABIwCgxtb2RlbF9vdXRwdXQYAyABKAsyGC5hZ2VudGxvZy52MS5Nb2RlbE91dHB1dEgAEiwKCnRleHRfZGVsdGEYBCABKAsyFi5hZ2VudGxvZy52MS5UZXh0RGVsdGFIABI9ChN0b29sX2NhbGxfcmVxdWVzdGVkGAUgASgLMh4uYWdlbnRsb2cudjEuVG9vbENhbGxSZXF1ZXN0ZWRIABI9ChN0b29sX2NhbGxfY29tcGxldGVkGAYgASgLMh4uYWdlbnRsb2cudjEuVG9vbENhbGxDb21wbGV0ZWRIABI3ChB0b29sX2NhbGxfZmFpbGVkGAcgASgLMhsuYWdlbnRsb2cudjEuVG9vbENhbGxGYWlsZWRIABIyCg1zdGF0ZV9wYXRjaGVkGAggASgLMhkuYWdlbnRsb2cudjEuU3RhdGVQYXRjaGVkSAASOgoRY29udGV4dF9jb21wYWN0ZWQYCSABKAsyHS5hZ2VudGxvZy52MS5Db250ZXh0Q29tcGFjdGVkSAASPAoSYXBwcm92YWxfcmVxdWVzdGVkGAogASgLMh4uYWdlbnRsb2cudjEuQXBwcm92YWxSZXF1ZXN0ZWRIABI6ChFhcHByb3ZhbF9yZXNvbHZlZBgLIAEoCzIdLmFnZW50bG9nLnYxLkFwcHJvdmFsUmVzb2x2ZWRIABIuCgtydW5fZXJyb3JlZBgMIAEoCzIXLmFnZW50bG9nLnYxLlJ1bkVycm9yZWRIABIwCgxydW5fZmluaXNoZWQYDSABKAsyGC5hZ2VudGxvZy52MS5SdW5GaW5pc2hlZEgAQgYKBGtpbmQiGQoJSnNvblZhbHVlEgwKBGpzb24YASABKAkiWgoKUnVuU3RhcnRlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIQCghwcm92aWRlchgDIAEoCRIWCg5tYXhfaXRlcmF0aW9ucxgEIAEoDSJJChBJdGVyYXRpb25TdGFydGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDSLHAQoLTW9kZWxPdXRwdXQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEjEKC3N0b3BfcmVhc29uGAQgASgOMhwuYWdlbnRsb2cudjEuTW9kZWxTdG9wUmVhc29uEhcKD2RpcmVjdGl2ZV9jb3VudBgFIAEoBBIrCgV1c2FnZRgGIAEoCzIXLmFnZW50bG9nLnYxLlRva2VuVXNhZ2VIAIgBAUIICgZfdXNhZ2UiUQoJVGV4dERlbHRhEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRINCgVkZWx0YRgEIAEoCSJvChFUb29sQ2FsbFJlcXVlc3RlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SIwoEY2FsbBgEIAEoCzIVLmFnZW50bG9nLnYxLlRvb2xDYWxsInoKEVRvb2xDYWxsQ29tcGxldGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRIuCgZyZXN1bHQYBCABKAsyHi5hZ2VudGxvZy52MS5Ub29sUmVzdWx0U3VtbWFyeSJ6Cg5Ub29sQ2FsbEZhaWxlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIRCglpdGVyYXRpb24YAyABKA0SDwoHY2FsbF9pZBgEIAEoCRIRCgl0b29sX25hbWUYBSABKAkSDQoFZXJyb3IYBiABKAkifwoMU3RhdGVQYXRjaGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhEKCWl0ZXJhdGlvbhgDIAEoDRImCgVwYXRjaBgEIAEoCzIXLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2gSEAoIcmV2aXNpb24YBSABKAQijQEKEENvbnRleHRDb21wYWN0ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEQoJaXRlcmF0aW9uGAMgASgNEhUKDWRyb3BwZWRfY291bnQYBCABKAQSFQoNdG9rZW5zX2JlZm9yZRgFIAEoBBIUCgx0b2tlbnNfYWZ0ZXIYBiABKAQiqQEKEUFwcHJvdmFsUmVxdWVzdGVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEhMKC2FwcHJvdmFsX2lkGAMgASgJEg8KB2NhbGxfaWQYBCABKAkSEQoJdG9vbF9uYW1lGAUgASgJEikKCWFyZ3VtZW50cxgGIAEoCzIWLmFnZW50bG9nLnYxLkpzb25WYWx1ZRIMCgRyaXNrGAcgASgJIn0KEEFwcHJvdmFsUmVzb2x2ZWQSDgoGcnVuX2lkGAEgASgJEhIKCnNlc3Npb25faWQYAiABKAkSEwoLYXBwcm92YWxfaWQYAyABKAkSEAoIZGVjaXNpb24YBCABKAkSEwoGcmVhc29uGAUgASgJSACIAQFCCQoHX3JlYXNvbiI/CgpSdW5FcnJvcmVkEg4KBnJ1bl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEg0KBWVycm9yGAMgASgJItoBCgtSdW5GaW5pc2hlZBIOCgZydW5faWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIqCgZyZWFzb24YAyABKA4yGi5hZ2VudGxvZy52MS5SdW5TdG9wUmVhc29uEhgKEHRvdGFsX2l0ZXJhdGlvbnMYBCABKA0SGQoMZmluYWxfYW5zd2VyGAUgASgJSACIAQESKwoFdXNhZ2UYBiABKAsyFy5hZ2VudGxvZy52MS5Ub2tlblVzYWdlSAGIAQFCDwoNX2ZpbmFsX2Fuc3dlckIICgZfdXNhZ2UiVQoIVG9vbENhbGwSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSJQoFaW5wdXQYAyABKAsyFi5hZ2VudGxvZy52MS5Kc29uVmFsdWUiXwoRVG9vbFJlc3VsdFN1bW1hcnkSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSJgoGb3V0cHV0GAMgASgLMhYuYWdlbnRsb2cudjEuSnNvblZhbHVlIpEBCgpTdGF0ZVBhdGNoEi0KBmZvcm1hdBgBIAEoDjIdLmFnZW50bG9nLnYxLlN0YXRlUGF0Y2hGb3JtYXQSJQoFcGF0Y2gYAiABKAsyFi5hZ2VudGxvZy52MS5Kc29uVmFsdWUSLQoGc291cmNlGAMgASgOMh0uYWdlbnRsb2cudjEuU3RhdGVQYXRjaFNvdXJjZSJzCgpUb2tlblVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoBBIVCg1vdXRwdXRfdG9rZW5zGAIgASgEEhkKEWNhY2hlX3JlYWRfdG9rZW5zGAMgASgEEh0KFWNhY2hlX2NyZWF0aW9uX3Rva2VucxgEIAEoBCpqCg1SZWFkRGlyZWN0aW9uEh4KGlJFQURfRElSRUNUSU9OX1VOU1BFQ0lGSUVEEAASGwoXUkVBRF9ESVJFQ1RJT05fRk9SV0FSRFMQARIcChhSRUFEX0RJUkVDVElPTl9CQUNLV0FSRFMQAir1AQoPTW9kZWxTdG9wUmVhc29uEiEKHU1PREVMX1NUT1BfUkVBU09OX1VOU1BFQ0lGSUVEEAASHgoaTU9ERUxfU1RPUF9SRUFTT05fRU5EX1RVUk4QARIeChpNT0RFTF9TVE9QX1JFQVNPTl9UT09MX1VTRRACEiAKHE1PREVMX1NUT1BfUkVBU09OX05FRURTX1VTRVIQAxIgChxNT0RFTF9TVE9QX1JFQVNPTl9NQVhfVE9LRU5TEAQSHAoYTU9ERUxfU1RPUF9SRUFTT05fU0FGRVRZEAUSHQoZTU9ERUxfU1RPUF9SRUFTT05fVU5LTk9XThAGKvUBCg1SdW5TdG9wUmVhc29uEh8KG1JVTl9TVE9QX1JFQVNPTl9VTlNQRUNJRklFRBAAEh0KGVJVTl9TVE9QX1JFQVNPTl9DT01QTEVURUQQARIeChpSVU5fU1RPUF9SRUFTT05fTkVFRFNfVVNFUhACEiUKIVJVTl9TVE9QX1JFQVNPTl9CTE9DS0VEX0JZX1BPTElDWRADEiMKH1JVTl9TVE9QX1JFQVNPTl9CVURHRVRfRVhDRUVERUQQBBIdChlSVU5fU1RPUF9SRUFTT05fQ0FOQ0VMTEVEEAUSGQoVUlVOX1NUT1BfUkVBU09OX0VSUk9SEAYqfQoQU3RhdGVQYXRjaEZvcm1hdBIiCh5TVEFURV9QQVRDSF9GT1JNQVRfVU5TUEVDSUZJRUQQABIhCh1TVEFURV9QQVRDSF9GT1JNQVRfSlNPTl9QQVRDSBABEiIKHlNUQVRFX1BBVENIX0ZPUk1BVF9NRVJHRV9QQVRDSBACKpABChBTdGF0ZVBhdGNoU291cmNlEiIKHlNUQVRFX1BBVENIX1NPVVJDRV9VTlNQRUNJRklFRBAAEhwKGFNUQVRFX1BBVENIX1NPVVJDRV9NT0RFTBABEhsKF1NUQVRFX1BBVENIX1NPVVJDRV9UT09MEAISHQoZU1RBVEVfUEFUQ0hfU09VUkNFX1NZU1RFTRADMrMHChFTZXNzaW9uUmVwb3NpdG9yeRJBCgZBcHBlbmQSGi5hZ2VudGxvZy52MS5BcHBlbmRSZXF1ZXN0GhsuYWdlbnRsb2cudjEuQXBwZW5kUmVzcG9uc2USUAoLQXBwZW5kQmF0Y2gSHy5hZ2VudGxvZy52MS5BcHBlbmRCYXRjaFJlcXVlc3QaIC5hZ2VudGxvZy52MS5BcHBlbmRCYXRjaFJlc3BvbnNlElIKC0xvYWRTZXNzaW9uEh8uYWdlbnRsb2cudjEuTG9hZFNlc3Npb25SZXF1ZXN0GiAuYWdlbnRsb2cudjEuTG9hZFNlc3Npb25SZXNwb25zZTABElUKDExvYWRDaGlsZHJlbhIgLmFnZW50bG9nLnYxLkxvYWRDaGlsZHJlblJlcXVlc3QaIS5hZ2VudGxvZy52MS5Mb2FkQ2hpbGRyZW5SZXNwb25zZTABEjsKBEhlYWQSGC5hZ2VudGxvZy52MS5IZWFkUmVxdWVzdBoZLmFnZW50bG9nLnYxLkhlYWRSZXNwb25zZRJTCgxMaXN0U2Vzc2lvbnMSIC5hZ2VudGxvZy52MS5MaXN0U2Vzc2lvbnNSZXF1ZXN0GiEuYWdlbnRsb2cudjEuTGlzdFNlc3Npb25zUmVzcG9uc2USYQoQU3Vic2NyaWJlU2Vzc2lvbhIkLmFnZW50bG9nLnYxLlN1YnNjcmliZVNlc3Npb25SZXF1ZXN0GiUuYWdlbnRsb2cudjEuU3Vic2NyaWJlU2Vzc2lvblJlc3BvbnNlMAESUAoLRm9ya1Nlc3Npb24SHy5hZ2VudGxvZy52MS5Gb3JrU2Vzc2lvblJlcXVlc3QaIC5hZ2VudGxvZy52MS5Gb3JrU2Vzc2lvblJlc3BvbnNlElUKDFN1YnNjcmliZUFsbBIgLmFnZW50bG9nLnYxLlN1YnNjcmliZUFsbFJlcXVlc3QaIS5hZ2VudGxvZy52MS5TdWJzY3JpYmVBbGxSZXNwb25zZTABElYKDURlbGV0ZVNlc3Npb24SIS5hZ2VudGxvZy52MS5EZWxldGVTZXNzaW9uUmVxdWVzdBoiLmFnZW50bG9nLnYxLkRlbGV0ZVNlc3Npb25SZXNwb25zZRJoChNVcGRhdGVTZXNzaW9uTGFiZWxzEicuYWdlbnRsb2cudjEuVXBkYXRlU2Vzc2lvbkxhYmVsc1JlcXVlc3QaKC5hZ2VudGxvZy52MS5VcGRhdGVTZXNzaW9uTGFiZWxzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * AppendRequest asks to store one event.
@@ -91,14 +87,22 @@ export type AppendRequest = Message<"agentlog.v1.AppendRequest"> & {
    * @generated from field: string branch_id = 7;
    */
   branchId: string;
+
+  /**
+   * Labels for the session, taken only when this append creates the session
+   * (its first record in any branch); later appends' labels are ignored:
+   * change them with UpdateSessionLabels.
+   *
+   * @generated from field: map<string, string> labels = 8;
+   */
+  labels: { [key: string]: string };
 };
 
 /**
  * Describes the message agentlog.v1.AppendRequest.
  * Use `create(AppendRequestSchema)` to create a new message.
  */
-export const AppendRequestSchema: GenMessage<AppendRequest> =
-  /*@__PURE__*/
+export const AppendRequestSchema: GenMessage<AppendRequest> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 0);
 
 /**
@@ -120,8 +124,7 @@ export type AppendResponse = Message<"agentlog.v1.AppendResponse"> & {
  * Describes the message agentlog.v1.AppendResponse.
  * Use `create(AppendResponseSchema)` to create a new message.
  */
-export const AppendResponseSchema: GenMessage<AppendResponse> =
-  /*@__PURE__*/
+export const AppendResponseSchema: GenMessage<AppendResponse> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 1);
 
 /**
@@ -166,14 +169,22 @@ export type AppendBatchRequest = Message<"agentlog.v1.AppendBatchRequest"> & {
    * @generated from field: string branch_id = 5;
    */
   branchId: string;
+
+  /**
+   * Labels for the session, taken only when this append creates the session
+   * (its first record in any branch); later appends' labels are ignored:
+   * change them with UpdateSessionLabels.
+   *
+   * @generated from field: map<string, string> labels = 6;
+   */
+  labels: { [key: string]: string };
 };
 
 /**
  * Describes the message agentlog.v1.AppendBatchRequest.
  * Use `create(AppendBatchRequestSchema)` to create a new message.
  */
-export const AppendBatchRequestSchema: GenMessage<AppendBatchRequest> =
-  /*@__PURE__*/
+export const AppendBatchRequestSchema: GenMessage<AppendBatchRequest> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 2);
 
 /**
@@ -208,8 +219,7 @@ export type BatchEvent = Message<"agentlog.v1.BatchEvent"> & {
  * Describes the message agentlog.v1.BatchEvent.
  * Use `create(BatchEventSchema)` to create a new message.
  */
-export const BatchEventSchema: GenMessage<BatchEvent> =
-  /*@__PURE__*/
+export const BatchEventSchema: GenMessage<BatchEvent> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 3);
 
 /**
@@ -231,8 +241,7 @@ export type AppendBatchResponse = Message<"agentlog.v1.AppendBatchResponse"> & {
  * Describes the message agentlog.v1.AppendBatchResponse.
  * Use `create(AppendBatchResponseSchema)` to create a new message.
  */
-export const AppendBatchResponseSchema: GenMessage<AppendBatchResponse> =
-  /*@__PURE__*/
+export const AppendBatchResponseSchema: GenMessage<AppendBatchResponse> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 4);
 
 /**
@@ -283,8 +292,7 @@ export type LoadSessionRequest = Message<"agentlog.v1.LoadSessionRequest"> & {
  * Describes the message agentlog.v1.LoadSessionRequest.
  * Use `create(LoadSessionRequestSchema)` to create a new message.
  */
-export const LoadSessionRequestSchema: GenMessage<LoadSessionRequest> =
-  /*@__PURE__*/
+export const LoadSessionRequestSchema: GenMessage<LoadSessionRequest> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 5);
 
 /**
@@ -306,8 +314,7 @@ export type LoadSessionResponse = Message<"agentlog.v1.LoadSessionResponse"> & {
  * Describes the message agentlog.v1.LoadSessionResponse.
  * Use `create(LoadSessionResponseSchema)` to create a new message.
  */
-export const LoadSessionResponseSchema: GenMessage<LoadSessionResponse> =
-  /*@__PURE__*/
+export const LoadSessionResponseSchema: GenMessage<LoadSessionResponse> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 6);
 
 /**
@@ -328,8 +335,7 @@ export type LoadChildrenRequest = Message<"agentlog.v1.LoadChildrenRequest"> & {
  * Describes the message agentlog.v1.LoadChildrenRequest.
  * Use `create(LoadChildrenRequestSchema)` to create a new message.
  */
-export const LoadChildrenRequestSchema: GenMessage<LoadChildrenRequest> =
-  /*@__PURE__*/
+export const LoadChildrenRequestSchema: GenMessage<LoadChildrenRequest> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 7);
 
 /**
@@ -351,8 +357,7 @@ export type LoadChildrenResponse = Message<"agentlog.v1.LoadChildrenResponse"> &
  * Describes the message agentlog.v1.LoadChildrenResponse.
  * Use `create(LoadChildrenResponseSchema)` to create a new message.
  */
-export const LoadChildrenResponseSchema: GenMessage<LoadChildrenResponse> =
-  /*@__PURE__*/
+export const LoadChildrenResponseSchema: GenMessage<LoadChildrenResponse> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 8);
 
 /**
@@ -380,8 +385,7 @@ export type HeadRequest = Message<"agentlog.v1.HeadRequest"> & {
  * Describes the message agentlog.v1.HeadRequest.
  * Use `create(HeadRequestSchema)` to create a new message.
  */
-export const HeadRequestSchema: GenMessage<HeadRequest> =
-  /*@__PURE__*/
+export const HeadRequestSchema: GenMessage<HeadRequest> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 9);
 
 /**
@@ -403,8 +407,7 @@ export type HeadResponse = Message<"agentlog.v1.HeadResponse"> & {
  * Describes the message agentlog.v1.HeadResponse.
  * Use `create(HeadResponseSchema)` to create a new message.
  */
-export const HeadResponseSchema: GenMessage<HeadResponse> =
-  /*@__PURE__*/
+export const HeadResponseSchema: GenMessage<HeadResponse> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 10);
 
 /**
@@ -422,19 +425,46 @@ export type ListSessionsRequest = Message<"agentlog.v1.ListSessionsRequest"> & {
 
   /**
    * Where to continue: a next_page_token from an earlier answer, or empty for
-   * the first page.
+   * the first page. A token serves only the caller and filters it was made for.
    *
    * @generated from field: string page_token = 2;
    */
   pageToken: string;
+
+  /**
+   * Only sessions that carry every one of these labels (equal values).
+   *
+   * @generated from field: map<string, string> labels = 3;
+   */
+  labels: { [key: string]: string };
+
+  /**
+   * Only sessions whose ids start with this.
+   *
+   * @generated from field: string session_id_prefix = 4;
+   */
+  sessionIdPrefix: string;
+
+  /**
+   * Only sessions last appended to at or after this time.
+   *
+   * @generated from field: google.protobuf.Timestamp updated_after = 5;
+   */
+  updatedAfter?: Timestamp | undefined;
+
+  /**
+   * Only sessions last appended to before this time.
+   *
+   * @generated from field: google.protobuf.Timestamp updated_before = 6;
+   */
+  updatedBefore?: Timestamp | undefined;
 };
 
 /**
  * Describes the message agentlog.v1.ListSessionsRequest.
  * Use `create(ListSessionsRequestSchema)` to create a new message.
  */
-export const ListSessionsRequestSchema: GenMessage<ListSessionsRequest> =
-  /*@__PURE__*/
+export const ListSessionsRequestSchema: GenMessage<ListSessionsRequest> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 11);
 
 /**
@@ -462,8 +492,7 @@ export type ListSessionsResponse = Message<"agentlog.v1.ListSessionsResponse"> &
  * Describes the message agentlog.v1.ListSessionsResponse.
  * Use `create(ListSessionsResponseSchema)` to create a new message.
  */
-export const ListSessionsResponseSchema: GenMessage<ListSessionsResponse> =
-  /*@__PURE__*/
+export const ListSessionsResponseSchema: GenMessage<ListSessionsResponse> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 12);
 
 /**
@@ -515,15 +544,211 @@ export type SessionInfo = Message<"agentlog.v1.SessionInfo"> & {
    * @generated from field: repeated agentlog.v1.BranchInfo branches = 6;
    */
   branches: BranchInfo[];
+
+  /**
+   * Its labels.
+   *
+   * @generated from field: map<string, string> labels = 7;
+   */
+  labels: { [key: string]: string };
+
+  /**
+   * The labels' version: 0 before any were set, then one more at each change.
+   *
+   * @generated from field: uint64 labels_version = 8;
+   */
+  labelsVersion: bigint;
 };
 
 /**
  * Describes the message agentlog.v1.SessionInfo.
  * Use `create(SessionInfoSchema)` to create a new message.
  */
-export const SessionInfoSchema: GenMessage<SessionInfo> =
-  /*@__PURE__*/
+export const SessionInfoSchema: GenMessage<SessionInfo> = /*@__PURE__*/
   messageDesc(file_agentlog_v1_session, 13);
+
+/**
+ * DeleteSessionRequest names the branch (or branches) to delete.
+ *
+ * @generated from message agentlog.v1.DeleteSessionRequest
+ */
+export type DeleteSessionRequest = Message<"agentlog.v1.DeleteSessionRequest"> & {
+  /**
+   * The session.
+   *
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+
+  /**
+   * The branch to delete; empty: "main". Ignored with all_branches.
+   *
+   * @generated from field: string branch_id = 2;
+   */
+  branchId: string;
+
+  /**
+   * Delete every branch of the session (and its labels).
+   *
+   * @generated from field: bool all_branches = 3;
+   */
+  allBranches: boolean;
+
+  /**
+   * What the branch's last sequence must be for the delete to happen (absent:
+   * anything). Not allowed with all_branches.
+   *
+   * @generated from field: optional uint64 expected_sequence = 4;
+   */
+  expectedSequence?: bigint | undefined;
+};
+
+/**
+ * Describes the message agentlog.v1.DeleteSessionRequest.
+ * Use `create(DeleteSessionRequestSchema)` to create a new message.
+ */
+export const DeleteSessionRequestSchema: GenMessage<DeleteSessionRequest> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 14);
+
+/**
+ * DeleteSessionResponse says what was deleted.
+ *
+ * @generated from message agentlog.v1.DeleteSessionResponse
+ */
+export type DeleteSessionResponse = Message<"agentlog.v1.DeleteSessionResponse"> & {
+  /**
+   * One marker per deleted branch, as the feed carries it.
+   *
+   * @generated from field: repeated agentlog.v1.SessionDeleted deleted = 1;
+   */
+  deleted: SessionDeleted[];
+};
+
+/**
+ * Describes the message agentlog.v1.DeleteSessionResponse.
+ * Use `create(DeleteSessionResponseSchema)` to create a new message.
+ */
+export const DeleteSessionResponseSchema: GenMessage<DeleteSessionResponse> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 15);
+
+/**
+ * SessionDeleted marks, in the feed, that a branch's records were deleted.
+ *
+ * @generated from message agentlog.v1.SessionDeleted
+ */
+export type SessionDeleted = Message<"agentlog.v1.SessionDeleted"> & {
+  /**
+   * The marker's own position in the feed (new: positions are never reused).
+   *
+   * @generated from field: uint64 position = 1;
+   */
+  position: bigint;
+
+  /**
+   * The session.
+   *
+   * @generated from field: string session_id = 2;
+   */
+  sessionId: string;
+
+  /**
+   * The branch deleted.
+   *
+   * @generated from field: string branch_id = 3;
+   */
+  branchId: string;
+
+  /**
+   * How many records it held (its last sequence) when deleted.
+   *
+   * @generated from field: uint64 last_sequence = 4;
+   */
+  lastSequence: bigint;
+
+  /**
+   * When it was deleted.
+   *
+   * @generated from field: google.protobuf.Timestamp timestamp = 5;
+   */
+  timestamp?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message agentlog.v1.SessionDeleted.
+ * Use `create(SessionDeletedSchema)` to create a new message.
+ */
+export const SessionDeletedSchema: GenMessage<SessionDeleted> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 16);
+
+/**
+ * UpdateSessionLabelsRequest changes a session's labels.
+ *
+ * @generated from message agentlog.v1.UpdateSessionLabelsRequest
+ */
+export type UpdateSessionLabelsRequest = Message<"agentlog.v1.UpdateSessionLabelsRequest"> & {
+  /**
+   * The session (it must have records).
+   *
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+
+  /**
+   * Labels to set (added, or their values replaced).
+   *
+   * @generated from field: map<string, string> set = 2;
+   */
+  set: { [key: string]: string };
+
+  /**
+   * Keys of labels to remove (absent ones are ignored).
+   *
+   * @generated from field: repeated string remove = 3;
+   */
+  remove: string[];
+
+  /**
+   * What the labels' version must be for the change to happen (absent: any).
+   *
+   * @generated from field: optional uint64 expected_version = 4;
+   */
+  expectedVersion?: bigint | undefined;
+};
+
+/**
+ * Describes the message agentlog.v1.UpdateSessionLabelsRequest.
+ * Use `create(UpdateSessionLabelsRequestSchema)` to create a new message.
+ */
+export const UpdateSessionLabelsRequestSchema: GenMessage<UpdateSessionLabelsRequest> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 17);
+
+/**
+ * UpdateSessionLabelsResponse carries the labels after the change.
+ *
+ * @generated from message agentlog.v1.UpdateSessionLabelsResponse
+ */
+export type UpdateSessionLabelsResponse = Message<"agentlog.v1.UpdateSessionLabelsResponse"> & {
+  /**
+   * Every label of the session now.
+   *
+   * @generated from field: map<string, string> labels = 1;
+   */
+  labels: { [key: string]: string };
+
+  /**
+   * Their version now.
+   *
+   * @generated from field: uint64 version = 2;
+   */
+  version: bigint;
+};
+
+/**
+ * Describes the message agentlog.v1.UpdateSessionLabelsResponse.
+ * Use `create(UpdateSessionLabelsResponseSchema)` to create a new message.
+ */
+export const UpdateSessionLabelsResponseSchema: GenMessage<UpdateSessionLabelsResponse> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 18);
 
 /**
  * BranchInfo summarizes one branch of a session.
@@ -579,9 +804,8 @@ export type BranchInfo = Message<"agentlog.v1.BranchInfo"> & {
  * Describes the message agentlog.v1.BranchInfo.
  * Use `create(BranchInfoSchema)` to create a new message.
  */
-export const BranchInfoSchema: GenMessage<BranchInfo> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 14);
+export const BranchInfoSchema: GenMessage<BranchInfo> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 19);
 
 /**
  * ForkedFrom names the record a branch was forked after.
@@ -615,9 +839,8 @@ export type ForkedFrom = Message<"agentlog.v1.ForkedFrom"> & {
  * Describes the message agentlog.v1.ForkedFrom.
  * Use `create(ForkedFromSchema)` to create a new message.
  */
-export const ForkedFromSchema: GenMessage<ForkedFrom> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 15);
+export const ForkedFromSchema: GenMessage<ForkedFrom> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 20);
 
 /**
  * ForkSessionRequest names the branch to fork, how much of it, and the new branch.
@@ -673,9 +896,8 @@ export type ForkSessionRequest = Message<"agentlog.v1.ForkSessionRequest"> & {
  * Describes the message agentlog.v1.ForkSessionRequest.
  * Use `create(ForkSessionRequestSchema)` to create a new message.
  */
-export const ForkSessionRequestSchema: GenMessage<ForkSessionRequest> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 16);
+export const ForkSessionRequestSchema: GenMessage<ForkSessionRequest> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 21);
 
 /**
  * ForkSessionResponse describes the branch made.
@@ -702,9 +924,8 @@ export type ForkSessionResponse = Message<"agentlog.v1.ForkSessionResponse"> & {
  * Describes the message agentlog.v1.ForkSessionResponse.
  * Use `create(ForkSessionResponseSchema)` to create a new message.
  */
-export const ForkSessionResponseSchema: GenMessage<ForkSessionResponse> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 17);
+export const ForkSessionResponseSchema: GenMessage<ForkSessionResponse> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 22);
 
 /**
  * EventRecord is one stored event: one line of an arcan session file.
@@ -769,9 +990,8 @@ export type EventRecord = Message<"agentlog.v1.EventRecord"> & {
  * Describes the message agentlog.v1.EventRecord.
  * Use `create(EventRecordSchema)` to create a new message.
  */
-export const EventRecordSchema: GenMessage<EventRecord> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 18);
+export const EventRecordSchema: GenMessage<EventRecord> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 23);
 
 /**
  * SubscribeSessionRequest names the session to follow and where to start.
@@ -806,9 +1026,8 @@ export type SubscribeSessionRequest = Message<"agentlog.v1.SubscribeSessionReque
  * Describes the message agentlog.v1.SubscribeSessionRequest.
  * Use `create(SubscribeSessionRequestSchema)` to create a new message.
  */
-export const SubscribeSessionRequestSchema: GenMessage<SubscribeSessionRequest> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 19);
+export const SubscribeSessionRequestSchema: GenMessage<SubscribeSessionRequest> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 24);
 
 /**
  * SubscribeSessionResponse is one message of a subscription.
@@ -821,36 +1040,32 @@ export type SubscribeSessionResponse = Message<"agentlog.v1.SubscribeSessionResp
    *
    * @generated from oneof agentlog.v1.SubscribeSessionResponse.kind
    */
-  kind:
-    | {
-        /**
-         * The next records, in sequence order.
-         *
-         * @generated from field: agentlog.v1.RecordBatch records = 1;
-         */
-        value: RecordBatch;
-        case: "records";
-      }
-    | {
-        /**
-         * Every record stored when the subscription began has been delivered;
-         * what follows is live.
-         *
-         * @generated from field: agentlog.v1.CaughtUp caught_up = 2;
-         */
-        value: CaughtUp;
-        case: "caughtUp";
-      }
-    | { case: undefined; value?: undefined };
+  kind: {
+    /**
+     * The next records, in sequence order.
+     *
+     * @generated from field: agentlog.v1.RecordBatch records = 1;
+     */
+    value: RecordBatch;
+    case: "records";
+  } | {
+    /**
+     * Every record stored when the subscription began has been delivered;
+     * what follows is live.
+     *
+     * @generated from field: agentlog.v1.CaughtUp caught_up = 2;
+     */
+    value: CaughtUp;
+    case: "caughtUp";
+  } | { case: undefined; value?: undefined };
 };
 
 /**
  * Describes the message agentlog.v1.SubscribeSessionResponse.
  * Use `create(SubscribeSessionResponseSchema)` to create a new message.
  */
-export const SubscribeSessionResponseSchema: GenMessage<SubscribeSessionResponse> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 20);
+export const SubscribeSessionResponseSchema: GenMessage<SubscribeSessionResponse> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 25);
 
 /**
  * RecordBatch is a run of consecutive records.
@@ -870,9 +1085,8 @@ export type RecordBatch = Message<"agentlog.v1.RecordBatch"> & {
  * Describes the message agentlog.v1.RecordBatch.
  * Use `create(RecordBatchSchema)` to create a new message.
  */
-export const RecordBatchSchema: GenMessage<RecordBatch> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 21);
+export const RecordBatchSchema: GenMessage<RecordBatch> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 26);
 
 /**
  * CaughtUp marks the switch from stored records to live ones. A subscription
@@ -902,9 +1116,8 @@ export type CaughtUp = Message<"agentlog.v1.CaughtUp"> & {
  * Describes the message agentlog.v1.CaughtUp.
  * Use `create(CaughtUpSchema)` to create a new message.
  */
-export const CaughtUpSchema: GenMessage<CaughtUp> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 22);
+export const CaughtUpSchema: GenMessage<CaughtUp> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 27);
 
 /**
  * SubscribeAllRequest says where to start the feed of every session and what to keep.
@@ -947,9 +1160,8 @@ export type SubscribeAllRequest = Message<"agentlog.v1.SubscribeAllRequest"> & {
  * Describes the message agentlog.v1.SubscribeAllRequest.
  * Use `create(SubscribeAllRequestSchema)` to create a new message.
  */
-export const SubscribeAllRequestSchema: GenMessage<SubscribeAllRequest> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 23);
+export const SubscribeAllRequestSchema: GenMessage<SubscribeAllRequest> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 28);
 
 /**
  * SubscribeAllResponse is one message of the all-sessions feed.
@@ -962,56 +1174,60 @@ export type SubscribeAllResponse = Message<"agentlog.v1.SubscribeAllResponse"> &
    *
    * @generated from oneof agentlog.v1.SubscribeAllResponse.kind
    */
-  kind:
-    | {
-        /**
-         * The next records, in commit order.
-         *
-         * @generated from field: agentlog.v1.FeedBatch records = 1;
-         */
-        value: FeedBatch;
-        case: "records";
-      }
-    | {
-        /**
-         * Every record stored when the subscription began has been delivered.
-         *
-         * @generated from field: agentlog.v1.CaughtUp caught_up = 2;
-         */
-        value: CaughtUp;
-        case: "caughtUp";
-      }
-    | {
-        /**
-         * Positions whose records could not be delivered: their session's file is
-         * damaged. The feed goes on after them; the session's own reads say why.
-         *
-         * @generated from field: agentlog.v1.FeedGap gap = 3;
-         */
-        value: FeedGap;
-        case: "gap";
-      }
-    | {
-        /**
-         * How far the feed has been examined where the filters kept nothing: after
-         * each such run while catching up, and about once a second while live. A
-         * consumer may store it as its last position and resume after it.
-         *
-         * @generated from field: agentlog.v1.Checkpoint checkpoint = 4;
-         */
-        value: Checkpoint;
-        case: "checkpoint";
-      }
-    | { case: undefined; value?: undefined };
+  kind: {
+    /**
+     * The next records, in commit order.
+     *
+     * @generated from field: agentlog.v1.FeedBatch records = 1;
+     */
+    value: FeedBatch;
+    case: "records";
+  } | {
+    /**
+     * Every record stored when the subscription began has been delivered.
+     *
+     * @generated from field: agentlog.v1.CaughtUp caught_up = 2;
+     */
+    value: CaughtUp;
+    case: "caughtUp";
+  } | {
+    /**
+     * Positions whose records could not be delivered: their session's file is
+     * damaged. The feed goes on after them; the session's own reads say why.
+     *
+     * @generated from field: agentlog.v1.FeedGap gap = 3;
+     */
+    value: FeedGap;
+    case: "gap";
+  } | {
+    /**
+     * How far the feed has been examined where the filters kept nothing: after
+     * each such run while catching up, and about once a second while live. A
+     * consumer may store it as its last position and resume after it.
+     *
+     * @generated from field: agentlog.v1.Checkpoint checkpoint = 4;
+     */
+    value: Checkpoint;
+    case: "checkpoint";
+  } | {
+    /**
+     * A branch was deleted here: a consumer that built a view from the feed
+     * drops the branch's records it holds. Its earlier positions no longer
+     * appear in the feed.
+     *
+     * @generated from field: agentlog.v1.SessionDeleted deleted = 5;
+     */
+    value: SessionDeleted;
+    case: "deleted";
+  } | { case: undefined; value?: undefined };
 };
 
 /**
  * Describes the message agentlog.v1.SubscribeAllResponse.
  * Use `create(SubscribeAllResponseSchema)` to create a new message.
  */
-export const SubscribeAllResponseSchema: GenMessage<SubscribeAllResponse> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 24);
+export const SubscribeAllResponseSchema: GenMessage<SubscribeAllResponse> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 29);
 
 /**
  * Checkpoint marks how far a filtered feed has been examined.
@@ -1032,9 +1248,8 @@ export type Checkpoint = Message<"agentlog.v1.Checkpoint"> & {
  * Describes the message agentlog.v1.Checkpoint.
  * Use `create(CheckpointSchema)` to create a new message.
  */
-export const CheckpointSchema: GenMessage<Checkpoint> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 25);
+export const CheckpointSchema: GenMessage<Checkpoint> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 30);
 
 /**
  * FeedGap is a run of feed positions, all of one session, that the server
@@ -1090,9 +1305,8 @@ export type FeedGap = Message<"agentlog.v1.FeedGap"> & {
  * Describes the message agentlog.v1.FeedGap.
  * Use `create(FeedGapSchema)` to create a new message.
  */
-export const FeedGapSchema: GenMessage<FeedGap> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 26);
+export const FeedGapSchema: GenMessage<FeedGap> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 31);
 
 /**
  * FeedBatch is a run of records of the all-sessions feed.
@@ -1112,9 +1326,8 @@ export type FeedBatch = Message<"agentlog.v1.FeedBatch"> & {
  * Describes the message agentlog.v1.FeedBatch.
  * Use `create(FeedBatchSchema)` to create a new message.
  */
-export const FeedBatchSchema: GenMessage<FeedBatch> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 27);
+export const FeedBatchSchema: GenMessage<FeedBatch> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 32);
 
 /**
  * FeedRecord is a record with its place in the all-sessions feed.
@@ -1141,9 +1354,8 @@ export type FeedRecord = Message<"agentlog.v1.FeedRecord"> & {
  * Describes the message agentlog.v1.FeedRecord.
  * Use `create(FeedRecordSchema)` to create a new message.
  */
-export const FeedRecordSchema: GenMessage<FeedRecord> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 28);
+export const FeedRecordSchema: GenMessage<FeedRecord> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 33);
 
 /**
  * AgentEvent is one of the things that happen in an agent's run.
@@ -1156,134 +1368,119 @@ export type AgentEvent = Message<"agentlog.v1.AgentEvent"> & {
    *
    * @generated from oneof agentlog.v1.AgentEvent.kind
    */
-  kind:
-    | {
-        /**
-         * A run began.
-         *
-         * @generated from field: agentlog.v1.RunStarted run_started = 1;
-         */
-        value: RunStarted;
-        case: "runStarted";
-      }
-    | {
-        /**
-         * An iteration of the agent loop began.
-         *
-         * @generated from field: agentlog.v1.IterationStarted iteration_started = 2;
-         */
-        value: IterationStarted;
-        case: "iterationStarted";
-      }
-    | {
-        /**
-         * The model finished producing one output.
-         *
-         * @generated from field: agentlog.v1.ModelOutput model_output = 3;
-         */
-        value: ModelOutput;
-        case: "modelOutput";
-      }
-    | {
-        /**
-         * A piece of streamed text.
-         *
-         * @generated from field: agentlog.v1.TextDelta text_delta = 4;
-         */
-        value: TextDelta;
-        case: "textDelta";
-      }
-    | {
-        /**
-         * The model asked for a tool call.
-         *
-         * @generated from field: agentlog.v1.ToolCallRequested tool_call_requested = 5;
-         */
-        value: ToolCallRequested;
-        case: "toolCallRequested";
-      }
-    | {
-        /**
-         * A tool call returned.
-         *
-         * @generated from field: agentlog.v1.ToolCallCompleted tool_call_completed = 6;
-         */
-        value: ToolCallCompleted;
-        case: "toolCallCompleted";
-      }
-    | {
-        /**
-         * A tool call failed.
-         *
-         * @generated from field: agentlog.v1.ToolCallFailed tool_call_failed = 7;
-         */
-        value: ToolCallFailed;
-        case: "toolCallFailed";
-      }
-    | {
-        /**
-         * The agent's state was patched.
-         *
-         * @generated from field: agentlog.v1.StatePatched state_patched = 8;
-         */
-        value: StatePatched;
-        case: "statePatched";
-      }
-    | {
-        /**
-         * The conversation context was compacted.
-         *
-         * @generated from field: agentlog.v1.ContextCompacted context_compacted = 9;
-         */
-        value: ContextCompacted;
-        case: "contextCompacted";
-      }
-    | {
-        /**
-         * A tool call waits for a person's approval.
-         *
-         * @generated from field: agentlog.v1.ApprovalRequested approval_requested = 10;
-         */
-        value: ApprovalRequested;
-        case: "approvalRequested";
-      }
-    | {
-        /**
-         * An approval was decided.
-         *
-         * @generated from field: agentlog.v1.ApprovalResolved approval_resolved = 11;
-         */
-        value: ApprovalResolved;
-        case: "approvalResolved";
-      }
-    | {
-        /**
-         * A run failed.
-         *
-         * @generated from field: agentlog.v1.RunErrored run_errored = 12;
-         */
-        value: RunErrored;
-        case: "runErrored";
-      }
-    | {
-        /**
-         * A run ended.
-         *
-         * @generated from field: agentlog.v1.RunFinished run_finished = 13;
-         */
-        value: RunFinished;
-        case: "runFinished";
-      }
-    | { case: undefined; value?: undefined };
+  kind: {
+    /**
+     * A run began.
+     *
+     * @generated from field: agentlog.v1.RunStarted run_started = 1;
+     */
+    value: RunStarted;
+    case: "runStarted";
+  } | {
+    /**
+     * An iteration of the agent loop began.
+     *
+     * @generated from field: agentlog.v1.IterationStarted iteration_started = 2;
+     */
+    value: IterationStarted;
+    case: "iterationStarted";
+  } | {
+    /**
+     * The model finished producing one output.
+     *
+     * @generated from field: agentlog.v1.ModelOutput model_output = 3;
+     */
+    value: ModelOutput;
+    case: "modelOutput";
+  } | {
+    /**
+     * A piece of streamed text.
+     *
+     * @generated from field: agentlog.v1.TextDelta text_delta = 4;
+     */
+    value: TextDelta;
+    case: "textDelta";
+  } | {
+    /**
+     * The model asked for a tool call.
+     *
+     * @generated from field: agentlog.v1.ToolCallRequested tool_call_requested = 5;
+     */
+    value: ToolCallRequested;
+    case: "toolCallRequested";
+  } | {
+    /**
+     * A tool call returned.
+     *
+     * @generated from field: agentlog.v1.ToolCallCompleted tool_call_completed = 6;
+     */
+    value: ToolCallCompleted;
+    case: "toolCallCompleted";
+  } | {
+    /**
+     * A tool call failed.
+     *
+     * @generated from field: agentlog.v1.ToolCallFailed tool_call_failed = 7;
+     */
+    value: ToolCallFailed;
+    case: "toolCallFailed";
+  } | {
+    /**
+     * The agent's state was patched.
+     *
+     * @generated from field: agentlog.v1.StatePatched state_patched = 8;
+     */
+    value: StatePatched;
+    case: "statePatched";
+  } | {
+    /**
+     * The conversation context was compacted.
+     *
+     * @generated from field: agentlog.v1.ContextCompacted context_compacted = 9;
+     */
+    value: ContextCompacted;
+    case: "contextCompacted";
+  } | {
+    /**
+     * A tool call waits for a person's approval.
+     *
+     * @generated from field: agentlog.v1.ApprovalRequested approval_requested = 10;
+     */
+    value: ApprovalRequested;
+    case: "approvalRequested";
+  } | {
+    /**
+     * An approval was decided.
+     *
+     * @generated from field: agentlog.v1.ApprovalResolved approval_resolved = 11;
+     */
+    value: ApprovalResolved;
+    case: "approvalResolved";
+  } | {
+    /**
+     * A run failed.
+     *
+     * @generated from field: agentlog.v1.RunErrored run_errored = 12;
+     */
+    value: RunErrored;
+    case: "runErrored";
+  } | {
+    /**
+     * A run ended.
+     *
+     * @generated from field: agentlog.v1.RunFinished run_finished = 13;
+     */
+    value: RunFinished;
+    case: "runFinished";
+  } | { case: undefined; value?: undefined };
 };
 
 /**
  * Describes the message agentlog.v1.AgentEvent.
  * Use `create(AgentEventSchema)` to create a new message.
  */
-export const AgentEventSchema: GenMessage<AgentEvent> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 29);
+export const AgentEventSchema: GenMessage<AgentEvent> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 34);
 
 /**
  * JsonValue holds one arbitrary JSON value (a serde_json::Value in arcan) as
@@ -1312,9 +1509,8 @@ export type JsonValue = Message<"agentlog.v1.JsonValue"> & {
  * Describes the message agentlog.v1.JsonValue.
  * Use `create(JsonValueSchema)` to create a new message.
  */
-export const JsonValueSchema: GenMessage<JsonValue> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 30);
+export const JsonValueSchema: GenMessage<JsonValue> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 35);
 
 /**
  * RunStarted: a run began.
@@ -1355,9 +1551,8 @@ export type RunStarted = Message<"agentlog.v1.RunStarted"> & {
  * Describes the message agentlog.v1.RunStarted.
  * Use `create(RunStartedSchema)` to create a new message.
  */
-export const RunStartedSchema: GenMessage<RunStarted> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 31);
+export const RunStartedSchema: GenMessage<RunStarted> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 36);
 
 /**
  * IterationStarted: an iteration of the agent loop began.
@@ -1391,9 +1586,8 @@ export type IterationStarted = Message<"agentlog.v1.IterationStarted"> & {
  * Describes the message agentlog.v1.IterationStarted.
  * Use `create(IterationStartedSchema)` to create a new message.
  */
-export const IterationStartedSchema: GenMessage<IterationStarted> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 32);
+export const IterationStartedSchema: GenMessage<IterationStarted> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 37);
 
 /**
  * ModelOutput: the model finished producing one output.
@@ -1448,9 +1642,8 @@ export type ModelOutput = Message<"agentlog.v1.ModelOutput"> & {
  * Describes the message agentlog.v1.ModelOutput.
  * Use `create(ModelOutputSchema)` to create a new message.
  */
-export const ModelOutputSchema: GenMessage<ModelOutput> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 33);
+export const ModelOutputSchema: GenMessage<ModelOutput> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 38);
 
 /**
  * TextDelta: a piece of streamed text.
@@ -1491,9 +1684,8 @@ export type TextDelta = Message<"agentlog.v1.TextDelta"> & {
  * Describes the message agentlog.v1.TextDelta.
  * Use `create(TextDeltaSchema)` to create a new message.
  */
-export const TextDeltaSchema: GenMessage<TextDelta> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 34);
+export const TextDeltaSchema: GenMessage<TextDelta> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 39);
 
 /**
  * ToolCallRequested: the model asked for a tool call.
@@ -1534,9 +1726,8 @@ export type ToolCallRequested = Message<"agentlog.v1.ToolCallRequested"> & {
  * Describes the message agentlog.v1.ToolCallRequested.
  * Use `create(ToolCallRequestedSchema)` to create a new message.
  */
-export const ToolCallRequestedSchema: GenMessage<ToolCallRequested> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 35);
+export const ToolCallRequestedSchema: GenMessage<ToolCallRequested> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 40);
 
 /**
  * ToolCallCompleted: a tool call returned.
@@ -1577,9 +1768,8 @@ export type ToolCallCompleted = Message<"agentlog.v1.ToolCallCompleted"> & {
  * Describes the message agentlog.v1.ToolCallCompleted.
  * Use `create(ToolCallCompletedSchema)` to create a new message.
  */
-export const ToolCallCompletedSchema: GenMessage<ToolCallCompleted> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 36);
+export const ToolCallCompletedSchema: GenMessage<ToolCallCompleted> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 41);
 
 /**
  * ToolCallFailed: a tool call failed.
@@ -1634,9 +1824,8 @@ export type ToolCallFailed = Message<"agentlog.v1.ToolCallFailed"> & {
  * Describes the message agentlog.v1.ToolCallFailed.
  * Use `create(ToolCallFailedSchema)` to create a new message.
  */
-export const ToolCallFailedSchema: GenMessage<ToolCallFailed> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 37);
+export const ToolCallFailedSchema: GenMessage<ToolCallFailed> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 42);
 
 /**
  * StatePatched: the agent's state was patched.
@@ -1684,9 +1873,8 @@ export type StatePatched = Message<"agentlog.v1.StatePatched"> & {
  * Describes the message agentlog.v1.StatePatched.
  * Use `create(StatePatchedSchema)` to create a new message.
  */
-export const StatePatchedSchema: GenMessage<StatePatched> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 38);
+export const StatePatchedSchema: GenMessage<StatePatched> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 43);
 
 /**
  * ContextCompacted: the conversation context was compacted.
@@ -1741,9 +1929,8 @@ export type ContextCompacted = Message<"agentlog.v1.ContextCompacted"> & {
  * Describes the message agentlog.v1.ContextCompacted.
  * Use `create(ContextCompactedSchema)` to create a new message.
  */
-export const ContextCompactedSchema: GenMessage<ContextCompacted> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 39);
+export const ContextCompactedSchema: GenMessage<ContextCompacted> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 44);
 
 /**
  * ApprovalRequested: a tool call waits for a person's approval.
@@ -1805,9 +1992,8 @@ export type ApprovalRequested = Message<"agentlog.v1.ApprovalRequested"> & {
  * Describes the message agentlog.v1.ApprovalRequested.
  * Use `create(ApprovalRequestedSchema)` to create a new message.
  */
-export const ApprovalRequestedSchema: GenMessage<ApprovalRequested> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 40);
+export const ApprovalRequestedSchema: GenMessage<ApprovalRequested> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 45);
 
 /**
  * ApprovalResolved: an approval was decided.
@@ -1855,9 +2041,8 @@ export type ApprovalResolved = Message<"agentlog.v1.ApprovalResolved"> & {
  * Describes the message agentlog.v1.ApprovalResolved.
  * Use `create(ApprovalResolvedSchema)` to create a new message.
  */
-export const ApprovalResolvedSchema: GenMessage<ApprovalResolved> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 41);
+export const ApprovalResolvedSchema: GenMessage<ApprovalResolved> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 46);
 
 /**
  * RunErrored: a run failed.
@@ -1891,9 +2076,8 @@ export type RunErrored = Message<"agentlog.v1.RunErrored"> & {
  * Describes the message agentlog.v1.RunErrored.
  * Use `create(RunErroredSchema)` to create a new message.
  */
-export const RunErroredSchema: GenMessage<RunErrored> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 42);
+export const RunErroredSchema: GenMessage<RunErrored> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 47);
 
 /**
  * RunFinished: a run ended.
@@ -1948,9 +2132,8 @@ export type RunFinished = Message<"agentlog.v1.RunFinished"> & {
  * Describes the message agentlog.v1.RunFinished.
  * Use `create(RunFinishedSchema)` to create a new message.
  */
-export const RunFinishedSchema: GenMessage<RunFinished> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 43);
+export const RunFinishedSchema: GenMessage<RunFinished> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 48);
 
 /**
  * ToolCall is a tool invocation the model asked for.
@@ -1984,9 +2167,8 @@ export type ToolCall = Message<"agentlog.v1.ToolCall"> & {
  * Describes the message agentlog.v1.ToolCall.
  * Use `create(ToolCallSchema)` to create a new message.
  */
-export const ToolCallSchema: GenMessage<ToolCall> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 44);
+export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 49);
 
 /**
  * ToolResultSummary is what a tool call returned.
@@ -2020,9 +2202,8 @@ export type ToolResultSummary = Message<"agentlog.v1.ToolResultSummary"> & {
  * Describes the message agentlog.v1.ToolResultSummary.
  * Use `create(ToolResultSummarySchema)` to create a new message.
  */
-export const ToolResultSummarySchema: GenMessage<ToolResultSummary> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 45);
+export const ToolResultSummarySchema: GenMessage<ToolResultSummary> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 50);
 
 /**
  * StatePatch is a change to the agent's state.
@@ -2056,9 +2237,8 @@ export type StatePatch = Message<"agentlog.v1.StatePatch"> & {
  * Describes the message agentlog.v1.StatePatch.
  * Use `create(StatePatchSchema)` to create a new message.
  */
-export const StatePatchSchema: GenMessage<StatePatch> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 46);
+export const StatePatchSchema: GenMessage<StatePatch> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 51);
 
 /**
  * TokenUsage counts a model call's tokens. Each count defaults to 0.
@@ -2099,9 +2279,8 @@ export type TokenUsage = Message<"agentlog.v1.TokenUsage"> & {
  * Describes the message agentlog.v1.TokenUsage.
  * Use `create(TokenUsageSchema)` to create a new message.
  */
-export const TokenUsageSchema: GenMessage<TokenUsage> =
-  /*@__PURE__*/
-  messageDesc(file_agentlog_v1_session, 47);
+export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
+  messageDesc(file_agentlog_v1_session, 52);
 
 /**
  * ReadDirection says which way a ranged read goes.
@@ -2134,8 +2313,7 @@ export enum ReadDirection {
 /**
  * Describes the enum agentlog.v1.ReadDirection.
  */
-export const ReadDirectionSchema: GenEnum<ReadDirection> =
-  /*@__PURE__*/
+export const ReadDirectionSchema: GenEnum<ReadDirection> = /*@__PURE__*/
   enumDesc(file_agentlog_v1_session, 0);
 
 /**
@@ -2197,8 +2375,7 @@ export enum ModelStopReason {
 /**
  * Describes the enum agentlog.v1.ModelStopReason.
  */
-export const ModelStopReasonSchema: GenEnum<ModelStopReason> =
-  /*@__PURE__*/
+export const ModelStopReasonSchema: GenEnum<ModelStopReason> = /*@__PURE__*/
   enumDesc(file_agentlog_v1_session, 1);
 
 /**
@@ -2260,8 +2437,7 @@ export enum RunStopReason {
 /**
  * Describes the enum agentlog.v1.RunStopReason.
  */
-export const RunStopReasonSchema: GenEnum<RunStopReason> =
-  /*@__PURE__*/
+export const RunStopReasonSchema: GenEnum<RunStopReason> = /*@__PURE__*/
   enumDesc(file_agentlog_v1_session, 2);
 
 /**
@@ -2295,8 +2471,7 @@ export enum StatePatchFormat {
 /**
  * Describes the enum agentlog.v1.StatePatchFormat.
  */
-export const StatePatchFormatSchema: GenEnum<StatePatchFormat> =
-  /*@__PURE__*/
+export const StatePatchFormatSchema: GenEnum<StatePatchFormat> = /*@__PURE__*/
   enumDesc(file_agentlog_v1_session, 3);
 
 /**
@@ -2337,8 +2512,7 @@ export enum StatePatchSource {
 /**
  * Describes the enum agentlog.v1.StatePatchSource.
  */
-export const StatePatchSourceSchema: GenEnum<StatePatchSource> =
-  /*@__PURE__*/
+export const StatePatchSourceSchema: GenEnum<StatePatchSource> = /*@__PURE__*/
   enumDesc(file_agentlog_v1_session, 4);
 
 /**
@@ -2364,7 +2538,7 @@ export const SessionRepository: GenService<{
     methodKind: "unary";
     input: typeof AppendRequestSchema;
     output: typeof AppendResponseSchema;
-  };
+  },
   /**
    * AppendBatch stores many events at the end of one session, all or none, at
    * consecutive sequences, checking one expectation for the whole batch.
@@ -2375,7 +2549,7 @@ export const SessionRepository: GenService<{
     methodKind: "unary";
     input: typeof AppendBatchRequestSchema;
     output: typeof AppendBatchResponseSchema;
-  };
+  },
   /**
    * LoadSession streams a range of a session's records in sequence order,
    * forwards or backwards. A session with no events yields an empty stream.
@@ -2386,7 +2560,7 @@ export const SessionRepository: GenService<{
     methodKind: "server_streaming";
     input: typeof LoadSessionRequestSchema;
     output: typeof LoadSessionResponseSchema;
-  };
+  },
   /**
    * LoadChildren streams every record, in any session, whose parent_id is the
    * given id.
@@ -2397,7 +2571,7 @@ export const SessionRepository: GenService<{
     methodKind: "server_streaming";
     input: typeof LoadChildrenRequestSchema;
     output: typeof LoadChildrenResponseSchema;
-  };
+  },
   /**
    * Head returns a session's latest record, or no record for a session that
    * has no events.
@@ -2408,7 +2582,7 @@ export const SessionRepository: GenService<{
     methodKind: "unary";
     input: typeof HeadRequestSchema;
     output: typeof HeadResponseSchema;
-  };
+  },
   /**
    * ListSessions pages through the sessions in session id (byte) order.
    *
@@ -2418,7 +2592,7 @@ export const SessionRepository: GenService<{
     methodKind: "unary";
     input: typeof ListSessionsRequestSchema;
     output: typeof ListSessionsResponseSchema;
-  };
+  },
   /**
    * SubscribeSession streams a session's stored records from a sequence, then
    * a CaughtUp marker, then each new record as it is appended, in sequence
@@ -2432,7 +2606,7 @@ export const SessionRepository: GenService<{
     methodKind: "server_streaming";
     input: typeof SubscribeSessionRequestSchema;
     output: typeof SubscribeSessionResponseSchema;
-  };
+  },
   /**
    * ForkSession makes a new branch, of the same session or of a new one, whose
    * records 1 to up_to_sequence are copies of the source branch's: the same
@@ -2449,7 +2623,7 @@ export const SessionRepository: GenService<{
     methodKind: "unary";
     input: typeof ForkSessionRequestSchema;
     output: typeof ForkSessionResponseSchema;
-  };
+  },
   /**
    * SubscribeAll streams every record appended through this store, in commit
    * order, each with its global position: stored ones from a position, then a
@@ -2464,5 +2638,39 @@ export const SessionRepository: GenService<{
     methodKind: "server_streaming";
     input: typeof SubscribeAllRequestSchema;
     output: typeof SubscribeAllResponseSchema;
-  };
-}> = /*@__PURE__*/ serviceDesc(file_agentlog_v1_session, 0);
+  },
+  /**
+   * DeleteSession removes one branch of a session, or all of them, for good:
+   * their records are erased from storage (not hidden), the branch reads as
+   * empty, its records leave LoadChildren, ListSessions, Head and the feed's
+   * stored history, and the feed records a SessionDeleted marker at a new
+   * position. Subscribers of a deleted branch end with NOT_FOUND (reason
+   * BRANCH_DELETED). The ids of deleted records stay reserved: an append that
+   * reuses one (an old retry) fails with ALREADY_EXISTS (reason
+   * RECORD_ID_DELETED). NOT_FOUND when there is nothing to delete;
+   * FAILED_PRECONDITION when expected_sequence does not hold. Deleting every
+   * branch removes the session's labels too.
+   *
+   * @generated from rpc agentlog.v1.SessionRepository.DeleteSession
+   */
+  deleteSession: {
+    methodKind: "unary";
+    input: typeof DeleteSessionRequestSchema;
+    output: typeof DeleteSessionResponseSchema;
+  },
+  /**
+   * UpdateSessionLabels sets and removes labels of an existing session, all or
+   * none, and returns the labels and their new version; expected_version makes
+   * it fail with FAILED_PRECONDITION (reason WRONG_LABELS_VERSION) when another
+   * editor changed them first.
+   *
+   * @generated from rpc agentlog.v1.SessionRepository.UpdateSessionLabels
+   */
+  updateSessionLabels: {
+    methodKind: "unary";
+    input: typeof UpdateSessionLabelsRequestSchema;
+    output: typeof UpdateSessionLabelsResponseSchema;
+  },
+}> = /*@__PURE__*/
+  serviceDesc(file_agentlog_v1_session, 0);
+
