@@ -7,13 +7,20 @@ import json
 from agentlog._codec import (
     event_to_json,
 )
-from agentlog._records import CaughtUp, EventRecord, FeedGap, FeedRecord, format_timestamp
+from agentlog._records import (
+    CaughtUp,
+    EventRecord,
+    FeedGap,
+    FeedRecord,
+    SessionDeleted,
+    format_timestamp,
+)
 
 # Every event has these; the line shows the session once, in the heading of `tail`.
 _OMITTED = {"part_type", "run_id", "session_id"}
 
 
-def describe(item: EventRecord | FeedRecord | FeedGap | CaughtUp) -> str | None:
+def describe(item: EventRecord | FeedRecord | FeedGap | SessionDeleted | CaughtUp) -> str | None:
     """`#12  01:33:38.853  tool_call_requested  run=run-1 iteration=1 call={...}`.
 
     A feed record is prefixed with its position and session: `@41 chat-7 #12 ...`.
@@ -24,6 +31,11 @@ def describe(item: EventRecord | FeedRecord | FeedGap | CaughtUp) -> str | None:
         return (
             f"@{item.first_position}-{item.last_position} {item.session_id} "
             f"NOT DELIVERED ({item.reason}): {item.message}"
+        )
+    if isinstance(item, SessionDeleted):
+        return (
+            f"@{item.position} {item.session_id} DELETED branch {item.branch_id} "
+            f"({item.last_sequence} records)"
         )
     if isinstance(item, FeedRecord):
         return f"@{item.position} {item.record.session_id} {describe(item.record)}"

@@ -106,6 +106,9 @@ class MemorySessionRepository(BlockingStore):
             if stored is not None:
                 records = [branch.records[sequence - 1] for sequence in stored]
                 return Appended.stored(session_id, batch, records), None
+            if append.labels and last == 0 and self._labels.get(session_id) is None:
+                # Labels of an append that starts its branch, for a session with none.
+                self._labels.put(session_id, SessionLabels(append.labels, 1))
             sizes = []
             for index, item in enumerate(batch):
                 # The size of its line in a JSONL store, near enough.
@@ -119,8 +122,6 @@ class MemorySessionRepository(BlockingStore):
                 if branch.records:
                     now = max(now, branch.records[-1].timestamp_ns)
             appended = Appended(session_id, batch, last + 1, now, branch_id=branch_id)
-            if append.labels and session_id not in self._sessions:
-                self._labels.put(session_id, SessionLabels(append.labels, 1))
             return appended, self._store(session_id, branch_id, branch, appended.records(), sizes)
 
     def _store(

@@ -182,6 +182,11 @@ class CommitPath(Reader):
                         "elsewhere)",
                         reason="SHUTTING_DOWN",
                     )
+                if self._draining:  # a delete is settling the feed: wait for it
+                    if not block:
+                        return False
+                    self._cond.wait(0.05)
+                    continue
                 identities = {s: self._ready(s) for s in files}
                 missing = [s for s, identity in identities.items() if identity is None]
                 if not missing:
@@ -256,12 +261,20 @@ class CommitPath(Reader):
         keys = [key_of(record_id) for record_id in ids]
         holders = self._index.holders(ids, keys)
         staging.keys = dict(zip(ids, keys, strict=True))
+        # Ids of deleted records among these (kept, so none is used again).
+        erased = self._sessions_db.erased_among(ids) if self._sessions_db.has_erased else set()
         for index, (append, stem) in enumerate(zip(appends, stems, strict=True)):
             try:
                 if isinstance(stem, Exception):
                     raise stem
                 outcome = self._stage_one(
-                    staging, index, append, stem, holders=holders, identities=identities
+                    staging,
+                    index,
+                    append,
+                    stem,
+                    holders=holders,
+                    identities=identities,
+                    erased=erased,
                 )
             except Exception as exc:  # this append fails alone
                 outcome = exc
@@ -278,6 +291,7 @@ class CommitPath(Reader):
         *,
         holders: dict[str, list[Located]],
         identities: dict[str, Identity],
+        erased: set[str],
     ) -> Outcome | None:
         """Decide one append and write its lines to file `stem`; None once written
         (acknowledged later)."""
@@ -294,6 +308,10 @@ class CommitPath(Reader):
             raise concurrent_writer(state.path)
         mine, others = self._holdings(stem, batch, holders)
         if not mine and not others:  # new ids, the common case: only the expectation
+            if erased:
+                gone = next((item.id for item in batch if item.id in erased), None)
+                if gone is not None:
+                    raise _rules.record_id_deleted(gone)
             if append.expected is not None and append.expected != state.written:
                 raise _rules.wrong_expected_sequence(
                     append.session_id, append.expected, state.written, append.branch_id
@@ -317,6 +335,7 @@ class CommitPath(Reader):
             stored=stored,
             elsewhere=lambda ids: {i: others[i] for i in ids if i in others},
             branch_id=append.branch_id,
+            deleted=lambda ids: next((i for i in ids if i in erased), None),
         )
         if retried is not None:
             # If the first attempt stopped between the session file and the feed

@@ -30,7 +30,7 @@ from agentlog._records import (
     FeedGap,
     FeedItem,
     FeedRecord,
-    SessionInfo,
+    SessionDeleted,
     StoredRecord,
 )
 from agentlog._validation import (
@@ -44,7 +44,6 @@ from agentlog.errors import (
     DataLossError,
 )
 from agentlog.server import _rules, metrics
-from agentlog.server._listing import SessionList, SessionQuery, ids_of
 from agentlog.server._rules import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
@@ -57,6 +56,7 @@ from agentlog.server.jsonl._state import (
     file_identity,
     missing_records,
 )
+from agentlog.server.jsonl.feed import MARKER
 from agentlog.server.jsonl.files import (
     corrupt_line,
     last_line,
@@ -420,9 +420,18 @@ class Reader(Recovery):
         its positions become a FeedGap and the feed goes on."""
         pending: list[FeedItem] = []
         size = 0
-        for entry_position, stem, sequence, count, offset in self._feed.entries_from(position):
+        feed = self._feed
+        for entry_position, stem, sequence, count, offset in feed.entries_from(position):
             if not stem:
                 continue  # a gap
+            if offset == MARKER:
+                session_id, branch_id, time_ns = feed.markers[entry_position]
+                pending.append(
+                    SessionDeleted(entry_position, session_id, branch_id, sequence, time_ns)
+                )
+                continue
+            if feed.dead(entry_position, stem):
+                continue  # deleted
             skip = max(position - entry_position, 0)
             first, last = sequence + skip, sequence + count - 1
             shift = entry_position - sequence  # a record's position less its sequence
@@ -438,11 +447,14 @@ class Reader(Recovery):
                     ):
                         yield pending
                         pending, size = [], 0
+                    if feed.dead(entry_position, stem):
+                        break  # deleted while read: what was read may be a new file's
                     pending += [FeedRecord(shift + record.sequence, record) for record in run]
                     size += run_size
                     delivered = run[-1].sequence
             except DataLossError as exc:
-                pending.append(self._gap(shift + delivered + 1, shift + last, stem, exc))
+                if not feed.dead(entry_position, stem):
+                    pending.append(self._gap(shift + delivered + 1, shift + last, stem, exc))
             if len(pending) >= MESSAGE_RECORDS:
                 yield pending
                 pending, size = [], 0
@@ -552,23 +564,6 @@ class Reader(Recovery):
         if indexed is not None and (indexed.inode, indexed.size) == file_identity(path):
             return View(path, array("Q"), indexed.records, indexed.size)
         return self._view(stem)
-
-    def session_page(self, query: SessionQuery) -> SessionList:
-        infos: list[SessionInfo] = []
-        last: str | None = None
-        session_ids, branches = self._catalog_of_places()
-        for session_id in ids_of(session_ids, query):
-            if len(infos) == query.size:
-                return SessionList(infos, last)  # more follow
-            last = session_id
-            found = [
-                info
-                for branch_id, stem in branches[session_id]
-                if (info := self._branch_info(branch_id, stem)) is not None
-            ]
-            if found:  # an empty or vanished file is no branch, and no session
-                infos.append(SessionInfo.of(session_id, found))
-        return SessionList(infos, None)
 
     def _branch_info(self, branch_id: str, stem: str) -> BranchInfo | None:
         state = self._state(stem)

@@ -26,6 +26,7 @@ from agentlog._validation import (
 from agentlog.errors import (
     AgentlogError,
 )
+from agentlog.server._labels import LabelIndex
 from agentlog.server._pauses import point
 from agentlog.server._rules import Place
 from agentlog.server.blocking import BlockingStore
@@ -47,6 +48,7 @@ from agentlog.server.jsonl.files import (
 )
 from agentlog.server.jsonl.index import MARK_EVERY, StoreIndex
 from agentlog.server.jsonl.layout import Layout, split_stem, stem_of, taken, unwritable
+from agentlog.server.jsonl.sessions_db import SessionsDb
 
 log = logging.getLogger("agentlog.server")
 
@@ -82,6 +84,9 @@ class SessionStates(BlockingStore):
     _syncer: Syncer
     max_open_files: int  # session files kept open for appending
     _elsewhere: set[Path]  # session files on another file system
+    _sessions_db: SessionsDb  # labels, and the ids of deleted records
+    _labels: LabelIndex  # every session's labels, as the sessions db holds them
+    _draining: bool  # a delete waits for the commit queue to empty: appends wait
 
     def _state(self, stem: str) -> SessionState:
         """The session's state, rebuilt if its file changed since last seen."""
@@ -252,6 +257,14 @@ class SessionStates(BlockingStore):
             branches.setdefault(session_id, []).append((branch_id, stem))
         self._places = (list(branches), branches)
         return self._places
+
+    def _remove_from_catalog(self, stem: str) -> None:
+        if self._catalog is not None:
+            index = bisect.bisect_left(self._catalog, stem.encode(), key=str.encode)
+            if index < len(self._catalog) and self._catalog[index] == stem:
+                self._catalog = [*self._catalog[:index], *self._catalog[index + 1 :]]
+                self._places = None
+            self._catalog_mtime = os.stat(self.root).st_mtime_ns
 
     def _add_to_catalog(self, stem: str) -> None:
         if self._catalog is not None:

@@ -94,6 +94,8 @@ class JsonlBackend(ThreadedBackend):
             answer = await future
         if isinstance(answer, Exception):
             raise answer
+        if append.labels and answer.first_sequence == 1:
+            await loop.run_in_executor(self._executor, self._jsonl.take_labels, append, answer)
         return answer
 
     def _release(self) -> None:

@@ -9,6 +9,12 @@ name less `.jsonl` (its stem), which in the branch layout is
 append is staged, right after its session lines, and synced with them; an entry
 is served (and counted in `last_position`) once its append is acknowledged.
 Positions are never reused.
+
+A deletion is a line of its own, `{"position", "session_id", "sequence",
+"count": 1, "deleted", "place"}`: the stem's records 1..`sequence` were deleted
+at time `deleted` (ns), `place` names their [session, branch]. It takes one
+position; the stem's entries before it are dead (never served again), and its
+file may start again at sequence 1 after it.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ log = logging.getLogger("agentlog.server")
 FEED_FILE = ".agentlog.feed"
 _READ_CHUNK = 256
 # One append's entry: (position, stem, sequence, count, offset); stem ""
-# marks a gap, offset -1 an unknown offset.
+# marks a gap, offset -1 an unknown offset, offset MARKER a deletion.
 Entry = tuple[int, str, int, int, int]
+MARKER = -2
 
 
 class Feed:
@@ -52,12 +59,14 @@ class Feed:
         self.offsets = array("q")
         self.stems: list[str] = []
         self.last_position = 0  # the last acknowledged position
+        # Deletions: each stem's latest marker's position, and each marker's
+        # (session, branch, time).
+        self.deleted_at: dict[str, int] = {}
+        self.markers: dict[int, tuple[str, str, int]] = {}
         self._load()
         self.next_position = self.last_position + 1  # the next to hand out
         self._covered: dict[str, int] = {}  # written, acknowledged or not
-        for stem, sequence, count in zip(self.stems, self.sequences, self.counts, strict=True):
-            if stem:
-                self._covered[stem] = sequence + count - 1
+        self._recount()
         if read_only:
             self.fd = -1
             self.size = self.acknowledged_size = 0
@@ -78,7 +87,12 @@ class Feed:
                     break
                 position, stem = entry["position"], entry["session_id"]
                 sequence, count = entry["sequence"], entry["count"]
-                self.add((position, stem, sequence, count, entry.get("offset", -1)))
+                if "deleted" in entry:
+                    session_id, branch_id = entry["place"]
+                    self.markers[position] = (session_id, branch_id, entry["deleted"])
+                    self.add((position, stem, sequence, 1, MARKER))
+                else:
+                    self.add((position, stem, sequence, count, entry.get("offset", -1)))
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 break
             good += len(line)
@@ -101,17 +115,34 @@ class Feed:
             self._covered[stem] = sequence + count - 1
         return entry
 
+    def reserve_marker(
+        self, stem: str, session_id: str, branch_id: str, last_sequence: int, time_ns: int
+    ) -> Entry:
+        """The entry marking the deletion of a stem's records 1..`last_sequence`, at the
+        next position, handed out now."""
+        entry = (self.next_position, stem, last_sequence, 1, MARKER)
+        self.markers[self.next_position] = (session_id, branch_id, time_ns)
+        self.next_position += 1
+        self._covered.pop(stem, None)
+        return entry
+
+    def dead(self, position: int, stem: str) -> bool:
+        """Whether the entry at `position` names records of `stem` since deleted."""
+        return position < self.deleted_at.get(stem, 0)
+
+    def _line(self, entry: Entry) -> bytes:
+        p, s, q, c, o = entry
+        fields: dict[str, object] = {"position": p, "session_id": s, "sequence": q, "count": c}
+        if o >= 0:
+            fields["offset"] = o
+        elif o == MARKER:
+            session_id, branch_id, time_ns = self.markers[p]
+            fields |= {"deleted": time_ns, "place": [session_id, branch_id]}
+        return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
+
     def write(self, entries: list[Entry]) -> None:
         """Write reserved entries, in one write."""
-        lines = b"".join(
-            orjson.dumps(
-                {"position": p, "session_id": s, "sequence": q, "count": c, "offset": o}
-                if o >= 0
-                else {"position": p, "session_id": s, "sequence": q, "count": c},
-                option=orjson.OPT_APPEND_NEWLINE,
-            )
-            for p, s, q, c, o in entries
-        )
+        lines = b"".join(map(self._line, entries))
         try:
             view = memoryview(lines)
             while view:
@@ -132,6 +163,8 @@ class Feed:
             self.sequences.append(sequence)
             self.counts.append(count)
             self.offsets.append(offset)
+        if offset == MARKER:
+            self.deleted_at[stem] = position
         self.last_position = position + count - 1
 
     def abandon(self) -> None:
@@ -140,9 +173,17 @@ class Feed:
             os.ftruncate(self.fd, self.acknowledged_size)
         self.size = self.acknowledged_size
         self.next_position = self.last_position + 1
+        self._recount()
+
+    def _recount(self) -> None:
+        """What each stem's acknowledged entries cover, from its latest deletion on."""
         self._covered = {}
-        for stem, sequence, count in zip(self.stems, self.sequences, self.counts, strict=True):
-            if stem:
+        for stem, sequence, count, offset in zip(
+            self.stems, self.sequences, self.counts, self.offsets, strict=True
+        ):
+            if offset == MARKER:
+                self._covered.pop(stem, None)
+            elif stem:
                 self._covered[stem] = sequence + count - 1
 
     def covered(self, stem: str) -> int:
@@ -157,8 +198,11 @@ class Feed:
         new size if it was cut; the caller syncs it.
         """
         for index in range(len(self.positions)):
+            stem = self.stems[index]
+            if self.offsets[index] == MARKER or self.dead(self.positions[index], stem):
+                continue
             end = self.sequences[index] + self.counts[index] - 1
-            if end > counts.get(self.stems[index], 0):
+            if end > counts.get(stem, 0):
                 keep = index
                 break
         else:
@@ -176,6 +220,12 @@ class Feed:
             for column in (self.positions, self.sequences, self.counts, self.offsets):
                 del column[keep:]
             del self.stems[keep:]
+        self.deleted_at = {
+            stem: position
+            for stem, position, offset in zip(self.stems, self.positions, self.offsets, strict=True)
+            if offset == MARKER
+        }
+        self.markers = {p: m for p, m in self.markers.items() if p < first_dropped}
         self.last_position = first_dropped - 1
         self.acknowledged_size = offset
         self.abandon()

@@ -304,7 +304,7 @@ class StoreIndex(FilteredIds):
         # only loses rows the files still hold (re-indexed at the next open).
         db.executescript(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536; "
-            "PRAGMA wal_autocheckpoint=16384;"
+            "PRAGMA wal_autocheckpoint=16384; PRAGMA secure_delete=ON;"
         )
         return db
 
@@ -642,6 +642,23 @@ class StoreIndex(FilteredIds):
         (entry.size, entry.records, entry.last_offset), first = index_lines(path, start, rows)
         if first is not None:
             entry.first = first
+
+    def erase(self, session: int, keys: list[int], parent_keys: list[int]) -> None:
+        """Remove for good the rows of a deleted file (number `session`, forgotten): its
+        records' ids' `keys` and their parents' `parent_keys`, and its marks; then fold
+        the write-ahead log into the database, so no copy of the rows is left in it."""
+        with self._write_lock:
+            self._flush()
+            with _transaction(self._db) as db:
+                db.executemany(
+                    "DELETE FROM ids WHERE key = ? AND session = ?", [(k, session) for k in keys]
+                )
+                db.executemany(
+                    "DELETE FROM children WHERE key = ? AND session = ?",
+                    [(k, session) for k in parent_keys],
+                )
+                db.execute("DELETE FROM marks WHERE session = ?", (session,))
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def forget(self, stem: str) -> None:
         """Drop what is indexed of a session whose file is gone."""

@@ -45,9 +45,10 @@ from agentlog.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
+from agentlog.server._labels import LabelIndex
 from agentlog.server._listing import PageTokens
 from agentlog.server.jsonl._commit import Staging, Written, finish
-from agentlog.server.jsonl._fork import Forks
+from agentlog.server.jsonl._lifecycle import Lifecycle
 from agentlog.server.jsonl._reader import decoders
 from agentlog.server.jsonl._state import (
     CLEAN_FILE,
@@ -65,6 +66,7 @@ from agentlog.server.jsonl.files import (
 )
 from agentlog.server.jsonl.index import StoreIndex
 from agentlog.server.jsonl.layout import Layout, choose_layout
+from agentlog.server.jsonl.sessions_db import SessionsDb
 
 if TYPE_CHECKING:
     from agentlog.server.backend import Backend
@@ -72,7 +74,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentlog.server")
 
 
-class JsonlSessionRepository(Forks):
+class JsonlSessionRepository(Lifecycle):
     """Sessions as arcan JSONL files under one directory.
 
     `sync` says when appends reach the disk (`agentlog.server.SyncPolicy`):
@@ -140,6 +142,13 @@ class JsonlSessionRepository(Forks):
                 self._remove_partial_forks()
             self._feed = Feed(self.root / FEED_FILE, read_only=read_only)
             undo.callback(self._feed.close)
+            if not read_only:
+                self._finish_deletes()
+            self._sessions_db = SessionsDb(self.root, read_only=read_only)
+            undo.callback(self._sessions_db.close)
+            self._labels = LabelIndex()
+            self._labels_lock = threading.Lock()
+            self._draining = False
             self._index_dir: tempfile.TemporaryDirectory[str] | None = None
             if read_only:
                 self._index_dir = tempfile.TemporaryDirectory(prefix="agentlog-index-")
@@ -174,6 +183,7 @@ class JsonlSessionRepository(Forks):
             self._branches = self.layout is Layout.BRANCHES
             self._records, self._fields = decoders(self._branches)
             self._places = None
+            self._load_labels()
             if not read_only:
                 self._check_feed()
             self._builders: dict[str, threading.Lock] = {}
@@ -263,6 +273,7 @@ class JsonlSessionRepository(Forks):
             self._close_file(stem)
         self._feed.close()
         self._index.close()
+        self._sessions_db.close()
         self._syncer.close()
         if clean:
             self._mark_clean()
@@ -276,6 +287,7 @@ class JsonlSessionRepository(Forks):
             self._closing = True
         self._feed.close()
         self._index.close()
+        self._sessions_db.close()
         self._syncer.close()
         if self._index_dir is not None:
             self._index_dir.cleanup()
