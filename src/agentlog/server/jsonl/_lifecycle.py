@@ -117,10 +117,10 @@ class Lifecycle(Forks):
         state = self._state(stem)
         with self._lock:
             view = state.view()
-        if expected is not None and expected != view.count:
-            raise wrong_expected_sequence(session_id, expected, view.count, branch_id)
         if view.count == 0 and not self._path(stem).exists():
             return None
+        if expected is not None and expected != view.count:
+            raise wrong_expected_sequence(session_id, expected, view.count, branch_id)
         ids, parents = self._ids_in(view)
         self._sessions_db.add_erased(ids)
         point("delete.reserved")

@@ -47,7 +47,7 @@ _APPEND_SQL = (
     "%b::text[], %b::text[], %b::bigint[], %b::integer[], %b::bigint[], %b::integer[], "
     "%b::text[], %b::bytea[], %b::bytea[], %b::bigint)"
 )
-STORED, KNOWN, NOT_EXPECTED = 0, 1, 2
+STORED, KNOWN, NOT_EXPECTED, ERASED = 0, 1, 2, 3
 
 
 class _Encoded:
@@ -182,6 +182,8 @@ class GroupCommit:
                         append.session_id, expected, first_sequence, append.branch_id
                     )
                 )
+            elif outcome == ERASED:
+                answers.append(await self._erased(append))
             else:  # KNOWN: ids already stored, a retry or a conflict
                 try:
                     answers.append(await self._known(append, first_sequence))
@@ -222,6 +224,18 @@ class GroupCommit:
             cursor = await conn.execute(_APPEND_SQL, params, binary=True)
             rows = await cursor.fetchall()
         return [(int(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    async def _erased(self, append: PendingAppend) -> AgentlogError:
+        """An append that reuses a deleted record's id: which one."""
+        ids = [item.id for item in append.batch]
+        async with translated(), self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT x FROM unnest(%s::text[]) AS x WHERE sha256(convert_to(x, 'UTF8'))"
+                " IN (SELECT digest FROM agentlog_erased) LIMIT 1",
+                (ids,),
+            )
+            row = await cursor.fetchone()
+        return _rules.record_id_deleted(str(row[0]) if row else ids[0])
 
     async def _known(self, append: PendingAppend, last_sequence: int) -> Appended:
         """An append some of whose ids are stored: a retry (answer the stored records)

@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 
+from agentlog._records import SessionDeleted
 from agentlog.server.backend import Growth
 from agentlog.server.postgres._errors import redact
 
@@ -124,7 +125,8 @@ class FeedListener:
 
     def _notified(self, payload: str) -> None:
         try:
-            # "first last last_sequence branch_length branch||session" (see _schema)
+            # "first last last_sequence branch_length branch||session" (see _schema);
+            # last_sequence 0: the branch was deleted, its marker at `first`.
             first_text, last_text, sequence_text, length_text, names = payload.split(" ", 4)
             first, last, sequence = int(first_text), int(last_text), int(sequence_text)
             length = int(length_text)
@@ -135,7 +137,7 @@ class FeedListener:
         if first in self._local:
             self._local.discard(first)
         else:
-            self._announce(Growth(session_id, sequence, first, last, branch_id=branch_id))
+            self._announce(_growth(session_id, branch_id, sequence, first, last))
         self.note(first, last)
 
     async def _poll(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
@@ -155,12 +157,22 @@ class FeedListener:
             " GROUP BY session_id, branch_id"
             " UNION ALL SELECT session_id, branch_id, last_position - first_position + 1,"
             " first_position, last_position FROM agentlog_fork_ranges"
-            " WHERE last_position > %s AND first_position <= %s ORDER BY first",
-            (self.heard, last, self.heard, last),
+            " WHERE last_position > %s AND first_position <= %s"
+            " UNION ALL SELECT session_id, branch_id, 0, position, position"
+            " FROM agentlog_deletions WHERE position > %s AND position <= %s ORDER BY first",
+            (self.heard, last, self.heard, last, self.heard, last),
         )
         for session_id, branch_id, sequence, first, end in await summaries.fetchall():
             self._announce(
-                Growth(str(session_id), int(sequence), int(first), int(end), branch_id=branch_id)
+                _growth(str(session_id), str(branch_id), int(sequence), int(first), int(end))
             )
         self.heard = last
         self._ahead = {f: e for f, e in self._ahead.items() if f > last}
+
+
+def _growth(session_id: str, branch_id: str, sequence: int, first: int, last: int) -> Growth:
+    """The Growth a notification or the poll names: sequence 0 marks a deletion."""
+    if sequence == 0:
+        marker = SessionDeleted(first, session_id, branch_id, 0, 0)
+        return Growth(session_id, 0, first, first, branch_id=branch_id, deleted=marker)
+    return Growth(session_id, sequence, first, last, branch_id=branch_id)

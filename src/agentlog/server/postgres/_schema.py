@@ -356,6 +356,190 @@ END
 $$;
 """,
     ),
+    (
+        3,
+        r"""
+-- Labels: each session's, with their version; and one row per (key, value) for
+-- finding sessions by a label in id order with one index range scan.
+CREATE TABLE agentlog_labels (
+    session_id text COLLATE "C" PRIMARY KEY,
+    version bigint NOT NULL,
+    labels jsonb NOT NULL
+);
+CREATE TABLE agentlog_label_pairs (
+    key text COLLATE "C" NOT NULL,
+    value text COLLATE "C" NOT NULL,
+    session_id text COLLATE "C" NOT NULL,
+    PRIMARY KEY (key, value, session_id)
+);
+CREATE INDEX agentlog_label_pairs_session ON agentlog_label_pairs (session_id);
+
+-- The ids of deleted records, as SHA-256 digests: never used again (an old append
+-- retried after a delete is refused rather than stored).
+CREATE TABLE agentlog_erased (digest bytea PRIMARY KEY);
+
+-- Deletion markers: each takes a feed position of its own.
+CREATE TABLE agentlog_deletions (
+    position bigint PRIMARY KEY,
+    session_id text COLLATE "C" NOT NULL,
+    branch_id text COLLATE "C" NOT NULL,
+    last_sequence bigint NOT NULL,
+    deleted_ns bigint NOT NULL
+);
+
+-- Retention looks for branches by the time of their last record.
+CREATE INDEX agentlog_branches_last_ns ON agentlog_branches (last_timestamp_ns);
+
+-- As in version 2, and an append that reuses a deleted record's id is refused
+-- (outcome 3).
+DROP FUNCTION agentlog_append(text[], text[], bigint[], integer[], bigint[], integer[],
+                              text[], bytea[], bytea[], bigint);
+CREATE FUNCTION agentlog_append(
+    p_sessions text[], p_branches text[], p_expected bigint[], p_counts integer[],
+    p_kept_ns bigint[], p_append_of integer[], p_ids text[], p_parents bytea[],
+    p_events bytea[], p_now_ns bigint
+) RETURNS TABLE (outcome smallint, first_sequence bigint, first_position bigint, stored_ns bigint)
+LANGUAGE plpgsql SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off AS $$
+DECLARE
+    v_position bigint;
+    v_known integer[];
+    v_erased integer[];
+    v_count integer;
+    v_last bigint;
+    v_last_ns bigint;
+    v_ns bigint;
+    v_session text;
+    v_branch text;
+    v_heads text[];
+    v_stored integer[] := '{}';
+    v_first_positions bigint[] := '{}';
+    v_first_sequences bigint[] := '{}';
+    v_timestamps bigint[] := '{}';
+BEGIN
+    SELECT m.last_position INTO v_position FROM agentlog_meta m WHERE m.singleton FOR UPDATE;
+    SELECT coalesce(array_agg(DISTINCT u.a), '{}') INTO v_known
+        FROM unnest(p_append_of, p_ids) AS u(a, id)
+        WHERE u.id = ANY (ARRAY(SELECT e.id FROM agentlog_events e WHERE e.id = ANY (p_ids)));
+    SELECT coalesce(array_agg(DISTINCT u.a), '{}') INTO v_erased
+        FROM unnest(p_append_of, p_ids) AS u(a, id)
+        WHERE sha256(convert_to(u.id, 'UTF8')) = ANY (ARRAY(
+            SELECT r.digest FROM agentlog_erased r
+            WHERE r.digest = ANY (ARRAY(SELECT sha256(convert_to(x, 'UTF8'))
+                                        FROM unnest(p_ids) AS x))));
+    SELECT array_agg(u.id ORDER BY u.a) INTO v_heads FROM (
+        SELECT DISTINCT ON (a) a, id FROM unnest(p_append_of, p_ids) WITH ORDINALITY AS x(a, id, k)
+        ORDER BY a, k DESC) AS u;
+    FOR i IN 1 .. coalesce(array_length(p_sessions, 1), 0) LOOP
+        v_session := p_sessions[i];
+        v_branch := p_branches[i];
+        v_count := p_counts[i];
+        SELECT b.last_sequence, b.last_timestamp_ns INTO v_last, v_last_ns
+            FROM agentlog_branches b WHERE b.session_id = v_session AND b.branch_id = v_branch;
+        IF NOT FOUND THEN
+            v_last := 0;
+            v_last_ns := 0;
+        END IF;
+        IF i = ANY (v_known) THEN
+            outcome := 1; first_sequence := v_last; first_position := 0; stored_ns := 0;
+        ELSIF i = ANY (v_erased) THEN
+            outcome := 3; first_sequence := v_last; first_position := 0; stored_ns := 0;
+        ELSIF p_expected[i] IS NOT NULL AND p_expected[i] <> v_last THEN
+            outcome := 2; first_sequence := v_last; first_position := 0; stored_ns := 0;
+        ELSE
+            v_ns := coalesce(p_kept_ns[i], greatest(p_now_ns, v_last_ns));
+            v_stored := v_stored || i;
+            v_first_positions := v_first_positions || (v_position + 1);
+            v_first_sequences := v_first_sequences || (v_last + 1);
+            v_timestamps := v_timestamps || v_ns;
+            INSERT INTO agentlog_branches AS b (session_id, branch_id, last_sequence,
+                                                first_timestamp_ns, last_timestamp_ns, head_id)
+            VALUES (v_session, v_branch, v_last + v_count, v_ns, v_ns, v_heads[i])
+            ON CONFLICT (session_id, branch_id) DO UPDATE SET
+                last_sequence = excluded.last_sequence,
+                last_timestamp_ns = excluded.last_timestamp_ns,
+                head_id = excluded.head_id;
+            PERFORM pg_notify('agentlog_feed', concat_ws(' ', v_position + 1, v_position + v_count,
+                                                         v_last + v_count, length(v_branch),
+                                                         v_branch || v_session));
+            outcome := 0; first_sequence := v_last + 1; first_position := v_position + 1;
+            stored_ns := v_ns;
+            v_position := v_position + v_count;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    INSERT INTO agentlog_events (position, session_id, branch_id, sequence, id, parent_id,
+                                 timestamp_ns, event)
+    SELECT d.first_position + (u.k - f.k), p_sessions[d.a], p_branches[d.a],
+           d.first_sequence + (u.k - f.k), u.id, u.parent, d.ns, u.event
+    FROM unnest(v_stored, v_first_positions, v_first_sequences, v_timestamps)
+             AS d(a, first_position, first_sequence, ns)
+    JOIN (SELECT x.a, min(x.k) AS k FROM unnest(p_append_of) WITH ORDINALITY AS x(a, k)
+          GROUP BY x.a) AS f ON f.a = d.a
+    JOIN unnest(p_append_of, p_ids, p_parents, p_events)
+             WITH ORDINALITY AS u(a, id, parent, event, k) ON u.a = d.a;
+    UPDATE agentlog_meta SET last_position = v_position WHERE singleton;
+END
+$$;
+
+-- A delete of one branch (p_branch) or of every branch (p_branch NULL) of a session.
+-- Each branch's row is locked, its ids reserved and its records (and fork ranges)
+-- deleted; then, under the feed's counter lock (held briefly, at the end, so appends
+-- elsewhere go on meanwhile), each gets a marker at a new position. Labels go with
+-- the last branch. Outcomes: 0 deleted (one row per branch), 1 nothing to delete,
+-- 2 p_expected does not hold (last_sequence says what it is).
+CREATE FUNCTION agentlog_delete(
+    p_session text, p_branch text, p_expected bigint, p_now_ns bigint
+) RETURNS TABLE (outcome smallint, deleted_branch text, deleted_last bigint, marker bigint)
+LANGUAGE plpgsql SET jit = off AS $$
+DECLARE
+    v_branches text[];
+    v_lasts bigint[];
+    v_position bigint;
+BEGIN
+    SELECT array_agg(b.branch_id ORDER BY b.branch_id),
+           array_agg(b.last_sequence ORDER BY b.branch_id)
+        INTO v_branches, v_lasts
+        FROM (SELECT b.branch_id, b.last_sequence FROM agentlog_branches b
+              WHERE b.session_id = p_session AND (p_branch IS NULL OR b.branch_id = p_branch)
+              ORDER BY b.branch_id FOR UPDATE) AS b;
+    IF v_branches IS NULL THEN
+        RETURN QUERY SELECT 1::smallint, p_branch, 0::bigint, 0::bigint;
+        RETURN;
+    END IF;
+    IF p_expected IS NOT NULL AND p_expected <> v_lasts[1] THEN
+        RETURN QUERY SELECT 2::smallint, v_branches[1], v_lasts[1], 0::bigint;
+        RETURN;
+    END IF;
+    INSERT INTO agentlog_erased
+        SELECT sha256(convert_to(e.id, 'UTF8')) FROM agentlog_events e
+        WHERE e.session_id = p_session AND e.branch_id = ANY (v_branches)
+        ON CONFLICT DO NOTHING;
+    DELETE FROM agentlog_events e
+        WHERE e.session_id = p_session AND e.branch_id = ANY (v_branches);
+    DELETE FROM agentlog_fork_ranges f
+        WHERE f.session_id = p_session AND f.branch_id = ANY (v_branches);
+    DELETE FROM agentlog_branches b
+        WHERE b.session_id = p_session AND b.branch_id = ANY (v_branches);
+    IF NOT EXISTS (SELECT 1 FROM agentlog_branches b WHERE b.session_id = p_session) THEN
+        DELETE FROM agentlog_labels l WHERE l.session_id = p_session;
+        DELETE FROM agentlog_label_pairs l WHERE l.session_id = p_session;
+    END IF;
+    SELECT m.last_position INTO v_position FROM agentlog_meta m WHERE m.singleton FOR UPDATE;
+    FOR i IN 1 .. array_length(v_branches, 1) LOOP
+        v_position := v_position + 1;
+        INSERT INTO agentlog_deletions
+        VALUES (v_position, p_session, v_branches[i], v_lasts[i], p_now_ns);
+        -- A deletion's notification: sequence 0.
+        PERFORM pg_notify('agentlog_feed', concat_ws(' ', v_position, v_position, 0,
+                                                     length(v_branches[i]),
+                                                     v_branches[i] || p_session));
+        RETURN QUERY SELECT 0::smallint, v_branches[i], v_lasts[i], v_position;
+    END LOOP;
+    UPDATE agentlog_meta SET last_position = v_position WHERE singleton;
+END
+$$;
+""",
+    ),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -33,7 +32,7 @@ from agentlog._records import (
     FeedItem,
     FeedRecord,
     ForkedFrom,
-    SessionInfo,
+    SessionDeleted,
     StoredRecord,
 )
 from agentlog._validation import (
@@ -46,19 +45,21 @@ from agentlog._validation import (
 from agentlog.errors import DataLossError, ServerError, UnavailableError
 from agentlog.server import _rules, metrics
 from agentlog.server._forks import ForkPlan, branch_exists, source_too_short
-from agentlog.server._listing import PageTokens, SessionList, SessionQuery, prefix_end
+from agentlog.server._listing import PageTokens
 from agentlog.server._rules import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
     Appended,
     PendingAppend,
     Place,
+    feed_end,
     wrong_expected_sequence,
 )
 from agentlog.server._tracing import store_span
 from agentlog.server.backend import Backend, Growth, GrowthListener, StoreFigures
 from agentlog.server.postgres._appends import MAX_BIGINT, GroupCommit, closing_error
 from agentlog.server.postgres._errors import redact, translated
+from agentlog.server.postgres._lifecycle import PostgresLifecycle
 from agentlog.server.postgres._notify import FeedListener
 from agentlog.server.postgres._rows import (
     RECORD_COLUMNS,
@@ -105,7 +106,7 @@ def _pool_stat(pool: psycopg_pool.AsyncConnectionPool[Any], key: str) -> Callabl
     return lambda: float(pool.get_stats().get(key, 0))
 
 
-class PostgresBackend(Backend):
+class PostgresBackend(PostgresLifecycle, Backend):
     """The Backend over PostgreSQL; open with `PostgresBackend.open(url)`."""
 
     def __init__(
@@ -121,6 +122,8 @@ class PostgresBackend(Backend):
         statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
     ) -> None:
         self._pool = pool
+        self._clock = clock
+        self._branch_of = _branch_of
         self._statement_timeout_ms = statement_timeout_ms
         self._page_tokens = PageTokens(page_key)
         self._listener: GrowthListener | None = None
@@ -267,7 +270,10 @@ class PostgresBackend(Backend):
         # The write and the sync are one commit of the database's.
         attributes = {"db.system": "postgresql", "agentlog.events": len(append.batch)}
         with store_span("agentlog.store.commit", **attributes):
-            return await self._appends.submit(append)
+            appended = await self._appends.submit(append)
+        if append.labels and appended.first_sequence == 1:
+            await self.take_labels(append, appended)
+        return appended
 
     def _stored(self, appended: Appended, first_position: int) -> None:
         """Announce an append stored here, records at hand, before its caller hears."""
@@ -482,33 +488,6 @@ class PostgresBackend(Backend):
             if records:
                 yield records
 
-    async def list_sessions(self, query: SessionQuery) -> SessionList:
-        infos: list[SessionInfo] = []
-        for prefix in query.prefixes:
-            low = prefix if query.after is None or query.after < prefix else query.after
-            end = prefix_end(prefix)
-            # One range of the primary key a prefix: an index scan that stops at its end.
-            where, params = ["session_id >= %s"], [low]
-            if query.after is not None:
-                where.append("session_id > %s")
-                params.append(query.after)
-            if end is not None:
-                where.append("session_id < %s")
-                params.append(end)
-            rows = await self._fetch(
-                "SELECT session_id, branch_id, last_sequence, first_timestamp_ns,"
-                " last_timestamp_ns, head_id, forked_from_session, forked_from_branch,"
-                " forked_from_sequence FROM agentlog_branches WHERE session_id IN ("
-                f"SELECT DISTINCT session_id FROM agentlog_branches WHERE {' AND '.join(where)}"
-                " ORDER BY session_id LIMIT %s) ORDER BY session_id, branch_id",
-                (*params, query.size - len(infos) + 1),
-            )
-            for session_id, branches in itertools.groupby(rows, key=lambda row: str(row[0])):
-                if len(infos) == query.size:
-                    return SessionList(infos, infos[-1].session_id)
-                infos.append(SessionInfo.of(session_id, [_branch_of(row) for row in branches]))
-        return SessionList(infos, None)
-
     async def read_feed(self, from_position: int) -> AsyncIterator[list[FeedItem]]:
         """Appended records by their positions; a fork's copies by their branch and
         sequence, their positions a range (see `_schema`)."""
@@ -525,16 +504,25 @@ class PostgresBackend(Backend):
                     _FORK_ROWS,
                     (first - 1, session_id, branch_id, low - first + 1, last - first + 1),
                 )
+                if not rows:
+                    return
+                upto = int(rows[-1][0])
             else:
                 stop = int(fork[0]) - 1 if fork is not None else high
                 rows = await self._fetch(_APPENDED_ROWS, (low, stop))
-                if not rows:
-                    low = stop + 1  # (nothing can be missing: positions have no holes)
-                    continue
-            if not rows:
-                return
-            yield self._feed_items(rows)
-            low = int(rows[-1][0]) + 1
+                # Positions of deleted records are holes; a deletion's marker fills one.
+                upto = int(rows[-1][0]) if rows else stop
+            markers = await self._fetch(_DELETIONS, (low, upto))
+            items = self._feed_items(rows)
+            if markers:
+                items += [
+                    SessionDeleted(int(p), str(s), str(b), int(n), int(t))
+                    for p, s, b, n, t in markers
+                ]
+                items.sort(key=feed_end)
+            if items:
+                yield items
+            low = upto + 1
 
     def _feed_items(self, rows: list[Any]) -> list[FeedItem]:
         """Feed rows as records; a row that does not decode becomes a FeedGap (joined
@@ -626,6 +614,10 @@ _APPENDED_ROWS = _bounded(
     f" WHERE position BETWEEN %s AND %s ORDER BY position LIMIT {MESSAGE_RECORDS}",
     "position",
     f"position, {RECORD_COLUMNS}",
+)
+_DELETIONS = (
+    "SELECT position, session_id, branch_id, last_sequence, deleted_ns FROM agentlog_deletions"
+    " WHERE position BETWEEN %s AND %s ORDER BY position"
 )
 _NEXT_FORK_RANGE = (
     "SELECT first_position, last_position, session_id, branch_id FROM agentlog_fork_ranges"
