@@ -295,6 +295,8 @@ async def serve(
     reflection_enabled: bool = True,
     metrics_address: str | None = None,
     version: str = "",
+    retention_seconds: float | None = None,
+    retention_interval: float = 60.0,
 ) -> None:
     """Run the server until SIGTERM or SIGINT, then stop gracefully: on the PostgreSQL
     database `store` names (a postgresql:// URL), else on the JSONL directory
@@ -389,6 +391,12 @@ async def serve(
         loop.add_signal_handler(signum, on_signal, signum)
     await built.start()
     started = time.monotonic()
+    sweeper = None
+    if retention_seconds is not None:
+        from agentlog.server._retention import RetentionSweeper
+
+        sweeper = RetentionSweeper(built.backend, retention_seconds, retention_interval)
+        sweeper.start()
     metrics_server = None
     if metrics_address is not None:
         from agentlog.server.metrics import serve_metrics
@@ -417,6 +425,8 @@ async def serve(
     try:
         await stop.wait()
     finally:
+        if sweeper is not None:
+            await sweeper.stop()
         await built.stop(grace)
         for task in hurry:
             await task

@@ -13,6 +13,7 @@ from typing import Any
 
 from agentlog.errors import AgentlogError
 from agentlog.server._commands import copy, fork, health, migrate, tail
+from agentlog.server._session_commands import add_session_commands, run_session_command
 from agentlog.server.app import (
     DEFAULT_CONNECTION_AGE_GRACE,
     DEFAULT_GRACE_SECONDS,
@@ -121,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(<session>__<branch>.jsonl, as newest arcan; needed for branches and forks "
         "within a session); an existing directory keeps the layout its files have, and "
         "one that differs from this is refused; unset: seed (env AGENTLOG_LAYOUT)",
+    )
+    serve_cmd.add_argument(
+        "--retention",
+        type=_duration,
+        default=os.environ.get("AGENTLOG_RETENTION") or None,
+        help="delete branches whose last record is older than this (30d, 12h, 90m), in "
+        "the background, as DeleteSession does; unset: keep everything (env "
+        "AGENTLOG_RETENTION)",
+    )
+    serve_cmd.add_argument(
+        "--retention-interval",
+        type=_duration,
+        default=os.environ.get("AGENTLOG_RETENTION_INTERVAL") or "60s",
+        help="how often retention sweeps (env AGENTLOG_RETENTION_INTERVAL)",
     )
     serve_cmd.add_argument(
         "--read-only",
@@ -362,7 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the server's host:port (env AGENTLOG_ADDR)",
     )
     _add_client_tls_options(fork_cmd)
+    add_session_commands(commands, _add_client_options)
     return parser
+
+
+def _add_client_options(command: argparse.ArgumentParser) -> None:
+    """--addr, TLS and the token: how a command reaches a server."""
+    command.add_argument(
+        "--addr",
+        default=os.environ.get("AGENTLOG_ADDR", DEFAULT_ADDR),
+        help="the server's host:port (env AGENTLOG_ADDR)",
+    )
+    _add_client_tls_options(command)
 
 
 def _add_client_tls_options(command: argparse.ArgumentParser) -> None:
@@ -452,12 +478,33 @@ def _add_store_options(command: argparse.ArgumentParser) -> None:
     )
 
 
+def _client(args: argparse.Namespace) -> Any:
+    from agentlog.client import AgentlogClient
+    from agentlog.server._commands import _client_tls, _unresolvable
+
+    problem = _unresolvable(args.addr)
+    if problem is not None:
+        raise ValueError(problem)
+    return AgentlogClient(args.addr, tls=_client_tls(args), token=args.token)
+
+
+def _duration(text: str) -> float:
+    from agentlog.server._retention import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "health":
         return health(args)
     if args.command == "fork":
         return fork(args)
+    if args.command in ("sessions", "show", "delete", "label"):
+        return run_session_command(args, lambda: _client(args))
     if args.command == "tail":
         try:
             return tail(args)
@@ -501,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
                 layout=args.layout,
                 metrics_address=args.metrics_addr,
                 version=_version(),
+                retention_seconds=args.retention,
+                retention_interval=args.retention_interval,
             )
         )
     except (AgentlogError, OSError) as exc:

@@ -90,6 +90,17 @@ SYNC_GROUP = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
 )
 # The PostgreSQL store's connection pool (psycopg_pool's own statistics).
+RETENTION_SWEEPS = Counter(
+    "agentlog_retention_sweeps_total", "Retention sweeps run (see --retention)."
+)
+RETENTION_DELETED = Counter(
+    "agentlog_retention_deleted_branches_total", "Branches retention deleted as expired."
+)
+RETENTION_SWEEP_SECONDS = Histogram(
+    "agentlog_retention_sweep_seconds",
+    "How long a retention sweep took.",
+    buckets=(0.01, 0.1, 1, 10, 60, 600),
+)
 POSTGRES_POOL = Gauge(
     "agentlog_postgres_pool_connections",
     "The PostgreSQL pool: connections open (size), idle (available), and calls "
