@@ -7,6 +7,7 @@
 import { randomUUID } from "node:crypto";
 
 import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import {
   type CallOptions,
   type Client,
@@ -23,11 +24,14 @@ import {
   AppendBatchRequestSchema,
   AppendRequestSchema,
   BatchEventSchema,
+  DeleteSessionRequestSchema,
   ForkSessionRequestSchema,
+  ListSessionsRequestSchema,
   ReadDirection,
   SessionRepository,
   type SubscribeAllResponse,
   type SubscribeSessionResponse,
+  UpdateSessionLabelsRequestSchema,
 } from "./gen/agentlog/v1/session_pb.js";
 import {
   type BranchInfo,
@@ -37,7 +41,10 @@ import {
   type EventRecord,
   FeedGap,
   FeedRecord,
+  deletedFromMessage,
   recordFromMessage,
+  SessionDeleted,
+  type SessionLabels,
   type SessionPage,
   sessionFromMessage,
 } from "./records.js";
@@ -83,6 +90,8 @@ export interface AppendInput {
   expectedSequence?: bigint | number;
   /** The branch to append to (default "main"). */
   branchId?: string;
+  /** Labels for the session, taken if it has none and this append starts its branch. */
+  labels?: Record<string, string>;
 }
 
 export interface NewEvent {
@@ -110,6 +119,28 @@ export interface ForkOptions {
   newBranchId?: string;
   /** Make the new branch in this new session (default: the source session). */
   newSessionId?: string;
+}
+
+export interface ListOptions {
+  pageSize?: number;
+  pageToken?: string;
+  /** Only sessions carrying every one of these labels. */
+  labels?: Record<string, string>;
+  /** Only sessions whose id starts with this. */
+  sessionIdPrefix?: string;
+  /** Only sessions last appended to at or after this time. */
+  updatedAfter?: Date;
+  /** Only sessions last appended to before this time. */
+  updatedBefore?: Date;
+}
+
+export interface DeleteOptions {
+  /** The branch to delete (default "main"). */
+  branchId?: string;
+  /** Delete every branch of the session, and its labels. */
+  allBranches?: boolean;
+  /** Delete only if the branch's last sequence is this. */
+  expectedSequence?: bigint | number;
 }
 
 export interface SubscribeOptions {
@@ -254,6 +285,7 @@ export class AgentlogClient {
       id: checkId(input.id, "id"),
       omitEvent: true, // the answer leaves out the event this client already has
       branchId: branch(input.branchId),
+      labels: input.labels ?? {},
       ...(input.parentId != null && { parentId: input.parentId }),
       ...(input.expectedSequence !== undefined && {
         expectedSequence: toU64(input.expectedSequence, "expectedSequence"),
@@ -268,7 +300,11 @@ export class AgentlogClient {
   async appendBatch(
     sessionId: string,
     events: NewEvent[],
-    options: { expectedSequence?: bigint | number; branchId?: string } = {},
+    options: {
+      expectedSequence?: bigint | number;
+      branchId?: string;
+      labels?: Record<string, string>;
+    } = {},
   ): Promise<EventRecord[]> {
     const messages = events.map((item, index) =>
       create(BatchEventSchema, {
@@ -282,6 +318,7 @@ export class AgentlogClient {
       events: messages,
       omitEvents: true,
       branchId: branch(options.branchId),
+      labels: options.labels ?? {},
       ...(options.expectedSequence !== undefined && {
         expectedSequence: toU64(options.expectedSequence, "expectedSequence"),
       }),
@@ -403,23 +440,93 @@ export class AgentlogClient {
     return branchFromMessage(response.branch);
   }
 
-  /** One page of sessions in session id (byte) order. */
-  async listSessions(
-    options: { pageSize?: number; pageToken?: string } = {},
-  ): Promise<SessionPage> {
+  /**
+   * One page of sessions in session id (byte) order; optionally only those carrying
+   * every one of `labels`, with ids starting with `sessionIdPrefix`, last appended to
+   * at or after `updatedAfter` and before `updatedBefore`. A page token serves only
+   * the filters it was made for.
+   */
+  async listSessions(options: ListOptions = {}): Promise<SessionPage> {
     const pageSize = options.pageSize ?? 0;
     if (!Number.isInteger(pageSize) || pageSize < 0 || pageSize > 1000) {
       throw new InvalidArgumentError("pageSize must be an integer from 1 to 1000", {
         field: "pageSize",
       });
     }
-    const response = await this.unary((call) =>
-      this.client.listSessions({ pageSize, pageToken: options.pageToken ?? "" }, call),
-    );
+    const request = create(ListSessionsRequestSchema, {
+      pageSize,
+      pageToken: options.pageToken ?? "",
+      labels: options.labels ?? {},
+      sessionIdPrefix: options.sessionIdPrefix ?? "",
+      ...(options.updatedAfter !== undefined && {
+        updatedAfter: timestampFromDate(options.updatedAfter),
+      }),
+      ...(options.updatedBefore !== undefined && {
+        updatedBefore: timestampFromDate(options.updatedBefore),
+      }),
+    });
+    const response = await this.unary((call) => this.client.listSessions(request, call));
     return {
       sessions: response.sessions.map(sessionFromMessage),
       nextPageToken: response.nextPageToken || null,
     };
+  }
+
+  /**
+   * Delete a branch (or, with `allBranches`, every branch and the session's labels)
+   * for good: its records are erased, the feed gets a SessionDeleted marker,
+   * subscribers of the branch end with NotFoundError (BRANCH_DELETED), and the deleted
+   * records' ids stay reserved (reusing one fails with AlreadyExistsError,
+   * RECORD_ID_DELETED). The markers. Not retried: a retry after a lost answer would
+   * find nothing to delete.
+   */
+  async deleteSession(sessionId: string, options: DeleteOptions = {}): Promise<SessionDeleted[]> {
+    const request = create(DeleteSessionRequestSchema, {
+      sessionId,
+      branchId: branch(options.branchId),
+      allBranches: options.allBranches ?? false,
+      ...(options.expectedSequence !== undefined && {
+        expectedSequence: toU64(options.expectedSequence, "expectedSequence"),
+      }),
+    });
+    let response;
+    try {
+      response = await this.client.deleteSession(request, this.options());
+    } catch (error) {
+      throw toAgentlogError(error, this.closed);
+    }
+    return response.deleted.map(deletedFromMessage);
+  }
+
+  /**
+   * Set and remove a session's labels, all or none; the labels and their version
+   * after. With `expectedVersion`, fails with FailedPreconditionError
+   * (WRONG_LABELS_VERSION) if another editor changed them first (and is then retried
+   * after UNAVAILABLE, which it makes safe).
+   */
+  async updateSessionLabels(
+    sessionId: string,
+    change: { set?: Record<string, string>; remove?: string[]; expectedVersion?: bigint | number },
+  ): Promise<SessionLabels> {
+    const request = create(UpdateSessionLabelsRequestSchema, {
+      sessionId,
+      set: change.set ?? {},
+      remove: change.remove ?? [],
+      ...(change.expectedVersion !== undefined && {
+        expectedVersion: toU64(change.expectedVersion, "expectedVersion"),
+      }),
+    });
+    let response;
+    if (change.expectedVersion !== undefined) {
+      response = await this.unary((call) => this.client.updateSessionLabels(request, call));
+    } else {
+      try {
+        response = await this.client.updateSessionLabels(request, this.options());
+      } catch (error) {
+        throw toAgentlogError(error, this.closed);
+      }
+    }
+    return { labels: { ...response.labels }, version: response.version };
   }
 
   /**
@@ -465,7 +572,7 @@ export class AgentlogClient {
    */
   async *subscribeAll(
     options: SubscribeAllOptions = {},
-  ): AsyncGenerator<FeedRecord | FeedGap | CaughtUp | Checkpoint> {
+  ): AsyncGenerator<FeedRecord | FeedGap | SessionDeleted | CaughtUp | Checkpoint> {
     let next =
       options.fromPosition === undefined ? undefined : toU64(options.fromPosition, "fromPosition");
     const filters = {
@@ -479,7 +586,9 @@ export class AgentlogClient {
           { ...filters, ...(next !== undefined && { fromPosition: next }) },
           { signal },
         ),
-      (response: SubscribeAllResponse): (FeedRecord | FeedGap | CaughtUp | Checkpoint)[] => {
+      (
+        response: SubscribeAllResponse,
+      ): (FeedRecord | FeedGap | SessionDeleted | CaughtUp | Checkpoint)[] => {
         const kind = response.kind;
         switch (kind.case) {
           case "caughtUp":
@@ -500,6 +609,11 @@ export class AgentlogClient {
                 kind.value.branchId || "main",
               ),
             ];
+          case "deleted": {
+            const marker = deletedFromMessage(kind.value);
+            next = marker.position + 1n;
+            return [marker];
+          }
           case "records": {
             const items = kind.value.records.map((item) => {
               if (item.record === undefined) {

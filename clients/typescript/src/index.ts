@@ -5,7 +5,9 @@ export {
   type AppendInput,
   type ClientOptions,
   DEFAULT_TARGET,
+  type DeleteOptions,
   type ForkOptions,
+  type ListOptions,
   type NewEvent,
   type ReadOptions,
   type SubscribeAllOptions,
@@ -71,6 +73,8 @@ export {
   FeedGap,
   FeedRecord,
   type ForkedFrom,
+  SessionDeleted,
   type SessionInfo,
+  type SessionLabels,
   type SessionPage,
 } from "./records.js";

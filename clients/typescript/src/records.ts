@@ -5,6 +5,7 @@ import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import type {
   BranchInfo as BranchInfoMessage,
   EventRecord as EventRecordMessage,
+  SessionDeleted as SessionDeletedMessage,
   SessionInfo as SessionInfoMessage,
 } from "./gen/agentlog/v1/session_pb.js";
 import { type AgentEvent, eventFromMessage } from "./events.js";
@@ -98,6 +99,38 @@ export interface SessionInfo {
   headId: string;
   /** Its branches, in byte order of their ids. */
   branches: BranchInfo[];
+  /** Its labels. */
+  labels: Record<string, string>;
+  /** Their version: 0 before any were set, then one more at each change. */
+  labelsVersion: bigint;
+}
+
+/** A session's labels and their version. */
+export interface SessionLabels {
+  labels: Record<string, string>;
+  version: bigint;
+}
+
+/** The feed's mark that a branch was deleted: its records 1 to `lastSequence` are gone
+ * (their positions no longer appear); the marker takes a position of its own. */
+export class SessionDeleted {
+  constructor(
+    readonly position: bigint,
+    readonly sessionId: string,
+    readonly branchId: string,
+    readonly lastSequence: bigint,
+    readonly timestamp: Date,
+  ) {}
+}
+
+export function deletedFromMessage(message: SessionDeletedMessage): SessionDeleted {
+  return new SessionDeleted(
+    message.position,
+    message.sessionId,
+    message.branchId || "main",
+    message.lastSequence,
+    toDate(message.timestamp),
+  );
 }
 
 export interface SessionPage {
@@ -156,5 +189,7 @@ export function sessionFromMessage(message: SessionInfoMessage): SessionInfo {
     lastTimestamp: toDate(message.lastTimestamp),
     headId: message.headId,
     branches: message.branches.map(branchFromMessage),
+    labels: { ...message.labels },
+    labelsVersion: message.labelsVersion,
   };
 }
