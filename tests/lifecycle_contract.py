@@ -172,9 +172,7 @@ class LifecycleContract:
         assert follower.error.reason == "BRANCH_DELETED"
         assert feed.finish()[-1] == marker
 
-    def test_labels_are_set_by_the_first_append_and_changed_with_a_version(
-        self, repo: Any
-    ) -> None:
+    def test_labels_are_set_by_the_first_append_and_changed_with_a_version(self, repo: Any) -> None:
         session = new_session()
         repo.append_batch(session, [NewEvent(event=started(session))], labels={"app": "chat"})
         add(repo, session, "later", labels={"app": "ignored"})

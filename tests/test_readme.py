@@ -6,14 +6,16 @@ import contextlib
 import io
 import os
 import re
+import shlex
 import signal
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import psycopg
 
-from agentlog import AgentlogClient, AppendEvent
+from agentlog import AgentlogClient, AppendEvent, TextDelta
 from agentlog.server import JsonlSessionRepository
 from tests.contract import delta
 from tests.pg import ADMIN_URL
@@ -32,7 +34,7 @@ def test_the_readme_opens_with_the_two_commands() -> None:
 
 def test_the_python_examples_run_each_on_its_own(tmp_path: Path) -> None:
     examples = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(examples) == 3
+    assert len(examples) == 4
     output = io.StringIO()
     branched = tmp_path / "branched"
     with (
@@ -50,9 +52,11 @@ def test_the_python_examples_run_each_on_its_own(tmp_path: Path) -> None:
     assert [line.split()[1] for line in lines[:2]] == ["run_started", "tool_call_requested"]
     assert (tmp_path / "demo.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "chat.jsonl").read_text().count("\n") == 4
-    assert lines[-1] == (
+    assert lines[-3] == (
         "ForkedFrom(session_id='plan', branch_id='main', sequence=1) ['step one', 'a better turn']"
     )
+    assert lines[-2:] == ["2 [('user-7-chat-1', 'Greeting')]", "[1]"]
+    assert not (tmp_path / "user-7-chat-1.jsonl").exists()
     assert (branched / "plan__retry.jsonl").read_text().count("\n") == 2
 
 
@@ -89,3 +93,31 @@ def test_the_postgresql_commands_run_as_written(tmp_path: Path) -> None:
         process.communicate(timeout=30)
         with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_the_session_commands_run_as_written(tmp_path: Path) -> None:
+    section = README.read_text().split("## Deleting, retention and labels", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line.split("  #", 1)[0]) for line in block.splitlines()]
+    assert [c[1] for c in commands] == ["sessions", "show", "show", "label", "delete"]
+    agentlog = str(Path(sys.executable).with_name("agentlog"))
+    with running_server(JsonlSessionRepository(tmp_path)) as target:
+        with AgentlogClient(target) as client:
+            event = TextDelta(run_id="r", session_id="user-7-chat-1", iteration=1, delta="Hi")
+            client.append(
+                AppendEvent(session_id="user-7-chat-1", event=event, labels={"app": "chat"})
+            )
+        outputs = []
+        for command in commands:
+            done = subprocess.run(
+                [agentlog, *command[1:], "--addr", target],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, (command, done.stderr)
+            outputs.append(done.stdout)
+    assert "user-7-chat-1" in outputs[0] and "app=chat" in outputs[0]
+    assert "text: Hi" in outputs[1]
+    assert "title=A greeting" in outputs[3]
+    assert "deleted branch main of session user-7-chat-1" in outputs[4]

@@ -49,6 +49,7 @@ TOKENS = {
     "admin": "token-of-admin",
     "narrow": "t-narrow",
     "writer": "token-of-writer",
+    "deleter": "token-of-deleter",
 }
 
 
@@ -63,6 +64,7 @@ ACCESS = [
     caller("admin", ["admin"], []),
     caller("narrow", ["read", "append"], ["agent-a-"]),
     caller("writer", ["append"], ["agent-a-"]),
+    caller("deleter", ["read", "delete"], ["agent-a-"]),
 ]
 
 
@@ -170,6 +172,45 @@ def test_a_fork_needs_read_on_its_source_and_append_on_its_target(any_backend: s
     with client(any_backend, "admin") as admin:
         assert admin.load_session("agent-b-2") == []
         assert admin.load_session("agent-a-4") == []
+
+
+def test_deletes_labels_and_listings_keep_to_the_callers_sessions(any_backend: str) -> None:
+    with client(any_backend, "admin") as admin:
+        for name in ["agent-a-1", "agent-a-2", "agent-b-1"]:
+            admin.append(AppendEvent(session_id=name, event=delta(name, "x"), labels={"app": "x"}))
+    with (
+        client(any_backend, "a") as a,
+        client(any_backend, "deleter") as deleter,
+        client(any_backend, "writer") as writer,
+    ):
+        refused: list[Callable[[], object]] = [
+            lambda: a.delete_session("agent-a-1"),  # read and append, not delete
+            lambda: deleter.delete_session("agent-b-1"),
+            lambda: deleter.delete_session("agent-b-404", all_branches=True),
+            lambda: a.update_session_labels("agent-b-1", {"app": "y"}),
+            lambda: a.update_session_labels("agent-b-404", {"app": "y"}),
+            lambda: deleter.update_session_labels("agent-a-1", {"app": "y"}),  # no append
+        ]
+        for attempt in refused:
+            with pytest.raises(PermissionDeniedError) as denied:
+                attempt()
+            assert "does not exist" not in str(denied.value)
+        # Listing by label or prefix shows only what the caller may read.
+        assert [i.session_id for i in a.list_sessions(labels={"app": "x"}).sessions] == [
+            "agent-a-1",
+            "agent-a-2",
+        ]
+        assert a.list_sessions(session_id_prefix="agent-b-").sessions == []
+        assert a.list_sessions(session_id_prefix="agent").sessions[-1].session_id == "agent-a-2"
+        assert writer.list_sessions(labels={"app": "x"}).sessions == []  # may not read
+        assert a.update_session_labels("agent-a-1", {"user": "u"}).version == 2
+        [marker] = deleter.delete_session("agent-a-1")
+        assert marker.session_id == "agent-a-1"
+        # Reusing a deleted record's id says nothing of where it was.
+    with client(any_backend, "admin") as admin:
+        assert admin.load_session("agent-a-1") == []
+        assert len(admin.load_session("agent-b-1")) == 1
+        assert admin.list_sessions(labels={"app": "x"}).sessions[-1].labels == {"app": "x"}
 
 
 # --- errors ---

@@ -4,7 +4,8 @@ A caller is known by one of:
 - a bearer token (`authorization: Bearer <token>`) whose SHA-256 is listed in the
   access file, with a name, permissions and the session-id prefixes it may touch;
 - a bearer JWT verified against a JWKS file (signature, issuer, audience, expiry),
-  whose `scope` (or `scp`) grants `agentlog:read`, `agentlog:append`, `agentlog:admin`
+  whose `scope` (or `scp`) grants `agentlog:read`, `agentlog:append`, `agentlog:delete`,
+  `agentlog:admin`
   and whose `agentlog_sessions` claim (absent: every session) lists its prefixes;
 - under mTLS, its certificate's identity (a SPIFFE URI or a DNS name) listed in the
   access file.
