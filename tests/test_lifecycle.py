@@ -22,6 +22,7 @@ from agentlog import AgentlogClient, AppendEvent, NewEvent, SessionDeleted, Tool
 from agentlog import ToolCallRequested as Requested
 from agentlog.server import JsonlSessionRepository, MemorySessionRepository
 from agentlog.server._retention import RetentionSweeper, parse_duration
+from agentlog.server.backend import Backend
 from agentlog.server.blocking import BlockingStore
 from agentlog.server.postgres import PostgresBackend
 from tests.contract import delta, new_session
@@ -95,7 +96,8 @@ def test_a_deleted_session_leaves_no_row_in_postgresql_after_its_vacuum() -> Non
             files = []
             for (table,) in conn.execute(
                 "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n"
-                " ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind IN ('r','t','i')"
+                " ON n.oid = c.relnamespace"
+                " WHERE n.nspname = 'public' AND c.relkind IN ('r','t','i')"
             ).fetchall():
                 found = conn.execute("SELECT pg_relation_filepath(%s)", (table,)).fetchone()
                 if found and found[0]:
@@ -145,6 +147,10 @@ for i in range(count):
 """
 
 
+def _read_lines(process: subprocess.Popen[str], into: list[list[str]]) -> None:
+    into.extend(line.split() for line in process.stdout or ())
+
+
 def test_sigkill_during_deletes_and_label_updates_leaves_each_whole_or_not_done(
     tmp_path: Path,
 ) -> None:
@@ -160,16 +166,13 @@ def test_sigkill_during_deletes_and_label_updates_leaves_each_whole_or_not_done(
         assert process.stdout is not None
         assert process.stdout.readline().strip() == "ready"
         done: list[list[str]] = []
-        reader = threading.Thread(
-            target=lambda: done.extend(line.split() for line in process.stdout or ()),
-            daemon=True,
-        )
+        reader = threading.Thread(target=_read_lines, args=(process, done), daemon=True)
         reader.start()
         time.sleep(rng.uniform(0.05, 1.5))
         process.send_signal(signal.SIGKILL)
         process.wait()
         reader.join(5)
-        labeled = {s: int(v) for kind, s, *v in done if kind == "labeled" for v in [v[0]]}
+        labeled = {s[1]: int(s[2]) for s in done if len(s) == 3 and s[0] == "labeled"}
         deleted = {s for kind, s, *_ in done if kind == "deleted"}
         appended = {s for kind, s, *_ in done if kind == "appended"}
         with JsonlSessionRepository(root) as store:
@@ -178,12 +181,14 @@ def test_sigkill_during_deletes_and_label_updates_leaves_each_whole_or_not_done(
                 s = f"s{i:03d}"
                 records = store.load_session(s)
                 if s in deleted:
-                    assert records == [] and s not in listed, s
+                    assert records == [], s
+                    assert s not in listed, s
                     continue
                 # Whole or gone (a delete cut short), never a part.
                 assert len(records) in (0, 40, 41), (s, len(records))
                 if not records:
-                    assert i % 2 == 0 and s not in listed
+                    assert i % 2 == 0
+                    assert s not in listed
                     continue
                 if s in appended:
                     assert len(records) == 41
@@ -278,7 +283,7 @@ def test_serve_with_retention_sweeps_in_the_background(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        port, lines = wait_for_port(process)
+        port, _lines = wait_for_port(process)
         log: list[str] = []
         threading.Thread(target=lambda: log.extend(process.stderr or ()), daemon=True).start()
         with AgentlogClient(f"127.0.0.1:{port}") as client:
@@ -301,13 +306,14 @@ def test_a_retention_must_be_a_duration() -> None:
     assert parse_duration("30d") == 30 * 86400
     assert parse_duration("90m") == 5400
     for bad in ("", "0s", "thirty days", "-1d", "5y"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"duration|longer than nothing"):
             parse_duration(bad)
     result = subprocess.run(
         [sys.executable, "-m", "agentlog.server", "serve", "--retention", "soon"],
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert "not a duration" in result.stderr
@@ -331,7 +337,7 @@ def test_a_sweep_logs_and_counts_what_it_did() -> None:
         loop.close()
 
 
-async def _backend_of(store: BlockingStore) -> object:
+async def _backend_of(store: BlockingStore) -> Backend:
     from concurrent.futures import ThreadPoolExecutor
 
     return store.backend(ThreadPoolExecutor(2))
@@ -347,6 +353,7 @@ def run(target: str, *args: str, stdin: str | None = None) -> subprocess.Complet
         text=True,
         timeout=60,
         input=stdin,
+        check=False,
     )
 
 
@@ -373,7 +380,8 @@ def test_the_commands_list_show_label_and_delete_sessions(tmp_path: Path) -> Non
             client.append(AppendEvent(session_id="chat-2", event=delta("chat-2", "x")))
         listing = run(target, "sessions", "--label", "app=demo")
         assert listing.returncode == 0, listing.stderr
-        assert "chat-1" in listing.stdout and "chat-2" not in listing.stdout
+        assert "chat-1" in listing.stdout
+        assert "chat-2" not in listing.stdout
         assert "app=demo user=ana" in listing.stdout
         as_json = run(target, "sessions", "--prefix", "chat-", "--json")
         assert [line.count('"session_id"') for line in as_json.stdout.splitlines()] == [1, 1]
@@ -382,20 +390,25 @@ def test_the_commands_list_show_label_and_delete_sessions(tmp_path: Path) -> Non
         assert "text: Hello, world" in shown.stdout
         assert 'tool call read_file [c1] input: {"p": 1}' in shown.stdout
         stored = run(target, "show", session, "--json")
-        assert stored.stdout.count("\n") == 3 and '"delta":"Hello, "' in stored.stdout
+        assert stored.stdout.count("\n") == 3
+        assert '"delta":"Hello, "' in stored.stdout
         labeled = run(
             target, "label", session, "title=First chat", "user-", "--expect-version", "1"
         )
         assert labeled.returncode == 0, labeled.stderr
         assert "app=demo title=First chat (version 2)" in labeled.stdout
         conflict = run(target, "label", session, "x=y", "--expect-version", "1")
-        assert conflict.returncode == 1 and "FAILED_PRECONDITION" in conflict.stderr
+        assert conflict.returncode == 1
+        assert "FAILED_PRECONDITION" in conflict.stderr
         unasked = run(target, "delete", session)
-        assert unasked.returncode == 2 and "--yes" in unasked.stderr
+        assert unasked.returncode == 2
+        assert "--yes" in unasked.stderr
         deleted = run(target, "delete", session, "--yes")
         assert deleted.returncode == 0, deleted.stderr
         assert "deleted branch main of session chat-1: 3 record(s)" in deleted.stdout
         again = run(target, "delete", session, "--yes")
-        assert again.returncode == 1 and "NOT_FOUND" in again.stderr
+        assert again.returncode == 1
+        assert "NOT_FOUND" in again.stderr
         missing = run(target, "show", session)
-        assert missing.returncode == 1 and "has no records" in missing.stderr
+        assert missing.returncode == 1
+        assert "has no records" in missing.stderr
