@@ -386,7 +386,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         help="run one group: appends, reads, children, live, fanout, feed-fanout, listing, "
-        "branches, security, typescript, postgres",
+        "branches, lifecycle, security, typescript, postgres",
     )
     parser.add_argument(
         "--store",
@@ -410,6 +410,10 @@ def main() -> None:
 
     groups["branches"] = lambda tmp: branches.run(tmp, results, args)
     CEILINGS.update(branches.CEILINGS)
+    from bench import lifecycle
+
+    groups["lifecycle"] = lambda tmp: lifecycle.run(tmp, results, args)
+    CEILINGS.update(lifecycle.CEILINGS)
     from bench import security
 
     groups["security"] = lambda tmp: security.run(results, args.scale, args.rounds)

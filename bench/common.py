@@ -42,8 +42,9 @@ DELTA_TEXT = "token of a longer streamed answer, with some text to give each lin
 
 @contextmanager
 def server(
-    data_dir: Path, *args: str, env: dict[str, str] | None = None
+    data_dir: Path, *args: str, env: dict[str, str] | None = None, log: list[str] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """A server on `data_dir` with `args`; its log lines are kept in `log`, if given."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -67,7 +68,9 @@ def server(
         assert process.stderr is not None
         found = re.search(r"serving on (127\.0\.0\.1:\d+)", process.stderr.readline())
         # Keep reading the log, so that a full pipe never stalls the server.
-        threading.Thread(target=process.stderr.read, daemon=True).start()
+        stderr = process.stderr
+        reader = stderr.read if log is None else lambda: log.extend(stderr)
+        threading.Thread(target=reader, daemon=True).start()
         assert found, "the server did not start"
         yield found.group(1), process
     finally:

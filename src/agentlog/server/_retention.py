@@ -2,8 +2,9 @@
 the background, the way DeleteSession deletes them.
 
 A sweep runs every `interval` seconds: it asks the backend for a bounded batch of
-expired branches at a time (`Backend.expire`), pausing between batches, so appends
-never wait behind a whole sweep; it counts and logs what it did. On PostgreSQL
+expired branches at a time (`Backend.expire`), pausing twice as long as each batch
+took, so appends never wait behind a whole sweep and keep most of the machine; it
+counts and logs what it did. On PostgreSQL
 every replica may sweep: one at a time holds the sweep's advisory lock.
 """
 
@@ -21,9 +22,12 @@ from agentlog.server.backend import Backend
 
 log = logging.getLogger("agentlog.server")
 
-# Branches deleted by one call of Backend.expire, at most, and the pause after it.
-SWEEP_BATCH = 256
-PAUSE_SECONDS = 0.05
+# Branches deleted by one call of Backend.expire, at most; after each call the sweep
+# pauses PACE times as long as the call took (at least PAUSE_SECONDS): it is
+# background work, and takes at most a third of the time while appends go on.
+SWEEP_BATCH = 64
+PAUSE_SECONDS = 0.02
+PACE = 2.0
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
 
@@ -77,12 +81,14 @@ class RetentionSweeper:
         before_ns = time.time_ns() - int(self.retention_seconds * 1e9)
         deleted = 0
         while True:
+            called = time.monotonic()
             count = await self._backend.expire(before_ns, SWEEP_BATCH)
             deleted += count
             metrics.RETENTION_DELETED.inc(count)
             if count < SWEEP_BATCH:
                 break
-            await asyncio.sleep(PAUSE_SECONDS)  # appends go first
+            # Appends go first.
+            await asyncio.sleep(max(PAUSE_SECONDS, (time.monotonic() - called) * PACE))
         took = time.monotonic() - started
         metrics.RETENTION_SWEEPS.inc()
         metrics.RETENTION_SWEEP_SECONDS.observe(took)

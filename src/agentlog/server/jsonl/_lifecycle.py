@@ -4,9 +4,9 @@ A delete of branches goes in three steps, so that a crash at any point leaves
 each branch whole or gone, never half-deleted:
 
 1. Its records' ids are read from the file and reserved in the sessions
-   database (`sessions_db`), durably. (A crash here: nothing is deleted; ids of
-   live records reserved are harmless, since a retry of a stored record is found
-   as stored first.)
+   database (`sessions_db`), durably, one transaction for a group of branches.
+   (A crash here: nothing is deleted; ids of live records reserved are harmless,
+   since a retry of a stored record is found as stored first.)
 2. Appends wait a moment (`_draining`) while those in flight are acknowledged;
    then the feed gets a deletion marker per branch, synced, and the files are
    unlinked, under the store's lock. (A crash between the marker and the unlink
@@ -95,6 +95,9 @@ class Lifecycle(Forks):
             doomed = [d for place in places if (d := self._doom(place, expected)) is not None]
             if not doomed:
                 return []
+            # Reserved durably before anything is deleted: one transaction for them all.
+            self._sessions_db.add_erased(i for d in doomed for i in d.ids)
+            point("delete.reserved")
             settled = self._settle_deletes(doomed)
             if settled is not None:
                 doomed, numbers = settled
@@ -122,8 +125,6 @@ class Lifecycle(Forks):
         if expected is not None and expected != view.count:
             raise wrong_expected_sequence(session_id, expected, view.count, branch_id)
         ids, parents = self._ids_in(view)
-        self._sessions_db.add_erased(ids)
-        point("delete.reserved")
         with self._lock:
             before = self._feed.deleted_at.get(stem, 0)
         return _Doomed(session_id, branch_id, stem, view.count, ids, parents, before)
@@ -213,12 +214,13 @@ class Lifecycle(Forks):
     ) -> list[SessionDeleted]:
         """Step 3: no copy of the deleted records left in the index or recovered tails;
         labels of sessions left with no branch erased. The markers."""
-        for d in doomed:
-            indexed = numbers.get(d.stem)
-            if indexed is not None:
-                self._index.erase(
-                    indexed.session, [key_of(i) for i in d.ids], [key_of(p) for p in d.parents]
-                )
+        self._index.erase(
+            [
+                (indexed.session, [key_of(i) for i in d.ids], [key_of(p) for p in d.parents])
+                for d in doomed
+                if (indexed := numbers.get(d.stem)) is not None
+            ]
+        )
         recovered = self.root / RECOVERED_DIR
         with contextlib.suppress(FileNotFoundError):
             names = {f"{d.stem}{SUFFIX}." for d in doomed}

@@ -643,21 +643,25 @@ class StoreIndex(FilteredIds):
         if first is not None:
             entry.first = first
 
-    def erase(self, session: int, keys: list[int], parent_keys: list[int]) -> None:
-        """Remove for good the rows of a deleted file (number `session`, forgotten): its
-        records' ids' `keys` and their parents' `parent_keys`, and its marks; then fold
-        the write-ahead log into the database, so no copy of the rows is left in it."""
+    def erase(self, files: list[tuple[int, list[int], list[int]]]) -> None:
+        """Remove for good the rows of deleted files (each: its number, forgotten; its
+        records' ids' keys; their parents' keys), and their marks; then fold the
+        write-ahead log into the database, so no copy of the rows is left in it."""
+        if not files:
+            return
         with self._write_lock:
             self._flush()
             with _transaction(self._db) as db:
-                db.executemany(
-                    "DELETE FROM ids WHERE key = ? AND session = ?", [(k, session) for k in keys]
-                )
-                db.executemany(
-                    "DELETE FROM children WHERE key = ? AND session = ?",
-                    [(k, session) for k in parent_keys],
-                )
-                db.execute("DELETE FROM marks WHERE session = ?", (session,))
+                for session, keys, parent_keys in files:
+                    db.executemany(
+                        "DELETE FROM ids WHERE key = ? AND session = ?",
+                        [(k, session) for k in keys],
+                    )
+                    db.executemany(
+                        "DELETE FROM children WHERE key = ? AND session = ?",
+                        [(k, session) for k in parent_keys],
+                    )
+                    db.execute("DELETE FROM marks WHERE session = ?", (session,))
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def forget(self, stem: str) -> None:
