@@ -230,6 +230,13 @@ class LifecycleContract:
         assert page.next_page_token is not None
         with pytest.raises(InvalidArgumentError):  # a token serves its own filters only
             repo.list_sessions(page_token=page.next_page_token, labels={"app": "other"})
+        for bad in (
+            {"labels": {"bad key": "x"}},
+            {"session_id_prefix": "x" * 300},
+            {"updated_after_ns": 10**30},
+        ):
+            with pytest.raises(InvalidArgumentError):
+                repo.list_sessions(**bad)
 
     def test_paging_is_stable_while_sessions_are_added_and_deleted(self, repo: Any) -> None:
         tag = uuid.uuid4().hex

@@ -412,3 +412,21 @@ def test_the_commands_list_show_label_and_delete_sessions(tmp_path: Path) -> Non
         missing = run(target, "show", session)
         assert missing.returncode == 1
         assert "has no records" in missing.stderr
+
+
+def test_a_copy_carries_labels(tmp_path: Path) -> None:
+    from agentlog.server.copying import copy_store
+
+    source, destination = tmp_path / "a", tmp_path / "b"
+    with JsonlSessionRepository(source) as store:
+        store.append(AppendEvent(session_id="s", event=delta("s", "x"), labels={"app": "chat"}))
+        store.update_session_labels("s", {"title": "T"})
+        store.append(AppendEvent(session_id="plain", event=delta("p", "x")))
+    summary = asyncio.run(copy_store(str(source), str(destination), progress=None))
+    assert not summary.failures
+    asyncio.run(copy_store(str(source), str(destination), progress=None))  # again: unchanged
+    with JsonlSessionRepository(destination) as store:
+        [labeled, plain] = store.list_sessions().sessions[::-1]
+        assert (labeled.session_id, labeled.labels) == ("s", {"app": "chat", "title": "T"})
+        assert labeled.labels_version == 1
+        assert plain.labels == {}

@@ -21,6 +21,7 @@ from agentlog._records import (
     SessionInfo,
     SessionLabels,
     SessionPage,
+    check_timestamp,
     new_record_ids,
 )
 from agentlog._validation import (
@@ -31,6 +32,7 @@ from agentlog._validation import (
     check_labels,
     check_record_id,
     check_session_id,
+    check_session_prefix,
     check_stored_branch_id,
     check_stored_session_id,
 )
@@ -282,11 +284,14 @@ def list_to_proto(
     updated_before_ns: int | None,
 ) -> pb.ListSessionsRequest:
     """The ListSessionsRequest for a page of sessions with these filters."""
+    for value, name in ((updated_after_ns, "updated_after"), (updated_before_ns, "updated_before")):
+        if value is not None:
+            check_timestamp(value, name)
     return pb.ListSessionsRequest(
         page_size=page_size or 0,
         page_token=page_token or "",
         labels=check_labels(labels, "labels"),
-        session_id_prefix=session_id_prefix,
+        session_id_prefix=check_session_prefix(session_id_prefix),
         updated_after=None if updated_after_ns is None else timestamp_fields(updated_after_ns),
         updated_before=None if updated_before_ns is None else timestamp_fields(updated_before_ns),
     )
@@ -294,15 +299,13 @@ def list_to_proto(
 
 def list_from_proto(request: pb.ListSessionsRequest) -> dict[str, Any]:
     """The filters of a ListSessionsRequest, as `SessionQuery.of` takes them."""
-    return {
-        "labels": dict(request.labels),
-        "updated_after_ns": (
-            _ns(request.updated_after) if request.HasField("updated_after") else None
-        ),
-        "updated_before_ns": (
-            _ns(request.updated_before) if request.HasField("updated_before") else None
-        ),
-    }
+    after = before = None
+    if request.HasField("updated_after"):
+        after = check_timestamp(_ns(request.updated_after), "updated_after")
+    if request.HasField("updated_before"):
+        before = check_timestamp(_ns(request.updated_before), "updated_before")
+    check_session_prefix(request.session_id_prefix)
+    return {"labels": dict(request.labels), "updated_after_ns": after, "updated_before_ns": before}
 
 
 def delete_to_proto(

@@ -301,3 +301,15 @@ def check_labels(
             field,
         )
     return checked
+
+
+def check_session_prefix(prefix: object, field: str = "session_id_prefix") -> str:
+    """A session id prefix to list by: a string no longer than a session id may be."""
+    if type(prefix) is not str:
+        raise InvalidArgumentError(f"{field} must be a string", field=field)
+    if len(prefix.encode("utf-8", "surrogatepass")) > MAX_STORED_SESSION_ID_BYTES:
+        raise InvalidArgumentError(
+            f"{field} is longer than a session id may be ({MAX_STORED_SESSION_ID_BYTES} bytes)",
+            field=field,
+        )
+    return prefix

@@ -23,7 +23,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from agentlog._records import SessionInfo
+from agentlog._records import SessionInfo, check_timestamp
 from agentlog._validation import check_labels, check_page_size
 from agentlog.errors import InvalidArgumentError
 
@@ -57,6 +57,12 @@ class SessionQuery:
         updated_before_ns: int | None = None,
     ) -> SessionQuery:
         checked = check_labels(labels, "labels")
+        for value, name in (
+            (updated_after_ns, "updated_after"),
+            (updated_before_ns, "updated_before"),
+        ):
+            if value is not None:
+                check_timestamp(value, name)
         return cls(
             check_page_size(page_size),
             after,

@@ -35,7 +35,7 @@ from agentlog._records import (
     SessionPage,
     StoredRecord,
 )
-from agentlog._validation import MAIN, check_branch_id, check_labels
+from agentlog._validation import MAIN, check_branch_id, check_labels, check_session_prefix
 from agentlog.errors import NotFoundError
 from agentlog.server._forks import ForkPlan, plan_fork
 from agentlog.server._lifecycle import (
@@ -429,7 +429,7 @@ class BlockingStore(ABC):
         filters = SessionQuery.of(
             page_size,
             None,
-            (session_id_prefix,),
+            (check_session_prefix(session_id_prefix),),
             labels=labels,
             updated_after_ns=updated_after_ns,
             updated_before_ns=updated_before_ns,

@@ -30,6 +30,7 @@ from typing import TextIO
 from agentlog._records import BranchInfo, SessionInfo, StoredRecord
 from agentlog._validation import MAIN
 from agentlog.errors import AgentlogError, FailedPreconditionError, InvalidArgumentError
+from agentlog.server._lifecycle import plan_label_change
 from agentlog.server._listing import SessionQuery
 from agentlog.server._rules import PendingAppend, Prepared, named
 from agentlog.server.backend import Backend
@@ -238,6 +239,14 @@ async def copy_store(
                         summary.failures.append(failure)
                         copied = -1
                     complete = complete and copied == 0
+                if info.labels:
+                    try:
+                        await _copy_labels(dst, info)
+                    except AgentlogError as exc:
+                        reason = exc.reason or exc.status_name
+                        summary.failures.append(
+                            Failure(info.session_id, reason, f"labels: {exc.message}", "")
+                        )
                 summary.sessions += 1
                 summary.complete_already += complete
                 shown.show(summary)
@@ -249,6 +258,15 @@ async def copy_store(
         shown.show(summary, final=True)
     summary.seconds = time.monotonic() - summary.started
     return summary
+
+
+async def _copy_labels(destination: Backend, info: SessionInfo) -> None:
+    """The session's labels onto the copy (not changed if they are there already)."""
+    query = SessionQuery(size=1, prefixes=(info.session_id,))
+    there = (await destination.list_sessions(query)).sessions
+    if there and there[0].session_id == info.session_id and there[0].labels == info.labels:
+        return
+    await destination.relabel(plan_label_change(info.session_id, dict(info.labels)))
 
 
 def _stop_on_interrupt(summary: CopySummary) -> Callable[[], None]:
