@@ -147,7 +147,9 @@ class SessionRepositoryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """ListSessions pages through the sessions in session id (byte) order.
+        """ListSessions pages through the sessions in session id (byte) order,
+        optionally only those with given labels, an id prefix, or a last update in a
+        window; a page token serves only the filters (and caller) it was made for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -2584,7 +2584,9 @@ export const SessionRepository: GenService<{
     output: typeof HeadResponseSchema;
   },
   /**
-   * ListSessions pages through the sessions in session id (byte) order.
+   * ListSessions pages through the sessions in session id (byte) order,
+   * optionally only those with given labels, an id prefix, or a last update in a
+   * window; a page token serves only the filters (and caller) it was made for.
    *
    * @generated from rpc agentlog.v1.SessionRepository.ListSessions
    */
