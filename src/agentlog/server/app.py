@@ -301,7 +301,7 @@ async def serve(
     """Run the server until SIGTERM or SIGINT, then stop gracefully: on the PostgreSQL
     database `store` names (a postgresql:// URL), else on the JSONL directory
     `store` (or `data_dir`)."""
-    from agentlog.server.postgres import PostgresBackend, is_postgres_url
+    from agentlog.server.postgres import PostgresBackend, check_store_path, is_postgres_url
 
     tracer_provider = configure_from_environment()
     repository: BlockingStore | None = None
@@ -330,6 +330,8 @@ async def serve(
     else:
         from agentlog.server.jsonl import JsonlSessionRepository
         from agentlog.server.jsonl.files import raise_open_files_limit
+
+        check_store_path(store)
 
         raise_open_files_limit()
         root = Path(store) if store else data_dir

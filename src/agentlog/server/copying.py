@@ -101,8 +101,9 @@ async def open_store(
 ) -> AsyncIterator[Backend]:
     """The store `where` names (a postgresql:// URL or a JSONL directory), as a Backend;
     a JSONL `source` is opened read-only; a new JSONL directory takes `layout`."""
-    from agentlog.server.postgres import PostgresBackend, is_postgres_url
+    from agentlog.server.postgres import PostgresBackend, check_store_path, is_postgres_url
 
+    check_store_path(where)
     if is_postgres_url(where):
         backend = await PostgresBackend.open(where, connect_timeout=connect_timeout)
         try:

@@ -93,3 +93,61 @@ async def translated() -> AsyncIterator[None]:
                 reason="DATABASE_UNAVAILABLE",
             ) from None
         raise translate(exc) from None
+
+
+# What the server says when it will never accept this connection as asked: a role,
+# password or database that does not exist or is refused, a URL libpq cannot read.
+_PERMANENT = (
+    "does not exist",
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "authentication failed",
+    "permission denied",
+    "invalid integer value",
+    "invalid connection option",
+    "invalid sslmode",
+    'missing "="',
+    "invalid URI",
+    "invalid percent-encoded",
+)
+
+
+async def wait_for_database(conninfo: str, url: str, connect_timeout: float) -> None:
+    """Return once a connection to the database succeeds. What can heal (a server that
+    refuses or does not answer yet, one starting up, a name not yet resolvable) is
+    retried for up to `connect_timeout` seconds (UnavailableError then); what cannot (a
+    role, password or database refused, a URL that does not parse) fails at once with
+    the server's words (FailedPreconditionError)."""
+    import asyncio
+    import time
+
+    from agentlog.errors import FailedPreconditionError
+
+    deadline = time.monotonic() + connect_timeout
+    last = ""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                conninfo, connect_timeout=max(1, min(5, int(left) if left > 1 else 1))
+            )
+        except (psycopg.Error, OSError) as exc:
+            text = redact(" ".join(str(exc).split()))
+            if any(marker.lower() in text.lower() for marker in _PERMANENT):
+                raise FailedPreconditionError(
+                    f"PostgreSQL at {redact(url)} refuses this connection: {text}; fix the "
+                    "URL (--store, AGENTLOG_STORE): its user, password, database or port",
+                    reason="DATABASE_REFUSED",
+                ) from None
+            last = text
+        else:
+            await conn.close()
+            return
+        if time.monotonic() >= deadline:
+            raise UnavailableError(
+                f"could not connect to PostgreSQL at {redact(url)} within "
+                f"{connect_timeout:g} s ({last}); is it running, and does the URL name the "
+                "right host and port?",
+                reason="DATABASE_UNAVAILABLE",
+            )
+        await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -42,7 +43,13 @@ from agentlog._validation import (
     check_stored_branch_id,
     check_stored_session_id,
 )
-from agentlog.errors import DataLossError, ServerError, UnavailableError
+from agentlog.errors import (
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ServerError,
+    UnavailableError,
+)
 from agentlog.server import _rules, metrics
 from agentlog.server._forks import ForkPlan, branch_exists, source_too_short
 from agentlog.server._listing import PageTokens
@@ -58,7 +65,7 @@ from agentlog.server._rules import (
 from agentlog.server._tracing import store_span
 from agentlog.server.backend import Backend, Growth, GrowthListener, StoreFigures
 from agentlog.server.postgres._appends import MAX_BIGINT, GroupCommit, closing_error
-from agentlog.server.postgres._errors import redact, translated
+from agentlog.server.postgres._errors import redact, translated, wait_for_database
 from agentlog.server.postgres._lifecycle import PostgresLifecycle
 from agentlog.server.postgres._notify import FeedListener
 from agentlog.server.postgres._rows import (
@@ -84,6 +91,22 @@ POOL_WAIT_SECONDS = 10.0
 def is_postgres_url(store: str | None) -> bool:
     """Whether `--store` names a PostgreSQL database (else it is a JSONL directory)."""
     return store is not None and store.startswith(("postgresql://", "postgres://"))
+
+
+def check_store_path(store: str | None) -> None:
+    """Refuse a `--store` that is neither a PostgreSQL URL nor a directory path: a URL
+    of a database agentlog does not support (`mysql://...`), or a typo of a supported
+    one, would otherwise become a JSONL directory named after it."""
+    if store is None or is_postgres_url(store):
+        return
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", store)
+    if scheme is not None and (store[scheme.end() :].startswith("/") or "@" in store):
+        raise InvalidArgumentError(
+            f"--store {redact(store)} names a {scheme.group(1)}: store, which agentlog does "
+            "not support: give postgresql://USER@HOST:PORT/DB for PostgreSQL, or a "
+            "directory path for the JSONL store",
+            field="store",
+        )
 
 
 def connection_string(url: str, statement_timeout_ms: int) -> str:
@@ -171,7 +194,14 @@ class PostgresBackend(PostgresLifecycle, Backend):
         answer in time; FailedPreconditionError if its schema is newer than ours.
         `clock` is this replica's time for new records' timestamps (nanoseconds); a
         session's never go backwards, whichever replica's clock is behind."""
-        conninfo = connection_string(url, statement_timeout_ms)
+        try:
+            conninfo = connection_string(url, statement_timeout_ms)
+        except psycopg.ProgrammingError as exc:
+            raise FailedPreconditionError(
+                f"--store {redact(url)} is not a PostgreSQL URL libpq can read ({exc})",
+                reason="DATABASE_REFUSED",
+            ) from None
+        await wait_for_database(conninfo, url, connect_timeout)
         pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
             conninfo,
             min_size=min(2, pool_size),
