@@ -69,6 +69,7 @@ class CertificateAuthority:
         ips: tuple[str, ...] = (),
         uris: tuple[str, ...] = (),
         client: bool = False,
+        both: bool = False,
         into: Issued | None = None,
         valid_seconds: float = 86400,
     ) -> Issued:
@@ -81,6 +82,9 @@ class CertificateAuthority:
         names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         names += [x509.UniformResourceIdentifier(u) for u in uris]
         usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        usages = (
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if both else [usage]
+        )
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -89,7 +93,7 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(seconds=valid_seconds))
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         )
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)

@@ -4,6 +4,7 @@ the Dockerfile's install run as written (no container engine runs here)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -17,12 +18,38 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+OVERLAYS = sorted(p.parent for p in (DEPLOY / "kubernetes").glob("*/kustomization.yaml"))
 KUBERNETES = "1.37.0"
 
 
+def kustomization(overlay: Path) -> dict[str, Any]:
+    found: dict[str, Any] = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    return found
+
+
+def rendered(overlay: Path) -> list[dict[str, Any]]:
+    """What `kubectl apply -k` applies of an overlay (its resources, with its image tag)."""
+    tags = {i["name"]: i["newTag"] for i in kustomization(overlay).get("images", [])}
+    found = []
+    for name in kustomization(overlay)["resources"]:
+        for doc in yaml.safe_load_all((overlay / name).read_text()):
+            if not doc:
+                continue
+            for container in _pod(doc).get("containers", []):
+                image = container["image"].split(":")[0]
+                if image in tags:
+                    container["image"] = f"{image}:{tags[image]}"
+            found.append(doc)
+    return found
+
+
+def _pod(doc: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = doc.get("spec", {}).get("template", {}).get("spec", {})
+    return pod
+
+
 def documents() -> list[dict[str, Any]]:
-    return [doc for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [doc for overlay in OVERLAYS for doc in rendered(overlay)]
 
 
 def workloads() -> list[dict[str, Any]]:
@@ -30,7 +57,7 @@ def workloads() -> list[dict[str, Any]]:
 
 
 def test_every_manifest_is_valid_kubernetes() -> None:
-    assert len(MANIFESTS) >= 4
+    assert [o.name for o in OVERLAYS] == ["jsonl", "postgres"]
     for document in documents():
         kubernetes_validate.validate(document, KUBERNETES, strict=True)
 
@@ -57,7 +84,6 @@ def _arg(args: list[str], flag: str) -> str | None:
 
 
 def test_workloads_are_ready_for_a_platform_team() -> None:
-    secrets = {d["metadata"]["name"] for d in documents() if d["kind"] == "Secret"}
     for workload in workloads():
         pod = workload["spec"]["template"]["spec"]
         container = pod["containers"][0]
@@ -80,17 +106,168 @@ def test_workloads_are_ready_for_a_platform_team() -> None:
             for e in container["env"]
             if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]
         }
-        assert used <= secrets  # TLS, tokens and the database password come from Secrets
+        # TLS, tokens and the database password come from Secrets (the README makes them).
         assert {"agentlog-tls", "agentlog-auth"} <= used
 
 
-def test_the_service_names_its_port_for_grpc_and_a_disruption_budget_exists() -> None:
-    service = next(d for d in documents() if d["kind"] == "Service")
-    grpc_port = next(p for p in service["spec"]["ports"] if p["port"] == 50051)
-    assert grpc_port["name"] == "grpc"
-    assert grpc_port["appProtocol"] == "grpc"
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_each_apply_deploys_one_workload_and_selects_only_its_pods() -> None:
+    pods = {
+        overlay.name: [
+            d["spec"]["template"]["metadata"]["labels"]
+            for d in rendered(overlay)
+            if d["kind"] in ("Deployment", "StatefulSet")
+        ]
+        for overlay in OVERLAYS
+    }
+    for overlay in OVERLAYS:
+        docs = rendered(overlay)
+        [workload] = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert _selects(workload["spec"]["selector"]["matchLabels"], labels)
+        for doc in docs:
+            selector = doc["spec"].get("selector") if doc["kind"] != "StatefulSet" else None
+            if doc["kind"] == "Service":
+                selector = doc["spec"]["selector"]
+            elif doc["kind"] == "PodDisruptionBudget":
+                selector = doc["spec"]["selector"]["matchLabels"]
+            else:
+                continue
+            assert _selects(selector, labels), doc["metadata"]["name"]
+            for other, others in pods.items():  # nor the pods another apply makes
+                if other != overlay.name:
+                    assert not any(_selects(selector, o) for o in others), (overlay, doc)
+        if workload["kind"] == "StatefulSet":
+            [governing] = [
+                d
+                for d in docs
+                if d["kind"] == "Service"
+                and d["metadata"]["name"] == workload["spec"]["serviceName"]
+            ]
+            assert governing["spec"]["clusterIP"] == "None"  # headless, as a StatefulSet needs
+        grpc_service = next(
+            d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "agentlog"
+        )
+        grpc_port = next(p for p in grpc_service["spec"]["ports"] if p["port"] == 50051)
+        assert grpc_port["name"] == "grpc"
+        assert grpc_port["appProtocol"] == "grpc"
     budget = next(d for d in documents() if d["kind"] == "PodDisruptionBudget")
-    assert budget["spec"]["selector"] == workloads()[0]["spec"]["selector"]
+    assert budget["metadata"]["name"] == "agentlog-postgres"
+
+
+def test_the_image_the_readme_builds_is_the_one_the_manifests_run() -> None:
+    readme = (ROOT / "README.md").read_text()
+    built = re.search(r"docker build -f deploy/Dockerfile -t (\S+) \.", readme)
+    assert built is not None
+    assert built.group(1) in (DEPLOY / "Dockerfile").read_text()
+    for document in documents():
+        for container in _pod(document).get("containers", []):
+            assert container["image"] == built.group(1)
+
+
+def test_the_readme_makes_every_secret_the_manifests_read() -> None:
+    readme = (ROOT / "README.md").read_text()
+    made: dict[str, set[str]] = {}
+    for line in re.findall(r"^kubectl create secret .*$", readme, re.M):
+        name = line.split()[4]
+        keys = set(re.findall(r"--from-(?:file|literal)=([\w.]+)=", line))
+        made.setdefault(name, set()).update(keys)
+    for document in documents():
+        pod = _pod(document)
+        if not pod:
+            continue
+        container = pod["containers"][0]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        for volume in pod["volumes"]:
+            if "secret" in volume:
+                name = volume["secret"]["secretName"]
+                assert name in made, name
+                path = mounts[volume["name"]]
+                for env in container["env"]:
+                    value = env.get("value", "")
+                    if value.startswith(path + "/"):
+                        assert value.removeprefix(path + "/") in made[name], value
+        for env in container["env"]:
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["key"] in made[ref["name"]], ref
+
+
+def test_the_images_dependencies_are_pinned_to_what_the_tests_ran_with() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("runtime_pins", ROOT / "tools/runtime_pins.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pins = dict(
+        line.split("==")
+        for line in (DEPLOY / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert pins == module.closure("agentlog")
+    ignored = (ROOT / ".dockerignore").read_text()
+    assert ignored.splitlines()[2] == "*"  # the context holds only what the image needs
+    for needed in ("!pyproject.toml", "!README.md", "!deploy/requirements.txt", "!src/"):
+        assert needed in ignored.splitlines()
+
+
+def _expanded(env: list[dict[str, Any]], given: dict[str, str]) -> dict[str, str]:
+    """A container's plain env values, with $(VAR) expanded as the kubelet does."""
+    found = dict(given)
+    for item in env:
+        if "value" in item:
+            found[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: found[m.group(1)], item["value"])
+    return found
+
+
+def test_the_readiness_probe_passes_as_written_with_a_certificate_for_the_service(
+    tmp_path: Path,
+) -> None:
+    from agentlog.server import MemorySessionRepository
+    from agentlog.server._tls import TlsFiles
+    from tests.certs import CertificateAuthority
+    from tests.servers import running_server
+
+    ca = CertificateAuthority(tmp_path / "ca", "cluster-ca")
+    # As cert-manager issues it: the Service's names only, for both usages.
+    issued = ca.issue(
+        "agentlog",
+        dns=("agentlog", "agentlog.default", "agentlog.default.svc"),
+        both=True,
+    )
+    mounted = tmp_path / "tls"
+    mounted.mkdir()
+    (mounted / "tls.crt").write_bytes(issued.cert.read_bytes())
+    (mounted / "tls.key").write_bytes(issued.key.read_bytes())
+    (mounted / "ca.crt").write_bytes(ca.pem.read_bytes())
+    files = TlsFiles(mounted / "tls.crt", mounted / "tls.key", mounted / "ca.crt")
+    with running_server(MemorySessionRepository(), tls=files) as target:
+        port = target.rsplit(":", 1)[1]
+        for workload in workloads():
+            container = _pod(workload)["containers"][0]
+            environment = _expanded(container["env"], {"POD_NAMESPACE": "default"})
+            command = [
+                arg.replace("/etc/agentlog/tls", str(mounted)).replace(":50051", f":{port}")
+                for arg in container["readinessProbe"]["exec"]["command"]
+            ]
+            agentlog = str(Path(sys.executable).with_name("agentlog"))
+            env = {"PATH": os.environ["PATH"], **environment}
+            probe = subprocess.run(
+                [agentlog, *command[1:]], env=env, capture_output=True, text=True, check=False
+            )
+            assert probe.returncode == 0, probe.stderr
+            assert "SERVING" in probe.stdout
+            # Without the Service's name, the same probe fails: the check is real.
+            del env["AGENTLOG_TLS_SERVER_NAME"]
+            failed = subprocess.run(
+                [agentlog, *command[1:]], env=env, capture_output=True, text=True, check=False
+            )
+            assert failed.returncode != 0
 
 
 def test_the_dockerfile_runs_as_a_user_with_a_volume_and_a_health_check() -> None:
@@ -110,6 +287,7 @@ def test_the_dockerfile_install_works_as_written(tmp_path: Path) -> None:
     source.mkdir()
     shutil.copy(ROOT / "pyproject.toml", source)
     shutil.copy(ROOT / "README.md", source)
+    shutil.copy(DEPLOY / "requirements.txt", source / "requirements.txt")
     shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info"))
     command = install.group(1).replace("/opt/agentlog", str(tmp_path / "venv"))
     command = command.replace(" /src", f" {source}").replace(

@@ -17,9 +17,12 @@ def _client_tls(args: argparse.Namespace) -> Any:
     """The TlsConfig the client flags ask for, or None (plaintext)."""
     from agentlog import TlsConfig
 
-    if not (args.tls_ca or args.tls_client_cert or args.tls_client_key):
+    name = getattr(args, "tls_server_name", None)
+    if not (args.tls_ca or args.tls_client_cert or args.tls_client_key or name):
         return None
-    return TlsConfig(ca=args.tls_ca, cert=args.tls_client_cert, key=args.tls_client_key)
+    return TlsConfig(
+        ca=args.tls_ca, cert=args.tls_client_cert, key=args.tls_client_key, server_name=name
+    )
 
 
 def migrate(args: argparse.Namespace) -> int:
@@ -80,9 +83,9 @@ def health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     problem = _unresolvable(args.addr)
-    if problem is not None:
+    if problem is not None:  # never answers: the exit code tail gives it too
         print(f"agentlog health: {problem}", file=sys.stderr)
-        return 1
+        return 2
     request = health_pb2.HealthCheckRequest(service=args.service)
     try:
         tls = _client_tls(args)

@@ -409,6 +409,13 @@ def _add_client_tls_options(command: argparse.ArgumentParser) -> None:
         help="with mTLS: its PEM private key (env AGENTLOG_TLS_CLIENT_KEY)",
     )
     command.add_argument(
+        "--tls-server-name",
+        default=os.environ.get("AGENTLOG_TLS_SERVER_NAME") or None,
+        help="the name the server's certificate must carry, when it differs from the "
+        "--addr host (a probe reaching 127.0.0.1 a certificate issued for "
+        "agentlog.NAMESPACE.svc) (env AGENTLOG_TLS_SERVER_NAME)",
+    )
+    command.add_argument(
         "--token",
         default=os.environ.get("AGENTLOG_TOKEN") or None,
         help="a bearer token (or JWT) to send with every call (env AGENTLOG_TOKEN)",
