@@ -53,3 +53,78 @@ def test_a_database_that_does_not_answer_yet_is_waited_for_then_named() -> None:
     assert "could not connect to PostgreSQL" in stderr
     assert "within 2 s" in stderr
     assert took >= 2
+
+
+def test_every_metric_the_readme_names_is_exported() -> None:
+    import re
+    from pathlib import Path
+
+    from prometheus_client import REGISTRY, generate_latest
+
+    import agentlog.server.metrics  # noqa: F401 (registers them)
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("The store's own:", 1)[1].split("`agentlog health` asks", 1)[0]
+    names = re.findall(r"`(agentlog_[a-z_]+)", section)
+    assert len(names) >= 14
+    exported = generate_latest(REGISTRY).decode()
+    for name in names:
+        base = name.removesuffix("_total")
+        assert re.search(rf"^# TYPE ({base}|{base}_total) ", exported, re.M), name
+
+
+def test_one_license_named_alike_everywhere() -> None:
+    import json
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "LICENSE").read_text().startswith("MIT License")
+    assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"] == "MIT"
+    package = json.loads((root / "clients/typescript/package.json").read_text())
+    assert package["license"] == "MIT"
+
+
+def test_help_says_only_defaults_worth_saying_and_every_argument_has_help() -> None:
+    from agentlog.server.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")  # noqa: SLF001
+    for name, command in commands.choices.items():  # type: ignore[union-attr]
+        text = command.format_help()
+        for empty in ("(default: None)", "(default: [])", "(default: )", "(default: False)"):
+            assert empty not in text, (name, empty)
+        for action in command._actions:  # noqa: SLF001
+            assert action.help, (name, action.dest)
+
+
+def test_a_port_in_use_is_said_in_agentlogs_words_before_anything_is_made(
+    tmp_path: object,
+) -> None:
+    import socket
+    from pathlib import Path
+
+    data = Path(str(tmp_path)) / "new-data-dir"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agentlog.server",
+                "serve",
+                "--addr",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                str(data),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert f"agentlog: cannot listen on 127.0.0.1:{port}: address already in use" in done.stderr
+    assert not data.exists()

@@ -47,7 +47,7 @@ def add_session_commands(
         "streamed, tool calls with their inputs and outputs, approvals and state patches. "
         "--json prints the records as JSON lines, exactly as stored.",
     )
-    show.add_argument("session_id", metavar="SESSION")
+    show.add_argument("session_id", metavar="SESSION", help="the session to show")
     show.add_argument("--branch", default="main", help="the branch to show")
     show.add_argument("--json", action="store_true", help="the records as stored, as JSON lines")
     show.add_argument("--full", action="store_true", help="do not shorten long values")
@@ -60,7 +60,7 @@ def add_session_commands(
         "session's labels) for good: its records are erased from the store. Asks first "
         "unless --yes.",
     )
-    delete.add_argument("session_id", metavar="SESSION")
+    delete.add_argument("session_id", metavar="SESSION", help="the session to delete from")
     delete.add_argument("--branch", default="main", help="the branch to delete")
     delete.add_argument("--all-branches", action="store_true", help="delete every branch")
     delete.add_argument(
@@ -75,8 +75,10 @@ def add_session_commands(
         description="Set labels (KEY=VALUE) and remove them (KEY-) on a session; prints the "
         "labels after the change and their version.",
     )
-    label.add_argument("session_id", metavar="SESSION")
-    label.add_argument("changes", nargs="+", metavar="KEY=VALUE|KEY-")
+    label.add_argument("session_id", metavar="SESSION", help="the session to label")
+    label.add_argument(
+        "changes", nargs="+", metavar="KEY=VALUE|KEY-", help="labels to set, and to remove"
+    )
     label.add_argument(
         "--expect-version",
         type=int,

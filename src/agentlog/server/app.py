@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import signal
@@ -231,6 +232,8 @@ def bind(
     port = int(port_text)
     for index, target in enumerate(targets):
         where = target if index == 0 and target == address else f"{target}:{port}"
+        if port:
+            _check_free(where, port)
         try:
             if credentials is None:
                 bound = server.add_insecure_port(where)
@@ -242,6 +245,36 @@ def bind(
             raise OSError(f"cannot listen on {where}: the address is in use or invalid")
         port = bound  # port 0: every other address takes the port the first got
     return port
+
+
+def check_can_listen(address: str) -> None:
+    """OSError, in agentlog's words, if `address` is HOST:PORT with a port some process
+    already listens on (checked before anything else is opened or made)."""
+    port_text = address.rpartition(":")[2]
+    if not port_text.isdigit() or int(port_text) == 0:
+        return  # bind() says what is wrong with it
+    _check_free(address, int(port_text))
+
+
+def _check_free(where: str, port: int) -> None:
+    host = where.rpartition(":")[0].removeprefix("[").removesuffix("]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return  # bind() says the name does not resolve
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            # As the server binds: a port left in TIME_WAIT by a restart is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(
+                        f"cannot listen on {where}: address already in use (another process "
+                        "listens there); stop it, or give another --addr (AGENTLOG_ADDR)"
+                    ) from None
+                return  # not an address of this host: bind() says so
 
 
 def _can_bind(ip: str) -> bool:
@@ -303,6 +336,7 @@ async def serve(
     `store` (or `data_dir`)."""
     from agentlog.server.postgres import PostgresBackend, check_store_path, is_postgres_url
 
+    check_can_listen(address)  # before a data directory or a database is touched
     tracer_provider = configure_from_environment()
     repository: BlockingStore | None = None
     served: BlockingStore | Backend

@@ -46,6 +46,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Says an option's default only when it has one worth saying (not None, empty or
+    off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, "", [], False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentlog",
@@ -55,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve_cmd = commands.add_parser(
         "serve",
-        help="run the gRPC server on a JSONL data directory",
+        help="run the gRPC server (on a JSONL directory, or on PostgreSQL)",
         description=(
             "Serve the SessionRepository gRPC service (plus grpc.health.v1 and server "
-            "reflection) from a directory of arcan-compatible JSONL session files. "
-            "Stops gracefully on SIGTERM or SIGINT."
+            "reflection) from a directory of arcan-compatible JSONL session files, or from "
+            "PostgreSQL (--store postgresql://...). Stops gracefully on SIGTERM or SIGINT."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     serve_cmd.add_argument(
         "--addr",
@@ -246,8 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
             "(a JSONL directory is locked; a PostgreSQL one must not be written)."
         ),
     )
-    copy_cmd.add_argument("source", metavar="FROM")
-    copy_cmd.add_argument("destination", metavar="TO")
+    copy_cmd.add_argument(
+        "source", metavar="FROM", help="the store to copy from: a JSONL directory or a URL"
+    )
+    copy_cmd.add_argument(
+        "destination",
+        metavar="TO",
+        help="the store to copy into: a JSONL directory (made if new) or a postgresql:// URL",
+    )
     copy_cmd.add_argument(
         "--layout",
         choices=["seed", "branches"],
@@ -271,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
             "check does: prints the status and exits 0 when it is SERVING, 1 when it is "
             "anything else or does not answer within --timeout."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     health_cmd.add_argument(
         "--addr",
@@ -296,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
             "each: sequence, time (UTC), kind, and the event's fields. Stops on Ctrl-C. "
             "Survives server restarts without losing or repeating an event."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     tail_cmd.add_argument(
         "session_id", metavar="SESSION", nargs="?", help="the session to follow (or --all)"
@@ -347,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
             "one) whose records 1 to --at are copies of the source's (same events and "
             "timestamps, new ids), after which both go their own way. Prints the new branch."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     fork_cmd.add_argument("session_id", metavar="SESSION", help="the session to fork from")
     fork_cmd.add_argument("--branch", default="main", help="the branch to fork from")

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from agentlog.server.backend import Backend
 
 FEED_UNDELIVERED = Counter(
-    "agentlog_feed_undelivered_records",
+    "agentlog_feed_undelivered_records_total",
     "Records the all-sessions feed skipped because their session's file is damaged, "
     "counted each time a reader skipped them, by the reason the session reports.",
     ["reason"],
