@@ -89,12 +89,12 @@ def test_help_says_only_defaults_worth_saying_and_every_argument_has_help() -> N
     from agentlog.server.cli import build_parser
 
     parser = build_parser()
-    commands = next(a for a in parser._actions if a.dest == "command")  # noqa: SLF001
+    commands = next(a for a in parser._actions if a.dest == "command")
     for name, command in commands.choices.items():  # type: ignore[union-attr]
         text = command.format_help()
         for empty in ("(default: None)", "(default: [])", "(default: )", "(default: False)"):
             assert empty not in text, (name, empty)
-        for action in command._actions:  # noqa: SLF001
+        for action in command._actions:
             assert action.help, (name, action.dest)
 
 
@@ -128,3 +128,111 @@ def test_a_port_in_use_is_said_in_agentlogs_words_before_anything_is_made(
     assert done.returncode == 1
     assert f"agentlog: cannot listen on 127.0.0.1:{port}: address already in use" in done.stderr
     assert not data.exists()
+
+
+def test_a_request_over_the_limit_is_answered_with_the_limit_and_the_flag() -> None:
+    from agentlog import AgentlogClient, AppendEvent, ResourceExhaustedError
+    from agentlog.server import MemorySessionRepository
+    from tests.contract import delta
+    from tests.servers import running_server
+
+    with (
+        running_server(MemorySessionRepository()) as target,
+        AgentlogClient(target) as client,
+        pytest.raises(ResourceExhaustedError) as refused,
+    ):
+        client.append(AppendEvent(session_id="s", event=delta("s", "x" * 5_000_000)))
+    assert refused.value.reason == "REQUEST_TOO_LARGE"
+    assert "--max-message-bytes" in refused.value.message
+    assert "4,177,920 bytes" in refused.value.message
+    assert refused.value.metadata["limit_bytes"] == "4194304"
+
+
+def _server_on(port: int, data: object) -> subprocess.Popen[str]:
+    import threading
+
+    from tests.test_server import wait_for_port
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agentlog.server",
+            "serve",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(data),
+            "--grace",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_port(process)
+    threading.Thread(target=lambda: process.stderr and process.stderr.read(), daemon=True).start()
+    return process
+
+
+@pytest.mark.parametrize("follow", [["chat"], ["--all"]])
+def test_tail_says_it_lost_the_server_and_when_it_is_back_and_misses_nothing(
+    tmp_path: object, follow: list[str]
+) -> None:
+    import threading
+
+    from agentlog import AgentlogClient, AppendEvent
+    from tests.contract import delta
+    from tests.test_command import free_port
+
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    server = _server_on(port, tmp_path)
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "agentlog.server", "tail", *follow, "--addr", target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out: list[str] = []
+    err: list[str] = []
+    threading.Thread(target=lambda: out.extend(tail.stdout or ()), daemon=True).start()
+    threading.Thread(target=lambda: err.extend(tail.stderr or ()), daemon=True).start()
+
+    def wait(lines: list[str], text: str) -> None:
+        deadline = time.monotonic() + 30
+        while not any(text in line for line in lines):
+            assert time.monotonic() < deadline, (text, lines)
+            time.sleep(0.05)
+
+    try:
+        wait(err, f"connected to {target}")
+        with AgentlogClient(target) as client:
+            client.append(AppendEvent(session_id="chat", event=delta("chat", "before")))
+        wait(out, "before")
+        server.terminate()
+        server.wait(30)
+        wait(err, f"lost {target}")
+        server = _server_on(port, tmp_path)
+        wait(err, f"connected to {target} again")
+        with AgentlogClient(target) as client:
+            client.append(AppendEvent(session_id="chat", event=delta("chat", "after")))
+        wait(out, "after")
+        assert sum("before" in line for line in out) == 1
+    finally:
+        tail.terminate()
+        tail.wait(30)
+        server.terminate()
+        server.wait(30)
+
+
+def test_health_and_tail_exit_alike_for_an_address_that_can_never_answer() -> None:
+    codes = {
+        subprocess.run(
+            [sys.executable, "-m", "agentlog.server", command, *extra, "--addr", "nowhere:x"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        ).returncode
+        for command, extra in (("health", []), ("tail", ["s"]))
+    }
+    assert codes == {2}

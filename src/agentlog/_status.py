@@ -7,6 +7,7 @@ status back into the same exception class with the same attributes.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import grpc
@@ -75,4 +76,21 @@ def from_rpc_error(error: grpc.RpcError) -> AgentlogError:
         cls = specific
     if cls is ServerError and code.name != "INTERNAL":
         message = f"{code.name}: {message}"
+    too_large = _TOO_LARGE.search(message) if reason is None else None
+    if too_large is not None:
+        sent, limit = too_large.group(1), too_large.group(2)
+        side = "server" if "SERVER" in message or "Received" in message else "client"
+        message = (
+            f"the request is {int(sent):,} bytes, more than the {side} accepts "
+            f"({int(limit):,} bytes: the server's --max-message-bytes, "
+            "AGENTLOG_MAX_MESSAGE_BYTES, or this client's max message options); "
+            "whatever the limits, one record's stored line may be at most 4,177,920 bytes: "
+            "send smaller events, or a batch in parts"
+        )
+        reason = "REQUEST_TOO_LARGE"
+        metadata = {"request_bytes": sent, "limit_bytes": limit}
     return cls(message, reason=reason or code.name, field=field, metadata=metadata)
+
+
+# gRPC's own words for a message over a limit (either side's).
+_TOO_LARGE = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")

@@ -9,6 +9,8 @@ import socket
 import sys
 from typing import Any
 
+from agentlog.errors import UnavailableError
+
 # How often `tail` says it is still trying to reach the server.
 CONNECT_REPORT_SECONDS = 5.0
 
@@ -118,9 +120,7 @@ def health(args: argparse.Namespace) -> int:
 
 
 def tail(args: argparse.Namespace) -> int:
-    from agentlog._records import Checkpoint
     from agentlog.client import AgentlogClient
-    from agentlog.server._tail import describe
 
     if args.all == (args.session_id is not None):
         print("agentlog tail: name one SESSION, or --all", file=sys.stderr)
@@ -137,38 +137,86 @@ def tail(args: argparse.Namespace) -> int:
         return 2
     try:
         tls = _client_tls(args)
-        client = AgentlogClient(args.addr, retries=1_000_000, tls=tls, token=args.token)
+        # Retried here, not in the client: a lost server is said, and its return.
+        client = AgentlogClient(args.addr, retries=0, tls=tls, token=args.token)
     except (OSError, ValueError) as exc:
         print(f"agentlog tail: {exc}", file=sys.stderr)
         return 2
     with client:
         _connect(client, args.addr)
-        if args.all:
-            feed = client.subscribe_all(
-                from_position=args.from_sequence,
-                session_id_prefix=args.prefix,
-                part_types=args.kind,
-                branch_id=args.branch or "",
-            )
-            for entry in feed:
-                if isinstance(entry, Checkpoint):
-                    continue  # progress through what the filters left out
-                line = describe(entry)
-                if line is not None:
-                    print(line[: args.width], flush=True)
-            return 0
         branch = args.branch or "main"
         start = args.from_sequence
-        if start is None:
+        if not args.all and start is None:
             head = client.head(args.session_id, branch)
             start = max((head.sequence if head else 0) - max(args.lines, 0), 0) + 1
+        while True:
+            try:
+                if args.all:
+                    start = _follow_feed(client, args, start)
+                else:
+                    start = _follow_session(client, args, branch, start)
+                return 0
+            except _Resume as lost:
+                start = lost.start
+                print(
+                    f"agentlog tail: lost {args.addr} ({lost.error.message}); retrying",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                _connect(client, args.addr, again=True)
+
+
+class _Resume(Exception):
+    """The server went away: where to resume, and why."""
+
+    def __init__(self, error: Any, start: int | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.start = start
+
+
+def _follow_feed(client: Any, args: argparse.Namespace, start: int | None) -> int | None:
+    """Print the feed from `start`; the position to resume from (_Resume's, if the
+    server went away)."""
+    from agentlog._records import Checkpoint, FeedGap
+    from agentlog.server._tail import describe
+
+    feed = client.subscribe_all(
+        from_position=start,
+        session_id_prefix=args.prefix,
+        part_types=args.kind,
+        branch_id=args.branch or "",
+    )
+    try:
+        for entry in feed:
+            # Each item says how far the feed has been seen (a gap: to its end).
+            start = (entry.last_position if isinstance(entry, FeedGap) else entry.position) + 1
+            if isinstance(entry, Checkpoint):
+                continue  # progress through what the filters left out
+            line = describe(entry)
+            if line is not None:
+                print(line[: args.width], flush=True)
+    except UnavailableError as exc:
+        raise _Resume(exc, start) from None
+    return start
+
+
+def _follow_session(client: Any, args: argparse.Namespace, branch: str, start: int) -> int:
+    from agentlog._records import CaughtUp, EventRecord
+    from agentlog.server._tail import describe
+
+    try:
         for item in client.subscribe_session(
             args.session_id, from_sequence=start, branch_id=branch
         ):
+            if isinstance(item, EventRecord | CaughtUp):
+                start = item.sequence + 1
             line = describe(item)
             if line is not None:
                 print(line[: args.width], flush=True)
-    return 0
+    except UnavailableError as exc:
+        raise _Resume(exc, start) from None
+    return start
 
 
 def fork(args: argparse.Namespace) -> int:
@@ -241,9 +289,10 @@ def _unresolvable(address: str) -> str | None:
     return None
 
 
-def _connect(client: Any, address: str) -> None:
+def _connect(client: Any, address: str, *, again: bool = False) -> None:
     """Wait for the server, saying on stderr that it is being tried."""
-    print(f"agentlog tail: connecting to {address} ...", file=sys.stderr, flush=True)
+    if not again:
+        print(f"agentlog tail: connecting to {address} ...", file=sys.stderr, flush=True)
     waited = 0.0
     while not client.wait_for_server(CONNECT_REPORT_SECONDS):
         waited += CONNECT_REPORT_SECONDS
@@ -253,4 +302,8 @@ def _connect(client: Any, address: str) -> None:
             file=sys.stderr,
             flush=True,
         )
-    print(f"agentlog tail: connected to {address}", file=sys.stderr, flush=True)
+    print(
+        f"agentlog tail: connected to {address}{' again' if again else ''}",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -270,8 +270,10 @@ def _check_free(where: str, port: int) -> None:
                 probe.bind(sockaddr)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
+                    ip = str(sockaddr[0])
+                    named = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
                     raise OSError(
-                        f"cannot listen on {where}: address already in use (another process "
+                        f"cannot listen on {named}: address already in use (another process "
                         "listens there); stop it, or give another --addr (AGENTLOG_ADDR)"
                     ) from None
                 return  # not an address of this host: bind() says so
