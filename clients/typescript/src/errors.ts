@@ -145,7 +145,17 @@ export function statusName(code: Code): string {
 export function toAgentlogError(error: unknown, cancelled = false): AgentlogError {
   if (error instanceof AgentlogError) return error;
   let connect = ConnectError.from(error);
-  if (connect.code === Code.Canceled && !cancelled) {
+  if (connect.rawMessage.includes("NGHTTP2_REFUSED_STREAM")) {
+    // The server refused the stream before reading it (it was closing the connection,
+    // a GOAWAY): nothing was done, so it is safe to retry, as UNAVAILABLE is.
+    connect = new ConnectError(
+      `the server refused the call before processing it (${connect.rawMessage}); retry`,
+      Code.Unavailable,
+      undefined,
+      undefined,
+      error,
+    );
+  } else if (connect.code === Code.Canceled && !cancelled) {
     connect = new ConnectError(
       `the connection failed during the call (${connect.rawMessage}); is the server's ` +
         "address, TLS setting and certificate right?",
