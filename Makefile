@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# What serving needs, and (for tests, lints and code generation) the development tools.
+RUNTIME := $(VENV)/.installed-runtime
 INSTALLED := $(VENV)/.installed
 NODE_INSTALLED := node_modules/.installed
 BUF := node_modules/.bin/buf
@@ -18,17 +20,21 @@ DATA_DIR ?=
 
 .PHONY: serve test install proto proto-check lint typecheck buf-lint buf-breaking pytest ts-test release-contract bench clean
 
-serve: $(INSTALLED)
+serve: $(RUNTIME)
 	$(BIN)/agentlog serve $(if $(ADDR),--addr $(ADDR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 test: $(INSTALLED) $(NODE_INSTALLED) lint typecheck buf-lint buf-breaking proto-check pytest ts-test
 
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml
+$(RUNTIME): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "agentlog needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(INSTALLED): $(RUNTIME) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 

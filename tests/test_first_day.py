@@ -236,3 +236,24 @@ def test_health_and_tail_exit_alike_for_an_address_that_can_never_answer() -> No
         for command, extra in (("health", []), ("tail", ["s"]))
     }
     assert codes == {2}
+
+
+def test_make_serve_installs_what_serving_needs_and_make_test_the_rest(tmp_path: object) -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    venv = Path(str(tmp_path)) / "venv"
+
+    def planned(target: str) -> str:
+        return subprocess.run(
+            ["make", "-n", target, f"VENV={venv}"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    serve = planned("serve")
+    assert "pip install --quiet -e .\n" in serve
+    assert "[dev]" not in serve
+    assert "-e '.[dev]'" in planned("install")
