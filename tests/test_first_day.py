@@ -257,3 +257,76 @@ def test_make_serve_installs_what_serving_needs_and_make_test_the_rest(tmp_path:
     assert "pip install --quiet -e .\n" in serve
     assert "[dev]" not in serve
     assert "-e '.[dev]'" in planned("install")
+
+
+def _half_open_call(port: int) -> object:
+    """A connection that starts a gRPC call and never sends its request (HTTP/2 HEADERS
+    without a body or END_STREAM): a stream the server holds half-open."""
+    import socket
+
+    def literal(name: str, value: str) -> bytes:
+        return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+    block = b"".join(
+        literal(n, v)
+        for n, v in (
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/agentlog.v1.SessionRepository/Head"),
+            (":authority", f"127.0.0.1:{port}"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        )
+    )
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # SETTINGS, empty
+        + len(block).to_bytes(3, "big")
+        + b"\x01\x04\x00\x00\x00\x01"  # HEADERS, END_HEADERS, stream 1
+        + block
+    )
+    return connection
+
+
+def test_a_stop_with_a_half_open_stream_says_what_it_waits_for_and_does_not_wait_out_grace(
+    tmp_path: object,
+) -> None:
+    import signal
+    import threading
+
+    from tests.test_server import wait_for_port
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agentlog.server",
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path),
+            "--grace",
+            "8",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    port, _ = wait_for_port(process)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(process.stderr or ()), daemon=True)
+    reader.start()
+    connection = _half_open_call(port)
+    time.sleep(0.5)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.wait(30)
+    took = time.monotonic() - started
+    reader.join(5)
+    connection.close()  # type: ignore[attr-defined]
+    assert process.returncode == 0
+    assert took < 4, (took, log)  # not the 8 s grace
+    text = "".join(log)
+    assert "0 call(s) in flight" in text
+    assert "closing connections whose request never arrived" in text

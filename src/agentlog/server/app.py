@@ -98,6 +98,15 @@ class Server(NamedTuple):
             await asyncio.wait_for(self.service.in_flight.quiet(), max((grace or 0) - margin, 0))
         try:
             self.live.close()
+            # Every call the service serves has ended (subscriptions say where to resume
+            # as they end). What grpc still holds are streams whose request never came
+            # (half-open): nothing of them started, so they are cut off now rather than
+            # waited for to the end of the grace period.
+            await self.service.in_flight.idle(max((grace or 0) - margin, 0))
+            await asyncio.wait({stopping}, timeout=0.1)
+            if not stopping.done():
+                log.info("calls ended; closing connections whose request never arrived")
+                await self.server.stop(0)
             await stopping
         finally:
             self.live.close()

@@ -161,6 +161,13 @@ class CallsInFlight:
             if self.calls == 0 and self._quiet is not None:
                 self._quiet.set()
 
+    async def idle(self, within: float) -> None:
+        """Return once no call at all is in flight (subscriptions included), or after
+        `within` seconds."""
+        deadline = asyncio.get_running_loop().time() + within
+        while (self.calls or self.subscriptions) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+
     async def quiet(self) -> None:
         """Return once no call but subscriptions is in flight."""
         if self._quiet is None:
