@@ -144,8 +144,11 @@ class CallsInFlight:
         self.calls = 0
         self.subscriptions = 0
         self._quiet: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
 
     def started(self, subscription: bool) -> None:
+        if self._idle is not None:
+            self._idle.clear()
         if subscription:
             self.subscriptions += 1
         else:
@@ -160,13 +163,18 @@ class CallsInFlight:
             self.calls -= 1
             if self.calls == 0 and self._quiet is not None:
                 self._quiet.set()
+        if self._idle is not None and not (self.calls or self.subscriptions):
+            self._idle.set()
 
     async def idle(self, within: float) -> None:
         """Return once no call at all is in flight (subscriptions included), or after
         `within` seconds."""
-        deadline = asyncio.get_running_loop().time() + within
-        while (self.calls or self.subscriptions) and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        if not (self.calls or self.subscriptions):
+            self._idle.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), within)
 
     async def quiet(self) -> None:
         """Return once no call but subscriptions is in flight."""
