@@ -32,6 +32,7 @@ from agentlog._records import (
     FeedRecord,
     SessionDeleted,
     StoredRecord,
+    parse_timestamp,
 )
 from agentlog._validation import (
     MAIN,
@@ -566,6 +567,12 @@ class Reader(Recovery):
         return self._view(stem)
 
     def _branch_info(self, branch_id: str, stem: str) -> BranchInfo | None:
+        with self._lock:
+            cached = stem in self._states
+        if not cached:  # a listing need not build the state: what the index vouches for
+            found = self._indexed_summary(branch_id, stem)
+            if found is not None:
+                return found
         state = self._state(stem)
         with self._lock:
             if state.count == 0:
@@ -578,6 +585,30 @@ class Reader(Recovery):
                 head_id=state.head_id,
                 forked_from=state.forked_from,
             )
+
+    def _indexed_summary(self, branch_id: str, stem: str) -> BranchInfo | None:
+        """A branch's summary from its first and last lines, found where the index says,
+        when the index vouches for the whole file; None: build its state instead."""
+        indexed = self._index.indexed(stem)
+        if indexed is None or indexed.records == 0:
+            return None
+        path = self._path(stem)
+        if (indexed.inode, indexed.size) != file_identity(path):
+            return None
+        try:
+            with path.open("rb") as file:
+                first = orjson.loads(read_line(file, 0, indexed.size))
+                last = orjson.loads(read_line(file, indexed.last_offset, indexed.size))
+            return BranchInfo(
+                branch_id=branch_id,
+                event_count=indexed.records,
+                first_timestamp_ns=parse_timestamp(first["timestamp"]),
+                last_timestamp_ns=parse_timestamp(last["timestamp"]),
+                head_id=str(last["id"]),
+                forked_from=indexed.first.forked_from if indexed.first is not None else None,
+            )
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None  # the slow path says what is wrong
 
     def session_ids(self) -> list[str]:
         """Ids of the sessions that have a file, in byte order."""
