@@ -193,6 +193,7 @@ class Lifecycle(Forks):
                 point("delete.marked")
                 for d in doomed:
                     self._states.pop(d.stem, None)
+                    self._summaries.pop(d.stem, None)  # a new file may get its inode
                     self._close_file(d.stem)
                     with contextlib.suppress(FileNotFoundError):
                         self._path(d.stem).unlink()

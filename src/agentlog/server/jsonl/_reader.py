@@ -593,13 +593,17 @@ class Reader(Recovery):
         if indexed is None or indexed.records == 0:
             return None
         path = self._path(stem)
-        if (indexed.inode, indexed.size) != file_identity(path):
+        identity = file_identity(path)
+        if (indexed.inode, indexed.size) != identity:
             return None
+        known = self._summaries.get(stem)
+        if known is not None and known[0] == identity and known[1].branch_id == branch_id:
+            return known[1]
         try:
             with path.open("rb") as file:
                 first = orjson.loads(read_line(file, 0, indexed.size))
                 last = orjson.loads(read_line(file, indexed.last_offset, indexed.size))
-            return BranchInfo(
+            found = BranchInfo(
                 branch_id=branch_id,
                 event_count=indexed.records,
                 first_timestamp_ns=parse_timestamp(first["timestamp"]),
@@ -609,6 +613,12 @@ class Reader(Recovery):
             )
         except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None  # the slow path says what is wrong
+        with self._lock:  # kept while the file stays as it is (its identity)
+            self._summaries[stem] = (identity, found)
+            self._summaries.move_to_end(stem)
+            while len(self._summaries) > SUMMARIES:
+                self._summaries.popitem(last=False)
+        return found
 
     def session_ids(self) -> list[str]:
         """Ids of the sessions that have a file, in byte order."""
@@ -617,6 +627,10 @@ class Reader(Recovery):
     def branch_ids(self, session_id: str) -> list[str]:
         """Ids of a session's branches that have a file, in byte order."""
         return [branch_id for branch_id, _ in self._catalog_of_places()[1].get(session_id, ())]
+
+
+# Branch summaries a listing keeps, checked against their file's identity when used.
+SUMMARIES = 1 << 16
 
 
 def _place_key(place: tuple[str, str]) -> tuple[bytes, bytes]:

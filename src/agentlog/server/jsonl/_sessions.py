@@ -19,6 +19,7 @@ from pathlib import Path
 
 import orjson
 
+from agentlog._records import BranchInfo
 from agentlog._validation import (
     MAIN,
     check_stored_session_id,
@@ -33,6 +34,7 @@ from agentlog.server.blocking import BlockingStore
 from agentlog.server.jsonl._state import (
     MISSING,
     SUFFIX,
+    Identity,
     SessionState,
     concurrent_writer,
     file_identity,
@@ -87,6 +89,7 @@ class SessionStates(BlockingStore):
     _sessions_db: SessionsDb  # labels, and the ids of deleted records
     _labels: LabelIndex  # every session's labels, as the sessions db holds them
     _draining: bool  # a delete waits for the commit queue to empty: appends wait
+    _summaries: OrderedDict[str, tuple[Identity, BranchInfo]]  # listings' branch summaries
 
     def _state(self, stem: str) -> SessionState:
         """The session's state, rebuilt if its file changed since last seen."""
