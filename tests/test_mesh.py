@@ -47,7 +47,9 @@ def test_health_exits_0_when_serving(target: str) -> None:
     assert service.returncode == 0
 
 
-def test_health_exits_1_for_an_unknown_service_or_no_server(target: str) -> None:
+def test_health_exits_1_for_an_unknown_service_or_no_server_and_2_for_no_address(
+    target: str,
+) -> None:
     unknown = agentlog_health("--addr", target, "--service", "no.such.Service")
     assert unknown.returncode == 1
     assert "NOT_FOUND" in unknown.stderr
@@ -55,7 +57,7 @@ def test_health_exits_1_for_an_unknown_service_or_no_server(target: str) -> None
     assert nobody.returncode == 1
     assert "UNAVAILABLE" in nobody.stderr or "no answer" in nobody.stderr
     bad = agentlog_health("--addr", "not an address")
-    assert bad.returncode == 1
+    assert bad.returncode == 2  # as tail: an address that can never answer
     assert "HOST:PORT" in bad.stderr
 
 

@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     health_cmd = commands.add_parser(
         "health",
-        help="check a server's health: exit 0 if SERVING, 1 otherwise",
+        help="check a server's health: exit 0 if SERVING, 1 otherwise, 2 for a bad address",
         description=(
             "Ask a server's grpc.health.v1 service, as an exec probe or a container health "
             "check does: prints the status and exits 0 when it is SERVING, 1 when it is "
