@@ -330,3 +330,34 @@ def test_a_stop_with_a_half_open_stream_says_what_it_waits_for_and_does_not_wait
     text = "".join(log)
     assert "0 call(s) in flight" in text
     assert "closing connections whose request never arrived" in text
+
+
+def test_tls_mismatches_say_what_is_likely_wrong(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from agentlog import AgentlogClient, TlsConfig, UnavailableError
+    from agentlog.server import MemorySessionRepository
+    from agentlog.server._tls import TlsFiles
+    from tests.certs import CertificateAuthority
+    from tests.servers import running_server
+
+    ca = CertificateAuthority(Path(str(tmp_path)) / "ca", "ca")
+    server = ca.issue("server", dns=("agentlog.default.svc",))
+
+    def refused(target: str, tls: TlsConfig | None) -> str:
+        with (
+            AgentlogClient(target, retries=0, timeout=5, tls=tls) as client,
+            pytest.raises(UnavailableError) as error,
+        ):
+            client.head("s")
+        return error.value.message
+
+    with running_server(MemorySessionRepository(), tls=TlsFiles(server.cert, server.key)) as t:
+        assert "if it speaks TLS, connect with TLS" in refused(t, None)
+        assert "--tls-server-name" in refused(t, TlsConfig(ca=ca.pem))
+    mtls = TlsFiles(server.cert, server.key, ca.pem)
+    with running_server(MemorySessionRepository(), tls=mtls) as t:
+        named = TlsConfig(ca=ca.pem, server_name="agentlog.default.svc")
+        assert "client certificates (mTLS), give one" in refused(t, named)
+    with running_server(MemorySessionRepository()) as t:
+        assert "does not speak TLS at this address" in refused(t, TlsConfig(ca=ca.pem))

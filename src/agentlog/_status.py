@@ -76,6 +76,9 @@ def from_rpc_error(error: grpc.RpcError) -> AgentlogError:
         cls = specific
     if cls is ServerError and code.name != "INTERNAL":
         message = f"{code.name}: {message}"
+    hint = connection_hint(message) if code.name == "UNAVAILABLE" and reason is None else None
+    if hint is not None:
+        message = f"{message} ({hint})"
     too_large = _TOO_LARGE.search(message) if reason is None else None
     if too_large is not None:
         sent, limit = too_large.group(1), too_large.group(2)
@@ -94,3 +97,40 @@ def from_rpc_error(error: grpc.RpcError) -> AgentlogError:
 
 # gRPC's own words for a message over a limit (either side's).
 _TOO_LARGE = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")
+
+
+# What gRPC's words for a failed connection most likely mean, said so a person can act.
+_HINTS = (
+    (
+        "WRONG_VERSION_NUMBER",
+        "the server does not speak TLS at this address: connect without TLS (no tls=, no "
+        "--tls-ca), or to the address where it serves TLS",
+    ),
+    (
+        "Hostname Verification Check failed",
+        "the server's certificate does not name the host connected to: give the name it "
+        "carries (TlsConfig(server_name=...), --tls-server-name)",
+    ),
+    (
+        "Peer name",
+        "the server's certificate does not name the host connected to: give the name it "
+        "carries (TlsConfig(server_name=...), --tls-server-name)",
+    ),
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the server's certificate is not signed by the CA trusted here (--tls-ca, "
+        "TlsConfig(ca=...))",
+    ),
+    (
+        "Socket closed",
+        "the server closed the connection at once: if it speaks TLS, connect with TLS "
+        "(TlsConfig, --tls-ca); if it asks for client certificates (mTLS), give one "
+        "(--tls-client-cert and --tls-client-key)",
+    ),
+)
+
+
+def connection_hint(details: str) -> str | None:
+    """What a failed connection's details most likely mean, for a person; None if
+    nothing more can be said."""
+    return next((hint for marker, hint in _HINTS if marker in details), None)

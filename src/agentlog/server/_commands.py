@@ -84,6 +84,8 @@ def health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from agentlog._status import connection_hint
+
     problem = _unresolvable(args.addr)
     if problem is not None:  # never answers: the exit code tail gives it too
         print(f"agentlog health: {problem}", file=sys.stderr)
@@ -112,6 +114,9 @@ def health(args: argparse.Namespace) -> int:
             details: Any = getattr(exc, "details", lambda: text)()
             name = code.name if code is not None else "UNKNOWN"
             why = "no answer in time" if code == grpc.StatusCode.DEADLINE_EXCEEDED else details
+            hint = connection_hint(str(details))
+            if hint is not None:
+                why = f"{why} ({hint})"
             print(f"agentlog health: {args.addr}: {name}: {why}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
