@@ -166,15 +166,15 @@ class CallsInFlight:
         if self._idle is not None and not (self.calls or self.subscriptions):
             self._idle.set()
 
-    async def idle(self, within: float) -> None:
+    async def idle(self, seconds: float) -> None:
         """Return once no call at all is in flight (subscriptions included), or after
-        `within` seconds."""
+        `seconds`."""
         if self._idle is None:
             self._idle = asyncio.Event()
         if not (self.calls or self.subscriptions):
             self._idle.set()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), within)
+            await asyncio.wait_for(self._idle.wait(), seconds)
 
     async def quiet(self) -> None:
         """Return once no call but subscriptions is in flight."""
