@@ -40,7 +40,7 @@ from agentlog.server._rules import Appended, PendingAppend, Place, wrong_expecte
 from agentlog.server.jsonl._fork import Forks
 from agentlog.server.jsonl._state import RECOVERED_DIR, SUFFIX, View
 from agentlog.server.jsonl.durability import fsync_path
-from agentlog.server.jsonl.index import IndexedFile
+from agentlog.server.jsonl.index_tables import IndexedFile
 from agentlog.server.jsonl.keys import key_of
 
 log = logging.getLogger("agentlog.server")

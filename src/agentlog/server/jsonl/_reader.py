@@ -65,7 +65,8 @@ from agentlog.server.jsonl.files import (
     read_line,
     storage_error,
 )
-from agentlog.server.jsonl.index import MARK_EVERY, Located
+from agentlog.server.jsonl.index import MARK_EVERY
+from agentlog.server.jsonl.index_tables import Located
 
 log = logging.getLogger("agentlog.server")
 

@@ -13,7 +13,8 @@ from agentlog.errors import (
 )
 from agentlog.server import metrics
 from agentlog.server._pauses import point
-from agentlog.server.jsonl._commit import CommitPath, Staging, finish
+from agentlog.server.jsonl._acknowledge import Staging, finish
+from agentlog.server.jsonl._commit import CommitPath
 
 log = logging.getLogger("agentlog.server")
 

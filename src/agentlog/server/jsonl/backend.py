@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from agentlog.server._rules import Appended, PendingAppend
 from agentlog.server._threaded import ThreadedBackend
 from agentlog.server._tracing import store_span
-from agentlog.server.jsonl._commit import Answer
+from agentlog.server.jsonl._acknowledge import Answer
 from agentlog.server.jsonl.store import JsonlSessionRepository
 
 

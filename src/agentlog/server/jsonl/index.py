@@ -20,23 +20,29 @@ record, so a collision costs a read, never a wrong answer.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import sqlite3
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-import orjson
-
-from agentlog._records import ForkedFrom
 from agentlog.server import metrics
 from agentlog.server._pauses import point
-from agentlog.server.jsonl.files import index_lines
+from agentlog.server.jsonl._index_catch_up import CatchUp
+from agentlog.server.jsonl.index_tables import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    IndexedFile,
+    Located,
+    connect,
+    first_from_text,
+    first_to_text,
+    is_damage,
+    transaction,
+)
 from agentlog.server.jsonl.keys import FilteredIds, KeyFilter, Row, key_of
 from agentlog.server.jsonl.layout import FirstLine
 
@@ -48,99 +54,10 @@ INDEX_FILE = ".agentlog.index"
 MARK_EVERY = 64
 # How long acknowledged rows may wait in memory before they are written.
 FLUSH_SECONDS = 0.2
-_SCHEMA_VERSION = 3
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS files (
-    session INTEGER PRIMARY KEY,
-    stem TEXT NOT NULL UNIQUE,
-    inode INTEGER NOT NULL,
-    indexed_bytes INTEGER NOT NULL,
-    indexed_records INTEGER NOT NULL,
-    last_offset INTEGER NOT NULL,
-    first_line TEXT
-);
-CREATE TABLE IF NOT EXISTS ids (
-    key INTEGER NOT NULL,
-    session INTEGER NOT NULL,
-    sequence INTEGER NOT NULL,
-    offset INTEGER NOT NULL,
-    PRIMARY KEY (key, session, sequence)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS children (
-    key INTEGER NOT NULL,
-    session INTEGER NOT NULL,
-    sequence INTEGER NOT NULL,
-    offset INTEGER NOT NULL,
-    PRIMARY KEY (key, session, sequence)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS marks (
-    session INTEGER NOT NULL,
-    sequence INTEGER NOT NULL,
-    offset INTEGER NOT NULL,
-    PRIMARY KEY (session, sequence)
-) WITHOUT ROWID;
-"""
-_BLOCK = 4 << 20
 T = TypeVar("T")
-# Rows indexed from files per transaction, when many files are indexed at once.
-_ROWS_A_TRANSACTION = 1 << 18
 
 
-@dataclass(slots=True)
-class IndexedFile:
-    """What the index holds of one session file."""
-
-    session: int  # the file's number in the index's tables
-    inode: int
-    size: int  # bytes indexed: every whole record line up to here
-    records: int
-    last_offset: int  # where the last indexed record starts
-    first: FirstLine | None = None
-    """What its first record says of it, once indexed."""
-    ahead: tuple[int, int, int, int] | None = None
-    """Rows of acknowledged appends that do not follow on from `size` (start, end,
-    records, last offset): recorded while a catch-up or rebuild was reading the file's
-    earlier lines, joined to the rest when it commits. Memory only."""
-
-    @property
-    def known_records(self) -> int:
-        """Records whose rows the index holds (on disk or waiting in memory)."""
-        return self.records if self.ahead is None else max(self.records, self.ahead[2])
-
-    def extend(self, start: int, end: int, records: int, last_offset: int) -> None:
-        """The rows of the lines from byte `start` to `end` (the file's first `records`
-        records, the last at `last_offset`) are held now."""
-        if start <= self.size:
-            if end > self.size:
-                self.size, self.records, self.last_offset = end, records, last_offset
-        elif self.ahead is not None and self.ahead[1] == start:
-            self.ahead = (self.ahead[0], end, records, last_offset)
-        elif self.ahead is None or end > self.ahead[1]:
-            self.ahead = (start, end, records, last_offset)
-        if self.ahead is not None and self.ahead[0] <= self.size:
-            ahead, self.ahead = self.ahead, None
-            self.extend(self.size, *ahead[1:])
-
-    def copy(self) -> IndexedFile:
-        return IndexedFile(
-            self.session, self.inode, self.size, self.records, self.last_offset, self.first
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Located:
-    """Where a record is: found by its id's or its parent's key (confirm before use)."""
-
-    stem: str
-    sequence: int
-    offset: int
-
-
-class StoreIndex(FilteredIds):
+class StoreIndex(CatchUp, FilteredIds):
     """Where records are, kept in step with the files.
 
     Rows of acknowledged appends wait in memory, where every query sees them,
@@ -168,7 +85,7 @@ class StoreIndex(FilteredIds):
         try:
             self._open()
         except sqlite3.DatabaseError as exc:
-            if not _is_damage(exc):
+            if not is_damage(exc):
                 raise
             log.warning(
                 "%s is damaged (%s); it is derived data, so it is rebuilt from the session files",
@@ -202,23 +119,23 @@ class StoreIndex(FilteredIds):
         path = self._path
         opened: list[sqlite3.Connection] = []
         try:
-            db = self._connect(path)
+            db = connect(path)
             opened.append(db)
-            if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 # Derived data in an older layout: start over, it is rebuilt from the files.
                 db.close()
                 self._wipe()
-                db = self._connect(path)
+                db = connect(path)
                 opened.append(db)
                 with db:
-                    db.executescript(_SCHEMA)
-                    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                    db.executescript(SCHEMA)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             # Damage that no query has met yet would give wrong rows, not errors:
             # check every page now (about 0.2 s a million records).
             problems = db.execute("PRAGMA quick_check(1)").fetchone()
             if problems is None or problems[0] != "ok":
                 raise sqlite3.DatabaseError(f"database disk image is malformed: {problems}")
-            reader = self._connect(path)
+            reader = connect(path)
             opened.append(reader)
             files: dict[str, IndexedFile] = {}
             names: dict[int, str] = {}
@@ -227,7 +144,7 @@ class StoreIndex(FilteredIds):
                 "first_line FROM files"
             ):
                 files[stem] = IndexedFile(
-                    session, inode, size, records, last, _first_from_text(first)
+                    session, inode, size, records, last, first_from_text(first)
                 )
                 names[session] = stem
             # Session numbers are never reused: rows of a dropped file keep theirs.
@@ -292,21 +209,10 @@ class StoreIndex(FilteredIds):
         try:
             return run()
         except sqlite3.DatabaseError as exc:
-            if not _is_damage(exc):
+            if not is_damage(exc):
                 raise
             self._rebuild(exc)
         return run()
-
-    @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        # Derived data: WAL with synchronous=NORMAL never corrupts, and a crash
-        # only loses rows the files still hold (re-indexed at the next open).
-        db.executescript(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536; "
-            "PRAGMA wal_autocheckpoint=16384; PRAGMA secure_delete=ON;"
-        )
-        return db
 
     # --- what the index holds of files ---
 
@@ -411,7 +317,7 @@ class StoreIndex(FilteredIds):
             try:
                 self.flush()
             except sqlite3.DatabaseError as exc:
-                if _is_damage(exc):
+                if is_damage(exc):
                     self._rebuild(exc)
                 else:  # a full disk, say: the rows wait in memory for the next try
                     log.warning("writing %s failed (%s); trying again", self._path, exc)
@@ -433,7 +339,7 @@ class StoreIndex(FilteredIds):
         try:
             if entries or gone:
                 started = time.perf_counter()
-                with _transaction(self._db) as db:
+                with transaction(self._db) as db:
                     for stem, rows in pending.items():
                         entry = entries.get(stem)
                         if entry is not None:
@@ -492,156 +398,11 @@ class StoreIndex(FilteredIds):
                 entry.size,
                 entry.records,
                 entry.last_offset,
-                _first_to_text(entry.first),
+                first_to_text(entry.first),
             ),
         )
 
     # --- files indexed from their bytes ---
-
-    def catch_up(self, stem: str, path: Path) -> IndexedFile | None:
-        """Index what the file holds beyond what was indexed (all of it if it shrank or
-        was replaced); drop the session if the file is gone. Returns what is indexed:
-        whole record lines up to the first that does not parse (reads report it)."""
-        return self.catch_up_all([(stem, path)])[stem]
-
-    def catch_up_all(self, files: Iterable[tuple[str, Path]]) -> dict[str, IndexedFile | None]:
-        """catch_up for many files, in transactions of many files each (at open). A
-        failure to write (a full disk) leaves `behind` set, and raises."""
-        try:
-            with self._write_lock:
-                found = self._catch_up_all(files)
-        except sqlite3.OperationalError:
-            self.behind = True
-            raise
-        return found
-
-    def _catch_up_all(self, files: Iterable[tuple[str, Path]]) -> dict[str, IndexedFile | None]:
-        indexed: dict[str, IndexedFile | None] = {}
-        # First what waits in memory: a file's entry is never written ahead of its rows.
-        self._flush()
-        written: list[tuple[str, IndexedFile]] = []
-        rows = 0
-        try:
-            for stem, path in files:
-                current = self._look(stem, path, indexed)
-                point("index.catch_up.looked")
-                if current is None:
-                    continue
-                if not self._db.in_transaction:
-                    self._db.execute("BEGIN")
-                before = current.records
-                try:
-                    self._index_file(path, current)
-                except FileNotFoundError:  # removed since: look again
-                    self._look(stem, path, indexed)
-                    continue
-                self._set(stem, current)
-                written.append((stem, current))
-                rows += current.records - before
-                if rows >= _ROWS_A_TRANSACTION:
-                    point("index.catch_up.scanned")
-                    self._commit_catch_up(written, indexed)
-                    written, rows = [], 0
-            if written:
-                point("index.catch_up.scanned")
-                self._commit_catch_up(written, indexed)
-                written = []
-        finally:
-            if self._db.in_transaction:  # cut short by an error
-                self._db.execute("ROLLBACK")
-            with self._lock:
-                self._uncommitted_keys.clear()
-        self.behind = False
-        return indexed
-
-    def _look(
-        self, stem: str, path: Path, indexed: dict[str, IndexedFile | None]
-    ) -> IndexedFile | None:
-        """Compare a file with its entry, at one moment (under the lock: an append's
-        lines are written before its rows are recorded, under this lock, so the file is
-        never found shorter than the entry unless it shrank). Returns a copy of the
-        entry to index the file's new lines into, or None (and sets `indexed`) when there
-        is nothing to index: the file is as indexed, cut short, or gone."""
-        with self._lock:
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                stat = None
-            entry = self._files.get(stem)
-            if stat is None:
-                if entry is not None and entry.known_records > 0:
-                    # Vanished: a file cut to nothing. Its ids stay known, and its
-                    # session refuses reads and appends, rather than starting over.
-                    self._shrunk[stem] = (entry.size, 0)
-                    indexed[stem] = entry.copy()
-                else:
-                    self._forget(stem)
-                    indexed[stem] = None
-                return None
-            if entry is not None and entry.inode == stat.st_ino:
-                if stat.st_size < entry.size:
-                    self._shrunk[stem] = (entry.size, stat.st_size)
-                    indexed[stem] = entry.copy()
-                    return None
-            else:
-                entry = self._new_entry(stem, stat.st_ino)
-            self._shrunk.pop(stem, None)
-            indexed[stem] = entry.copy()
-            return entry.copy() if stat.st_size != entry.size else None
-
-    def distrust(self, stem: str, offset: int, records: int) -> None:
-        """Vouch for a session's file only up to byte `offset`, its first `records`
-        records: a damaged line starts there. Kept on disk, so the session stays
-        sealed across restarts until the line is repaired (and indexed again)."""
-        with self._lock:
-            entry = self._files.get(stem)
-            if entry is None or entry.size <= offset:
-                return
-            entry.size, entry.records = offset, min(entry.records, records)
-            if entry.last_offset >= offset:
-                entry.last_offset = 0
-            self._dirty.add(stem)
-
-    def shrunk(self, stem: str) -> tuple[int, int] | None:
-        """(bytes indexed, bytes found) if the session's file was last found shorter
-        than the index knew it: cut behind agentlog's back."""
-        with self._lock:
-            return self._shrunk.get(stem)
-
-    def _commit_catch_up(
-        self, written: list[tuple[str, IndexedFile]], indexed: dict[str, IndexedFile | None]
-    ) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO meta VALUES ('next_session', ?)", (self._next_session,)
-        )
-        self._db.execute("COMMIT")
-        with self._lock:
-            for stem, current in written:
-                live = self._files.get(stem)
-                if live is None or live.session != current.session:
-                    continue  # forgotten or replaced since: these rows name nothing
-                # Appends may have been acknowledged while the file was read: the entry
-                # joins what was read to what they recorded, never going back.
-                before = (live.size, live.records)
-                live.extend(0, current.size, current.records, current.last_offset)
-                if live.first is None and current.first is not None:
-                    live.first = current.first
-                    self._dirty.add(stem)
-                if (live.size, live.records) != before or stem in self._pending:
-                    self._dirty.add(stem)
-                elif live.size == current.size:
-                    self._dirty.discard(stem)  # written: no flush needed
-                indexed[stem] = live.copy()
-            self._uncommitted_keys.clear()
-
-    def _index_file(self, path: Path, entry: IndexedFile) -> None:
-        """Index `path`'s complete records from `entry.size` on (see `index_lines`),
-        updating `entry`."""
-        start = (entry.size, entry.records, entry.last_offset)
-        rows = functools.partial(self._insert, entry.session, new_keys=True)
-        (entry.size, entry.records, entry.last_offset), first = index_lines(path, start, rows)
-        if first is not None:
-            entry.first = first
 
     def erase(self, files: list[tuple[int, list[int], list[int]]]) -> None:
         """Remove for good the rows of deleted files (each: its number, forgotten; its
@@ -651,7 +412,7 @@ class StoreIndex(FilteredIds):
             return
         with self._write_lock:
             self._flush()
-            with _transaction(self._db) as db:
+            with transaction(self._db) as db:
                 for session, keys, parent_keys in files:
                     db.executemany(
                         "DELETE FROM ids WHERE key = ? AND session = ?",
@@ -788,53 +549,3 @@ class StoreIndex(FilteredIds):
             self._save_filter()
         with self._write_lock, self._read_lock:
             self._close_connections()
-
-
-def _first_to_text(first: FirstLine | None) -> str | None:
-    if first is None:
-        return None
-    forked = first.forked_from
-    return orjson.dumps(
-        {
-            "session_id": first.session_id,
-            "branch_id": first.branch_id,
-            "started_here": first.started_here,
-            "forked_from": None
-            if forked is None
-            else [forked.session_id, forked.branch_id, forked.sequence],
-        }
-    ).decode()
-
-
-def _first_from_text(text: str | None) -> FirstLine | None:
-    if text is None:
-        return None
-    try:
-        obj = orjson.loads(text)
-        forked = obj["forked_from"]
-        return FirstLine(
-            obj["session_id"],
-            obj["branch_id"],
-            None if forked is None else ForkedFrom(*forked),
-            bool(obj["started_here"]),
-        )
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    db.execute("BEGIN")
-    try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def _is_damage(exc: sqlite3.DatabaseError) -> bool:
-    """Whether an error says the index file is damaged (not busy, full or read-only)."""
-    return getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or (
-        "malformed" in str(exc) or "not a database" in str(exc)
-    )

@@ -47,7 +47,7 @@ from agentlog.errors import (
 )
 from agentlog.server._labels import LabelIndex
 from agentlog.server._listing import PageTokens
-from agentlog.server.jsonl._commit import Staging, Written, finish
+from agentlog.server.jsonl._acknowledge import Staging, Written, finish
 from agentlog.server.jsonl._lifecycle import Lifecycle
 from agentlog.server.jsonl._reader import decoders
 from agentlog.server.jsonl._state import (
