@@ -149,29 +149,9 @@ def test_a_request_over_the_limit_is_answered_with_the_limit_and_the_flag() -> N
 
 
 def _server_on(port: int, data: object) -> subprocess.Popen[str]:
-    import threading
+    from tests.servers import serve_process
 
-    from tests.test_server import wait_for_port
-
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentlog.server",
-            "serve",
-            "--addr",
-            f"127.0.0.1:{port}",
-            "--data-dir",
-            str(data),
-            "--grace",
-            "1",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for_port(process)
-    threading.Thread(target=lambda: process.stderr and process.stderr.read(), daemon=True).start()
-    return process
+    return serve_process(str(data), "--grace", "1", addr=f"127.0.0.1:{port}").process
 
 
 @pytest.mark.parametrize("follow", [["chat"], ["--all"]])
@@ -293,37 +273,19 @@ def test_a_stop_with_a_half_open_stream_says_what_it_waits_for_and_does_not_wait
     tmp_path: object,
 ) -> None:
     import signal
-    import threading
 
-    from tests.test_server import wait_for_port
+    from tests.servers import serve_process
 
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentlog.server",
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path),
-            "--grace",
-            "8",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    port, _ = wait_for_port(process)
-    log: list[str] = []
-    reader = threading.Thread(target=lambda: log.extend(process.stderr or ()), daemon=True)
-    reader.start()
+    served = serve_process(str(tmp_path), "--grace", "8")
+    process, log = served.process, served.log
+    port = int(served.target.rsplit(":", 1)[1])
     connection = _half_open_call(port)
     time.sleep(0.5)
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
     process.wait(30)
     took = time.monotonic() - started
-    reader.join(5)
+    time.sleep(0.2)  # the last lines read
     connection.close()  # type: ignore[attr-defined]
     assert process.returncode == 0
     assert took < 4, (took, log)  # not the 8 s grace

@@ -27,8 +27,7 @@ from agentlog.server.blocking import BlockingStore
 from agentlog.server.postgres import PostgresBackend
 from tests.contract import delta, new_session
 from tests.pg import conninfo, database
-from tests.servers import LoopThread, running_server
-from tests.test_server import wait_for_port
+from tests.servers import LoopThread, running_server, serve_process
 
 NS = 1_000_000_000
 
@@ -264,29 +263,9 @@ def test_replicas_on_one_postgresql_sweep_without_fighting() -> None:
 
 
 def test_serve_with_retention_sweeps_in_the_background(tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentlog.server",
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path),
-            "--retention",
-            "1s",
-            "--retention-interval",
-            "0.3s",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    served = serve_process(tmp_path, "--retention", "1s", "--retention-interval", "0.3s")
     try:
-        port, _lines = wait_for_port(process)
-        log: list[str] = []
-        threading.Thread(target=lambda: log.extend(process.stderr or ()), daemon=True).start()
-        with AgentlogClient(f"127.0.0.1:{port}") as client:
+        with AgentlogClient(served.target) as client:
             client.append(AppendEvent(session_id="short-lived", event=delta("s", "x")))
             deadline = time.monotonic() + 20
             while client.list_sessions().sessions:
@@ -294,12 +273,12 @@ def test_serve_with_retention_sweeps_in_the_background(tmp_path: Path) -> None:
                 time.sleep(0.1)
             assert client.load_session("short-lived") == []
         deadline = time.monotonic() + 5
-        while not any("retention sweep: deleted 1 branch" in line for line in log):
-            assert time.monotonic() < deadline, log
+        while "retention sweep: deleted 1 branch" not in served.logged:
+            assert time.monotonic() < deadline, served.log
             time.sleep(0.05)
     finally:
-        process.terminate()
-        process.wait(30)
+        served.process.terminate()
+        served.process.wait(30)
 
 
 def test_a_retention_must_be_a_duration() -> None:
