@@ -409,3 +409,30 @@ def test_a_copy_carries_labels(tmp_path: Path) -> None:
         assert (labeled.session_id, labeled.labels) == ("s", {"app": "chat", "title": "T"})
         assert labeled.labels_version == 1
         assert plain.labels == {}
+
+
+def test_an_append_between_a_deletes_reading_and_its_unlink_is_deleted_and_reserved_too(
+    tmp_path: Path,
+) -> None:
+    import uuid as uuids
+
+    from agentlog import AlreadyExistsError
+    from agentlog.server._pauses import hold
+
+    with JsonlSessionRepository(tmp_path) as store:
+        store.max_cached_sessions = 1  # the session's state is evicted while held
+        store.append(AppendEvent(session_id="s", event=delta("s", "first")))
+        late = AppendEvent(session_id="s", event=delta("s", "late"), id=str(uuids.uuid4()))
+        result: list[object] = []
+        with hold("delete.reserved") as reserved:
+            deleter = threading.Thread(target=lambda: result.append(store.delete_session("s")))
+            deleter.start()
+            reserved.wait()
+            store.append(late)  # read by nobody yet
+            store.append(AppendEvent(session_id="other", event=delta("o", "evicts s")))
+        deleter.join(30)
+        [markers] = result
+        assert [m.last_sequence for m in markers] == [2]  # type: ignore[attr-defined]
+        assert store.load_session("s") == []
+        with pytest.raises(AlreadyExistsError):  # its id was reserved with the rest
+            store.append(late)

@@ -37,6 +37,14 @@ POINTS = frozenset(
         "commit.acknowledged",
         # The session states: a state was built from a file, not yet installed.
         "states.built",
+        # A JSONL delete: ids read and reserved, the branches not yet marked or unlinked.
+        "delete.reserved",
+        # A JSONL delete: the feed's markers synced, the files not yet unlinked.
+        "delete.marked",
+        # A JSONL label change: written to the sessions database, not yet in memory.
+        "labels.written",
+        # A JSONL fork: the copy linked into place, not yet indexed.
+        "fork.linked",
     }
 )
 

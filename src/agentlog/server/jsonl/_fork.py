@@ -56,12 +56,7 @@ class Forks(SyncLoops):
     """`fork`, for the JSONL store."""
 
     def fork(self, plan: ForkPlan) -> BranchInfo:
-        if self.read_only:
-            raise FailedPreconditionError(
-                f"{self.root} is served read-only: forks are refused", reason="READ_ONLY"
-            )
-        if self._halted is not None:
-            raise self._halted
+        self._check_changeable("forks")
         target = self._stem_to_write(plan.new_session_id, plan.new_branch_id)
         view = self._fork_source(plan)
         with self._lock:
@@ -87,6 +82,16 @@ class Forks(SyncLoops):
                 head_id=state.head_id,
                 forked_from=plan.origin,
             )
+
+    def _check_changeable(self, what: str) -> None:
+        """Refuse a change (`what`: "forks", "deletes", ...) in a read-only store, or one
+        halted after a failed sync."""
+        if self.read_only:
+            raise FailedPreconditionError(
+                f"{self.root} is served read-only: {what} are refused", reason="READ_ONLY"
+            )
+        if self._halted is not None:
+            raise self._halted
 
     def _fork_source(self, plan: ForkPlan) -> View:
         """A snapshot of the source branch, once its expectation and length are checked."""

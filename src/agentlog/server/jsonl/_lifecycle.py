@@ -32,13 +32,21 @@ from dataclasses import dataclass, replace
 import orjson
 
 from agentlog._records import SessionDeleted, SessionInfo, SessionLabels
-from agentlog.errors import AgentlogError, FailedPreconditionError, UnavailableError
+from agentlog.errors import AgentlogError, UnavailableError
 from agentlog.server._lifecycle import DeletePlan, LabelChange, nothing_to_delete
 from agentlog.server._listing import SessionList, SessionQuery
 from agentlog.server._pauses import point
 from agentlog.server._rules import Appended, PendingAppend, Place, wrong_expected_sequence
 from agentlog.server.jsonl._fork import Forks
-from agentlog.server.jsonl._state import RECOVERED_DIR, SUFFIX, View
+from agentlog.server.jsonl._state import (
+    MISSING,
+    RECOVERED_DIR,
+    STALE,
+    SUFFIX,
+    Identity,
+    View,
+    file_identity,
+)
 from agentlog.server.jsonl.durability import fsync_path
 from agentlog.server.jsonl.index_tables import IndexedFile
 from agentlog.server.jsonl.keys import key_of
@@ -59,6 +67,7 @@ class _Doomed:
     count: int
     ids: list[str]
     parents: list[str]
+    identity: Identity  # the file's when its ids were read
     deleted_before: int  # the stem's last deletion's position (0: none); then its own
     time_ns: int = 0  # when it was deleted
 
@@ -80,14 +89,6 @@ class Lifecycle(Forks):
         if not markers:
             raise nothing_to_delete(plan)
         return markers
-
-    def _check_changeable(self, what: str) -> None:
-        if self.read_only:
-            raise FailedPreconditionError(
-                f"{self.root} is served read-only: {what} are refused", reason="READ_ONLY"
-            )
-        if self._halted is not None:
-            raise self._halted
 
     def _delete_places(self, places: Sequence[Place], expected: int | None) -> list[SessionDeleted]:
         """Delete branches (step 1, then 2 and 3 for all at once); their markers."""
@@ -118,16 +119,18 @@ class Lifecycle(Forks):
         if stem is None:
             return None
         state = self._state(stem)
-        with self._lock:
+        with self._lock:  # one moment: the file, what was read of it, its deletions
             view = state.view()
-        if view.count == 0 and not self._path(stem).exists():
+            # Lines written and not yet acknowledged are not in the view: then no
+            # identity vouches for it (see _settle_deletes).
+            identity = file_identity(self._path(stem)) if not state.unacked else STALE
+            before = self._feed.deleted_at.get(stem, 0)
+        if view.count == 0 and identity == MISSING:
             return None
         if expected is not None and expected != view.count:
             raise wrong_expected_sequence(session_id, expected, view.count, branch_id)
         ids, parents = self._ids_in(view)
-        with self._lock:
-            before = self._feed.deleted_at.get(stem, 0)
-        return _Doomed(session_id, branch_id, stem, view.count, ids, parents, before)
+        return _Doomed(session_id, branch_id, stem, view.count, ids, parents, identity, before)
 
     def _ids_in(self, view: View) -> tuple[list[str], list[str]]:
         """The ids and parent ids of a file's records (lines that are no record are
@@ -171,8 +174,12 @@ class Lifecycle(Forks):
                 feed = self._feed
                 doomed = [d for d in doomed if feed.deleted_at.get(d.stem, 0) == d.deleted_before]
                 for d in doomed:
+                    # Grown since its ids were read: read them again. Its state says so
+                    # if it is held; if it was evicted since, the file's identity does.
                     state = self._states.get(d.stem)
                     if state is not None and state.count != d.count:
+                        return None
+                    if state is None and file_identity(self._path(d.stem)) != d.identity:
                         return None
                 if not doomed:
                     return [], {}
@@ -223,11 +230,15 @@ class Lifecycle(Forks):
             ]
         )
         recovered = self.root / RECOVERED_DIR
-        with contextlib.suppress(FileNotFoundError):
-            names = {f"{d.stem}{SUFFIX}." for d in doomed}
+        names = {f"{d.stem}{SUFFIX}." for d in doomed}
+        try:
             for leftover in recovered.iterdir():
                 if any(leftover.name.startswith(name) for name in names):
                     leftover.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # the records are deleted; a copy aside could not be
+            log.error("%s: cannot remove copies of deleted records (%s)", recovered, exc)
         gone = {d.session_id for d in doomed}
         with self._labels_lock:
             places = self._catalog_of_places()[1]
@@ -268,9 +279,11 @@ class Lifecycle(Forks):
         its branch (or is a retry of the one that did)."""
         if not append.labels or appended.first_sequence != 1:
             return
-        with self._labels_lock:
+        with self._labels_lock:  # under the lock a delete of the session drops labels in
             if self._labels.get(append.session_id) is not None:
                 return
+            if not self._catalog_of_places()[1].get(append.session_id):
+                return  # deleted meanwhile
             labels = SessionLabels(dict(append.labels), 1)
             self._sessions_db.put_labels(append.session_id, labels)
             self._labels.put(append.session_id, labels)
@@ -285,9 +298,12 @@ class Lifecycle(Forks):
     def _load_labels(self) -> None:
         """At open: the labels of the sessions present (those of sessions whose files are
         gone, after a crash in a delete, are erased)."""
+        found = list(self._sessions_db.labels())
+        if not found:
+            return  # no catalog to build at start
         present = self._catalog_of_places()[1]
         stale = []
-        for session_id, labels in self._sessions_db.labels():
+        for session_id, labels in found:
             if session_id in present:
                 self._labels.put(session_id, labels)
             else:
