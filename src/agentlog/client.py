@@ -114,13 +114,13 @@ class AgentlogClient:
             return False
         return True
 
-    def _unary(self, method: Any, request: Any) -> Any:
+    def _unary(self, method: Any, request: Any, *, retry: bool = True) -> Any:
         attempt = 0
         while True:
             try:
                 return method(request, timeout=self.timeout)
             except grpc.RpcError as exc:
-                if not should_retry(exc, attempt, self.retries):
+                if not retry or not should_retry(exc, attempt, self.retries):
                     raise from_rpc_error(exc) from None
             time.sleep(backoff(attempt))
             attempt += 1
@@ -216,10 +216,7 @@ class AgentlogClient:
         """See `SessionRepository.delete_session`. Not retried (a retry after a lost
         answer would find nothing to delete, and fail with NotFoundError)."""
         request = _requests.delete_to_proto(session_id, branch_id, all_branches, expected_sequence)
-        try:
-            response = self._stub.DeleteSession(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        response = self._unary(self._stub.DeleteSession, request, retry=False)
         return [_requests.deleted_from_proto(m) for m in response.deleted]
 
     def update_session_labels(
@@ -233,13 +230,8 @@ class AgentlogClient:
         """See `SessionRepository.update_session_labels`. Retried only with an
         `expected_version` (which makes a repeat fail rather than apply twice)."""
         request = _requests.labels_to_proto(session_id, set_labels, remove, expected_version)
-        if expected_version is not None:
-            response = self._unary(self._stub.UpdateSessionLabels, request)
-        else:
-            try:
-                response = self._stub.UpdateSessionLabels(request, timeout=self.timeout)
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc) from None
+        retry = expected_version is not None
+        response = self._unary(self._stub.UpdateSessionLabels, request, retry=retry)
         return _requests.labels_from_proto(response)
 
     def subscribe_session(
@@ -328,10 +320,7 @@ class AgentlogClient:
             new_branch_id=new_branch_id,
             new_session_id=new_session_id,
         )
-        try:
-            response = self._stub.ForkSession(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        response = self._unary(self._stub.ForkSession, request, retry=False)
         return _requests.branch_from_proto(response.branch)
 
 
@@ -384,13 +373,13 @@ class AsyncAgentlogClient:
             return False
         return True
 
-    async def _unary(self, method: Any, request: Any) -> Any:
+    async def _unary(self, method: Any, request: Any, *, retry: bool = True) -> Any:
         attempt = 0
         while True:
             try:
                 return await method(request, timeout=self.timeout)
             except grpc.RpcError as exc:
-                if not should_retry(exc, attempt, self.retries):
+                if not retry or not should_retry(exc, attempt, self.retries):
                     raise from_rpc_error(exc) from None
             await asyncio.sleep(backoff(attempt))
             attempt += 1
@@ -486,10 +475,7 @@ class AsyncAgentlogClient:
         """See `SessionRepository.delete_session`. Not retried (a retry after a lost
         answer would find nothing to delete, and fail with NotFoundError)."""
         request = _requests.delete_to_proto(session_id, branch_id, all_branches, expected_sequence)
-        try:
-            response = await self._stub.DeleteSession(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        response = await self._unary(self._stub.DeleteSession, request, retry=False)
         return [_requests.deleted_from_proto(m) for m in response.deleted]
 
     async def update_session_labels(
@@ -503,13 +489,8 @@ class AsyncAgentlogClient:
         """See `SessionRepository.update_session_labels`. Retried only with an
         `expected_version` (which makes a repeat fail rather than apply twice)."""
         request = _requests.labels_to_proto(session_id, set_labels, remove, expected_version)
-        if expected_version is not None:
-            response = await self._unary(self._stub.UpdateSessionLabels, request)
-        else:
-            try:
-                response = await self._stub.UpdateSessionLabels(request, timeout=self.timeout)
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc) from None
+        retry = expected_version is not None
+        response = await self._unary(self._stub.UpdateSessionLabels, request, retry=retry)
         return _requests.labels_from_proto(response)
 
     async def subscribe_session(
@@ -588,8 +569,5 @@ class AsyncAgentlogClient:
             new_branch_id=new_branch_id,
             new_session_id=new_session_id,
         )
-        try:
-            response = await self._stub.ForkSession(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        response = await self._unary(self._stub.ForkSession, request, retry=False)
         return _requests.branch_from_proto(response.branch)
