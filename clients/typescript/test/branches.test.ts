@@ -16,7 +16,7 @@ import {
   WrongExpectedSequence,
 } from "../src/index.js";
 import { delta } from "./samples.js";
-import { python, type Served, startServer } from "./server.js";
+import { type Served, STORES } from "./server.js";
 
 async function take<T>(items: AsyncIterator<T>, count: number): Promise<T[]> {
   const taken: T[] = [];
@@ -48,34 +48,18 @@ async function chain(
   return records;
 }
 
-const STORES: [string, () => Promise<{ served: Served; done: () => void }>][] = [
-  [
-    "JSONL, branch layout",
-    async () => ({ served: await startServer({ args: ["--layout", "branches"] }), done: () => {} }),
-  ],
-  [
-    "PostgreSQL",
-    async () => {
-      const url = python("pgdb.py", "create").trim();
-      const served = await startServer({ args: ["--store", url] });
-      return { served, done: () => void python("pgdb.py", "drop", url) };
-    },
-  ],
-];
-
-for (const [name, open] of STORES) {
+for (const name of ["JSONL, branch layout", "PostgreSQL"] as const) {
+  const open = STORES[name];
   describe(`branches and forks on ${name}`, () => {
     let served: Served;
-    let done: () => void;
     let client: AgentlogClient;
     before(async () => {
-      ({ served, done } = await open());
+      served = await open();
       client = new AgentlogClient(served.target, { retries: 0 });
     });
     after(async () => {
       client.close();
       await served.stop();
-      done();
     });
 
     function session(prefix: string): string {

@@ -18,7 +18,7 @@ import {
   WrongExpectedSequence,
 } from "../src/index.js";
 import { delta } from "./samples.js";
-import { python, type Served, startServer } from "./server.js";
+import { type Served, STORES } from "./server.js";
 
 async function listed(
   client: AgentlogClient,
@@ -43,37 +43,18 @@ async function feedFrom(client: AgentlogClient, fromPosition: bigint): Promise<u
   return items;
 }
 
-const STORES: [string, boolean, () => Promise<{ served: Served; done: () => void }>][] = [
-  ["JSONL, seed layout", false, async () => ({ served: await startServer(), done: () => {} })],
-  [
-    "JSONL, branch layout",
-    true,
-    async () => ({ served: await startServer({ args: ["--layout", "branches"] }), done: () => {} }),
-  ],
-  [
-    "PostgreSQL",
-    true,
-    async () => {
-      const url = python("pgdb.py", "create").trim();
-      const served = await startServer({ args: ["--store", url] });
-      return { served, done: () => void python("pgdb.py", "drop", url) };
-    },
-  ],
-];
-
-for (const [name, branched, open] of STORES) {
+for (const [name, open] of Object.entries(STORES)) {
+  const branched = name !== "JSONL, seed layout";
   describe(`the session lifecycle on ${name}`, () => {
     let served: Served;
-    let done: () => void;
     let client: AgentlogClient;
     before(async () => {
-      ({ served, done } = await open());
+      served = await open();
       client = new AgentlogClient(served.target, { retries: 0 });
     });
     after(async () => {
       client.close();
       await served.stop();
-      done();
     });
 
     test("a deleted branch reads as empty, leaves the feed, and is marked there", async () => {

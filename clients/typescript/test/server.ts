@@ -89,3 +89,22 @@ export function python(script: string, ...args: string[]): string {
 export function removeDirectory(path: string): void {
   rmSync(path, { recursive: true, force: true });
 }
+
+/** A server of each kind the contract cases run against, started and stopped by
+ * `describe` blocks: the JSONL store in either layout, or PostgreSQL (a database made
+ * for it, and dropped after). */
+export const STORES = {
+  "JSONL, seed layout": (): Promise<Served> => startServer(),
+  "JSONL, branch layout": (): Promise<Served> => startServer({ args: ["--layout", "branches"] }),
+  PostgreSQL: async (): Promise<Served> => {
+    const url = python("pgdb.py", "create").trim();
+    const served = await startServer({ args: ["--store", url] });
+    return {
+      ...served,
+      stop: async () => {
+        await served.stop();
+        python("pgdb.py", "drop", url);
+      },
+    };
+  },
+} as const;
