@@ -140,29 +140,45 @@ class PostgresLifecycle:
         if self._stopping:
             raise closing_error()
         self._check_reachable()
-        session_id = change.session_id
         async with translated(), self._pool.connection() as conn, conn.transaction():
-            # A delete of the session's last branch holds its row until it commits.
-            cursor = await conn.execute(
-                "SELECT 1 FROM agentlog_branches WHERE session_id = %s LIMIT 1 FOR KEY SHARE",
-                (session_id,),
-            )
-            exists = await cursor.fetchone() is not None
-            if exists:
-                await conn.execute(
-                    "INSERT INTO agentlog_labels VALUES (%s, 0, '{}')"
-                    " ON CONFLICT (session_id) DO NOTHING",
-                    (session_id,),
-                )
-            cursor = await conn.execute(
-                "SELECT version, labels FROM agentlog_labels WHERE session_id = %s FOR UPDATE",
-                (session_id,),
-            )
-            row = await cursor.fetchone()
-            current = SessionLabels(row[1], int(row[0])) if row and row[0] else None
+            exists, current = await self._locked_labels(conn, change.session_id)
             labels = change.apply(current, exists=exists)
-            await self._write_labels(conn, session_id, labels)
+            await self._write_labels(conn, change.session_id, labels)
         return labels
+
+    async def take_labels(self, append: PendingAppend, appended: Appended) -> None:
+        """Labels an append carries, for a session that has none, if the append started
+        its branch (or is a retry of the one that did)."""
+        if not append.labels or appended.first_sequence != 1:
+            return
+        async with translated(), self._pool.connection() as conn, conn.transaction():
+            exists, current = await self._locked_labels(conn, append.session_id)
+            if exists and current is None:
+                labels = SessionLabels(dict(append.labels), 1)
+                await self._write_labels(conn, append.session_id, labels)
+
+    @staticmethod
+    async def _locked_labels(conn: Any, session_id: str) -> tuple[bool, SessionLabels | None]:
+        """Whether the session exists, and its labels (None: never set), locked to the end
+        of the transaction. A delete of the session's last branch holds that branch's row
+        until it commits (then there is no session); the labels' row serializes editors."""
+        cursor = await conn.execute(
+            "SELECT 1 FROM agentlog_branches WHERE session_id = %s LIMIT 1 FOR KEY SHARE",
+            (session_id,),
+        )
+        exists = await cursor.fetchone() is not None
+        if exists:
+            await conn.execute(
+                "INSERT INTO agentlog_labels VALUES (%s, 0, '{}')"
+                " ON CONFLICT (session_id) DO NOTHING",
+                (session_id,),
+            )
+        cursor = await conn.execute(
+            "SELECT version, labels FROM agentlog_labels WHERE session_id = %s FOR UPDATE",
+            (session_id,),
+        )
+        row = await cursor.fetchone()
+        return exists, SessionLabels(row[1], int(row[0])) if row and row[0] else None
 
     @staticmethod
     async def _write_labels(conn: Any, session_id: str, labels: SessionLabels) -> None:
@@ -177,27 +193,6 @@ class PostgresLifecycle:
                 await cursor.executemany(
                     "INSERT INTO agentlog_label_pairs VALUES (%s, %s, %s)", pairs
                 )
-
-    async def take_labels(self, append: PendingAppend, appended: Appended) -> None:
-        """Labels an append carries, for a session that has none, if the append started
-        its branch (or is a retry of the one that did)."""
-        if not append.labels or appended.first_sequence != 1:
-            return
-        session_id = append.session_id
-        async with translated(), self._pool.connection() as conn, conn.transaction():
-            cursor = await conn.execute(
-                "INSERT INTO agentlog_labels SELECT %s, 0, '{}' WHERE EXISTS ("
-                " SELECT 1 FROM agentlog_branches WHERE session_id = %s)"
-                " ON CONFLICT (session_id) DO NOTHING",
-                (session_id, session_id),
-            )
-            cursor = await conn.execute(
-                "SELECT version FROM agentlog_labels WHERE session_id = %s FOR UPDATE",
-                (session_id,),
-            )
-            row = await cursor.fetchone()
-            if row is not None and int(row[0]) == 0:
-                await self._write_labels(conn, session_id, SessionLabels(dict(append.labels), 1))
 
     # --- listing ---
 
