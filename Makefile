@@ -51,9 +51,12 @@ OUT ?= src/agentlog
 proto: $(INSTALLED) $(NODE_INSTALLED)
 	rm -rf build/proto && mkdir -p build/proto $(OUT)/v1
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=build/proto \
-		--pyi_out=build/proto --grpc_python_out=build/proto protos/$(PROTO)
+		--pyi_out=build/proto --grpc_python_out=build/proto \
+		--plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc \
+		--connectrpc_out=protobuf=google:build/proto protos/$(PROTO)
 	cp build/proto/agentlog/v1/session_pb2.py build/proto/agentlog/v1/session_pb2.pyi \
-		build/proto/agentlog/v1/session_pb2_grpc.py $(OUT)/v1/
+		build/proto/agentlog/v1/session_pb2_grpc.py build/proto/agentlog/v1/session_connect.py \
+		$(OUT)/v1/
 	touch $(OUT)/v1/__init__.py
 	$(BIN)/python tools/generate_types.py protos $(PROTO) $(OUT)/_events.py
 	$(BIN)/python tools/generate_converters.py $(OUT)/_converters.py
@@ -64,7 +67,7 @@ proto: $(INSTALLED) $(NODE_INSTALLED)
 proto-check: $(INSTALLED) $(NODE_INSTALLED)
 	rm -rf build/proto-check build/ts-proto-check && mkdir -p build/proto-check
 	$(MAKE) --no-print-directory proto OUT=build/proto-check TS_OUT=../../build/ts-proto-check
-	for f in v1/__init__.py v1/session_pb2.py v1/session_pb2.pyi v1/session_pb2_grpc.py _events.py _converters.py; do \
+	for f in v1/__init__.py v1/session_pb2.py v1/session_pb2.pyi v1/session_pb2_grpc.py v1/session_connect.py _events.py _converters.py; do \
 		cmp -s build/proto-check/$$f src/agentlog/$$f || { echo "src/agentlog/$$f is stale: run 'make proto' and commit"; exit 1; }; \
 	done
 	diff -r build/ts-proto-check/src/gen $(TS)/src/gen >/dev/null || { echo "$(TS)/src/gen is stale: run 'make proto' and commit"; exit 1; }

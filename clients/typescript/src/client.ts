@@ -15,8 +15,14 @@ import {
   ConnectError,
   createClient,
   type Interceptor,
+  type Transport,
 } from "@connectrpc/connect";
-import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import {
+  createConnectTransport,
+  createGrpcTransport,
+  createGrpcWebTransport,
+  Http2SessionManager,
+} from "@connectrpc/connect-node";
 
 import { type AgentEvent, eventFromMessage, eventToMessage, toU64 } from "./events.js";
 import { AgentlogError, InvalidArgumentError, toAgentlogError } from "./errors.js";
@@ -77,6 +83,9 @@ export interface ClientOptions {
   tls?: TlsOptions | boolean;
   /** Sent as `authorization: Bearer <token>`; a function is asked on every call. */
   token?: string | (() => string | Promise<string>);
+  /** How calls travel: "grpc" (default: HTTP/2 to the server's --addr), or "connect" or
+   * "grpc-web" (HTTP/1.1 to its --http-addr, through proxies that only pass HTTP/1.1). */
+  protocol?: "grpc" | "connect" | "grpc-web";
 }
 
 export interface AppendInput {
@@ -198,7 +207,9 @@ function checkId(id: string | undefined, where: string): string {
 export class AgentlogClient {
   readonly timeoutMs: number | null;
   readonly retries: number;
-  private readonly sessions: Http2SessionManager;
+  private readonly sessions: Http2SessionManager | null;
+  // Ends every call at close() when calls do not share one HTTP/2 connection.
+  private readonly aborter = new AbortController();
   private readonly client: Client<typeof SessionRepository>;
   private closed = false;
 
@@ -215,12 +226,7 @@ export class AgentlogClient {
           ...(tls.serverName !== undefined && { servername: tls.serverName }),
         }
       : {};
-    // Our own session manager, so that close() ends the connection.
-    this.sessions = new Http2SessionManager(
-      baseUrl,
-      { pingIntervalMs: 30_000, pingTimeoutMs: 10_000 },
-      nodeOptions,
-    );
+    const protocol = options.protocol ?? "grpc";
     const interceptors: Interceptor[] = [];
     const token = options.token;
     if (token !== undefined) {
@@ -230,14 +236,36 @@ export class AgentlogClient {
         return next(request);
       });
     }
-    const transport = createGrpcTransport({
-      baseUrl,
-      sessionManager: this.sessions,
-      interceptors,
-      // Records come back with an id and timestamp added: a reply may be a little
-      // larger than the largest request a server accepts.
-      readMaxBytes: 64 * 1024 * 1024,
-    });
+    // Records come back with an id and timestamp added: a reply may be a little
+    // larger than the largest request a server accepts.
+    const readMaxBytes = 64 * 1024 * 1024;
+    let transport: Transport;
+    if (protocol === "grpc") {
+      // Our own session manager, so that close() ends the connection.
+      this.sessions = new Http2SessionManager(
+        baseUrl,
+        { pingIntervalMs: 30_000, pingTimeoutMs: 10_000 },
+        nodeOptions,
+      );
+      transport = createGrpcTransport({
+        baseUrl,
+        sessionManager: this.sessions,
+        interceptors,
+        readMaxBytes,
+      });
+    } else {
+      this.sessions = null;
+      const http = {
+        baseUrl,
+        httpVersion: "1.1" as const,
+        nodeOptions,
+        interceptors,
+        readMaxBytes,
+        useBinaryFormat: true,
+      };
+      transport =
+        protocol === "connect" ? createConnectTransport(http) : createGrpcWebTransport(http);
+    }
     this.client = createClient(SessionRepository, transport);
   }
 
@@ -245,7 +273,8 @@ export class AgentlogClient {
   close(): void {
     if (!this.closed) {
       this.closed = true;
-      this.sessions.abort();
+      this.sessions?.abort();
+      this.aborter.abort();
     }
   }
 
@@ -257,8 +286,15 @@ export class AgentlogClient {
   private options(signal?: AbortSignal): CallOptions {
     return {
       ...(this.timeoutMs !== null && { timeoutMs: this.timeoutMs }),
-      ...(signal !== undefined && { signal }),
+      signal: this.untilClosed(signal),
     };
+  }
+
+  /** `signal`, also aborted when the client closes. */
+  private untilClosed(signal?: AbortSignal): AbortSignal {
+    return signal === undefined
+      ? this.aborter.signal
+      : AbortSignal.any([signal, this.aborter.signal]);
   }
 
   /** A unary call, retried after UNAVAILABLE or DEADLINE_EXCEEDED. */
@@ -386,7 +422,7 @@ export class AgentlogClient {
             timeoutMs,
           );
     const options: CallOptions = {
-      signal: call.signal,
+      signal: this.untilClosed(call.signal),
       ...(timeoutMs !== null && { headers: { "grpc-timeout": `${Math.max(1, timeoutMs)}m` } }),
     };
     try {
@@ -644,7 +680,7 @@ export class AgentlogClient {
       const stop = (): void => call.abort();
       outer?.addEventListener("abort", stop, { once: true });
       try {
-        for await (const response of open(call.signal)) {
+        for await (const response of open(this.untilClosed(call.signal))) {
           attempt = 0; // the stream works again: a later failure gets all its retries
           yield* items(response);
         }

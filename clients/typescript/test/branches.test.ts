@@ -55,7 +55,10 @@ for (const name of ["JSONL, branch layout", "PostgreSQL"] as const) {
     let client: AgentlogClient;
     before(async () => {
       served = await open();
-      client = new AgentlogClient(served.target, { retries: 0 });
+      client = new AgentlogClient(served.target, {
+        retries: 0,
+        protocol: served.protocol ?? "grpc",
+      });
     });
     after(async () => {
       client.close();

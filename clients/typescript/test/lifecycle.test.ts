@@ -50,7 +50,10 @@ for (const [name, open] of Object.entries(STORES)) {
     let client: AgentlogClient;
     before(async () => {
       served = await open();
-      client = new AgentlogClient(served.target, { retries: 0 });
+      client = new AgentlogClient(served.target, {
+        retries: 0,
+        protocol: served.protocol ?? "grpc",
+      });
     });
     after(async () => {
       client.close();

@@ -14,6 +14,10 @@ export const PYTHON = process.env.AGENTLOG_PYTHON ?? join(ROOT, ".venv/bin/pytho
 export interface Served {
   target: string;
   port: number;
+  /** "host:port" of the same service over HTTP (Connect, gRPC-Web), if asked for. */
+  httpTarget: string;
+  /** How `target` is reached (absent: gRPC). */
+  protocol?: Protocol;
   dataDir: string;
   stop(): Promise<void>;
 }
@@ -24,7 +28,7 @@ export function temporaryDirectory(prefix = "agentlog-ts-"): string {
 
 /** A server on `dataDir` (a new temporary one by default); `port` 0 picks one. */
 export async function startServer(
-  options: { dataDir?: string; port?: number; args?: string[] } = {},
+  options: { dataDir?: string; port?: number; args?: string[]; http?: boolean } = {},
 ): Promise<Served> {
   const dataDir = options.dataDir ?? temporaryDirectory();
   const child = spawn(
@@ -37,19 +41,21 @@ export async function startServer(
       `127.0.0.1:${options.port ?? 0}`,
       "--data-dir",
       dataDir,
+      ...(options.http === true ? ["--http-addr", "127.0.0.1:0"] : []),
       ...(options.args ?? []),
     ],
     { cwd: ROOT, stdio: ["ignore", "ignore", "pipe"] },
   );
-  const port = await new Promise<number>((resolvePort, reject) => {
+  const [port, httpPort] = await new Promise<[number, number]>((resolvePort, reject) => {
     let seen = "";
     const onData = (chunk: Buffer): void => {
       seen += chunk.toString();
       const found = /serving on 127\.0\.0\.1:(\d+)/.exec(seen);
-      if (found?.[1] !== undefined) {
+      const http = /web console on https?:\/\/127\.0\.0\.1:(\d+)/.exec(seen);
+      if (found?.[1] !== undefined && (options.http !== true || http?.[1] !== undefined)) {
         child.stderr?.off("data", onData);
         child.stderr?.resume(); // keep draining, so the server never blocks on a full pipe
-        resolvePort(Number(found[1]));
+        resolvePort([Number(found[1]), Number(http?.[1] ?? 0)]);
       }
     };
     child.stderr?.on("data", onData);
@@ -58,6 +64,7 @@ export async function startServer(
   return {
     target: `127.0.0.1:${port}`,
     port,
+    httpTarget: `127.0.0.1:${httpPort}`,
     dataDir,
     stop: () => stopProcess(child),
   };
@@ -70,6 +77,10 @@ function stopProcess(child: ChildProcess): Promise<void> {
     child.kill("SIGTERM");
   });
 }
+
+export type Protocol = "grpc" | "connect" | "grpc-web";
+/** Every way the client reaches a server; suites run over each. */
+export const PROTOCOLS: readonly Protocol[] = ["grpc", "connect", "grpc-web"];
 
 /** A copy of a fixture directory of `../shared/fixtures/arcan-jsonl`. */
 export function fixtureCopy(name: string): string {
@@ -90,21 +101,32 @@ export function removeDirectory(path: string): void {
   rmSync(path, { recursive: true, force: true });
 }
 
+async function postgres(http = false): Promise<Served> {
+  const url = python("pgdb.py", "create").trim();
+  const served = await startServer({ args: ["--store", url], http });
+  return {
+    ...served,
+    stop: async () => {
+      await served.stop();
+      python("pgdb.py", "drop", url);
+    },
+  };
+}
+
+/** `served` reached over HTTP with `protocol` instead of gRPC. */
+function overHttp(served: Served, protocol: Protocol): Served {
+  return { ...served, target: served.httpTarget, protocol };
+}
+
 /** A server of each kind the contract cases run against, started and stopped by
  * `describe` blocks: the JSONL store in either layout, or PostgreSQL (a database made
- * for it, and dropped after). */
+ * for it, and dropped after); and two of them over HTTP rather than gRPC. */
 export const STORES = {
   "JSONL, seed layout": (): Promise<Served> => startServer(),
   "JSONL, branch layout": (): Promise<Served> => startServer({ args: ["--layout", "branches"] }),
-  PostgreSQL: async (): Promise<Served> => {
-    const url = python("pgdb.py", "create").trim();
-    const served = await startServer({ args: ["--store", url] });
-    return {
-      ...served,
-      stop: async () => {
-        await served.stop();
-        python("pgdb.py", "drop", url);
-      },
-    };
-  },
+  PostgreSQL: (): Promise<Served> => postgres(),
+  "JSONL, branch layout, over Connect": async (): Promise<Served> =>
+    overHttp(await startServer({ args: ["--layout", "branches"], http: true }), "connect"),
+  "PostgreSQL, over gRPC-Web": async (): Promise<Served> =>
+    overHttp(await postgres(true), "grpc-web"),
 } as const;

@@ -86,6 +86,14 @@ class CallObserver(_Interceptor):
     ) -> Any:
         return self._rewraps.of(details.method, await continuation(details))
 
+    def wrap(self, behavior: Any, full_method: str, streaming: bool) -> Any:
+        """`behavior` counted and timed as this interceptor does it for gRPC calls (for
+        the same service served over HTTP, see `_http_calls`)."""
+        service, method = _names(full_method)
+        if streaming:
+            return self._stream(behavior, service, method)
+        return self._unary(behavior, service, method)
+
     def _begin(self, kind: str, service: str, method: str, context: Any) -> list[int]:
         """Count a call in and arrange for its end to be counted; its message count."""
         key = (kind, service, method)

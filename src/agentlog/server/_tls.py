@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,3 +128,50 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
         rotating.fetch,  # type: ignore[arg-type]  # None means "unchanged" (grpc docs)
         require_client_authentication=files.client_ca is not None,
     )
+
+
+class RotatingSslContext:
+    """An `ssl.SSLContext` for the HTTP server that follows the same files: each
+    handshake (its client hello) takes the context the files hold now, re-read only
+    when they changed; a half-written rotation keeps the last good files."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self._files = files
+        self._lock = threading.Lock()
+        self._seen = self._stamp()
+        try:
+            self.context = self._load()
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            raise OSError(f"cannot serve TLS over HTTP: {exc}") from None
+        self._current = self.context
+        self.context.sni_callback = self._on_hello
+
+    def _stamp(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple(_identity(path) for path in self._files.paths())
+
+    def _load(self) -> ssl.SSLContext:
+        files = self._files
+        key, chain = files.key.read_bytes(), files.cert.read_bytes()
+        roots = files.client_ca.read_bytes() if files.client_ca else None
+        _check(files, key, chain, roots)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(files.cert, files.key)
+        if roots is not None:
+            context.load_verify_locations(cadata=roots.decode())
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.set_alpn_protocols(["http/1.1"])
+        return context
+
+    def _on_hello(self, connection: ssl.SSLObject, _name: str | None, _: ssl.SSLContext) -> None:
+        with self._lock:
+            try:
+                stamp = self._stamp()
+                if stamp != self._seen:
+                    self._current = self._load()
+                    self._seen = stamp
+                    log.info("TLS certificate files changed: new HTTP connections use them")
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                log.error("TLS files not used (%s); new connections keep the last good ones", exc)
+        if self._current is not self.context:
+            connection.context = self._current

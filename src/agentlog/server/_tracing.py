@@ -56,6 +56,11 @@ class TracingInterceptor(_Interceptor):
     ) -> Any:
         return self._rewraps.of(details.method, await continuation(details))
 
+    def wrap(self, behavior: Any, full_method: str, streaming: bool) -> Any:
+        """`behavior` with a span as gRPC calls get one (for HTTP, see `_http_calls`)."""
+        name = full_method.lstrip("/")
+        return self._stream(behavior, name) if streaming else self._unary(behavior, name)
+
     @contextlib.contextmanager
     def _span(self, name: str, context: Any) -> Iterator[trace.Span]:
         carrier = {key: value for key, value in context.invocation_metadata() or ()}

@@ -22,6 +22,8 @@ from opentelemetry.trace import TracerProvider
 
 from agentlog.server import metrics
 from agentlog.server._auth import Authenticator
+from agentlog.server._http_calls import PeerCertificates, connect_application
+from agentlog.server._http_server import ConsoleFiles, HttpServer, http_application
 from agentlog.server._live import LiveSubscriptions
 from agentlog.server._observe import CallObserver
 from agentlog.server._tls import TlsFiles, server_credentials
@@ -61,11 +63,14 @@ class Server(NamedTuple):
     backend: Backend
     live: LiveSubscriptions
     service: SessionRepositoryService
+    http: HttpServer | None = None
 
     async def start(self) -> None:
         """Start serving and report SERVING to health checks (NOT_SERVING while the
         backend cannot reach its storage, e.g. a database that is down)."""
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         self.backend.on_availability(self._report)
         await self._set_health(self.backend.available)
 
@@ -94,6 +99,9 @@ class Server(NamedTuple):
         await self.health.enter_graceful_shutdown()
         margin = min(0.5, (grace or 0) / 2)
         stopping = asyncio.ensure_future(self.server.stop(grace))
+        http_stopping = (
+            asyncio.ensure_future(self.http.stop(grace or 0)) if self.http is not None else None
+        )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.service.in_flight.quiet(), max((grace or 0) - margin, 0))
         try:
@@ -108,6 +116,8 @@ class Server(NamedTuple):
                 log.info("calls ended; closing connections whose request never arrived")
                 await self.server.stop(0)
             await stopping
+            if http_stopping is not None:
+                await http_stopping
         finally:
             self.live.close()
             await self.service.close()
@@ -118,6 +128,8 @@ class Server(NamedTuple):
         """Cut every call in flight off now (a second signal). Appends already
         acknowledged are durable; those cut off were never acknowledged."""
         self.live.close()
+        if self.http is not None:
+            self.http.stop_now()
         await self.server.stop(0)
 
 
@@ -134,6 +146,7 @@ def create_server(
     authenticator: Authenticator | None = None,
     reflection_enabled: bool = True,
     tracer_provider: TracerProvider | None = None,
+    http_address: str | None = None,
 ) -> Server:
     """Build (not start: see `Server.start`) a server for `repository`: a Backend, or a
     blocking store (memory, JSONL), whose calls then run on `storage_threads` threads.
@@ -158,6 +171,10 @@ def create_server(
     to its scopes (health stays open); `reflection_enabled=False` leaves reflection out.
     With `tracer_provider`, each call gets a server span (joined to the caller's trace)
     and the store's write and sync spans beneath it.
+
+    With `http_address`, the same service is also served there over HTTP (Connect and
+    gRPC-Web, with the same TLS files, credentials, metrics and traces), with the web
+    console at `/`; its port is `Server.http.port`.
     """
     age_options = []
     if max_connection_age is not None:
@@ -165,11 +182,12 @@ def create_server(
             ("grpc.max_connection_age_ms", max(1, int(max_connection_age * 1000))),
             ("grpc.max_connection_age_grace_ms", max(0, int(max_connection_age_grace * 1000))),
         ]
+    interceptors: list[TracingInterceptor | CallObserver] = [
+        *([TracingInterceptor(tracer_provider)] if tracer_provider is not None else []),
+        CallObserver(access_log=access_log),
+    ]
     server = grpc.aio.server(
-        interceptors=[
-            *([TracingInterceptor(tracer_provider)] if tracer_provider is not None else []),
-            CallObserver(access_log=access_log),
-        ],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
@@ -213,7 +231,18 @@ def create_server(
             server,
         )
     port = bind(server, address, server_credentials(tls) if tls is not None else None)
-    return Server(server, port, health_service, backend, live, service)
+    http = None
+    if http_address is not None:
+        peers = PeerCertificates()
+        connect = connect_application(
+            service,
+            [interceptor.wrap for interceptor in interceptors],
+            peers,
+            max_message_bytes=max_message_bytes,
+        )
+        application = http_application(connect, ConsoleFiles(), lambda: backend.available)
+        http = HttpServer(http_address, application, peers, tls)
+    return Server(server, port, health_service, backend, live, service, http)
 
 
 def bind(
@@ -256,16 +285,16 @@ def bind(
     return port
 
 
-def check_can_listen(address: str) -> None:
+def check_can_listen(address: str, flag: str = "--addr (AGENTLOG_ADDR)") -> None:
     """OSError, in agentlog's words, if `address` is HOST:PORT with a port some process
     already listens on (checked before anything else is opened or made)."""
     port_text = address.rpartition(":")[2]
     if not port_text.isdigit() or int(port_text) == 0:
         return  # bind() says what is wrong with it
-    _check_free(address, int(port_text))
+    _check_free(address, int(port_text), flag)
 
 
-def _check_free(where: str, port: int) -> None:
+def _check_free(where: str, port: int, flag: str = "--addr (AGENTLOG_ADDR)") -> None:
     host = where.rpartition(":")[0].removeprefix("[").removesuffix("]") or "0.0.0.0"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -283,7 +312,7 @@ def _check_free(where: str, port: int) -> None:
                     named = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
                     raise OSError(
                         f"cannot listen on {named}: address already in use (another process "
-                        "listens there); stop it, or give another --addr (AGENTLOG_ADDR)"
+                        f"listens there); stop it, or give another {flag}"
                     ) from None
                 return  # not an address of this host: bind() says so
 
@@ -338,6 +367,7 @@ async def serve(
     authenticator: Authenticator | None = None,
     reflection_enabled: bool = True,
     metrics_address: str | None = None,
+    http_address: str | None = None,
     version: str = "",
     retention_seconds: float | None = None,
     retention_interval: float = 60.0,
@@ -348,6 +378,8 @@ async def serve(
     from agentlog.server.postgres import PostgresBackend, check_store_path, is_postgres_url
 
     check_can_listen(address)  # before a data directory or a database is touched
+    if http_address is not None:
+        check_can_listen(http_address, "--http-addr (AGENTLOG_HTTP_ADDR)")
     tracer_provider = configure_from_environment()
     repository: BlockingStore | None = None
     served: BlockingStore | Backend
@@ -403,6 +435,7 @@ async def serve(
             authenticator=authenticator,
             reflection_enabled=reflection_enabled,
             tracer_provider=tracer_provider,
+            http_address=http_address,
         )
     except BaseException:
         if repository is not None:
@@ -465,6 +498,13 @@ async def serve(
             host or "every address",
         )
     log.info("agentlog %s serving on %s:%d (%s), %s", version, host, built.port, security, where)
+    if built.http is not None:
+        log.info(
+            "HTTP (Connect, gRPC-Web) and the web console on %s://%s:%d/",
+            "http" if tls is None else "https",
+            built.http.address.rsplit(":", 1)[0],
+            built.http.port,
+        )
     if tracer_provider is not None:
         log.info("tracing: spans exported as the OTEL_* settings say")
     if metrics_server is not None and metrics_address is not None:

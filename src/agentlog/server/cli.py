@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the gRPC server (on a JSONL directory, or on PostgreSQL)",
         description=(
             "Serve the SessionRepository gRPC service (plus grpc.health.v1 and server "
-            "reflection) from a directory of arcan-compatible JSONL session files, or from "
+            "reflection, and with --http-addr the same service over HTTP and a web "
+            "console) from a directory of arcan-compatible JSONL session files, or from "
             "PostgreSQL (--store postgresql://...). Stops gracefully on SIGTERM or SIGINT."
         ),
         formatter_class=_Defaults,
@@ -153,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("AGENTLOG_READ_ONLY", "").lower() in ("1", "true", "yes", "on"),
         help="serve a JSONL directory without writing anything in it (one this process may "
         "not write, say): every read works, appends are refused (env AGENTLOG_READ_ONLY=1)",
+    )
+    serve_cmd.add_argument(
+        "--http-addr",
+        default=os.environ.get("AGENTLOG_HTTP_ADDR") or None,
+        help="host:port to also serve the service over HTTP on (Connect and gRPC-Web, for "
+        "browsers and curl), with the web console at /; same TLS, credentials and metrics; "
+        "unset: not served (env AGENTLOG_HTTP_ADDR)",
     )
     serve_cmd.add_argument(
         "--metrics-addr",
@@ -570,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                 read_only=args.read_only,
                 layout=args.layout,
                 metrics_address=args.metrics_addr,
+                http_address=args.http_addr,
                 version=_version(),
                 retention_seconds=args.retention,
                 retention_interval=args.retention_interval,
