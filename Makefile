@@ -18,12 +18,12 @@ PROTO := agentlog/v1/session.proto
 ADDR ?=
 DATA_DIR ?=
 
-.PHONY: serve test install proto proto-check lint typecheck buf-lint buf-breaking pytest ts-test release-contract bench clean
+.PHONY: serve test install proto proto-check console console-check lint typecheck buf-lint buf-breaking pytest ts-test release-contract bench clean
 
 serve: $(RUNTIME)
 	$(BIN)/agentlog serve $(if $(ADDR),--addr $(ADDR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-test: $(INSTALLED) $(NODE_INSTALLED) lint typecheck buf-lint buf-breaking proto-check pytest ts-test
+test: $(INSTALLED) $(NODE_INSTALLED) lint typecheck buf-lint buf-breaking proto-check console-check pytest ts-test
 
 install: $(INSTALLED)
 
@@ -72,6 +72,25 @@ proto-check: $(INSTALLED) $(NODE_INSTALLED)
 	done
 	diff -r build/ts-proto-check/src/gen $(TS)/src/gen >/dev/null || { echo "$(TS)/src/gen is stale: run 'make proto' and commit"; exit 1; }
 	@echo "generated code is up to date"
+
+# The web console: TypeScript in clients/console, bundled by esbuild into the files
+# `agentlog serve --http-addr` serves (committed, so serving needs no Node).
+CONSOLE := clients/console
+CONSOLE_OUT ?= src/agentlog/server/console
+console: $(NODE_INSTALLED)
+	mkdir -p $(CONSOLE_OUT)
+	node_modules/.bin/esbuild $(CONSOLE)/src/main.ts --bundle --format=esm --minify \
+		--target=es2022 --legal-comments=eof --log-level=warning --outfile=$(CONSOLE_OUT)/console.js
+	cp $(CONSOLE)/static/index.html $(CONSOLE)/static/console.css $(CONSOLE_OUT)/
+
+# Fails when the committed console differs from what its sources build.
+console-check: $(NODE_INSTALLED)
+	cd $(CONSOLE) && ../../node_modules/.bin/tsc -p . --noEmit
+	node_modules/.bin/prettier --check --log-level warn $(CONSOLE)/src $(CONSOLE)/static
+	rm -rf build/console-check
+	$(MAKE) --no-print-directory console CONSOLE_OUT=build/console-check
+	diff -r build/console-check $(CONSOLE_OUT) >/dev/null || { echo "$(CONSOLE_OUT) is stale: run 'make console' and commit"; exit 1; }
+	@echo "the console is up to date"
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -16,6 +16,7 @@ export interface Served {
   port: number;
   /** "host:port" of the same service over HTTP (Connect, gRPC-Web), if asked for. */
   httpTarget: string;
+  httpPort: number;
   /** How `target` is reached (absent: gRPC). */
   protocol?: Protocol;
   dataDir: string;
@@ -28,7 +29,13 @@ export function temporaryDirectory(prefix = "agentlog-ts-"): string {
 
 /** A server on `dataDir` (a new temporary one by default); `port` 0 picks one. */
 export async function startServer(
-  options: { dataDir?: string; port?: number; args?: string[]; http?: boolean } = {},
+  options: {
+    dataDir?: string;
+    port?: number;
+    args?: string[];
+    http?: boolean;
+    httpPort?: number;
+  } = {},
 ): Promise<Served> {
   const dataDir = options.dataDir ?? temporaryDirectory();
   const child = spawn(
@@ -41,7 +48,7 @@ export async function startServer(
       `127.0.0.1:${options.port ?? 0}`,
       "--data-dir",
       dataDir,
-      ...(options.http === true ? ["--http-addr", "127.0.0.1:0"] : []),
+      ...(options.http === true ? ["--http-addr", `127.0.0.1:${options.httpPort ?? 0}`] : []),
       ...(options.args ?? []),
     ],
     { cwd: ROOT, stdio: ["ignore", "ignore", "pipe"] },
@@ -65,6 +72,7 @@ export async function startServer(
     target: `127.0.0.1:${port}`,
     port,
     httpTarget: `127.0.0.1:${httpPort}`,
+    httpPort,
     dataDir,
     stop: () => stopProcess(child),
   };
