@@ -17,11 +17,14 @@ PROTO := agentlog/v1/session.proto
 # environment, else its defaults (127.0.0.1:50051, ./data).
 ADDR ?=
 DATA_DIR ?=
+# The web console and the HTTP (Connect, gRPC-Web) endpoint, on for a newcomer.
+HTTP_ADDR ?= $(or $(AGENTLOG_HTTP_ADDR),127.0.0.1:8080)
 
 .PHONY: serve test install proto proto-check console console-check lint typecheck buf-lint buf-breaking pytest ts-test release-contract bench clean
 
 serve: $(RUNTIME)
-	$(BIN)/agentlog serve $(if $(ADDR),--addr $(ADDR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	$(BIN)/agentlog serve $(if $(ADDR),--addr $(ADDR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
+		--http-addr $(HTTP_ADDR)
 
 test: $(INSTALLED) $(NODE_INSTALLED) lint typecheck buf-lint buf-breaking proto-check console-check pytest ts-test
 

@@ -34,11 +34,14 @@ def stop(process: subprocess.Popen[str], timeout: float = 30) -> str:
     return stderr
 
 
-def test_make_serve_listens_where_the_environment_says(tmp_path: Path) -> None:
-    port = free_port()
+def test_make_serve_listens_where_the_environment_says_with_the_console_on(
+    tmp_path: Path,
+) -> None:
+    port, http_port = free_port(), free_port()
     env = {
         **os.environ,
         "AGENTLOG_ADDR": f"127.0.0.1:{port}",
+        "AGENTLOG_HTTP_ADDR": f"127.0.0.1:{http_port}",
         "AGENTLOG_DATA_DIR": str(tmp_path / "data"),
     }
     env.pop("MAKEFLAGS", None)
@@ -58,6 +61,10 @@ def test_make_serve_listens_where_the_environment_says(tmp_path: Path) -> None:
             seen.append(line)
         assert f"serving on 127.0.0.1:{port}" in line, "".join([*seen, line])
         assert str(tmp_path / "data") in line
+        console = process.stderr.readline()
+        assert f"web console on http://127.0.0.1:{http_port}/" in console, console
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=10) as page:
+            assert b"console.js" in page.read()
         with AgentlogClient(f"127.0.0.1:{port}") as client:
             client.append(AppendEvent(session_id="m", event=delta("m", "x")))
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shlex
@@ -19,7 +20,7 @@ from agentlog import AgentlogClient, AppendEvent, TextDelta
 from agentlog.server import JsonlSessionRepository
 from tests.contract import delta
 from tests.pg import ADMIN_URL
-from tests.servers import running_server
+from tests.servers import running_server, served
 from tests.test_command import free_port
 from tests.test_server import wait_for_port
 
@@ -69,7 +70,11 @@ def test_the_postgresql_commands_run_as_written(tmp_path: Path) -> None:
     create = create.replace("DATABASE agentlog", f"DATABASE {name}")
     port = free_port()
     subprocess.run(create, shell=True, check=True, capture_output=True, timeout=60)
-    env = {**os.environ, "AGENTLOG_ADDR": f"127.0.0.1:{port}"}
+    env = {
+        **os.environ,
+        "AGENTLOG_ADDR": f"127.0.0.1:{port}",
+        "AGENTLOG_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+    }
     env.pop("MAKEFLAGS", None)
     process = subprocess.Popen(
         serve,
@@ -123,3 +128,32 @@ def test_the_session_commands_run_as_written(tmp_path: Path) -> None:
     assert "text: Hi" in outputs[1]
     assert "title=A greeting" in outputs[3]
     assert "deleted branch main of session user-7-chat-1" in outputs[4]
+
+
+def test_the_curl_commands_run_as_written(tmp_path: Path) -> None:
+    section = README.read_text().split("## The web console, and the contract over HTTP", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = block.strip().splitlines()
+    assert len(commands) == 3
+    with served(JsonlSessionRepository(tmp_path), http_address="127.0.0.1:0") as (built, _):
+        assert built.http is not None
+        answers = [
+            json.loads(
+                subprocess.run(
+                    command.replace("127.0.0.1:8080", f"127.0.0.1:{built.http.port}"),
+                    shell=True,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                ).stdout
+            )
+            for command in commands
+        ]
+    assert answers[0]["record"]["sequence"] == "1"
+    assert answers[1]["record"]["event"] == {
+        "textDelta": {"runId": "r", "sessionId": "from-curl", "delta": "hello"}
+    }
+    assert answers[2]["code"] == "invalid_argument"
+    assert answers[2]["message"].startswith("session_id '../x' cannot name a session")
+    assert (tmp_path / "from-curl.jsonl").read_text().count("\n") == 1

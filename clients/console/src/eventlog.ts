@@ -167,6 +167,7 @@ export class EventLog {
       }
       this.render();
     } else if (event.key === "Enter" && this.selected) {
+      event.preventDefault();
       const index = this.selected - 1;
       const record = this.chunks.get(Math.floor(index / CHUNK))?.[index % CHUNK];
       if (record !== undefined) this.inspect(record);

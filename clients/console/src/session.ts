@@ -281,7 +281,7 @@ function showRecords(detail: HTMLElement, records: EventRecord[]): void {
       h("pre", { class: "json raw-json", "data-testid": "raw" }, rawRecord(record)),
     );
   }
-  close.focus();
+  title.focus(); // a reader of the page is taken to what opened
 }
 
 async function listChildren(id: string, into: HTMLElement): Promise<void> {

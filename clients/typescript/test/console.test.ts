@@ -305,6 +305,51 @@ describe("the web console", () => {
     await page.close();
   });
 
+  test("the feed shows every session's events live, filtered, and a pause loses nothing", async () => {
+    const prefix = `feed-${randomUUID().slice(0, 6)}-`;
+    const page = await console_(served, `#/feed?prefix=${prefix}&kinds=run_errored`);
+    await page.waitForSelector("[data-testid=feed-state]:text('live')");
+    const error = (s: string, n: number): AgentEvent => ({
+      part_type: "run_errored",
+      ...run(s),
+      error: `e${n}`,
+    });
+    await client.append({ sessionId: `${prefix}a`, event: error(`${prefix}a`, 1) });
+    await client.append({ sessionId: `${prefix}b`, event: delta(`${prefix}b`, "not this kind") });
+    await client.append({ sessionId: `other-${prefix}`, event: error("other", 2) });
+    await page.waitForSelector("[data-testid=feed] tbody tr:has-text('e1')");
+    await page.click("[data-testid=pause]");
+    await page.waitForSelector("[data-testid=feed-state]:text('paused')");
+    await client.append({ sessionId: `${prefix}b`, event: error(`${prefix}b`, 3) });
+    await page.waitForTimeout(300);
+    assert.equal(await page.locator("[data-testid=feed] tbody tr").count(), 1);
+    await page.click("[data-testid=pause]"); // resume: from the position after the last seen
+    await page.waitForSelector("[data-testid=feed] tbody tr:has-text('e3')");
+    const rows = await page.locator("[data-testid=feed] tbody tr").allTextContents();
+    assert.equal(rows.length, 2, rows.join(" | "));
+    assert.match(rows[0] ?? "", new RegExp(`${prefix}b #2.*run_errored.*e3`));
+    await shot(page, "feed");
+    await page.close();
+  });
+
+  test("the event log is read with the keyboard", async () => {
+    const id = `keys-${randomUUID().slice(0, 8)}`;
+    await client.appendBatch(
+      id,
+      [1, 2, 3].map((n) => ({ event: delta(id, `k${n}`) })),
+    );
+    const page = await console_(served, `#/s/${id}`);
+    await page.click("[role=tab]:text('Event log')");
+    await page.waitForSelector(".log-row[data-sequence='3']");
+    await page.focus("[data-testid=event-log]");
+    await page.keyboard.press("j");
+    await page.keyboard.press("j");
+    await page.keyboard.press("Enter");
+    await page.waitForSelector("[data-testid=raw]:has-text('\"sequence\": 2')");
+    assert.match((await page.locator(".log-row.selected").textContent()) ?? "", /^2/);
+    await page.close();
+  });
+
   test("an unknown session says so", async () => {
     const page = await console_(served, "#/s/no-such-session");
     await page.waitForSelector("[data-testid=missing]");
