@@ -2,6 +2,8 @@
  * The TypeScript client's figures for `make bench` (bench/typescript.py runs this):
  * `node dist/bench/run.js TARGET append CALLS IN_FLIGHT` prints appends per second;
  * `node dist/bench/run.js TARGET load SESSION` prints records per second read.
+ * A last argument `connect` or `grpc-web` makes the calls over HTTP (TARGET is then the
+ * server's --http-addr).
  */
 
 import { AgentlogClient, type AgentEvent } from "../src/index.js";
@@ -45,7 +47,11 @@ async function loadRate(client: AgentlogClient, session: string): Promise<number
 
 async function main(): Promise<void> {
   const [target, mode, ...rest] = process.argv.slice(2);
-  const client = new AgentlogClient(target, { timeoutMs: 600_000 });
+  const protocol = rest.at(-1) === "connect" || rest.at(-1) === "grpc-web" ? rest.pop() : "grpc";
+  const client = new AgentlogClient(target, {
+    timeoutMs: 600_000,
+    protocol: protocol as "grpc" | "connect" | "grpc-web",
+  });
   try {
     if (mode === "append") {
       const [calls, inFlight] = rest.map(Number);
