@@ -323,3 +323,43 @@ def test_tls_mismatches_say_what_is_likely_wrong(tmp_path: object) -> None:
         assert "client certificates (mTLS), give one" in refused(t, named)
     with running_server(MemorySessionRepository()) as t:
         assert "does not speak TLS at this address" in refused(t, TlsConfig(ca=ca.pem))
+
+
+def test_a_json_log_stays_json_with_grpc_cores_own_lines_in_it(tmp_path: object) -> None:
+    import json
+    import signal
+    from pathlib import Path
+
+    from tests.certs import CertificateAuthority
+
+    ca = CertificateAuthority(Path(str(tmp_path)) / "ca", "ca")
+    issued = ca.server()
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "agentlog.server", "serve", "--addr", f"127.0.0.1:{port}"),
+            *("--data-dir", str(Path(str(tmp_path)) / "data"), "--log-format", "json"),
+            *("--tls-cert", str(issued.cert), "--tls-key", str(issued.key)),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        head = [process.stderr.readline() for _ in range(2)]  # a warning: it expires soon
+        assert "serving on" in head[1]
+        # A plaintext probe of a TLS server: gRPC core logs the failed handshake itself.
+        subprocess.run(
+            [sys.executable, "-m", "agentlog.server", "health", "--addr", f"127.0.0.1:{port}"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=30)
+    entries = [json.loads(line) for line in [*head, *rest.splitlines()]]  # all JSON
+    handshake = [e for e in entries if e["logger"] == "grpc.core"]
+    assert any("Handshake failed" in e["message"] for e in handshake), entries
+    assert entries[-1]["message"].startswith("agentlog stopped")
