@@ -252,10 +252,12 @@ function showRecords(detail: HTMLElement, records: EventRecord[]): void {
     { class: "close", "aria-label": "close", onclick: () => (detail.hidden = true) },
     "×",
   );
-  detail.replaceChildren(
-    close,
-    h("h3", {}, records.length === 1 ? "Record" : `${records.length} records`),
+  const title = h(
+    "h3",
+    { tabindex: "-1" },
+    records.length === 1 ? "Record" : `${records.length} records`,
   );
+  detail.replaceChildren(close, title);
   for (const record of records) {
     const children = h("ul", { class: "children" });
     const find = h(
