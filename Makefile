@@ -117,10 +117,13 @@ release-contract: $(BUF)
 
 # The TypeScript client's tests, against real servers (Node's test runner).
 ts-test: $(INSTALLED) $(NODE_INSTALLED)
-	bash $(TS)/test/run.sh
+	$(WITH_POSTGRES) bash $(TS)/test/run.sh
 
+# The PostgreSQL tests use the server AGENTLOG_TEST_POSTGRES names, else the machine's
+# at 127.0.0.1:5432, else one tools/with_postgres.py starts (and removes) for the run.
+WITH_POSTGRES := $(BIN)/python tools/with_postgres.py --
 pytest: $(INSTALLED)
-	$(BIN)/python -m pytest
+	$(WITH_POSTGRES) $(BIN)/python -m pytest
 
 # The PostgreSQL store is measured on this server too (BENCH_STORE= to leave it out).
 BENCH_STORE ?= postgresql://postgres@127.0.0.1:5432/postgres

@@ -2,12 +2,15 @@
 
 Tests never mock the database. Each database is created here and dropped
 afterwards (its connections cut off), so runs do not see each other's data.
-`AGENTLOG_TEST_POSTGRES` names the server (a URL of its maintenance database).
+`AGENTLOG_TEST_POSTGRES` (or `AGENTLOG_TEST_PG`) names the server (a URL of its
+maintenance database); `make test` sets it (`tools/with_postgres.py`: the machine's
+server, or one it starts when none answers).
 """
 
 from __future__ import annotations
 
 import os
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +19,10 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-ADMIN_URL = os.environ.get(
-    "AGENTLOG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+ADMIN_URL = (
+    os.environ.get("AGENTLOG_TEST_POSTGRES")
+    or os.environ.get("AGENTLOG_TEST_PG")
+    or "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 
 
@@ -33,11 +38,21 @@ def _admin() -> psycopg.Connection[tuple[object, ...]]:
         )
 
 
-def url_of(name: str) -> str:
-    """The URL of database `name` on the test server."""
+def url_of(name: str, user: str | None = None) -> str:
+    """The URL of database `name` on the test server (as `user`, default its own)."""
     params = conninfo_to_dict(ADMIN_URL)
-    host, port, user = params.get("host", "127.0.0.1"), params.get("port", 5432), params["user"]
+    host, port = str(params.get("host", "127.0.0.1")), params.get("port", 5432)
+    user = user or str(params["user"])
+    if host.startswith("/"):  # a Unix socket's directory (a server tools/with_postgres.py started)
+        query = urllib.parse.urlencode({"host": host, "port": port})
+        return f"postgresql://{user}@/{name}?{query}"
     return f"postgresql://{user}@{host}:{port}/{name}"
+
+
+def psql_target() -> list[str]:
+    """psql's options for the test server's host and port."""
+    params = conninfo_to_dict(ADMIN_URL)
+    return ["-h", str(params.get("host", "127.0.0.1")), "-p", str(params.get("port", 5432))]
 
 
 @contextmanager

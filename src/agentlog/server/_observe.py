@@ -13,6 +13,7 @@ import grpc
 
 from agentlog.server import metrics
 from agentlog.server._auth import open_caller_slot
+from agentlog.server._tracing import CallTracer
 
 access = logging.getLogger("agentlog.access")
 
@@ -70,10 +71,12 @@ def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], An
 
 
 class CallObserver(_Interceptor):
-    """Counts and times every call; logs each one when `access_log` is on."""
+    """Counts and times every call; logs each one when `access_log` is on; with
+    `tracer`, gives each a span (see `_tracing.CallTracer`)."""
 
-    def __init__(self, *, access_log: bool = False) -> None:
+    def __init__(self, *, access_log: bool = False, tracer: CallTracer | None = None) -> None:
         self.access_log = access_log
+        self._tracer = tracer
         # Each method's metric children, looked up once: labels() costs a lookup a call.
         self._children: dict[tuple[str, str, str], _MethodMetrics] = {}
         self._rewraps = Rewraps(
@@ -123,22 +126,42 @@ class CallObserver(_Interceptor):
         return sent
 
     def _unary(self, behavior: Any, service: str, method: str) -> Any:
+        tracer = self._tracer
+        name = f"{service}/{method}"
+
         async def observed(request: Any, context: Any) -> Any:
             sent = self._begin("unary", service, method, context)
             answer = await behavior(request, context)
             sent[0] = 1
             return answer
 
-        return observed
+        async def traced(request: Any, context: Any) -> Any:
+            sent = self._begin("unary", service, method, context)
+            with tracer.span(name, context):  # type: ignore[union-attr]
+                answer = await behavior(request, context)
+            sent[0] = 1
+            return answer
+
+        return observed if tracer is None else traced
 
     def _stream(self, behavior: Any, service: str, method: str) -> Any:
+        tracer = self._tracer
+        name = f"{service}/{method}"
+
         async def observed(request: Any, context: Any) -> AsyncIterator[Any]:
             sent = self._begin("server_stream", service, method, context)
             async for message in behavior(request, context):
                 sent[0] += 1
                 yield message
 
-        return observed
+        async def traced(request: Any, context: Any) -> AsyncIterator[Any]:
+            sent = self._begin("server_stream", service, method, context)
+            with tracer.span(name, context):  # type: ignore[union-attr]
+                async for message in behavior(request, context):
+                    sent[0] += 1
+                    yield message
+
+        return observed if tracer is None else traced
 
 
 class _MethodMetrics:

@@ -2,28 +2,21 @@
 its W3C `traceparent` metadata, with spans for the store's write and sync beneath.
 
 Off unless OTEL_* settings ask for it (`configure_from_environment`), and then free:
-no interceptor is installed and `store_span` is a context variable lookup.
+no span is started and `store_span` is a context variable lookup.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
-
-from agentlog.server._observe import Rewraps
-
-if TYPE_CHECKING:  # generic in its stubs only
-    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _Interceptor = grpc.aio.ServerInterceptor
 
 # The tracer of the call being served, while tracing is on.
 _current_tracer: ContextVar[trace.Tracer | None] = ContextVar("agentlog_tracer", default=None)
@@ -40,65 +33,52 @@ def store_span(name: str, **attributes: Any) -> Iterator[None]:
         yield
 
 
-class TracingInterceptor(_Interceptor):
-    """Starts a SERVER span per call, as a child of the caller's span when its
-    metadata carries one, and ends it with the call's status."""
+class CallTracer:
+    """A SERVER span per call, as a child of the caller's span when its metadata carries
+    one, ended with the call's status. `_observe.CallObserver` opens it, in the same
+    wrapper as the call's metrics (one interceptor, one coroutine layer a call)."""
 
     def __init__(self, provider: trace.TracerProvider) -> None:
         self._tracer = provider.get_tracer("agentlog.server")
-        self._rewraps = Rewraps(
-            lambda behavior, method: self._unary(behavior, method.lstrip("/")),
-            lambda behavior, method: self._stream(behavior, method.lstrip("/")),
-        )
-
-    async def intercept_service(
-        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
-    ) -> Any:
-        return self._rewraps.of(details.method, await continuation(details))
-
-    def wrap(self, behavior: Any, full_method: str, streaming: bool) -> Any:
-        """`behavior` with a span as gRPC calls get one (for HTTP, see `_http_calls`)."""
-        name = full_method.lstrip("/")
-        return self._stream(behavior, name) if streaming else self._unary(behavior, name)
 
     @contextlib.contextmanager
-    def _span(self, name: str, context: Any) -> Iterator[trace.Span]:
-        carrier = {key: value for key, value in context.invocation_metadata() or ()}
+    def span(self, name: str, context: Any) -> Iterator[None]:
+        """The call's span (`name`: "service/method"). A call the sampler leaves out
+        costs its sampling decision: its span is not made current, since nothing
+        beneath it would be recorded."""
+        metadata = context.invocation_metadata() or ()
+        parent = None
+        for key, _ in metadata:
+            if key in _PROPAGATED:  # only then is there a caller's context to read
+                parent = extract({k: v for k, v in metadata})
+                break
         service, _, method = name.rpartition("/")
-        with self._tracer.start_as_current_span(
+        span = self._tracer.start_span(
             name,
-            context=extract(carrier),
+            context=parent,
             kind=SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            # The store's spans only under a span that is recorded: a call the sampler
-            # left out costs one span, not three.
-            token = _current_tracer.set(self._tracer if span.is_recording() else None)
-            try:
-                yield span
-            finally:
-                _current_tracer.reset(token)
-                code = context.code()
-                if code is not None and code != grpc.StatusCode.OK:
-                    span.set_attribute("rpc.grpc.status_code", code.value[0])
-                    span.set_status(Status(StatusCode.ERROR, code.name))
+        )
+        if not span.is_recording():
+            yield
+            return
+        token = _current_tracer.set(self._tracer)
+        try:
+            with trace.use_span(
+                span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            ):
+                yield
+        finally:
+            _current_tracer.reset(token)
+            code = context.code()
+            if code is not None and code != grpc.StatusCode.OK:
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                span.set_status(Status(StatusCode.ERROR, code.name))
+            span.end()
 
-    def _unary(self, behavior: Any, name: str) -> Any:
-        async def traced(request: Any, context: Any) -> Any:
-            with self._span(name, context):
-                return await behavior(request, context)
 
-        return traced
-
-    def _stream(self, behavior: Any, name: str) -> Any:
-        async def traced(request: Any, context: Any) -> AsyncIterator[Any]:
-            with self._span(name, context):
-                async for message in behavior(request, context):
-                    yield message
-
-        return traced
+# The metadata keys of W3C trace context and baggage (the default propagators').
+_PROPAGATED = frozenset({"traceparent", "tracestate", "baggage"})
 
 
 def configure_from_environment() -> trace.TracerProvider | None:

@@ -27,7 +27,7 @@ from agentlog.server._http_server import ConsoleFiles, HttpServer, http_applicat
 from agentlog.server._live import LiveSubscriptions
 from agentlog.server._observe import CallObserver
 from agentlog.server._tls import TlsFiles, server_credentials
-from agentlog.server._tracing import TracingInterceptor, configure_from_environment
+from agentlog.server._tracing import CallTracer, configure_from_environment
 from agentlog.server.backend import Backend
 from agentlog.server.blocking import BlockingStore
 from agentlog.server.service import SessionRepositoryService, add_to_server
@@ -182,12 +182,13 @@ def create_server(
             ("grpc.max_connection_age_ms", max(1, int(max_connection_age * 1000))),
             ("grpc.max_connection_age_grace_ms", max(0, int(max_connection_age_grace * 1000))),
         ]
-    interceptors: list[TracingInterceptor | CallObserver] = [
-        *([TracingInterceptor(tracer_provider)] if tracer_provider is not None else []),
-        CallObserver(access_log=access_log),
-    ]
+    # One interceptor: the call's metrics, its span (when tracing), its access log line.
+    observer = CallObserver(
+        access_log=access_log,
+        tracer=CallTracer(tracer_provider) if tracer_provider is not None else None,
+    )
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=[observer],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
@@ -236,7 +237,7 @@ def create_server(
         peers = PeerCertificates()
         connect = connect_application(
             service,
-            [interceptor.wrap for interceptor in interceptors],
+            [observer.wrap],
             peers,
             max_message_bytes=max_message_bytes,
         )
