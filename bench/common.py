@@ -66,7 +66,13 @@ def server(
     )
     try:
         assert process.stderr is not None
-        found = re.search(r"serving on (127\.0\.0\.1:\d+)", process.stderr.readline())
+        found = None
+        for line in process.stderr:  # warnings may come first (a certificate expiring soon)
+            if log is not None:
+                log.append(line)
+            found = re.search(r"serving on (127\.0\.0\.1:\d+)", line)
+            if found:
+                break
         # Keep reading the log, so that a full pipe never stalls the server.
         stderr = process.stderr
         reader = stderr.read if log is None else lambda: log.extend(stderr)

@@ -5,7 +5,7 @@
 
 import assert from "node:assert/strict";
 import { createHash, randomUUID } from "node:crypto";
-import { mkdirSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
@@ -32,6 +32,12 @@ const FLAGS = [
 let browser: Browser;
 
 before(async () => {
+  if (!existsSync(CHROMIUM)) {
+    throw new Error(
+      `the console's tests drive a real browser and ${CHROMIUM} is missing: install Debian's ` +
+        "chromium (apt-get install chromium), or point AGENTLOG_CHROMIUM at a Chromium",
+    );
+  }
   mkdirSync(SHOTS, { recursive: true });
   browser = await chromium.launch({ executablePath: CHROMIUM, args: FLAGS, headless: true });
 });
