@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -274,10 +275,17 @@ def test_an_interrupted_copy_says_what_it_copied_and_that_a_rerun_finishes(
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(3)
+    # Interrupted once it has copied something, well before it could be done.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(psycopg.Error), psycopg.connect(url) as conn:
+            found = conn.execute("SELECT count(*) FROM agentlog_events").fetchone()
+            if found is not None and found[0] > 0:
+                break
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == 130, err
     assert "interrupted; copied" in err
     assert "Run the same copy again" in err
     copied = int(err.split("copied ")[1].split(" record")[0].replace(",", ""))

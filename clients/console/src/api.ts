@@ -76,3 +76,38 @@ export function trouble(error: unknown): Trouble {
 export function retryable(error: unknown): boolean {
   return trouble(error).kind === "unreachable";
 }
+
+/** Read a server stream, and open it again after the server went away (with backoff,
+ * from where `open` says: the caller keeps its place), until `signal` aborts or a
+ * failure that is not the server's absence (reported). `pill` says which it is. */
+export async function follow<T>(
+  open: () => AsyncIterable<T>,
+  each: (message: T) => void,
+  pill: HTMLElement,
+  report: (error: unknown) => void,
+  signal: AbortSignal,
+): Promise<void> {
+  const say = (text: string, live: boolean): void => {
+    pill.textContent = text;
+    pill.className = live ? "live" : "live off";
+  };
+  let attempt = 0;
+  while (!signal.aborted) {
+    try {
+      for await (const message of open()) {
+        attempt = 0;
+        say("live", true);
+        each(message);
+      }
+    } catch (error) {
+      if (signal.aborted) return;
+      if (!retryable(error)) {
+        say("stopped", false);
+        report(error);
+        return;
+      }
+      say("reconnecting…", false);
+    }
+    await new Promise((done) => setTimeout(done, Math.min(5000, 200 * 2 ** attempt++)));
+  }
+}

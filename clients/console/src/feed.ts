@@ -3,7 +3,7 @@
  * position seen, so nothing is missed or shown twice. */
 
 import { recordFromMessage } from "../../typescript/src/records.js";
-import { api, retryable } from "./api.js";
+import { api, follow } from "./api.js";
 import { summary } from "./conversation.js";
 import { clock, h, sessionLink } from "./dom.js";
 import type { Page, Report } from "./session.js";
@@ -68,83 +68,73 @@ export function feedPage(query: URLSearchParams, report: Report): Page {
   let paused = false;
   let position: bigint | undefined;
 
-  const follow = async (signal: AbortSignal): Promise<void> => {
-    let attempt = 0;
-    while (!signal.aborted) {
-      try {
-        const request = {
-          sessionIdPrefix: prefix,
-          partTypes: kinds,
-          ...(position !== undefined && { fromPosition: position + 1n }),
-        };
-        for await (const message of api.subscribeAll(request, { signal })) {
-          attempt = 0;
-          state.textContent = "live";
-          state.className = "live";
-          report(null);
-          const kind = message.kind;
-          if (kind.case === "records") {
-            for (const item of kind.value.records) {
-              if (item.record === undefined) continue;
-              position = item.position;
-              const record = recordFromMessage(item.record);
-              body.prepend(
-                h(
-                  "tr",
-                  { class: record.event.part_type === "run_errored" ? "bad" : "" },
-                  h("td", { class: "number" }, item.position.toString()),
-                  h("td", {}, clock(record.timestamp)),
-                  h(
-                    "td",
-                    {},
-                    h(
-                      "a",
-                      { href: sessionLink(record.sessionId, record.branchId, record.sequence) },
-                      `${record.sessionId} #${record.sequence}`,
-                    ),
-                  ),
-                  h("td", {}, record.event.part_type),
-                  h("td", { class: "summary" }, summary(record.event)),
-                ),
-              );
-            }
-            while (body.childElementCount > MAX_ROWS) body.lastElementChild?.remove();
-          } else if (kind.case === "caughtUp" || kind.case === "checkpoint") {
-            position =
-              position === undefined || kind.value.position > position
-                ? kind.value.position
-                : position;
-          } else if (kind.case === "deleted") {
-            position = kind.value.position;
+  const start = (signal: AbortSignal): Promise<void> =>
+    follow(
+      () =>
+        api.subscribeAll(
+          {
+            sessionIdPrefix: prefix,
+            partTypes: kinds,
+            ...(position !== undefined && { fromPosition: position + 1n }),
+          },
+          { signal },
+        ),
+      (message) => {
+        report(null);
+        const kind = message.kind;
+        if (kind.case === "records") {
+          for (const item of kind.value.records) {
+            if (item.record === undefined) continue;
+            position = item.position;
+            const record = recordFromMessage(item.record);
             body.prepend(
               h(
                 "tr",
-                { class: "muted" },
-                h("td", { class: "number" }, kind.value.position.toString()),
+                { class: record.event.part_type === "run_errored" ? "bad" : "" },
+                h("td", { class: "number" }, item.position.toString()),
+                h("td", {}, clock(record.timestamp)),
                 h(
                   "td",
-                  { colspan: "4" },
-                  `session ${kind.value.sessionId} (branch ${kind.value.branchId || "main"}) deleted`,
+                  {},
+                  h(
+                    "a",
+                    { href: sessionLink(record.sessionId, record.branchId, record.sequence) },
+                    `${record.sessionId} #${record.sequence}`,
+                  ),
                 ),
+                h("td", {}, record.event.part_type),
+                h("td", { class: "summary" }, summary(record.event)),
               ),
             );
-          } else if (kind.case === "gap") {
-            position = kind.value.lastPosition;
           }
+          while (body.childElementCount > MAX_ROWS) body.lastElementChild?.remove();
+        } else if (kind.case === "caughtUp" || kind.case === "checkpoint") {
+          position =
+            position === undefined || kind.value.position > position
+              ? kind.value.position
+              : position;
+        } else if (kind.case === "deleted") {
+          position = kind.value.position;
+          body.prepend(
+            h(
+              "tr",
+              { class: "muted" },
+              h("td", { class: "number" }, kind.value.position.toString()),
+              h(
+                "td",
+                { colspan: "4" },
+                `session ${kind.value.sessionId} (branch ${kind.value.branchId || "main"}) deleted`,
+              ),
+            ),
+          );
+        } else if (kind.case === "gap") {
+          position = kind.value.lastPosition;
         }
-      } catch (error) {
-        if (signal.aborted) return;
-        if (!retryable(error)) {
-          state.textContent = "stopped";
-          report(error);
-          return;
-        }
-        state.textContent = "reconnecting…";
-        state.className = "live off";
-      }
-      await new Promise((done) => setTimeout(done, Math.min(5000, 200 * 2 ** attempt++)));
-    }
-  };
+      },
+      state,
+      report,
+      signal,
+    );
   pause.addEventListener("click", () => {
     paused = !paused;
     pause.textContent = paused ? "Resume" : "Pause";
@@ -154,10 +144,10 @@ export function feedPage(query: URLSearchParams, report: Report): Page {
       state.className = "live off";
     } else {
       stop = new AbortController();
-      void follow(stop.signal);
+      void start(stop.signal);
     }
   });
-  void follow(stop.signal);
+  void start(stop.signal);
   const element = h(
     "div",
     { class: "feed-page" },

@@ -11,7 +11,7 @@ import {
   type SessionInfo,
   sessionFromMessage,
 } from "../../typescript/src/records.js";
-import { api, retryable, trouble } from "./api.js";
+import { api, follow, trouble } from "./api.js";
 import { Conversation } from "./conversation.js";
 import { ago, h, jsonText, rawRecord, sessionLink } from "./dom.js";
 import { EventLog } from "./eventlog.js";
@@ -158,42 +158,26 @@ async function open(
 
   // Live: from the record after the last one read; resumed from the last one seen.
   let next = BigInt(last + 1);
-  let attempt = 0;
-  while (!signal.aborted) {
-    try {
-      for await (const message of api.subscribeSession(
-        { sessionId, branchId: wire, fromSequence: next },
-        { signal },
-      )) {
-        attempt = 0;
-        live.textContent = "live";
-        live.className = "live";
-        if (message.kind.case !== "records") continue;
-        for (const item of message.kind.value.records) {
-          const record = recordFromMessage(item);
-          if (record.sequence < next) continue; // already shown
-          next = record.sequence + 1n;
-          last = Number(record.sequence);
-          shown.push(record);
-          conversation.add(record);
-          log.append(record);
-        }
-        const count = element.querySelector("[data-testid=count]");
-        if (count) count.textContent = `${last} records`;
+  const count = element.querySelector("[data-testid=count]");
+  await follow(
+    () => api.subscribeSession({ sessionId, branchId: wire, fromSequence: next }, { signal }),
+    (message) => {
+      if (message.kind.case !== "records") return;
+      for (const item of message.kind.value.records) {
+        const record = recordFromMessage(item);
+        if (record.sequence < next) continue; // already shown
+        next = record.sequence + 1n;
+        last = Number(record.sequence);
+        shown.push(record);
+        conversation.add(record);
+        log.append(record);
       }
-    } catch (error) {
-      if (signal.aborted) return;
-      if (!retryable(error)) {
-        live.textContent = "not live";
-        live.className = "live off";
-        report(error);
-        return;
-      }
-      live.textContent = "reconnecting…";
-      live.className = "live off";
-    }
-    await new Promise((done) => setTimeout(done, Math.min(5000, 200 * 2 ** attempt++)));
-  }
+      if (count) count.textContent = `${last} records`;
+    },
+    live,
+    report,
+    signal,
+  );
 }
 
 /** Tabs over panes; `shown` runs when a pane comes into view (sizes known). */
