@@ -386,7 +386,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         help="run one group: appends, reads, children, live, fanout, feed-fanout, listing, "
-        "branches, lifecycle, security, typescript, http, postgres",
+        "branches, lifecycle, security, typescript, http, index, postgres",
     )
     parser.add_argument(
         "--store",
@@ -422,6 +422,9 @@ def main() -> None:
 
     groups["typescript"] = lambda tmp: typescript.run(tmp, results, args.scale, args.rounds)
     CEILINGS.update(typescript.CEILINGS)
+    from bench import index
+
+    groups["index"] = lambda tmp: index.run(tmp, results, args.big)
     from bench import http
 
     groups["http"] = lambda tmp: http.run(tmp, results, args.scale, args.rounds)

@@ -104,3 +104,31 @@ def test_a_clean_close_keeps_the_filter_and_a_crash_does_not(tmp_path: Path) -> 
             assert repo._index._filter.might_hold(key_of(record_id))
         with pytest.raises(AlreadyExistsError):
             repo.append(AppendEvent(session_id="b", event=started("b"), id=second_id))
+
+
+def test_the_write_ahead_log_stays_bounded_while_serving_and_is_cut_back_when_quiet(
+    tmp_path: Path,
+) -> None:
+    from agentlog.server.jsonl.index import FLUSH_SECONDS, INDEX_FILE
+    from agentlog.server.jsonl.index_tables import WAL_LIMIT_BYTES
+
+    repository = JsonlSessionRepository(tmp_path, sync="never")
+    wal = tmp_path / f"{INDEX_FILE}-wal"
+    peak = 0
+    try:
+        for batch in range(400):  # 40,000 events: several times the checkpoint interval
+            session = f"w{batch % 40}"
+            repository.append_batch(
+                session, [NewEvent(event=delta(session, str(n))) for n in range(100)]
+            )
+            if wal.exists():
+                peak = max(peak, wal.stat().st_size)
+        deadline = time.monotonic() + 10
+        while wal.stat().st_size > 0:  # quiet: checkpointed and truncated
+            assert time.monotonic() < deadline, f"the log stayed {wal.stat().st_size:,} bytes"
+            time.sleep(FLUSH_SECONDS)
+        main = (tmp_path / INDEX_FILE).stat().st_size
+    finally:
+        repository.close()
+    assert peak <= 2 * WAL_LIMIT_BYTES, f"the log reached {peak:,} bytes"
+    assert main > 1_000_000  # the rows are in the main file, not only in the log

@@ -33,7 +33,7 @@ class CatchUp:
     _next_session: int
     behind: bool
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
         raise NotImplementedError
 
     def _set(self, stem: str, entry: IndexedFile) -> None:

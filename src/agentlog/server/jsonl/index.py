@@ -313,21 +313,33 @@ class StoreIndex(CatchUp, FilteredIds):
                 del children[parent_id]
 
     def _flush_periodically(self) -> None:
+        wrote = False
         while not self._stop.wait(FLUSH_SECONDS):
             try:
-                self.flush()
+                if self.flush():
+                    wrote = True
+                elif wrote:  # quiet again: fold the log into the main file, cut it back
+                    wrote = False
+                    self._checkpoint()
             except sqlite3.DatabaseError as exc:
                 if is_damage(exc):
                     self._rebuild(exc)
                 else:  # a full disk, say: the rows wait in memory for the next try
                     log.warning("writing %s failed (%s); trying again", self._path, exc)
 
-    def flush(self) -> None:
-        """Write the rows waiting in memory."""
+    def flush(self) -> bool:
+        """Write the rows waiting in memory; whether there were any."""
         with self._write_lock:
-            self._flush()
+            return self._flush()
 
-    def _flush(self) -> None:
+    def _checkpoint(self) -> None:
+        """Fold the write-ahead log into the main file and truncate it (a query that
+        holds an older snapshot meanwhile makes this a no-op: the next quiet spell
+        tries again)."""
+        with self._write_lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _flush(self) -> bool:
         with self._lock:
             pending, self._pending = self._pending, {}
             self._flushing = pending
@@ -364,6 +376,7 @@ class StoreIndex(CatchUp, FilteredIds):
             self._flushing = {}
             for stem, rows in pending.items():
                 self._unpend(stem, rows)
+        return bool(entries or gone)
 
     def _insert(self, session: int, rows: Iterable[Row], *, new_keys: bool = False) -> None:
         """Write rows (hold the write lock); `new_keys`: their ids are new to the filter."""

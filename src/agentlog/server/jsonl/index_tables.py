@@ -103,13 +103,25 @@ class Located:
     offset: int
 
 
+# The index's write-ahead log: checkpointed every 2,048 pages (8 MB) of commits, and
+# its file truncated to 16 MB after a checkpoint. While serving it stays below about
+# 16 MB plus one flush's rows (0.2 s of appends), unless a query holds a snapshot
+# across a checkpoint (queries are short).
+WAL_CHECKPOINT_PAGES = 2048
+WAL_LIMIT_BYTES = 16 * 1024 * 1024
+
+
 def connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     # Derived data: WAL with synchronous=NORMAL never corrupts, and a crash
-    # only loses rows the files still hold (re-indexed at the next open).
+    # only loses rows the files still hold (re-indexed at the next open). The
+    # write-ahead log stays small while serving: the writing connection (the flush
+    # thread, off the append path) folds it into the main file once a commit leaves
+    # it past WAL_CHECKPOINT_PAGES, and the file is cut back to WAL_LIMIT_BYTES after.
     db.executescript(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536; "
-        "PRAGMA wal_autocheckpoint=16384; PRAGMA secure_delete=ON;"
+        f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}; "
+        f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}; PRAGMA secure_delete=ON;"
     )
     return db
 
