@@ -244,6 +244,13 @@ def test_the_console_and_healthz_are_served_and_nothing_else(
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(urllib.request.Request(f"{base}/", data=b"x"), timeout=10)
     assert refused.value.code == 405
+    grpc_call = urllib.request.Request(
+        f"{base}/{SERVICE}/Head", data=b"", headers={"content-type": "application/grpc"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as elsewhere:
+        urllib.request.urlopen(grpc_call, timeout=10)
+    assert elsewhere.value.code == 415
+    assert b"--addr" in elsewhere.value.read()
 
 
 def test_a_busy_http_port_is_refused_in_agentlogs_words_before_anything_is_made(
@@ -270,3 +277,32 @@ def test_a_busy_http_port_is_refused_in_agentlogs_words_before_anything_is_made(
     assert "address already in use" in result.stderr
     assert "--http-addr" in result.stderr
     assert not data.exists()
+
+
+def test_https_takes_rotated_certificate_files_at_the_next_connection(tmp_path: Path) -> None:
+    first, second = (
+        CertificateAuthority(tmp_path / "first", "first-ca"),
+        CertificateAuthority(tmp_path / "second", "second-ca"),
+    )
+    issued = first.server()
+    with served(
+        MemorySessionRepository(),
+        http_address="127.0.0.1:0",
+        tls=TlsFiles(issued.cert, issued.key),
+    ) as (built, _):
+        base = base_of(built, "https")
+
+        def answers(ca: Path) -> bool:
+            try:
+                call(
+                    base, "Head", {"sessionId": "s"}, context=ssl.create_default_context(cafile=ca)
+                )
+            except urllib.error.URLError:
+                return False
+            return True
+
+        assert answers(first.pem)
+        assert not answers(second.pem)
+        second.server(into=issued)  # the files replaced in place, as cert-manager does
+        assert answers(second.pem)
+        assert not answers(first.pem)

@@ -40,6 +40,12 @@ _PAGE_HEADERS = [
 ]
 
 
+_GRPC_ELSEWHERE = (
+    b"this is agentlog's HTTP port (Connect and gRPC-Web); gRPC is served on the address "
+    b"given by --addr (AGENTLOG_ADDR)\n"
+)
+
+
 class ConsoleFiles:
     """The built console (src/agentlog/server/console, made by `make console`), read
     once: a fixed set of files, so no request path reaches the file system."""
@@ -76,6 +82,13 @@ def http_application(
             return  # lifespan and websockets: none here
         path: str = scope["path"]
         if path.startswith(SERVICE_PATH):
+            kind = dict(scope.get("headers") or ()).get(b"content-type", b"")
+            if kind.startswith(b"application/grpc") and not kind.startswith(
+                b"application/grpc-web"
+            ):
+                # gRPC needs HTTP/2 trailers: it has a port of its own (--addr).
+                await _plain(send, 415, _GRPC_ELSEWHERE)
+                return
             await connect(scope, receive, send)
             return
         method = scope["method"]
