@@ -35,7 +35,11 @@ async function findSession(sessionId: string): Promise<SessionInfo | null> {
 export function sessionPage(sessionId: string, query: URLSearchParams, report: Report): Page {
   const stop = new AbortController();
   const element = h("div", { class: "session-page" }, h("p", { class: "muted" }, "Loading…"));
-  void open(sessionId, query, element, stop.signal, report).catch((error: unknown) => {
+  // Nothing of this page is reported once another page has replaced it.
+  const said: Report = (error) => {
+    if (!stop.signal.aborted) report(error);
+  };
+  void open(sessionId, query, element, stop.signal, said).catch((error: unknown) => {
     if (!stop.signal.aborted) {
       element.replaceChildren(h("p", { class: "muted" }, trouble(error).title));
       report(error);

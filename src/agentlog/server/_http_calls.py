@@ -38,6 +38,7 @@ _CODES: dict[grpc.StatusCode, Code] = {
     for status in grpc.StatusCode
     if status is not grpc.StatusCode.OK
 }
+_STATUSES = {code: status for status, code in _CODES.items()}
 
 
 class PeerCertificates:
@@ -217,8 +218,8 @@ def _unary(behavior: Behavior, peers: PeerCertificates) -> Callable[[Any, Any], 
         context = _HttpCall(ctx, peers)
         try:
             answer = await behavior(request, context)
-        except ConnectError:
-            context.finish(None)
+        except ConnectError as exc:  # from abort (its code is kept), or from Connect itself
+            context.finish(_STATUSES.get(exc.code, grpc.StatusCode.UNKNOWN))
             raise
         except asyncio.CancelledError:
             context.finish(grpc.StatusCode.CANCELLED, cancelled=True)
@@ -238,8 +239,8 @@ def _streamed(
         try:
             async for message in stream:
                 yield _Encoded(message, answer) if type(message) is bytes else message
-        except ConnectError:
-            context.finish(None)
+        except ConnectError as exc:
+            context.finish(_STATUSES.get(exc.code, grpc.StatusCode.UNKNOWN))
             raise
         except (asyncio.CancelledError, GeneratorExit):
             context.finish(grpc.StatusCode.CANCELLED, cancelled=True)
