@@ -13,7 +13,7 @@ import { type Browser, chromium, type Page } from "playwright-core";
 
 import { AgentlogClient, type AgentEvent, LosslessNumber } from "../src/index.js";
 import { delta, everyEvent } from "./samples.js";
-import { ROOT, type Served, startServer, temporaryDirectory } from "./server.js";
+import { postgres, ROOT, type Served, startServer, temporaryDirectory } from "./server.js";
 
 const CHROMIUM = process.env.AGENTLOG_CHROMIUM ?? "/usr/bin/chromium";
 const SHOTS = join(ROOT, "build", "screenshots");
@@ -487,6 +487,32 @@ test("a session of 100,000 records opens in under 2 seconds and its event log sc
     await shot(page, "event-log");
     await page.close();
   } finally {
+    await served.stop();
+  }
+});
+
+test("the console serves a session stored in PostgreSQL, live", async () => {
+  const served = await postgres(true);
+  const client = new AgentlogClient(served.target, { retries: 0 });
+  try {
+    const id = `pg-${randomUUID().slice(0, 8)}`;
+    await client.appendBatch(
+      id,
+      everyEvent(id).map((event) => ({ event })),
+      { labels: { store: "postgresql" } },
+    );
+    const page = await console_(served, "#/?labels=store%3Dpostgresql");
+    await page.locator(`[data-testid=sessions] a:text("${id}")`).click();
+    await page.waitForSelector("[data-kind=tool]");
+    assert.ok((await page.locator("[data-kind]").count()) > 5);
+    await client.append({
+      sessionId: id,
+      event: { part_type: "run_errored", ...run(id), error: "pg live" },
+    });
+    await page.waitForSelector(".block.error:has-text('pg live')", { timeout: 1000 });
+    await page.close();
+  } finally {
+    client.close();
     await served.stop();
   }
 });

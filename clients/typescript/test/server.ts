@@ -109,7 +109,8 @@ export function removeDirectory(path: string): void {
   rmSync(path, { recursive: true, force: true });
 }
 
-async function postgres(http = false): Promise<Served> {
+/** A server on a new PostgreSQL database (dropped when it stops). */
+export async function postgres(http = false): Promise<Served> {
   const url = python("pgdb.py", "create").trim();
   const served = await startServer({ args: ["--store", url], http });
   return {
