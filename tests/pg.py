@@ -9,7 +9,9 @@ server, or one it starts when none answers).
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -47,6 +49,33 @@ def url_of(name: str, user: str | None = None) -> str:
         query = urllib.parse.urlencode({"host": host, "port": port})
         return f"postgresql://{user}@/{name}?{query}"
     return f"postgresql://{user}@{host}:{port}/{name}"
+
+
+def name_of(url: str) -> str:
+    """The database a URL names (a TCP or a Unix-socket one)."""
+    return str(conninfo_to_dict(url)["dbname"])
+
+
+def control_server(action: str) -> None:
+    """Stop or start the test server: the one tools/with_postgres.py started, or else the
+    machine's cluster."""
+    spec = os.environ.get("AGENTLOG_TEST_POSTGRES_CONTROL")
+    if spec:
+        found = json.loads(spec)
+        command = [found["pg_ctl"], "-D", found["data"], "-w"]
+        if action == "start":  # as with_postgres started it: a Unix socket only
+            command += ["-o", '-h ""', "-o", f"-k {found['socket']}", "-l", f"{found['data']}/log"]
+        subprocess.run(
+            [*command, action], check=True, capture_output=True, timeout=120, user=found["user"]
+        )
+        return
+    version = os.listdir("/etc/postgresql")[0]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def psql_target() -> list[str]:

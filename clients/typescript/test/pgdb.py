@@ -10,7 +10,7 @@ sys.path.insert(0, ".")  # tests.pg
 
 import psycopg
 
-from tests.pg import ADMIN_URL, url_of
+from tests.pg import ADMIN_URL, name_of, url_of
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
             admin.execute(f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' TEMPLATE template0")
             print(url_of(name))
         elif command == "drop":
-            name = args[0].rsplit("/", 1)[1]
+            name = name_of(args[0])
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         else:
             raise SystemExit(f"unknown command {command}")
