@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -62,12 +65,19 @@ def control_server(action: str) -> None:
     spec = os.environ.get("AGENTLOG_TEST_POSTGRES_CONTROL")
     if spec:
         found = json.loads(spec)
-        command = [found["pg_ctl"], "-D", found["data"], "-w"]
-        if action == "start":  # as with_postgres started it: a Unix socket only
-            command += ["-o", '-h ""', "-o", f"-k {found['socket']}", "-l", f"{found['data']}/log"]
-        subprocess.run(
-            [*command, action], check=True, capture_output=True, timeout=120, user=found["user"]
-        )
+        if action == "stop":  # a fast shutdown, as pg_ctl asks for it: SIGINT to the postmaster
+            pid = int((Path(found["data"]) / "postmaster.pid").read_text().split("\n", 1)[0])
+            os.kill(pid, signal.SIGINT)
+            deadline = time.monotonic() + 60
+            while (Path(found["data"]) / "postmaster.pid").exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the test server (pid {pid}) did not stop")
+                time.sleep(0.05)
+            return
+        # As with_postgres started it: on a Unix socket only.
+        command = [found["pg_ctl"], "-D", found["data"], "-w", "-l", f"{found['data']}/log"]
+        command += ["-o", '-h ""', "-o", f"-k {found['socket']}", "start"]
+        subprocess.run(command, check=True, capture_output=True, timeout=120, user=found["user"])
         return
     version = os.listdir("/etc/postgresql")[0]
     subprocess.run(

@@ -131,4 +131,4 @@ def test_the_write_ahead_log_stays_bounded_while_serving_and_is_cut_back_when_qu
     finally:
         repository.close()
     assert peak <= 2 * WAL_LIMIT_BYTES, f"the log reached {peak:,} bytes"
-    assert main > 1_000_000  # the rows are in the main file, not only in the log
+    assert main > 400_000  # the rows are in the main file, not only in the log

