@@ -99,6 +99,10 @@ def from_rpc_error(error: grpc.RpcError) -> AgentlogError:
 _TOO_LARGE = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")
 
 
+_NAME_MISMATCH = (
+    "the server's certificate does not name the host connected to: give the name it "
+    "carries (TlsConfig(server_name=...), --tls-server-name)"
+)
 # What gRPC's words for a failed connection most likely mean, said so a person can act.
 _HINTS = (
     (
@@ -106,16 +110,8 @@ _HINTS = (
         "the server does not speak TLS at this address: connect without TLS (no tls=, no "
         "--tls-ca), or to the address where it serves TLS",
     ),
-    (
-        "Hostname Verification Check failed",
-        "the server's certificate does not name the host connected to: give the name it "
-        "carries (TlsConfig(server_name=...), --tls-server-name)",
-    ),
-    (
-        "Peer name",
-        "the server's certificate does not name the host connected to: give the name it "
-        "carries (TlsConfig(server_name=...), --tls-server-name)",
-    ),
+    ("Hostname Verification Check failed", _NAME_MISMATCH),
+    ("Peer name", _NAME_MISMATCH),
     (
         "CERTIFICATE_VERIFY_FAILED",
         "the server's certificate is not signed by the CA trusted here (--tls-ca, "

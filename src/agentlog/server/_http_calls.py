@@ -28,8 +28,8 @@ from agentlog.v1.session_connect import SessionRepositoryASGIApplication
 
 # A call's behaviour as the gRPC service has it: (request, context) -> answer.
 Behavior = Callable[[Any, Any], Any]
-# Wraps a behaviour with what every call gets (metrics, a span): (behavior, full
-# method name, server streaming?) -> behavior.
+# Wraps a behaviour with what every gRPC call gets too (metrics, a span, the access
+# log: `CallObserver.wrap`): (behavior, full method name, server streaming?) -> behavior.
 Wrapper = Callable[[Behavior, str, bool], Behavior]
 
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -199,13 +199,11 @@ class _HttpSessionRepository:
     """The generated application's service: one method per RPC, each calling the gRPC
     implementation's method (wrapped as gRPC calls are)."""
 
-    def __init__(self, service: Any, wrappers: Sequence[Wrapper], peers: PeerCertificates) -> None:
+    def __init__(self, service: Any, wrap: Wrapper, peers: PeerCertificates) -> None:
         descriptor = pb.DESCRIPTOR.services_by_name["SessionRepository"]
         for method in descriptor.methods:
-            behavior = getattr(service, method.name)
             full_name = f"/{descriptor.full_name}/{method.name}"
-            for wrap in reversed(wrappers):  # the first is outermost, as gRPC's interceptors
-                behavior = wrap(behavior, full_name, method.server_streaming)
+            behavior = wrap(getattr(service, method.name), full_name, method.server_streaming)
             if method.server_streaming:
                 answer = getattr(pb, method.output_type.name)
                 setattr(self, _snake(method.name), _streamed(behavior, answer, peers))
@@ -254,7 +252,7 @@ def _streamed(
 
 def connect_application(
     service: Any,
-    wrappers: Sequence[Wrapper],
+    wrap: Wrapper,
     peers: PeerCertificates,
     *,
     max_message_bytes: int,
@@ -262,7 +260,7 @@ def connect_application(
     """The ASGI application serving `service` (a SessionRepositoryService) over the
     Connect protocol and gRPC-Web, in protobuf binary and JSON."""
     return SessionRepositoryASGIApplication(
-        _HttpSessionRepository(service, wrappers, peers),  # type: ignore[arg-type]  # methods set in __init__
+        _HttpSessionRepository(service, wrap, peers),  # type: ignore[arg-type]  # methods set in __init__
         read_max_bytes=max_message_bytes,
         codecs=[ProtoBinaryCodec(), ProtoJsonCodec()],
     )

@@ -213,7 +213,6 @@ class HttpServer:
         self.socket = listen(address)
         self.address = address
         self.port: int = self.socket.getsockname()[1]
-        self.tls = tls
         rotating = RotatingSslContext(tls) if tls is not None else None
         config = uvicorn.Config(
             application,

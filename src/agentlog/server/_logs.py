@@ -75,12 +75,12 @@ def configure(log_format: str) -> None:
     """Send the server's logs to stderr as `text` or `json` (and, as `json`, gRPC
     core's own lines too, see `route_native_stderr`)."""
     if log_format == "json":
-        route_native_stderr()
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        route_native_stderr()  # first: the handler then writes to the real stderr
+        formatter: logging.Formatter = JsonFormatter()
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        formatter = logging.Formatter(TEXT_FORMAT)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

@@ -4,6 +4,7 @@ and reflection calls count too, and no method of the service has to remember it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -125,43 +126,35 @@ class CallObserver(_Interceptor):
         context.add_done_callback(done)
         return sent
 
+    def _spanned(self, name: str, context: Any) -> contextlib.AbstractContextManager[None]:
+        """The call's span when tracing is on, else nothing."""
+        if self._tracer is None:
+            return contextlib.nullcontext()
+        return self._tracer.span(name, context)
+
     def _unary(self, behavior: Any, service: str, method: str) -> Any:
-        tracer = self._tracer
         name = f"{service}/{method}"
 
         async def observed(request: Any, context: Any) -> Any:
             sent = self._begin("unary", service, method, context)
-            answer = await behavior(request, context)
-            sent[0] = 1
-            return answer
-
-        async def traced(request: Any, context: Any) -> Any:
-            sent = self._begin("unary", service, method, context)
-            with tracer.span(name, context):  # type: ignore[union-attr]
+            with self._spanned(name, context):
                 answer = await behavior(request, context)
             sent[0] = 1
             return answer
 
-        return observed if tracer is None else traced
+        return observed
 
     def _stream(self, behavior: Any, service: str, method: str) -> Any:
-        tracer = self._tracer
         name = f"{service}/{method}"
 
         async def observed(request: Any, context: Any) -> AsyncIterator[Any]:
             sent = self._begin("server_stream", service, method, context)
-            async for message in behavior(request, context):
-                sent[0] += 1
-                yield message
-
-        async def traced(request: Any, context: Any) -> AsyncIterator[Any]:
-            sent = self._begin("server_stream", service, method, context)
-            with tracer.span(name, context):  # type: ignore[union-attr]
+            with self._spanned(name, context):
                 async for message in behavior(request, context):
                     sent[0] += 1
                     yield message
 
-        return observed if tracer is None else traced
+        return observed
 
 
 class _MethodMetrics:

@@ -236,10 +236,7 @@ def create_server(
     if http_address is not None:
         peers = PeerCertificates()
         connect = connect_application(
-            service,
-            [observer.wrap],
-            peers,
-            max_message_bytes=max_message_bytes,
+            service, observer.wrap, peers, max_message_bytes=max_message_bytes
         )
         application = http_application(connect, ConsoleFiles(), lambda: backend.available)
         http = HttpServer(http_address, application, peers, tls)
