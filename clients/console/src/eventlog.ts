@@ -46,10 +46,6 @@ export class EventLog {
     );
   }
 
-  get length(): number {
-    return this.total;
-  }
-
   setTotal(total: number): void {
     this.total = total;
     this.spacer.style.height = `${total * ROW_PX}px`;
