@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agentlog import AgentlogClient, NewEvent
 from bench.common import Results, delta, server, write_arcan_session
-from bench.typescript import ROOT, _node
+from bench.typescript import ROOT, node_figure
 
 CONSOLE_RUNNER = ROOT / "clients" / "typescript" / "dist" / "bench" / "console.js"
 LOAD_RECORDS = 20_000
@@ -56,17 +56,19 @@ def run(tmp: Path, results: Results, scale: int, rounds: int) -> None:
                 client.append_batch("load", events)
             client.append_batch("live", [NewEvent(event=delta("live", 0))])
         figures: dict[str, list[float]] = {name: [] for name in [*CEILINGS, *CEILINGS.values()]}
-        _node(target, "append", str(scale), "64")  # warm the server
+        node_figure(target, "append", str(scale), "64")  # warm the server
         for _ in range(rounds):
             figures["http_grpc_append_rps_c64"].append(
-                _node(target, "append", str(scale * 4), "64")
+                node_figure(target, "append", str(scale * 4), "64")
             )
             figures["http_connect_append_rps_c64"].append(
-                _node(http, "append", str(scale * 4), "64", "connect")
+                node_figure(http, "append", str(scale * 4), "64", "connect")
             )
-            figures["http_grpc_load_session_records_per_s"].append(_node(target, "load", "load"))
+            figures["http_grpc_load_session_records_per_s"].append(
+                node_figure(target, "load", "load")
+            )
             figures["http_connect_load_session_records_per_s"].append(
-                _node(http, "load", "load", "connect")
+                node_figure(http, "load", "load", "connect")
             )
         for name in [*CEILINGS.values(), *CEILINGS]:
             results[name] = (statistics.median(figures[name]), "1/s")

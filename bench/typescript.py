@@ -25,7 +25,7 @@ CEILINGS = {
 }
 
 
-def _node(*args: str) -> float:
+def node_figure(*args: str) -> float:
     if not RUNNER.exists():
         raise SystemExit(f"{RUNNER} is missing: build the client (make bench does)")
     result = subprocess.run(
@@ -57,12 +57,16 @@ def run(tmp: Path, results: Results, scale: int, rounds: int) -> None:
         append_rate_c64(target, {}, scale)  # warm the server
         for _ in range(rounds):
             figures["python_append_rps_c1"].append(_python_c1(target, scale))
-            figures["typescript_append_rps_c1"].append(_node(target, "append", str(scale), "1"))
+            figures["typescript_append_rps_c1"].append(
+                node_figure(target, "append", str(scale), "1")
+            )
             figures["python_append_rps_c64"].append(append_rate_c64(target, {}, scale * 4))
             figures["typescript_append_rps_c64"].append(
-                _node(target, "append", str(scale * 4), "64")
+                node_figure(target, "append", str(scale * 4), "64")
             )
             figures["python_load_session_records_per_s"].append(load_rate(target, {}))
-            figures["typescript_load_session_records_per_s"].append(_node(target, "load", "load"))
+            figures["typescript_load_session_records_per_s"].append(
+                node_figure(target, "load", "load")
+            )
         for name in [*CEILINGS.values(), *CEILINGS]:
             results[name] = (statistics.median(figures[name]), "1/s")
