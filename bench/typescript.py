@@ -26,6 +26,7 @@ CEILINGS = {
 
 
 def node_figure(*args: str) -> float:
+    """The figure clients/typescript/dist/bench/run.js prints for `args`."""
     if not RUNNER.exists():
         raise SystemExit(f"{RUNNER} is missing: build the client (make bench does)")
     result = subprocess.run(
