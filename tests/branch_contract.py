@@ -66,6 +66,30 @@ class BranchContract:
     def repo(self) -> Any:
         raise NotImplementedError
 
+    def test_a_writer_keeps_each_branchs_sequences_and_expectations(self, repo: Any) -> None:
+        session = new_session()
+        repo.append(AppendEvent(session_id=session, event=started(session)))
+        with repo.writer() as writer:
+            futures = [
+                writer.append(
+                    AppendEvent(
+                        session_id=session,
+                        event=delta(session, f"{branch} {n}"),
+                        branch_id=branch,
+                        expected_sequence=n + (1 if branch == "main" else 0),
+                    )
+                )
+                for n in range(20)
+                for branch in ("main", "alt")
+            ]
+        records = [future.result() for future in futures]
+        assert [r.sequence for r in records if r.branch_id == "alt"] == list(range(1, 21))
+        assert [r.sequence for r in records if r.branch_id == "main"] == list(range(2, 22))
+        assert repo.load_session(session, branch_id="alt") == [
+            r for r in records if r.branch_id == "alt"
+        ]
+        assert len(repo.load_session(session)) == 21
+
     def test_each_branch_has_its_own_sequences_heads_and_reads(self, repo: Any) -> None:
         session = new_session()
         main = chain(repo, session, 3)

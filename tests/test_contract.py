@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -14,6 +16,7 @@ from agentlog import (
     AgentlogClient,
     AppendEvent,
     AsyncAgentlogClient,
+    AsyncAppendWriter,
     BranchInfo,
     CaughtUp,
     Checkpoint,
@@ -32,6 +35,7 @@ from tests.contract import FeedContract
 from tests.lifecycle_contract import BranchLifecycleContract, LifecycleContract
 from tests.pg import database
 from tests.servers import LoopThread, running_server
+from tests.writer_contract import WriterContract
 
 T = TypeVar("T")
 
@@ -185,6 +189,49 @@ class BlockingAsyncClient:
     def list_sessions(self, **kwargs: Any) -> SessionPage:
         return self._loop.run(self.client.list_sessions(**kwargs))
 
+    def writer(self, *, window: int = 1000) -> BlockingAsyncWriter:
+        return BlockingAsyncWriter(self._loop, self.client.writer(window=window))
+
+
+class BlockingAsyncWriter:
+    """Drives the real AsyncAppendWriter from sync tests, its futures seen as blocking ones."""
+
+    def __init__(self, loop: LoopThread, writer: AsyncAppendWriter) -> None:
+        self._loop = loop
+        self._writer = writer
+
+    def __enter__(self) -> BlockingAsyncWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def append(self, event: AppendEvent) -> concurrent.futures.Future[EventRecord]:
+        async def queued() -> concurrent.futures.Future[EventRecord]:
+            future = await self._writer.append(event)
+            seen: concurrent.futures.Future[EventRecord] = concurrent.futures.Future()
+            future.add_done_callback(functools.partial(_settle, seen))
+            return seen
+
+        return self._loop.run(queued())
+
+    def flush(self, timeout: float | None = None) -> bool:
+        self._loop.run(self._writer.flush(), timeout=timeout or 60)
+        return True
+
+    def close(self) -> None:
+        self._loop.run(self._writer.close())
+
+
+def _settle(
+    seen: concurrent.futures.Future[EventRecord], future: asyncio.Future[EventRecord]
+) -> None:
+    error = future.exception()
+    if error is not None:
+        seen.set_exception(error)
+    else:
+        seen.set_result(future.result())
+
 
 class TestAsyncClient(FeedContract):
     @pytest.fixture
@@ -203,6 +250,25 @@ def _async_client(target: str) -> Iterator[BlockingAsyncClient]:
     yield BlockingAsyncClient(loop, client)
     loop.run(client.close())
     loop.close()
+
+
+class TestWriterInProcess(WriterContract):
+    @pytest.fixture
+    def repo(self, store: BlockingStore) -> BlockingStore:
+        return store
+
+
+class TestWriterClient(WriterContract):
+    @pytest.fixture
+    def repo(self, target: str) -> Iterator[AgentlogClient]:
+        with AgentlogClient(target) as client:
+            yield client
+
+
+class TestWriterAsyncClient(WriterContract):
+    @pytest.fixture
+    def repo(self, target: str) -> Iterator[Any]:
+        yield from _async_client(target)
 
 
 class TestBranchesInProcess(BranchContract):

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 from google.rpc import error_details_pb2
 from prometheus_client import REGISTRY
 
@@ -306,3 +308,15 @@ def test_https_takes_rotated_certificate_files_at_the_next_connection(tmp_path: 
         second.server(into=issued)  # the files replaced in place, as cert-manager does
         assert answers(second.pem)
         assert not answers(first.pem)
+
+
+def test_an_append_stream_over_http_is_refused_saying_to_use_grpc(
+    http_server: tuple[Server, LoopThread],
+) -> None:
+    built, _ = http_server
+    client = SessionRepositoryClientSync(base_of(built))
+    request = pb.AppendStreamRequest(appends=[pb.AppendRequest(session_id="s", event=_delta("x"))])
+    with pytest.raises(ConnectError) as refused:
+        list(client.append_stream(iter([request])))
+    assert refused.value.code == Code.UNIMPLEMENTED
+    assert "over gRPC" in refused.value.message

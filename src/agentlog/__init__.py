@@ -48,8 +48,10 @@ from agentlog._records import (
     SessionPage,
 )
 from agentlog._tls import TlsConfig
+from agentlog._writers import AppendWriter, AsyncAppendWriter
 from agentlog.client import AgentlogClient, AsyncAgentlogClient
 from agentlog.errors import (
+    AbortedError,
     AgentlogError,
     AlreadyExistsError,
     CancelledError,
@@ -65,18 +67,27 @@ from agentlog.errors import (
     UnavailableError,
     WrongExpectedSequence,
 )
-from agentlog.protocol import AsyncSessionRepository, SessionRepository
+from agentlog.protocol import (
+    AsyncSessionRepository,
+    AsyncSessionWriter,
+    SessionRepository,
+    SessionWriter,
+)
 
 __all__ = [
+    "AbortedError",
     "AgentEvent",
     "AgentlogClient",
     "AgentlogError",
     "AlreadyExistsError",
     "AppendEvent",
+    "AppendWriter",
     "ApprovalRequested",
     "ApprovalResolved",
     "AsyncAgentlogClient",
+    "AsyncAppendWriter",
     "AsyncSessionRepository",
+    "AsyncSessionWriter",
     "BranchInfo",
     "CancelledError",
     "CaughtUp",
@@ -110,6 +121,7 @@ __all__ = [
     "SessionLabels",
     "SessionPage",
     "SessionRepository",
+    "SessionWriter",
     "StatePatch",
     "StatePatchFormat",
     "StatePatchSource",

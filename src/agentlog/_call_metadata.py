@@ -35,6 +35,12 @@ def _metadata(token: Token | None, metadata: Any) -> tuple[tuple[str, str], ...]
     return (*kept, *added.items())
 
 
+def call_metadata(token: Token | None) -> tuple[tuple[str, str], ...]:
+    """The metadata of a call made without the interceptors (the append stream: an
+    intercepted stream of requests costs every message)."""
+    return _metadata(token, None)
+
+
 class _Details(grpc.ClientCallDetails):
     def __init__(self, details: Any, metadata: tuple[tuple[str, str], ...]) -> None:
         self.method = details.method

@@ -29,7 +29,7 @@ from typing import Any, Self
 import grpc
 
 from agentlog import _codec, _requests
-from agentlog._call_metadata import CallMetadata, Token
+from agentlog._call_metadata import CallMetadata, Token, call_metadata
 from agentlog._client_streams import (
     FeedResume,
     SessionResume,
@@ -53,6 +53,7 @@ from agentlog._records import (
 from agentlog._status import from_rpc_error
 from agentlog._tls import TlsConfig
 from agentlog._validation import MAIN, check_page_size
+from agentlog._writers import DEFAULT_WINDOW, AppendWriter, AsyncAppendWriter
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
 
@@ -87,6 +88,7 @@ class AgentlogClient:
         channel = open_channel(grpc, target, credentials, options, tls=tls)
         self._channel: grpc.Channel = grpc.intercept_channel(channel, CallMetadata(token))
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
+        self._token = token
         self.timeout = timeout
         self.retries = retries
 
@@ -139,6 +141,16 @@ class AgentlogClient:
     def append(self, event: AppendEvent) -> EventRecord:
         response = self._unary(self._stub.Append, _requests.append_to_proto(event))
         return _codec.record_from_proto(response.record, event.event)
+
+    def writer(self, *, window: int = DEFAULT_WINDOW) -> AppendWriter:
+        """A writer that sends appends on one stream without waiting for each (see
+        `SessionRepository.writer`); at most `window` wait for their answers."""
+        return AppendWriter(
+            lambda messages, metadata: self._stub.AppendStream(messages, metadata=metadata),
+            lambda: call_metadata(self._token),
+            retries=self.retries,
+            window=window,
+        )
 
     def append_batch(
         self,
@@ -346,6 +358,7 @@ class AsyncAgentlogClient:
             grpc.aio, target, credentials, options, tls=tls, aio_token=token
         )
         self._stub: Any = session_pb2_grpc.SessionRepositoryStub(self._channel)
+        self._token = token
         self.timeout = timeout
         self.retries = retries
 
@@ -412,6 +425,16 @@ class AsyncAgentlogClient:
         request = _requests.batch_to_proto(session_id, events, expected_sequence, branch_id, labels)
         response = await self._unary(self._stub.AppendBatch, request)
         return _codec.appended_from_proto(response.records, [e.event for e in events])
+
+    def writer(self, *, window: int = DEFAULT_WINDOW) -> AsyncAppendWriter:
+        """A writer that sends appends on one stream without waiting for each (see
+        `AsyncSessionRepository.writer`); at most `window` wait for their answers."""
+        return AsyncAppendWriter(
+            lambda metadata: self._stub.AppendStream(metadata=metadata),
+            lambda: call_metadata(self._token),
+            retries=self.retries,
+            window=window,
+        )
 
     def read_session(
         self,

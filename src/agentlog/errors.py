@@ -138,6 +138,14 @@ class CancelledError(AgentlogError):
     status_name = "CANCELLED"
 
 
+class AbortedError(AgentlogError):
+    """Not attempted because an append before it in the same stream was refused
+    (reason `EARLIER_APPEND_REFUSED`): nothing of it was stored. Decide again after
+    the refusal, then send it on a new writer."""
+
+    status_name = "ABORTED"
+
+
 class ServerError(AgentlogError):
     """The server failed in a way the request did not cause (INTERNAL, UNKNOWN, ...)."""
 
@@ -158,6 +166,7 @@ ERRORS_BY_STATUS: dict[str, type[AgentlogError]] = {
         UnavailableError,
         DeadlineExceededError,
         CancelledError,
+        AbortedError,
         ServerError,
     )
 }

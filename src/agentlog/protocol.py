@@ -9,8 +9,11 @@ runs on any of them unchanged, and they raise the same `agentlog.errors`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
 
 from agentlog._events import ReadDirection
 from agentlog._records import (
@@ -25,6 +28,44 @@ from agentlog._records import (
     SessionLabels,
     SessionPage,
 )
+
+
+class SessionWriter(Protocol):
+    """Appends sent without a round trip each (see `SessionRepository.writer`)."""
+
+    def append(self, event: AppendEvent) -> Future[EventRecord]: ...
+
+    def flush(self, timeout: float | None = None) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class AsyncSessionWriter(Protocol):
+    """The async twin of `SessionWriter`."""
+
+    async def append(self, event: AppendEvent) -> asyncio.Future[EventRecord]: ...
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 
 @runtime_checkable
@@ -46,6 +87,17 @@ class SessionRepository(Protocol):
         only if the branch's last sequence is that number (0: no events yet),
         else WrongExpectedSequence.
         """
+        ...
+
+    def writer(self, *, window: int = 1000) -> SessionWriter:
+        """A writer for events that need no round trip each (an agent's text deltas and
+        tool calls): `writer.append(event)` returns a future of its record at once, and
+        the events go to the server on one stream, stored in the order appended, each
+        exactly as `append` would store it (ids, expectations, retries, labels). The
+        first append refused fails with its error; every append behind it fails with
+        AbortedError and is not stored; closing the writer (leaving its `with` block)
+        waits for every answer and raises that refusal. At most `window` appends wait
+        for their answers; `append` waits for room beyond that."""
         ...
 
     def append_batch(
@@ -210,6 +262,11 @@ class AsyncSessionRepository(Protocol):
 
     async def append(self, event: AppendEvent) -> EventRecord:
         """Store one event at the end of its session; returns the stored record."""
+        ...
+
+    def writer(self, *, window: int = 1000) -> AsyncSessionWriter:
+        """See `SessionRepository.writer`; `await writer.append(event)` returns the
+        record's future once the event is queued."""
         ...
 
     async def append_batch(

@@ -203,12 +203,32 @@ class _HttpSessionRepository:
         descriptor = pb.DESCRIPTOR.services_by_name["SessionRepository"]
         for method in descriptor.methods:
             full_name = f"/{descriptor.full_name}/{method.name}"
+            if method.client_streaming:
+                setattr(self, _snake(method.name), _grpc_only(method.name))
+                continue
             behavior = wrap(getattr(service, method.name), full_name, method.server_streaming)
             if method.server_streaming:
                 answer = getattr(pb, method.output_type.name)
                 setattr(self, _snake(method.name), _streamed(behavior, answer, peers))
             else:
                 setattr(self, _snake(method.name), _unary(behavior, peers))
+
+
+def _grpc_only(name: str) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    """A method that takes a stream of requests: HTTP/1.1 cannot carry one while its
+    answers come back (browsers cannot send one at all), so it is served over gRPC."""
+
+    refusal = (
+        f"{name} streams requests and answers at once, which needs HTTP/2: call it over "
+        "gRPC (the server's gRPC port), or send Append or AppendBatch over HTTP"
+    )
+
+    async def call(request: Any, ctx: Any) -> AsyncIterator[Any]:
+        if refusal:  # always; the yield makes this the async generator a stream method is
+            raise ConnectError(Code.UNIMPLEMENTED, refusal)
+        yield None
+
+    return call
 
 
 def _unary(behavior: Behavior, peers: PeerCertificates) -> Callable[[Any, Any], Any]:

@@ -15,6 +15,7 @@ import grpc
 from agentlog.server import metrics
 from agentlog.server._auth import open_caller_slot
 from agentlog.server._tracing import CallTracer
+from agentlog.v1 import session_pb2
 
 access = logging.getLogger("agentlog.access")
 
@@ -57,7 +58,8 @@ class Rewraps:
 
 def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], Any]) -> Any:
     """`handler` (a method's, or None) with its behavior wrapped by `unary` or `stream`,
-    as the method is unary or server-streaming (the only kinds this server has)."""
+    as the method answers once or streams its answers (this server has no method that
+    takes a stream and answers once)."""
     if handler is None:
         return None
     codecs = {
@@ -68,6 +70,8 @@ def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], An
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **codecs)
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **codecs)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **codecs)
     return handler
 
 
@@ -146,15 +150,25 @@ class CallObserver(_Interceptor):
 
     def _stream(self, behavior: Any, service: str, method: str) -> Any:
         name = f"{service}/{method}"
+        kind = "bidi_stream" if method in _BIDI else "server_stream"
 
         async def observed(request: Any, context: Any) -> AsyncIterator[Any]:
-            sent = self._begin("server_stream", service, method, context)
+            sent = self._begin(kind, service, method, context)
             with self._spanned(name, context):
                 async for message in behavior(request, context):
                     sent[0] += 1
                     yield message
 
         return observed
+
+
+# The methods that take a stream, by name (grpc_type "bidi_stream" in the metrics).
+_BIDI = frozenset(
+    method.name
+    for service in session_pb2.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+    if method.client_streaming
+)
 
 
 class _MethodMetrics:

@@ -97,6 +97,7 @@ class Server(NamedTuple):
         CANCELLED that grpc gives calls it cuts off.
         """
         await self.health.enter_graceful_shutdown()
+        self.service.stop_append_streams()
         margin = min(0.5, (grace or 0) / 2)
         stopping = asyncio.ensure_future(self.server.stop(grace))
         http_stopping = (

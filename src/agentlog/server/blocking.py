@@ -36,12 +36,13 @@ from agentlog._records import (
     StoredRecord,
 )
 from agentlog._validation import MAIN, check_branch_id, check_labels, check_session_prefix
+from agentlog._writers import DEFAULT_WINDOW, InlineWriter
 from agentlog.errors import NotFoundError
+from agentlog.server._blocking_live import follow_feed, follow_session
 from agentlog.server._forks import ForkPlan, plan_fork
 from agentlog.server._lifecycle import (
     DeletePlan,
     LabelChange,
-    branch_deleted,
     plan_delete,
     plan_label_change,
 )
@@ -50,13 +51,9 @@ from agentlog.server._rules import (
     MESSAGE_BYTES,
     MESSAGE_RECORDS,
     Appended,
-    FeedFilter,
     PendingAppend,
     Place,
-    feed_end,
     prepare,
-    start_position,
-    start_sequence,
 )
 from agentlog.server.backend import StoreFigures
 
@@ -172,6 +169,11 @@ class BlockingStore(ABC):
 
     def append(self, event: AppendEvent) -> EventRecord:
         return self.commit_one(self.prepare_append(event))[0]
+
+    def writer(self, *, window: int = DEFAULT_WINDOW) -> InlineWriter:
+        """See `SessionRepository.writer`: in process, each append is stored as it is
+        made (there is no round trip to save); `window` is the clients' and unused."""
+        return InlineWriter(self.append)
 
     def append_batch(
         self,
@@ -453,32 +455,7 @@ class BlockingStore(ABC):
         The iterator blocks while it waits for new records; close it (or leave
         the loop) to end the subscription.
         """
-        place = (session_id, branch_id)
-        with self._grown:
-            deletions = self._deletions.get(place, 0)
-        next_sequence = start_sequence(self.head(session_id, branch_id), from_sequence)
-        caught_up = False
-        while True:
-            for record in self.read_session(
-                session_id, from_sequence=next_sequence, branch_id=branch_id
-            ):
-                yield record
-                next_sequence = record.sequence + 1
-            if not caught_up:
-                caught_up = True
-                yield CaughtUp(next_sequence - 1)
-            with self._grown:
-                self._waiting += 1
-                try:
-                    while (
-                        self._last_published.get(place, 0) < next_sequence
-                        and self._deletions.get(place, 0) == deletions
-                    ):
-                        self._grown.wait()
-                    if self._deletions.get(place, 0) != deletions:
-                        raise branch_deleted(session_id, branch_id)
-                finally:
-                    self._waiting -= 1
+        return follow_session(self, session_id, from_sequence, branch_id)
 
     def read_all(self, from_position: int) -> Iterator[FeedItem]:
         """The feed of every session from `from_position` to its current end, in commit
@@ -511,26 +488,7 @@ class BlockingStore(ABC):
         ones), CaughtUp, then live ones; optionally only some sessions, branches (""
         for every one) or event kinds. A FeedGap stands for records of a kept branch
         that could not be read."""
-        keep = FeedFilter.of(session_id_prefix, part_types, branch_id=branch_id)
-        next_position = start_position(self.last_position(), from_position)
-        caught_up = False
-        while True:
-            for run in self.read_feed_runs(next_position):
-                kept = [item for item in run if keep(item)]
-                next_position = feed_end(run[-1]) + 1
-                yield from kept
-                if not kept and not caught_up:
-                    yield Checkpoint(next_position - 1)
-            if not caught_up:
-                caught_up = True
-                yield CaughtUp(position=next_position - 1)
-            with self._grown:
-                self._waiting += 1
-                try:
-                    while self._last_position < next_position:
-                        self._grown.wait()
-                finally:
-                    self._waiting -= 1
+        return follow_feed(self, from_position, session_id_prefix, part_types, branch_id)
 
     @abstractmethod
     def read_session(

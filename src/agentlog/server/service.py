@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -29,7 +29,8 @@ from agentlog._validation import (
     check_stored_session_id,
 )
 from agentlog.errors import AgentlogError, InvalidArgumentError, PermissionDeniedError, ServerError
-from agentlog.server import metrics
+from agentlog.server._answers import answer_fields, count_appended
+from agentlog.server._append_stream import AppendStreams, StreamEnd
 from agentlog.server._auth import (
     EVERYONE,
     Authenticator,
@@ -44,7 +45,6 @@ from agentlog.server._lifecycle import plan_delete, plan_label_change
 from agentlog.server._listing import SessionList, SessionQuery, scope_of, within
 from agentlog.server._live import Interrupt, LiveSubscriptions
 from agentlog.server._rules import (
-    Appended,
     prepare_batch_request,
     prepare_request,
 )
@@ -121,11 +121,12 @@ def add_to_server(service: SessionRepositoryService, server: grpc.aio.Server) ->
     handlers = {}
     for method in descriptor.methods:
         request_class = getattr(pb, method.input_type.name)
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        if method.client_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif method.server_streaming:
+            make = grpc.unary_stream_rpc_method_handler
+        else:
+            make = grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(
             getattr(service, method.name),
             request_deserializer=_lenient(request_class),
@@ -248,60 +249,6 @@ def _nothing(_: str) -> bool:
     return False
 
 
-def _answer(appended: Appended, sent: Sequence[pb.AgentEvent] | None) -> list[dict[str, Any]]:
-    """The records answering an append, as message fields: from the request's events
-    (`sent`; None: the request asked for no events in the answer) and what the
-    store says of them (for a retry, the records as stored)."""
-    known = appended.known  # a retry's records, as stored (or records built meanwhile)
-    session_id, branch_id, first, timestamp_ns = (
-        appended.session_id,
-        appended.branch_id,
-        appended.first_sequence,
-        appended.timestamp_ns,
-    )
-    if sent is None:
-        if known is None:
-            timestamp = _codec.timestamp_fields(timestamp_ns)
-            return [
-                {
-                    "id": item.id,
-                    "sequence": first + offset,
-                    "session_id": session_id,
-                    "branch_id": branch_id,
-                    "parent_id": item.parent_id,
-                    "timestamp": timestamp,
-                }
-                for offset, item in enumerate(appended.batch)
-            ]
-        return [
-            {
-                "id": record.id,
-                "sequence": record.sequence,
-                "session_id": session_id,
-                "branch_id": branch_id,
-                "parent_id": record.parent_id,
-                "timestamp": _codec.timestamp_fields(record.timestamp_ns),
-            }
-            for record in known
-        ]
-    fields = []
-    for offset, (item, event) in enumerate(zip(appended.batch, sent, strict=True)):
-        stored = known[offset] if known is not None else None
-        fields.append(
-            _codec.appended_fields(
-                event,
-                item.event_json,
-                record_id=item.id,
-                sequence=stored.sequence if stored else first + offset,
-                session_id=session_id,
-                parent_id=item.parent_id,
-                timestamp_ns=stored.timestamp_ns if stored else timestamp_ns,
-                branch_id=branch_id,
-            )
-        )
-    return fields
-
-
 class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
     """Serves a Backend over gRPC."""
 
@@ -317,6 +264,11 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         self._guard = StreamGuard(authenticator) if authenticator is not None else None
         self.in_flight = CallsInFlight()
         self._encoded = EncodedRuns()
+        self._append_streams = AppendStreams(backend)
+
+    def stop_append_streams(self) -> None:
+        """At shutdown: end append streams once their current commits are answered."""
+        self._append_streams.stop()
 
     @_translate_errors
     async def Append(self, request: pb.AppendRequest, context: Any) -> pb.AppendResponse:
@@ -327,9 +279,9 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         pending = prepare_request(request)
         caller.require(Permission.APPEND, pending.session_id)
         appended = await self._backend.append(pending)
-        _count_appended(appended, request)
+        count_appended(appended, request.ByteSize())
         sent = None if request.omit_event else [request.event]
-        return pb.AppendResponse(record=_answer(appended, sent)[0])
+        return pb.AppendResponse(record=answer_fields(appended, sent)[0])
 
     @_translate_errors
     async def AppendBatch(
@@ -340,9 +292,28 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         pending = prepare_batch_request(request)
         caller.require(Permission.APPEND, pending.session_id)
         appended = await self._backend.append(pending)
-        _count_appended(appended, request)
+        count_appended(appended, request.ByteSize())
         sent = None if request.omit_events else [item.event for item in request.events]
-        return pb.AppendBatchResponse(records=_answer(appended, sent))
+        return pb.AppendBatchResponse(records=answer_fields(appended, sent))
+
+    @_translate_errors
+    async def AppendStream(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[pb.AppendStreamResponse]:
+        caller = [self._caller(context)]
+        ending = StreamEnd()
+
+        def allowed(session_id: str) -> None:
+            caller[0].require(Permission.APPEND, session_id)
+
+        def still_allowed(grant: Grant) -> None:
+            # Each append is checked against the caller's grant as it stands now.
+            caller[0] = name_caller(grant)
+
+        messages = _parsed(request_iterator)
+        with self._watching(context, ending.end, still_allowed):
+            async for response in self._append_streams.serve(messages, allowed, ending):
+                yield response
 
     @_translate_errors
     async def LoadSession(
@@ -463,7 +434,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         chunks = self._live.session_chunks(
             session_id, from_sequence=start, interrupt=interrupt, branch_id=branch_id
         )
-        with self._watching(context, interrupt, still_allowed):
+        with self._watching(context, interrupt.end, still_allowed):
             async for item in chunks:
                 if isinstance(item, CaughtUp):
                     yield pb.SubscribeSessionResponse(caught_up=pb.CaughtUp(sequence=item.sequence))
@@ -509,7 +480,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
                     metadata={"caller": grant.name},
                 )
 
-        with self._watching(context, interrupt, still_allowed):
+        with self._watching(context, interrupt.end, still_allowed):
             async for item in chunks:
                 if isinstance(item, CaughtUp):
                     yield pb.SubscribeAllResponse(caught_up=pb.CaughtUp(position=item.position))
@@ -556,15 +527,16 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
 
     @contextlib.contextmanager
     def _watching(
-        self, context: Any, interrupt: Interrupt, still_allowed: Callable[[Grant], None]
+        self,
+        context: Any,
+        end: Callable[[AgentlogError], None],
+        still_allowed: Callable[[Grant], None],
     ) -> Iterator[None]:
         """Have the stream's credential rechecked while it runs (see `_guard`)."""
         if self._guard is None:
             yield
             return
-        watched = Watched(
-            _metadata(context), peer_of(context.auth_context()), still_allowed, interrupt.end
-        )
+        watched = Watched(_metadata(context), peer_of(context.auth_context()), still_allowed, end)
         with self._guard.watching(watched):
             yield
 
@@ -583,11 +555,13 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
             await self._guard.close()
 
 
+async def _parsed(messages: AsyncIterator[Any]) -> AsyncIterator[pb.AppendStreamRequest]:
+    """A stream's messages; one whose bytes did not parse is its refusal."""
+    async for message in messages:
+        if isinstance(message, _Malformed):
+            raise message.error
+        yield message
+
+
 def _metadata(context: Any) -> list[tuple[str, str]]:
     return list(context.invocation_metadata() or ())
-
-
-def _count_appended(appended: Appended, request: Any) -> None:
-    if not appended.retried:  # stored now, not a retry's answer
-        metrics.APPENDED_EVENTS.inc(len(appended.batch))
-        metrics.APPENDED_BYTES.inc(request.ByteSize())

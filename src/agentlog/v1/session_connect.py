@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .session_pb2 import AppendBatchRequest, AppendBatchResponse, AppendRequest, AppendResponse, DeleteSessionRequest, DeleteSessionResponse, ForkSessionRequest, ForkSessionResponse, HeadRequest, HeadResponse, ListSessionsRequest, ListSessionsResponse, LoadChildrenRequest, LoadChildrenResponse, LoadSessionRequest, LoadSessionResponse, SubscribeAllRequest, SubscribeAllResponse, SubscribeSessionRequest, SubscribeSessionResponse, UpdateSessionLabelsRequest, UpdateSessionLabelsResponse
+from .session_pb2 import AppendBatchRequest, AppendBatchResponse, AppendRequest, AppendResponse, AppendStreamRequest, AppendStreamResponse, DeleteSessionRequest, DeleteSessionResponse, ForkSessionRequest, ForkSessionResponse, HeadRequest, HeadResponse, ListSessionsRequest, ListSessionsResponse, LoadChildrenRequest, LoadChildrenResponse, LoadSessionRequest, LoadSessionResponse, SubscribeAllRequest, SubscribeAllResponse, SubscribeSessionRequest, SubscribeSessionResponse, UpdateSessionLabelsRequest, UpdateSessionLabelsResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -59,6 +59,24 @@ class SessionRepository(Protocol):
         """
         AppendBatch stores many events at the end of one session, all or none, at
         consecutive sequences, checking one expectation for the whole batch.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def append_stream(self, request: AsyncIterator[AppendStreamRequest], ctx: RequestContext[AppendStreamRequest, AppendStreamResponse], /) -> AsyncIterator[AppendStreamResponse]:
+        """
+        AppendStream stores a writer's events as it sends them, without a round
+        trip each: each append is the same as an Append call (ids, expectations,
+        retries, labels, limits, statuses), taken in the order sent, and answered
+        in that order once durable. A request message may carry several appends
+        (clients pack the events queued while the previous message was on its way);
+        a response message answers the next appends in order, any number of them.
+        The first append refused ends the stream with its status (its ErrorInfo
+        names its place in the stream as `stream_index`, from 0): every append
+        answered before it is stored, it and every append after it are not, so a
+        writer never has a gap behind a refusal. The stream ends with OK once the
+        client has half-closed and every append is answered; when the server stops
+        it ends with UNAVAILABLE after answering what it took, and the client sends
+        the unanswered appends again on a new stream (their ids make that safe).
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -184,6 +202,17 @@ class SessionRepositoryASGIApplication(ConnectASGIApplication[SessionRepository]
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.append_batch,
+                ),
+                "/agentlog.v1.SessionRepository/AppendStream": Endpoint.bidi_stream(
+                    method=MethodInfo(
+                        name="AppendStream",
+                        service_name="agentlog.v1.SessionRepository",
+                        input=AppendStreamRequest,
+                        output=AppendStreamResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.BIDI_STREAM,
+                    ),
+                    function=svc.append_stream,
                 ),
                 "/agentlog.v1.SessionRepository/LoadSession": Endpoint.server_stream(
                     method=MethodInfo(
@@ -376,6 +405,41 @@ class SessionRepositoryClient(ConnectClient):
                 output=AppendBatchResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def append_stream(
+        self,
+        request: AsyncIterator[AppendStreamRequest],
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[AppendStreamResponse]:
+        """
+        AppendStream stores a writer's events as it sends them, without a round
+        trip each: each append is the same as an Append call (ids, expectations,
+        retries, labels, limits, statuses), taken in the order sent, and answered
+        in that order once durable. A request message may carry several appends
+        (clients pack the events queued while the previous message was on its way);
+        a response message answers the next appends in order, any number of them.
+        The first append refused ends the stream with its status (its ErrorInfo
+        names its place in the stream as `stream_index`, from 0): every append
+        answered before it is stored, it and every append after it are not, so a
+        writer never has a gap behind a refusal. The stream ends with OK once the
+        client has half-closed and every append is answered; when the server stops
+        it ends with UNAVAILABLE after answering what it took, and the client sends
+        the unanswered appends again on a new stream (their ids make that safe).
+        """
+        return self.execute_bidi_stream(
+            request=request,
+            method=MethodInfo(
+                name="AppendStream",
+                service_name="agentlog.v1.SessionRepository",
+                input=AppendStreamRequest,
+                output=AppendStreamResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.BIDI_STREAM,
             ),
             headers=headers,
             timeout_ms=timeout_ms,
@@ -646,6 +710,24 @@ class SessionRepositorySync(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def append_stream(self, request: Iterator[AppendStreamRequest], ctx: RequestContext[AppendStreamRequest, AppendStreamResponse], /) -> Iterator[AppendStreamResponse]:
+        """
+        AppendStream stores a writer's events as it sends them, without a round
+        trip each: each append is the same as an Append call (ids, expectations,
+        retries, labels, limits, statuses), taken in the order sent, and answered
+        in that order once durable. A request message may carry several appends
+        (clients pack the events queued while the previous message was on its way);
+        a response message answers the next appends in order, any number of them.
+        The first append refused ends the stream with its status (its ErrorInfo
+        names its place in the stream as `stream_index`, from 0): every append
+        answered before it is stored, it and every append after it are not, so a
+        writer never has a gap behind a refusal. The stream ends with OK once the
+        client has half-closed and every append is answered; when the server stops
+        it ends with UNAVAILABLE after answering what it took, and the client sends
+        the unanswered appends again on a new stream (their ids make that safe).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     def load_session(self, request: LoadSessionRequest, ctx: RequestContext[LoadSessionRequest, LoadSessionResponse], /) -> Iterator[LoadSessionResponse]:
         """
         LoadSession streams a range of a session's records in sequence order,
@@ -766,6 +848,17 @@ class SessionRepositoryWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.append_batch,
+                ),
+                "/agentlog.v1.SessionRepository/AppendStream": EndpointSync.bidi_stream(
+                    method=MethodInfo(
+                        name="AppendStream",
+                        service_name="agentlog.v1.SessionRepository",
+                        input=AppendStreamRequest,
+                        output=AppendStreamResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.BIDI_STREAM,
+                    ),
+                    function=service.append_stream,
                 ),
                 "/agentlog.v1.SessionRepository/LoadSession": EndpointSync.server_stream(
                     method=MethodInfo(
@@ -958,6 +1051,41 @@ class SessionRepositoryClientSync(ConnectClientSync):
                 output=AppendBatchResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def append_stream(
+        self,
+        request: Iterator[AppendStreamRequest],
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> Iterator[AppendStreamResponse]:
+        """
+        AppendStream stores a writer's events as it sends them, without a round
+        trip each: each append is the same as an Append call (ids, expectations,
+        retries, labels, limits, statuses), taken in the order sent, and answered
+        in that order once durable. A request message may carry several appends
+        (clients pack the events queued while the previous message was on its way);
+        a response message answers the next appends in order, any number of them.
+        The first append refused ends the stream with its status (its ErrorInfo
+        names its place in the stream as `stream_index`, from 0): every append
+        answered before it is stored, it and every append after it are not, so a
+        writer never has a gap behind a refusal. The stream ends with OK once the
+        client has half-closed and every append is answered; when the server stops
+        it ends with UNAVAILABLE after answering what it took, and the client sends
+        the unanswered appends again on a new stream (their ids make that safe).
+        """
+        return self.execute_bidi_stream(
+            request=request,
+            method=MethodInfo(
+                name="AppendStream",
+                service_name="agentlog.v1.SessionRepository",
+                input=AppendStreamRequest,
+                output=AppendStreamResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.BIDI_STREAM,
             ),
             headers=headers,
             timeout_ms=timeout_ms,

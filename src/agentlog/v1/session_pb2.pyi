@@ -145,6 +145,18 @@ class AppendBatchResponse(_message.Message):
     records: _containers.RepeatedCompositeFieldContainer[EventRecord]
     def __init__(self, records: _Optional[_Iterable[_Union[EventRecord, _Mapping]]] = ...) -> None: ...
 
+class AppendStreamRequest(_message.Message):
+    __slots__ = ("appends",)
+    APPENDS_FIELD_NUMBER: _ClassVar[int]
+    appends: _containers.RepeatedCompositeFieldContainer[AppendRequest]
+    def __init__(self, appends: _Optional[_Iterable[_Union[AppendRequest, _Mapping]]] = ...) -> None: ...
+
+class AppendStreamResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[EventRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[EventRecord, _Mapping]]] = ...) -> None: ...
+
 class LoadSessionRequest(_message.Message):
     __slots__ = ("session_id", "from_sequence", "limit", "direction", "branch_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

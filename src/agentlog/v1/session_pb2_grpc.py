@@ -48,6 +48,11 @@ class SessionRepositoryStub:
                 request_serializer=agentlog_dot_v1_dot_session__pb2.AppendBatchRequest.SerializeToString,
                 response_deserializer=agentlog_dot_v1_dot_session__pb2.AppendBatchResponse.FromString,
                 _registered_method=True)
+        self.AppendStream = channel.stream_stream(
+                '/agentlog.v1.SessionRepository/AppendStream',
+                request_serializer=agentlog_dot_v1_dot_session__pb2.AppendStreamRequest.SerializeToString,
+                response_deserializer=agentlog_dot_v1_dot_session__pb2.AppendStreamResponse.FromString,
+                _registered_method=True)
         self.LoadSession = channel.unary_stream(
                 '/agentlog.v1.SessionRepository/LoadSession',
                 request_serializer=agentlog_dot_v1_dot_session__pb2.LoadSessionRequest.SerializeToString,
@@ -117,6 +122,25 @@ class SessionRepositoryServicer:
     def AppendBatch(self, request, context):
         """AppendBatch stores many events at the end of one session, all or none, at
         consecutive sequences, checking one expectation for the whole batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendStream(self, request_iterator, context):
+        """AppendStream stores a writer's events as it sends them, without a round
+        trip each: each append is the same as an Append call (ids, expectations,
+        retries, labels, limits, statuses), taken in the order sent, and answered
+        in that order once durable. A request message may carry several appends
+        (clients pack the events queued while the previous message was on its way);
+        a response message answers the next appends in order, any number of them.
+        The first append refused ends the stream with its status (its ErrorInfo
+        names its place in the stream as `stream_index`, from 0): every append
+        answered before it is stored, it and every append after it are not, so a
+        writer never has a gap behind a refusal. The stream ends with OK once the
+        client has half-closed and every append is answered; when the server stops
+        it ends with UNAVAILABLE after answering what it took, and the client sends
+        the unanswered appends again on a new stream (their ids make that safe).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -231,6 +255,11 @@ def add_SessionRepositoryServicer_to_server(servicer, server):
                     request_deserializer=agentlog_dot_v1_dot_session__pb2.AppendBatchRequest.FromString,
                     response_serializer=agentlog_dot_v1_dot_session__pb2.AppendBatchResponse.SerializeToString,
             ),
+            'AppendStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AppendStream,
+                    request_deserializer=agentlog_dot_v1_dot_session__pb2.AppendStreamRequest.FromString,
+                    response_serializer=agentlog_dot_v1_dot_session__pb2.AppendStreamResponse.SerializeToString,
+            ),
             'LoadSession': grpc.unary_stream_rpc_method_handler(
                     servicer.LoadSession,
                     request_deserializer=agentlog_dot_v1_dot_session__pb2.LoadSessionRequest.FromString,
@@ -335,6 +364,33 @@ class SessionRepository:
             '/agentlog.v1.SessionRepository/AppendBatch',
             agentlog_dot_v1_dot_session__pb2.AppendBatchRequest.SerializeToString,
             agentlog_dot_v1_dot_session__pb2.AppendBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/agentlog.v1.SessionRepository/AppendStream',
+            agentlog_dot_v1_dot_session__pb2.AppendStreamRequest.SerializeToString,
+            agentlog_dot_v1_dot_session__pb2.AppendStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
