@@ -4,8 +4,6 @@
  * they stood after UNAVAILABLE. Speaks gRPC over HTTP/2 (Connect's Node transport).
  */
 
-import { randomUUID } from "node:crypto";
-
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import {
@@ -24,17 +22,26 @@ import {
   Http2SessionManager,
 } from "@connectrpc/connect-node";
 
+import {
+  type AppendInput,
+  appendRequest,
+  backoffMs,
+  branch,
+  checkId,
+  type NewEvent,
+  sleep,
+} from "./appends.js";
 import { type AgentEvent, eventFromMessage, eventToMessage, toU64 } from "./events.js";
 import { AgentlogError, InvalidArgumentError, toAgentlogError } from "./errors.js";
 import {
   AppendBatchRequestSchema,
-  AppendRequestSchema,
   BatchEventSchema,
   DeleteSessionRequestSchema,
   ForkSessionRequestSchema,
   ListSessionsRequestSchema,
   ReadDirection,
   SessionRepository,
+  type AppendStreamRequest,
   type SubscribeAllResponse,
   type SubscribeSessionResponse,
   UpdateSessionLabelsRequestSchema,
@@ -54,12 +61,13 @@ import {
   type SessionPage,
   sessionFromMessage,
 } from "./records.js";
+import { AppendWriter, DEFAULT_WINDOW, unaryStream } from "./writer.js";
+
+export type { AppendInput, NewEvent } from "./appends.js";
 
 export const DEFAULT_TARGET = "127.0.0.1:50051";
 const DEFAULT_TIMEOUT_MS = 30_000;
 const DEFAULT_RETRIES = 3;
-const BACKOFF_BASE_MS = 50;
-const BACKOFF_CAP_MS = 2_000;
 const RETRYABLE = new Set(["UNAVAILABLE", "DEADLINE_EXCEEDED"]);
 
 /** TLS settings: PEM text or bytes (read the files yourself, e.g. with readFileSync). */
@@ -86,27 +94,6 @@ export interface ClientOptions {
   /** How calls travel: "grpc" (default: HTTP/2 to the server's --addr), or "connect" or
    * "grpc-web" (HTTP/1.1 to its --http-addr, through proxies that only pass HTTP/1.1). */
   protocol?: "grpc" | "connect" | "grpc-web";
-}
-
-export interface AppendInput {
-  sessionId: string;
-  event: AgentEvent;
-  /** The record this one follows; absent or null for a root. */
-  parentId?: string | null;
-  /** A canonical UUID; made here when absent, so that a retry is stored once. */
-  id?: string;
-  /** The branch's last sequence must be this (0: no events yet), or nothing is written. */
-  expectedSequence?: bigint | number;
-  /** The branch to append to (default "main"). */
-  branchId?: string;
-  /** Labels for the session, taken if it has none and this append starts its branch. */
-  labels?: Record<string, string>;
-}
-
-export interface NewEvent {
-  event: AgentEvent;
-  parentId?: string | null;
-  id?: string;
 }
 
 export interface ReadOptions {
@@ -168,38 +155,6 @@ export interface SubscribeAllOptions extends SubscribeOptions {
   branchId?: string;
 }
 
-function backoffMs(attempt: number): number {
-  return Math.random() * Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** attempt);
-}
-
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(done, ms);
-    function done(): void {
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", done);
-      resolve();
-    }
-    signal?.addEventListener("abort", done, { once: true });
-  });
-}
-
-/** A branch id as a request carries it: "" for "main" (the default). */
-function branch(branchId: string | undefined): string {
-  return branchId === undefined || branchId === "main" ? "" : branchId;
-}
-
-function checkId(id: string | undefined, where: string): string {
-  if (id === undefined || id === "") return randomUUID();
-  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(id)) {
-    throw new InvalidArgumentError(
-      `${where}: ${JSON.stringify(id)} is not a canonical UUID (lower-case, hyphenated)`,
-      { reason: "INVALID_ID", field: where },
-    );
-  }
-  return id;
-}
-
 /**
  * A client of one agentlog server. `target` is "host:port"; close it with `close()`
  * when done (calls in flight are cancelled).
@@ -212,6 +167,7 @@ export class AgentlogClient {
   private readonly aborter = new AbortController();
   private readonly client: Client<typeof SessionRepository>;
   private closed = false;
+  private readonly grpc: boolean;
 
   constructor(target: string = DEFAULT_TARGET, options: ClientOptions = {}) {
     this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.timeoutMs;
@@ -227,6 +183,7 @@ export class AgentlogClient {
         }
       : {};
     const protocol = options.protocol ?? "grpc";
+    this.grpc = protocol === "grpc";
     const interceptors: Interceptor[] = [];
     const token = options.token;
     if (token !== undefined) {
@@ -314,22 +271,30 @@ export class AgentlogClient {
 
   /** Store one event at the end of a session; the record as stored. */
   async append(input: AppendInput): Promise<EventRecord> {
-    const event = eventToMessage(input.event);
-    const request = create(AppendRequestSchema, {
-      sessionId: input.sessionId,
-      event,
-      id: checkId(input.id, "id"),
-      omitEvent: true, // the answer leaves out the event this client already has
-      branchId: branch(input.branchId),
-      labels: input.labels ?? {},
-      ...(input.parentId != null && { parentId: input.parentId }),
-      ...(input.expectedSequence !== undefined && {
-        expectedSequence: toU64(input.expectedSequence, "expectedSequence"),
-      }),
-    });
+    const request = appendRequest(input);
     const response = await this.unary((options) => this.client.append(request, options));
     if (response.record === undefined) throw new AgentlogError("the server sent no record");
-    return recordFromMessage(response.record, eventFromMessage(event));
+    return recordFromMessage(response.record, eventFromMessage(request.event));
+  }
+
+  /** A writer for events that need no round trip each (an agent's text deltas and tool
+   * calls): `writer.append(input)` returns a promise of the record at once, the events
+   * go on one stream, stored in the order appended, each as `append` stores it. The
+   * first refused rejects with its error and every one behind it with AbortedError, not
+   * stored; `close()` waits for every answer and rejects with that refusal. Over the
+   * "connect" and "grpc-web" protocols (HTTP/1.1, which cannot carry a stream of
+   * requests) it sends one Append at a time, with the same answers. */
+  writer(options: { window?: number } = {}): AppendWriter {
+    const open = this.grpc
+      ? (messages: AsyncIterable<AppendStreamRequest>, signal: AbortSignal) =>
+          this.client.appendStream(messages, { signal: this.untilClosed(signal) })
+      : unaryStream(async (request, signal) => {
+          const options = { ...this.options(signal) };
+          const response = await this.client.append(request, options);
+          if (response.record === undefined) throw new AgentlogError("the server sent no record");
+          return response.record;
+        });
+    return new AppendWriter(open, this.retries, options.window ?? DEFAULT_WINDOW);
   }
 
   /** Store several events at the end of one session, all or none; the records. */

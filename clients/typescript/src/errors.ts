@@ -101,6 +101,12 @@ export class CancelledError extends AgentlogError {
   static defaultStatus = "CANCELLED";
   override name = "CancelledError";
 }
+/** Not attempted because an append before it on the same writer was refused (reason
+ * EARLIER_APPEND_REFUSED): nothing of it was stored. */
+export class AbortedError extends AgentlogError {
+  static defaultStatus = "ABORTED";
+  override name = "AbortedError";
+}
 /** The server failed in a way the request did not cause (INTERNAL, UNKNOWN, ...). */
 export class ServerError extends AgentlogError {
   static defaultStatus = "INTERNAL";
@@ -125,6 +131,7 @@ const BY_STATUS: Partial<Record<Code, ErrorClass>> = {
   [Code.Unavailable]: UnavailableError,
   [Code.DeadlineExceeded]: DeadlineExceededError,
   [Code.Canceled]: CancelledError,
+  [Code.Aborted]: AbortedError,
 };
 
 /** Subclasses an ErrorInfo reason selects. */

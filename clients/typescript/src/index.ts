@@ -14,7 +14,9 @@ export {
   type SubscribeOptions,
   type TlsOptions,
 } from "./client.js";
+export { AppendWriter, DEFAULT_WINDOW } from "./writer.js";
 export {
+  AbortedError,
   AgentlogError,
   AlreadyExistsError,
   CancelledError,

@@ -69,6 +69,34 @@ for (const name of ["JSONL, branch layout", "PostgreSQL"] as const) {
       return `${prefix}-${randomUUID().slice(0, 8)}`;
     }
 
+    test("a writer keeps each branch's sequences and expectations", async () => {
+      const id = session("writer");
+      await client.append({ sessionId: id, event: delta(id, "start") });
+      const writer = client.writer();
+      const pending: Promise<EventRecord>[] = [];
+      for (let n = 0; n < 20; n++) {
+        for (const branchId of ["main", "alt"]) {
+          pending.push(
+            writer.append({
+              sessionId: id,
+              event: delta(id, `${branchId} ${n}`),
+              branchId,
+              expectedSequence: n + (branchId === "main" ? 1 : 0),
+            }),
+          );
+        }
+      }
+      await writer.close();
+      const records = await Promise.all(pending);
+      const alt = records.filter((r) => r.branchId === "alt");
+      assert.deepEqual(
+        alt.map((r) => Number(r.sequence)),
+        Array.from({ length: 20 }, (_, n) => n + 1),
+      );
+      assert.deepEqual(await client.loadSession(id, { branchId: "alt" }), alt);
+      assert.equal((await client.loadSession(id)).length, 21);
+    });
+
     test("each branch has its own sequences, expectations, heads and reads", async () => {
       const id = session("b");
       const main = await chain(client, id, 3);

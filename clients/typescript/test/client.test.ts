@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
 import {
+  AbortedError,
   AgentlogClient,
   AlreadyExistsError,
   type ClientOptions,
@@ -206,6 +207,132 @@ for (const each of PROTOCOLS) {
         const again = await client.appendBatch(id, events);
         assert.deepEqual(again, first);
         assert.equal((await client.loadSession(id)).length, 3);
+      });
+    });
+
+    describe("writer", () => {
+      test("a writer stores events in the order appended and answers each with its record", async () => {
+        const one = session("w1");
+        const two = session("w2");
+        const writer = client.writer();
+        const pending: Promise<EventRecord>[] = [];
+        for (let n = 0; n < 300; n++) {
+          for (const id of n % 3 ? [one] : [one, two]) {
+            pending.push(writer.append({ sessionId: id, event: delta(id, `t${n}`) }));
+          }
+        }
+        await writer.close();
+        const records = await Promise.all(pending);
+        const sequences = (id: string) =>
+          records.filter((r) => r.sessionId === id).map((r) => Number(r.sequence));
+        assert.deepEqual(sequences(one), range(1, 300));
+        assert.deepEqual(sequences(two), range(1, 100));
+        assert.deepEqual(
+          await client.loadSession(one),
+          records.filter((r) => r.sessionId === one),
+        );
+      });
+
+      test("every kind of event written comes back equal", async () => {
+        const id = session("wk");
+        const writer = client.writer();
+        const pending = everyEvent(id).map((event) => writer.append({ sessionId: id, event }));
+        await writer.close();
+        assert.deepEqual(await client.loadSession(id), await Promise.all(pending));
+      });
+
+      test("a refused append rejects alone; those behind it are aborted and not stored", async () => {
+        const id = session("wr");
+        const other = session("wo");
+        const writer = client.writer();
+        const before = [0, 1, 2].map((n) =>
+          writer.append({ sessionId: id, event: delta(id, `${n}`) }),
+        );
+        const refused = writer.append({
+          sessionId: id,
+          event: delta(id, "late"),
+          expectedSequence: 1,
+        });
+        const behind = writer.append({ sessionId: other, event: delta(other, "behind") });
+        await assert.rejects(writer.close(), WrongExpectedSequence);
+        assert.deepEqual(
+          (await Promise.all(before)).map((r) => r.sequence),
+          [1n, 2n, 3n],
+        );
+        await assert.rejects(refused, (error: WrongExpectedSequence) => {
+          assert.equal(error.metadata.stream_index, "3");
+          return true;
+        });
+        await assert.rejects(behind, (error: AbortedError) => {
+          assert.ok(error instanceof AbortedError);
+          assert.equal(error.reason, "EARLIER_APPEND_REFUSED");
+          return true;
+        });
+        assert.equal((await client.loadSession(id)).length, 3);
+        assert.deepEqual(await client.loadSession(other), []);
+        assert.throws(
+          () => writer.append({ sessionId: other, event: delta(other, "after") }),
+          AbortedError,
+        );
+      });
+
+      test("a resent id is answered with the stored record; other content is ALREADY_EXISTS", async () => {
+        const id = session("wi");
+        const ids: string[] = [randomUUID(), randomUUID(), randomUUID()];
+        const [firstId = "", secondId = ""] = ids;
+        const stored = await client.append({ sessionId: id, event: delta(id, "0"), id: firstId });
+        const writer = client.writer();
+        const pending = ids.map((each, n) =>
+          writer.append({ sessionId: id, event: delta(id, `${n}`), id: each }),
+        );
+        await writer.close();
+        const records = await Promise.all(pending);
+        assert.deepEqual(records[0], stored);
+        assert.deepEqual(
+          records.map((r) => r.sequence),
+          [1n, 2n, 3n],
+        );
+        const again = client.writer();
+        const conflicting = again.append({
+          sessionId: id,
+          event: delta(id, "other"),
+          id: secondId,
+        });
+        await assert.rejects(again.close(), AlreadyExistsError);
+        await assert.rejects(conflicting, AlreadyExistsError);
+      });
+
+      test("a malformed event throws at append and the writer goes on", async () => {
+        const id = session("wm");
+        const writer = client.writer();
+        const first = writer.append({ sessionId: id, event: delta(id, "a") });
+        assert.throws(
+          () => writer.append({ sessionId: id, event: delta(id, "b"), id: "x" }),
+          InvalidArgumentError,
+        );
+        const last = writer.append({ sessionId: id, event: delta(id, "c") });
+        await writer.close();
+        assert.deepEqual([(await first).sequence, (await last).sequence], [1n, 2n]);
+        assert.throws(
+          () => writer.append({ sessionId: id, event: delta(id, "d") }),
+          InvalidArgumentError,
+        );
+      });
+
+      test("room() holds a fast writer to its window, and everything is stored", async () => {
+        const id = session("ww");
+        const writer = client.writer({ window: 3 });
+        const pending: Promise<EventRecord>[] = [];
+        for (let n = 0; n < 40; n++) {
+          await writer.room();
+          assert.ok(writer.pending < 3);
+          pending.push(writer.append({ sessionId: id, event: delta(id, `${n}`) }));
+        }
+        await writer.flush();
+        assert.equal(writer.pending, 0);
+        await writer.close();
+        assert.equal((await Promise.all(pending)).length, 40);
+        assert.equal((await client.loadSession(id)).length, 40);
       });
     });
 
@@ -543,4 +670,8 @@ for (const each of PROTOCOLS) {
       });
     });
   });
+}
+
+function range(first: number, last: number): number[] {
+  return Array.from({ length: last - first + 1 }, (_, index) => first + index);
 }
