@@ -386,7 +386,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         help="run one group: appends, reads, children, live, fanout, feed-fanout, listing, "
-        "branches, lifecycle, security, typescript, http, index, postgres",
+        "branches, lifecycle, security, typescript, streaming, http, index, postgres",
     )
     parser.add_argument(
         "--store",
@@ -425,6 +425,10 @@ def main() -> None:
     from bench import index
 
     groups["index"] = lambda tmp: index.run(tmp, results, args.big)
+    from bench import streaming
+
+    groups["streaming"] = lambda tmp: streaming.run(tmp, results, args.rounds, args.store)
+    CEILINGS.update(streaming.CEILINGS)
     from bench import http
 
     groups["http"] = lambda tmp: http.run(tmp, results, args.scale, args.rounds)

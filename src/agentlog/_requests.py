@@ -22,6 +22,7 @@ from agentlog._records import (
     SessionLabels,
     SessionPage,
     check_timestamp,
+    new_record_id,
     new_record_ids,
 )
 from agentlog._validation import (
@@ -64,7 +65,7 @@ def append_to_proto(append: AppendEvent) -> pb.AppendRequest:
         session_id=append.session_id,
         parent_id=append.parent_id,
         event=checked_event_fields(append.event),
-        id=append.id if append.id is not None else new_record_ids(1)[0],
+        id=append.id if append.id is not None else new_record_id(),
         expected_sequence=append.expected_sequence,
         omit_event=True,
         branch_id="" if branch_id == MAIN else branch_id,

@@ -28,7 +28,7 @@ from agentlog._records import (
     FeedItem,
     FeedRecord,
     NewEvent,
-    new_record_ids,
+    new_record_id,
 )
 from agentlog._validation import (
     CANONICAL_UUID,
@@ -286,7 +286,7 @@ def _checked_ids(
 
 
 def new_id() -> str:
-    return new_record_ids(1)[0]
+    return new_record_id()
 
 
 Place = tuple[str, str]
