@@ -35,7 +35,7 @@ def test_the_readme_opens_with_the_two_commands() -> None:
 
 def test_the_python_examples_run_each_on_its_own(tmp_path: Path) -> None:
     examples = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(examples) == 4
+    assert len(examples) == 5
     output = io.StringIO()
     branched = tmp_path / "branched"
     with (
@@ -53,6 +53,8 @@ def test_the_python_examples_run_each_on_its_own(tmp_path: Path) -> None:
     assert [line.split()[1] for line in lines[:2]] == ["run_started", "tool_call_requested"]
     assert (tmp_path / "demo.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "chat.jsonl").read_text().count("\n") == 4
+    assert "streamed 4 deltas; last sequence 4" in lines
+    assert (tmp_path / "stream.jsonl").read_text().count("\n") == 4
     assert lines[-3] == (
         "ForkedFrom(session_id='plan', branch_id='main', sequence=1) ['step one', 'a better turn']"
     )

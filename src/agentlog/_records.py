@@ -193,6 +193,18 @@ class SessionInfo:
         labels: SessionLabels | None = None,
     ) -> SessionInfo:
         """A session's summary from its branches' (in byte order of their ids)."""
+        if len(branches) == 1:  # most sessions: a listing makes one for each
+            only = branches[0]
+            return cls(
+                session_id=session_id,
+                event_count=only.event_count,
+                first_timestamp_ns=only.first_timestamp_ns,
+                last_timestamp_ns=only.last_timestamp_ns,
+                head_id=only.head_id,
+                branches=(only,),
+                labels=dict(labels.labels) if labels is not None else {},
+                labels_version=labels.version if labels is not None else 0,
+            )
         main = next((b for b in branches if b.branch_id == "main"), branches[0])
         return cls(
             session_id=session_id,

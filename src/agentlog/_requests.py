@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from agentlog._codec import (
     checked_event_fields,
     timestamp_fields,
@@ -236,43 +238,57 @@ def _ns(timestamp: Any) -> int:
 
 
 def page_to_proto(page: SessionPage) -> pb.ListSessionsResponse:
-    """The ListSessionsResponse for a page of sessions."""
-    return pb.ListSessionsResponse(
-        sessions=[
-            pb.SessionInfo(
-                session_id=info.session_id,
-                event_count=info.event_count,
-                first_timestamp=timestamp_fields(info.first_timestamp_ns),
-                last_timestamp=timestamp_fields(info.last_timestamp_ns),
-                head_id=info.head_id,
-                branches=[branch_to_proto(branch) for branch in info.branches],
-                labels=info.labels,
-                labels_version=info.labels_version,
-            )
-            for info in page.sessions
-        ],
-        next_page_token=page.next_page_token or "",
-    )
+    """The ListSessionsResponse for a page of sessions (built field by field: a listing
+    makes thousands, and keyword dicts of nested messages cost twice as much)."""
+    response = pb.ListSessionsResponse(next_page_token=page.next_page_token or "")
+    add = response.sessions.add
+    for info in page.sessions:
+        first, last = info.first_timestamp_ns, info.last_timestamp_ns
+        message = add(
+            session_id=info.session_id,
+            event_count=info.event_count,
+            first_timestamp=Timestamp(seconds=first // NS, nanos=first % NS),
+            last_timestamp=Timestamp(seconds=last // NS, nanos=last % NS),
+            head_id=info.head_id,
+            labels_version=info.labels_version,
+        )
+        if info.labels:
+            message.labels.update(info.labels)
+        for branch in info.branches:
+            if branch.first_timestamp_ns == first and branch.last_timestamp_ns == last:
+                added = message.branches.add(
+                    branch_id=branch.branch_id,
+                    event_count=branch.event_count,
+                    first_timestamp=message.first_timestamp,
+                    last_timestamp=message.last_timestamp,
+                    head_id=branch.head_id,
+                )
+                forked = branch.forked_from
+                if forked is not None:
+                    added.forked_from.CopyFrom(branch_to_proto(branch).forked_from)
+            else:
+                message.branches.append(branch_to_proto(branch))
+    return response
 
 
 def page_from_proto(response: pb.ListSessionsResponse) -> SessionPage:
     """The page of sessions a ListSessionsResponse holds."""
-    return SessionPage(
-        sessions=[
+    sessions = []
+    for info in response.sessions:
+        first, last = info.first_timestamp, info.last_timestamp
+        sessions.append(
             SessionInfo(
                 session_id=info.session_id,
                 event_count=info.event_count,
-                first_timestamp_ns=_ns(info.first_timestamp),
-                last_timestamp_ns=_ns(info.last_timestamp),
+                first_timestamp_ns=first.seconds * NS + first.nanos,
+                last_timestamp_ns=last.seconds * NS + last.nanos,
                 head_id=info.head_id,
-                branches=tuple(branch_from_proto(branch) for branch in info.branches),
-                labels=dict(info.labels),
+                branches=tuple([branch_from_proto(branch) for branch in info.branches]),
+                labels=dict(info.labels) if info.labels else {},
                 labels_version=info.labels_version,
             )
-            for info in response.sessions
-        ],
-        next_page_token=response.next_page_token or None,
-    )
+        )
+    return SessionPage(sessions=sessions, next_page_token=response.next_page_token or None)
 
 
 def list_to_proto(

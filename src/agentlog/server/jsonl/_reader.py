@@ -590,16 +590,19 @@ class Reader(Recovery):
     def _indexed_summary(self, branch_id: str, stem: str) -> BranchInfo | None:
         """A branch's summary from its first and last lines, found where the index says,
         when the index vouches for the whole file; None: build its state instead."""
-        indexed = self._index.indexed(stem)
-        if indexed is None or indexed.records == 0:
-            return None
-        path = self._path(stem)
-        identity = file_identity(path)
-        if (indexed.inode, indexed.size) != identity:
-            return None
+        # A listing's common case first: a summary made earlier, of the file as it is
+        # now (one stat of a string path; a file changed behind the server has another
+        # identity, and is summarised again).
+        identity = file_identity(self._path_text(stem))
         known = self._summaries.get(stem)
         if known is not None and known[0] == identity and known[1].branch_id == branch_id:
             return known[1]
+        indexed = self._index.indexed(stem)
+        if indexed is None or indexed.records == 0:
+            return None
+        if (indexed.inode, indexed.size) != identity:
+            return None
+        path = self._path(stem)
         try:
             with path.open("rb") as file:
                 first = orjson.loads(read_line(file, 0, indexed.size))

@@ -66,6 +66,7 @@ class SessionStates(BlockingStore):
     """
 
     root: Path
+    _root_text: str
     read_only: bool
     layout: Layout
     _branches: bool  # the branch layout: lines carry branch_id and sequence
@@ -284,6 +285,10 @@ class SessionStates(BlockingStore):
         # check_stored_session_id has refused '/' and NUL, and the suffix keeps
         # '.' and '..' from naming directories: always a direct child of root.
         return self.root / f"{stem}{SUFFIX}"
+
+    def _path_text(self, stem: str) -> str:
+        """`_path` as text, without building a Path (a listing stats every file)."""
+        return f"{self._root_text}{stem}{SUFFIX}"
 
     def _close_file(self, stem: str) -> None:
         cached = self._files.pop(stem, None)

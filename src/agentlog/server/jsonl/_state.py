@@ -179,11 +179,11 @@ def unindexable_line(
     return error
 
 
-def file_identity(path: Path) -> Identity:
+def file_identity(path: Path | str) -> Identity:
     try:
         stat = os.stat(path)
     except FileNotFoundError:
         return MISSING
     except OSError as exc:
-        raise storage_error(exc, path) from None
+        raise storage_error(exc, Path(path)) from None
     return (stat.st_ino, stat.st_size)

@@ -109,6 +109,7 @@ class JsonlSessionRepository(Lifecycle):
         self.clock = clock
         self.read_only = read_only
         self.root = Path(root).resolve()
+        self._root_text = os.path.join(self.root, "")
         _check_root(self.root, read_only)
         if isinstance(sync, bool):
             sync = SyncPolicy.ALWAYS if sync else SyncPolicy.NEVER
