@@ -60,6 +60,7 @@ from agentlog.server.jsonl._state import (
 from agentlog.server.jsonl.feed import MARKER
 from agentlog.server.jsonl.files import (
     corrupt_line,
+    first_and_last_lines,
     last_line,
     line_number,
     read_line,
@@ -602,11 +603,11 @@ class Reader(Recovery):
             return None
         if (indexed.inode, indexed.size) != identity:
             return None
-        path = self._path(stem)
         try:
-            with path.open("rb") as file:
-                first = orjson.loads(read_line(file, 0, indexed.size))
-                last = orjson.loads(read_line(file, indexed.last_offset, indexed.size))
+            first_text, last_text = first_and_last_lines(
+                self._path_text(stem), indexed.size, indexed.last_offset
+            )
+            first, last = orjson.loads(first_text), orjson.loads(last_text)
             found = BranchInfo(
                 branch_id=branch_id,
                 event_count=indexed.records,
