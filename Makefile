@@ -20,7 +20,7 @@ DATA_DIR ?=
 # The web console and the HTTP (Connect, gRPC-Web) endpoint, on for a newcomer.
 HTTP_ADDR ?= $(or $(AGENTLOG_HTTP_ADDR),127.0.0.1:8080)
 
-.PHONY: serve test install proto proto-check console console-check lint typecheck buf-lint buf-breaking pytest ts-test release-contract bench clean
+.PHONY: serve test install proto proto-check console console-check lint typecheck buf-lint buf-breaking pytest ts-test release-contract bench bench-peers clean
 
 serve: $(RUNTIME)
 	$(BIN)/agentlog serve $(if $(ADDR),--addr $(ADDR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
@@ -130,6 +130,15 @@ BENCH_STORE ?= postgresql://postgres@127.0.0.1:5432/postgres
 bench: $(INSTALLED) $(NODE_INSTALLED)
 	cd $(TS) && ../../node_modules/.bin/tsc -p .
 	$(BIN)/python -m bench $(if $(BENCH_STORE),--store $(BENCH_STORE)) $(BENCH_ARGS)
+
+# agentlog beside the session stores agent frameworks embed (OpenAI Agents SDK's
+# SQLiteSession, LangGraph's SQLite checkpointer), in an environment of their own.
+PEERS := .venv-peers
+PEER_PACKAGES := openai-agents==0.24.0 langgraph==1.2.22 langgraph-checkpoint-sqlite==3.1.2
+bench-peers:
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet -e . $(PEER_PACKAGES)
+	$(PEERS)/bin/python -m bench.peers
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache

@@ -144,17 +144,17 @@ def bench_openai_sqlite_session(tmp: Path) -> dict[str, float]:
         one = SQLiteSession("one", db)
         start = time.perf_counter()
         for n in range(ONE_WRITER):
-            await one.add_items([_item("one", n)])  # type: ignore[list-item]
+            await one.add_items([_item("one", n)])
         figures["one_writer"] = _rate(ONE_WRITER, time.perf_counter() - start)
         figures["streaming"] = figures["one_writer"]
         read = SQLiteSession("read", db)
         for n in range(STREAMED):
-            await read.add_items([_item("read", n)])  # type: ignore[list-item]
+            await read.add_items([_item("read", n)])
         start = time.perf_counter()
         assert len(await read.get_items()) == READ
         figures["read_10k_ms"] = (time.perf_counter() - start) * 1000
         for n in range(SESSIONS):
-            await SQLiteSession(f"s{n:05d}", db).add_items([_item("s", n)])  # type: ignore[list-item]
+            await SQLiteSession(f"s{n:05d}", db).add_items([_item("s", n)])
 
     asyncio.run(run())
 
@@ -162,7 +162,7 @@ def bench_openai_sqlite_session(tmp: Path) -> dict[str, float]:
         async def each() -> None:
             session = SQLiteSession(f"w{i}", db)
             for n in range(PER_WRITER):
-                await session.add_items([_item(f"w{i}", n)])  # type: ignore[list-item]
+                await session.add_items([_item(f"w{i}", n)])
 
         asyncio.run(each())
 
@@ -193,7 +193,10 @@ def bench_langgraph_sqlite(tmp: Path) -> dict[str, float]:
         checkpoint["id"] = str(uuid.uuid4())
         checkpoint["channel_values"] = {"event": _item(thread, n)}
         checkpoint["channel_versions"] = {"event": n + 1}
-        return saver.put(parent, checkpoint, {"source": "loop", "step": n}, {"event": n + 1})
+        stored: dict[str, Any] = saver.put(
+            parent, checkpoint, {"source": "loop", "step": n}, {"event": n + 1}
+        )
+        return stored
 
     def config(thread: str) -> dict[str, Any]:
         return {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
@@ -215,7 +218,7 @@ def bench_langgraph_sqlite(tmp: Path) -> dict[str, float]:
     for n in range(STREAMED):
         parent = put("read", n, parent)
     start = time.perf_counter()
-    assert sum(1 for _ in saver.list(config("read"))) == READ  # type: ignore[arg-type]
+    assert sum(1 for _ in saver.list(config("read"))) == READ
     figures["read_10k_ms"] = (time.perf_counter() - start) * 1000
     for n in range(SESSIONS):
         put(f"s{n:05d}", 0, config(f"s{n:05d}"))
