@@ -520,3 +520,17 @@ def test_a_clients_resume_point_after_a_gap_is_past_the_gap() -> None:
     assert resume.request().from_position == 10
     resume.items(pb.SubscribeAllResponse(checkpoint=pb.Checkpoint(position=20)))
     assert resume.request().from_position == 21
+
+
+def test_head_answers_a_record_another_writer_added_after_agentlogs_own(
+    client: AgentlogClient, data: Path
+) -> None:
+    """Head answers from memory only while the file is as agentlog left it."""
+    write(client, "s", 2)
+    head = client.head("s")
+    assert head is not None and head.sequence == 2
+    subprocess.run([sys.executable, "-c", ARCAN_WRITER, str(data / "s.jsonl"), "0.01"], check=True)
+    added = client.head("s")
+    assert added is not None and added.sequence > 2
+    assert added.event.part_type == "run_errored"
+    assert added == client.load_session("s")[-1]

@@ -16,8 +16,8 @@ from agentlog.errors import AgentlogError
 from agentlog.server._pauses import point
 from agentlog.server._rules import Appended
 from agentlog.server.blocking import Outcome, Published
-from agentlog.server.jsonl._reader import Reader
-from agentlog.server.jsonl._state import SessionState, file_identity
+from agentlog.server.jsonl._state import LastAppended, SessionState, file_identity
+from agentlog.server.jsonl._summaries import Summaries
 from agentlog.server.jsonl.durability import SyncPolicy
 from agentlog.server.jsonl.feed import Entry
 from agentlog.server.jsonl.index import MARK_EVERY
@@ -63,7 +63,7 @@ class Staging:
     keys: dict[str, int] = field(default_factory=dict)  # the index keys of its ids
 
 
-class Acknowledging(Reader):
+class Acknowledging(Summaries):
     """Staged appends, queued in order until durable as the policy promises, then
     acknowledged (made visible, indexed and published), or taken back on a failure."""
 
@@ -205,6 +205,9 @@ class Acknowledging(Reader):
                 state.started_here = True
             state.last_timestamp_ns = appended.timestamp_ns
             state.head_id = appended.batch[-1].id
+            state.last_appended = LastAppended(
+                appended.batch[-1], appended.last_sequence, appended.timestamp_ns
+            )
             state.unacked -= 1
             first = None
             if appended.first_sequence == 1:

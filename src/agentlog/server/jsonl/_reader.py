@@ -6,7 +6,6 @@ import functools
 import itertools
 import logging
 import os
-from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, Generic, TypeVar
 
 import orjson
 
+from agentlog._codec import make_record
 from agentlog._events import ReadDirection
 from agentlog._lines import (
     record_fields_from_line,
@@ -25,19 +25,16 @@ from agentlog._plans import (
     DecodeError,
 )
 from agentlog._records import (
-    BranchInfo,
     EventRecord,
     FeedGap,
     FeedItem,
     FeedRecord,
     SessionDeleted,
     StoredRecord,
-    parse_timestamp,
 )
 from agentlog._validation import (
     MAIN,
     check_count,
-    check_parent_query,
     check_stored_branch_id,
     check_stored_session_id,
 )
@@ -60,14 +57,12 @@ from agentlog.server.jsonl._state import (
 from agentlog.server.jsonl.feed import MARKER
 from agentlog.server.jsonl.files import (
     corrupt_line,
-    first_and_last_lines,
     last_line,
     line_number,
     read_line,
     storage_error,
 )
 from agentlog.server.jsonl.index import MARK_EVERY
-from agentlog.server.jsonl.index_tables import Located
 
 log = logging.getLogger("agentlog.server")
 
@@ -311,6 +306,35 @@ class Reader(Recovery):
             return None
         return self._at(view, view.count, self._last_offset(stem, view))
 
+    def head_in_memory(self, session_id: str, branch_id: str) -> tuple[bool, EventRecord | None]:
+        """Head without reading a file, when the branch's last record was appended
+        through this store and its file is as the store left it: (True, the record).
+        (False, None): ask `head`, from a thread."""
+        stem = self._stem_to_read(session_id, branch_id)
+        if stem is None:
+            return True, None
+        path = self._path_text(stem)
+        with self._lock:
+            state = self._states.get(stem)
+            if state is None or state.damage is not None:
+                return False, None
+            last = state.last_appended
+            if last is None or last.sequence != state.count:
+                return False, None
+            if not state.unacked and state.identity != file_identity(path):
+                return False, None  # changed behind the store's back
+        item = last.item
+        record = make_record(
+            item.id,
+            session_id,
+            last.sequence,
+            item.parent_id,
+            last.timestamp_ns,
+            item.to_event(),
+            check_stored_branch_id(branch_id),
+        )
+        return True, record
+
     def _last_offset(self, stem: str, view: View) -> int:
         with self._lock:
             state = self._states.get(stem)
@@ -492,154 +516,6 @@ class Reader(Recovery):
                 cached_sessions=len(self._states),
                 open_files=len(self._files),
             )
-
-    def read_children(self, parent_id: str) -> Iterator[list[EventRecord]]:
-        check_parent_query(parent_id)
-        return self._read_children(parent_id)
-
-    def _read_children(self, parent_id: str) -> Iterator[list[EventRecord]]:
-        """Children found by the index, read a session at a time (one open file each),
-        in runs bounded as every stream's messages are."""
-        pending: list[EventRecord] = []
-        size = 0
-        by_file = itertools.groupby(self._index.children(parent_id), key=lambda c: c.stem)
-        groups = [(stem, list(group)) for stem, group in by_file]
-        # Sessions in byte order of their ids, then branches in byte order of theirs.
-        groups.sort(key=lambda g: _place_key(self._place_of(g[0]) or (g[0], MAIN)))
-        for stem, group in groups:
-            try:
-                view = self._children_view(stem)
-                for record, line_size in self._records_at(view, group):
-                    if record.parent_id != parent_id:
-                        continue  # a key collision
-                    if pending and (
-                        len(pending) >= MESSAGE_RECORDS or size + line_size > MESSAGE_BYTES
-                    ):
-                        yield pending
-                        pending, size = [], 0
-                    pending.append(record)
-                    size += line_size
-            except DataLossError as exc:  # a damaged session: its loss alone
-                self._skipped_children(stem, exc)
-        if pending:
-            yield pending
-
-    def _records_at(self, view: View, places: list[Located]) -> Iterator[tuple[EventRecord, int]]:
-        """The records at the places the index gave (of one session, in sequence order),
-        with their line's size, reading the file once."""
-        try:
-            file = view.path.open("rb")
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise storage_error(exc, view.path) from None
-        with file:
-            for place in places:
-                if place.sequence > view.count:
-                    continue  # the index ran ahead of a file cut since: nothing to serve
-                line = read_line(file, place.offset, view.end)
-                try:
-                    yield record_from_line(line, place.sequence, self._branches), len(line) + 1
-                except DecodeError as exc:
-                    number = line_number(view.path, place.offset)
-                    error = corrupt_line(view.path, number, str(exc), place.sequence, place.offset)
-                    self._seal(view.path, error, place.sequence, place.offset)
-                    raise error from None
-
-    def _skipped_children(self, stem: str, error: DataLossError) -> None:
-        """LoadChildren leaves out the children a damaged session holds (its own reads
-        say why): one damaged file harms no other session's answers. Logged once a
-        session and reason."""
-        reason = error.reason or "DATA_LOSS"
-        if (stem, "children:" + reason) not in self._reported_gaps:
-            self._reported_gaps.add((stem, "children:" + reason))
-            log.error("LoadChildren leaves out children in session %r: %s", stem, error.message)
-
-    def _children_view(self, stem: str) -> View:
-        """A view for reading records at offsets the index gave: the session's state if
-        at hand, or just what the index holds if it vouches for the file."""
-        path = self._path(stem)
-        with self._lock:
-            state = self._states.get(stem)
-            if state is not None and (state.unacked or state.identity == file_identity(path)):
-                return state.view()
-        indexed = self._index.indexed(stem)
-        if indexed is not None and (indexed.inode, indexed.size) == file_identity(path):
-            return View(path, array("Q"), indexed.records, indexed.size)
-        return self._view(stem)
-
-    def _branch_info(self, branch_id: str, stem: str) -> BranchInfo | None:
-        with self._lock:
-            cached = stem in self._states
-        if not cached:  # a listing need not build the state: what the index vouches for
-            found = self._indexed_summary(branch_id, stem)
-            if found is not None:
-                return found
-        state = self._state(stem)
-        with self._lock:
-            if state.count == 0:
-                return None
-            return BranchInfo(
-                branch_id=branch_id,
-                event_count=state.count,
-                first_timestamp_ns=state.first_timestamp_ns,
-                last_timestamp_ns=state.last_timestamp_ns,
-                head_id=state.head_id,
-                forked_from=state.forked_from,
-            )
-
-    def _indexed_summary(self, branch_id: str, stem: str) -> BranchInfo | None:
-        """A branch's summary from its first and last lines, found where the index says,
-        when the index vouches for the whole file; None: build its state instead."""
-        # A listing's common case first: a summary made earlier, of the file as it is
-        # now (one stat of a string path; a file changed behind the server has another
-        # identity, and is summarised again).
-        identity = file_identity(self._path_text(stem))
-        known = self._summaries.get(stem)
-        if known is not None and known[0] == identity and known[1].branch_id == branch_id:
-            return known[1]
-        indexed = self._index.indexed(stem)
-        if indexed is None or indexed.records == 0:
-            return None
-        if (indexed.inode, indexed.size) != identity:
-            return None
-        try:
-            first_text, last_text = first_and_last_lines(
-                self._path_text(stem), indexed.size, indexed.last_offset
-            )
-            first, last = orjson.loads(first_text), orjson.loads(last_text)
-            found = BranchInfo(
-                branch_id=branch_id,
-                event_count=indexed.records,
-                first_timestamp_ns=parse_timestamp(first["timestamp"]),
-                last_timestamp_ns=parse_timestamp(last["timestamp"]),
-                head_id=str(last["id"]),
-                forked_from=indexed.first.forked_from if indexed.first is not None else None,
-            )
-        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return None  # the slow path says what is wrong
-        with self._lock:  # kept while the file stays as it is (its identity)
-            self._summaries[stem] = (identity, found)
-            self._summaries.move_to_end(stem)
-            while len(self._summaries) > SUMMARIES:
-                self._summaries.popitem(last=False)
-        return found
-
-    def session_ids(self) -> list[str]:
-        """Ids of the sessions that have a file, in byte order."""
-        return list(self._catalog_of_places()[0])
-
-    def branch_ids(self, session_id: str) -> list[str]:
-        """Ids of a session's branches that have a file, in byte order."""
-        return [branch_id for branch_id, _ in self._catalog_of_places()[1].get(session_id, ())]
-
-
-# Branch summaries a listing keeps, checked against their file's identity when used.
-SUMMARIES = 1 << 16
-
-
-def _place_key(place: tuple[str, str]) -> tuple[bytes, bytes]:
-    return place[0].encode(), place[1].encode()
 
 
 def _runs(blocks: Iterator[tuple[int, list[bytes]]]) -> Iterator[tuple[int, list[bytes]]]:

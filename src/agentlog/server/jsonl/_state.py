@@ -19,6 +19,7 @@ from agentlog._records import ForkedFrom
 from agentlog.errors import (
     DataLossError,
 )
+from agentlog.server._rules import Prepared
 from agentlog.server.jsonl.files import (
     FileScan,
     corrupt_line,
@@ -46,6 +47,16 @@ MISSING: Identity = (0, 0)
 STALE: Identity = (0, -1)  # matches no file: the state is rebuilt before it is used
 # Every byte but the newline as a space: lines to blank out in place.
 _BLANKED = bytes(10 if byte == 10 else 32 for byte in range(256))
+
+
+@dataclass(frozen=True, slots=True)
+class LastAppended:
+    """A branch's last record as its append had it: the checked event, its sequence and
+    timestamp."""
+
+    item: Prepared
+    sequence: int
+    timestamp_ns: int
 
 
 @dataclass(eq=False)
@@ -85,6 +96,9 @@ class SessionState:
     writes): the next append writes that newline first."""
     forked_from: ForkedFrom | None = None
     """Where the branch it holds was forked from (its first line says), if it was."""
+    last_appended: LastAppended | None = None
+    """The last record appended through this store, if it is the last (Head answers
+    from it, on the event loop, without reading the file)."""
 
     @classmethod
     def of(cls, path: Path, identity: Identity, scan: FileScan) -> SessionState:

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from agentlog._records import EventRecord
+from agentlog._validation import MAIN
 from agentlog.server._rules import Appended, PendingAppend
 from agentlog.server._threaded import ThreadedBackend
 from agentlog.server._tracing import store_span
@@ -97,6 +99,14 @@ class JsonlBackend(ThreadedBackend):
         if append.labels and answer.first_sequence == 1:
             await loop.run_in_executor(self._executor, self._jsonl.take_labels, append, answer)
         return answer
+
+    async def head(self, session_id: str, branch_id: str = MAIN) -> EventRecord | None:
+        # A branch appended to through this server answers from memory, on the loop:
+        # no hop to a storage thread and back.
+        known, record = self._jsonl.head_in_memory(session_id, branch_id)
+        if known:
+            return record
+        return await super().head(session_id, branch_id)
 
     def _release(self) -> None:
         """Let the appends staged in this turn of the loop be synced (and, under
