@@ -24,7 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import orjson
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentlog import (
     AgentlogClient,
@@ -130,7 +132,11 @@ def bench_reads(tmp: Path, results: Results, big: int) -> None:
     write_arcan_session(data / "one.jsonl", "one", 1)
     write_arcan_session(data / "big.jsonl", "big", big)
     with server(data) as (target, _), AgentlogClient(target, timeout=600) as client:
-        results["head_ms_1_event"] = (timed_ms(lambda: client.head("one")), "ms")
+        with grpc.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            ping = health_pb2.HealthCheckRequest(service="")
+            results["empty_unary_p50_ms"] = (timed_ms(lambda: health.Check(ping), 200), "ms")
+        results["head_ms_1_event"] = (timed_ms(lambda: client.head("one"), 200), "ms")
         start = time.perf_counter()
         client.head("big")
         results["head_ms_1m_events_first_call"] = ((time.perf_counter() - start) * 1000, "ms")
@@ -143,10 +149,36 @@ def bench_reads(tmp: Path, results: Results, big: int) -> None:
             reads.append(count / (time.perf_counter() - start))
         results["load_session_records_per_s_first"] = (reads[0], "1/s")
         results["load_session_records_per_s"] = (statistics.median(reads), "1/s")
+    bench_ten_thousand(tmp, results)
     start = time.perf_counter()
     seed_head(data / "big.jsonl")
     results["seed_head_ms_1m_events"] = ((time.perf_counter() - start) * 1000, "ms")
     results["stream_ceiling_records_per_s"] = (stream_ceiling(data / "big.jsonl", big), "1/s")
+
+
+def read_and_parse_ms(path: Path) -> float:
+    """The floor of reading a session: its file read and each line parsed by orjson,
+    in this process (no record objects, no server, no wire)."""
+    start = time.perf_counter()
+    parsed = [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
+    assert parsed
+    return (time.perf_counter() - start) * 1000
+
+
+def bench_ten_thousand(tmp: Path, results: Results) -> None:
+    """A 10,000-event session read whole through the Python client (median of 5), beside
+    reading and parsing its file in this process."""
+    data = tmp / "ten-thousand"
+    data.mkdir()
+    write_arcan_session(data / "ten.jsonl", "ten", 10_000)
+    with server(data) as (target, _), AgentlogClient(target) as client:
+        client.load_session("ten")
+        results["load_session_ms_10k_events"] = (
+            timed_ms(lambda: client.load_session("ten"), 5),
+            "ms",
+        )
+    floors = [read_and_parse_ms(data / "ten.jsonl") for _ in range(5)]
+    results["read_and_parse_ms_10k_events"] = (statistics.median(floors), "ms")
 
 
 def bench_children(tmp: Path, results: Results, sessions: int) -> None:
@@ -323,7 +355,34 @@ def bench_fanout(tmp: Path, results: Results, subscribers: int) -> None:
                     followers.wait()
 
 
+def all_pages(client: AgentlogClient) -> int:
+    listed, token = 0, None
+    while True:
+        page = client.list_sessions(page_size=1000, page_token=token)
+        listed += len(page.sessions)
+        token = page.next_page_token
+        if token is None:
+            return listed
+
+
 def bench_listing(tmp: Path, results: Results, sessions: int) -> None:
+    every = tmp / "every"
+    every.mkdir()
+    for n in range(10_000):
+        write_arcan_session(every / f"s{n:05d}.jsonl", f"s{n:05d}", 3)
+    with server(every) as (target, _), AgentlogClient(target) as client:
+        start = time.perf_counter()
+        listed = all_pages(client)
+        results["list_all_sessions_per_s_10k_first"] = (
+            listed / (time.perf_counter() - start),
+            "1/s",
+        )
+        rates = []
+        for _ in range(3):
+            start = time.perf_counter()
+            listed = all_pages(client)
+            rates.append(listed / (time.perf_counter() - start))
+        results["list_all_sessions_per_s_10k"] = (statistics.median(rates), "1/s")
     data = tmp / "listing"
     data.mkdir()
     for n in range(sessions):
@@ -361,9 +420,11 @@ CEILINGS = {
     "append_rps_c64_never": "empty_unary_rps_c64",
     "append_batch_events_per_s_always": "raw_write_fsync_lines_per_s",
     "append_batch_events_per_s_always_c8": "raw_write_fsync_lines_per_s",
+    "head_ms_1_event": "empty_unary_p50_ms",
     "head_ms_1m_events": "head_ms_1_event",
     "seed_head_ms_1m_events": "head_ms_1m_events",
     "load_session_records_per_s": "stream_ceiling_records_per_s",
+    "load_session_ms_10k_events": "read_and_parse_ms_10k_events",
     "feed_delivered_events_per_s_16_writers": "feed_writers_events_per_s_16",
     "fanout_append_rps_2000_subscribers_live": "fanout_append_rps_0_subscribers",
     "fanout_append_rps_2000_subscribers_from_start": "fanout_append_rps_0_subscribers",

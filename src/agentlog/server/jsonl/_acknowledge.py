@@ -16,7 +16,7 @@ from agentlog.errors import AgentlogError
 from agentlog.server._pauses import point
 from agentlog.server._rules import Appended
 from agentlog.server.blocking import Outcome, Published
-from agentlog.server.jsonl._state import LastAppended, SessionState, file_identity
+from agentlog.server.jsonl._state import LastRecord, SessionState, file_identity
 from agentlog.server.jsonl._summaries import Summaries
 from agentlog.server.jsonl.durability import SyncPolicy
 from agentlog.server.jsonl.feed import Entry
@@ -205,8 +205,8 @@ class Acknowledging(Summaries):
                 state.started_here = True
             state.last_timestamp_ns = appended.timestamp_ns
             state.head_id = appended.batch[-1].id
-            state.last_appended = LastAppended(
-                appended.batch[-1], appended.last_sequence, appended.timestamp_ns
+            state.last_record = LastRecord(
+                appended.last_sequence, appended.batch[-1], appended.timestamp_ns
             )
             state.unacked -= 1
             first = None

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import orjson
 
@@ -307,9 +307,9 @@ class Reader(Recovery):
         return self._at(view, view.count, self._last_offset(stem, view))
 
     def head_in_memory(self, session_id: str, branch_id: str) -> tuple[bool, EventRecord | None]:
-        """Head without reading a file, when the branch's last record was appended
-        through this store and its file is as the store left it: (True, the record).
-        (False, None): ask `head`, from a thread."""
+        """Head without reading a file, when the branch's state knows its last record
+        and the file is as the store left it: (True, the record). (False, None): ask
+        `head`, from a thread."""
         stem = self._stem_to_read(session_id, branch_id)
         if stem is None:
             return True, None
@@ -318,12 +318,17 @@ class Reader(Recovery):
             state = self._states.get(stem)
             if state is None or state.damage is not None:
                 return False, None
-            last = state.last_appended
+            last = state.last_record
             if last is None or last.sequence != state.count:
                 return False, None
             if not state.unacked and state.identity != file_identity(path):
                 return False, None  # changed behind the store's back
         item = last.item
+        if item is None:
+            try:
+                return True, record_from_line(cast(bytes, last.line), last.sequence, self._branches)
+            except DecodeError:
+                return False, None  # the slow path says what is wrong
         record = make_record(
             item.id,
             session_id,

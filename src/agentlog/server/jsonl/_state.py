@@ -50,13 +50,14 @@ _BLANKED = bytes(10 if byte == 10 else 32 for byte in range(256))
 
 
 @dataclass(frozen=True, slots=True)
-class LastAppended:
-    """A branch's last record as its append had it: the checked event, its sequence and
-    timestamp."""
+class LastRecord:
+    """A branch's last record, kept for Head: as its append had it (the checked event
+    and its timestamp), or its line as read from the file."""
 
-    item: Prepared
     sequence: int
-    timestamp_ns: int
+    item: Prepared | None = None
+    timestamp_ns: int = 0
+    line: bytes | None = None
 
 
 @dataclass(eq=False)
@@ -96,9 +97,9 @@ class SessionState:
     writes): the next append writes that newline first."""
     forked_from: ForkedFrom | None = None
     """Where the branch it holds was forked from (its first line says), if it was."""
-    last_appended: LastAppended | None = None
-    """The last record appended through this store, if it is the last (Head answers
-    from it, on the event loop, without reading the file)."""
+    last_record: LastRecord | None = None
+    """The branch's last record, if known (Head answers from it, on the event loop,
+    without reading the file)."""
 
     @classmethod
     def of(cls, path: Path, identity: Identity, scan: FileScan) -> SessionState:
@@ -120,6 +121,9 @@ class SessionState:
             scan.started_here,
             open_line=scan.open_line,
             forked_from=scan.first.forked_from if scan.first is not None else None,
+            last_record=(
+                LastRecord(scan.count, line=scan.last_line) if scan.last_line is not None else None
+            ),
         )
 
     def view(self) -> View:

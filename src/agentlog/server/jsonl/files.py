@@ -242,6 +242,8 @@ class FileScan:
     first: FirstLine | None = None
     """What the first record says of the file (its names; see `FirstLine`)."""
     damage: DataLossError | None = None
+    last_line: bytes | None = None
+    """The last record's line, when small enough to keep (Head answers from it)."""
     open_line: bool = False
     """The last record lacks its newline (arcan died between the two writes; it reads
     the record): the next append writes the newline first."""
@@ -296,9 +298,17 @@ def scan_file(path: Path, mark_every: int) -> FileScan:
 
 def _read_record_line(file: BinaryIO, offsets: array[int], index: int, end: int) -> Any:
     """The parsed JSON of record `index` (0-based); raises on damage."""
+    return orjson.loads(_record_line_bytes(file, offsets, index, end))
+
+
+def _record_line_bytes(file: BinaryIO, offsets: array[int], index: int, end: int) -> bytes:
     stop = offsets[index + 1] if index + 1 < len(offsets) else end
     file.seek(offsets[index])
-    return orjson.loads(file.read(stop - offsets[index]))
+    return file.read(stop - offsets[index])
+
+
+# A last line up to this size is kept with a session's state, for Head.
+KEPT_LINE_BYTES = 1 << 16
 
 
 def _check_tail(path: Path, file: BinaryIO, offsets: array[int], end: int, scan: FileScan) -> int:
@@ -308,7 +318,8 @@ def _check_tail(path: Path, file: BinaryIO, offsets: array[int], end: int, scan:
     if count == 0:
         return end
     try:
-        last = _read_record_line(file, offsets, count - 1, end)
+        last_bytes = _record_line_bytes(file, offsets, count - 1, end)
+        last = orjson.loads(last_bytes)
         first = last if count == 1 else _read_record_line(file, offsets, 0, end)
         batch_end = last.get("batch_end")
         if isinstance(batch_end, int) and batch_end > count:
@@ -331,12 +342,15 @@ def _check_tail(path: Path, file: BinaryIO, offsets: array[int], end: int, scan:
             if not offsets:
                 return cut
             last = _read_record_line(file, offsets, index - 1, cut)
+            last_bytes = b""  # not the line read above: not kept
             end = cut
         scan.first_timestamp_ns = parse_timestamp(first["timestamp"])
         scan.first = FirstLine.of(first)
         scan.started_here = scan.first is not None and scan.first.started_here
         scan.last_timestamp_ns = parse_timestamp(last["timestamp"])
         scan.head_id = str(last["id"])
+        if last_bytes and len(last_bytes) <= KEPT_LINE_BYTES:
+            scan.last_line = last_bytes.rstrip(b"\n")
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         # The head itself is damaged: reads stop before it.
         offset = offsets.pop()
@@ -359,7 +373,8 @@ def describe(path: Path, count: int, end: int, last_offset: int, marks: array[in
         raise ValueError("no marks")
     with path.open("rb") as file:
         first = orjson.loads(read_line(file, marks[0], end))
-        last = orjson.loads(read_line(file, last_offset, end))
+        last_bytes = read_line(file, last_offset, end)
+        last = orjson.loads(last_bytes)
         file.seek(end - 1)
         scan.open_line = file.read(1) != b"\n"
     batch_end = last.get("batch_end")
@@ -370,6 +385,8 @@ def describe(path: Path, count: int, end: int, last_offset: int, marks: array[in
     scan.started_here = scan.first is not None and scan.first.started_here
     scan.last_timestamp_ns = parse_timestamp(last["timestamp"])
     scan.head_id = str(last["id"])
+    if len(last_bytes) <= KEPT_LINE_BYTES:
+        scan.last_line = last_bytes
     return scan
 
 
