@@ -534,3 +534,24 @@ def test_head_answers_a_record_another_writer_added_after_agentlogs_own(
     assert added is not None and added.sequence > 2
     assert added.event.part_type == "run_errored"
     assert added == client.load_session("s")[-1]
+
+
+def test_head_of_a_file_another_writer_keeps_writing_follows_it(data: Path) -> None:
+    """Head keeps the last line it read of a file it holds no state for (indexed at
+    open), and answers from it only while the file is unchanged."""
+    data.mkdir()
+    (data / "s.jsonl").touch()
+    subprocess.run([sys.executable, "-c", ARCAN_WRITER, str(data / "s.jsonl"), "0.01"], check=True)
+    with (
+        JsonlSessionRepository(data) as repo,
+        running_server(repo) as target,
+        AgentlogClient(target) as client,
+    ):
+        first = client.head("s")
+        assert first is not None and client.head("s") == first
+        subprocess.run(
+            [sys.executable, "-c", ARCAN_WRITER, str(data / "s.jsonl"), "0.01"], check=True
+        )
+        later = client.head("s")
+        assert later is not None and later.sequence > first.sequence
+        assert later == client.load_session("s")[-1]

@@ -201,6 +201,7 @@ class Lifecycle(Forks):
                 for d in doomed:
                     self._states.pop(d.stem, None)
                     self._summaries.pop(d.stem, None)  # a new file may get its inode
+                    self._heads.pop(d.stem, None)
                     self._close_file(d.stem)
                     with contextlib.suppress(FileNotFoundError):
                         self._path(d.stem).unlink()

@@ -50,12 +50,14 @@ from agentlog.server.backend import StoreFigures
 from agentlog.server.jsonl._recovery import Recovery
 from agentlog.server.jsonl._state import (
     SUFFIX,
+    LastRecord,
     View,
     file_identity,
     missing_records,
 )
 from agentlog.server.jsonl.feed import MARKER
 from agentlog.server.jsonl.files import (
+    KEPT_LINE_BYTES,
     corrupt_line,
     last_line,
     line_number,
@@ -103,6 +105,10 @@ def _fields_of_lines(lines: list[bytes], first: int, *, branches: bool) -> list[
 
 def _fields_of_line(line: bytes, sequence: int, *, branches: bool) -> dict[str, Any]:
     return record_fields_from_line(line, sequence, branches)
+
+
+# Last lines Head keeps of files it read without building their state.
+HEADS = 4096
 
 
 class Reader(Recovery):
@@ -307,22 +313,32 @@ class Reader(Recovery):
         return self._at(view, view.count, self._last_offset(stem, view))
 
     def head_in_memory(self, session_id: str, branch_id: str) -> tuple[bool, EventRecord | None]:
-        """Head without reading a file, when the branch's state knows its last record
-        and the file is as the store left it: (True, the record). (False, None): ask
-        `head`, from a thread."""
+        """Head without reading a file, when the branch's state knows its last record (or
+        a Head read it lately) and the file is as it was then: (True, the record).
+        (False, None): ask `head`, from a thread."""
         stem = self._stem_to_read(session_id, branch_id)
         if stem is None:
             return True, None
         path = self._path_text(stem)
         with self._lock:
             state = self._states.get(stem)
-            if state is None or state.damage is not None:
+            if state is None:
+                read = self._heads.get(stem)
+                if read is None or read[0] != file_identity(path):
+                    return False, None
+                last: LastRecord | None = LastRecord(read[1], line=read[2])
+            elif state.damage is not None:
                 return False, None
-            last = state.last_record
-            if last is None or last.sequence != state.count:
-                return False, None
-            if not state.unacked and state.identity != file_identity(path):
-                return False, None  # changed behind the store's back
+            else:
+                last = state.last_record
+            if state is not None and (
+                last is None
+                or last.sequence != state.count
+                or (not state.unacked and state.identity != file_identity(path))
+            ):
+                return False, None  # not known, or changed behind the store's back
+        if last is None:
+            return False, None
         item = last.item
         if item is None:
             try:
@@ -398,9 +414,16 @@ class Reader(Recovery):
             batch_end = obj.get("batch_end")
             if isinstance(batch_end, int) and batch_end > indexed.records:
                 return None
-            return record_from_line(line, indexed.records, self._branches)
+            record = record_from_line(line, indexed.records, self._branches)
         except (orjson.JSONDecodeError, DecodeError, AttributeError):
             return None
+        if len(line) <= KEPT_LINE_BYTES:  # the next Head answers from memory
+            with self._lock:
+                self._heads[stem] = ((indexed.inode, indexed.size), indexed.records, line)
+                self._heads.move_to_end(stem)
+                while len(self._heads) > HEADS:
+                    self._heads.popitem(last=False)
+        return record
 
     def read_stored(
         self, session_id: str, from_sequence: int, limit: int, branch_id: str = MAIN

@@ -151,6 +151,7 @@ class JsonlSessionRepository(Lifecycle):
             self._labels_lock = threading.Lock()
             self._draining = False
             self._summaries = OrderedDict()
+            self._heads = OrderedDict()
             self._index_dir: tempfile.TemporaryDirectory[str] | None = None
             if read_only:
                 self._index_dir = tempfile.TemporaryDirectory(prefix="agentlog-index-")
