@@ -528,10 +528,12 @@ def test_head_answers_a_record_another_writer_added_after_agentlogs_own(
     """Head answers from memory only while the file is as agentlog left it."""
     write(client, "s", 2)
     head = client.head("s")
-    assert head is not None and head.sequence == 2
+    assert head is not None
+    assert head.sequence == 2
     subprocess.run([sys.executable, "-c", ARCAN_WRITER, str(data / "s.jsonl"), "0.01"], check=True)
     added = client.head("s")
-    assert added is not None and added.sequence > 2
+    assert added is not None
+    assert added.sequence > 2
     assert added.event.part_type == "run_errored"
     assert added == client.load_session("s")[-1]
 
@@ -548,10 +550,12 @@ def test_head_of_a_file_another_writer_keeps_writing_follows_it(data: Path) -> N
         AgentlogClient(target) as client,
     ):
         first = client.head("s")
-        assert first is not None and client.head("s") == first
+        assert first is not None
+        assert client.head("s") == first
         subprocess.run(
             [sys.executable, "-c", ARCAN_WRITER, str(data / "s.jsonl"), "0.01"], check=True
         )
         later = client.head("s")
-        assert later is not None and later.sequence > first.sequence
+        assert later is not None
+        assert later.sequence > first.sequence
         assert later == client.load_session("s")[-1]
