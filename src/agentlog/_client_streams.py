@@ -24,6 +24,9 @@ from agentlog._tls import TlsConfig
 from agentlog._validation import MAIN
 from agentlog.v1 import session_pb2 as pb
 
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_RETRIES = 3
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 2.0
