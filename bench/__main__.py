@@ -40,6 +40,7 @@ from bench.common import (
     DELTA_TEXT,
     READ_ROUNDS,
     Results,
+    all_pages,
     append_call,
     bench_feed,
     bench_subscriptions,
@@ -353,16 +354,6 @@ def bench_fanout(tmp: Path, results: Results, subscribers: int) -> None:
                 for followers in processes:
                     followers.kill()
                     followers.wait()
-
-
-def all_pages(client: AgentlogClient) -> int:
-    listed, token = 0, None
-    while True:
-        page = client.list_sessions(page_size=1000, page_token=token)
-        listed += len(page.sessions)
-        token = page.next_page_token
-        if token is None:
-            return listed
 
 
 def bench_listing(tmp: Path, results: Results, sessions: int) -> None:

@@ -422,3 +422,14 @@ def single_client_figures(
         "1/s",
     )
     return batches
+
+
+def all_pages(client: AgentlogClient) -> int:
+    """List every session, 1,000 a page; how many there were."""
+    listed, token = 0, None
+    while True:
+        page = client.list_sessions(page_size=1000, page_token=token)
+        listed += len(page.sessions)
+        token = page.next_page_token
+        if token is None:
+            return listed

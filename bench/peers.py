@@ -41,7 +41,7 @@ from typing import Any
 
 from agentlog import AgentlogClient, AppendEvent
 from agentlog._codec import event_to_json
-from bench.common import delta, server
+from bench.common import all_pages, delta, server
 
 ONE_WRITER = 2_000
 STREAMED = 10_000
@@ -120,13 +120,7 @@ def bench_agentlog(tmp: Path) -> dict[str, float]:
             for n in range(SESSIONS):
                 writer.append(AppendEvent(session_id=f"s{n:05d}", event=delta("s", n)))
         start = time.perf_counter()
-        listed, token = 0, None
-        while True:
-            page = client.list_sessions(page_size=1000, page_token=token)
-            listed += len(page.sessions)
-            token = page.next_page_token
-            if token is None:
-                break
+        assert all_pages(client) >= SESSIONS
         figures["list_10k_ms"] = (time.perf_counter() - start) * 1000
         events = ONE_WRITER + STREAMED + WRITERS * PER_WRITER + SESSIONS
         figures["bytes_per_event_serving"] = _disk_bytes(data) / events

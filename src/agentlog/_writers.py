@@ -146,7 +146,31 @@ def _retryable(error: grpc.RpcError) -> bool:
     return error.code() == grpc.StatusCode.UNAVAILABLE
 
 
-class AppendWriter:
+class _BlockingWriter:
+    """A blocking writer's `with` block: leaving it closes the writer, which waits for
+    every answer and raises the first failure (unless the block raised: then what was
+    appended is still answered, and the block's own exception goes on)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+        else:
+            with contextlib.suppress(AgentlogError):
+                self.close()
+
+
+class AppendWriter(_BlockingWriter):
     """Appends sent on one stream from a blocking program: `append` returns a future of
     the record at once (it waits only when `window` appends are unanswered). Use it as
     a context manager, or call `close()`, which waits for every answer and raises the
@@ -170,21 +194,6 @@ class AppendWriter:
         self._stream = 0  # which stream the message iterators serve
         self._thread = threading.Thread(target=self._run, name="agentlog-writer", daemon=True)
         self._thread.start()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-        else:  # the block's own exception goes on; what was appended is still answered
-            with contextlib.suppress(AgentlogError):
-                self.close()
 
     def append(self, event: AppendEvent) -> concurrent.futures.Future[EventRecord]:
         """Send `event`; its future gives the stored record, or raises why it was not
@@ -410,7 +419,7 @@ class AsyncAppendWriter:
             return
 
 
-class InlineWriter:
+class InlineWriter(_BlockingWriter):
     """The writer of an in-process store: each append is stored as it is made (there
     is no round trip to save), with the same futures, refusal rule and close."""
 
@@ -418,20 +427,6 @@ class InlineWriter:
         self._append = append
         self._book: _Book[concurrent.futures.Future[EventRecord]] = _Book()
         self._closing = False
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-        else:
-            self._closing = True
 
     def append(self, event: AppendEvent) -> concurrent.futures.Future[EventRecord]:
         """See `AppendWriter.append`."""
