@@ -3,7 +3,7 @@ every backend checks it) and what a ListSessions call answers."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -237,37 +237,43 @@ def _ns(timestamp: Any) -> int:
     return int(timestamp.seconds) * NS + int(timestamp.nanos)
 
 
-def page_to_proto(page: SessionPage) -> pb.ListSessionsResponse:
-    """The ListSessionsResponse for a page of sessions (built field by field: a listing
-    makes thousands, and keyword dicts of nested messages cost twice as much)."""
+def session_to_proto(info: SessionInfo) -> pb.SessionInfo:
+    """A session's SessionInfo message (built field by field: a listing makes thousands,
+    and keyword dicts of nested messages cost twice as much)."""
+    first, last = info.first_timestamp_ns, info.last_timestamp_ns
+    message = pb.SessionInfo(
+        session_id=info.session_id,
+        event_count=info.event_count,
+        first_timestamp=Timestamp(seconds=first // NS, nanos=first % NS),
+        last_timestamp=Timestamp(seconds=last // NS, nanos=last % NS),
+        head_id=info.head_id,
+        labels_version=info.labels_version,
+    )
+    if info.labels:
+        message.labels.update(info.labels)
+    for branch in info.branches:
+        if branch.first_timestamp_ns == first and branch.last_timestamp_ns == last:
+            added = message.branches.add(
+                branch_id=branch.branch_id,
+                event_count=branch.event_count,
+                first_timestamp=message.first_timestamp,
+                last_timestamp=message.last_timestamp,
+                head_id=branch.head_id,
+            )
+            if branch.forked_from is not None:
+                added.forked_from.CopyFrom(branch_to_proto(branch).forked_from)
+        else:
+            message.branches.append(branch_to_proto(branch))
+    return message
+
+
+def page_to_proto(
+    page: SessionPage, made: Callable[[SessionInfo], pb.SessionInfo] = session_to_proto
+) -> pb.ListSessionsResponse:
+    """The ListSessionsResponse for a page of sessions; `made` gives each session's
+    message (a server keeps those it made lately)."""
     response = pb.ListSessionsResponse(next_page_token=page.next_page_token or "")
-    add = response.sessions.add
-    for info in page.sessions:
-        first, last = info.first_timestamp_ns, info.last_timestamp_ns
-        message = add(
-            session_id=info.session_id,
-            event_count=info.event_count,
-            first_timestamp=Timestamp(seconds=first // NS, nanos=first % NS),
-            last_timestamp=Timestamp(seconds=last // NS, nanos=last % NS),
-            head_id=info.head_id,
-            labels_version=info.labels_version,
-        )
-        if info.labels:
-            message.labels.update(info.labels)
-        for branch in info.branches:
-            if branch.first_timestamp_ns == first and branch.last_timestamp_ns == last:
-                added = message.branches.add(
-                    branch_id=branch.branch_id,
-                    event_count=branch.event_count,
-                    first_timestamp=message.first_timestamp,
-                    last_timestamp=message.last_timestamp,
-                    head_id=branch.head_id,
-                )
-                forked = branch.forked_from
-                if forked is not None:
-                    added.forked_from.CopyFrom(branch_to_proto(branch).forked_from)
-            else:
-                message.branches.append(branch_to_proto(branch))
+    response.sessions.extend([made(info) for info in page.sessions])
     return response
 
 

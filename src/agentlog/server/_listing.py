@@ -16,7 +16,8 @@ import base64
 import binascii
 import bisect
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -24,8 +25,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agentlog._records import SessionInfo, check_timestamp
+from agentlog._requests import session_to_proto
 from agentlog._validation import check_labels, check_page_size
 from agentlog.errors import InvalidArgumentError
+from agentlog.v1 import session_pb2 as pb
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,3 +207,32 @@ def _key_of(key: bytes) -> bytes:
     import hashlib
 
     return hashlib.sha256(b"agentlog page tokens" + key).digest()
+
+
+class SessionMessages:
+    """The SessionInfo messages of sessions listed lately, by everything a message says:
+    a session listed again as it was is copied, not built (a listing of 10,000 sessions
+    builds 10,000; building one costs several times copying it). Used on the event loop
+    only."""
+
+    def __init__(self, size: int = 16384) -> None:
+        self._size = size
+        self._made: OrderedDict[Hashable, pb.SessionInfo] = OrderedDict()
+
+    def __call__(self, info: SessionInfo) -> pb.SessionInfo:
+        key = (
+            info.session_id,
+            info.event_count,
+            info.first_timestamp_ns,
+            info.last_timestamp_ns,
+            info.head_id,
+            info.branches,
+            info.labels_version,
+            tuple(info.labels.items()),
+        )
+        message = self._made.get(key)
+        if message is None:
+            message = self._made[key] = session_to_proto(info)
+            if len(self._made) > self._size:
+                self._made.popitem(last=False)
+        return message

@@ -42,7 +42,13 @@ from agentlog.server._auth import (
 from agentlog.server._forks import plan_fork
 from agentlog.server._guard import StreamGuard, Watched
 from agentlog.server._lifecycle import plan_delete, plan_label_change
-from agentlog.server._listing import SessionList, SessionQuery, scope_of, within
+from agentlog.server._listing import (
+    SessionList,
+    SessionMessages,
+    SessionQuery,
+    scope_of,
+    within,
+)
 from agentlog.server._live import Interrupt, LiveSubscriptions
 from agentlog.server._rules import (
     prepare_batch_request,
@@ -265,6 +271,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         self.in_flight = CallsInFlight()
         self._encoded = EncodedRuns()
         self._append_streams = AppendStreams(backend)
+        self._session_messages = SessionMessages()
 
     def stop_append_streams(self) -> None:
         """At shutdown: end append streams once their current commits are answered."""
@@ -523,7 +530,8 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         query = dataclasses.replace(filters, after=after)
         found = await self._backend.list_sessions(query) if prefixes else SessionList()
         token = tokens.encode(found.after, scope) if found.after is not None else None
-        return _requests.page_to_proto(SessionPage(sessions=found.sessions, next_page_token=token))
+        page = SessionPage(sessions=found.sessions, next_page_token=token)
+        return _requests.page_to_proto(page, self._session_messages)
 
     @contextlib.contextmanager
     def _watching(
