@@ -315,7 +315,7 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
 
         def still_allowed(grant: Grant) -> None:
             # Each append is checked against the caller's grant as it stands now.
-            caller[0] = name_caller(grant)
+            caller[0] = grant
 
         messages = _parsed(request_iterator)
         with self._watching(context, ending.end, still_allowed):
