@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,11 @@ from agentlog import (
     AppendEvent,
     AsyncAgentlogClient,
     PermissionDeniedError,
+    UnauthenticatedError,
 )
 from agentlog.server import JsonlSessionRepository, MemorySessionRepository
-from agentlog.server._auth import Authenticator
+from agentlog.server._auth import RELOAD_CHECK_SECONDS, Authenticator
+from agentlog.server._guard import RECHECK_SECONDS
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
 from tests.contract import delta
@@ -202,3 +205,27 @@ def test_a_writer_outlives_a_server_restart_and_stores_every_event_once(
             running.process.wait(30)
     with JsonlSessionRepository(tmp_path) as reopened:
         assert len(reopened.load_session(session)) == total
+
+
+def test_a_writers_stream_ends_when_its_credential_is_withdrawn(tmp_path: Path) -> None:
+    path = tmp_path / "access.json"
+    path.write_text(json.dumps({"callers": [entry("writer", ["read", "append"], ["team-a-"])]}))
+    repo = MemorySessionRepository()
+    with (
+        running_server(repo, authenticator=Authenticator(path, None)) as target,
+        AgentlogClient(target, token=TOKENS["writer"]) as client,
+    ):
+        writer = client.writer()
+        first = writer.append(AppendEvent(session_id="team-a-1", event=delta("team-a-1", "ok")))
+        assert first.result(timeout=10).sequence == 1
+        path.write_text(json.dumps({"callers": []}))  # the token is withdrawn
+        time.sleep(RELOAD_CHECK_SECONDS + RECHECK_SECONDS + 0.5)
+
+        def append_again() -> None:
+            # Refused at once if the writer already saw its stream end, else at close.
+            writer.append(AppendEvent(session_id="team-a-1", event=delta("team-a-1", "no")))
+            writer.close()
+
+        with pytest.raises(UnauthenticatedError):
+            append_again()
+    assert len(repo.load_session("team-a-1")) == 1

@@ -129,9 +129,12 @@ def _behind(error: AgentlogError) -> AbortedError:
 
 
 def _check_open(book: _Book[Any], closing: bool) -> None:
-    """Refuse an append to a writer that failed (AbortedError) or is closed."""
-    if book.failure is not None:
-        raise _behind(book.failure)
+    """Refuse an append to a writer that failed or is closed: after a refusal with
+    AbortedError, after the stream's own end (a lapsed credential, a server gone past
+    the retries) with that error."""
+    failure = book.failure
+    if failure is not None:
+        raise _behind(failure) if "stream_index" in failure.metadata else failure
     if closing:
         raise InvalidArgumentError("the writer is closed: open a new one", reason="WRITER_CLOSED")
 

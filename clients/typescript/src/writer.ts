@@ -79,7 +79,11 @@ export class AppendWriter {
    * or one that failed (AbortedError). It never waits: see `room()`. */
   append(input: AppendInput): Promise<EventRecord> {
     const request = appendRequest(input);
-    if (this.failure !== null) throw behind(this.failure);
+    if (this.failure !== null) {
+      // After a refusal, what follows is aborted; after the stream's own end (a lapsed
+      // credential, a server gone past the retries), that error.
+      throw "stream_index" in this.failure.metadata ? behind(this.failure) : this.failure;
+    }
     if (this.closing) {
       throw new InvalidArgumentError("the writer is closed: open a new one", {
         reason: "WRITER_CLOSED",
