@@ -28,6 +28,7 @@ from agentlog import (
 from agentlog.server import JsonlSessionRepository, MemorySessionRepository
 from agentlog.server._auth import RELOAD_CHECK_SECONDS, Authenticator
 from agentlog.server._guard import RECHECK_SECONDS
+from agentlog.server._tail import describe
 from agentlog.v1 import session_pb2 as pb
 from agentlog.v1 import session_pb2_grpc
 from tests.contract import delta
@@ -229,3 +230,21 @@ def test_a_writers_stream_ends_when_its_credential_is_withdrawn(tmp_path: Path) 
         with pytest.raises(UnauthenticatedError):
             append_again()
     assert len(repo.load_session("team-a-1")) == 1
+
+
+def test_tail_shows_streamed_events_as_it_shows_appended_ones() -> None:
+    """What `agentlog tail` prints of a session written by a writer is what it prints of
+    the same events appended one by one (their times apart)."""
+    with running_server(MemorySessionRepository()) as target, AgentlogClient(target) as client:
+        for n in range(5):
+            client.append(AppendEvent(session_id="one", event=delta("one", f"t{n}")))
+        with client.writer() as writer:
+            for n in range(5):
+                writer.append(AppendEvent(session_id="one-w", event=delta("one", f"t{n}")))
+
+        def lines(session: str) -> list[str]:
+            shown = [describe(record) for record in client.load_session(session)]
+            return [line.split(None, 2)[0] + " " + line.split(None, 2)[2] for line in shown if line]
+
+        assert lines("one-w") == lines("one")
+        assert len(lines("one")) == 5
