@@ -118,6 +118,10 @@ class StreamEnd:
         if self._stop is not None:
             self._stop()
 
+    def stops(self, stop: Callable[[], None]) -> None:
+        """What ending the stream calls."""
+        self._stop = stop
+
 
 class AppendStreams:
     """Serves the append streams of one server, and ends them when it stops."""
@@ -151,7 +155,7 @@ class AppendStreams:
             stopped[0] = True
             reader.cancel()  # the reader then queues _END, waking a turn that waits
 
-        ending._stop = stop
+        ending.stops(stop)
         self._open.add(stop)
         if self._stopping or ending.error is not None:
             stop()
