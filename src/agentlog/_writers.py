@@ -64,6 +64,8 @@ class _Book(Generic[F]):
         self.sent = 0
         self.failure: AgentlogError | None = None
         """What ended the writer: later appends are refused with it."""
+        self.refused = False
+        """Whether that was an append's refusal (then later appends are aborted)."""
 
     def take(self, request: pb.AppendRequest, event: AgentEvent, future: F) -> None:
         self.entries.append(_Entry(request, event, future))
@@ -108,7 +110,7 @@ class _Book(Generic[F]):
         behind it are aborted; any other error fails every unanswered append."""
         self.failure = error
         failed: list[tuple[F, AgentlogError]] = []
-        refused = "stream_index" in error.metadata
+        refused = self.refused = "stream_index" in error.metadata
         for position, entry in enumerate(self.entries):
             if refused and position > 0:
                 failed.append((entry.future, _behind(error)))
@@ -134,7 +136,7 @@ def _check_open(book: _Book[Any], closing: bool) -> None:
     the retries) with that error."""
     failure = book.failure
     if failure is not None:
-        raise _behind(failure) if "stream_index" in failure.metadata else failure
+        raise _behind(failure) if book.refused else failure
     if closing:
         raise InvalidArgumentError("the writer is closed: open a new one", reason="WRITER_CLOSED")
 
@@ -439,7 +441,7 @@ class InlineWriter(_BlockingWriter):
         try:
             future.set_result(self._append(event))
         except AgentlogError as exc:
-            self._book.failure = exc
+            self._book.failure, self._book.refused = exc, True
             future.set_exception(exc)
         return future
 
