@@ -559,3 +559,26 @@ def test_head_of_a_file_another_writer_keeps_writing_follows_it(data: Path) -> N
         assert later is not None
         assert later.sequence > first.sequence
         assert later == client.load_session("s")[-1]
+
+
+def test_a_listing_follows_a_file_another_writer_appends_to(data: Path) -> None:
+    """A listing keeps each session's summary, and its message, only while the file is as
+    it was: lines another writer adds show in the next listing."""
+    data.mkdir()
+    (data / "s.jsonl").touch()
+    subprocess.run([sys.executable, "-c", ARCAN_WRITER, str(data / "s.jsonl"), "0.01"], check=True)
+    with (
+        JsonlSessionRepository(data) as repo,
+        running_server(repo) as target,
+        AgentlogClient(target) as client,
+    ):
+        [before] = client.list_sessions().sessions
+        assert client.list_sessions().sessions == [before]  # kept, and the same
+        subprocess.run(
+            [sys.executable, "-c", ARCAN_WRITER, str(data / "s.jsonl"), "0.01"], check=True
+        )
+        [after] = client.list_sessions().sessions
+        last = client.load_session("s")[-1]
+        assert after.event_count == last.sequence > before.event_count
+        assert after.head_id == last.id
+        assert after.last_timestamp_ns == last.timestamp_ns
