@@ -180,7 +180,7 @@ def test_a_writer_outlives_a_server_restart_and_stores_every_event_once(
                 restarting.start()  # while appends are on their way
                 futures += [writer.append(event) for event in events[total // 3 :]]
                 restarting.join()
-            records = [future.result() for future in futures]
+            records = [future.result(timeout=60) for future in futures]
         else:
 
             async def write() -> list[Any]:

@@ -36,7 +36,13 @@ from agentlog._client_streams import backoff
 from agentlog._events import AgentEvent
 from agentlog._records import AppendEvent, EventRecord
 from agentlog._status import from_rpc_error
-from agentlog.errors import AbortedError, AgentlogError, InvalidArgumentError, ServerError
+from agentlog.errors import (
+    AbortedError,
+    AgentlogError,
+    InvalidArgumentError,
+    ServerError,
+    UnavailableError,
+)
 from agentlog.v1 import session_pb2 as pb
 
 # How many appends may wait for their answers before `append` waits for room.
@@ -148,7 +154,19 @@ def _quietly(future: Any) -> None:
 
 
 def _retryable(error: grpc.RpcError) -> bool:
-    return error.code() == grpc.StatusCode.UNAVAILABLE
+    """Whether to send the unanswered appends again on a new stream: the server went
+    away, or cut the stream off while stopping (CANCELLED: the writer never cancels a
+    stream it still reads)."""
+    return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+def _unexpected(exc: Exception) -> AgentlogError:
+    """A failure that is not a status (the client's channel closed under the writer)."""
+    return UnavailableError(
+        f"the append stream failed ({type(exc).__name__}: {exc}); appends not answered "
+        "may not be stored: send them again (their ids make that safe)",
+        reason="UNAVAILABLE",
+    )
 
 
 class _BlockingWriter:
@@ -207,7 +225,9 @@ class AppendWriter(_BlockingWriter):
         future: concurrent.futures.Future[EventRecord] = concurrent.futures.Future()
         with self._changed:
             while len(self._book.entries) >= self._window and self._book.failure is None:
-                self._changed.wait()
+                if not self._thread.is_alive():  # cannot happen; never wait for nothing
+                    raise ServerError("the writer's thread has ended", reason="INTERNAL")
+                self._changed.wait(1.0)
             _check_open(self._book, self._closing)
             self._book.take(request, event.event, future)
             self._changed.notify_all()
@@ -282,6 +302,8 @@ class AppendWriter(_BlockingWriter):
                 error = from_rpc_error(exc)
             except AgentlogError as exc:
                 error = exc
+            except Exception as exc:
+                error = _unexpected(exc)
             with self._changed:
                 failed = self._book.fail(error)
                 self._stream += 1
@@ -410,6 +432,8 @@ class AsyncAppendWriter:
                 error = from_rpc_error(exc)
             except AgentlogError as exc:
                 error = exc
+            except Exception as exc:
+                error = _unexpected(exc)
             finally:
                 sender.cancel()
                 call.cancel()
