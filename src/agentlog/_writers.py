@@ -11,9 +11,9 @@ id with other content, a check) fails with its error; every append behind it fai
 with AbortedError (reason EARLIER_APPEND_REFUSED) and is not stored, so a session
 never has a gap behind a refusal; the writer is then done (later appends raise
 AbortedError too), and closing it raises the refusal. When the server goes away
-(UNAVAILABLE, or CANCELLED as it stops), the writer opens a new stream and sends every unanswered append
-again, in order: their ids make that safe. It gives up after `retries` attempts in a
-row that brought no answer.
+(UNAVAILABLE, or CANCELLED as it stops), the writer opens a new stream and sends
+every unanswered append again, in order: their ids make that safe. It gives up after
+`retries` attempts in a row that brought no answer.
 """
 
 from __future__ import annotations
