@@ -15,7 +15,6 @@ import grpc
 from agentlog.server import metrics
 from agentlog.server._auth import open_caller_slot
 from agentlog.server._tracing import CallTracer
-from agentlog.v1 import session_pb2
 
 access = logging.getLogger("agentlog.access")
 
@@ -37,7 +36,9 @@ class Rewraps:
     which would otherwise cost every call. Only handlers the server has are kept (a
     caller naming unknown methods cannot grow it)."""
 
-    def __init__(self, unary: Callable[[Any, str], Any], stream: Callable[[Any, str], Any]) -> None:
+    def __init__(
+        self, unary: Callable[[Any, str], Any], stream: Callable[[Any, str, str], Any]
+    ) -> None:
         self._unary = unary
         self._stream = stream
         self._made: dict[str, tuple[Any, Any]] = {}
@@ -49,17 +50,17 @@ class Rewraps:
         wrapped = rewrap(
             handler,
             lambda behavior: self._unary(behavior, method),
-            lambda behavior: self._stream(behavior, method),
+            lambda behavior, kind: self._stream(behavior, method, kind),
         )
         if handler is not None:
             self._made[method] = (handler, wrapped)
         return wrapped
 
 
-def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], Any]) -> Any:
-    """`handler` (a method's, or None) with its behavior wrapped by `unary` or `stream`,
-    as the method answers once or streams its answers (this server has no method that
-    takes a stream and answers once)."""
+def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any, str], Any]) -> Any:
+    """`handler` (a method's, or None) with its behavior wrapped by `unary` or by
+    `stream(behavior, grpc_type)`, as the method answers once or streams its answers
+    (this server has no method that takes a stream and answers once)."""
     if handler is None:
         return None
     codecs = {
@@ -69,9 +70,11 @@ def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], An
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **codecs)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **codecs)
+        behavior = stream(handler.unary_stream, "server_stream")
+        return grpc.unary_stream_rpc_method_handler(behavior, **codecs)
     if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **codecs)
+        behavior = stream(handler.stream_stream, "bidi_stream")
+        return grpc.stream_stream_rpc_method_handler(behavior, **codecs)
     return handler
 
 
@@ -86,7 +89,7 @@ class CallObserver(_Interceptor):
         self._children: dict[tuple[str, str, str], _MethodMetrics] = {}
         self._rewraps = Rewraps(
             lambda behavior, name: self._unary(behavior, *_names(name)),
-            lambda behavior, name: self._stream(behavior, *_names(name)),
+            lambda behavior, name, kind: self._stream(behavior, *_names(name), kind),
         )
 
     async def intercept_service(
@@ -98,8 +101,8 @@ class CallObserver(_Interceptor):
         """`behavior` counted and timed as this interceptor does it for gRPC calls (for
         the same service served over HTTP, see `_http_calls`)."""
         service, method = _names(full_method)
-        if streaming:
-            return self._stream(behavior, service, method)
+        if streaming:  # over HTTP no method takes a stream (see _http_calls._grpc_only)
+            return self._stream(behavior, service, method, "server_stream")
         return self._unary(behavior, service, method)
 
     def _begin(self, kind: str, service: str, method: str, context: Any) -> list[int]:
@@ -148,9 +151,8 @@ class CallObserver(_Interceptor):
 
         return observed
 
-    def _stream(self, behavior: Any, service: str, method: str) -> Any:
+    def _stream(self, behavior: Any, service: str, method: str, kind: str) -> Any:
         name = f"{service}/{method}"
-        kind = "bidi_stream" if method in _BIDI else "server_stream"
 
         async def observed(request: Any, context: Any) -> AsyncIterator[Any]:
             sent = self._begin(kind, service, method, context)
@@ -160,15 +162,6 @@ class CallObserver(_Interceptor):
                     yield message
 
         return observed
-
-
-# The methods that take a stream, by name (grpc_type "bidi_stream" in the metrics).
-_BIDI = frozenset(
-    method.name
-    for service in session_pb2.DESCRIPTOR.services_by_name.values()
-    for method in service.methods
-    if method.client_streaming
-)
 
 
 class _MethodMetrics:
