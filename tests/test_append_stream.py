@@ -19,7 +19,9 @@ from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import REGISTRY
 
 from agentlog import (
+    AbortedError,
     AgentlogClient,
+    AlreadyExistsError,
     AppendEvent,
     AsyncAgentlogClient,
     PermissionDeniedError,
@@ -248,3 +250,30 @@ def test_tail_shows_streamed_events_as_it_shows_appended_ones() -> None:
 
         assert lines("one-w") == lines("one")
         assert len(lines("one")) == 5
+
+
+def test_a_refusal_naming_a_session_the_writer_may_not_read_is_told_without_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "access.json"
+    callers = [entry("writer", ["read", "append"], ["team-a-"]), entry("admin", ["admin"], [])]
+    path.write_text(json.dumps({"callers": callers}))
+    taken = str(uuid.uuid4())
+    with (
+        running_server(MemorySessionRepository(), authenticator=Authenticator(path, None)) as t,
+        AgentlogClient(t, token=TOKENS["admin"]) as admin,
+        AgentlogClient(t, token=TOKENS["writer"]) as client,
+    ):
+        admin.append(AppendEvent(session_id="team-b-1", event=delta("team-b-1", "x"), id=taken))
+        writer = client.writer()
+        refused = writer.append(
+            AppendEvent(session_id="team-a-1", event=delta("team-a-1", "y"), id=taken)
+        )
+        behind = writer.append(AppendEvent(session_id="team-a-1", event=delta("team-a-1", "z")))
+        with pytest.raises(AlreadyExistsError) as raised:
+            writer.close()
+        assert "team-b-1" not in str(raised.value)
+        assert "team-b-1" not in str(raised.value.metadata)
+        assert raised.value.metadata["stream_index"] == "0"
+        assert refused.exception() is raised.value
+        assert isinstance(behind.exception(), AbortedError)

@@ -102,6 +102,8 @@ def _at(error: AgentlogError, index: int) -> AgentlogError:
     """`error` saying which append of the stream it refused."""
     placed = copy.copy(error)
     placed.metadata = {**error.metadata, "stream_index": str(index)}
+    if error.redacted is not None:  # what a caller who may not read the session is told
+        placed.redacted = _at(error.redacted, index)
     return placed
 
 
@@ -297,5 +299,5 @@ def _stopping_error() -> UnavailableError:
     return UnavailableError(
         "the server is stopping: appends not answered were not stored; send them again "
         "on a new stream (their ids make that safe)",
-        reason="SERVER_STOPPING",
+        reason="SHUTTING_DOWN",
     )

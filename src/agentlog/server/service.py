@@ -311,7 +311,9 @@ class SessionRepositoryService(session_pb2_grpc.SessionRepositoryServicer):
         ending = StreamEnd()
 
         def allowed(session_id: str) -> None:
-            caller[0].require(Permission.APPEND, session_id)
+            grant = caller[0]
+            _calling.set(grant)  # errors are told as the grant that stands now allows
+            grant.require(Permission.APPEND, session_id)
 
         def still_allowed(grant: Grant) -> None:
             # Each append is checked against the caller's grant as it stands now.
