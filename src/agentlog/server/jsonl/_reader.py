@@ -326,7 +326,7 @@ class Reader(Recovery):
                 read = self._heads.get(stem)
                 if read is None or read[0] != file_identity(path):
                     return False, None
-                last: LastRecord | None = LastRecord(read[1], line=read[2])
+                last: LastRecord | None = read[1]
             elif state.damage is not None:
                 return False, None
             else:
@@ -419,7 +419,8 @@ class Reader(Recovery):
             return None
         if len(line) <= KEPT_LINE_BYTES:  # the next Head answers from memory
             with self._lock:
-                self._heads[stem] = ((indexed.inode, indexed.size), indexed.records, line)
+                known = LastRecord(indexed.records, line=line)
+                self._heads[stem] = ((indexed.inode, indexed.size), known)
                 self._heads.move_to_end(stem)
                 while len(self._heads) > HEADS:
                     self._heads.popitem(last=False)

@@ -35,6 +35,7 @@ from agentlog.server.jsonl._state import (
     MISSING,
     SUFFIX,
     Identity,
+    LastRecord,
     SessionState,
     concurrent_writer,
     file_identity,
@@ -91,8 +92,8 @@ class SessionStates(BlockingStore):
     _labels: LabelIndex  # every session's labels, as the sessions db holds them
     _draining: bool  # a delete waits for the commit queue to empty: appends wait
     _summaries: OrderedDict[str, tuple[Identity, BranchInfo]]  # listings' branch summaries
-    # Last lines Head read of files without a state in memory: (identity, sequence, line).
-    _heads: OrderedDict[str, tuple[Identity, int, bytes]]
+    # Last records Head read of files without a state in memory, by the files' identity.
+    _heads: OrderedDict[str, tuple[Identity, LastRecord]]
 
     def _state(self, stem: str) -> SessionState:
         """The session's state, rebuilt if its file changed since last seen."""

@@ -45,7 +45,8 @@ class Summaries(Children):
         # now (one stat of a string path; a file changed behind the server has another
         # identity, and is summarised again).
         identity = file_identity(self._path_text(stem))
-        known = self._summaries.get(stem)
+        with self._lock:  # other storage threads file summaries meanwhile
+            known = self._summaries.get(stem)
         if known is not None and known[0] == identity and known[1].branch_id == branch_id:
             return known[1]
         indexed = self._index.indexed(stem)
